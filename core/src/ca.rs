@@ -1,0 +1,256 @@
+//! A cluster's certificate authority, and workload certificate signing requests.
+//!
+//! Each cluster has its own CA (a self-signed P-256 root created on first start, or one the
+//! operator supplies). It signs short-lived workload certificates whose only subject
+//! alternative name is the workload's SPIFFE ID, usable for both TLS client and server auth.
+//! The identity in a signed certificate is always the one the CA was asked to certify after
+//! authorisation, never the one the CSR claims.
+
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use time::OffsetDateTime;
+
+use crate::identity::SpiffeId;
+
+/// How far back a certificate's validity starts, to tolerate clock skew between machines.
+const BACKDATE: Duration = Duration::from_secs(60);
+/// Lifetime of a generated CA root.
+const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Errors from the certificate authority.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("generating a key pair failed")]
+    GenerateKey(#[source] rcgen::Error),
+    #[error("building the certificate for {subject} failed")]
+    Build {
+        subject: String,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("the certificate signing request is not valid")]
+    InvalidCsr(#[source] rcgen::Error),
+    #[error("loading the CA {what} failed")]
+    Load {
+        what: &'static str,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("the SPIFFE ID {0} cannot be put in a certificate")]
+    BadIdentity(String),
+}
+
+/// A key and the certificate chain that certifies it, both PEM.
+#[derive(Clone, Debug)]
+pub struct IssuedCert {
+    /// Leaf first, then the issuing CA.
+    pub cert_chain_pem: String,
+    pub key_pem: String,
+    /// Seconds since the Unix epoch after which the certificate is no longer valid.
+    pub not_after_unix: i64,
+}
+
+/// A cluster's certificate authority.
+pub struct CertificateAuthority {
+    trust_domain: String,
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl std::fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateAuthority")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertificateAuthority {
+    /// Creates a new self-signed root for `trust_domain`.
+    pub fn generate(trust_domain: &str) -> Result<Self, CaError> {
+        let key = KeyPair::generate().map_err(CaError::GenerateKey)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "isthmus");
+        dn.push(DnType::CommonName, format!("Isthmus CA {trust_domain}"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + CA_LIFETIME;
+        let cert = params.self_signed(&key).map_err(|source| CaError::Build {
+            subject: format!("CA {trust_domain}"),
+            source,
+        })?;
+        let key_pem = key.serialize_pem();
+        Ok(CertificateAuthority {
+            trust_domain: trust_domain.to_string(),
+            issuer: Issuer::new(params, key),
+            cert_pem: cert.pem(),
+            key_pem,
+        })
+    }
+
+    /// Loads an existing CA (root or operator-supplied intermediate) from PEM.
+    pub fn from_pem(trust_domain: &str, cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|source| CaError::Load { what: "key", source })?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)
+            .map_err(|source| CaError::Load { what: "certificate", source })?;
+        Ok(CertificateAuthority {
+            trust_domain: trust_domain.to_string(),
+            issuer,
+            cert_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
+        })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The CA certificate (the trust bundle other members publish and trust), PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA key, PEM (written to the control plane's data directory).
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// Issues a certificate and a fresh key for `id` (used for the control plane's and the
+    /// gateway's own identities, which are minted where the CA lives).
+    pub fn issue(&self, id: &SpiffeId, lifetime: Duration) -> Result<IssuedCert, CaError> {
+        let key = KeyPair::generate().map_err(CaError::GenerateKey)?;
+        let (cert_pem, not_after_unix) = self.sign_key(&key, id, lifetime)?;
+        Ok(IssuedCert {
+            cert_chain_pem: format!("{cert_pem}{}", self.cert_pem),
+            key_pem: key.serialize_pem(),
+            not_after_unix,
+        })
+    }
+
+    /// Signs a CSR for `id`, the identity the caller was authorised for. Whatever names the
+    /// CSR asks for are ignored; only its public key is used. Returns the chain, leaf first.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        id: &SpiffeId,
+        lifetime: Duration,
+    ) -> Result<IssuedCert, CaError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::InvalidCsr)?;
+        let (cert_pem, not_after_unix) = self.sign_key(&csr.public_key, id, lifetime)?;
+        Ok(IssuedCert {
+            cert_chain_pem: format!("{cert_pem}{}", self.cert_pem),
+            key_pem: String::new(),
+            not_after_unix,
+        })
+    }
+
+    fn sign_key(
+        &self,
+        public_key: &impl rcgen::PublicKeyData,
+        id: &SpiffeId,
+        lifetime: Duration,
+    ) -> Result<(String, i64), CaError> {
+        let mut params = workload_params(id)?;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + lifetime;
+        let cert = params.signed_by(public_key, &self.issuer).map_err(|source| CaError::Build {
+            subject: id.to_string(),
+            source,
+        })?;
+        Ok((cert.pem(), params.not_after.unix_timestamp()))
+    }
+}
+
+fn workload_params(id: &SpiffeId) -> Result<CertificateParams, CaError> {
+    let uri = id
+        .to_string()
+        .try_into()
+        .map_err(|_| CaError::BadIdentity(id.to_string()))?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "isthmus");
+    params.distinguished_name = dn;
+    params.subject_alt_names = vec![SanType::URI(uri)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages =
+        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
+/// A fresh key and a CSR for it, both PEM, as a workload asks for its certificate.
+pub fn generate_csr(id: &SpiffeId) -> Result<(String, String), CaError> {
+    let key = KeyPair::generate().map_err(CaError::GenerateKey)?;
+    // A CSR only proposes the name; usages, lifetime and CA flags are the CA's to set.
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = workload_params(id)?.subject_alt_names;
+    let csr = params.serialize_request(&key).map_err(|source| CaError::Build {
+        subject: id.to_string(),
+        source,
+    })?;
+    let csr_pem = csr.pem().map_err(|source| CaError::Build { subject: id.to_string(), source })?;
+    Ok((csr_pem, key.serialize_pem()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_certificate_carries_the_requested_identity_and_lifetime() {
+        let ca = CertificateAuthority::generate("east.isthmus.local").unwrap();
+        let id = SpiffeId::new("east.isthmus.local", "default", "ratings");
+        let issued = ca.issue(&id, Duration::from_secs(3600)).unwrap();
+        let ids = crate::tls::spiffe_ids_in_pem(&issued.cert_chain_pem).unwrap();
+        assert_eq!(ids, vec![id]);
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        assert!((issued.not_after_unix - now - 3600).abs() < 5);
+    }
+
+    #[test]
+    fn csr_signing_uses_the_authorised_identity_not_the_claimed_one() {
+        let ca = CertificateAuthority::generate("east.isthmus.local").unwrap();
+        let claimed = SpiffeId::new("east.isthmus.local", "kube-system", "admin");
+        let (csr, _key) = generate_csr(&claimed).unwrap();
+        let authorised = SpiffeId::new("east.isthmus.local", "default", "sleep");
+        let issued = ca.sign_csr(&csr, &authorised, Duration::from_secs(60)).unwrap();
+        let ids = crate::tls::spiffe_ids_in_pem(&issued.cert_chain_pem).unwrap();
+        assert_eq!(ids, vec![authorised]);
+    }
+
+    #[test]
+    fn garbage_csr_is_rejected() {
+        let ca = CertificateAuthority::generate("east.isthmus.local").unwrap();
+        let id = SpiffeId::new("east.isthmus.local", "default", "x");
+        assert!(matches!(
+            ca.sign_csr("not a csr", &id, Duration::from_secs(60)),
+            Err(CaError::InvalidCsr(_))
+        ));
+    }
+
+    #[test]
+    fn ca_reloads_from_its_pem_and_keeps_signing() {
+        let ca = CertificateAuthority::generate("west.isthmus.local").unwrap();
+        let again =
+            CertificateAuthority::from_pem("west.isthmus.local", ca.cert_pem(), ca.key_pem())
+                .unwrap();
+        let id = SpiffeId::new("west.isthmus.local", "default", "x");
+        assert!(again.issue(&id, Duration::from_secs(60)).is_ok());
+    }
+}

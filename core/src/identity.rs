@@ -1,0 +1,180 @@
+//! Cluster names and SPIFFE identities.
+//!
+//! A workload identity is `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`; each
+//! cluster has its own trust domain, by default `<cluster>.isthmus.local`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The namespace Isthmus's own components run in.
+pub const SYSTEM_NAMESPACE: &str = "isthmus-system";
+/// The service account of east-west gateways.
+pub const GATEWAY_SERVICE_ACCOUNT: &str = "eastwest-gateway";
+/// The service account of control planes.
+pub const CONTROL_SERVICE_ACCOUNT: &str = "control";
+
+/// Errors from parsing names and identities.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdentityError {
+    #[error("{what} {value:?} is not a valid DNS label (lowercase letters, digits and '-', 1 to 63 characters, starting and ending with a letter or digit)")]
+    InvalidLabel { what: &'static str, value: String },
+    #[error("{value:?} is not a SPIFFE ID: {reason}")]
+    InvalidSpiffeId { value: String, reason: &'static str },
+}
+
+/// Checks a Kubernetes-style DNS label (RFC 1123): cluster, namespace and service names.
+pub fn validate_label(what: &'static str, value: &str) -> Result<(), IdentityError> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(IdentityError::InvalidLabel { what, value: value.to_string() })
+    }
+}
+
+/// The default trust domain of a cluster.
+pub fn default_trust_domain(cluster: &str) -> String {
+    format!("{cluster}.isthmus.local")
+}
+
+/// A SPIFFE ID of the form `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SpiffeId {
+    trust_domain: String,
+    namespace: String,
+    service_account: String,
+}
+
+impl SpiffeId {
+    /// A workload identity.
+    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
+        SpiffeId {
+            trust_domain: trust_domain.to_ascii_lowercase(),
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
+        }
+    }
+
+    /// The identity of a cluster's east-west gateways.
+    pub fn gateway(trust_domain: &str) -> Self {
+        Self::new(trust_domain, SYSTEM_NAMESPACE, GATEWAY_SERVICE_ACCOUNT)
+    }
+
+    /// The identity of a cluster's control plane.
+    pub fn control(trust_domain: &str) -> Self {
+        Self::new(trust_domain, SYSTEM_NAMESPACE, CONTROL_SERVICE_ACCOUNT)
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+    pub fn service_account(&self) -> &str {
+        &self.service_account
+    }
+
+    /// Whether this is the gateway identity of some trust domain.
+    pub fn is_gateway(&self) -> bool {
+        self.namespace == SYSTEM_NAMESPACE && self.service_account == GATEWAY_SERVICE_ACCOUNT
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+impl FromStr for SpiffeId {
+    type Err = IdentityError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |reason| IdentityError::InvalidSpiffeId { value: s.to_string(), reason };
+        let rest = s.strip_prefix("spiffe://").ok_or_else(|| bad("it must start with spiffe://"))?;
+        let (td, path) = rest.split_once('/').ok_or_else(|| bad("it has no path"))?;
+        if td.is_empty()
+            || !td
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        {
+            return Err(bad("the trust domain must be lowercase letters, digits, '-' and '.'"));
+        }
+        let parts: Vec<&str> = path.split('/').collect();
+        match parts.as_slice() {
+            ["ns", ns, "sa", sa] if !ns.is_empty() && !sa.is_empty() => {
+                Ok(SpiffeId::new(td, ns, sa))
+            }
+            _ => Err(bad("the path must be /ns/<namespace>/sa/<service-account>")),
+        }
+    }
+}
+
+impl TryFrom<String> for SpiffeId {
+    type Error = IdentityError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<SpiffeId> for String {
+    fn from(id: SpiffeId) -> String {
+        id.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spiffe_id_round_trips_through_text() {
+        let id: SpiffeId = "spiffe://east.isthmus.local/ns/default/sa/ratings".parse().unwrap();
+        assert_eq!(id.trust_domain(), "east.isthmus.local");
+        assert_eq!(id.namespace(), "default");
+        assert_eq!(id.service_account(), "ratings");
+        assert_eq!(id.to_string(), "spiffe://east.isthmus.local/ns/default/sa/ratings");
+    }
+
+    #[test]
+    fn spiffe_id_rejects_malformed_text_with_a_reason() {
+        for bad in [
+            "http://east/ns/a/sa/b",
+            "spiffe://east",
+            "spiffe://East/ns/a/sa/b",
+            "spiffe://east/ns/a",
+            "spiffe://east/ns//sa/b",
+            "spiffe://east/ns/a/sa/b/c",
+        ] {
+            let err = bad.parse::<SpiffeId>().unwrap_err();
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn gateway_identity_is_recognised() {
+        assert!(SpiffeId::gateway("west.isthmus.local").is_gateway());
+        assert!(!SpiffeId::new("west.isthmus.local", "default", "x").is_gateway());
+    }
+
+    #[test]
+    fn labels_follow_rfc1123() {
+        assert!(validate_label("cluster", "east-1").is_ok());
+        for bad in ["", "East", "-a", "a-", "a_b", &"a".repeat(64)] {
+            assert!(validate_label("cluster", bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! isthmus-core: the pieces every Isthmus component shares.
+//!
+//! - [`identity`]: cluster names and SPIFFE workload identities.
+//! - [`ca`]: a cluster's certificate authority (rcgen) and workload CSRs.
+//! - [`tls`]: rustls client/server configurations that verify peers against the federated
+//!   trust bundles (one bundle per trust domain) and expose the peer's SPIFFE ID.
+//! - [`mesh`]: the merged configuration snapshot streamed from a control plane to its
+//!   sidecars, DNS proxies and gateway.
+//! - [`proto`]: gRPC definitions (config stream, certificate signing), generated at build time
+//!   with the pure-Rust `protox` compiler, so no system `protoc` is needed.
+//! - [`tunnel`]: the stream header spoken by sidecars and gateways on tunnelled connections.
+//! - [`config`]: loading YAML config files into validated structs with errors that name the
+//!   file, the field and the bad value.
+//! - [`admin`]: the admin HTTP server (`/metrics`, `/ready`, `/debug/config`).
+//!
+//! This crate runs no tasks of its own except the admin server's accept loop, and depends on
+//! none of raft, quinn, kube or hickory.
+
+pub mod admin;
+pub mod ca;
+pub mod config;
+pub mod identity;
+pub mod mesh;
+pub mod proto;
+pub mod tls;
+pub mod tunnel;
+
+/// Installs the workspace's one rustls crypto provider (ring) as the process default.
+/// Safe to call many times.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

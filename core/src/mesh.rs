@@ -1,0 +1,174 @@
+//! The merged mesh configuration a control plane streams to its cluster's sidecars, DNS
+//! proxies and gateway.
+//!
+//! One [`MeshConfig`] is a complete state-of-the-world snapshot: every service this cluster can
+//! reach (local and imported), with its virtual IP, ports, the identities allowed to serve it,
+//! local endpoints and the remote clusters that export it, plus every member cluster's trust
+//! bundle and gateway address. Consumers replace their whole view on each snapshot, so a
+//! missed intermediate version is never a problem.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+/// A complete configuration snapshot for one cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshConfig {
+    /// Increases with every change; consumers may skip versions.
+    pub version: u64,
+    /// The cluster this snapshot was built for.
+    pub cluster: String,
+    /// Services reachable from this cluster, sorted by (namespace, name).
+    pub services: Vec<MeshService>,
+    /// Every member cluster, this one included, sorted by name.
+    pub clusters: Vec<ClusterInfo>,
+}
+
+impl MeshConfig {
+    /// Finds a service by namespace and name (both compared case-insensitively, as DNS does).
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&MeshService> {
+        self.services.iter().find(|s| {
+            s.namespace.eq_ignore_ascii_case(namespace) && s.name.eq_ignore_ascii_case(name)
+        })
+    }
+
+    /// Finds the service whose virtual IP is `vip`.
+    pub fn service_by_vip(&self, vip: IpAddr) -> Option<&MeshService> {
+        self.services.iter().find(|s| s.vip == vip)
+    }
+
+    /// Finds a member cluster by name.
+    pub fn cluster_info(&self, name: &str) -> Option<&ClusterInfo> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+
+    /// Every member's CA certificates (PEM), the set of roots workloads and gateways trust.
+    pub fn trust_bundles(&self) -> Vec<String> {
+        self.clusters.iter().map(|c| c.ca_bundle_pem.clone()).collect()
+    }
+}
+
+/// One service as seen from one cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshService {
+    pub name: String,
+    pub namespace: String,
+    /// The virtual IP this cluster allocated for the service (stable for the life of the import).
+    pub vip: IpAddr,
+    pub ports: Vec<ServicePort>,
+    /// SPIFFE IDs allowed to serve this service; a caller checks the server's identity against it.
+    pub identities: Vec<String>,
+    /// Endpoints in this cluster.
+    pub local_endpoints: Vec<Endpoint>,
+    /// Other clusters that export this service, reachable through their gateways.
+    pub remote: Vec<RemoteExport>,
+    /// Whether this cluster exports the service to the others.
+    pub exported: bool,
+}
+
+impl Default for ServicePort {
+    fn default() -> Self {
+        ServicePort { name: String::new(), port: 0, protocol: Protocol::Tcp }
+    }
+}
+
+impl MeshService {
+    /// The port declared with number `port`, if any.
+    pub fn port(&self, port: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+
+    /// `<name>.<namespace>`, the key used on the tunnel and in logs.
+    pub fn key(&self) -> String {
+        format!("{}.{}", self.name, self.namespace)
+    }
+}
+
+/// A named service port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// The application protocol a port carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http,
+    Http2,
+    Grpc,
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// The transport protocol label used in SRV names (`_tcp` / `_udp`).
+    pub fn transport(self) -> &'static str {
+        match self {
+            Protocol::Udp => "udp",
+            _ => "tcp",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Http2 => "http2",
+            Protocol::Grpc => "grpc",
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "http" => Ok(Protocol::Http),
+            "http2" => Ok(Protocol::Http2),
+            "grpc" => Ok(Protocol::Grpc),
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            other => Err(format!(
+                "unknown protocol {other:?} (expected http, http2, grpc, tcp or udp)"
+            )),
+        }
+    }
+}
+
+/// One local endpoint of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// Where a caller's sidecar connects (mTLS) to reach this endpoint.
+    pub address: SocketAddr,
+    /// Labels such as `version`.
+    pub labels: BTreeMap<String, String>,
+    /// The endpoint's SPIFFE ID.
+    pub identity: String,
+    pub healthy: bool,
+}
+
+/// A remote cluster exporting a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteExport {
+    pub cluster: String,
+    /// That cluster's east-west gateway (QUIC, UDP).
+    pub gateway: SocketAddr,
+    /// Healthy endpoints behind it, as last exported.
+    pub healthy_endpoints: u32,
+}
+
+/// A member cluster of the federation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub name: String,
+    pub trust_domain: String,
+    /// The cluster's east-west gateway address (QUIC, UDP).
+    pub gateway: Option<SocketAddr>,
+    /// The cluster CA's certificate(s), PEM.
+    pub ca_bundle_pem: String,
+}
