@@ -1,1 +1,91 @@
-fn main() {}
+//! The `isthmus` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "isthmus", version, about = "Isthmus: one service mesh over many clusters")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a whole three-cluster federation on loopback, in one process, and narrate it.
+    Demo {
+        /// Write every bound address to this file as JSON.
+        #[arg(long)]
+        ports_file: Option<PathBuf>,
+        /// Stop after this long (e.g. 30s, 5m); without it, run until interrupted.
+        #[arg(long, value_parser = parse_duration)]
+        exit_after: Option<Duration>,
+    },
+    /// Run a cluster's control plane (and its federation member).
+    Control {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run a cluster's east-west gateway.
+    Gateway {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run a DNS proxy.
+    Dns {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run a sidecar proxy.
+    Sidecar {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    isthmus_core::config::parse_duration(s)
+        .ok_or_else(|| format!("invalid duration {s:?}: expected e.g. 250ms, 30s, 5m or 1h"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ISTHMUS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    isthmus_core::install_crypto_provider();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Demo { ports_file, exit_after } => {
+                isthmus::demo::run(isthmus::demo::DemoArgs { ports_file, exit_after }).await
+            }
+            Command::Control { config } => isthmus::daemon::control::run(&config).await,
+            Command::Gateway { config } => isthmus::daemon::gateway::run(&config).await,
+            Command::Dns { config } => isthmus::daemon::dns::run(&config).await,
+            Command::Sidecar { config } => isthmus::daemon::sidecar::run(&config).await,
+        }
+    });
+    // Leave no task running behind us.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -9,6 +9,7 @@
 //! - [`proto`]: gRPC definitions (config stream, certificate signing), generated at build time
 //!   with the pure-Rust `protox` compiler, so no system `protoc` is needed.
 //! - [`tunnel`]: the stream header spoken by sidecars and gateways on tunnelled connections.
+//! - [`client`]: the data plane's client of its control plane (config stream, certificates).
 //! - [`config`]: loading YAML config files into validated structs with errors that name the
 //!   file, the field and the bad value.
 //! - [`admin`]: the admin HTTP server (`/metrics`, `/ready`, `/debug/config`).
@@ -18,6 +19,7 @@
 
 pub mod admin;
 pub mod ca;
+pub mod client;
 pub mod config;
 pub mod identity;
 pub mod mesh;

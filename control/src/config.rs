@@ -1,0 +1,270 @@
+//! The `isthmus control` daemon's config file, and the CA kept in its data directory.
+//!
+//! ```yaml
+//! cluster: east
+//! trustDomain: east.isthmus.local      # default <cluster>.isthmus.local
+//! locality: us-east-1/a                # optional, region/zone
+//! dataDir: /var/lib/isthmus            # CA key and certificate (created on first start)
+//! listen: {grpc: 0.0.0.0:15012, admin: 0.0.0.0:15020}
+//! discovery: {file: services.yaml, pollInterval: 500ms}
+//! vipRange: 240.240.0.0/16
+//! gatewayAddress: 203.0.113.7:15443    # how other clusters reach this cluster's gateway
+//! certLifetime: 1h
+//! bootstrapTokens: [{token: "...", allow: ["default/*"]}]
+//! federation:
+//!   nodeId: 1
+//!   listen: 0.0.0.0:15017
+//!   peers: {1: 10.0.0.1:15017, 2: 10.0.1.1:15017, 3: 10.0.2.1:15017}
+//! ```
+//! Relative paths are relative to the config file's directory.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use isthmus_core::ca::CertificateAuthority;
+use isthmus_core::config::{duration, socket_addr, FieldError};
+use isthmus_core::identity::{default_trust_domain, validate_label};
+use serde::Deserialize;
+
+use crate::tokens::{RawToken, TokenPolicy};
+use crate::ControlError;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawControlConfig {
+    pub cluster: String,
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+    #[serde(default)]
+    pub locality: Option<String>,
+    pub data_dir: String,
+    #[serde(default)]
+    pub listen: RawListen,
+    pub discovery: RawDiscoverySource,
+    #[serde(default = "default_vip_range")]
+    pub vip_range: String,
+    #[serde(default)]
+    pub gateway_address: Option<String>,
+    #[serde(default = "default_cert_lifetime")]
+    pub cert_lifetime: String,
+    #[serde(default)]
+    pub bootstrap_tokens: Vec<RawToken>,
+    pub federation: RawFederation,
+}
+
+fn default_vip_range() -> String {
+    "240.240.0.0/16".into()
+}
+fn default_cert_lifetime() -> String {
+    "1h".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawListen {
+    #[serde(default = "default_grpc")]
+    pub grpc: String,
+    #[serde(default = "default_admin")]
+    pub admin: String,
+}
+
+impl Default for RawListen {
+    fn default() -> Self {
+        RawListen { grpc: default_grpc(), admin: default_admin() }
+    }
+}
+fn default_grpc() -> String {
+    "0.0.0.0:15012".into()
+}
+fn default_admin() -> String {
+    "0.0.0.0:15020".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawDiscoverySource {
+    pub file: String,
+    #[serde(default = "default_poll")]
+    pub poll_interval: String,
+}
+fn default_poll() -> String {
+    "500ms".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawFederation {
+    pub node_id: u64,
+    #[serde(default = "default_peer_listen")]
+    pub listen: String,
+    pub peers: BTreeMap<u64, String>,
+}
+fn default_peer_listen() -> String {
+    "0.0.0.0:15017".into()
+}
+
+/// The validated daemon configuration.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    pub cluster: String,
+    pub trust_domain: String,
+    pub locality: Option<String>,
+    pub data_dir: PathBuf,
+    pub grpc_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub discovery_file: PathBuf,
+    pub discovery_poll: Duration,
+    pub vip_range: Ipv4Net,
+    pub gateway_address: Option<SocketAddr>,
+    pub cert_lifetime: Duration,
+    pub tokens: TokenPolicy,
+    pub node_id: u64,
+    pub peer_listen: SocketAddr,
+    pub peers: BTreeMap<u64, SocketAddr>,
+}
+
+impl TryFrom<RawControlConfig> for ControlConfig {
+    type Error = FieldError;
+
+    fn try_from(raw: RawControlConfig) -> Result<Self, FieldError> {
+        validate_label("cluster name", &raw.cluster)
+            .map_err(|e| FieldError::new("cluster", &raw.cluster, e.to_string()))?;
+        let trust_domain = raw.trust_domain.unwrap_or_else(|| default_trust_domain(&raw.cluster));
+        if trust_domain.is_empty()
+            || !trust_domain
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        {
+            return Err(FieldError::new("trustDomain", &trust_domain, "lowercase letters, digits, '-' and '.' only"));
+        }
+        let vip_range: Ipv4Net = raw
+            .vip_range
+            .parse()
+            .map_err(|_| FieldError::new("vipRange", &raw.vip_range, "expected an IPv4 CIDR such as 240.240.0.0/16"))?;
+        if vip_range.prefix_len() > 30 {
+            return Err(FieldError::new("vipRange", &raw.vip_range, "the range is too small (at most /30)"));
+        }
+        let gateway_address = raw.gateway_address.as_deref().map(|g| socket_addr("gatewayAddress", g)).transpose()?;
+        let mut peers = BTreeMap::new();
+        for (id, addr) in &raw.federation.peers {
+            if *id == 0 {
+                return Err(FieldError::new("federation.peers", id, "node ids start at 1"));
+            }
+            peers.insert(*id, socket_addr(&format!("federation.peers.{id}"), addr)?);
+        }
+        if !peers.contains_key(&raw.federation.node_id) {
+            return Err(FieldError::new(
+                "federation.nodeId",
+                raw.federation.node_id,
+                "this member's id must be one of federation.peers",
+            ));
+        }
+        Ok(ControlConfig {
+            cluster: raw.cluster,
+            trust_domain,
+            locality: raw.locality,
+            data_dir: PathBuf::from(raw.data_dir),
+            grpc_listen: socket_addr("listen.grpc", &raw.listen.grpc)?,
+            admin_listen: socket_addr("listen.admin", &raw.listen.admin)?,
+            discovery_file: PathBuf::from(raw.discovery.file),
+            discovery_poll: duration("discovery.pollInterval", &raw.discovery.poll_interval)?,
+            vip_range,
+            gateway_address,
+            cert_lifetime: duration("certLifetime", &raw.cert_lifetime)?,
+            tokens: TokenPolicy::from_raw("bootstrapTokens", raw.bootstrap_tokens)?,
+            node_id: raw.federation.node_id,
+            peer_listen: socket_addr("federation.listen", &raw.federation.listen)?,
+            peers,
+        })
+    }
+}
+
+impl ControlConfig {
+    /// Loads and validates a config file; relative paths become relative to its directory.
+    pub fn load(path: &Path) -> Result<Self, isthmus_core::config::ConfigError> {
+        let mut config: ControlConfig =
+            isthmus_core::config::load_file::<RawControlConfig, ControlConfig>(path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.data_dir = base.join(&config.data_dir);
+        config.discovery_file = base.join(&config.discovery_file);
+        Ok(config)
+    }
+}
+
+/// Loads the cluster CA from `dir` (`ca.pem`, `ca-key.pem`), creating and saving a new one on
+/// first start. The key file is written with mode 0600.
+pub fn load_or_create_ca(dir: &Path, trust_domain: &str) -> Result<Arc<CertificateAuthority>, ControlError> {
+    let err = |reason: String| ControlError::Ca { dir: dir.to_path_buf(), reason };
+    let cert_path = dir.join("ca.pem");
+    let key_path = dir.join("ca-key.pem");
+    if cert_path.exists() || key_path.exists() {
+        let cert = std::fs::read_to_string(&cert_path).map_err(|e| err(format!("reading {}: {e}", cert_path.display())))?;
+        let key = std::fs::read_to_string(&key_path).map_err(|e| err(format!("reading {}: {e}", key_path.display())))?;
+        let ca = CertificateAuthority::from_pem(trust_domain, &cert, &key).map_err(|e| err(e.to_string()))?;
+        return Ok(Arc::new(ca));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| err(format!("creating the directory: {e}")))?;
+    let ca = CertificateAuthority::generate(trust_domain).map_err(|e| err(e.to_string()))?;
+    write_private(&key_path, ca.key_pem()).map_err(|e| err(format!("writing {}: {e}", key_path.display())))?;
+    std::fs::write(&cert_path, ca.cert_pem()).map_err(|e| err(format!("writing {}: {e}", cert_path.display())))?;
+    Ok(Arc::new(ca))
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    options.open(path)?.write_all(contents.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "cluster: east\ndataDir: data\ndiscovery: {file: services.yaml}\nfederation:\n  nodeId: 1\n  peers: {1: 127.0.0.1:15017}\n";
+
+    fn load(text: &str) -> Result<ControlConfig, String> {
+        isthmus_core::config::load_str::<RawControlConfig, ControlConfig>(Path::new("control.yaml"), text)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_fill_in_what_is_not_written() {
+        let c = load(GOOD).unwrap();
+        assert_eq!(c.trust_domain, "east.isthmus.local");
+        assert_eq!(c.grpc_listen.port(), 15012);
+        assert_eq!(c.vip_range.to_string(), "240.240.0.0/16");
+        assert_eq!(c.cert_lifetime, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases = [
+            (GOOD.replace("cluster: east", "cluster: East"), "cluster", "East"),
+            (format!("{GOOD}vipRange: 10.0.0.0/33\n"), "vipRange", "10.0.0.0/33"),
+            (format!("{GOOD}certLifetime: forever\n"), "certLifetime", "forever"),
+            (GOOD.replace("nodeId: 1", "nodeId: 4"), "federation.nodeId", "4"),
+            (GOOD.replace("127.0.0.1:15017", "nowhere"), "federation.peers.1", "nowhere"),
+        ];
+        for (text, field, value) in cases {
+            let err = load(&text).unwrap_err();
+            assert!(err.contains("control.yaml") && err.contains(field) && err.contains(value), "{err}");
+        }
+    }
+
+    #[test]
+    fn ca_is_created_once_and_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_or_create_ca(dir.path(), "east.isthmus.local").unwrap();
+        let again = load_or_create_ca(dir.path(), "east.isthmus.local").unwrap();
+        assert_eq!(first.cert_pem(), again.cert_pem());
+    }
+}

@@ -1,0 +1,240 @@
+//! Local discovery from a YAML file: the services of this cluster, their ports and endpoints.
+//!
+//! The file is the local-mode stand-in for Kubernetes Services and EndpointSlices (the kube
+//! discovery replaces it in Kubernetes). It is re-read when it changes; a file that does not
+//! validate is reported and the last good discovery is kept, so a typo never withdraws a
+//! service.
+//!
+//! ```yaml
+//! services:
+//!   - name: ratings
+//!     namespace: default
+//!     export: true            # visible to the other clusters (default false)
+//!     ports:
+//!       - {name: http, port: 9080, protocol: http}
+//!     endpoints:
+//!       - address: 127.1.0.5:15006   # where callers' sidecars connect (mTLS)
+//!         serviceAccount: ratings
+//!         labels: {version: v1}
+//!         healthy: true              # default true
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::Path;
+
+use isthmus_core::config::{socket_addr, FieldError};
+use isthmus_core::identity::validate_label;
+use isthmus_core::mesh::{Protocol, ServicePort};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawDiscovery {
+    #[serde(default)]
+    pub services: Vec<RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawService {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default)]
+    pub export: bool,
+    pub ports: Vec<RawPort>,
+    #[serde(default)]
+    pub endpoints: Vec<RawEndpoint>,
+}
+
+fn default_namespace() -> String {
+    "default".to_string()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawPort {
+    pub name: String,
+    pub port: u32,
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawEndpoint {
+    pub address: String,
+    pub service_account: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "default_true")]
+    pub healthy: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The validated result of discovery.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Discovery {
+    pub services: Vec<LocalService>,
+}
+
+/// A service discovered in this cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalService {
+    pub name: String,
+    pub namespace: String,
+    pub export: bool,
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Vec<LocalEndpoint>,
+}
+
+/// An endpoint discovered in this cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalEndpoint {
+    pub address: SocketAddr,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    pub healthy: bool,
+}
+
+/// The protocol a port declares: explicit, or from Istio's port-name convention
+/// (`http`, `http-web`, `grpc-api`, `tcp-db`, ...), else opaque TCP.
+pub fn port_protocol(name: &str, explicit: Option<&str>) -> Result<Protocol, String> {
+    if let Some(p) = explicit {
+        return p.parse();
+    }
+    let prefix = name.split('-').next().unwrap_or(name);
+    Ok(prefix.parse().unwrap_or(Protocol::Tcp))
+}
+
+impl TryFrom<RawDiscovery> for Discovery {
+    type Error = FieldError;
+
+    fn try_from(raw: RawDiscovery) -> Result<Self, FieldError> {
+        let mut seen = BTreeSet::new();
+        let mut services = Vec::with_capacity(raw.services.len());
+        for (i, s) in raw.services.into_iter().enumerate() {
+            let at = format!("services[{i}]");
+            validate_label("service name", &s.name)
+                .map_err(|e| FieldError::new(format!("{at}.name"), &s.name, e.to_string()))?;
+            validate_label("namespace", &s.namespace).map_err(|e| {
+                FieldError::new(format!("{at}.namespace"), &s.namespace, e.to_string())
+            })?;
+            if !seen.insert((s.namespace.clone(), s.name.clone())) {
+                return Err(FieldError::new(
+                    format!("{at}.name"),
+                    &s.name,
+                    format!("service {}/{} is declared twice", s.namespace, s.name),
+                ));
+            }
+            if s.ports.is_empty() {
+                return Err(FieldError::new(format!("{at}.ports"), "[]", "a service needs at least one port"));
+            }
+            let mut ports = Vec::new();
+            for (j, p) in s.ports.into_iter().enumerate() {
+                let pf = format!("{at}.ports[{j}]");
+                let number = u16::try_from(p.port)
+                    .ok()
+                    .filter(|n| *n != 0)
+                    .ok_or_else(|| FieldError::new(format!("{pf}.port"), p.port, "a port is 1 to 65535"))?;
+                if ports.iter().any(|q: &ServicePort| q.port == number) {
+                    return Err(FieldError::new(format!("{pf}.port"), number, "port declared twice"));
+                }
+                let protocol = port_protocol(&p.name, p.protocol.as_deref()).map_err(|reason| {
+                    FieldError::new(format!("{pf}.protocol"), p.protocol.as_deref().unwrap_or(""), reason)
+                })?;
+                ports.push(ServicePort { name: p.name, port: number, protocol });
+            }
+            let mut endpoints = Vec::new();
+            for (j, e) in s.endpoints.into_iter().enumerate() {
+                let ef = format!("{at}.endpoints[{j}]");
+                let address = socket_addr(&format!("{ef}.address"), &e.address)?;
+                validate_label("service account", &e.service_account).map_err(|err| {
+                    FieldError::new(format!("{ef}.serviceAccount"), &e.service_account, err.to_string())
+                })?;
+                endpoints.push(LocalEndpoint {
+                    address,
+                    service_account: e.service_account,
+                    labels: e.labels,
+                    healthy: e.healthy,
+                });
+            }
+            services.push(LocalService {
+                name: s.name,
+                namespace: s.namespace,
+                export: s.export,
+                ports,
+                endpoints,
+            });
+        }
+        services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        Ok(Discovery { services })
+    }
+}
+
+/// Reads and validates a discovery file.
+pub fn load(path: &Path) -> Result<Discovery, isthmus_core::config::ConfigError> {
+    isthmus_core::config::load_file::<RawDiscovery, Discovery>(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Discovery, String> {
+        isthmus_core::config::load_str::<RawDiscovery, Discovery>(Path::new("svc.yaml"), text)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_valid_file_yields_sorted_services_with_protocols() {
+        let d = parse(
+            "services:\n- name: reviews\n  export: true\n  ports: [{name: http, port: 9080}]\n  endpoints:\n  - {address: 127.0.0.1:1000, serviceAccount: reviews, labels: {version: v2}}\n- name: db\n  namespace: data\n  ports: [{name: tcp-pg, port: 5432}]\n",
+        )
+        .unwrap();
+        assert_eq!(d.services[0].name, "db");
+        assert_eq!(d.services[0].ports[0].protocol, Protocol::Tcp);
+        assert_eq!(d.services[1].ports[0].protocol, Protocol::Http);
+        assert!(d.services[1].export);
+        assert!(d.services[1].endpoints[0].healthy);
+        assert_eq!(d.services[1].endpoints[0].labels["version"], "v2");
+    }
+
+    #[test]
+    fn errors_name_the_file_field_and_value() {
+        let cases = [
+            ("services:\n- name: Bad\n  ports: [{name: http, port: 80}]\n", "services[0].name", "Bad"),
+            ("services:\n- name: a\n  ports: [{name: http, port: 70000}]\n", "services[0].ports[0].port", "70000"),
+            ("services:\n- name: a\n  ports: [{name: http, port: 80, protocol: smtp}]\n", "services[0].ports[0].protocol", "smtp"),
+            (
+                "services:\n- name: a\n  ports: [{name: http, port: 80}]\n  endpoints: [{address: here, serviceAccount: a}]\n",
+                "services[0].endpoints[0].address",
+                "here",
+            ),
+            ("services:\n- name: a\n  ports: []\n", "services[0].ports", "[]"),
+        ];
+        for (text, field, value) in cases {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains("svc.yaml") && err.contains(field) && err.contains(value), "{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_by_name() {
+        let err = parse("services:\n- name: a\n  prots: []\n").unwrap_err();
+        assert!(err.contains("prots"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_services_are_rejected() {
+        let err = parse(
+            "services:\n- name: a\n  ports: [{name: http, port: 80}]\n- name: a\n  ports: [{name: http, port: 80}]\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("declared twice"), "{err}");
+    }
+}

@@ -1,0 +1,300 @@
+//! isthmus-control: one cluster's control plane.
+//!
+//! It discovers the cluster's services (from a YAML file in local mode), publishes this
+//! cluster's membership record and exports to the federation store, imports the other
+//! clusters' exports, and streams one merged [`MeshConfig`] over gRPC to the cluster's
+//! sidecars, DNS proxies and gateway. It runs the cluster's certificate authority and signs
+//! workload certificates for holders of a bootstrap token.
+//!
+//! Tasks: the catalog loop (polls discovery, follows the store's revision, rebuilds the
+//! config), the publisher (writes this cluster's records to the store, retrying while the
+//! store has no quorum, so local changes never wait on the federation), and the gRPC server.
+
+pub mod api;
+pub mod catalog;
+pub mod config;
+pub mod discovery;
+pub mod records;
+pub mod tokens;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use isthmus_core::ca::CertificateAuthority;
+use isthmus_core::mesh::MeshConfig;
+use isthmus_core::proto::mesh::certificate_service_server::CertificateServiceServer;
+use isthmus_core::proto::mesh::mesh_config_service_server::MeshConfigServiceServer;
+use isthmus_federation::Store;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::catalog::Catalog;
+use crate::discovery::Discovery;
+use crate::records::{ClusterRecord, ExportRecord};
+use crate::tokens::TokenPolicy;
+
+/// Errors starting or running the control plane.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("binding the gRPC listener on {addr} failed")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the discovery file is not valid")]
+    Discovery(#[source] isthmus_core::config::ConfigError),
+    #[error("loading or creating the cluster CA in {dir} failed: {reason}")]
+    Ca { dir: PathBuf, reason: String },
+}
+
+/// Everything a control plane needs, validated.
+pub struct ControlOptions {
+    pub cluster: String,
+    pub trust_domain: String,
+    pub locality: Option<String>,
+    /// gRPC API for the data plane (port 0 picks one).
+    pub grpc_listen: SocketAddr,
+    pub discovery_file: PathBuf,
+    pub discovery_poll: Duration,
+    pub vip_range: Ipv4Net,
+    /// The gateway's QUIC address as the other clusters reach it, when known at start.
+    pub gateway_address: Option<SocketAddr>,
+    pub tokens: TokenPolicy,
+    pub cert_lifetime: Duration,
+    pub ca: Arc<CertificateAuthority>,
+}
+
+/// A running control plane.
+pub struct ControlHandle {
+    grpc_addr: SocketAddr,
+    config: watch::Receiver<Arc<MeshConfig>>,
+    gateway: watch::Sender<Option<SocketAddr>>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ControlHandle {
+    /// The bound gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The merged configuration, as streamed to the data plane.
+    pub fn config(&self) -> watch::Receiver<Arc<MeshConfig>> {
+        self.config.clone()
+    }
+
+    /// Publishes (or changes) this cluster's gateway address in the federation.
+    pub fn set_gateway(&self, addr: SocketAddr) {
+        self.gateway.send_replace(Some(addr));
+    }
+
+    /// Stops every task and closes the gRPC port. The federation store is the caller's.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// What the publisher should make true in the store.
+#[derive(Debug, Clone, PartialEq)]
+struct Desired {
+    cluster: ClusterRecord,
+    exports: Vec<ExportRecord>,
+}
+
+/// Starts the control plane over an already running federation store member.
+pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, ControlError> {
+    let discovery = discovery::load(&opts.discovery_file).map_err(ControlError::Discovery)?;
+    let listener = tokio::net::TcpListener::bind(opts.grpc_listen)
+        .await
+        .map_err(|source| ControlError::Bind { addr: opts.grpc_listen, source })?;
+    let grpc_addr = listener.local_addr().map_err(|source| ControlError::Bind { addr: opts.grpc_listen, source })?;
+
+    let mut catalog = Catalog::new(&opts.cluster, &opts.trust_domain, opts.vip_range);
+    let (stop, stopped) = watch::channel(false);
+    let (gateway_tx, gateway_rx) = watch::channel(opts.gateway_address);
+    let cluster_record = ClusterRecord {
+        name: opts.cluster.clone(),
+        trust_domain: opts.trust_domain.clone(),
+        gateway: opts.gateway_address,
+        ca_bundle_pem: opts.ca.cert_pem().to_string(),
+        locality: opts.locality.clone(),
+    };
+    let desired0 = Desired { cluster: cluster_record.clone(), exports: catalog.exports(&discovery) };
+    let (desired_tx, desired_rx) = watch::channel(desired0);
+    rebuild(&mut catalog, &discovery, &store, &cluster_record);
+    let (config_tx, config_rx) = watch::channel(catalog.current());
+
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(publisher(store.clone(), desired_rx, stopped.clone())));
+    tasks.push(tokio::spawn(catalog_loop(CatalogLoop {
+        catalog,
+        discovery,
+        discovery_file: opts.discovery_file.clone(),
+        poll: opts.discovery_poll,
+        store,
+        cluster_record,
+        gateway: gateway_rx,
+        desired: desired_tx,
+        config: config_tx,
+        stop: stopped.clone(),
+    })));
+
+    let config_api = api::ConfigApi { config: config_rx.clone(), stop: stopped.clone() };
+    let cert_api = api::CertificateApi {
+        ca: opts.ca.clone(),
+        tokens: opts.tokens,
+        lifetime: opts.cert_lifetime,
+        config: config_rx.clone(),
+    };
+    let mut grpc_stop = stopped.clone();
+    tasks.push(tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let result = tonic::transport::Server::builder()
+            .add_service(MeshConfigServiceServer::new(config_api))
+            .add_service(CertificateServiceServer::new(cert_api))
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = grpc_stop.changed().await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "control gRPC server failed");
+        }
+    }));
+    tracing::info!(cluster = %opts.cluster, grpc = %grpc_addr, "control plane started");
+    Ok(ControlHandle { grpc_addr, config: config_rx, gateway: gateway_tx, stop, tasks })
+}
+
+/// Reads the other clusters' records from the local replica and rebuilds the catalog.
+fn rebuild(catalog: &mut Catalog, discovery: &Discovery, store: &Store, own: &ClusterRecord) -> Option<Arc<MeshConfig>> {
+    let mut clusters: Vec<ClusterRecord> = decode_all(store, records::CLUSTERS_PREFIX);
+    // Our own record is known locally even before the store has it (no quorum yet).
+    clusters.retain(|c| c.name != own.name);
+    clusters.push(own.clone());
+    let exports: Vec<ExportRecord> = decode_all(store, records::EXPORTS_PREFIX);
+    catalog.rebuild(discovery, &clusters, &exports)
+}
+
+fn decode_all<T: serde::de::DeserializeOwned>(store: &Store, prefix: &str) -> Vec<T> {
+    store
+        .list(prefix)
+        .into_iter()
+        .filter_map(|(key, record)| match serde_json::from_slice(&record.value) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "skipping a store record that does not decode");
+                None
+            }
+        })
+        .collect()
+}
+
+struct CatalogLoop {
+    catalog: Catalog,
+    discovery: Discovery,
+    discovery_file: PathBuf,
+    poll: Duration,
+    store: Store,
+    cluster_record: ClusterRecord,
+    gateway: watch::Receiver<Option<SocketAddr>>,
+    desired: watch::Sender<Desired>,
+    config: watch::Sender<Arc<MeshConfig>>,
+    stop: watch::Receiver<bool>,
+}
+
+async fn catalog_loop(mut l: CatalogLoop) {
+    let mut revision = l.store.revision();
+    let mut poll = tokio::time::interval(l.poll);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_error: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = l.stop.changed() => return,
+            changed = revision.changed() => if changed.is_err() { return },
+            changed = l.gateway.changed() => if changed.is_err() { return },
+            _ = poll.tick() => {
+                match discovery::load(&l.discovery_file) {
+                    Ok(d) => { last_error = None; l.discovery = d; }
+                    Err(e) => {
+                        // Keep the last good discovery; say so once per distinct error.
+                        let msg = e.to_string();
+                        if last_error.as_deref() != Some(&msg) {
+                            tracing::error!(error = %msg, "discovery file rejected; keeping the last good services");
+                            last_error = Some(msg);
+                        }
+                    }
+                }
+            }
+        }
+        l.cluster_record.gateway = *l.gateway.borrow_and_update();
+        l.desired.send_if_modified(|d| {
+            let next = Desired { cluster: l.cluster_record.clone(), exports: l.catalog.exports(&l.discovery) };
+            if *d == next {
+                false
+            } else {
+                *d = next;
+                true
+            }
+        });
+        if let Some(config) = rebuild(&mut l.catalog, &l.discovery, &l.store, &l.cluster_record) {
+            tracing::debug!(version = config.version, services = config.services.len(), "configuration changed");
+            l.config.send_replace(config);
+        }
+    }
+}
+
+/// Makes the store hold exactly this cluster's desired records, retrying until it does.
+async fn publisher(store: Store, mut desired: watch::Receiver<Desired>, mut stop: watch::Receiver<bool>) {
+    const RETRY: Duration = Duration::from_millis(300);
+    loop {
+        let want = desired.borrow_and_update().clone();
+        let ok = publish(&store, &want).await;
+        tokio::select! {
+            _ = stop.changed() => return,
+            changed = desired.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(RETRY), if !ok => {}
+        }
+    }
+}
+
+async fn publish(store: &Store, want: &Desired) -> bool {
+    let own = &want.cluster.name;
+    let mut puts: Vec<(String, Vec<u8>)> = Vec::new();
+    let cluster_key = records::cluster_key(own);
+    if let Ok(bytes) = serde_json::to_vec(&want.cluster) {
+        puts.push((cluster_key, bytes));
+    }
+    for x in &want.exports {
+        if let Ok(bytes) = serde_json::to_vec(x) {
+            puts.push((records::export_key(&x.namespace, &x.name, own), bytes));
+        }
+    }
+    let mut ok = true;
+    for (key, value) in &puts {
+        if store.get(key).is_some_and(|r| &r.value == value) {
+            continue;
+        }
+        if let Err(e) = store.put(key, value.clone()).await {
+            tracing::debug!(%key, error = %e, "publishing to the federation failed; will retry");
+            ok = false;
+        }
+    }
+    // Withdraw exports of ours that are no longer desired.
+    for (key, _) in store.list(records::EXPORTS_PREFIX) {
+        let ours = key.rsplit('/').next() == Some(own.as_str());
+        if ours && !puts.iter().any(|(k, _)| *k == key) {
+            if let Err(e) = store.delete(&key).await {
+                tracing::debug!(%key, error = %e, "withdrawing an export failed; will retry");
+                ok = false;
+            }
+        }
+    }
+    ok
+}

@@ -1,0 +1,55 @@
+//! The control plane's records in the federation store (see docs/federation-store.md).
+//!
+//! - `clusters/<name>` → [`ClusterRecord`]: membership, trust bundle, gateway address.
+//! - `exports/<ns>/<svc>/<cluster>` → [`ExportRecord`]: one cluster's export of one service.
+//!
+//! Values are JSON. Each cluster writes only its own records.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use isthmus_core::mesh::ServicePort;
+use serde::{Deserialize, Serialize};
+
+/// A member cluster, as published by its own control plane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterRecord {
+    pub name: String,
+    pub trust_domain: String,
+    /// The east-west gateway's QUIC address, reachable from the other clusters.
+    pub gateway: Option<SocketAddr>,
+    /// The cluster CA's certificate(s), PEM.
+    pub ca_bundle_pem: String,
+    #[serde(default)]
+    pub locality: Option<String>,
+}
+
+/// One cluster's export of one service: what the others need to route to it through that
+/// cluster's gateway (the endpoints themselves stay private to the owning cluster).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExportRecord {
+    pub cluster: String,
+    pub namespace: String,
+    pub name: String,
+    pub ports: Vec<ServicePort>,
+    /// SPIFFE IDs of the endpoints, so callers can verify whom they reach.
+    pub identities: Vec<String>,
+    pub endpoints: u32,
+    pub healthy_endpoints: u32,
+    /// Healthy endpoint counts by `label=value` (e.g. `version=v2`), for subsets.
+    #[serde(default)]
+    pub subsets: BTreeMap<String, u32>,
+}
+
+pub fn cluster_key(name: &str) -> String {
+    format!("clusters/{name}")
+}
+
+pub fn export_key(namespace: &str, name: &str, cluster: &str) -> String {
+    format!("exports/{namespace}/{name}/{cluster}")
+}
+
+pub const CLUSTERS_PREFIX: &str = "clusters/";
+pub const EXPORTS_PREFIX: &str = "exports/";

@@ -1,0 +1,148 @@
+//! The control plane over a real (one-member) federation store and its real gRPC API.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use isthmus_control::tokens::TokenPolicy;
+use isthmus_core::ca::CertificateAuthority;
+use isthmus_core::client::ControlClient;
+use isthmus_core::identity::SpiffeId;
+use isthmus_core::mesh::MeshConfig;
+use tokio::sync::watch;
+
+const TOKEN: &str = "test-bootstrap-token-0123";
+
+struct Running {
+    control: isthmus_control::ControlHandle,
+    store: isthmus_federation::Store,
+    discovery: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(services_yaml: &str) -> Running {
+    isthmus_core::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let discovery = dir.path().join("services.yaml");
+    std::fs::write(&discovery, services_yaml).unwrap();
+    let binding = isthmus_federation::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let peers = BTreeMap::from([(1, binding.local_addr())]);
+    let store = binding
+        .start(isthmus_federation::StoreOptions {
+            tick: Duration::from_millis(20),
+            ..isthmus_federation::StoreOptions::new(1, peers)
+        })
+        .await
+        .unwrap();
+    let control = isthmus_control::start(
+        isthmus_control::ControlOptions {
+            cluster: "east".into(),
+            trust_domain: "east.isthmus.local".into(),
+            locality: None,
+            grpc_listen: "127.0.0.1:0".parse().unwrap(),
+            discovery_file: discovery.clone(),
+            discovery_poll: Duration::from_millis(20),
+            vip_range: "127.10.0.0/16".parse().unwrap(),
+            gateway_address: Some("127.0.0.1:15443".parse().unwrap()),
+            tokens: TokenPolicy::single(TOKEN, &["default"]),
+            cert_lifetime: Duration::from_secs(600),
+            ca: Arc::new(CertificateAuthority::generate("east.isthmus.local").unwrap()),
+        },
+        store.clone(),
+    )
+    .await
+    .unwrap();
+    Running { control, store, discovery, _dir: dir }
+}
+
+const ONE_SERVICE: &str = "services:\n- name: ratings\n  export: true\n  ports: [{name: http, port: 9080}]\n  endpoints: [{address: 127.0.0.1:7000, serviceAccount: ratings}]\n";
+
+async fn wait_for(
+    rx: &mut watch::Receiver<Arc<MeshConfig>>,
+    what: &str,
+    check: impl Fn(&MeshConfig) -> bool,
+) -> Arc<MeshConfig> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let c = rx.borrow_and_update().clone();
+            if check(&c) {
+                return c;
+            }
+            rx.changed().await.expect("config stream open");
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+async fn wait_for_key(store: &isthmus_federation::Store, key: &str) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while store.get(key).is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{key} was never published"));
+}
+
+#[tokio::test]
+async fn config_stream_carries_discovered_services_and_follows_file_changes() {
+    let r = start(ONE_SERVICE).await;
+    let client = ControlClient::new(&r.control.grpc_addr().to_string()).unwrap();
+    let (mut rx, _task) = client.watch_config("test", Duration::from_secs(10)).await.unwrap();
+    let c = wait_for(&mut rx, "ratings", |c| c.service("default", "ratings").is_some()).await;
+    let ratings = c.service("default", "ratings").unwrap();
+    assert_eq!(ratings.vip.to_string(), "127.10.0.1");
+    assert_eq!(ratings.local_endpoints[0].identity, "spiffe://east.isthmus.local/ns/default/sa/ratings");
+    assert_eq!(c.clusters[0].name, "east");
+
+    std::fs::write(&r.discovery, format!("{ONE_SERVICE}- name: details\n  ports: [{{name: http, port: 9080}}]\n")).unwrap();
+    wait_for(&mut rx, "details", |c| c.service("default", "details").is_some()).await;
+
+    // The export reached the federation store.
+    wait_for_key(&r.store, "exports/default/ratings/east").await;
+    assert!(r.store.get("clusters/east").is_some());
+    r.control.shutdown().await;
+    r.store.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_invalid_discovery_file_keeps_the_last_good_services() {
+    let r = start(ONE_SERVICE).await;
+    let mut rx = r.control.config();
+    wait_for(&mut rx, "ratings", |c| c.service("default", "ratings").is_some()).await;
+    wait_for_key(&r.store, "exports/default/ratings/east").await;
+    let version = rx.borrow().version;
+    std::fs::write(&r.discovery, "services:\n- name: Ratings!\n").unwrap();
+    // Give the poller many chances to (wrongly) act on the bad file.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(r.control.config().borrow().service("default", "ratings").is_some());
+    }
+    assert_eq!(rx.borrow().version, version);
+    assert!(r.store.get("exports/default/ratings/east").is_some());
+    r.control.shutdown().await;
+    r.store.shutdown().await;
+}
+
+#[tokio::test]
+async fn certificates_are_signed_only_for_identities_the_token_allows() {
+    let r = start(ONE_SERVICE).await;
+    let client = ControlClient::new(&r.control.grpc_addr().to_string()).unwrap();
+    let ok = SpiffeId::new("east.isthmus.local", "default", "ratings");
+    let (identity, bundles, not_after) = client.request_identity(&ok, TOKEN).await.unwrap();
+    assert_eq!(identity.id(), &ok);
+    assert!(bundles.iter().any(|(td, _)| td == "east.isthmus.local"));
+    assert!(not_after > 0);
+
+    let wrong_ns = SpiffeId::new("east.isthmus.local", "kube-system", "admin");
+    let err = client.request_identity(&wrong_ns, TOKEN).await.err().expect("refused").to_string();
+    assert!(err.contains("does not allow"), "{err}");
+    let other_domain = SpiffeId::new("west.isthmus.local", "default", "ratings");
+    let err = client.request_identity(&other_domain, TOKEN).await.err().expect("refused").to_string();
+    assert!(err.contains("trust domain"), "{err}");
+    let err = client.request_identity(&ok, "wrong-token-wrong-token").await.err().expect("refused").to_string();
+    assert!(err.contains("does not allow"), "{err}");
+    r.control.shutdown().await;
+    r.store.shutdown().await;
+}

@@ -1,0 +1,235 @@
+//! The data plane's client of its control plane: the configuration stream and certificates.
+//!
+//! [`ControlClient::watch_config`] returns a watch channel holding the latest valid
+//! [`MeshConfig`]; a background task keeps it current, reconnecting with backoff when the
+//! control plane goes away, and *keeps the last snapshot* meanwhile (static stability: the
+//! data plane never depends on the control plane being up). [`ControlClient::workload_identity`]
+//! obtains a certificate by CSR and rotates it at half its lifetime.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::ca::generate_csr;
+use crate::identity::SpiffeId;
+use crate::mesh::MeshConfig;
+use crate::proto::mesh::certificate_service_client::CertificateServiceClient;
+use crate::proto::mesh::mesh_config_service_client::MeshConfigServiceClient;
+use crate::proto::mesh::{SignRequest, StreamConfigRequest};
+use crate::tls::{Identity, TrustBundles};
+
+/// How long to wait between reconnection attempts, at most.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Errors talking to the control plane.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("control plane address {0:?} is not a valid URI")]
+    Address(String),
+    #[error("the control plane refused to sign a certificate for {identity}: {status}")]
+    Sign { identity: String, status: String },
+    #[error("no configuration arrived from the control plane at {addr} within {waited:?}")]
+    NoConfig { addr: String, waited: Duration },
+    #[error("certificate handling failed: {0}")]
+    Certificate(String),
+}
+
+/// A lazily connected client of one control plane's gRPC API.
+#[derive(Clone)]
+pub struct ControlClient {
+    addr: String,
+    channel: Channel,
+}
+
+impl ControlClient {
+    /// A client for the control plane at `addr` (`ip:port`). Connects lazily.
+    pub fn new(addr: &str) -> Result<Self, ClientError> {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|_| ClientError::Address(addr.to_string()))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true);
+        Ok(ControlClient { addr: addr.to_string(), channel: endpoint.connect_lazy() })
+    }
+
+    /// Subscribes to the configuration stream. Waits up to `first_within` for the first
+    /// snapshot, then keeps the returned channel current in the background (reconnecting as
+    /// needed) until the returned task is aborted.
+    pub async fn watch_config(
+        &self,
+        node_id: &str,
+        first_within: Duration,
+    ) -> Result<(watch::Receiver<Arc<MeshConfig>>, JoinHandle<()>), ClientError> {
+        let (tx, mut rx) = watch::channel(Arc::new(MeshConfig::default()));
+        let client = self.clone();
+        let node_id = node_id.to_string();
+        let task = tokio::spawn(async move { client.follow(node_id, tx).await });
+        let arrived = tokio::time::timeout(first_within, async {
+            while rx.borrow_and_update().version == 0 {
+                if rx.changed().await.is_err() {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        if arrived != Ok(true) {
+            task.abort();
+            return Err(ClientError::NoConfig { addr: self.addr.clone(), waited: first_within });
+        }
+        Ok((rx, task))
+    }
+
+    async fn follow(self, node_id: String, tx: watch::Sender<Arc<MeshConfig>>) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let mut client = MeshConfigServiceClient::new(self.channel.clone());
+            match client.stream_config(StreamConfigRequest { node_id: node_id.clone() }).await {
+                Ok(response) => {
+                    let mut stream = response.into_inner();
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(snapshot)) => match MeshConfig::try_from(snapshot) {
+                                Ok(config) => {
+                                    backoff = Duration::from_millis(50);
+                                    tx.send_replace(Arc::new(config));
+                                }
+                                Err(e) => tracing::warn!(
+                                    control = %self.addr, error = %e,
+                                    "refusing a malformed configuration snapshot; keeping the last good one"
+                                ),
+                            },
+                            Ok(None) => break,
+                            Err(status) => {
+                                tracing::debug!(control = %self.addr, %status, "config stream ended");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(status) => {
+                    tracing::debug!(control = %self.addr, %status, "config stream unavailable");
+                }
+            }
+            if tx.is_closed() {
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Asks the control plane to sign a fresh key for `id`. Returns the identity and
+    /// `(trust domain, CA PEM)` for every member cluster.
+    pub async fn request_identity(
+        &self,
+        id: &SpiffeId,
+        token: &str,
+    ) -> Result<(Arc<Identity>, Vec<(String, String)>, i64), ClientError> {
+        let (chain, key, bundles, not_after) = self.sign(id, token).await?;
+        let identity = Identity::from_pem(id.clone(), &chain, &key)
+            .map_err(|e| ClientError::Certificate(e.to_string()))?;
+        Ok((identity, bundles, not_after))
+    }
+
+    async fn sign(
+        &self,
+        id: &SpiffeId,
+        token: &str,
+    ) -> Result<(String, String, Vec<(String, String)>, i64), ClientError> {
+        let (csr_pem, key_pem) =
+            generate_csr(id).map_err(|e| ClientError::Certificate(e.to_string()))?;
+        let mut client = CertificateServiceClient::new(self.channel.clone());
+        let response = client
+            .sign(SignRequest { csr_pem, identity: id.to_string(), token: token.to_string() })
+            .await
+            .map_err(|status| ClientError::Sign {
+                identity: id.to_string(),
+                status: format!("{}: {}", status.code(), status.message()),
+            })?
+            .into_inner();
+        let bundles =
+            response.trust_bundles.into_iter().map(|b| (b.trust_domain, b.ca_pem)).collect();
+        Ok((response.cert_chain_pem, key_pem, bundles, response.not_after_unix))
+    }
+
+    /// Obtains a certificate for `id`, installs the returned bundles into `trust`, and keeps
+    /// the certificate rotated at half its remaining lifetime until the task is aborted.
+    pub async fn workload_identity(
+        &self,
+        id: &SpiffeId,
+        token: &str,
+        trust: Arc<TrustBundles>,
+    ) -> Result<(Arc<Identity>, JoinHandle<()>), ClientError> {
+        let (identity, bundles, not_after) = self.request_identity(id, token).await?;
+        install_bundles(&trust, &bundles);
+        let client = self.clone();
+        let rotating = identity.clone();
+        let id = id.clone();
+        let token = token.to_string();
+        let task = tokio::spawn(async move {
+            let mut not_after = not_after;
+            loop {
+                tokio::time::sleep(half_life(not_after)).await;
+                match client.sign(&id, &token).await {
+                    Ok((chain, key, bundles, next)) => match rotating.rotate(&chain, &key) {
+                        Ok(()) => {
+                            install_bundles(&trust, &bundles);
+                            not_after = next;
+                            tracing::debug!(identity = %id, "certificate rotated");
+                        }
+                        Err(e) => tracing::warn!(identity = %id, error = %e, "rotated certificate unusable"),
+                    },
+                    Err(e) => {
+                        tracing::warn!(identity = %id, error = %e, "certificate rotation failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        Ok((identity, task))
+    }
+}
+
+fn install_bundles(trust: &TrustBundles, bundles: &[(String, String)]) {
+    if let Err(e) = trust.replace(bundles.iter().map(|(td, pem)| (td.as_str(), pem.as_str()))) {
+        tracing::warn!(error = %e, "ignoring unusable trust bundles");
+    }
+}
+
+/// How long until a certificate expiring at `not_after_unix` should be renewed: half of the
+/// remaining lifetime, at least one second.
+fn half_life(not_after_unix: i64) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let remaining = (not_after_unix - now).max(2) as u64;
+    Duration::from_secs(remaining / 2)
+}
+
+/// Keeps `trust` equal to the bundles of the member clusters in every new snapshot.
+pub fn follow_trust_bundles(
+    trust: Arc<TrustBundles>,
+    mut config: watch::Receiver<Arc<MeshConfig>>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let snapshot = config.borrow_and_update().clone();
+            if !snapshot.clusters.is_empty() {
+                let bundles = snapshot
+                    .clusters
+                    .iter()
+                    .map(|c| (c.trust_domain.as_str(), c.ca_bundle_pem.as_str()));
+                if let Err(e) = trust.replace(bundles) {
+                    tracing::warn!(error = %e, "ignoring unusable trust bundles in config");
+                }
+            }
+            if config.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+}

@@ -1,0 +1,262 @@
+//! Answering: turns a request into a complete response, or into the decision to forward it.
+//!
+//! Two entry points, both pure (no I/O, no clock):
+//!
+//! - [`answer`] takes a parsed request and the current [`MeshTable`] and returns
+//!   [`Outcome::Respond`] with the response message, or [`Outcome::Forward`].
+//! - [`handle_packet`] wraps it for raw bytes off the wire: it drops what is not a query,
+//!   answers FORMERR when only the header could be read, NOTIMP for opcodes other than QUERY,
+//!   encodes the response and sets TC when it does not fit the client's size limit.
+//!
+//! The server calls [`handle_packet`] once per received message, sends [`Action::Reply`] as
+//! is, and for [`Action::Forward`] relays the original packet upstream (building SERVFAIL with
+//! [`servfail`] when no upstream answers).
+
+use hickory_proto::op::{Edns, Header, Message, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, PTR, SRV};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::BinDecodable;
+use tracing::debug;
+
+use crate::records::{Lookup, MeshTable, Node};
+
+/// The UDP payload size the proxy advertises in its EDNS answers (the DNS flag day 2020 value).
+pub const EDNS_PAYLOAD: u16 = 1232;
+
+/// The largest DNS message a client accepts over plain UDP without EDNS.
+pub const UDP_DEFAULT_LIMIT: usize = 512;
+
+/// SRV priority of every mesh answer (one target per name, so the value does not matter).
+pub const SRV_PRIORITY: u16 = 0;
+/// SRV weight of every mesh answer.
+pub const SRV_WEIGHT: u16 = 100;
+
+/// What to do with a parsed request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Send this response.
+    Respond(Message),
+    /// The name is not the mesh's: relay the request upstream.
+    Forward,
+}
+
+/// The transport a message came in on; it decides the response size limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// What to do with a received packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send these bytes back to the client.
+    Reply(Vec<u8>),
+    /// Relay the original packet upstream; `request` is its parsed form, for building SERVFAIL.
+    Forward { request: Box<Message> },
+    /// Say nothing (not a DNS query, or not even a header).
+    Drop,
+}
+
+/// Answers one parsed request from the table, or decides it must be forwarded.
+///
+/// `ttl` is the TTL of every mesh record.
+pub fn answer(table: &MeshTable, request: &Message, ttl: u32) -> Outcome {
+    if request.metadata.op_code != OpCode::Query {
+        return Outcome::Respond(response(request, ResponseCode::NotImp, false));
+    }
+    let [query] = request.queries.as_slice() else {
+        return Outcome::Respond(response(request, ResponseCode::FormErr, false));
+    };
+    if query.query_class != DNSClass::IN {
+        return Outcome::Forward;
+    }
+    let qname = &query.name;
+    let qtype = query.query_type;
+
+    match table.lookup(qname) {
+        Lookup::Found(node) => {
+            let mut msg = response(request, ResponseCode::NoError, true);
+            add_node_records(&mut msg, qname, qtype, node, ttl);
+            Outcome::Respond(msg)
+        }
+        Lookup::NxDomain => Outcome::Respond(response(request, ResponseCode::NXDomain, true)),
+        // Not ours to be authoritative for, but we know the name cannot exist: it would be a
+        // mesh name followed by a search domain.
+        Lookup::SearchExpansion => {
+            Outcome::Respond(response(request, ResponseCode::NXDomain, false))
+        }
+        Lookup::Outside => match table.reverse(qname) {
+            Some(service) if matches!(qtype, RecordType::PTR | RecordType::ANY) => {
+                let mut msg = response(request, ResponseCode::NoError, true);
+                msg.add_answer(Record::from_rdata(
+                    qname.clone(),
+                    ttl,
+                    RData::PTR(PTR(service.clone())),
+                ));
+                Outcome::Respond(msg)
+            }
+            _ => Outcome::Forward,
+        },
+    }
+}
+
+/// Handles one raw message received on `transport`, answering from `table`.
+///
+/// A local answer larger than the client accepts on `transport` (see [`reply_limit`]) is
+/// replaced by its truncated form: question only, TC set.
+pub fn handle_packet(table: &MeshTable, packet: &[u8], transport: Transport, ttl: u32) -> Action {
+    let header = match Header::from_bytes(packet) {
+        Ok(header) => header,
+        Err(error) => {
+            debug!(%error, len = packet.len(), "dropping a packet without a DNS header");
+            return Action::Drop;
+        }
+    };
+    if header.metadata.message_type != MessageType::Query {
+        // Answering responses invites reflection loops.
+        debug!(
+            id = header.metadata.id,
+            "dropping a DNS response sent to the proxy"
+        );
+        return Action::Drop;
+    }
+    if header.metadata.op_code != OpCode::Query {
+        return encode_or_drop(
+            header_only_response(&header.metadata, ResponseCode::NotImp),
+            usize::MAX,
+        );
+    }
+    let request = match Message::from_vec(packet) {
+        Ok(request) => request,
+        Err(error) => {
+            debug!(id = header.metadata.id, %error, "malformed DNS query");
+            return encode_or_drop(
+                header_only_response(&header.metadata, ResponseCode::FormErr),
+                usize::MAX,
+            );
+        }
+    };
+    match answer(table, &request, ttl) {
+        Outcome::Respond(msg) => encode_or_drop(msg, reply_limit(&request, transport)),
+        Outcome::Forward => Action::Forward {
+            request: Box::new(request),
+        },
+    }
+}
+
+/// The largest response `request`'s sender accepts on `transport`: 65535 on TCP; on UDP the
+/// EDNS payload size it advertised, or 512 without EDNS.
+pub fn reply_limit(request: &Message, transport: Transport) -> usize {
+    match transport {
+        Transport::Tcp => usize::from(u16::MAX),
+        Transport::Udp => request.edns.as_ref().map_or(UDP_DEFAULT_LIMIT, |edns| {
+            usize::from(edns.max_payload()).max(UDP_DEFAULT_LIMIT)
+        }),
+    }
+}
+
+/// SERVFAIL for `request`, encoded: what the client gets when no upstream answers.
+pub fn servfail(request: &Message) -> Option<Vec<u8>> {
+    encode(&response(request, ResponseCode::ServFail, false))
+}
+
+/// Encodes `msg`; when it is longer than `max_len`, encodes its truncated form instead.
+pub fn encode_limited(msg: &Message, max_len: usize) -> Option<Vec<u8>> {
+    let bytes = encode(msg)?;
+    if bytes.len() <= max_len {
+        return Some(bytes);
+    }
+    let mut truncated = msg.truncate();
+    truncated.metadata.truncation = true;
+    encode(&truncated)
+}
+
+fn encode_or_drop(msg: Message, max_len: usize) -> Action {
+    match encode_limited(&msg, max_len) {
+        Some(bytes) => Action::Reply(bytes),
+        None => Action::Drop,
+    }
+}
+
+fn encode(msg: &Message) -> Option<Vec<u8>> {
+    match msg.to_vec() {
+        Ok(bytes) => Some(bytes),
+        Err(error) => {
+            debug!(id = msg.metadata.id, %error, "cannot encode a DNS response");
+            None
+        }
+    }
+}
+
+/// A response to `request` echoing its question, with RA set and an OPT record when the
+/// request had one.
+fn response(request: &Message, code: ResponseCode, authoritative: bool) -> Message {
+    let mut msg = Message::response(request.metadata.id, request.metadata.op_code);
+    msg.metadata = Metadata::response_from_request(&request.metadata);
+    msg.metadata.response_code = code;
+    msg.metadata.authoritative = authoritative;
+    msg.metadata.recursion_available = true;
+    msg.queries = request.queries.clone();
+    if request.edns.is_some() {
+        let mut edns = Edns::new();
+        edns.set_max_payload(EDNS_PAYLOAD);
+        msg.edns = Some(edns);
+    }
+    msg
+}
+
+/// A response that can be built from the header alone, for requests whose body is unreadable
+/// or whose opcode we do not implement.
+fn header_only_response(request: &Metadata, code: ResponseCode) -> Message {
+    let mut msg = Message::response(request.id, request.op_code);
+    msg.metadata = Metadata::response_from_request(request);
+    msg.metadata.response_code = code;
+    msg.metadata.recursion_available = true;
+    msg
+}
+
+/// Adds the records of `node` matching `qtype`, owned by the question's name as written.
+/// Nothing matching leaves the answer empty: NODATA.
+fn add_node_records(msg: &mut Message, qname: &Name, qtype: RecordType, node: &Node, ttl: u32) {
+    let any = qtype == RecordType::ANY;
+    if any || qtype == RecordType::A {
+        if let Some(ip) = node.a {
+            msg.add_answer(Record::from_rdata(qname.clone(), ttl, RData::A(A(ip))));
+        }
+    }
+    if any || qtype == RecordType::AAAA {
+        if let Some(ip) = node.aaaa {
+            msg.add_answer(Record::from_rdata(
+                qname.clone(),
+                ttl,
+                RData::AAAA(AAAA(ip)),
+            ));
+        }
+    }
+    if any || qtype == RecordType::SRV {
+        for srv in &node.srv {
+            msg.add_answer(Record::from_rdata(
+                qname.clone(),
+                ttl,
+                RData::SRV(SRV::new(
+                    SRV_PRIORITY,
+                    SRV_WEIGHT,
+                    srv.port,
+                    srv.target.clone(),
+                )),
+            ));
+            let glue = match srv.vip {
+                std::net::IpAddr::V4(ip) => RData::A(A(ip)),
+                std::net::IpAddr::V6(ip) => RData::AAAA(AAAA(ip)),
+            };
+            let glue = Record::from_rdata(srv.target.clone(), ttl, glue);
+            if !msg.additionals.contains(&glue) {
+                msg.add_additional(glue);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,111 @@
+//! isthmus-dns: the DNS proxy that lets applications call mesh services by name.
+//!
+//! It answers the global names of the Kubernetes Multi-Cluster Services DNS specification
+//! from the cluster's mesh configuration and forwards every other question upstream:
+//!
+//! - `<svc>.<ns>.svc.clusterset.local` A / AAAA → the service's virtual IP (the other address
+//!   family gets NODATA);
+//! - `_<port>._<tcp|udp>.<svc>.<ns>.svc.clusterset.local` SRV → the named port, with the
+//!   service's address in the additional section;
+//! - `<reversed VIP>.in-addr.arpa` / `.ip6.arpa` PTR → the service's name;
+//! - unknown names under `svc.clusterset.local` → authoritative NXDOMAIN, known names with
+//!   other types → NODATA;
+//! - Kubernetes search-path expansions of a mesh name (`<mesh name>.<anything>.cluster.local`)
+//!   → NXDOMAIN at once, so the application's resolver moves on to the name as written without
+//!   a round trip upstream;
+//! - everything else → the upstream resolvers in order (UDP questions over UDP, TCP questions
+//!   over TCP), SERVFAIL when none answers in time.
+//!
+//! The answering logic ([`records`] builds the table, [`answer`] turns a request into a
+//! response or a decision to forward) does no I/O and reads no clock. The async layer
+//! ([`start`]) runs these tasks, all stopped by [`DnsHandle::shutdown`]:
+//!
+//! - the UDP loop, which answers each datagram inline and spawns one task per forwarded
+//!   question;
+//! - the TCP accept loop, with one task per client connection (2-byte length framing);
+//! - the config follower, which rebuilds the table whenever the control plane publishes a new
+//!   snapshot. Queries also check for a newer snapshot themselves, so an answer never uses a
+//!   stale table. When the control plane goes away the proxy keeps answering from the last
+//!   table it had (static stability).
+
+pub mod answer;
+#[cfg(test)]
+mod fixtures;
+mod forward;
+mod live_table;
+pub mod records;
+mod resolv_conf;
+mod server;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+pub use resolv_conf::upstreams_from_resolv_conf;
+pub use server::{start, DnsHandle};
+
+/// The default DNS proxy port (UDP and TCP).
+pub const DEFAULT_PORT: u16 = 15053;
+
+/// The default TTL of mesh answers, in seconds. Short, because VIPs can be withdrawn.
+pub const DEFAULT_TTL: u32 = 5;
+
+/// How the DNS proxy listens and where it forwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsOptions {
+    /// Where to listen, for both UDP and TCP (the same port). Port 0 picks a free port that is
+    /// free for both.
+    pub listen: SocketAddr,
+    /// Resolvers for every name outside the mesh, tried in order. Empty means such questions
+    /// get SERVFAIL.
+    pub upstreams: Vec<SocketAddr>,
+    /// How long to wait for one upstream before trying the next.
+    pub upstream_timeout: Duration,
+    /// TTL of mesh answers, in seconds.
+    pub ttl: u32,
+}
+
+impl Default for DnsOptions {
+    fn default() -> Self {
+        DnsOptions {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_PORT)),
+            upstreams: Vec::new(),
+            upstream_timeout: Duration::from_secs(2),
+            ttl: DEFAULT_TTL,
+        }
+    }
+}
+
+/// What can go wrong when starting the DNS proxy. Once started it does not fail: bad packets,
+/// unreachable upstreams and a vanished control plane are answered or logged, not returned.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    /// An option has a value the proxy cannot work with.
+    #[error("invalid DNS option {field}: {value}")]
+    InvalidOption {
+        /// The option's name, as in [`DnsOptions`].
+        field: &'static str,
+        /// The rejected value and why.
+        value: String,
+    },
+    /// Binding the UDP socket failed.
+    #[error("binding the DNS UDP socket on {addr}")]
+    BindUdp {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Binding the TCP listener failed.
+    #[error("binding the DNS TCP listener on {addr}")]
+    BindTcp {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading back the address a socket was bound to failed.
+    #[error("reading the bound address of the DNS {transport} socket")]
+    LocalAddr {
+        transport: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,183 @@
+//! Mesh answers from a running proxy, over real UDP and TCP sockets on 127.0.0.1.
+
+mod common;
+
+use std::net::Ipv4Addr;
+
+use common::*;
+use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::rr::rdata::{AAAA, PTR, SRV};
+use hickory_proto::rr::{Name, RData, RecordType};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn udp_a_question_for_a_mesh_service_returns_its_vip() {
+    let (dns, _tx) = proxy(shop()).await;
+    let resp = udp_query(
+        dns.udp_addr(),
+        &request("web.shop.svc.clusterset.local.", RecordType::A),
+    )
+    .await;
+    assert_eq!(resp.metadata.id, 0x4242);
+    assert_eq!(resp.metadata.response_code, ResponseCode::NoError);
+    assert!(resp.metadata.authoritative);
+    assert!(resp.metadata.recursion_available);
+    assert_eq!(a_answers(&resp), vec![Ipv4Addr::new(240, 240, 0, 1)]);
+    assert_eq!(resp.answers[0].ttl, 5);
+    dns.shutdown().await;
+}
+
+#[tokio::test]
+async fn udp_aaaa_for_an_ipv4_service_is_nodata() {
+    let (dns, _tx) = proxy(shop()).await;
+    let resp = udp_query(
+        dns.udp_addr(),
+        &request("web.shop.svc.clusterset.local.", RecordType::AAAA),
+    )
+    .await;
+    assert_eq!(resp.metadata.response_code, ResponseCode::NoError);
+    assert!(resp.metadata.authoritative);
+    assert!(resp.answers.is_empty());
+    dns.shutdown().await;
+}
+
+#[tokio::test]
+async fn udp_aaaa_for_an_ipv6_service_returns_its_vip() {
+    let (dns, _tx) = proxy(shop()).await;
+    let resp = udp_query(
+        dns.udp_addr(),
+        &request("db.shop.svc.clusterset.local.", RecordType::AAAA),
+    )
+    .await;
+    assert_eq!(
+        resp.answers[0].data,
+        RData::AAAA(AAAA("fd00::5".parse().unwrap()))
+    );
+    dns.shutdown().await;
+}
+
+#[tokio::test]
+async fn udp_srv_returns_the_port_and_the_address_in_additional() {
+    let (dns, _tx) = proxy(shop()).await;
+    let resp = udp_query(
+        dns.udp_addr(),
+        &request("_http._tcp.web.shop.svc.clusterset.local.", RecordType::SRV),
+    )
+    .await;
+    assert_eq!(resp.metadata.response_code, ResponseCode::NoError);
+    let target = Name::from_ascii("web.shop.svc.clusterset.local.").unwrap();
+    let RData::SRV(srv) = &resp.answers[0].data else {
+        panic!("not an SRV answer: {resp}");
+    };
+    assert_eq!(srv, &SRV::new(0, 100, 80, target.clone()));
+    assert_eq!(resp.additionals.len(), 1);
+    assert_eq!(resp.additionals[0].name, target);
+    assert_eq!(
+        resp.additionals[0].data,
+        RData::A(hickory_proto::rr::rdata::A(Ipv4Addr::new(240, 240, 0, 1)))
+    );
+    dns.shutdown().await;
+}
+
+#[tokio::test]
+async fn udp_ptr_for_a_vip_returns_the_service_name() {
+    let (dns, _tx) = proxy(shop()).await;
+    let resp = udp_query(
+        dns.udp_addr(),
+        &request("1.0.240.240.in-addr.arpa.", RecordType::PTR),
+    )
+    .await;
+    assert_eq!(resp.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(
+        resp.answers[0].data,
+        RData::PTR(PTR(
+            Name::from_ascii("web.shop.svc.clusterset.local.").unwrap()
+        ))
+    );
+    dns.shutdown().await;
+}
+
+#[tokio::test]
+async fn udp_unknown_mesh_name_is_authoritative_nxdomain() {
+    let (dns, _tx) = proxy(shop()).await;
+    let resp = udp_query(
+        dns.udp_addr(),
+        &request("nope.shop.svc.clusterset.local.", RecordType::A),
+    )
+    .await;
+    assert_eq!(resp.metadata.response_code, ResponseCode::NXDomain);
+    assert!(resp.metadata.authoritative);
+    assert!(resp.answers.is_empty());
+    dns.shutdown().await;
+}
+
+#[tokio::test]
+async fn udp_mesh_names_match_any_case_and_keep_the_question_case() {
+    let (dns, _tx) = proxy(shop()).await;
+    let req = request("WEB.Shop.SVC.clusterSET.local.", RecordType::A);
+    let resp = udp_query(dns.udp_addr(), &req).await;
+    assert_eq!(a_answers(&resp), vec![Ipv4Addr::new(240, 240, 0, 1)]);
+    assert!(resp.queries[0].name.eq_case(&req.queries[0].name));
+    dns.shutdown().await;
+}
+
+#[tokio::test]
+async fn udp_search_path_expansion_of_a_mesh_name_is_nxdomain_without_upstream() {
+    // No upstream is configured: a forwarded question would get SERVFAIL, not NXDOMAIN.
+    let (dns, _tx) = proxy(shop()).await;
+    let resp = udp_query(
+        dns.udp_addr(),
+        &request(
+            "web.shop.svc.clusterset.local.shop.svc.cluster.local.",
+            RecordType::A,
+        ),
+    )
+    .await;
+    assert_eq!(resp.metadata.response_code, ResponseCode::NXDomain);
+    dns.shutdown().await;
+}
+
+#[tokio::test]
+async fn garbage_bytes_get_formerr_and_the_proxy_keeps_serving() {
+    let (dns, _tx) = proxy(shop()).await;
+    let garbage = [
+        0xbe, 0xef, 0x01, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0, 0xc0, 0xff, 0x17, 0x00,
+    ];
+    let reply = Message::from_vec(&udp_exchange(dns.udp_addr(), &garbage).await).unwrap();
+    assert_eq!(reply.metadata.id, 0xbeef);
+    assert_eq!(reply.metadata.message_type, MessageType::Response);
+    assert_eq!(reply.metadata.response_code, ResponseCode::FormErr);
+
+    let resp = udp_query(
+        dns.udp_addr(),
+        &request("web.shop.svc.clusterset.local.", RecordType::A),
+    )
+    .await;
+    assert_eq!(a_answers(&resp), vec![Ipv4Addr::new(240, 240, 0, 1)]);
+    dns.shutdown().await;
+}
+
+#[tokio::test]
+async fn tcp_questions_are_answered_on_one_connection_in_order() {
+    let (dns, _tx) = proxy(shop()).await;
+    assert_eq!(dns.tcp_addr(), dns.udp_addr());
+    let mut stream = TcpStream::connect(dns.tcp_addr()).await.unwrap();
+    let resp = tcp_exchange(
+        &mut stream,
+        &request("web.shop.svc.clusterset.local.", RecordType::A),
+    )
+    .await;
+    assert_eq!(a_answers(&resp), vec![Ipv4Addr::new(240, 240, 0, 1)]);
+    assert!(resp.metadata.authoritative);
+
+    let resp = tcp_exchange(
+        &mut stream,
+        &request("_pg._tcp.db.shop.svc.clusterset.local.", RecordType::SRV),
+    )
+    .await;
+    let RData::SRV(srv) = &resp.answers[0].data else {
+        panic!("not an SRV answer: {resp}");
+    };
+    assert_eq!(srv.port, 5432);
+    dns.shutdown().await;
+}

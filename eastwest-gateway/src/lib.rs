@@ -1,0 +1,246 @@
+//! isthmus-gateway: the east-west gateway, which carries local sidecars' connections to other
+//! clusters over QUIC and delivers other clusters' connections to local endpoints.
+//!
+//! One gateway runs per cluster (replicable). It has two roles on one QUIC endpoint:
+//!
+//! - **Outbound** (`outbound.rs`): local sidecars connect over TCP to
+//!   [`GatewayOptions::local_listen`] and send an [`OpenRequest`]. The gateway carries the
+//!   connection as one bidirectional stream of a long-lived QUIC connection to the target
+//!   cluster's gateway (one pooled connection per peer cluster, made on first use and remade
+//!   when it dies), relays the remote [`OpenResponse`], then relays raw bytes both ways.
+//! - **Inbound** (`inbound.rs`): peer gateways connect to
+//!   [`GatewayOptions::quic_listen`] and open streams; each request is checked against the
+//!   current [`MeshConfig`] (service exported, healthy endpoints) and joined to the
+//!   least-loaded healthy local endpoint, the destination sidecar's mTLS listener.
+//!
+//! Gateway-to-gateway QUIC is mutual TLS 1.3 with gateway SPIFFE identities of member trust
+//! domains only (ALPN [`ALPN`]); the peer's cluster is the member whose trust domain matches
+//! its certificate. Keep-alives ([`GatewayOptions::keep_alive`]) and the idle timeout
+//! ([`GatewayOptions::idle_timeout`]) make a dead peer noticed within about a second, which
+//! ends its tunnels and lets callers fail over. The payload is the workloads' own mTLS: the
+//! gateway never decrypts it, and never sees workload plaintext.
+//!
+//! Tasks, all ended by [`GatewayHandle::shutdown`] (or by dropping the handle):
+//! - the outbound accept loop, and one task per sidecar connection;
+//! - the inbound accept loop, one task per peer gateway connection, and one per stream;
+//! - the configuration watcher, which drops pooled connections to clusters that left.
+//!
+//! Tunnel refusals use the reason codes of [`isthmus_core::tunnel::ReasonCode`], so callers
+//! can retry elsewhere at once instead of waiting for a timeout.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use isthmus_core::mesh::MeshConfig;
+use isthmus_core::tls::{Identity, TrustBundles};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+mod endpoints;
+mod error;
+mod inbound;
+mod outbound;
+mod peers;
+mod quic;
+mod relay;
+
+pub use error::GatewayError;
+pub use isthmus_core::tunnel::{OpenRequest, OpenResponse, ReasonCode};
+pub use quic::ALPN;
+
+/// The default UDP port for QUIC between gateways.
+pub const DEFAULT_QUIC_PORT: u16 = 15443;
+/// The default TCP port for local sidecars' connections bound for other clusters.
+pub const DEFAULT_LOCAL_PORT: u16 = 15444;
+/// The default keep-alive interval between gateways.
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_millis(250);
+/// The default idle timeout: a peer silent this long is dead.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The default bound on a QUIC handshake, an endpoint dial, and a header exchange.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a gateway needs to start.
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    /// This gateway's cluster name.
+    pub cluster: String,
+    /// UDP address for QUIC between gateways; port 0 picks one.
+    pub quic_listen: SocketAddr,
+    /// TCP address local sidecars connect to; port 0 picks one.
+    pub local_listen: SocketAddr,
+    /// This cluster's gateway SPIFFE identity (`.../ns/isthmus-system/sa/eastwest-gateway`).
+    pub identity: Arc<Identity>,
+    /// Every member's trust bundle, kept up to date by the caller.
+    pub trust: Arc<TrustBundles>,
+    /// How often to ping an otherwise idle peer connection.
+    pub keep_alive: Duration,
+    /// How long a silent peer connection lives; must exceed `keep_alive`.
+    pub idle_timeout: Duration,
+    /// Bound on a QUIC handshake, on dialling a local endpoint, and on waiting for a tunnel
+    /// header (the remote gateway's response may take twice this).
+    pub connect_timeout: Duration,
+}
+
+impl GatewayOptions {
+    /// Options with the default ports (all interfaces) and timeouts.
+    pub fn new(cluster: impl Into<String>, identity: Arc<Identity>, trust: Arc<TrustBundles>) -> Self {
+        GatewayOptions {
+            cluster: cluster.into(),
+            quic_listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_QUIC_PORT)),
+            local_listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_LOCAL_PORT)),
+            identity,
+            trust,
+            keep_alive: DEFAULT_KEEP_ALIVE,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+
+    fn validate(&self) -> Result<(), GatewayError> {
+        let invalid = |field, reason: String| Err(GatewayError::InvalidOptions { field, reason });
+        if self.cluster.is_empty() {
+            return invalid("cluster", "must not be empty".into());
+        }
+        if !self.identity.id().is_gateway() {
+            return invalid(
+                "identity",
+                format!("{} is not a gateway identity", self.identity.id()),
+            );
+        }
+        if self.keep_alive.is_zero() || self.keep_alive >= self.idle_timeout {
+            return invalid(
+                "keep_alive",
+                format!(
+                    "{:?} must be above zero and below the idle timeout ({:?})",
+                    self.keep_alive, self.idle_timeout
+                ),
+            );
+        }
+        if self.connect_timeout.is_zero() {
+            return invalid("connect_timeout", "must be above zero".into());
+        }
+        Ok(())
+    }
+}
+
+/// A running gateway. Dropping it stops the gateway abruptly; [`GatewayHandle::shutdown`]
+/// stops it and waits for its tasks to end.
+#[derive(Debug)]
+pub struct GatewayHandle {
+    cluster: String,
+    quic_addr: SocketAddr,
+    local_addr: SocketAddr,
+    idle_timeout: Duration,
+    endpoint: quinn::Endpoint,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Starts a gateway: binds the QUIC endpoint and the local listener, then runs the roles until
+/// shutdown. `config` is the cluster's current mesh configuration; every decision reads the
+/// latest value, and the gateway keeps its last view if the sender goes away.
+pub async fn start(
+    opts: GatewayOptions,
+    config: watch::Receiver<Arc<MeshConfig>>,
+) -> Result<GatewayHandle, GatewayError> {
+    opts.validate()?;
+    let endpoint = quic::endpoint(&opts)?;
+    let quic_addr = endpoint
+        .local_addr()
+        .map_err(|source| GatewayError::BindQuic { addr: opts.quic_listen, source })?;
+    let listener = match TcpListener::bind(opts.local_listen).await {
+        Ok(listener) => listener,
+        Err(source) => {
+            endpoint.close(quic::codes::SHUTDOWN, b"start-up failed");
+            return Err(GatewayError::BindLocal { addr: opts.local_listen, source });
+        }
+    };
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| GatewayError::BindLocal { addr: opts.local_listen, source })?;
+
+    let peers = Arc::new(peers::Peers::new(endpoint.clone(), opts.connect_timeout));
+    let outbound = Arc::new(outbound::Outbound {
+        cluster: opts.cluster.clone(),
+        config: config.clone(),
+        peers: peers.clone(),
+        connect_timeout: opts.connect_timeout,
+    });
+    let inbound = Arc::new(inbound::Inbound {
+        cluster: opts.cluster.clone(),
+        config: config.clone(),
+        balancer: endpoints::Balancer::new(),
+        connect_timeout: opts.connect_timeout,
+    });
+    let tasks = vec![
+        tokio::spawn(outbound.run(listener)),
+        tokio::spawn(inbound.run(endpoint.clone())),
+        tokio::spawn(peers.watch(config)),
+    ];
+    info!(
+        cluster = %opts.cluster,
+        identity = %opts.identity.id(),
+        quic = %quic_addr,
+        local = %local_addr,
+        keep_alive = ?opts.keep_alive,
+        idle_timeout = ?opts.idle_timeout,
+        connect_timeout = ?opts.connect_timeout,
+        trust_domains = ?opts.trust.trust_domains(),
+        "east-west gateway started"
+    );
+    Ok(GatewayHandle {
+        cluster: opts.cluster,
+        quic_addr,
+        local_addr,
+        idle_timeout: opts.idle_timeout,
+        endpoint,
+        tasks,
+    })
+}
+
+impl GatewayHandle {
+    /// The cluster this gateway serves.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    /// The bound UDP address for QUIC from other gateways (publish this as the cluster's
+    /// gateway address).
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+
+    /// The bound TCP address for local sidecars.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Closes the QUIC endpoint (peers see the connections close at once) and the local
+    /// listener, ends every task and waits for them.
+    pub async fn shutdown(mut self) {
+        self.endpoint.close(quic::codes::SHUTDOWN, b"gateway shutting down");
+        let tasks = std::mem::take(&mut self.tasks);
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        // Give the close frames a moment to go out, without hanging on an unresponsive peer.
+        let _ = tokio::time::timeout(self.idle_timeout, self.endpoint.wait_idle()).await;
+        info!(cluster = %self.cluster, "east-west gateway stopped");
+    }
+}
+
+impl Drop for GatewayHandle {
+    fn drop(&mut self) {
+        if !self.tasks.is_empty() {
+            self.endpoint.close(quic::codes::SHUTDOWN, b"gateway dropped");
+            for task in &self.tasks {
+                task.abort();
+            }
+        }
+    }
+}

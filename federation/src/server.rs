@@ -1,0 +1,95 @@
+//! Incoming raft traffic: the `RaftPeer` gRPC service on the peer listener.
+//!
+//! Every message of a batch is decoded and checked before any is handed to the raft loop,
+//! so a batch with one bad message is rejected whole with `INVALID_ARGUMENT` and logged.
+
+use std::collections::BTreeSet;
+
+use protobuf::Message as _;
+use raft::eraftpb::Message;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+
+use crate::proto::v1::raft_peer_server::{RaftPeer, RaftPeerServer};
+use crate::proto::v1::{RaftBatch, SendAck};
+
+/// Largest batch a member accepts (raft append messages carry log entries).
+const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
+
+/// Serves `RaftPeer.Send` for one member, forwarding checked messages to its raft loop.
+pub(crate) struct PeerService {
+    node_id: u64,
+    members: BTreeSet<u64>,
+    inbound: mpsc::Sender<Message>,
+}
+
+impl PeerService {
+    pub(crate) fn new(
+        node_id: u64,
+        members: BTreeSet<u64>,
+        inbound: mpsc::Sender<Message>,
+    ) -> RaftPeerServer<Self> {
+        RaftPeerServer::new(PeerService {
+            node_id,
+            members,
+            inbound,
+        })
+        .max_decoding_message_size(MAX_BATCH_BYTES)
+    }
+
+    fn check(&self, batch: &RaftBatch) -> Result<Vec<Message>, Status> {
+        if batch.to != self.node_id {
+            return Err(Status::invalid_argument(format!(
+                "batch addressed to member {}, this is member {}",
+                batch.to, self.node_id
+            )));
+        }
+        if !self.members.contains(&batch.from) || batch.from == self.node_id {
+            return Err(Status::invalid_argument(format!(
+                "batch from {} which is not another member of this federation",
+                batch.from
+            )));
+        }
+        let mut messages = Vec::with_capacity(batch.messages.len());
+        for (i, bytes) in batch.messages.iter().enumerate() {
+            let message = Message::parse_from_bytes(bytes).map_err(|err| {
+                Status::invalid_argument(format!("message {i} is not a raft message: {err}"))
+            })?;
+            if message.to != self.node_id || message.from != batch.from {
+                return Err(Status::invalid_argument(format!(
+                    "message {i} is from {} to {}, but the batch is from {} to {}",
+                    message.from, message.to, batch.from, batch.to
+                )));
+            }
+            messages.push(message);
+        }
+        Ok(messages)
+    }
+}
+
+#[tonic::async_trait]
+impl RaftPeer for PeerService {
+    async fn send(&self, request: Request<RaftBatch>) -> Result<Response<SendAck>, Status> {
+        let remote = request.remote_addr();
+        let batch = request.into_inner();
+        let messages = self.check(&batch).inspect_err(|status| {
+            tracing::warn!(
+                member = self.node_id,
+                remote = ?remote,
+                "rejected raft batch: {}",
+                status.message()
+            );
+        })?;
+        let accepted = messages.len();
+        for message in messages {
+            // The raft loop drains this queue continuously; waiting here only pushes back
+            // on the sending peer, never on the raft loop.
+            if self.inbound.send(message).await.is_err() {
+                return Err(Status::unavailable("this member is shutting down"));
+            }
+        }
+        Ok(Response::new(SendAck {
+            accepted: u32::try_from(accepted).unwrap_or(u32::MAX),
+        }))
+    }
+}

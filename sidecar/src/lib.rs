@@ -1,0 +1,143 @@
+//! isthmus-sidecar: the proxy beside each workload.
+//!
+//! - Outbound ([`outbound`]): a listener on every service's virtual IP and port (local mode);
+//!   each accepted connection goes to a healthy local endpoint over mTLS straight to that
+//!   endpoint's sidecar, or, when the service has no usable local endpoint, through this
+//!   cluster's east-west gateway to a cluster that exports it. The mTLS session is this
+//!   workload's own, end to end: gateways only carry its bytes.
+//! - Inbound ([`inbound`]): terminates mTLS from other sidecars, learns the caller's SPIFFE ID
+//!   from its certificate, and forwards to the local application; for HTTP it replaces any
+//!   `x-forwarded-client-cert` header with one naming the verified caller.
+//!
+//! Tasks: one outbound reconciler (binds and unbinds VIP listeners as the config changes) with
+//! one accept task per listener, one accept task per inbound port, and one task per connection.
+
+pub mod inbound;
+pub mod outbound;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use isthmus_core::mesh::{MeshConfig, Protocol};
+use isthmus_core::tls::{Identity, TrustBundles};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Errors starting the sidecar.
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error("binding the inbound listener on {addr} failed")]
+    BindInbound {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("building the TLS configuration failed")]
+    Tls(#[source] isthmus_core::tls::TlsError),
+}
+
+/// One inbound port: mTLS accepted on `listen`, plaintext forwarded to the application.
+#[derive(Debug, Clone)]
+pub struct InboundPort {
+    pub listen: SocketAddr,
+    pub forward_to: SocketAddr,
+    pub protocol: Protocol,
+}
+
+/// Everything a sidecar needs.
+pub struct SidecarOptions {
+    pub cluster: String,
+    /// This workload's identity (rotated in place by its owner).
+    pub identity: Arc<Identity>,
+    /// Every member cluster's trust bundle (kept current by its owner).
+    pub trust: Arc<TrustBundles>,
+    /// Bind outbound listeners on the services' virtual IPs.
+    pub outbound: bool,
+    pub inbound: Vec<InboundPort>,
+    /// The local east-west gateway's address for sidecars, for services only elsewhere.
+    pub gateway: Option<SocketAddr>,
+    pub connect_timeout: Duration,
+}
+
+/// A running sidecar.
+pub struct SidecarHandle {
+    inbound: Vec<SocketAddr>,
+    outbound: outbound::Listeners,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl SidecarHandle {
+    /// The bound inbound addresses, in the order the ports were given.
+    pub fn inbound_addrs(&self) -> &[SocketAddr] {
+        &self.inbound
+    }
+
+    /// The VIP listeners bound right now.
+    pub fn outbound_addrs(&self) -> Vec<SocketAddr> {
+        self.outbound.bound()
+    }
+
+    /// Stops all listeners and connection tasks.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        self.outbound.close_all();
+    }
+}
+
+/// Starts a sidecar following `config`.
+pub async fn start(
+    opts: SidecarOptions,
+    config: watch::Receiver<Arc<MeshConfig>>,
+) -> Result<SidecarHandle, SidecarError> {
+    let (stop, stopped) = watch::channel(false);
+    let upstream = Arc::new(upstream::Connector::new(
+        opts.cluster.clone(),
+        opts.identity.clone(),
+        opts.trust.clone(),
+        opts.gateway,
+        opts.connect_timeout,
+    ));
+    let mut tasks = Vec::new();
+    let mut inbound = Vec::new();
+    let server_tls = Arc::new(
+        isthmus_core::tls::server_config(
+            opts.identity.clone(),
+            opts.trust.clone(),
+            isthmus_core::tls::accept_any_member(),
+            &[],
+        )
+        .map_err(SidecarError::Tls)?,
+    );
+    for port in &opts.inbound {
+        let listener = tokio::net::TcpListener::bind(port.listen)
+            .await
+            .map_err(|source| SidecarError::BindInbound { addr: port.listen, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| SidecarError::BindInbound { addr: port.listen, source })?;
+        inbound.push(addr);
+        tasks.push(tokio::spawn(inbound::serve(
+            listener,
+            port.clone(),
+            server_tls.clone(),
+            opts.identity.clone(),
+            stopped.clone(),
+        )));
+    }
+    let outbound = outbound::Listeners::default();
+    if opts.outbound {
+        tasks.push(tokio::spawn(outbound::reconcile(
+            outbound.clone(),
+            config,
+            upstream,
+            stopped.clone(),
+        )));
+    }
+    Ok(SidecarHandle { inbound, outbound, stop, tasks })
+}

@@ -1,0 +1,69 @@
+//! A component's admin server with the metrics every component shares: the configuration
+//! version and service count it is running with, and readiness once the first configuration
+//! has arrived.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use isthmus_core::admin::{AdminHandle, AdminState};
+use isthmus_core::mesh::MeshConfig;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// A running admin server plus the task that keeps its gauges current.
+pub struct ComponentAdmin {
+    handle: AdminHandle,
+    follower: JoinHandle<()>,
+}
+
+impl ComponentAdmin {
+    /// Serves `/metrics`, `/ready` and `/debug/config` for `component` on `listen`.
+    pub async fn start(
+        component: &str,
+        listen: SocketAddr,
+        config: watch::Receiver<Arc<MeshConfig>>,
+    ) -> std::io::Result<Self> {
+        let mut registry = Registry::with_prefix(format!("isthmus_{component}"));
+        let version = Gauge::<i64>::default();
+        let services = Gauge::<i64>::default();
+        let clusters = Gauge::<i64>::default();
+        registry.register("config_version", "Version of the configuration in use", version.clone());
+        registry.register("config_services", "Services in the configuration in use", services.clone());
+        registry.register("config_clusters", "Member clusters in the configuration in use", clusters.clone());
+        let (ready_tx, ready) = watch::channel(false);
+        let debug_config = {
+            let config = config.clone();
+            Arc::new(move || serde_json::to_string_pretty(config.borrow().as_ref()).unwrap_or_default())
+        };
+        let mut follow = config.clone();
+        let follower = tokio::spawn(async move {
+            loop {
+                let current = follow.borrow_and_update().clone();
+                version.set(current.version as i64);
+                services.set(current.services.len() as i64);
+                clusters.set(current.clusters.len() as i64);
+                ready_tx.send_replace(current.version > 0);
+                if follow.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let handle = isthmus_core::admin::serve(
+            listen,
+            AdminState { registry: Arc::new(registry), ready, debug_config },
+        )
+        .await?;
+        Ok(ComponentAdmin { handle, follower })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.handle.addr()
+    }
+
+    pub async fn shutdown(self) {
+        self.follower.abort();
+        self.handle.shutdown().await;
+    }
+}

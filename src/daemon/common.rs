@@ -1,0 +1,72 @@
+//! Pieces every data-plane daemon shares: its connection to the control plane.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use isthmus_core::client::{follow_trust_bundles, ControlClient};
+use isthmus_core::config::FieldError;
+use isthmus_core::identity::{default_trust_domain, validate_label, SpiffeId};
+use isthmus_core::mesh::MeshConfig;
+use isthmus_core::tls::{Identity, TrustBundles};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// How long a daemon waits for its first configuration at start.
+pub const FIRST_CONFIG_WAIT: Duration = Duration::from_secs(30);
+
+/// Validates the cluster name and returns the trust domain (explicit or the default).
+pub fn cluster_and_trust_domain(cluster: &str, trust_domain: Option<String>) -> Result<String, FieldError> {
+    validate_label("cluster name", cluster).map_err(|e| FieldError::new("cluster", cluster, e.to_string()))?;
+    Ok(trust_domain.unwrap_or_else(|| default_trust_domain(cluster)))
+}
+
+/// What a component gets from its control plane.
+pub struct Attached {
+    pub identity: Option<Arc<Identity>>,
+    pub trust: Arc<TrustBundles>,
+    pub config: watch::Receiver<Arc<MeshConfig>>,
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+/// Connects to the control plane: a certificate for `id` (when given) and the config stream.
+pub async fn attach(control: &str, node: &str, id: Option<(&SpiffeId, &str)>) -> anyhow::Result<Attached> {
+    let client = ControlClient::new(control)?;
+    let trust = TrustBundles::new();
+    let mut tasks = Vec::new();
+    let identity = match id {
+        Some((id, token)) => {
+            let (identity, rotation) = client
+                .workload_identity(id, token, trust.clone())
+                .await
+                .with_context(|| format!("getting a certificate for {id} from the control plane at {control}"))?;
+            tasks.push(rotation);
+            Some(identity)
+        }
+        None => None,
+    };
+    let (config, stream) = client.watch_config(node, FIRST_CONFIG_WAIT).await?;
+    tasks.push(stream);
+    tasks.push(follow_trust_bundles(trust.clone(), config.clone()));
+    Ok(Attached { identity, trust, config, tasks })
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
+
+/// Prints the one `ready` line a daemon emits once it serves.
+pub fn print_ready(component: &str, addrs: serde_json::Value) {
+    println!("isthmus {component} ready {addrs}");
+}

@@ -1,0 +1,165 @@
+//! `isthmus sidecar --config FILE`.
+//!
+//! ```yaml
+//! cluster: east
+//! control: 127.0.0.1:15012
+//! token: "bootstrap-token"
+//! namespace: default
+//! serviceAccount: sleep
+//! gateway: 127.0.0.1:15444         # the local east-west gateway's sidecar port
+//! outbound: true                   # listen on every service's VIP
+//! inbound:
+//!   - {listen: 127.0.0.1:15006, forwardTo: 127.0.0.1:9080, protocol: http}
+//! listen: {admin: 127.0.0.1:15020}
+//! ```
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use isthmus_core::config::{socket_addr, FieldError};
+use isthmus_core::identity::{validate_label, SpiffeId};
+use isthmus_core::mesh::Protocol;
+use serde::Deserialize;
+
+use super::admin::ComponentAdmin;
+use super::common::{attach, cluster_and_trust_domain, print_ready, wait_for_shutdown_signal};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawSidecarConfig {
+    pub cluster: String,
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+    pub control: String,
+    pub token: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    pub service_account: String,
+    #[serde(default)]
+    pub gateway: Option<String>,
+    #[serde(default)]
+    pub outbound: bool,
+    #[serde(default)]
+    pub inbound: Vec<RawInbound>,
+    #[serde(default)]
+    pub listen: RawListen,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawInbound {
+    pub listen: String,
+    pub forward_to: String,
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+}
+
+fn default_protocol() -> String {
+    "tcp".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawListen {
+    #[serde(default = "default_admin")]
+    pub admin: String,
+}
+
+impl Default for RawListen {
+    fn default() -> Self {
+        RawListen { admin: default_admin() }
+    }
+}
+fn default_admin() -> String {
+    "127.0.0.1:15020".into()
+}
+
+#[derive(Debug)]
+pub struct SidecarConfig {
+    pub cluster: String,
+    pub identity: SpiffeId,
+    pub control: SocketAddr,
+    pub token: String,
+    pub gateway: Option<SocketAddr>,
+    pub outbound: bool,
+    pub inbound: Vec<isthmus_sidecar::InboundPort>,
+    pub admin: SocketAddr,
+}
+
+impl TryFrom<RawSidecarConfig> for SidecarConfig {
+    type Error = FieldError;
+    fn try_from(raw: RawSidecarConfig) -> Result<Self, FieldError> {
+        let trust_domain = cluster_and_trust_domain(&raw.cluster, raw.trust_domain)?;
+        validate_label("namespace", &raw.namespace).map_err(|e| FieldError::new("namespace", &raw.namespace, e.to_string()))?;
+        validate_label("service account", &raw.service_account)
+            .map_err(|e| FieldError::new("serviceAccount", &raw.service_account, e.to_string()))?;
+        let mut inbound = Vec::new();
+        for (i, p) in raw.inbound.iter().enumerate() {
+            let protocol: Protocol = p
+                .protocol
+                .parse()
+                .map_err(|reason: String| FieldError::new(format!("inbound[{i}].protocol"), &p.protocol, reason))?;
+            inbound.push(isthmus_sidecar::InboundPort {
+                listen: socket_addr(&format!("inbound[{i}].listen"), &p.listen)?,
+                forward_to: socket_addr(&format!("inbound[{i}].forwardTo"), &p.forward_to)?,
+                protocol,
+            });
+        }
+        if !raw.outbound && inbound.is_empty() {
+            return Err(FieldError::new("inbound", "[]", "a sidecar with outbound: false needs at least one inbound port"));
+        }
+        Ok(SidecarConfig {
+            identity: SpiffeId::new(&trust_domain, &raw.namespace, &raw.service_account),
+            cluster: raw.cluster,
+            control: socket_addr("control", &raw.control)?,
+            token: raw.token,
+            gateway: raw.gateway.as_deref().map(|g| socket_addr("gateway", g)).transpose()?,
+            outbound: raw.outbound,
+            inbound,
+            admin: socket_addr("listen.admin", &raw.listen.admin)?,
+        })
+    }
+}
+
+/// Runs the sidecar until a shutdown signal.
+pub async fn run(path: &Path) -> anyhow::Result<()> {
+    let config: SidecarConfig = isthmus_core::config::load_file::<RawSidecarConfig, SidecarConfig>(path)?;
+    let att = attach(
+        &config.control.to_string(),
+        &format!("sidecar/{}", config.identity.service_account()),
+        Some((&config.identity, &config.token)),
+    )
+    .await?;
+    let identity = att.identity.clone().ok_or_else(|| anyhow::anyhow!("no workload identity"))?;
+    let sidecar = isthmus_sidecar::start(
+        isthmus_sidecar::SidecarOptions {
+            cluster: config.cluster.clone(),
+            identity,
+            trust: att.trust.clone(),
+            outbound: config.outbound,
+            inbound: config.inbound.clone(),
+            gateway: config.gateway,
+            connect_timeout: Duration::from_secs(2),
+        },
+        att.config.clone(),
+    )
+    .await?;
+    let admin = ComponentAdmin::start("sidecar", config.admin, att.config.clone()).await?;
+    let inbound: Vec<String> = sidecar.inbound_addrs().iter().map(|a| a.to_string()).collect();
+    print_ready(
+        "sidecar",
+        serde_json::json!({"identity": config.identity.to_string(), "inbound": inbound, "admin": admin.addr().to_string()}),
+    );
+    wait_for_shutdown_signal().await?;
+    sidecar.shutdown().await;
+    admin.shutdown().await;
+    for t in att.tasks {
+        t.abort();
+    }
+    Ok(())
+}

@@ -1,0 +1,280 @@
+//! One demo cluster: control plane, gateway, DNS proxy, sample workloads and a client sidecar.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use ipnet::Ipv4Net;
+use isthmus_control::tokens::TokenPolicy;
+use isthmus_core::client::{follow_trust_bundles, ControlClient};
+use isthmus_core::identity::{default_trust_domain, SpiffeId, SYSTEM_NAMESPACE};
+use isthmus_core::mesh::{MeshConfig, Protocol};
+use isthmus_core::tls::{Identity, TrustBundles};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::{ClusterPorts, DemoOptions, CLIENT_ACCOUNT, SAMPLE_NAMESPACE, SAMPLE_PORT, SAMPLE_SERVICES};
+use crate::daemon::admin::ComponentAdmin;
+use crate::sample::{self, SampleApp, SampleHandle};
+
+/// The bootstrap token every demo component uses to get its certificate.
+const DEMO_TOKEN: &str = "isthmus-demo-bootstrap-token";
+
+/// A sample workload: the app and its sidecar.
+pub struct Workload {
+    pub service: String,
+    pub version: String,
+    pub app: SampleHandle,
+    pub sidecar: isthmus_sidecar::SidecarHandle,
+}
+
+/// A running demo cluster.
+pub struct DemoCluster {
+    pub name: String,
+    pub trust_domain: String,
+    pub federation: SocketAddr,
+    pub control: isthmus_control::ControlHandle,
+    pub gateway: isthmus_gateway::GatewayHandle,
+    pub dns: isthmus_dns::DnsHandle,
+    /// The client sidecar: outbound listeners on every VIP, identity `default/sleep`.
+    pub client: isthmus_sidecar::SidecarHandle,
+    pub workloads: Vec<Workload>,
+    /// The configuration as the client sidecar receives it over gRPC.
+    pub config: watch::Receiver<Arc<MeshConfig>>,
+    admins: BTreeMap<String, ComponentAdmin>,
+    background: Vec<JoinHandle<()>>,
+}
+
+/// What a data-plane component gets from its control plane: identity, trust, config.
+struct Attached {
+    identity: Arc<Identity>,
+    trust: Arc<TrustBundles>,
+    config: watch::Receiver<Arc<MeshConfig>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+async fn attach(client: &ControlClient, node: &str, id: SpiffeId) -> anyhow::Result<Attached> {
+    let trust = TrustBundles::new();
+    let (identity, rotation) = client
+        .workload_identity(&id, DEMO_TOKEN, trust.clone())
+        .await
+        .with_context(|| format!("getting a certificate for {id}"))?;
+    let (config, stream) = client.watch_config(node, Duration::from_secs(10)).await?;
+    let follow = follow_trust_bundles(trust.clone(), config.clone());
+    Ok(Attached { identity, trust, config, tasks: vec![rotation, stream, follow] })
+}
+
+impl DemoCluster {
+    pub(super) async fn start(
+        name: &str,
+        vip_range: Ipv4Net,
+        dir: &Path,
+        store: isthmus_federation::Store,
+        opts: &DemoOptions,
+    ) -> anyhow::Result<DemoCluster> {
+        let trust_domain = default_trust_domain(name);
+        let loopback: SocketAddr = "127.0.0.1:0".parse()?;
+        let federation = store.peer_addr();
+        let ca = isthmus_control::config::load_or_create_ca(&dir.join("data"), &trust_domain)?;
+        let discovery_file = dir.join("services.yaml");
+        std::fs::write(&discovery_file, "services: []\n").context("writing the discovery file")?;
+        let control = isthmus_control::start(
+            isthmus_control::ControlOptions {
+                cluster: name.to_string(),
+                trust_domain: trust_domain.clone(),
+                locality: None,
+                grpc_listen: loopback,
+                discovery_file: discovery_file.clone(),
+                discovery_poll: opts.discovery_poll,
+                vip_range,
+                gateway_address: None,
+                tokens: TokenPolicy::single(DEMO_TOKEN, &[SAMPLE_NAMESPACE, SYSTEM_NAMESPACE]),
+                cert_lifetime: Duration::from_secs(3600),
+                ca,
+            },
+            store,
+        )
+        .await?;
+        let client = ControlClient::new(&control.grpc_addr().to_string())?;
+        let mut background = Vec::new();
+        let mut admins = BTreeMap::new();
+        admins.insert("control".to_string(), ComponentAdmin::start("control", loopback, control.config()).await?);
+
+        // The gateway first: the others' routes to this cluster need its address.
+        let gw = attach(&client, "gateway", SpiffeId::gateway(&trust_domain)).await?;
+        let gateway = isthmus_gateway::start(
+            isthmus_gateway::GatewayOptions {
+                cluster: name.to_string(),
+                quic_listen: loopback,
+                local_listen: loopback,
+                identity: gw.identity,
+                trust: gw.trust,
+                keep_alive: Duration::from_millis(250),
+                idle_timeout: Duration::from_secs(1),
+                connect_timeout: Duration::from_secs(2),
+            },
+            gw.config.clone(),
+        )
+        .await?;
+        control.set_gateway(gateway.quic_addr());
+        admins.insert("gateway".to_string(), ComponentAdmin::start("gateway", loopback, gw.config).await?);
+        background.extend(gw.tasks);
+
+        // The sample workloads, each with its own sidecar and identity.
+        let mut workloads = Vec::new();
+        for (_, service, version) in SAMPLE_SERVICES.iter().filter(|(c, _, _)| *c == name) {
+            let app = sample::start(
+                SampleApp { service: service.to_string(), version: version.to_string(), cluster: name.to_string() },
+                loopback,
+            )
+            .await?;
+            let att = attach(&client, &format!("sidecar/{service}-{version}"), SpiffeId::new(&trust_domain, SAMPLE_NAMESPACE, service)).await?;
+            let sidecar = isthmus_sidecar::start(
+                isthmus_sidecar::SidecarOptions {
+                    cluster: name.to_string(),
+                    identity: att.identity,
+                    trust: att.trust,
+                    outbound: false,
+                    inbound: vec![isthmus_sidecar::InboundPort { listen: loopback, forward_to: app.addr, protocol: Protocol::Http }],
+                    gateway: Some(gateway.local_addr()),
+                    connect_timeout: Duration::from_secs(2),
+                },
+                att.config,
+            )
+            .await?;
+            background.extend(att.tasks);
+            workloads.push(Workload { service: service.to_string(), version: version.to_string(), app, sidecar });
+        }
+        std::fs::write(&discovery_file, discovery_yaml(&workloads)).context("writing the discovery file")?;
+
+        // The client sidecar, whose VIP listeners the demo's (and the user's) calls go through.
+        let att = attach(&client, "sidecar/sleep", SpiffeId::new(&trust_domain, SAMPLE_NAMESPACE, CLIENT_ACCOUNT)).await?;
+        let client_sidecar = isthmus_sidecar::start(
+            isthmus_sidecar::SidecarOptions {
+                cluster: name.to_string(),
+                identity: att.identity,
+                trust: att.trust,
+                outbound: true,
+                inbound: vec![],
+                gateway: Some(gateway.local_addr()),
+                connect_timeout: Duration::from_secs(2),
+            },
+            att.config.clone(),
+        )
+        .await?;
+        admins.insert("sidecar".to_string(), ComponentAdmin::start("sidecar", loopback, att.config.clone()).await?);
+        background.extend(att.tasks);
+        let config = att.config;
+
+        let (dns_config, dns_stream) = client.watch_config("dns", Duration::from_secs(10)).await?;
+        background.push(dns_stream);
+        let upstreams = std::fs::read_to_string("/etc/resolv.conf")
+            .map(|t| isthmus_dns::upstreams_from_resolv_conf(&t))
+            .unwrap_or_default();
+        let dns = isthmus_dns::start(
+            isthmus_dns::DnsOptions {
+                listen: loopback,
+                upstreams,
+                upstream_timeout: Duration::from_secs(2),
+                ttl: 5,
+            },
+            dns_config.clone(),
+        )
+        .await?;
+        admins.insert("dns".to_string(), ComponentAdmin::start("dns", loopback, dns_config).await?);
+
+        Ok(DemoCluster {
+            name: name.to_string(),
+            trust_domain,
+            federation,
+            control,
+            gateway,
+            dns,
+            client: client_sidecar,
+            workloads,
+            config,
+            admins,
+            background,
+        })
+    }
+
+    /// Sample services this cluster cannot reach yet (no route, or no VIP listener).
+    pub(super) fn unreachable_samples(&self) -> Vec<String> {
+        let config = self.config.borrow().clone();
+        let bound = self.client.outbound_addrs();
+        let mut missing = Vec::new();
+        let mut services: Vec<&str> = SAMPLE_SERVICES.iter().map(|(_, s, _)| *s).collect();
+        services.dedup();
+        for service in services {
+            let ok = config.service(SAMPLE_NAMESPACE, service).is_some_and(|s| {
+                (!s.local_endpoints.is_empty() || !s.remote.is_empty())
+                    && bound.contains(&SocketAddr::new(s.vip, SAMPLE_PORT))
+            });
+            if !ok {
+                missing.push(format!("{service} from {}", self.name));
+            }
+        }
+        missing
+    }
+
+    /// The identity of this cluster's client sidecar.
+    pub fn client_identity(&self) -> SpiffeId {
+        SpiffeId::new(&self.trust_domain, SAMPLE_NAMESPACE, CLIENT_ACCOUNT)
+    }
+
+    pub(super) fn ports(&self) -> ClusterPorts {
+        let config = self.config.borrow().clone();
+        ClusterPorts {
+            name: self.name.clone(),
+            dns: self.dns.udp_addr().to_string(),
+            control: self.control.grpc_addr().to_string(),
+            gateway: self.gateway.quic_addr().to_string(),
+            federation: self.federation.to_string(),
+            admin: self.admins.iter().map(|(k, a)| (k.clone(), a.addr().to_string())).collect(),
+            vips: config.services.iter().map(|s| (s.key(), s.vip.to_string())).collect(),
+        }
+    }
+
+    pub(super) async fn shutdown(self) {
+        self.client.shutdown().await;
+        for w in self.workloads {
+            w.sidecar.shutdown().await;
+            w.app.shutdown();
+        }
+        self.dns.shutdown().await;
+        self.gateway.shutdown().await;
+        for (_, admin) in self.admins {
+            admin.shutdown().await;
+        }
+        for task in self.background {
+            task.abort();
+        }
+        self.control.shutdown().await;
+    }
+}
+
+/// The discovery file for this cluster's workloads: every sample service exported.
+fn discovery_yaml(workloads: &[Workload]) -> String {
+    let mut out = String::from("services:\n");
+    let mut services: Vec<&str> = workloads.iter().map(|w| w.service.as_str()).collect();
+    services.sort();
+    services.dedup();
+    for service in services {
+        out.push_str(&format!(
+            "  - name: {service}\n    namespace: {SAMPLE_NAMESPACE}\n    export: true\n    ports:\n      - {{name: http, port: {SAMPLE_PORT}, protocol: http}}\n    endpoints:\n"
+        ));
+        for w in workloads.iter().filter(|w| w.service == service) {
+            let addr = w.sidecar.inbound_addrs().first().copied();
+            if let Some(addr) = addr {
+                out.push_str(&format!(
+                    "      - {{address: \"{addr}\", serviceAccount: {service}, labels: {{version: {}}}}}\n",
+                    w.version
+                ));
+            }
+        }
+    }
+    out
+}

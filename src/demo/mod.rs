@@ -1,0 +1,175 @@
+//! `isthmus demo`: a whole federation in one process, on loopback only.
+//!
+//! Three clusters (`east`, `west`, `central`), each with its federation member, control
+//! plane, east-west gateway, DNS proxy and a client sidecar, and Bookinfo-like sample
+//! services with their own sidecars. Every component reaches its control plane over the real
+//! gRPC API (config stream and certificate signing), exactly as the daemons do.
+
+mod cluster;
+mod narrate;
+pub mod probe;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+pub use cluster::{DemoCluster, Workload};
+pub use narrate::{run, DemoArgs};
+
+/// The sample services: (cluster, service, version). Every one is exported.
+pub const SAMPLE_SERVICES: &[(&str, &str, &str)] = &[
+    ("east", "productpage", "v1"),
+    ("east", "details", "v1"),
+    ("east", "reviews", "v1"),
+    ("west", "details", "v1"),
+    ("west", "reviews", "v2"),
+    ("central", "reviews", "v3"),
+    ("central", "ratings", "v1"),
+];
+
+/// The demo's clusters and their VIP ranges (a 127.x range each: loopback only).
+pub const CLUSTERS: &[(&str, &str)] =
+    &[("east", "127.10.0.0/16"), ("west", "127.20.0.0/16"), ("central", "127.30.0.0/16")];
+
+/// The namespace and port of every sample service.
+pub const SAMPLE_NAMESPACE: &str = "default";
+pub const SAMPLE_PORT: u16 = 9080;
+/// The service account of each cluster's client sidecar (the caller in the demo's calls).
+pub const CLIENT_ACCOUNT: &str = "sleep";
+
+/// Tunables; the defaults suit an interactive demo, tests shorten them.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Raft tick.
+    pub tick: Duration,
+    /// How often control planes re-read their discovery files.
+    pub discovery_poll: Duration,
+    /// Where data directories and discovery files go (a temporary directory when None).
+    pub work_dir: Option<PathBuf>,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions { tick: Duration::from_millis(50), discovery_poll: Duration::from_millis(100), work_dir: None }
+    }
+}
+
+/// The JSON written by `--ports-file`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PortsFile {
+    pub clusters: Vec<ClusterPorts>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterPorts {
+    pub name: String,
+    /// DNS proxy (UDP and TCP).
+    pub dns: String,
+    /// Control plane gRPC API.
+    pub control: String,
+    /// East-west gateway, QUIC (UDP).
+    pub gateway: String,
+    /// Federation peer port.
+    pub federation: String,
+    /// Admin servers by component.
+    pub admin: BTreeMap<String, String>,
+    /// The virtual IP of every service this cluster can reach, by `<svc>.<ns>`.
+    pub vips: BTreeMap<String, String>,
+}
+
+/// A running demo federation.
+pub struct Demo {
+    pub clusters: Vec<DemoCluster>,
+    stores: Vec<isthmus_federation::Store>,
+    _work_dir: Option<tempfile::TempDir>,
+}
+
+impl Demo {
+    /// Starts the three clusters and waits until each can reach every sample service.
+    pub async fn start(opts: DemoOptions) -> anyhow::Result<Demo> {
+        isthmus_core::install_crypto_provider();
+        let (temp, root) = match &opts.work_dir {
+            Some(dir) => (None, dir.clone()),
+            None => {
+                let t = tempfile::Builder::new().prefix("isthmus-demo-").tempdir().context("creating a work directory")?;
+                let p = t.path().to_path_buf();
+                (Some(t), p)
+            }
+        };
+        // Federation: bind every member first so each knows the others' addresses.
+        let mut bindings = Vec::new();
+        for _ in CLUSTERS {
+            bindings.push(isthmus_federation::bind("127.0.0.1:0".parse()?).await.context("binding a federation member")?);
+        }
+        let peers: BTreeMap<u64, SocketAddr> =
+            bindings.iter().enumerate().map(|(i, b)| (i as u64 + 1, b.local_addr())).collect();
+        let mut stores = Vec::new();
+        for (i, binding) in bindings.into_iter().enumerate() {
+            let options = isthmus_federation::StoreOptions {
+                tick: opts.tick,
+                ..isthmus_federation::StoreOptions::new(i as u64 + 1, peers.clone())
+            };
+            stores.push(binding.start(options).await.context("starting a federation member")?);
+        }
+        let mut clusters = Vec::new();
+        for (i, (name, range)) in CLUSTERS.iter().enumerate() {
+            let dir = root.join(name);
+            let c = DemoCluster::start(name, range.parse()?, &dir, stores[i].clone(), &opts)
+                .await
+                .with_context(|| format!("starting cluster {name}"))?;
+            clusters.push(c);
+        }
+        let demo = Demo { clusters, stores, _work_dir: temp };
+        demo.wait_until_converged(Duration::from_secs(30)).await?;
+        Ok(demo)
+    }
+
+    /// Waits until every cluster has a route to every sample service and its client sidecar
+    /// listens on each of their VIPs.
+    pub async fn wait_until_converged(&self, within: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let pending: Vec<String> = self.clusters.iter().flat_map(|c| c.unreachable_samples()).collect();
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("the federation did not converge within {within:?}; still missing: {}", pending.join(", "));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn cluster(&self, name: &str) -> anyhow::Result<&DemoCluster> {
+        self.clusters.iter().find(|c| c.name == name).with_context(|| format!("no cluster named {name}"))
+    }
+
+    /// The federation member of each cluster, in cluster order.
+    pub fn stores(&self) -> &[isthmus_federation::Store] {
+        &self.stores
+    }
+
+    /// Every bound address, as `--ports-file` writes it.
+    pub fn ports(&self) -> PortsFile {
+        PortsFile { clusters: self.clusters.iter().map(|c| c.ports()).collect() }
+    }
+
+    /// Stops every component; no listener or task is left behind.
+    pub async fn shutdown(self) {
+        for c in self.clusters {
+            c.shutdown().await;
+        }
+        for s in self.stores {
+            s.shutdown().await;
+        }
+    }
+}
+
+/// The VIP a cluster's config gives `<service>.<namespace>`, if any.
+pub fn vip_of(config: &isthmus_core::mesh::MeshConfig, service: &str) -> Option<IpAddr> {
+    config.service(SAMPLE_NAMESPACE, service).map(|s| s.vip)
+}
