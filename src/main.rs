@@ -7,7 +7,11 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "isthmus", version, about = "Isthmus: one service mesh over many clusters")]
+#[command(
+    name = "isthmus",
+    version,
+    about = "Isthmus: one service mesh over many clusters"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -70,8 +74,15 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Demo { ports_file, exit_after } => {
-                isthmus::demo::run(isthmus::demo::DemoArgs { ports_file, exit_after }).await
+            Command::Demo {
+                ports_file,
+                exit_after,
+            } => {
+                isthmus::demo::run(isthmus::demo::DemoArgs {
+                    ports_file,
+                    exit_after,
+                })
+                .await
             }
             Command::Control { config } => isthmus::daemon::control::run(&config).await,
             Command::Gateway { config } => isthmus::daemon::gateway::run(&config).await,

@@ -39,7 +39,8 @@ pub struct SampleReply {
 pub fn caller_from_xfcc(xfcc: &str) -> Option<&str> {
     // Several elements may be chained with ','; the last one was added by the nearest proxy.
     let last = xfcc.rsplit(',').next()?;
-    last.split(';').find_map(|kv| kv.trim().strip_prefix("URI="))
+    last.split(';')
+        .find_map(|kv| kv.trim().strip_prefix("URI="))
 }
 
 /// A running sample app.
@@ -61,7 +62,9 @@ pub async fn start(app: SampleApp, listen: SocketAddr) -> std::io::Result<Sample
     let task = tokio::spawn(async move {
         let mut connections = tokio::task::JoinSet::new();
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
             let app = app.clone();
             connections.spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
@@ -96,8 +99,10 @@ fn respond(app: &SampleApp, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let body = serde_json::to_vec(&reply).unwrap_or_default();
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = StatusCode::OK;
-    resp.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
@@ -108,10 +113,15 @@ mod tests {
     #[test]
     fn caller_is_read_from_the_nearest_xfcc_element() {
         assert_eq!(
-            caller_from_xfcc("By=spiffe://c/ns/default/sa/ratings;URI=spiffe://e/ns/default/sa/sleep"),
+            caller_from_xfcc(
+                "By=spiffe://c/ns/default/sa/ratings;URI=spiffe://e/ns/default/sa/sleep"
+            ),
             Some("spiffe://e/ns/default/sa/sleep")
         );
-        assert_eq!(caller_from_xfcc("URI=spiffe://a/ns/x/sa/y,By=b;URI=spiffe://z/ns/x/sa/y"), Some("spiffe://z/ns/x/sa/y"));
+        assert_eq!(
+            caller_from_xfcc("URI=spiffe://a/ns/x/sa/y,By=b;URI=spiffe://z/ns/x/sa/y"),
+            Some("spiffe://z/ns/x/sa/y")
+        );
         assert_eq!(caller_from_xfcc("By=x"), None);
     }
 }

@@ -6,14 +6,20 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn isthmus(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_isthmus")).args(args).output().expect("the binary runs")
+    Command::new(env!("CARGO_BIN_EXE_isthmus"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
 }
 
 fn run_with_config(daemon: &str, dir: &Path, text: &str) -> (bool, String) {
     let path = dir.join(format!("{daemon}.yaml"));
     std::fs::write(&path, text).unwrap();
     let out = isthmus(&[daemon, "--config", path.to_str().unwrap()]);
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
 }
 
 #[test]
@@ -57,9 +63,16 @@ fn bad_config_files_name_file_field_and_value_and_exit_non_zero() {
 #[test]
 fn unknown_fields_and_missing_files_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let (ok, stderr) = run_with_config("dns", dir.path(), "cluster: east\ncontrol: 127.0.0.1:1\nlisten: {dsn: 127.0.0.1:53}\n");
+    let (ok, stderr) = run_with_config(
+        "dns",
+        dir.path(),
+        "cluster: east\ncontrol: 127.0.0.1:1\nlisten: {dsn: 127.0.0.1:53}\n",
+    );
     assert!(!ok);
-    assert!(stderr.contains("dns.yaml") && stderr.contains("dsn"), "{stderr}");
+    assert!(
+        stderr.contains("dns.yaml") && stderr.contains("dsn"),
+        "{stderr}"
+    );
     let out = isthmus(&["gateway", "--config", "/nonexistent/gateway.yaml"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/gateway.yaml"));
@@ -69,18 +82,36 @@ fn unknown_fields_and_missing_files_are_refused() {
 fn demo_runs_writes_its_ports_file_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let ports = dir.path().join("ports.json");
-    let out = isthmus(&["demo", "--exit-after", "1s", "--ports-file", ports.to_str().unwrap()]);
+    let out = isthmus(&[
+        "demo",
+        "--exit-after",
+        "1s",
+        "--ports-file",
+        ports.to_str().unwrap(),
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "demo failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "demo failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("served by central"), "{stdout}");
-    let file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ports).unwrap()).unwrap();
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ports).unwrap()).unwrap();
     let clusters = file["clusters"].as_array().unwrap();
-    let names: Vec<&str> = clusters.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = clusters
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["east", "west", "central"]);
     for c in clusters {
         for key in ["dns", "control", "gateway"] {
             let addr: std::net::SocketAddr = c[key].as_str().unwrap().parse().unwrap();
-            assert!(addr.ip().is_loopback(), "{key} of {} is not on loopback", c["name"]);
+            assert!(
+                addr.ip().is_loopback(),
+                "{key} of {} is not on loopback",
+                c["name"]
+            );
         }
         // The process is gone and left nothing listening.
         let control: std::net::SocketAddr = c["control"].as_str().unwrap().parse().unwrap();

@@ -7,25 +7,55 @@ use hickory_proto::op::ResponseCode;
 use isthmus::demo::probe::{call_sample, query_a, resolve_a};
 use isthmus::demo::{vip_of, Demo, DemoOptions, SAMPLE_PORT};
 
-fn fast() -> DemoOptions {
-    DemoOptions { tick: Duration::from_millis(20), discovery_poll: Duration::from_millis(50), work_dir: None }
+/// Fast timing, and VIP ranges of its own so tests running at once do not collide.
+fn fast(vip_octet: u8) -> DemoOptions {
+    DemoOptions {
+        tick: Duration::from_millis(20),
+        discovery_poll: Duration::from_millis(50),
+        work_dir: None,
+        vip_octets: [vip_octet, vip_octet + 1, vip_octet + 2],
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_cluster_resolves_and_calls_ratings_served_by_central_with_its_own_identity() {
-    let demo = Demo::start(fast()).await.expect("the demo federation starts");
+    let demo = Demo::start(fast(110))
+        .await
+        .expect("the demo federation starts");
     let name = "ratings.default.svc.clusterset.local";
     let mut vips = Vec::new();
     for c in &demo.clusters {
-        let expected = vip_of(&c.config.borrow(), "ratings").expect("ratings is imported everywhere");
-        let answers = resolve_a(c.dns.udp_addr(), name).await.expect("the DNS proxy answers");
-        assert_eq!(answers.iter().map(|ip| std::net::IpAddr::V4(*ip)).collect::<Vec<_>>(), vec![expected], "{}", c.name);
-        let reply = call_sample(SocketAddr::new(expected, SAMPLE_PORT)).await.expect("the call succeeds");
+        let expected =
+            vip_of(&c.config.borrow(), "ratings").expect("ratings is imported everywhere");
+        let answers = resolve_a(c.dns.udp_addr(), name)
+            .await
+            .expect("the DNS proxy answers");
+        assert_eq!(
+            answers
+                .iter()
+                .map(|ip| std::net::IpAddr::V4(*ip))
+                .collect::<Vec<_>>(),
+            vec![expected],
+            "{}",
+            c.name
+        );
+        let reply = call_sample(SocketAddr::new(expected, SAMPLE_PORT))
+            .await
+            .expect("the call succeeds");
         assert_eq!(reply.service, "ratings");
-        assert_eq!(reply.cluster, "central", "ratings runs only in central (called from {})", c.name);
+        assert_eq!(
+            reply.cluster, "central",
+            "ratings runs only in central (called from {})",
+            c.name
+        );
         // The server saw the calling workload's own identity: the gateways carried its mTLS
         // session without terminating it.
-        assert_eq!(reply.caller, c.client_identity().to_string(), "caller seen when called from {}", c.name);
+        assert_eq!(
+            reply.caller,
+            c.client_identity().to_string(),
+            "caller seen when called from {}",
+            c.name
+        );
         vips.push(expected);
     }
     // Each cluster allocates VIPs from its own range.
@@ -36,16 +66,31 @@ async fn every_cluster_resolves_and_calls_ratings_served_by_central_with_its_own
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_stay_local_when_the_service_runs_locally_and_cross_when_it_does_not() {
-    let demo = Demo::start(fast()).await.expect("the demo federation starts");
+    let demo = Demo::start(fast(120))
+        .await
+        .expect("the demo federation starts");
     let east = demo.cluster("east").unwrap();
     let config = east.config.borrow().clone();
     // reviews runs in east (v1): local first.
-    let reviews = call_sample(SocketAddr::new(vip_of(&config, "reviews").unwrap(), SAMPLE_PORT)).await.unwrap();
-    assert_eq!((reviews.cluster.as_str(), reviews.version.as_str()), ("east", "v1"));
+    let reviews = call_sample(SocketAddr::new(
+        vip_of(&config, "reviews").unwrap(),
+        SAMPLE_PORT,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        (reviews.cluster.as_str(), reviews.version.as_str()),
+        ("east", "v1")
+    );
     // productpage is exported by east only; west reaches it through the gateways.
     let west = demo.cluster("west").unwrap();
     let west_config = west.config.borrow().clone();
-    let pp = call_sample(SocketAddr::new(vip_of(&west_config, "productpage").unwrap(), SAMPLE_PORT)).await.unwrap();
+    let pp = call_sample(SocketAddr::new(
+        vip_of(&west_config, "productpage").unwrap(),
+        SAMPLE_PORT,
+    ))
+    .await
+    .unwrap();
     assert_eq!(pp.cluster, "east");
     assert_eq!(pp.caller, west.client_identity().to_string());
     demo.shutdown().await;
@@ -53,9 +98,13 @@ async fn calls_stay_local_when_the_service_runs_locally_and_cross_when_it_does_n
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn names_outside_the_mesh_under_clusterset_local_are_nxdomain() {
-    let demo = Demo::start(fast()).await.expect("the demo federation starts");
+    let demo = Demo::start(fast(130))
+        .await
+        .expect("the demo federation starts");
     let east = demo.cluster("east").unwrap();
-    let (code, answers) = query_a(east.dns.udp_addr(), "nosuch.default.svc.clusterset.local").await.unwrap();
+    let (code, answers) = query_a(east.dns.udp_addr(), "nosuch.default.svc.clusterset.local")
+        .await
+        .unwrap();
     assert_eq!(code, ResponseCode::NXDomain);
     assert!(answers.is_empty());
     demo.shutdown().await;
@@ -63,20 +112,37 @@ async fn names_outside_the_mesh_under_clusterset_local_are_nxdomain() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_leaves_no_listener_behind() {
-    let demo = Demo::start(fast()).await.expect("the demo federation starts");
+    let demo = Demo::start(fast(140))
+        .await
+        .expect("the demo federation starts");
     let ports = demo.ports();
     let east = demo.cluster("east").unwrap();
     let vip = vip_of(&east.config.borrow(), "ratings").unwrap();
     demo.shutdown().await;
     for c in &ports.clusters {
         let control: SocketAddr = c.control.parse().unwrap();
-        assert!(tokio::net::TcpStream::connect(control).await.is_err(), "control of {} still listening", c.name);
+        assert!(
+            tokio::net::TcpStream::connect(control).await.is_err(),
+            "control of {} still listening",
+            c.name
+        );
         let dns: SocketAddr = c.dns.parse().unwrap();
-        assert!(tokio::net::TcpStream::connect(dns).await.is_err(), "dns of {} still listening", c.name);
+        assert!(
+            tokio::net::TcpStream::connect(dns).await.is_err(),
+            "dns of {} still listening",
+            c.name
+        );
         for admin in c.admin.values() {
             let admin: SocketAddr = admin.parse().unwrap();
-            assert!(tokio::net::TcpStream::connect(admin).await.is_err(), "admin {admin} still listening");
+            assert!(
+                tokio::net::TcpStream::connect(admin).await.is_err(),
+                "admin {admin} still listening"
+            );
         }
     }
-    assert!(tokio::net::TcpStream::connect(SocketAddr::new(vip, SAMPLE_PORT)).await.is_err());
+    assert!(
+        tokio::net::TcpStream::connect(SocketAddr::new(vip, SAMPLE_PORT))
+            .await
+            .is_err()
+    );
 }

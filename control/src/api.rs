@@ -45,7 +45,10 @@ impl MeshConfigService for ConfigApi {
                 let current = config.borrow_and_update().clone();
                 // Version 0 is the empty catalog before the first build: never sent.
                 if current.version > 0
-                    && tx.send(Ok(MeshConfigSnapshot::from(current.as_ref()))).await.is_err()
+                    && tx
+                        .send(Ok(MeshConfigSnapshot::from(current.as_ref())))
+                        .await
+                        .is_err()
                 {
                     break;
                 }
@@ -57,7 +60,9 @@ impl MeshConfigService for ConfigApi {
             }
             tracing::debug!(%node, "config stream closed");
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
@@ -85,7 +90,9 @@ impl CertificateService for CertificateApi {
             )));
         }
         if !self.tokens.allows(&req.token, &id) {
-            return Err(Status::permission_denied(format!("the token does not allow identity {id}")));
+            return Err(Status::permission_denied(format!(
+                "the token does not allow identity {id}"
+            )));
         }
         let issued = self
             .ca
@@ -96,9 +103,15 @@ impl CertificateService for CertificateApi {
             .borrow()
             .clusters
             .iter()
-            .map(|c| TrustBundle { trust_domain: c.trust_domain.clone(), ca_pem: c.ca_bundle_pem.clone() })
+            .map(|c| TrustBundle {
+                trust_domain: c.trust_domain.clone(),
+                ca_pem: c.ca_bundle_pem.clone(),
+            })
             .collect();
-        if !trust_bundles.iter().any(|b| b.trust_domain == self.ca.trust_domain()) {
+        if !trust_bundles
+            .iter()
+            .any(|b| b.trust_domain == self.ca.trust_domain())
+        {
             trust_bundles.push(TrustBundle {
                 trust_domain: self.ca.trust_domain().to_string(),
                 ca_pem: self.ca.cert_pem().to_string(),

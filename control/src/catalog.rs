@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use isthmus_core::identity::SpiffeId;
-use isthmus_core::mesh::{ClusterInfo, Endpoint, MeshConfig, MeshService, RemoteExport, ServicePort};
+use isthmus_core::mesh::{
+    ClusterInfo, Endpoint, MeshConfig, MeshService, RemoteExport, ServicePort,
+};
 
 use crate::discovery::Discovery;
 use crate::records::{ClusterRecord, ExportRecord};
@@ -26,7 +28,11 @@ pub struct VipAllocator {
 
 impl VipAllocator {
     pub fn new(range: Ipv4Net) -> Self {
-        VipAllocator { range, next: 1, assigned: BTreeMap::new() }
+        VipAllocator {
+            range,
+            next: 1,
+            assigned: BTreeMap::new(),
+        }
     }
 
     /// The VIP of `namespace/name`, allocating one on first use; `None` when the range is used up.
@@ -62,7 +68,10 @@ impl Catalog {
             cluster: cluster.to_string(),
             trust_domain: trust_domain.to_string(),
             vips: VipAllocator::new(vip_range),
-            current: Arc::new(MeshConfig { cluster: cluster.to_string(), ..MeshConfig::default() }),
+            current: Arc::new(MeshConfig {
+                cluster: cluster.to_string(),
+                ..MeshConfig::default()
+            }),
         }
     }
 
@@ -89,7 +98,11 @@ impl Catalog {
                     namespace: s.namespace.clone(),
                     name: s.name.clone(),
                     ports: s.ports.clone(),
-                    identities: identities(&self.trust_domain, &s.namespace, s.endpoints.iter().map(|e| e.service_account.as_str())),
+                    identities: identities(
+                        &self.trust_domain,
+                        &s.namespace,
+                        s.endpoints.iter().map(|e| e.service_account.as_str()),
+                    ),
                     endpoints: s.endpoints.len() as u32,
                     healthy_endpoints: s.endpoints.iter().filter(|e| e.healthy).count() as u32,
                     subsets,
@@ -120,7 +133,8 @@ impl Catalog {
                 .map(|e| Endpoint {
                     address: e.address,
                     labels: e.labels.clone(),
-                    identity: SpiffeId::new(&self.trust_domain, &s.namespace, &e.service_account).to_string(),
+                    identity: SpiffeId::new(&self.trust_domain, &s.namespace, &e.service_account)
+                        .to_string(),
                     healthy: e.healthy,
                 })
                 .collect();
@@ -131,7 +145,11 @@ impl Catalog {
                     namespace: s.namespace.clone(),
                     vip: IpAddr::V4(vip),
                     ports: s.ports.clone(),
-                    identities: identities(&self.trust_domain, &s.namespace, s.endpoints.iter().map(|e| e.service_account.as_str())),
+                    identities: identities(
+                        &self.trust_domain,
+                        &s.namespace,
+                        s.endpoints.iter().map(|e| e.service_account.as_str()),
+                    ),
                     local_endpoints,
                     remote: Vec::new(),
                     exported: s.export,
@@ -163,7 +181,9 @@ impl Catalog {
                     },
                 );
             }
-            let Some(service) = services.get_mut(&key) else { continue };
+            let Some(service) = services.get_mut(&key) else {
+                continue;
+            };
             merge_ports(&mut service.ports, &x.ports);
             let mut ids: BTreeSet<String> = service.identities.drain(..).collect();
             ids.extend(x.identities.iter().cloned());
@@ -196,14 +216,22 @@ impl Catalog {
         if next == *self.current {
             return None;
         }
-        self.current = Arc::new(MeshConfig { version: self.current.version + 1, ..next });
+        self.current = Arc::new(MeshConfig {
+            version: self.current.version + 1,
+            ..next
+        });
         Some(self.current.clone())
     }
 }
 
-fn identities<'a>(trust_domain: &str, namespace: &str, accounts: impl Iterator<Item = &'a str>) -> Vec<String> {
-    let set: BTreeSet<String> =
-        accounts.map(|sa| SpiffeId::new(trust_domain, namespace, sa).to_string()).collect();
+fn identities<'a>(
+    trust_domain: &str,
+    namespace: &str,
+    accounts: impl Iterator<Item = &'a str>,
+) -> Vec<String> {
+    let set: BTreeSet<String> = accounts
+        .map(|sa| SpiffeId::new(trust_domain, namespace, sa).to_string())
+        .collect();
     set.into_iter().collect()
 }
 

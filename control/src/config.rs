@@ -74,7 +74,10 @@ pub struct RawListen {
 
 impl Default for RawListen {
     fn default() -> Self {
-        RawListen { grpc: default_grpc(), admin: default_admin() }
+        RawListen {
+            grpc: default_grpc(),
+            admin: default_admin(),
+        }
     }
 }
 fn default_grpc() -> String {
@@ -133,26 +136,47 @@ impl TryFrom<RawControlConfig> for ControlConfig {
     fn try_from(raw: RawControlConfig) -> Result<Self, FieldError> {
         validate_label("cluster name", &raw.cluster)
             .map_err(|e| FieldError::new("cluster", &raw.cluster, e.to_string()))?;
-        let trust_domain = raw.trust_domain.unwrap_or_else(|| default_trust_domain(&raw.cluster));
+        let trust_domain = raw
+            .trust_domain
+            .unwrap_or_else(|| default_trust_domain(&raw.cluster));
         if trust_domain.is_empty()
             || !trust_domain
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
         {
-            return Err(FieldError::new("trustDomain", &trust_domain, "lowercase letters, digits, '-' and '.' only"));
+            return Err(FieldError::new(
+                "trustDomain",
+                &trust_domain,
+                "lowercase letters, digits, '-' and '.' only",
+            ));
         }
-        let vip_range: Ipv4Net = raw
-            .vip_range
-            .parse()
-            .map_err(|_| FieldError::new("vipRange", &raw.vip_range, "expected an IPv4 CIDR such as 240.240.0.0/16"))?;
+        let vip_range: Ipv4Net = raw.vip_range.parse().map_err(|_| {
+            FieldError::new(
+                "vipRange",
+                &raw.vip_range,
+                "expected an IPv4 CIDR such as 240.240.0.0/16",
+            )
+        })?;
         if vip_range.prefix_len() > 30 {
-            return Err(FieldError::new("vipRange", &raw.vip_range, "the range is too small (at most /30)"));
+            return Err(FieldError::new(
+                "vipRange",
+                &raw.vip_range,
+                "the range is too small (at most /30)",
+            ));
         }
-        let gateway_address = raw.gateway_address.as_deref().map(|g| socket_addr("gatewayAddress", g)).transpose()?;
+        let gateway_address = raw
+            .gateway_address
+            .as_deref()
+            .map(|g| socket_addr("gatewayAddress", g))
+            .transpose()?;
         let mut peers = BTreeMap::new();
         for (id, addr) in &raw.federation.peers {
             if *id == 0 {
-                return Err(FieldError::new("federation.peers", id, "node ids start at 1"));
+                return Err(FieldError::new(
+                    "federation.peers",
+                    id,
+                    "node ids start at 1",
+                ));
             }
             peers.insert(*id, socket_addr(&format!("federation.peers.{id}"), addr)?);
         }
@@ -197,20 +221,31 @@ impl ControlConfig {
 
 /// Loads the cluster CA from `dir` (`ca.pem`, `ca-key.pem`), creating and saving a new one on
 /// first start. The key file is written with mode 0600.
-pub fn load_or_create_ca(dir: &Path, trust_domain: &str) -> Result<Arc<CertificateAuthority>, ControlError> {
-    let err = |reason: String| ControlError::Ca { dir: dir.to_path_buf(), reason };
+pub fn load_or_create_ca(
+    dir: &Path,
+    trust_domain: &str,
+) -> Result<Arc<CertificateAuthority>, ControlError> {
+    let err = |reason: String| ControlError::Ca {
+        dir: dir.to_path_buf(),
+        reason,
+    };
     let cert_path = dir.join("ca.pem");
     let key_path = dir.join("ca-key.pem");
     if cert_path.exists() || key_path.exists() {
-        let cert = std::fs::read_to_string(&cert_path).map_err(|e| err(format!("reading {}: {e}", cert_path.display())))?;
-        let key = std::fs::read_to_string(&key_path).map_err(|e| err(format!("reading {}: {e}", key_path.display())))?;
-        let ca = CertificateAuthority::from_pem(trust_domain, &cert, &key).map_err(|e| err(e.to_string()))?;
+        let cert = std::fs::read_to_string(&cert_path)
+            .map_err(|e| err(format!("reading {}: {e}", cert_path.display())))?;
+        let key = std::fs::read_to_string(&key_path)
+            .map_err(|e| err(format!("reading {}: {e}", key_path.display())))?;
+        let ca = CertificateAuthority::from_pem(trust_domain, &cert, &key)
+            .map_err(|e| err(e.to_string()))?;
         return Ok(Arc::new(ca));
     }
     std::fs::create_dir_all(dir).map_err(|e| err(format!("creating the directory: {e}")))?;
     let ca = CertificateAuthority::generate(trust_domain).map_err(|e| err(e.to_string()))?;
-    write_private(&key_path, ca.key_pem()).map_err(|e| err(format!("writing {}: {e}", key_path.display())))?;
-    std::fs::write(&cert_path, ca.cert_pem()).map_err(|e| err(format!("writing {}: {e}", cert_path.display())))?;
+    write_private(&key_path, ca.key_pem())
+        .map_err(|e| err(format!("writing {}: {e}", key_path.display())))?;
+    std::fs::write(&cert_path, ca.cert_pem())
+        .map_err(|e| err(format!("writing {}: {e}", cert_path.display())))?;
     Ok(Arc::new(ca))
 }
 
@@ -232,8 +267,11 @@ mod tests {
     const GOOD: &str = "cluster: east\ndataDir: data\ndiscovery: {file: services.yaml}\nfederation:\n  nodeId: 1\n  peers: {1: 127.0.0.1:15017}\n";
 
     fn load(text: &str) -> Result<ControlConfig, String> {
-        isthmus_core::config::load_str::<RawControlConfig, ControlConfig>(Path::new("control.yaml"), text)
-            .map_err(|e| e.to_string())
+        isthmus_core::config::load_str::<RawControlConfig, ControlConfig>(
+            Path::new("control.yaml"),
+            text,
+        )
+        .map_err(|e| e.to_string())
     }
 
     #[test]
@@ -248,15 +286,38 @@ mod tests {
     #[test]
     fn bad_values_are_named() {
         let cases = [
-            (GOOD.replace("cluster: east", "cluster: East"), "cluster", "East"),
-            (format!("{GOOD}vipRange: 10.0.0.0/33\n"), "vipRange", "10.0.0.0/33"),
-            (format!("{GOOD}certLifetime: forever\n"), "certLifetime", "forever"),
-            (GOOD.replace("nodeId: 1", "nodeId: 4"), "federation.nodeId", "4"),
-            (GOOD.replace("127.0.0.1:15017", "nowhere"), "federation.peers.1", "nowhere"),
+            (
+                GOOD.replace("cluster: east", "cluster: East"),
+                "cluster",
+                "East",
+            ),
+            (
+                format!("{GOOD}vipRange: 10.0.0.0/33\n"),
+                "vipRange",
+                "10.0.0.0/33",
+            ),
+            (
+                format!("{GOOD}certLifetime: forever\n"),
+                "certLifetime",
+                "forever",
+            ),
+            (
+                GOOD.replace("nodeId: 1", "nodeId: 4"),
+                "federation.nodeId",
+                "4",
+            ),
+            (
+                GOOD.replace("127.0.0.1:15017", "nowhere"),
+                "federation.peers.1",
+                "nowhere",
+            ),
         ];
         for (text, field, value) in cases {
             let err = load(&text).unwrap_err();
-            assert!(err.contains("control.yaml") && err.contains(field) && err.contains(value), "{err}");
+            assert!(
+                err.contains("control.yaml") && err.contains(field) && err.contains(value),
+                "{err}"
+            );
         }
     }
 

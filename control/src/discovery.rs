@@ -132,7 +132,11 @@ impl TryFrom<RawDiscovery> for Discovery {
                 ));
             }
             if s.ports.is_empty() {
-                return Err(FieldError::new(format!("{at}.ports"), "[]", "a service needs at least one port"));
+                return Err(FieldError::new(
+                    format!("{at}.ports"),
+                    "[]",
+                    "a service needs at least one port",
+                ));
             }
             let mut ports = Vec::new();
             for (j, p) in s.ports.into_iter().enumerate() {
@@ -140,21 +144,39 @@ impl TryFrom<RawDiscovery> for Discovery {
                 let number = u16::try_from(p.port)
                     .ok()
                     .filter(|n| *n != 0)
-                    .ok_or_else(|| FieldError::new(format!("{pf}.port"), p.port, "a port is 1 to 65535"))?;
+                    .ok_or_else(|| {
+                        FieldError::new(format!("{pf}.port"), p.port, "a port is 1 to 65535")
+                    })?;
                 if ports.iter().any(|q: &ServicePort| q.port == number) {
-                    return Err(FieldError::new(format!("{pf}.port"), number, "port declared twice"));
+                    return Err(FieldError::new(
+                        format!("{pf}.port"),
+                        number,
+                        "port declared twice",
+                    ));
                 }
                 let protocol = port_protocol(&p.name, p.protocol.as_deref()).map_err(|reason| {
-                    FieldError::new(format!("{pf}.protocol"), p.protocol.as_deref().unwrap_or(""), reason)
+                    FieldError::new(
+                        format!("{pf}.protocol"),
+                        p.protocol.as_deref().unwrap_or(""),
+                        reason,
+                    )
                 })?;
-                ports.push(ServicePort { name: p.name, port: number, protocol });
+                ports.push(ServicePort {
+                    name: p.name,
+                    port: number,
+                    protocol,
+                });
             }
             let mut endpoints = Vec::new();
             for (j, e) in s.endpoints.into_iter().enumerate() {
                 let ef = format!("{at}.endpoints[{j}]");
                 let address = socket_addr(&format!("{ef}.address"), &e.address)?;
                 validate_label("service account", &e.service_account).map_err(|err| {
-                    FieldError::new(format!("{ef}.serviceAccount"), &e.service_account, err.to_string())
+                    FieldError::new(
+                        format!("{ef}.serviceAccount"),
+                        &e.service_account,
+                        err.to_string(),
+                    )
                 })?;
                 endpoints.push(LocalEndpoint {
                     address,
@@ -219,7 +241,10 @@ mod tests {
         ];
         for (text, field, value) in cases {
             let err = parse(text).unwrap_err();
-            assert!(err.contains("svc.yaml") && err.contains(field) && err.contains(value), "{err}");
+            assert!(
+                err.contains("svc.yaml") && err.contains(field) && err.contains(value),
+                "{err}"
+            );
         }
     }
 

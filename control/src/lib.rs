@@ -114,8 +114,14 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
     let discovery = discovery::load(&opts.discovery_file).map_err(ControlError::Discovery)?;
     let listener = tokio::net::TcpListener::bind(opts.grpc_listen)
         .await
-        .map_err(|source| ControlError::Bind { addr: opts.grpc_listen, source })?;
-    let grpc_addr = listener.local_addr().map_err(|source| ControlError::Bind { addr: opts.grpc_listen, source })?;
+        .map_err(|source| ControlError::Bind {
+            addr: opts.grpc_listen,
+            source,
+        })?;
+    let grpc_addr = listener.local_addr().map_err(|source| ControlError::Bind {
+        addr: opts.grpc_listen,
+        source,
+    })?;
 
     let mut catalog = Catalog::new(&opts.cluster, &opts.trust_domain, opts.vip_range);
     let (stop, stopped) = watch::channel(false);
@@ -127,13 +133,20 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
         ca_bundle_pem: opts.ca.cert_pem().to_string(),
         locality: opts.locality.clone(),
     };
-    let desired0 = Desired { cluster: cluster_record.clone(), exports: catalog.exports(&discovery) };
+    let desired0 = Desired {
+        cluster: cluster_record.clone(),
+        exports: catalog.exports(&discovery),
+    };
     let (desired_tx, desired_rx) = watch::channel(desired0);
     rebuild(&mut catalog, &discovery, &store, &cluster_record);
     let (config_tx, config_rx) = watch::channel(catalog.current());
 
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(publisher(store.clone(), desired_rx, stopped.clone())));
+    tasks.push(tokio::spawn(publisher(
+        store.clone(),
+        desired_rx,
+        stopped.clone(),
+    )));
     tasks.push(tokio::spawn(catalog_loop(CatalogLoop {
         catalog,
         discovery,
@@ -147,7 +160,10 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
         stop: stopped.clone(),
     })));
 
-    let config_api = api::ConfigApi { config: config_rx.clone(), stop: stopped.clone() };
+    let config_api = api::ConfigApi {
+        config: config_rx.clone(),
+        stop: stopped.clone(),
+    };
     let cert_api = api::CertificateApi {
         ca: opts.ca.clone(),
         tokens: opts.tokens,
@@ -169,11 +185,22 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
         }
     }));
     tracing::info!(cluster = %opts.cluster, grpc = %grpc_addr, "control plane started");
-    Ok(ControlHandle { grpc_addr, config: config_rx, gateway: gateway_tx, stop, tasks })
+    Ok(ControlHandle {
+        grpc_addr,
+        config: config_rx,
+        gateway: gateway_tx,
+        stop,
+        tasks,
+    })
 }
 
 /// Reads the other clusters' records from the local replica and rebuilds the catalog.
-fn rebuild(catalog: &mut Catalog, discovery: &Discovery, store: &Store, own: &ClusterRecord) -> Option<Arc<MeshConfig>> {
+fn rebuild(
+    catalog: &mut Catalog,
+    discovery: &Discovery,
+    store: &Store,
+    own: &ClusterRecord,
+) -> Option<Arc<MeshConfig>> {
     let mut clusters: Vec<ClusterRecord> = decode_all(store, records::CLUSTERS_PREFIX);
     // Our own record is known locally even before the store has it (no quorum yet).
     clusters.retain(|c| c.name != own.name);
@@ -235,7 +262,10 @@ async fn catalog_loop(mut l: CatalogLoop) {
         }
         l.cluster_record.gateway = *l.gateway.borrow_and_update();
         l.desired.send_if_modified(|d| {
-            let next = Desired { cluster: l.cluster_record.clone(), exports: l.catalog.exports(&l.discovery) };
+            let next = Desired {
+                cluster: l.cluster_record.clone(),
+                exports: l.catalog.exports(&l.discovery),
+            };
             if *d == next {
                 false
             } else {
@@ -244,14 +274,22 @@ async fn catalog_loop(mut l: CatalogLoop) {
             }
         });
         if let Some(config) = rebuild(&mut l.catalog, &l.discovery, &l.store, &l.cluster_record) {
-            tracing::debug!(version = config.version, services = config.services.len(), "configuration changed");
+            tracing::debug!(
+                version = config.version,
+                services = config.services.len(),
+                "configuration changed"
+            );
             l.config.send_replace(config);
         }
     }
 }
 
 /// Makes the store hold exactly this cluster's desired records, retrying until it does.
-async fn publisher(store: Store, mut desired: watch::Receiver<Desired>, mut stop: watch::Receiver<bool>) {
+async fn publisher(
+    store: Store,
+    mut desired: watch::Receiver<Desired>,
+    mut stop: watch::Receiver<bool>,
+) {
     const RETRY: Duration = Duration::from_millis(300);
     loop {
         let want = desired.borrow_and_update().clone();

@@ -62,7 +62,10 @@ impl TokenPolicy {
                     }
                 }
             }
-            grants.push(Grant { token: t.token, allow });
+            grants.push(Grant {
+                token: t.token,
+                allow,
+            });
         }
         Ok(TokenPolicy { grants })
     }
@@ -72,7 +75,10 @@ impl TokenPolicy {
         TokenPolicy {
             grants: vec![Grant {
                 token: token.to_string(),
-                allow: namespaces.iter().map(|ns| (ns.to_string(), "*".to_string())).collect(),
+                allow: namespaces
+                    .iter()
+                    .map(|ns| (ns.to_string(), "*".to_string()))
+                    .collect(),
             }],
         }
     }
@@ -115,7 +121,10 @@ mod tests {
     fn token_grants_only_the_listed_identities() {
         let p = policy();
         let td = "east.isthmus.local";
-        assert!(p.allows("0123456789abcdef", &SpiffeId::new(td, "default", "anything")));
+        assert!(p.allows(
+            "0123456789abcdef",
+            &SpiffeId::new(td, "default", "anything")
+        ));
         assert!(p.allows("0123456789abcdef", &SpiffeId::gateway(td)));
         assert!(!p.allows("0123456789abcdef", &SpiffeId::control(td)));
         assert!(!p.allows("0123456789abcdeX", &SpiffeId::new(td, "default", "x")));
@@ -124,11 +133,21 @@ mod tests {
 
     #[test]
     fn short_tokens_and_bad_grants_are_refused_at_load() {
-        let err = TokenPolicy::from_raw("t", vec![RawToken { token: "short".into(), allow: vec![] }]).unwrap_err();
+        let err = TokenPolicy::from_raw(
+            "t",
+            vec![RawToken {
+                token: "short".into(),
+                allow: vec![],
+            }],
+        )
+        .unwrap_err();
         assert_eq!(err.field, "t[0].token");
         let err = TokenPolicy::from_raw(
             "t",
-            vec![RawToken { token: "0123456789abcdef".into(), allow: vec!["default".into()] }],
+            vec![RawToken {
+                token: "0123456789abcdef".into(),
+                allow: vec!["default".into()],
+            }],
         )
         .unwrap_err();
         assert_eq!(err.field, "t[0].allow[0]");

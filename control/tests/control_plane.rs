@@ -25,7 +25,9 @@ async fn start(services_yaml: &str) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let discovery = dir.path().join("services.yaml");
     std::fs::write(&discovery, services_yaml).unwrap();
-    let binding = isthmus_federation::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let binding = isthmus_federation::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let peers = BTreeMap::from([(1, binding.local_addr())]);
     let store = binding
         .start(isthmus_federation::StoreOptions {
@@ -52,7 +54,12 @@ async fn start(services_yaml: &str) -> Running {
     )
     .await
     .unwrap();
-    Running { control, store, discovery, _dir: dir }
+    Running {
+        control,
+        store,
+        discovery,
+        _dir: dir,
+    }
 }
 
 const ONE_SERVICE: &str = "services:\n- name: ratings\n  export: true\n  ports: [{name: http, port: 9080}]\n  endpoints: [{address: 127.0.0.1:7000, serviceAccount: ratings}]\n";
@@ -89,15 +96,31 @@ async fn wait_for_key(store: &isthmus_federation::Store, key: &str) {
 async fn config_stream_carries_discovered_services_and_follows_file_changes() {
     let r = start(ONE_SERVICE).await;
     let client = ControlClient::new(&r.control.grpc_addr().to_string()).unwrap();
-    let (mut rx, _task) = client.watch_config("test", Duration::from_secs(10)).await.unwrap();
-    let c = wait_for(&mut rx, "ratings", |c| c.service("default", "ratings").is_some()).await;
+    let (mut rx, _task) = client
+        .watch_config("test", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let c = wait_for(&mut rx, "ratings", |c| {
+        c.service("default", "ratings").is_some()
+    })
+    .await;
     let ratings = c.service("default", "ratings").unwrap();
     assert_eq!(ratings.vip.to_string(), "127.10.0.1");
-    assert_eq!(ratings.local_endpoints[0].identity, "spiffe://east.isthmus.local/ns/default/sa/ratings");
+    assert_eq!(
+        ratings.local_endpoints[0].identity,
+        "spiffe://east.isthmus.local/ns/default/sa/ratings"
+    );
     assert_eq!(c.clusters[0].name, "east");
 
-    std::fs::write(&r.discovery, format!("{ONE_SERVICE}- name: details\n  ports: [{{name: http, port: 9080}}]\n")).unwrap();
-    wait_for(&mut rx, "details", |c| c.service("default", "details").is_some()).await;
+    std::fs::write(
+        &r.discovery,
+        format!("{ONE_SERVICE}- name: details\n  ports: [{{name: http, port: 9080}}]\n"),
+    )
+    .unwrap();
+    wait_for(&mut rx, "details", |c| {
+        c.service("default", "details").is_some()
+    })
+    .await;
 
     // The export reached the federation store.
     wait_for_key(&r.store, "exports/default/ratings/east").await;
@@ -110,14 +133,22 @@ async fn config_stream_carries_discovered_services_and_follows_file_changes() {
 async fn an_invalid_discovery_file_keeps_the_last_good_services() {
     let r = start(ONE_SERVICE).await;
     let mut rx = r.control.config();
-    wait_for(&mut rx, "ratings", |c| c.service("default", "ratings").is_some()).await;
+    wait_for(&mut rx, "ratings", |c| {
+        c.service("default", "ratings").is_some()
+    })
+    .await;
     wait_for_key(&r.store, "exports/default/ratings/east").await;
     let version = rx.borrow().version;
     std::fs::write(&r.discovery, "services:\n- name: Ratings!\n").unwrap();
     // Give the poller many chances to (wrongly) act on the bad file.
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(r.control.config().borrow().service("default", "ratings").is_some());
+        assert!(r
+            .control
+            .config()
+            .borrow()
+            .service("default", "ratings")
+            .is_some());
     }
     assert_eq!(rx.borrow().version, version);
     assert!(r.store.get("exports/default/ratings/east").is_some());
@@ -136,12 +167,24 @@ async fn certificates_are_signed_only_for_identities_the_token_allows() {
     assert!(not_after > 0);
 
     let wrong_ns = SpiffeId::new("east.isthmus.local", "kube-system", "admin");
-    let err = client.request_identity(&wrong_ns, TOKEN).await.err().expect("refused").to_string();
+    let err = client
+        .request_identity(&wrong_ns, TOKEN)
+        .await
+        .expect_err("refused")
+        .to_string();
     assert!(err.contains("does not allow"), "{err}");
     let other_domain = SpiffeId::new("west.isthmus.local", "default", "ratings");
-    let err = client.request_identity(&other_domain, TOKEN).await.err().expect("refused").to_string();
+    let err = client
+        .request_identity(&other_domain, TOKEN)
+        .await
+        .expect_err("refused")
+        .to_string();
     assert!(err.contains("trust domain"), "{err}");
-    let err = client.request_identity(&ok, "wrong-token-wrong-token").await.err().expect("refused").to_string();
+    let err = client
+        .request_identity(&ok, "wrong-token-wrong-token")
+        .await
+        .expect_err("refused")
+        .to_string();
     assert!(err.contains("does not allow"), "{err}");
     r.control.shutdown().await;
     r.store.shutdown().await;

@@ -83,7 +83,10 @@ pub async fn serve(listen: SocketAddr, state: AdminState) -> std::io::Result<Adm
 
 fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n".into());
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is served here\n".into(),
+        );
     }
     match req.uri().path() {
         "/metrics" => {
@@ -99,7 +102,10 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
                     );
                     resp
                 }
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("encoding metrics: {e}\n"),
+                ),
             }
         }
         "/ready" => {
@@ -117,7 +123,10 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
             );
             resp
         }
-        other => text(StatusCode::NOT_FOUND, format!("no such admin path {other:?}; try /metrics, /ready or /debug/config\n")),
+        other => text(
+            StatusCode::NOT_FOUND,
+            format!("no such admin path {other:?}; try /metrics, /ready or /debug/config\n"),
+        ),
     }
 }
 
@@ -159,8 +168,12 @@ mod tests {
         assert!(get(addr, "/ready").await.starts_with("HTTP/1.1 503"));
         ready_tx.send(true).unwrap();
         assert!(get(addr, "/ready").await.starts_with("HTTP/1.1 200"));
-        assert!(get(addr, "/metrics").await.contains("isthmus_test_hits_total 1"));
-        assert!(get(addr, "/debug/config").await.contains("\"cluster\":\"east\""));
+        assert!(get(addr, "/metrics")
+            .await
+            .contains("isthmus_test_hits_total 1"));
+        assert!(get(addr, "/debug/config")
+            .await
+            .contains("\"cluster\":\"east\""));
         assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
         admin.shutdown().await;
         assert!(tokio::net::TcpStream::connect(addr).await.is_err());

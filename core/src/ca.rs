@@ -103,10 +103,14 @@ impl CertificateAuthority {
 
     /// Loads an existing CA (root or operator-supplied intermediate) from PEM.
     pub fn from_pem(trust_domain: &str, cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
-        let key = KeyPair::from_pem(key_pem)
-            .map_err(|source| CaError::Load { what: "key", source })?;
-        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)
-            .map_err(|source| CaError::Load { what: "certificate", source })?;
+        let key = KeyPair::from_pem(key_pem).map_err(|source| CaError::Load {
+            what: "key",
+            source,
+        })?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|source| CaError::Load {
+            what: "certificate",
+            source,
+        })?;
         Ok(CertificateAuthority {
             trust_domain: trust_domain.to_string(),
             issuer,
@@ -149,7 +153,8 @@ impl CertificateAuthority {
         id: &SpiffeId,
         lifetime: Duration,
     ) -> Result<IssuedCert, CaError> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::InvalidCsr)?;
+        let csr =
+            CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::InvalidCsr)?;
         let (cert_pem, not_after_unix) = self.sign_key(&csr.public_key, id, lifetime)?;
         Ok(IssuedCert {
             cert_chain_pem: format!("{cert_pem}{}", self.cert_pem),
@@ -168,10 +173,12 @@ impl CertificateAuthority {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
         params.not_after = now + lifetime;
-        let cert = params.signed_by(public_key, &self.issuer).map_err(|source| CaError::Build {
-            subject: id.to_string(),
-            source,
-        })?;
+        let cert = params
+            .signed_by(public_key, &self.issuer)
+            .map_err(|source| CaError::Build {
+                subject: id.to_string(),
+                source,
+            })?;
         Ok((cert.pem(), params.not_after.unix_timestamp()))
     }
 }
@@ -187,9 +194,14 @@ fn workload_params(id: &SpiffeId) -> Result<CertificateParams, CaError> {
     params.distinguished_name = dn;
     params.subject_alt_names = vec![SanType::URI(uri)];
     params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-    params.extended_key_usages =
-        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     params.use_authority_key_identifier_extension = true;
     Ok(params)
 }
@@ -200,11 +212,16 @@ pub fn generate_csr(id: &SpiffeId) -> Result<(String, String), CaError> {
     // A CSR only proposes the name; usages, lifetime and CA flags are the CA's to set.
     let mut params = CertificateParams::default();
     params.subject_alt_names = workload_params(id)?.subject_alt_names;
-    let csr = params.serialize_request(&key).map_err(|source| CaError::Build {
+    let csr = params
+        .serialize_request(&key)
+        .map_err(|source| CaError::Build {
+            subject: id.to_string(),
+            source,
+        })?;
+    let csr_pem = csr.pem().map_err(|source| CaError::Build {
         subject: id.to_string(),
         source,
     })?;
-    let csr_pem = csr.pem().map_err(|source| CaError::Build { subject: id.to_string(), source })?;
     Ok((csr_pem, key.serialize_pem()))
 }
 
@@ -229,7 +246,9 @@ mod tests {
         let claimed = SpiffeId::new("east.isthmus.local", "kube-system", "admin");
         let (csr, _key) = generate_csr(&claimed).unwrap();
         let authorised = SpiffeId::new("east.isthmus.local", "default", "sleep");
-        let issued = ca.sign_csr(&csr, &authorised, Duration::from_secs(60)).unwrap();
+        let issued = ca
+            .sign_csr(&csr, &authorised, Duration::from_secs(60))
+            .unwrap();
         let ids = crate::tls::spiffe_ids_in_pem(&issued.cert_chain_pem).unwrap();
         assert_eq!(ids, vec![authorised]);
     }

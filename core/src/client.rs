@@ -51,7 +51,10 @@ impl ControlClient {
             .map_err(|_| ClientError::Address(addr.to_string()))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true);
-        Ok(ControlClient { addr: addr.to_string(), channel: endpoint.connect_lazy() })
+        Ok(ControlClient {
+            addr: addr.to_string(),
+            channel: endpoint.connect_lazy(),
+        })
     }
 
     /// Subscribes to the configuration stream. Waits up to `first_within` for the first
@@ -77,7 +80,10 @@ impl ControlClient {
         .await;
         if arrived != Ok(true) {
             task.abort();
-            return Err(ClientError::NoConfig { addr: self.addr.clone(), waited: first_within });
+            return Err(ClientError::NoConfig {
+                addr: self.addr.clone(),
+                waited: first_within,
+            });
         }
         Ok((rx, task))
     }
@@ -86,7 +92,12 @@ impl ControlClient {
         let mut backoff = Duration::from_millis(50);
         loop {
             let mut client = MeshConfigServiceClient::new(self.channel.clone());
-            match client.stream_config(StreamConfigRequest { node_id: node_id.clone() }).await {
+            match client
+                .stream_config(StreamConfigRequest {
+                    node_id: node_id.clone(),
+                })
+                .await
+            {
                 Ok(response) => {
                     let mut stream = response.into_inner();
                     loop {
@@ -143,16 +154,28 @@ impl ControlClient {
             generate_csr(id).map_err(|e| ClientError::Certificate(e.to_string()))?;
         let mut client = CertificateServiceClient::new(self.channel.clone());
         let response = client
-            .sign(SignRequest { csr_pem, identity: id.to_string(), token: token.to_string() })
+            .sign(SignRequest {
+                csr_pem,
+                identity: id.to_string(),
+                token: token.to_string(),
+            })
             .await
             .map_err(|status| ClientError::Sign {
                 identity: id.to_string(),
                 status: format!("{}: {}", status.code(), status.message()),
             })?
             .into_inner();
-        let bundles =
-            response.trust_bundles.into_iter().map(|b| (b.trust_domain, b.ca_pem)).collect();
-        Ok((response.cert_chain_pem, key_pem, bundles, response.not_after_unix))
+        let bundles = response
+            .trust_bundles
+            .into_iter()
+            .map(|b| (b.trust_domain, b.ca_pem))
+            .collect();
+        Ok((
+            response.cert_chain_pem,
+            key_pem,
+            bundles,
+            response.not_after_unix,
+        ))
     }
 
     /// Obtains a certificate for `id`, installs the returned bundles into `trust`, and keeps
@@ -180,7 +203,9 @@ impl ControlClient {
                             not_after = next;
                             tracing::debug!(identity = %id, "certificate rotated");
                         }
-                        Err(e) => tracing::warn!(identity = %id, error = %e, "rotated certificate unusable"),
+                        Err(e) => {
+                            tracing::warn!(identity = %id, error = %e, "rotated certificate unusable")
+                        }
                     },
                     Err(e) => {
                         tracing::warn!(identity = %id, error = %e, "certificate rotation failed; retrying");

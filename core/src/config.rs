@@ -22,8 +22,16 @@ pub struct FieldError {
 }
 
 impl FieldError {
-    pub fn new(field: impl Into<String>, value: impl fmt::Display, reason: impl Into<String>) -> Self {
-        FieldError { field: field.into(), value: value.to_string(), reason: reason.into() }
+    pub fn new(
+        field: impl Into<String>,
+        value: impl fmt::Display,
+        reason: impl Into<String>,
+    ) -> Self {
+        FieldError {
+            field: field.into(),
+            value: value.to_string(),
+            reason: reason.into(),
+        }
     }
 
     /// Prefixes the field path (for errors from nested structs or list items).
@@ -35,7 +43,11 @@ impl FieldError {
 
 impl fmt::Display for FieldError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "field {}: invalid value {:?}: {}", self.field, self.value, self.reason)
+        write!(
+            f,
+            "field {}: invalid value {:?}: {}",
+            self.field, self.value, self.reason
+        )
     }
 }
 
@@ -51,7 +63,11 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("config file {path}: field {field}: {message}")]
-    Parse { path: PathBuf, field: String, message: String },
+    Parse {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
     #[error("config file {path}: {error}")]
     Invalid { path: PathBuf, error: FieldError },
 }
@@ -62,8 +78,10 @@ where
     Raw: DeserializeOwned,
     T: TryFrom<Raw, Error = FieldError>,
 {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     load_str::<Raw, T>(path, &text)
 }
 
@@ -73,9 +91,15 @@ where
     Raw: DeserializeOwned,
     T: TryFrom<Raw, Error = FieldError>,
 {
-    let raw = parse_yaml::<Raw>(text)
-        .map_err(|(field, message)| ConfigError::Parse { path: path.to_path_buf(), field, message })?;
-    T::try_from(raw).map_err(|error| ConfigError::Invalid { path: path.to_path_buf(), error })
+    let raw = parse_yaml::<Raw>(text).map_err(|(field, message)| ConfigError::Parse {
+        path: path.to_path_buf(),
+        field,
+        message,
+    })?;
+    T::try_from(raw).map_err(|error| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        error,
+    })
 }
 
 /// Parses YAML into `T`, returning the path of the offending field and serde's message.
@@ -83,22 +107,34 @@ pub fn parse_yaml<T: DeserializeOwned>(text: &str) -> Result<T, (String, String)
     let de = serde_yaml::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let field = e.path().to_string();
-        let field = if field == "." { "(document)".to_string() } else { field };
+        let field = if field == "." {
+            "(document)".to_string()
+        } else {
+            field
+        };
         (field, e.into_inner().to_string())
     })
 }
 
 /// Parses a socket address field (`ip:port`).
 pub fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, FieldError> {
-    value
-        .parse()
-        .map_err(|_| FieldError::new(field, value, "expected an address as ip:port, e.g. 127.0.0.1:15012"))
+    value.parse().map_err(|_| {
+        FieldError::new(
+            field,
+            value,
+            "expected an address as ip:port, e.g. 127.0.0.1:15012",
+        )
+    })
 }
 
 /// Parses a duration field written as `250ms`, `5s`, `2m` or `1h`.
 pub fn duration(field: &str, value: &str) -> Result<Duration, FieldError> {
     parse_duration(value).ok_or_else(|| {
-        FieldError::new(field, value, "expected a duration such as 250ms, 5s, 2m or 1h")
+        FieldError::new(
+            field,
+            value,
+            "expected a duration such as 250ms, 5s, 2m or 1h",
+        )
     })
 }
 
@@ -144,7 +180,9 @@ mod tests {
         type Error = FieldError;
         fn try_from(raw: Raw) -> Result<Self, FieldError> {
             let _ = raw.cluster;
-            Ok(Valid { dns: socket_addr("listen.dns", &raw.listen.dns)? })
+            Ok(Valid {
+                dns: socket_addr("listen.dns", &raw.listen.dns)?,
+            })
         }
     }
 
@@ -154,7 +192,9 @@ mod tests {
 
     #[test]
     fn invalid_value_names_file_field_and_value() {
-        let err = load("cluster: east\nlisten:\n  dns: nowhere\n").unwrap_err().to_string();
+        let err = load("cluster: east\nlisten:\n  dns: nowhere\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("east.yaml"), "{err}");
         assert!(err.contains("listen.dns"), "{err}");
         assert!(err.contains("\"nowhere\""), "{err}");
@@ -165,12 +205,17 @@ mod tests {
         let err = load("cluster: east\nlisten:\n  dns: 127.0.0.1:53\n  dsn: x\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("east.yaml") && err.contains("listen") && err.contains("dsn"), "{err}");
+        assert!(
+            err.contains("east.yaml") && err.contains("listen") && err.contains("dsn"),
+            "{err}"
+        );
     }
 
     #[test]
     fn wrong_type_is_named_with_its_path() {
-        let err = load("cluster: [1]\nlisten: {dns: 127.0.0.1:53}\n").unwrap_err().to_string();
+        let err = load("cluster: [1]\nlisten: {dns: 127.0.0.1:53}\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("field cluster"), "{err}");
     }
 

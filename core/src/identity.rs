@@ -36,7 +36,10 @@ pub fn validate_label(what: &'static str, value: &str) -> Result<(), IdentityErr
     if ok {
         Ok(())
     } else {
-        Err(IdentityError::InvalidLabel { what, value: value.to_string() })
+        Err(IdentityError::InvalidLabel {
+            what,
+            value: value.to_string(),
+        })
     }
 }
 
@@ -103,15 +106,22 @@ impl fmt::Display for SpiffeId {
 impl FromStr for SpiffeId {
     type Err = IdentityError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = |reason| IdentityError::InvalidSpiffeId { value: s.to_string(), reason };
-        let rest = s.strip_prefix("spiffe://").ok_or_else(|| bad("it must start with spiffe://"))?;
+        let bad = |reason| IdentityError::InvalidSpiffeId {
+            value: s.to_string(),
+            reason,
+        };
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| bad("it must start with spiffe://"))?;
         let (td, path) = rest.split_once('/').ok_or_else(|| bad("it has no path"))?;
         if td.is_empty()
             || !td
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
         {
-            return Err(bad("the trust domain must be lowercase letters, digits, '-' and '.'"));
+            return Err(bad(
+                "the trust domain must be lowercase letters, digits, '-' and '.'",
+            ));
         }
         let parts: Vec<&str> = path.split('/').collect();
         match parts.as_slice() {
@@ -142,11 +152,16 @@ mod tests {
 
     #[test]
     fn spiffe_id_round_trips_through_text() {
-        let id: SpiffeId = "spiffe://east.isthmus.local/ns/default/sa/ratings".parse().unwrap();
+        let id: SpiffeId = "spiffe://east.isthmus.local/ns/default/sa/ratings"
+            .parse()
+            .unwrap();
         assert_eq!(id.trust_domain(), "east.isthmus.local");
         assert_eq!(id.namespace(), "default");
         assert_eq!(id.service_account(), "ratings");
-        assert_eq!(id.to_string(), "spiffe://east.isthmus.local/ns/default/sa/ratings");
+        assert_eq!(
+            id.to_string(),
+            "spiffe://east.isthmus.local/ns/default/sa/ratings"
+        );
     }
 
     #[test]

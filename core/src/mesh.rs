@@ -45,7 +45,10 @@ impl MeshConfig {
 
     /// Every member's CA certificates (PEM), the set of roots workloads and gateways trust.
     pub fn trust_bundles(&self) -> Vec<String> {
-        self.clusters.iter().map(|c| c.ca_bundle_pem.clone()).collect()
+        self.clusters
+            .iter()
+            .map(|c| c.ca_bundle_pem.clone())
+            .collect()
     }
 }
 
@@ -69,7 +72,11 @@ pub struct MeshService {
 
 impl Default for ServicePort {
     fn default() -> Self {
-        ServicePort { name: String::new(), port: 0, protocol: Protocol::Tcp }
+        ServicePort {
+            name: String::new(),
+            port: 0,
+            protocol: Protocol::Tcp,
+        }
     }
 }
 

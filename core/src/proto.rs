@@ -22,8 +22,16 @@ pub struct WireError {
     pub reason: String,
 }
 
-fn wire<T, E: std::fmt::Display>(field: impl Into<String>, value: &str, r: Result<T, E>) -> Result<T, WireError> {
-    r.map_err(|e| WireError { field: field.into(), value: value.to_string(), reason: e.to_string() })
+fn wire<T, E: std::fmt::Display>(
+    field: impl Into<String>,
+    value: &str,
+    r: Result<T, E>,
+) -> Result<T, WireError> {
+    r.map_err(|e| WireError {
+        field: field.into(),
+        value: value.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 impl From<&MeshConfig> for mesh::MeshConfigSnapshot {
@@ -95,14 +103,25 @@ impl TryFrom<mesh::MeshConfigSnapshot> for MeshConfig {
             let mut ports = Vec::new();
             for (j, p) in s.ports.into_iter().enumerate() {
                 let pf = format!("{at}.ports[{j}]");
-                let port = wire(format!("{pf}.port"), &p.port.to_string(), u16::try_from(p.port))?;
+                let port = wire(
+                    format!("{pf}.port"),
+                    &p.port.to_string(),
+                    u16::try_from(p.port),
+                )?;
                 let protocol = wire(format!("{pf}.protocol"), &p.protocol, p.protocol.parse())?;
-                ports.push(ServicePort { name: p.name, port, protocol });
+                ports.push(ServicePort {
+                    name: p.name,
+                    port,
+                    protocol,
+                });
             }
             let mut local_endpoints = Vec::new();
             for (j, e) in s.local_endpoints.into_iter().enumerate() {
-                let address =
-                    wire(format!("{at}.local_endpoints[{j}].address"), &e.address, e.address.parse())?;
+                let address = wire(
+                    format!("{at}.local_endpoints[{j}].address"),
+                    &e.address,
+                    e.address.parse(),
+                )?;
                 local_endpoints.push(Endpoint {
                     address,
                     labels: e.labels.into_iter().collect::<BTreeMap<_, _>>(),
@@ -112,7 +131,11 @@ impl TryFrom<mesh::MeshConfigSnapshot> for MeshConfig {
             }
             let mut remote = Vec::new();
             for (j, r) in s.remote.into_iter().enumerate() {
-                let gateway = wire(format!("{at}.remote[{j}].gateway"), &r.gateway, r.gateway.parse())?;
+                let gateway = wire(
+                    format!("{at}.remote[{j}].gateway"),
+                    &r.gateway,
+                    r.gateway.parse(),
+                )?;
                 remote.push(RemoteExport {
                     cluster: r.cluster,
                     gateway,
@@ -135,7 +158,11 @@ impl TryFrom<mesh::MeshConfigSnapshot> for MeshConfig {
             let gateway = if k.gateway.is_empty() {
                 None
             } else {
-                Some(wire(format!("clusters[{i}].gateway"), &k.gateway, k.gateway.parse())?)
+                Some(wire(
+                    format!("clusters[{i}].gateway"),
+                    &k.gateway,
+                    k.gateway.parse(),
+                )?)
             };
             clusters.push(ClusterInfo {
                 name: k.name,
@@ -144,7 +171,12 @@ impl TryFrom<mesh::MeshConfigSnapshot> for MeshConfig {
                 ca_bundle_pem: k.ca_bundle_pem,
             });
         }
-        Ok(MeshConfig { version: m.version, cluster: m.cluster, services, clusters })
+        Ok(MeshConfig {
+            version: m.version,
+            cluster: m.cluster,
+            services,
+            clusters,
+        })
     }
 }
 
@@ -161,7 +193,11 @@ mod tests {
                 name: "ratings".into(),
                 namespace: "default".into(),
                 vip: "127.10.0.1".parse().unwrap(),
-                ports: vec![ServicePort { name: "http".into(), port: 9080, protocol: Protocol::Http }],
+                ports: vec![ServicePort {
+                    name: "http".into(),
+                    port: 9080,
+                    protocol: Protocol::Http,
+                }],
                 identities: vec!["spiffe://central.isthmus.local/ns/default/sa/ratings".into()],
                 local_endpoints: vec![Endpoint {
                     address: "127.1.0.5:15006".parse().unwrap(),
@@ -200,6 +236,9 @@ mod tests {
         assert_eq!(err.field, "services[0].ports[0].port");
         let mut wire: mesh::MeshConfigSnapshot = (&sample()).into();
         wire.services[0].vip = "not-an-ip".into();
-        assert_eq!(MeshConfig::try_from(wire).unwrap_err().field, "services[0].vip");
+        assert_eq!(
+            MeshConfig::try_from(wire).unwrap_err().field,
+            "services[0].vip"
+        );
     }
 }

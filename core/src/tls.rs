@@ -69,7 +69,9 @@ pub fn certs_from_pem(
 pub fn spiffe_ids_in_der(der: &[u8]) -> Result<Vec<SpiffeId>, TlsError> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| TlsError::X509(e.to_string()))?;
-    let san = cert.subject_alternative_name().map_err(|e| TlsError::X509(e.to_string()))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| TlsError::X509(e.to_string()))?;
     let mut ids = Vec::new();
     if let Some(san) = san {
         for name in &san.value.general_names {
@@ -110,7 +112,9 @@ pub struct TrustBundles {
 
 impl fmt::Debug for TrustBundles {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TrustBundles").field("trust_domains", &self.trust_domains()).finish()
+        f.debug_struct("TrustBundles")
+            .field("trust_domains", &self.trust_domains())
+            .finish()
     }
 }
 
@@ -152,7 +156,10 @@ impl TrustBundles {
     }
 
     fn snapshot(&self) -> Arc<HashMap<String, Vec<rustls::pki_types::TrustAnchor<'static>>>> {
-        self.anchors.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.anchors
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Verifies a peer chain for `usage` and returns the peer's SPIFFE ID.
@@ -175,11 +182,14 @@ impl TrustBundles {
         }
         let id = ids.remove(0);
         let bundles = self.snapshot();
-        let anchors = bundles.get(id.trust_domain()).ok_or(rustls::Error::InvalidCertificate(
-            rustls::CertificateError::UnknownIssuer,
-        ))?;
-        let cert = webpki::EndEntityCert::try_from(end_entity)
-            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
+        let anchors = bundles
+            .get(id.trust_domain())
+            .ok_or(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            ))?;
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
         cert.verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
             anchors,
@@ -221,7 +231,10 @@ impl Identity {
     /// Builds an identity from a PEM chain (leaf first) and PEM key.
     pub fn from_pem(id: SpiffeId, chain_pem: &str, key_pem: &str) -> Result<Arc<Self>, TlsError> {
         let key = certified_key(chain_pem, key_pem)?;
-        Ok(Arc::new(Identity { id, current: RwLock::new(Arc::new(key)) }))
+        Ok(Arc::new(Identity {
+            id,
+            current: RwLock::new(Arc::new(key)),
+        }))
     }
 
     /// The SPIFFE ID this identity presents.
@@ -238,14 +251,20 @@ impl Identity {
     }
 
     fn current(&self) -> Arc<CertifiedKey> {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
 fn certified_key(chain_pem: &str, key_pem: &str) -> Result<CertifiedKey, TlsError> {
     let chain = certs_from_pem("certificate chain", chain_pem)?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|source| TlsError::Pem { what: "private key", source })?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|source| TlsError::Pem {
+            what: "private key",
+            source,
+        })?;
     let signing = rustls::crypto::ring::sign::any_supported_type(&key).map_err(TlsError::Key)?;
     Ok(CertifiedKey::new(chain, signing))
 }
@@ -289,14 +308,20 @@ struct SpiffeVerifier {
 
 impl fmt::Debug for SpiffeVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SpiffeVerifier").field("trust", &self.trust).finish()
+        f.debug_struct("SpiffeVerifier")
+            .field("trust", &self.trust)
+            .finish()
     }
 }
 
 impl SpiffeVerifier {
     fn new(trust: Arc<TrustBundles>, accept: AcceptPeer) -> Arc<Self> {
         let algorithms = rustls::crypto::ring::default_provider().signature_verification_algorithms;
-        Arc::new(SpiffeVerifier { trust, accept, algorithms })
+        Arc::new(SpiffeVerifier {
+            trust,
+            accept,
+            algorithms,
+        })
     }
 
     fn check(
@@ -310,7 +335,9 @@ impl SpiffeVerifier {
         if (self.accept)(&id) {
             Ok(())
         } else {
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
         }
     }
 }
@@ -324,7 +351,12 @@ impl ServerCertVerifier for SpiffeVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.check(end_entity, intermediates, now, webpki::KeyUsage::server_auth())?;
+        self.check(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+        )?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -362,7 +394,12 @@ impl ClientCertVerifier for SpiffeVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.check(end_entity, intermediates, now, webpki::KeyUsage::client_auth())?;
+        self.check(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+        )?;
         Ok(ClientCertVerified::assertion())
     }
 

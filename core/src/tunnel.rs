@@ -56,7 +56,10 @@ pub enum TunnelError {
     #[error("unknown tunnel header kind {found} (expected 1 = open request or 2 = open response)")]
     UnknownKind { found: u8 },
     #[error("expected an {expected} header, got an {found} header")]
-    UnexpectedKind { expected: HeaderKind, found: HeaderKind },
+    UnexpectedKind {
+        expected: HeaderKind,
+        found: HeaderKind,
+    },
     #[error("the header body is {length} bytes, more than the limit of {MAX_BODY_LEN}")]
     TooLarge { length: usize },
     #[error("field {field} runs past the end of the header body")]
@@ -64,13 +67,20 @@ pub enum TunnelError {
     #[error("{extra} unexpected byte(s) after the last field of the header body")]
     TrailingBytes { extra: usize },
     #[error("field {field} is {length} bytes, more than the limit of {max}")]
-    FieldTooLong { field: &'static str, length: usize, max: usize },
+    FieldTooLong {
+        field: &'static str,
+        length: usize,
+        max: usize,
+    },
     #[error("field {field} is not valid UTF-8")]
     InvalidUtf8 { field: &'static str },
     #[error("field {field} has presence flag {found} (expected 0 or 1)")]
     BadPresenceFlag { field: &'static str, found: u8 },
     #[error("field {field} is invalid: {reason}")]
-    InvalidField { field: &'static str, reason: &'static str },
+    InvalidField {
+        field: &'static str,
+        reason: &'static str,
+    },
     #[error("unknown reason code {code}")]
     UnknownReasonCode { code: u8 },
     #[error("the stream ended after {received} byte(s), before the tunnel header was complete")]
@@ -224,7 +234,10 @@ impl OpenRequest {
             });
         }
         if self.port == 0 {
-            return Err(TunnelError::InvalidField { field: "port", reason: "must not be 0" });
+            return Err(TunnelError::InvalidField {
+                field: "port",
+                reason: "must not be 0",
+            });
         }
         if let Some(subset) = &self.subset {
             check_len("subset", subset, MAX_SUBSET_LEN)?;
@@ -282,8 +295,14 @@ impl OpenRequest {
         let source_cluster = r.string("source_cluster", MAX_CLUSTER_LEN)?;
         let trace_context = r.opt_string("trace_context", MAX_TRACE_CONTEXT_LEN)?;
         r.finish()?;
-        let req =
-            OpenRequest { service, port, subset, target_cluster, source_cluster, trace_context };
+        let req = OpenRequest {
+            service,
+            port,
+            subset,
+            target_cluster,
+            source_cluster,
+            trace_context,
+        };
         req.validate()?;
         Ok(req)
     }
@@ -292,6 +311,7 @@ impl OpenRequest {
 /// The receiver's answer to an [`OpenRequest`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenResponse {
+    /// Whether the tunnel is open, and if not, why.
     pub code: ReasonCode,
     /// Human-readable detail (empty for Ok), at most [`MAX_MESSAGE_LEN`] bytes of UTF-8.
     pub message: String,
@@ -314,7 +334,10 @@ impl OpenResponse {
 
     /// The tunnel is open.
     pub fn ok() -> Self {
-        OpenResponse { code: ReasonCode::Ok, message: String::new() }
+        OpenResponse {
+            code: ReasonCode::Ok,
+            message: String::new(),
+        }
     }
 
     /// Whether the tunnel is open.
@@ -356,7 +379,9 @@ impl OpenResponse {
 /// Either header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Header {
+    /// Sent by the opener.
     Request(OpenRequest),
+    /// Sent by the receiver.
     Response(OpenResponse),
 }
 
@@ -405,7 +430,9 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Header, usize)>, TunnelError> {
 fn check_prefix(buf: &[u8]) -> Result<Option<(HeaderKind, usize)>, TunnelError> {
     let magic_seen = buf.len().min(MAGIC.len());
     if buf[..magic_seen] != MAGIC[..magic_seen] {
-        return Err(TunnelError::BadMagic { found: buf[..magic_seen].to_vec() });
+        return Err(TunnelError::BadMagic {
+            found: buf[..magic_seen].to_vec(),
+        });
     }
     let Some(&version) = buf.get(4) else {
         return Ok(None);
@@ -461,14 +488,21 @@ fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
 
 fn check_len(field: &'static str, value: &str, max: usize) -> Result<(), TunnelError> {
     if value.len() > max {
-        return Err(TunnelError::FieldTooLong { field, length: value.len(), max });
+        return Err(TunnelError::FieldTooLong {
+            field,
+            length: value.len(),
+            max,
+        });
     }
     Ok(())
 }
 
 fn check_printable(field: &'static str, value: &str) -> Result<(), TunnelError> {
     if value.is_empty() {
-        return Err(TunnelError::InvalidField { field, reason: "must not be empty when present" });
+        return Err(TunnelError::InvalidField {
+            field,
+            reason: "must not be empty when present",
+        });
     }
     if !value.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(TunnelError::InvalidField {
@@ -480,7 +514,10 @@ fn check_printable(field: &'static str, value: &str) -> Result<(), TunnelError> 
 }
 
 fn check_cluster(field: &'static str, value: &str) -> Result<(), TunnelError> {
-    if !value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
         return Err(TunnelError::InvalidField {
             field,
             reason: "must be ASCII letters, digits and '-'",
@@ -521,7 +558,11 @@ impl<'a> BodyReader<'a> {
     fn string(&mut self, field: &'static str, max: usize) -> Result<String, TunnelError> {
         let len = usize::from(self.u16(field)?);
         if len > max {
-            return Err(TunnelError::FieldTooLong { field, length: len, max });
+            return Err(TunnelError::FieldTooLong {
+                field,
+                length: len,
+                max,
+            });
         }
         let bytes = self.take(field, len)?;
         std::str::from_utf8(bytes)
@@ -529,7 +570,11 @@ impl<'a> BodyReader<'a> {
             .map_err(|_| TunnelError::InvalidUtf8 { field })
     }
 
-    fn opt_string(&mut self, field: &'static str, max: usize) -> Result<Option<String>, TunnelError> {
+    fn opt_string(
+        &mut self,
+        field: &'static str,
+        max: usize,
+    ) -> Result<Option<String>, TunnelError> {
         match self.u8(field)? {
             0 => Ok(None),
             1 => self.string(field, max).map(Some),
@@ -554,21 +599,28 @@ async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<Header, TunnelEr
         if let Some((_, body_len)) = check_prefix(&buf[..filled])? {
             break body_len;
         }
-        let n = r.read(&mut buf[filled..PREFIX_LEN]).await.map_err(TunnelError::Read)?;
+        let n = r
+            .read(&mut buf[filled..PREFIX_LEN])
+            .await
+            .map_err(TunnelError::Read)?;
         if n == 0 {
             return Err(TunnelError::UnexpectedEof { received: filled });
         }
         filled += n;
     };
     let total = PREFIX_LEN + body_len;
-    r.read_exact(&mut buf[PREFIX_LEN..total]).await.map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            // read_exact does not say how much it got; the prefix at least arrived.
-            TunnelError::UnexpectedEof { received: PREFIX_LEN }
-        } else {
-            TunnelError::Read(e)
-        }
-    })?;
+    r.read_exact(&mut buf[PREFIX_LEN..total])
+        .await
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                // read_exact does not say how much it got; the prefix at least arrived.
+                TunnelError::UnexpectedEof {
+                    received: PREFIX_LEN,
+                }
+            } else {
+                TunnelError::Read(e)
+            }
+        })?;
     match decode(&buf[..total])? {
         Some((header, _)) => Ok(header),
         // Unreachable by construction (the whole header is in `buf`), but input-driven code

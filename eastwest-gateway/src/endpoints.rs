@@ -87,11 +87,18 @@ impl Balancer {
         let mut state = self.lock();
         let load = |a: &SocketAddr| state.active.get(a).copied().unwrap_or(0);
         let least = candidates.iter().map(load).min()?;
-        let tied: Vec<SocketAddr> = candidates.iter().copied().filter(|a| load(a) == least).collect();
+        let tied: Vec<SocketAddr> = candidates
+            .iter()
+            .copied()
+            .filter(|a| load(a) == least)
+            .collect();
         let addr = tied[state.next % tied.len()];
         state.next = state.next.wrapping_add(1);
         *state.active.entry(addr).or_default() += 1;
-        Some(Active { balancer: self.clone(), addr })
+        Some(Active {
+            balancer: self.clone(),
+            addr,
+        })
     }
 
     /// Active tunnels to `addr` right now.
@@ -110,7 +117,10 @@ mod tests {
     }
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -123,7 +133,10 @@ mod tests {
         let b = Balancer::new();
         let eps = [addr(1), addr(2), addr(3)];
         let picks: Vec<SocketAddr> = (0..6).map(|_| b.pick(&eps).unwrap().addr()).collect();
-        assert_eq!(picks, vec![addr(1), addr(2), addr(3), addr(1), addr(2), addr(3)]);
+        assert_eq!(
+            picks,
+            vec![addr(1), addr(2), addr(3), addr(1), addr(2), addr(3)]
+        );
     }
 
     #[test]

@@ -48,9 +48,18 @@ pub enum GatewayError {
         source: quinn::ConnectionError,
     },
     #[error("the QUIC handshake with the gateway of cluster {cluster} at {addr} did not finish within {after:?}")]
-    HandshakeTimeout { cluster: String, addr: SocketAddr, after: Duration },
+    HandshakeTimeout {
+        cluster: String,
+        addr: SocketAddr,
+        after: Duration,
+    },
     #[error("the peer at {addr} presented {found}, not the gateway identity of cluster {cluster} (trust domain {trust_domain})")]
-    WrongPeer { cluster: String, addr: SocketAddr, trust_domain: String, found: String },
+    WrongPeer {
+        cluster: String,
+        addr: SocketAddr,
+        trust_domain: String,
+        found: String,
+    },
     #[error("the gateway of cluster {cluster} is unavailable (the last connection attempt failed: {reason})")]
     PeerUnavailable { cluster: String, reason: String },
     #[error("opening a stream to cluster {cluster} failed")]

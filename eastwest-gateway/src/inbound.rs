@@ -26,7 +26,7 @@ use crate::endpoints::{self, Active, Balancer};
 use crate::outbound::reject_bad_header;
 use crate::quic::{self, codes};
 use crate::relay::relay;
-use crate::GatewayError;
+use crate::{log_panic, GatewayError, Stop};
 
 /// How many endpoints one stream tries before answering `NoHealthyEndpoint`.
 const MAX_DIAL_ATTEMPTS: usize = 3;
@@ -39,28 +39,33 @@ pub(crate) struct Inbound {
 }
 
 impl Inbound {
-    /// Accepts peer gateways' connections until the endpoint is closed; each connection (and
-    /// each of its streams) is served by a task owned by this loop, so ending the loop ends
-    /// them all.
-    pub(crate) async fn run(self: Arc<Self>, endpoint: Endpoint) {
+    /// Accepts peer gateways' connections until `stop` fires or the endpoint is closed; each
+    /// connection (and each of its streams) is served by a task owned by this loop, and all of
+    /// them have ended when it returns.
+    pub(crate) async fn run(self: Arc<Self>, endpoint: Endpoint, mut stop: Stop) {
         let mut tasks = JoinSet::new();
         loop {
             tokio::select! {
+                _ = stop.fired() => break,
                 incoming = endpoint.accept() => match incoming {
                     Some(incoming) => {
                         let this = self.clone();
+                        let stop = stop.clone();
                         let span = tracing::info_span!("inbound", from = %incoming.remote_address());
-                        tasks.spawn(async move { this.serve_connection(incoming).await }.instrument(span));
+                        tasks.spawn(
+                            async move { this.serve_connection(incoming, stop).await }.instrument(span),
+                        );
                     }
                     None => break,
                 },
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => log_panic(done),
             }
         }
-        debug!("the QUIC endpoint is closed; inbound role stopped");
+        tasks.shutdown().await;
+        debug!("inbound role stopped");
     }
 
-    async fn serve_connection(self: Arc<Self>, incoming: Incoming) {
+    async fn serve_connection(self: Arc<Self>, incoming: Incoming, mut stop: Stop) {
         let addr = incoming.remote_address();
         let conn = match self.handshake(incoming).await {
             Ok(conn) => conn,
@@ -79,6 +84,7 @@ impl Inbound {
         let mut streams = JoinSet::new();
         let reason = loop {
             tokio::select! {
+                _ = stop.fired() => break quinn::ConnectionError::LocallyClosed,
                 accepted = conn.accept_bi() => match accepted {
                     Ok((send, recv)) => {
                         let this = self.clone();
@@ -90,23 +96,33 @@ impl Inbound {
                 Some(done) = streams.join_next(), if !streams.is_empty() => log_panic(done),
             }
         };
+        streams.shutdown().await;
         info!(%peer, %reason, "peer gateway connection closed");
     }
 
     async fn handshake(&self, incoming: Incoming) -> Result<Connection, GatewayError> {
         let addr = incoming.remote_address();
-        let connecting = incoming.accept().map_err(|source| GatewayError::Accept { addr, source })?;
+        let connecting = incoming
+            .accept()
+            .map_err(|source| GatewayError::Accept { addr, source })?;
         match tokio::time::timeout(self.connect_timeout, connecting).await {
-            Err(_) => Err(GatewayError::AcceptTimeout { addr, after: self.connect_timeout }),
+            Err(_) => Err(GatewayError::AcceptTimeout {
+                addr,
+                after: self.connect_timeout,
+            }),
             Ok(Err(source)) => Err(GatewayError::Accept { addr, source }),
             Ok(Ok(conn)) => Ok(conn),
         }
     }
 
     async fn serve_stream(&self, peer: &SpiffeId, mut send: SendStream, mut recv: RecvStream) {
-        let req = match tokio::time::timeout(self.connect_timeout, tunnel::read_request(&mut recv)).await {
+        let req = match tokio::time::timeout(self.connect_timeout, tunnel::read_request(&mut recv))
+            .await
+        {
             Err(_) => {
-                let e = GatewayError::ReadRequestTimeout { after: self.connect_timeout };
+                let e = GatewayError::ReadRequestTimeout {
+                    after: self.connect_timeout,
+                };
                 debug!(%peer, error = %e.chain(), "abandoning a silent stream");
                 let _ = send.reset(codes::STREAM_ABORTED);
                 return;
@@ -136,8 +152,11 @@ impl Inbound {
             }
             info!(endpoint = %active.addr(), "tunnel open");
             match relay(tcp, send, recv).await {
-                Ok(carried) => debug!(up = carried.tcp_to_quic, down = carried.quic_to_tcp,
-                    "tunnel closed"),
+                Ok(carried) => debug!(
+                    up = carried.tcp_to_quic,
+                    down = carried.quic_to_tcp,
+                    "tunnel closed"
+                ),
                 Err(e) => debug!(error = %GatewayError::Relay(e).chain(), "tunnel aborted"),
             }
             drop(active);
@@ -159,15 +178,19 @@ impl Inbound {
 
     /// Connects to the least-loaded candidate, moving on to the next on failure, within one
     /// connect timeout overall.
-    async fn dial(&self, mut candidates: Vec<SocketAddr>) -> Result<(TcpStream, Active), OpenResponse> {
+    async fn dial(
+        &self,
+        mut candidates: Vec<SocketAddr>,
+    ) -> Result<(TcpStream, Active), OpenResponse> {
         let total = candidates.len();
         let mut last_error = None;
         let deadline = tokio::time::Instant::now() + self.connect_timeout;
         for _ in 0..MAX_DIAL_ATTEMPTS.min(total) {
-            let Some(active) = self.balancer.pick(&candidates) else { break };
+            let Some(active) = self.balancer.pick(&candidates) else {
+                break;
+            };
             let addr = active.addr();
-            let dialled =
-                tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await;
+            let dialled = tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await;
             match dialled {
                 Ok(Ok(tcp)) => {
                     let _ = tcp.set_nodelay(true);
@@ -221,11 +244,17 @@ fn route(
     if req.target_cluster != cluster {
         return Err(refuse(
             ReasonCode::BadRequest,
-            format!("this is the gateway of cluster {cluster}, not {}", req.target_cluster),
+            format!(
+                "this is the gateway of cluster {cluster}, not {}",
+                req.target_cluster
+            ),
         ));
     }
     let Some((name, namespace)) = req.service_parts() else {
-        return Err(refuse(ReasonCode::BadRequest, format!("bad service name {:?}", req.service)));
+        return Err(refuse(
+            ReasonCode::BadRequest,
+            format!("bad service name {:?}", req.service),
+        ));
     };
     let service = config
         .service(namespace, name)
@@ -244,10 +273,17 @@ fn route(
     }
     let candidates = endpoints::candidates(&service.local_endpoints, req.subset.as_deref());
     if candidates.is_empty() {
-        let subset = req.subset.as_deref().map(|s| format!(" in subset {s}")).unwrap_or_default();
+        let subset = req
+            .subset
+            .as_deref()
+            .map(|s| format!(" in subset {s}"))
+            .unwrap_or_default();
         return Err(refuse(
             ReasonCode::NoHealthyEndpoint,
-            format!("service {} has no healthy endpoint{subset} in cluster {cluster}", req.service),
+            format!(
+                "service {} has no healthy endpoint{subset} in cluster {cluster}",
+                req.service
+            ),
         ));
     }
     Ok(candidates)
@@ -256,14 +292,6 @@ fn route(
 fn refuse(code: ReasonCode, message: String) -> OpenResponse {
     warn!(%code, %message, "refusing a tunnel");
     OpenResponse::new(code, message)
-}
-
-fn log_panic(done: Result<(), tokio::task::JoinError>) {
-    if let Err(e) = done {
-        if e.is_panic() {
-            warn!(error = %e, "an inbound task panicked");
-        }
-    }
 }
 
 #[cfg(test)]
@@ -283,7 +311,11 @@ mod tests {
             name: name.into(),
             namespace: "default".into(),
             vip: [240, 240, 0, 1].into(),
-            ports: vec![ServicePort { name: "http".into(), port: 80, ..ServicePort::default() }],
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                ..ServicePort::default()
+            }],
             identities: vec![],
             local_endpoints: endpoints,
             remote: vec![],
@@ -330,18 +362,36 @@ mod tests {
     #[test]
     fn refusals_carry_the_reason_code_a_caller_can_fail_over_on() {
         let c = config();
-        assert_eq!(code(route(&c, "west", &east(), &request("nope.default"))), ReasonCode::UnknownService);
-        assert_eq!(code(route(&c, "west", &east(), &request("internal.default"))), ReasonCode::UnknownService);
-        assert_eq!(code(route(&c, "west", &east(), &request("down.default"))), ReasonCode::NoHealthyEndpoint);
+        assert_eq!(
+            code(route(&c, "west", &east(), &request("nope.default"))),
+            ReasonCode::UnknownService
+        );
+        assert_eq!(
+            code(route(&c, "west", &east(), &request("internal.default"))),
+            ReasonCode::UnknownService
+        );
+        assert_eq!(
+            code(route(&c, "west", &east(), &request("down.default"))),
+            ReasonCode::NoHealthyEndpoint
+        );
         let mut wrong_port = request("ratings.default");
         wrong_port.port = 81;
-        assert_eq!(code(route(&c, "west", &east(), &wrong_port)), ReasonCode::UnknownService);
+        assert_eq!(
+            code(route(&c, "west", &east(), &wrong_port)),
+            ReasonCode::UnknownService
+        );
         let mut v2 = request("ratings.default");
         v2.subset = Some("v2".into());
-        assert_eq!(code(route(&c, "west", &east(), &v2)), ReasonCode::NoHealthyEndpoint);
+        assert_eq!(
+            code(route(&c, "west", &east(), &v2)),
+            ReasonCode::NoHealthyEndpoint
+        );
         let mut elsewhere = request("ratings.default");
         elsewhere.target_cluster = "north".into();
-        assert_eq!(code(route(&c, "west", &east(), &elsewhere)), ReasonCode::BadRequest);
+        assert_eq!(
+            code(route(&c, "west", &east(), &elsewhere)),
+            ReasonCode::BadRequest
+        );
     }
 
     #[test]
@@ -349,8 +399,14 @@ mod tests {
         let c = config();
         let mut spoofed = request("ratings.default");
         spoofed.source_cluster = "west".into();
-        assert_eq!(code(route(&c, "west", &east(), &spoofed)), ReasonCode::Forbidden);
+        assert_eq!(
+            code(route(&c, "west", &east(), &spoofed)),
+            ReasonCode::Forbidden
+        );
         let stranger = SpiffeId::gateway("north.isthmus.local");
-        assert_eq!(code(route(&c, "west", &stranger, &request("ratings.default"))), ReasonCode::Forbidden);
+        assert_eq!(
+            code(route(&c, "west", &stranger, &request("ratings.default"))),
+            ReasonCode::Forbidden
+        );
     }
 }

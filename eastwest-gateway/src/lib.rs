@@ -86,7 +86,11 @@ pub struct GatewayOptions {
 
 impl GatewayOptions {
     /// Options with the default ports (all interfaces) and timeouts.
-    pub fn new(cluster: impl Into<String>, identity: Arc<Identity>, trust: Arc<TrustBundles>) -> Self {
+    pub fn new(
+        cluster: impl Into<String>,
+        identity: Arc<Identity>,
+        trust: Arc<TrustBundles>,
+    ) -> Self {
         GatewayOptions {
             cluster: cluster.into(),
             quic_listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_QUIC_PORT)),
@@ -126,16 +130,39 @@ impl GatewayOptions {
     }
 }
 
-/// A running gateway. Dropping it stops the gateway abruptly; [`GatewayHandle::shutdown`]
-/// stops it and waits for its tasks to end.
+/// A running gateway. [`GatewayHandle::shutdown`] stops it and waits until every task has
+/// ended and both ports are released; dropping the handle stops it without waiting.
 #[derive(Debug)]
 pub struct GatewayHandle {
     cluster: String,
     quic_addr: SocketAddr,
     local_addr: SocketAddr,
     idle_timeout: Duration,
-    endpoint: quinn::Endpoint,
+    /// `None` once shut down.
+    endpoint: Option<quinn::Endpoint>,
+    stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+/// The signal that tells every long-running task to wind down. It also fires when the
+/// [`GatewayHandle`] (which holds the sender) is dropped.
+#[derive(Debug, Clone)]
+pub(crate) struct Stop(watch::Receiver<bool>);
+
+impl Stop {
+    /// Resolves once the gateway is stopping.
+    pub(crate) async fn fired(&mut self) {
+        let _ = self.0.wait_for(|stopping| *stopping).await;
+    }
+}
+
+/// Logs a task that ended in a panic (a bug: input and network failures never panic).
+pub(crate) fn log_panic(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        if e.is_panic() {
+            tracing::error!(error = %e, "a gateway task panicked");
+        }
+    }
 }
 
 /// Starts a gateway: binds the QUIC endpoint and the local listener, then runs the roles until
@@ -149,17 +176,26 @@ pub async fn start(
     let endpoint = quic::endpoint(&opts)?;
     let quic_addr = endpoint
         .local_addr()
-        .map_err(|source| GatewayError::BindQuic { addr: opts.quic_listen, source })?;
+        .map_err(|source| GatewayError::BindQuic {
+            addr: opts.quic_listen,
+            source,
+        })?;
     let listener = match TcpListener::bind(opts.local_listen).await {
         Ok(listener) => listener,
         Err(source) => {
             endpoint.close(quic::codes::SHUTDOWN, b"start-up failed");
-            return Err(GatewayError::BindLocal { addr: opts.local_listen, source });
+            return Err(GatewayError::BindLocal {
+                addr: opts.local_listen,
+                source,
+            });
         }
     };
     let local_addr = listener
         .local_addr()
-        .map_err(|source| GatewayError::BindLocal { addr: opts.local_listen, source })?;
+        .map_err(|source| GatewayError::BindLocal {
+            addr: opts.local_listen,
+            source,
+        })?;
 
     let peers = Arc::new(peers::Peers::new(endpoint.clone(), opts.connect_timeout));
     let outbound = Arc::new(outbound::Outbound {
@@ -174,10 +210,11 @@ pub async fn start(
         balancer: endpoints::Balancer::new(),
         connect_timeout: opts.connect_timeout,
     });
+    let (stop, stop_rx) = watch::channel(false);
     let tasks = vec![
-        tokio::spawn(outbound.run(listener)),
-        tokio::spawn(inbound.run(endpoint.clone())),
-        tokio::spawn(peers.watch(config)),
+        tokio::spawn(outbound.run(listener, Stop(stop_rx.clone()))),
+        tokio::spawn(inbound.run(endpoint.clone(), Stop(stop_rx.clone()))),
+        tokio::spawn(peers.watch(config, Stop(stop_rx))),
     ];
     info!(
         cluster = %opts.cluster,
@@ -195,7 +232,8 @@ pub async fn start(
         quic_addr,
         local_addr,
         idle_timeout: opts.idle_timeout,
-        endpoint,
+        endpoint: Some(endpoint),
+        stop,
         tasks,
     })
 }
@@ -218,29 +256,40 @@ impl GatewayHandle {
     }
 
     /// Closes the QUIC endpoint (peers see the connections close at once) and the local
-    /// listener, ends every task and waits for them.
+    /// listener, ends every task and waits for them, then waits (up to the idle timeout) for
+    /// the UDP port to be released so a new gateway can bind it straight away.
     pub async fn shutdown(mut self) {
-        self.endpoint.close(quic::codes::SHUTDOWN, b"gateway shutting down");
-        let tasks = std::mem::take(&mut self.tasks);
-        for task in &tasks {
-            task.abort();
+        self.stop.send_replace(true);
+        if let Some(endpoint) = &self.endpoint {
+            endpoint.close(quic::codes::SHUTDOWN, b"gateway shutting down");
         }
-        for task in tasks {
-            let _ = task.await;
+        for task in std::mem::take(&mut self.tasks) {
+            log_panic(task.await);
         }
-        // Give the close frames a moment to go out, without hanging on an unresponsive peer.
-        let _ = tokio::time::timeout(self.idle_timeout, self.endpoint.wait_idle()).await;
+        if let Some(endpoint) = self.endpoint.take() {
+            // Let the close frames go out without hanging on an unresponsive peer.
+            let _ = tokio::time::timeout(self.idle_timeout, endpoint.wait_idle()).await;
+        }
+        // quinn's endpoint driver (its own task) owns the socket and lets go of it shortly
+        // after the last handle is dropped.
+        let deadline = tokio::time::Instant::now() + self.idle_timeout;
+        while std::net::UdpSocket::bind(self.quic_addr).is_err()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         info!(cluster = %self.cluster, "east-west gateway stopped");
     }
 }
 
 impl Drop for GatewayHandle {
     fn drop(&mut self) {
-        if !self.tasks.is_empty() {
-            self.endpoint.close(quic::codes::SHUTDOWN, b"gateway dropped");
-            for task in &self.tasks {
-                task.abort();
-            }
+        self.stop.send_replace(true);
+        if let Some(endpoint) = self.endpoint.take() {
+            endpoint.close(quic::codes::SHUTDOWN, b"gateway dropped");
+        }
+        for task in &self.tasks {
+            task.abort();
         }
     }
 }

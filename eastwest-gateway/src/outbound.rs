@@ -24,7 +24,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::peers::{PeerTarget, Peers};
 use crate::relay::relay;
-use crate::GatewayError;
+use crate::{log_panic, GatewayError, Stop};
 
 pub(crate) struct Outbound {
     pub cluster: String,
@@ -41,12 +41,13 @@ struct Opened {
 }
 
 impl Outbound {
-    /// Accepts sidecar connections until the task is aborted; each is served by a task owned
-    /// by this loop, so aborting the loop ends them all.
-    pub(crate) async fn run(self: Arc<Self>, listener: TcpListener) {
+    /// Accepts sidecar connections until `stop` fires; each is served by a task owned by this
+    /// loop, and all of them have ended when it returns (the listener is closed with it).
+    pub(crate) async fn run(self: Arc<Self>, listener: TcpListener, mut stop: Stop) {
         let mut tasks = JoinSet::new();
         loop {
             tokio::select! {
+                _ = stop.fired() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, from)) => {
                         let this = self.clone();
@@ -59,22 +60,23 @@ impl Outbound {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
-                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                    if let Err(e) = done {
-                        if e.is_panic() {
-                            warn!(error = %e, "an outbound connection task panicked");
-                        }
-                    }
-                }
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => log_panic(done),
             }
         }
+        drop(listener);
+        tasks.shutdown().await;
+        debug!("outbound role stopped");
     }
 
     async fn serve(&self, mut tcp: TcpStream) {
         let _ = tcp.set_nodelay(true);
-        let req = match tokio::time::timeout(self.connect_timeout, tunnel::read_request(&mut tcp)).await {
+        let req = match tokio::time::timeout(self.connect_timeout, tunnel::read_request(&mut tcp))
+            .await
+        {
             Err(_) => {
-                let e = GatewayError::ReadRequestTimeout { after: self.connect_timeout };
+                let e = GatewayError::ReadRequestTimeout {
+                    after: self.connect_timeout,
+                };
                 debug!(error = %e.chain(), "closing a silent local connection");
                 return;
             }
@@ -116,7 +118,10 @@ impl Outbound {
         if req.target_cluster == self.cluster {
             return Err(refuse(
                 ReasonCode::BadRequest,
-                format!("cluster {} is this gateway's own cluster; connect to the service directly", self.cluster),
+                format!(
+                    "cluster {} is this gateway's own cluster; connect to the service directly",
+                    self.cluster
+                ),
             ));
         }
         let target = self.target(&req.target_cluster)?;
@@ -131,9 +136,12 @@ impl Outbound {
             };
             refuse(code, e.chain())
         })?;
-        tunnel::write_request(&mut send, &req)
-            .await
-            .map_err(|e| refuse(ReasonCode::Unreachable, GatewayError::WriteRequest(e).chain()))?;
+        tunnel::write_request(&mut send, &req).await.map_err(|e| {
+            refuse(
+                ReasonCode::Unreachable,
+                GatewayError::WriteRequest(e).chain(),
+            )
+        })?;
         // The remote gateway may spend up to its own connect timeout dialling an endpoint.
         let wait = self.connect_timeout * 2;
         let response = match tokio::time::timeout(wait, tunnel::read_response(&mut recv)).await {
@@ -142,7 +150,11 @@ impl Outbound {
             Ok(Ok(response)) => {
                 if response.is_ok() {
                     info!("tunnel open");
-                    return Ok(Opened { response, send, recv });
+                    return Ok(Opened {
+                        response,
+                        send,
+                        recv,
+                    });
                 }
                 info!(code = %response.code, message = %response.message, "remote gateway refused");
                 return Err(response);
@@ -156,10 +168,16 @@ impl Outbound {
     fn target(&self, cluster: &str) -> Result<PeerTarget, OpenResponse> {
         let config = self.config.borrow().clone();
         let info = config.cluster_info(cluster).ok_or_else(|| {
-            refuse(ReasonCode::Unreachable, format!("cluster {cluster} is not a member of the mesh"))
+            refuse(
+                ReasonCode::Unreachable,
+                format!("cluster {cluster} is not a member of the mesh"),
+            )
         })?;
         let addr: SocketAddr = info.gateway.ok_or_else(|| {
-            refuse(ReasonCode::Unreachable, format!("cluster {cluster} has no known gateway"))
+            refuse(
+                ReasonCode::Unreachable,
+                format!("cluster {cluster} has no known gateway"),
+            )
         })?;
         Ok(PeerTarget {
             cluster: cluster.to_string(),
@@ -171,7 +189,10 @@ impl Outbound {
     /// Opens a stream on the pooled connection. A pooled connection can die between uses
     /// without us noticing yet; opening on it then fails at once, and one fresh connection is
     /// tried before giving up.
-    async fn open_stream(&self, target: &PeerTarget) -> Result<(SendStream, RecvStream), GatewayError> {
+    async fn open_stream(
+        &self,
+        target: &PeerTarget,
+    ) -> Result<(SendStream, RecvStream), GatewayError> {
         let mut retried = false;
         loop {
             let conn = self.peers.connection(target).await?;
@@ -184,7 +205,10 @@ impl Outbound {
                 }
                 Ok(Ok(streams)) => return Ok(streams),
                 Ok(Err(source)) if retried => {
-                    return Err(GatewayError::OpenStream { cluster: target.cluster.clone(), source })
+                    return Err(GatewayError::OpenStream {
+                        cluster: target.cluster.clone(),
+                        source,
+                    })
                 }
                 Ok(Err(source)) => {
                     debug!(error = %source, "pooled connection is dead; reconnecting once");

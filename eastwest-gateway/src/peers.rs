@@ -3,7 +3,8 @@
 //!
 //! Connecting is single-flight per cluster: callers that arrive while an attempt is running
 //! wait for it and share its outcome, so a dead peer costs one handshake timeout, not one per
-//! waiting caller.
+//! waiting caller. A failure is also remembered for [`HOLD_DOWN`], during which callers are
+//! answered at once instead of starting another attempt that would wait out the same timeout.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,10 +15,11 @@ use std::time::Duration;
 use isthmus_core::mesh::MeshConfig;
 use isthmus_core::tls::MESH_SERVER_NAME;
 use quinn::{Connection, Endpoint};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::quic::{self, codes};
-use crate::GatewayError;
+use crate::{GatewayError, Stop};
 
 /// Where and whom to connect to for one peer cluster.
 #[derive(Debug, Clone)]
@@ -41,15 +43,28 @@ struct Slot {
     state: tokio::sync::Mutex<SlotState>,
 }
 
+/// How long a failed connection attempt is trusted before the next caller tries again.
+pub(crate) const HOLD_DOWN: Duration = Duration::from_millis(500);
+
 #[derive(Default)]
 struct SlotState {
     conn: Option<Connection>,
-    last_error: Option<String>,
+    last_failure: Option<Failure>,
+}
+
+struct Failure {
+    at: Instant,
+    addr: SocketAddr,
+    reason: String,
 }
 
 impl Peers {
     pub(crate) fn new(endpoint: Endpoint, connect_timeout: Duration) -> Self {
-        Peers { endpoint, connect_timeout, slots: Mutex::new(HashMap::new()) }
+        Peers {
+            endpoint,
+            connect_timeout,
+            slots: Mutex::new(HashMap::new()),
+        }
     }
 
     fn slot(&self, cluster: &str) -> Arc<Slot> {
@@ -76,13 +91,15 @@ impl Peers {
                 old.close(codes::STALE, b"gateway address changed");
             }
         }
-        if slot.attempts.load(Ordering::Acquire) != seen {
-            // Someone else tried while we waited; share their failure rather than queueing
-            // another full handshake timeout behind it.
-            if let Some(reason) = &state.last_error {
+        if let Some(failure) = &state.last_failure {
+            // Someone else tried while we waited, or tried a moment ago: share their failure
+            // rather than queueing another full handshake timeout behind it.
+            let tried_meanwhile = slot.attempts.load(Ordering::Acquire) != seen;
+            let recent = failure.at.elapsed() < HOLD_DOWN;
+            if failure.addr == target.addr && (tried_meanwhile || recent) {
                 return Err(GatewayError::PeerUnavailable {
                     cluster: target.cluster.clone(),
-                    reason: reason.clone(),
+                    reason: failure.reason.clone(),
                 });
             }
         }
@@ -91,11 +108,15 @@ impl Peers {
             Ok(conn) => {
                 info!(cluster = %target.cluster, addr = %target.addr, "connected to peer gateway");
                 state.conn = Some(conn.clone());
-                state.last_error = None;
+                state.last_failure = None;
                 Ok(conn)
             }
             Err(e) => {
-                state.last_error = Some(e.chain());
+                state.last_failure = Some(Failure {
+                    at: Instant::now(),
+                    addr: target.addr,
+                    reason: e.chain(),
+                });
                 Err(e)
             }
         }
@@ -155,7 +176,10 @@ impl Peers {
                 .filter(|name| config.cluster_info(name).and_then(|c| c.gateway).is_none())
                 .cloned()
                 .collect();
-            names.into_iter().filter_map(|n| slots.remove(&n).map(|s| (n, s))).collect()
+            names
+                .into_iter()
+                .filter_map(|n| slots.remove(&n).map(|s| (n, s)))
+                .collect()
         };
         for (cluster, slot) in stale {
             debug!(%cluster, "dropping the pooled connection of a cluster without a gateway");
@@ -170,15 +194,24 @@ impl Peers {
         // Moved gateways are handled lazily by `connection`, which compares addresses.
     }
 
-    /// Waits for configuration changes and prunes the pool after each; returns when the
-    /// configuration sender is gone (the gateway keeps its last view).
+    /// Waits for configuration changes and prunes the pool after each, until `stop` fires.
+    /// When the configuration sender goes away the gateway keeps its last view.
     pub(crate) async fn watch(
         self: Arc<Self>,
         mut config: tokio::sync::watch::Receiver<Arc<MeshConfig>>,
+        mut stop: Stop,
     ) {
-        while config.changed().await.is_ok() {
-            let current = config.borrow_and_update().clone();
-            self.prune(&current);
+        loop {
+            tokio::select! {
+                _ = stop.fired() => return,
+                changed = config.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let current = config.borrow_and_update().clone();
+                    self.prune(&current);
+                }
+            }
         }
         warn!("the configuration source is gone; the gateway keeps serving its last configuration");
     }

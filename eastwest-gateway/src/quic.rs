@@ -59,19 +59,21 @@ pub(crate) fn endpoint(opts: &GatewayOptions) -> Result<Endpoint, GatewayError> 
     let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
     client.transport_config(transport);
 
-    let mut endpoint = Endpoint::server(server, opts.quic_listen)
-        .map_err(|source| GatewayError::BindQuic { addr: opts.quic_listen, source })?;
+    let mut endpoint =
+        Endpoint::server(server, opts.quic_listen).map_err(|source| GatewayError::BindQuic {
+            addr: opts.quic_listen,
+            source,
+        })?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
 }
 
 fn transport_config(opts: &GatewayOptions) -> Result<TransportConfig, GatewayError> {
-    let idle = IdleTimeout::try_from(opts.idle_timeout).map_err(|_| {
-        GatewayError::InvalidOptions {
+    let idle =
+        IdleTimeout::try_from(opts.idle_timeout).map_err(|_| GatewayError::InvalidOptions {
             field: "idle_timeout",
             reason: format!("{:?} is too large for QUIC", opts.idle_timeout),
-        }
-    })?;
+        })?;
     let mut transport = TransportConfig::default();
     transport
         .keep_alive_interval(Some(opts.keep_alive))
@@ -83,7 +85,10 @@ fn transport_config(opts: &GatewayOptions) -> Result<TransportConfig, GatewayErr
 
 /// The verified SPIFFE ID of the gateway at the other end of `conn`.
 pub(crate) fn peer_id(conn: &Connection) -> Option<SpiffeId> {
-    let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
     tls::peer_identity(Some(&certs))
 }
 
@@ -120,8 +125,17 @@ mod tests {
             ],
             ..MeshConfig::default()
         };
-        assert_eq!(peer_cluster(&config, &SpiffeId::gateway("west.example")), Some("west"));
-        assert_eq!(peer_cluster(&config, &SpiffeId::gateway("east.isthmus.local")), Some("east"));
-        assert_eq!(peer_cluster(&config, &SpiffeId::gateway("north.isthmus.local")), None);
+        assert_eq!(
+            peer_cluster(&config, &SpiffeId::gateway("west.example")),
+            Some("west")
+        );
+        assert_eq!(
+            peer_cluster(&config, &SpiffeId::gateway("east.isthmus.local")),
+            Some("east")
+        );
+        assert_eq!(
+            peer_cluster(&config, &SpiffeId::gateway("north.isthmus.local")),
+            None
+        );
     }
 }

@@ -43,7 +43,10 @@ pub(crate) async fn relay(
         tokio::try_join!(up, down)
     };
     match result {
-        Ok((tcp_to_quic, quic_to_tcp)) => Ok(Carried { tcp_to_quic, quic_to_tcp }),
+        Ok((tcp_to_quic, quic_to_tcp)) => Ok(Carried {
+            tcp_to_quic,
+            quic_to_tcp,
+        }),
         Err(e) => {
             let _ = send.reset(codes::STREAM_ABORTED);
             let _ = recv.stop(codes::STREAM_ABORTED);

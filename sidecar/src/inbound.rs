@@ -124,26 +124,39 @@ async fn forward_request(
             Ok(sender) => *guard = Some(sender),
             Err(e) => {
                 *guard = None;
-                return error_response(StatusCode::BAD_GATEWAY, format!("application at {app} unreachable: {e}\n"));
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    format!("application at {app} unreachable: {e}\n"),
+                );
             }
         }
     }
     let Some(sender) = guard.as_mut() else {
-        return error_response(StatusCode::BAD_GATEWAY, "no connection to the application\n".into());
+        return error_response(
+            StatusCode::BAD_GATEWAY,
+            "no connection to the application\n".into(),
+        );
     };
     match sender.send_request(req).await {
         Ok(resp) => resp.map(|b| b.boxed()),
         Err(e) => {
             *guard = None;
-            error_response(StatusCode::BAD_GATEWAY, format!("application request failed: {e}\n"))
+            error_response(
+                StatusCode::BAD_GATEWAY,
+                format!("application request failed: {e}\n"),
+            )
         }
     }
 }
 
-async fn connect_app(app: SocketAddr) -> Result<hyper::client::conn::http1::SendRequest<Incoming>, String> {
+async fn connect_app(
+    app: SocketAddr,
+) -> Result<hyper::client::conn::http1::SendRequest<Incoming>, String> {
     let tcp = TcpStream::connect(app).await.map_err(|e| e.to_string())?;
     let _ = tcp.set_nodelay(true);
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| e.to_string())?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "application connection ended");
@@ -153,7 +166,9 @@ async fn connect_app(app: SocketAddr) -> Result<hyper::client::conn::http1::Send
 }
 
 fn error_response(status: StatusCode, text: String) -> Response<Body> {
-    let body = Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed();
+    let body = Full::new(Bytes::from(text))
+        .map_err(|never| match never {})
+        .boxed();
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     resp

@@ -117,10 +117,16 @@ pub async fn start(
     for port in &opts.inbound {
         let listener = tokio::net::TcpListener::bind(port.listen)
             .await
-            .map_err(|source| SidecarError::BindInbound { addr: port.listen, source })?;
+            .map_err(|source| SidecarError::BindInbound {
+                addr: port.listen,
+                source,
+            })?;
         let addr = listener
             .local_addr()
-            .map_err(|source| SidecarError::BindInbound { addr: port.listen, source })?;
+            .map_err(|source| SidecarError::BindInbound {
+                addr: port.listen,
+                source,
+            })?;
         inbound.push(addr);
         tasks.push(tokio::spawn(inbound::serve(
             listener,
@@ -139,5 +145,10 @@ pub async fn start(
             stopped.clone(),
         )));
     }
-    Ok(SidecarHandle { inbound, outbound, stop, tasks })
+    Ok(SidecarHandle {
+        inbound,
+        outbound,
+        stop,
+        tasks,
+    })
 }

@@ -67,7 +67,8 @@ pub(crate) async fn reconcile(
             }
             match TcpListener::bind(addr).await {
                 Ok(listener) => {
-                    let task = tokio::spawn(accept(listener, addr, config.clone(), upstream.clone()));
+                    let task =
+                        tokio::spawn(accept(listener, addr, config.clone(), upstream.clone()));
                     listeners.lock().insert(addr, task);
                     tracing::debug!(%addr, "outbound listener bound");
                 }
@@ -89,7 +90,9 @@ async fn accept(
     upstream: Arc<Connector>,
 ) {
     loop {
-        let Ok((app, peer)) = listener.accept().await else { continue };
+        let Ok((app, peer)) = listener.accept().await else {
+            continue;
+        };
         let config = config.clone();
         let upstream = upstream.clone();
         tokio::spawn(async move {

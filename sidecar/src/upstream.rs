@@ -26,7 +26,11 @@ pub enum UpstreamError {
     #[error("connecting to {addr} failed: {reason}")]
     Connect { addr: SocketAddr, reason: String },
     #[error("the gateway refused the stream to {cluster}: {code:?} {message}")]
-    Refused { cluster: String, code: ReasonCode, message: String },
+    Refused {
+        cluster: String,
+        code: ReasonCode,
+        message: String,
+    },
 }
 
 /// Opens mTLS sessions to services on behalf of one workload.
@@ -54,7 +58,14 @@ impl Connector {
         gateway: Option<SocketAddr>,
         timeout: Duration,
     ) -> Self {
-        Connector { cluster, identity, trust, gateway, timeout, next: AtomicUsize::new(0) }
+        Connector {
+            cluster,
+            identity,
+            trust,
+            gateway,
+            timeout,
+            next: AtomicUsize::new(0),
+        }
     }
 
     /// Opens an mTLS session to `service` on `port`, local endpoints first.
@@ -63,7 +74,11 @@ impl Connector {
         service: &MeshService,
         port: u16,
     ) -> Result<(TlsStream<TcpStream>, Route), UpstreamError> {
-        let healthy: Vec<_> = service.local_endpoints.iter().filter(|e| e.healthy).collect();
+        let healthy: Vec<_> = service
+            .local_endpoints
+            .iter()
+            .filter(|e| e.healthy)
+            .collect();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut last_error = None;
         for i in 0..healthy.len() {
@@ -78,7 +93,10 @@ impl Connector {
         }
         if let Some(gateway) = self.gateway {
             for remote in service.remote.iter().filter(|r| r.healthy_endpoints > 0) {
-                match self.dial_via_gateway(service, port, gateway, &remote.cluster).await {
+                match self
+                    .dial_via_gateway(service, port, gateway, &remote.cluster)
+                    .await
+                {
                     Ok(tls) => return Ok((tls, Route::Remote(remote.cluster.clone()))),
                     Err(e) => {
                         tracing::debug!(cluster = %remote.cluster, error = %e, "remote cluster failed");
@@ -115,13 +133,19 @@ impl Connector {
             source_cluster: self.cluster.clone(),
             trace_context: None,
         };
-        let failed = |e: tunnel::TunnelError| UpstreamError::Connect { addr: gateway, reason: e.to_string() };
+        let failed = |e: tunnel::TunnelError| UpstreamError::Connect {
+            addr: gateway,
+            reason: e.to_string(),
+        };
         let answer = tokio::time::timeout(self.timeout, async {
             tunnel::write_request(&mut tcp, &request).await?;
             tunnel::read_response(&mut tcp).await
         })
         .await
-        .map_err(|_| UpstreamError::Connect { addr: gateway, reason: "the gateway did not answer in time".into() })?
+        .map_err(|_| UpstreamError::Connect {
+            addr: gateway,
+            reason: "the gateway did not answer in time".into(),
+        })?
         .map_err(failed)?;
         if answer.code != ReasonCode::Ok {
             return Err(UpstreamError::Refused {
@@ -136,8 +160,14 @@ impl Connector {
     async fn tcp(&self, addr: SocketAddr) -> Result<TcpStream, UpstreamError> {
         let tcp = tokio::time::timeout(self.timeout, TcpStream::connect(addr))
             .await
-            .map_err(|_| UpstreamError::Connect { addr, reason: "timed out".into() })?
-            .map_err(|e| UpstreamError::Connect { addr, reason: e.to_string() })?;
+            .map_err(|_| UpstreamError::Connect {
+                addr,
+                reason: "timed out".into(),
+            })?
+            .map_err(|e| UpstreamError::Connect {
+                addr,
+                reason: e.to_string(),
+            })?;
         let _ = tcp.set_nodelay(true);
         Ok(tcp)
     }
@@ -148,14 +178,35 @@ impl Connector {
         tcp: TcpStream,
         addr: SocketAddr,
     ) -> Result<TlsStream<TcpStream>, UpstreamError> {
-        let allowed: Vec<SpiffeId> = service.identities.iter().filter_map(|i| i.parse().ok()).collect();
+        let allowed: Vec<SpiffeId> = service
+            .identities
+            .iter()
+            .filter_map(|i| i.parse().ok())
+            .collect();
         let accept: isthmus_core::tls::AcceptPeer = Arc::new(move |id| allowed.contains(id));
-        let config = isthmus_core::tls::client_config(self.identity.clone(), self.trust.clone(), accept, &[])
-            .map_err(|e| UpstreamError::Connect { addr, reason: e.to_string() })?;
+        let config = isthmus_core::tls::client_config(
+            self.identity.clone(),
+            self.trust.clone(),
+            accept,
+            &[],
+        )
+        .map_err(|e| UpstreamError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        tokio::time::timeout(self.timeout, connector.connect(isthmus_core::tls::mesh_server_name(), tcp))
-            .await
-            .map_err(|_| UpstreamError::Connect { addr, reason: "TLS handshake timed out".into() })?
-            .map_err(|e| UpstreamError::Connect { addr, reason: format!("TLS handshake: {e}") })
+        tokio::time::timeout(
+            self.timeout,
+            connector.connect(isthmus_core::tls::mesh_server_name(), tcp),
+        )
+        .await
+        .map_err(|_| UpstreamError::Connect {
+            addr,
+            reason: "TLS handshake timed out".into(),
+        })?
+        .map_err(|e| UpstreamError::Connect {
+            addr,
+            reason: format!("TLS handshake: {e}"),
+        })
     }
 }

@@ -29,13 +29,27 @@ impl ComponentAdmin {
         let version = Gauge::<i64>::default();
         let services = Gauge::<i64>::default();
         let clusters = Gauge::<i64>::default();
-        registry.register("config_version", "Version of the configuration in use", version.clone());
-        registry.register("config_services", "Services in the configuration in use", services.clone());
-        registry.register("config_clusters", "Member clusters in the configuration in use", clusters.clone());
+        registry.register(
+            "config_version",
+            "Version of the configuration in use",
+            version.clone(),
+        );
+        registry.register(
+            "config_services",
+            "Services in the configuration in use",
+            services.clone(),
+        );
+        registry.register(
+            "config_clusters",
+            "Member clusters in the configuration in use",
+            clusters.clone(),
+        );
         let (ready_tx, ready) = watch::channel(false);
         let debug_config = {
             let config = config.clone();
-            Arc::new(move || serde_json::to_string_pretty(config.borrow().as_ref()).unwrap_or_default())
+            Arc::new(move || {
+                serde_json::to_string_pretty(config.borrow().as_ref()).unwrap_or_default()
+            })
         };
         let mut follow = config.clone();
         let follower = tokio::spawn(async move {
@@ -52,7 +66,11 @@ impl ComponentAdmin {
         });
         let handle = isthmus_core::admin::serve(
             listen,
-            AdminState { registry: Arc::new(registry), ready, debug_config },
+            AdminState {
+                registry: Arc::new(registry),
+                ready,
+                debug_config,
+            },
         )
         .await?;
         Ok(ComponentAdmin { handle, follower })

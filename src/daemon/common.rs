@@ -16,8 +16,12 @@ use tokio::task::JoinHandle;
 pub const FIRST_CONFIG_WAIT: Duration = Duration::from_secs(30);
 
 /// Validates the cluster name and returns the trust domain (explicit or the default).
-pub fn cluster_and_trust_domain(cluster: &str, trust_domain: Option<String>) -> Result<String, FieldError> {
-    validate_label("cluster name", cluster).map_err(|e| FieldError::new("cluster", cluster, e.to_string()))?;
+pub fn cluster_and_trust_domain(
+    cluster: &str,
+    trust_domain: Option<String>,
+) -> Result<String, FieldError> {
+    validate_label("cluster name", cluster)
+        .map_err(|e| FieldError::new("cluster", cluster, e.to_string()))?;
     Ok(trust_domain.unwrap_or_else(|| default_trust_domain(cluster)))
 }
 
@@ -30,7 +34,11 @@ pub struct Attached {
 }
 
 /// Connects to the control plane: a certificate for `id` (when given) and the config stream.
-pub async fn attach(control: &str, node: &str, id: Option<(&SpiffeId, &str)>) -> anyhow::Result<Attached> {
+pub async fn attach(
+    control: &str,
+    node: &str,
+    id: Option<(&SpiffeId, &str)>,
+) -> anyhow::Result<Attached> {
     let client = ControlClient::new(control)?;
     let trust = TrustBundles::new();
     let mut tasks = Vec::new();
@@ -39,7 +47,9 @@ pub async fn attach(control: &str, node: &str, id: Option<(&SpiffeId, &str)>) ->
             let (identity, rotation) = client
                 .workload_identity(id, token, trust.clone())
                 .await
-                .with_context(|| format!("getting a certificate for {id} from the control plane at {control}"))?;
+                .with_context(|| {
+                    format!("getting a certificate for {id} from the control plane at {control}")
+                })?;
             tasks.push(rotation);
             Some(identity)
         }
@@ -48,7 +58,12 @@ pub async fn attach(control: &str, node: &str, id: Option<(&SpiffeId, &str)>) ->
     let (config, stream) = client.watch_config(node, FIRST_CONFIG_WAIT).await?;
     tasks.push(stream);
     tasks.push(follow_trust_bundles(trust.clone(), config.clone()));
-    Ok(Attached { identity, trust, config, tasks })
+    Ok(Attached {
+        identity,
+        trust,
+        config,
+        tasks,
+    })
 }
 
 /// Waits for SIGINT or SIGTERM.

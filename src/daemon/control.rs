@@ -15,7 +15,10 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     let binding = isthmus_federation::bind(config.peer_listen).await?;
     let federation = binding.local_addr();
     let store = binding
-        .start(isthmus_federation::StoreOptions::new(config.node_id, config.peers.clone()))
+        .start(isthmus_federation::StoreOptions::new(
+            config.node_id,
+            config.peers.clone(),
+        ))
         .await?;
     let control = isthmus_control::start(
         isthmus_control::ControlOptions {

@@ -46,7 +46,10 @@ pub struct RawListen {
 
 impl Default for RawListen {
     fn default() -> Self {
-        RawListen { dns: default_dns(), admin: default_admin() }
+        RawListen {
+            dns: default_dns(),
+            admin: default_admin(),
+        }
     }
 }
 fn default_dns() -> String {
@@ -105,7 +108,12 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             .unwrap_or_default(),
     };
     let dns = isthmus_dns::start(
-        isthmus_dns::DnsOptions { listen: config.dns, upstreams, upstream_timeout: Duration::from_secs(2), ttl: config.ttl },
+        isthmus_dns::DnsOptions {
+            listen: config.dns,
+            upstreams,
+            upstream_timeout: Duration::from_secs(2),
+            ttl: config.ttl,
+        },
         att.config.clone(),
     )
     .await?;

@@ -56,7 +56,11 @@ pub struct RawListen {
 
 impl Default for RawListen {
     fn default() -> Self {
-        RawListen { quic: default_quic(), local: default_local(), admin: default_admin() }
+        RawListen {
+            quic: default_quic(),
+            local: default_local(),
+            admin: default_admin(),
+        }
     }
 }
 fn default_quic() -> String {
@@ -87,7 +91,11 @@ impl TryFrom<RawGatewayConfig> for GatewayConfig {
     fn try_from(raw: RawGatewayConfig) -> Result<Self, FieldError> {
         let trust_domain = cluster_and_trust_domain(&raw.cluster, raw.trust_domain)?;
         if raw.token.is_empty() {
-            return Err(FieldError::new("token", "", "the bootstrap token is required"));
+            return Err(FieldError::new(
+                "token",
+                "",
+                "the bootstrap token is required",
+            ));
         }
         Ok(GatewayConfig {
             cluster: raw.cluster,
@@ -105,10 +113,19 @@ impl TryFrom<RawGatewayConfig> for GatewayConfig {
 
 /// Runs the gateway until a shutdown signal.
 pub async fn run(path: &Path) -> anyhow::Result<()> {
-    let config: GatewayConfig = isthmus_core::config::load_file::<RawGatewayConfig, GatewayConfig>(path)?;
+    let config: GatewayConfig =
+        isthmus_core::config::load_file::<RawGatewayConfig, GatewayConfig>(path)?;
     let id = SpiffeId::gateway(&config.trust_domain);
-    let att = attach(&config.control.to_string(), "gateway", Some((&id, &config.token))).await?;
-    let identity = att.identity.clone().ok_or_else(|| anyhow::anyhow!("no gateway identity"))?;
+    let att = attach(
+        &config.control.to_string(),
+        "gateway",
+        Some((&id, &config.token)),
+    )
+    .await?;
+    let identity = att
+        .identity
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("no gateway identity"))?;
     let gateway = isthmus_gateway::start(
         isthmus_gateway::GatewayOptions {
             cluster: config.cluster.clone(),

@@ -72,7 +72,9 @@ pub struct RawListen {
 
 impl Default for RawListen {
     fn default() -> Self {
-        RawListen { admin: default_admin() }
+        RawListen {
+            admin: default_admin(),
+        }
     }
 }
 fn default_admin() -> String {
@@ -95,15 +97,15 @@ impl TryFrom<RawSidecarConfig> for SidecarConfig {
     type Error = FieldError;
     fn try_from(raw: RawSidecarConfig) -> Result<Self, FieldError> {
         let trust_domain = cluster_and_trust_domain(&raw.cluster, raw.trust_domain)?;
-        validate_label("namespace", &raw.namespace).map_err(|e| FieldError::new("namespace", &raw.namespace, e.to_string()))?;
+        validate_label("namespace", &raw.namespace)
+            .map_err(|e| FieldError::new("namespace", &raw.namespace, e.to_string()))?;
         validate_label("service account", &raw.service_account)
             .map_err(|e| FieldError::new("serviceAccount", &raw.service_account, e.to_string()))?;
         let mut inbound = Vec::new();
         for (i, p) in raw.inbound.iter().enumerate() {
-            let protocol: Protocol = p
-                .protocol
-                .parse()
-                .map_err(|reason: String| FieldError::new(format!("inbound[{i}].protocol"), &p.protocol, reason))?;
+            let protocol: Protocol = p.protocol.parse().map_err(|reason: String| {
+                FieldError::new(format!("inbound[{i}].protocol"), &p.protocol, reason)
+            })?;
             inbound.push(isthmus_sidecar::InboundPort {
                 listen: socket_addr(&format!("inbound[{i}].listen"), &p.listen)?,
                 forward_to: socket_addr(&format!("inbound[{i}].forwardTo"), &p.forward_to)?,
@@ -111,14 +113,22 @@ impl TryFrom<RawSidecarConfig> for SidecarConfig {
             });
         }
         if !raw.outbound && inbound.is_empty() {
-            return Err(FieldError::new("inbound", "[]", "a sidecar with outbound: false needs at least one inbound port"));
+            return Err(FieldError::new(
+                "inbound",
+                "[]",
+                "a sidecar with outbound: false needs at least one inbound port",
+            ));
         }
         Ok(SidecarConfig {
             identity: SpiffeId::new(&trust_domain, &raw.namespace, &raw.service_account),
             cluster: raw.cluster,
             control: socket_addr("control", &raw.control)?,
             token: raw.token,
-            gateway: raw.gateway.as_deref().map(|g| socket_addr("gateway", g)).transpose()?,
+            gateway: raw
+                .gateway
+                .as_deref()
+                .map(|g| socket_addr("gateway", g))
+                .transpose()?,
             outbound: raw.outbound,
             inbound,
             admin: socket_addr("listen.admin", &raw.listen.admin)?,
@@ -128,14 +138,18 @@ impl TryFrom<RawSidecarConfig> for SidecarConfig {
 
 /// Runs the sidecar until a shutdown signal.
 pub async fn run(path: &Path) -> anyhow::Result<()> {
-    let config: SidecarConfig = isthmus_core::config::load_file::<RawSidecarConfig, SidecarConfig>(path)?;
+    let config: SidecarConfig =
+        isthmus_core::config::load_file::<RawSidecarConfig, SidecarConfig>(path)?;
     let att = attach(
         &config.control.to_string(),
         &format!("sidecar/{}", config.identity.service_account()),
         Some((&config.identity, &config.token)),
     )
     .await?;
-    let identity = att.identity.clone().ok_or_else(|| anyhow::anyhow!("no workload identity"))?;
+    let identity = att
+        .identity
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("no workload identity"))?;
     let sidecar = isthmus_sidecar::start(
         isthmus_sidecar::SidecarOptions {
             cluster: config.cluster.clone(),
@@ -150,7 +164,11 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     )
     .await?;
     let admin = ComponentAdmin::start("sidecar", config.admin, att.config.clone()).await?;
-    let inbound: Vec<String> = sidecar.inbound_addrs().iter().map(|a| a.to_string()).collect();
+    let inbound: Vec<String> = sidecar
+        .inbound_addrs()
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
     print_ready(
         "sidecar",
         serde_json::json!({"identity": config.identity.to_string(), "inbound": inbound, "admin": admin.addr().to_string()}),

@@ -16,7 +16,9 @@ use isthmus_core::tls::{Identity, TrustBundles};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{ClusterPorts, DemoOptions, CLIENT_ACCOUNT, SAMPLE_NAMESPACE, SAMPLE_PORT, SAMPLE_SERVICES};
+use super::{
+    ClusterPorts, DemoOptions, CLIENT_ACCOUNT, SAMPLE_NAMESPACE, SAMPLE_PORT, SAMPLE_SERVICES,
+};
 use crate::daemon::admin::ComponentAdmin;
 use crate::sample::{self, SampleApp, SampleHandle};
 
@@ -64,7 +66,12 @@ async fn attach(client: &ControlClient, node: &str, id: SpiffeId) -> anyhow::Res
         .with_context(|| format!("getting a certificate for {id}"))?;
     let (config, stream) = client.watch_config(node, Duration::from_secs(10)).await?;
     let follow = follow_trust_bundles(trust.clone(), config.clone());
-    Ok(Attached { identity, trust, config, tasks: vec![rotation, stream, follow] })
+    Ok(Attached {
+        identity,
+        trust,
+        config,
+        tasks: vec![rotation, stream, follow],
+    })
 }
 
 impl DemoCluster {
@@ -101,7 +108,10 @@ impl DemoCluster {
         let client = ControlClient::new(&control.grpc_addr().to_string())?;
         let mut background = Vec::new();
         let mut admins = BTreeMap::new();
-        admins.insert("control".to_string(), ComponentAdmin::start("control", loopback, control.config()).await?);
+        admins.insert(
+            "control".to_string(),
+            ComponentAdmin::start("control", loopback, control.config()).await?,
+        );
 
         // The gateway first: the others' routes to this cluster need its address.
         let gw = attach(&client, "gateway", SpiffeId::gateway(&trust_domain)).await?;
@@ -120,25 +130,41 @@ impl DemoCluster {
         )
         .await?;
         control.set_gateway(gateway.quic_addr());
-        admins.insert("gateway".to_string(), ComponentAdmin::start("gateway", loopback, gw.config).await?);
+        admins.insert(
+            "gateway".to_string(),
+            ComponentAdmin::start("gateway", loopback, gw.config).await?,
+        );
         background.extend(gw.tasks);
 
         // The sample workloads, each with its own sidecar and identity.
         let mut workloads = Vec::new();
         for (_, service, version) in SAMPLE_SERVICES.iter().filter(|(c, _, _)| *c == name) {
             let app = sample::start(
-                SampleApp { service: service.to_string(), version: version.to_string(), cluster: name.to_string() },
+                SampleApp {
+                    service: service.to_string(),
+                    version: version.to_string(),
+                    cluster: name.to_string(),
+                },
                 loopback,
             )
             .await?;
-            let att = attach(&client, &format!("sidecar/{service}-{version}"), SpiffeId::new(&trust_domain, SAMPLE_NAMESPACE, service)).await?;
+            let att = attach(
+                &client,
+                &format!("sidecar/{service}-{version}"),
+                SpiffeId::new(&trust_domain, SAMPLE_NAMESPACE, service),
+            )
+            .await?;
             let sidecar = isthmus_sidecar::start(
                 isthmus_sidecar::SidecarOptions {
                     cluster: name.to_string(),
                     identity: att.identity,
                     trust: att.trust,
                     outbound: false,
-                    inbound: vec![isthmus_sidecar::InboundPort { listen: loopback, forward_to: app.addr, protocol: Protocol::Http }],
+                    inbound: vec![isthmus_sidecar::InboundPort {
+                        listen: loopback,
+                        forward_to: app.addr,
+                        protocol: Protocol::Http,
+                    }],
                     gateway: Some(gateway.local_addr()),
                     connect_timeout: Duration::from_secs(2),
                 },
@@ -146,12 +172,23 @@ impl DemoCluster {
             )
             .await?;
             background.extend(att.tasks);
-            workloads.push(Workload { service: service.to_string(), version: version.to_string(), app, sidecar });
+            workloads.push(Workload {
+                service: service.to_string(),
+                version: version.to_string(),
+                app,
+                sidecar,
+            });
         }
-        std::fs::write(&discovery_file, discovery_yaml(&workloads)).context("writing the discovery file")?;
+        std::fs::write(&discovery_file, discovery_yaml(&workloads))
+            .context("writing the discovery file")?;
 
         // The client sidecar, whose VIP listeners the demo's (and the user's) calls go through.
-        let att = attach(&client, "sidecar/sleep", SpiffeId::new(&trust_domain, SAMPLE_NAMESPACE, CLIENT_ACCOUNT)).await?;
+        let att = attach(
+            &client,
+            "sidecar/sleep",
+            SpiffeId::new(&trust_domain, SAMPLE_NAMESPACE, CLIENT_ACCOUNT),
+        )
+        .await?;
         let client_sidecar = isthmus_sidecar::start(
             isthmus_sidecar::SidecarOptions {
                 cluster: name.to_string(),
@@ -165,7 +202,10 @@ impl DemoCluster {
             att.config.clone(),
         )
         .await?;
-        admins.insert("sidecar".to_string(), ComponentAdmin::start("sidecar", loopback, att.config.clone()).await?);
+        admins.insert(
+            "sidecar".to_string(),
+            ComponentAdmin::start("sidecar", loopback, att.config.clone()).await?,
+        );
         background.extend(att.tasks);
         let config = att.config;
 
@@ -184,7 +224,10 @@ impl DemoCluster {
             dns_config.clone(),
         )
         .await?;
-        admins.insert("dns".to_string(), ComponentAdmin::start("dns", loopback, dns_config).await?);
+        admins.insert(
+            "dns".to_string(),
+            ComponentAdmin::start("dns", loopback, dns_config).await?,
+        );
 
         Ok(DemoCluster {
             name: name.to_string(),
@@ -233,8 +276,16 @@ impl DemoCluster {
             control: self.control.grpc_addr().to_string(),
             gateway: self.gateway.quic_addr().to_string(),
             federation: self.federation.to_string(),
-            admin: self.admins.iter().map(|(k, a)| (k.clone(), a.addr().to_string())).collect(),
-            vips: config.services.iter().map(|s| (s.key(), s.vip.to_string())).collect(),
+            admin: self
+                .admins
+                .iter()
+                .map(|(k, a)| (k.clone(), a.addr().to_string()))
+                .collect(),
+            vips: config
+                .services
+                .iter()
+                .map(|s| (s.key(), s.vip.to_string()))
+                .collect(),
         }
     }
 

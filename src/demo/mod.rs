@@ -31,9 +31,8 @@ pub const SAMPLE_SERVICES: &[(&str, &str, &str)] = &[
     ("central", "ratings", "v1"),
 ];
 
-/// The demo's clusters and their VIP ranges (a 127.x range each: loopback only).
-pub const CLUSTERS: &[(&str, &str)] =
-    &[("east", "127.10.0.0/16"), ("west", "127.20.0.0/16"), ("central", "127.30.0.0/16")];
+/// The demo's clusters, in start order.
+pub const CLUSTERS: &[&str] = &["east", "west", "central"];
 
 /// The namespace and port of every sample service.
 pub const SAMPLE_NAMESPACE: &str = "default";
@@ -50,11 +49,19 @@ pub struct DemoOptions {
     pub discovery_poll: Duration,
     /// Where data directories and discovery files go (a temporary directory when None).
     pub work_dir: Option<PathBuf>,
+    /// The second octet of each cluster's VIP range `127.<n>.0.0/16` (loopback only), in
+    /// [`CLUSTERS`] order. Two demos running at once need different ones.
+    pub vip_octets: [u8; 3],
 }
 
 impl Default for DemoOptions {
     fn default() -> Self {
-        DemoOptions { tick: Duration::from_millis(50), discovery_poll: Duration::from_millis(100), work_dir: None }
+        DemoOptions {
+            tick: Duration::from_millis(50),
+            discovery_poll: Duration::from_millis(100),
+            work_dir: None,
+            vip_octets: [10, 20, 30],
+        }
     }
 }
 
@@ -95,7 +102,10 @@ impl Demo {
         let (temp, root) = match &opts.work_dir {
             Some(dir) => (None, dir.clone()),
             None => {
-                let t = tempfile::Builder::new().prefix("isthmus-demo-").tempdir().context("creating a work directory")?;
+                let t = tempfile::Builder::new()
+                    .prefix("isthmus-demo-")
+                    .tempdir()
+                    .context("creating a work directory")?;
                 let p = t.path().to_path_buf();
                 (Some(t), p)
             }
@@ -103,27 +113,45 @@ impl Demo {
         // Federation: bind every member first so each knows the others' addresses.
         let mut bindings = Vec::new();
         for _ in CLUSTERS {
-            bindings.push(isthmus_federation::bind("127.0.0.1:0".parse()?).await.context("binding a federation member")?);
+            bindings.push(
+                isthmus_federation::bind("127.0.0.1:0".parse()?)
+                    .await
+                    .context("binding a federation member")?,
+            );
         }
-        let peers: BTreeMap<u64, SocketAddr> =
-            bindings.iter().enumerate().map(|(i, b)| (i as u64 + 1, b.local_addr())).collect();
+        let peers: BTreeMap<u64, SocketAddr> = bindings
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (i as u64 + 1, b.local_addr()))
+            .collect();
         let mut stores = Vec::new();
         for (i, binding) in bindings.into_iter().enumerate() {
             let options = isthmus_federation::StoreOptions {
                 tick: opts.tick,
                 ..isthmus_federation::StoreOptions::new(i as u64 + 1, peers.clone())
             };
-            stores.push(binding.start(options).await.context("starting a federation member")?);
+            stores.push(
+                binding
+                    .start(options)
+                    .await
+                    .context("starting a federation member")?,
+            );
         }
         let mut clusters = Vec::new();
-        for (i, (name, range)) in CLUSTERS.iter().enumerate() {
+        for (i, name) in CLUSTERS.iter().enumerate() {
             let dir = root.join(name);
-            let c = DemoCluster::start(name, range.parse()?, &dir, stores[i].clone(), &opts)
+            let range =
+                ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(127, opts.vip_octets[i], 0, 0), 16)?;
+            let c = DemoCluster::start(name, range, &dir, stores[i].clone(), &opts)
                 .await
                 .with_context(|| format!("starting cluster {name}"))?;
             clusters.push(c);
         }
-        let demo = Demo { clusters, stores, _work_dir: temp };
+        let demo = Demo {
+            clusters,
+            stores,
+            _work_dir: temp,
+        };
         demo.wait_until_converged(Duration::from_secs(30)).await?;
         Ok(demo)
     }
@@ -133,19 +161,30 @@ impl Demo {
     pub async fn wait_until_converged(&self, within: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let pending: Vec<String> = self.clusters.iter().flat_map(|c| c.unreachable_samples()).collect();
+            let pending: Vec<String> = self
+                .clusters
+                .iter()
+                .flat_map(|c| c.unreachable_samples())
+                .collect();
             if pending.is_empty() {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
-                anyhow::bail!("the federation did not converge within {within:?}; still missing: {}", pending.join(", "));
+                anyhow::bail!(
+                    "the federation did not converge within {within:?}; still missing: {} \
+                     (if another demo is running, its VIP listeners hold these addresses)",
+                    pending.join(", ")
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     pub fn cluster(&self, name: &str) -> anyhow::Result<&DemoCluster> {
-        self.clusters.iter().find(|c| c.name == name).with_context(|| format!("no cluster named {name}"))
+        self.clusters
+            .iter()
+            .find(|c| c.name == name)
+            .with_context(|| format!("no cluster named {name}"))
     }
 
     /// The federation member of each cluster, in cluster order.
@@ -155,7 +194,9 @@ impl Demo {
 
     /// Every bound address, as `--ports-file` writes it.
     pub fn ports(&self) -> PortsFile {
-        PortsFile { clusters: self.clusters.iter().map(|c| c.ports()).collect() }
+        PortsFile {
+            clusters: self.clusters.iter().map(|c| c.ports()).collect(),
+        }
     }
 
     /// Stops every component; no listener or task is left behind.

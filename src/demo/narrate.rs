@@ -23,11 +23,16 @@ fn step(n: usize, text: &str) {
 
 /// Runs the demo: start, narrate, keep running (or exit after the given time), stop cleanly.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    println!("Isthmus demo: three clusters (east, west, central) federated on loopback, in one process.");
+    println!(
+        "Isthmus demo: three clusters (east, west, central) federated on loopback, in one process."
+    );
     step(1, "Starting each cluster's federation member, control plane, east-west gateway, DNS proxy and sidecars");
     let started = Instant::now();
     let demo = Demo::start(DemoOptions::default()).await?;
-    println!("    all three clusters up and converged in {:.2?}", started.elapsed());
+    println!(
+        "    all three clusters up and converged in {:.2?}",
+        started.elapsed()
+    );
 
     step(2, "Federation store (Raft): one member per cluster");
     for (store, cluster) in demo.stores().iter().zip(&demo.clusters) {
@@ -43,7 +48,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         );
     }
 
-    step(3, "Discovery, export and import: what each cluster can reach");
+    step(
+        3,
+        "Discovery, export and import: what each cluster can reach",
+    );
     for c in &demo.clusters {
         let config = c.config.borrow().clone();
         println!("    {} (config version {}):", c.name, config.version);
@@ -55,7 +63,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 format!("{}.{}", s.name, s.namespace),
                 s.vip,
                 local,
-                if remote.is_empty() { "-".to_string() } else { remote.join(", ") }
+                if remote.is_empty() {
+                    "-".to_string()
+                } else {
+                    remote.join(", ")
+                }
             );
         }
     }
@@ -64,20 +76,35 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let name = format!("ratings.{SAMPLE_NAMESPACE}.svc.clusterset.local");
     let mut vips = Vec::new();
     for c in &demo.clusters {
-        let answers = resolve_a(c.dns.udp_addr(), &name).await.with_context(|| format!("resolving through {}", c.name))?;
-        let vip = *answers.first().with_context(|| format!("{} answered no address for {name}", c.name))?;
-        println!("    {:<8} dig @{} -p {} {name}  ->  {vip}", c.name, c.dns.udp_addr().ip(), c.dns.udp_addr().port());
+        let answers = resolve_a(c.dns.udp_addr(), &name)
+            .await
+            .with_context(|| format!("resolving through {}", c.name))?;
+        let vip = *answers
+            .first()
+            .with_context(|| format!("{} answered no address for {name}", c.name))?;
+        println!(
+            "    {:<8} dig @{} -p {} {name}  ->  {vip}",
+            c.name,
+            c.dns.udp_addr().ip(),
+            c.dns.udp_addr().port()
+        );
         vips.push((c, vip));
     }
 
-    step(5, "Cross-cluster calls: curl http://<vip>:9080/ from each cluster's client sidecar");
+    step(
+        5,
+        "Cross-cluster calls: curl http://<vip>:9080/ from each cluster's client sidecar",
+    );
     for (c, vip) in &vips {
         let t = Instant::now();
         let reply = call_sample(SocketAddr::new((*vip).into(), SAMPLE_PORT)).await?;
         let path = if reply.cluster == c.name {
             "direct mTLS to the local endpoint".to_string()
         } else {
-            format!("{} gateway -> QUIC -> {} gateway, mTLS end to end", c.name, reply.cluster)
+            format!(
+                "{} gateway -> QUIC -> {} gateway, mTLS end to end",
+                c.name, reply.cluster
+            )
         };
         println!(
             "    {:<8} -> ratings: served by {} ({}) in {:.1?}\n             caller seen by the server: {}\n             path: {path}",
@@ -85,12 +112,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         );
     }
 
-    step(6, "Local first: reviews runs in every cluster; each cluster's call stays home");
+    step(
+        6,
+        "Local first: reviews runs in every cluster; each cluster's call stays home",
+    );
     for c in &demo.clusters {
         let config = c.config.borrow().clone();
-        let Some(vip) = super::vip_of(&config, "reviews") else { continue };
+        let Some(vip) = super::vip_of(&config, "reviews") else {
+            continue;
+        };
         let reply = call_sample(SocketAddr::new(vip, SAMPLE_PORT)).await?;
-        println!("    {:<8} -> reviews: served by {} ({})", c.name, reply.cluster, reply.version);
+        println!(
+            "    {:<8} -> reviews: served by {} ({})",
+            c.name, reply.cluster, reply.version
+        );
     }
 
     let ports = demo.ports();
@@ -100,9 +135,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("\nAddresses written to {}", path.display());
     }
     if let Some(east) = ports.clusters.first() {
-        if let (Some((dns_ip, dns_port)), Some(vip)) =
-            (east.dns.rsplit_once(':'), east.vips.get(&format!("ratings.{SAMPLE_NAMESPACE}")))
-        {
+        if let (Some((dns_ip, dns_port)), Some(vip)) = (
+            east.dns.rsplit_once(':'),
+            east.vips.get(&format!("ratings.{SAMPLE_NAMESPACE}")),
+        ) {
             println!("Try it (east):\n    dig @{dns_ip} -p {dns_port} {name}\n    curl http://{vip}:{SAMPLE_PORT}/");
         }
     }
@@ -117,7 +153,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
         None => {
             println!("\nRunning until interrupted (Ctrl-C).");
-            tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+            tokio::signal::ctrl_c()
+                .await
+                .context("waiting for Ctrl-C")?;
         }
     }
     demo.shutdown().await;

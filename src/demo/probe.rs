@@ -23,10 +23,16 @@ pub async fn resolve_a(server: SocketAddr, name: &str) -> anyhow::Result<Vec<Ipv
 }
 
 /// Asks `server` (UDP) for the A records of `name`; returns the response code and addresses.
-pub async fn query_a(server: SocketAddr, name: &str) -> anyhow::Result<(ResponseCode, Vec<Ipv4Addr>)> {
+pub async fn query_a(
+    server: SocketAddr,
+    name: &str,
+) -> anyhow::Result<(ResponseCode, Vec<Ipv4Addr>)> {
     let mut msg = Message::new(rand_id(), MessageType::Query, OpCode::Query);
     msg.metadata.recursion_desired = true;
-    msg.add_query(Query::query(Name::from_ascii(name).with_context(|| format!("bad name {name}"))?, RecordType::A));
+    msg.add_query(Query::query(
+        Name::from_ascii(name).with_context(|| format!("bad name {name}"))?,
+        RecordType::A,
+    ));
     let socket = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
     socket.send_to(&msg.to_vec()?, server).await?;
     let mut buf = vec![0u8; 4096];
@@ -66,9 +72,13 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Stri
         tcp.read_to_end(&mut raw).await?;
         anyhow::Ok(raw)
     };
-    let raw = tokio::time::timeout(WAIT, exchange).await.with_context(|| format!("no HTTP answer from {addr}"))??;
+    let raw = tokio::time::timeout(WAIT, exchange)
+        .await
+        .with_context(|| format!("no HTTP answer from {addr}"))??;
     let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").with_context(|| format!("malformed HTTP answer from {addr}: {text:?}"))?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("malformed HTTP answer from {addr}: {text:?}"))?;
     let status: u16 = head
         .split_whitespace()
         .nth(1)

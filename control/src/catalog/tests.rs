@@ -3,7 +3,11 @@ use crate::discovery::{LocalEndpoint, LocalService};
 use isthmus_core::mesh::Protocol;
 
 fn http() -> Vec<ServicePort> {
-    vec![ServicePort { name: "http".into(), port: 9080, protocol: Protocol::Http }]
+    vec![ServicePort {
+        name: "http".into(),
+        port: 9080,
+        protocol: Protocol::Http,
+    }]
 }
 
 fn local(name: &str, export: bool, sa: &str) -> LocalService {
@@ -37,7 +41,9 @@ fn export(cluster: &str, name: &str) -> ExportRecord {
         namespace: "default".into(),
         name: name.into(),
         ports: http(),
-        identities: vec![format!("spiffe://{cluster}.isthmus.local/ns/default/sa/{name}")],
+        identities: vec![format!(
+            "spiffe://{cluster}.isthmus.local/ns/default/sa/{name}"
+        )],
         endpoints: 1,
         healthy_endpoints: 1,
         subsets: BTreeMap::new(),
@@ -45,17 +51,29 @@ fn export(cluster: &str, name: &str) -> ExportRecord {
 }
 
 fn catalog() -> Catalog {
-    Catalog::new("east", "east.isthmus.local", "127.10.0.0/16".parse().unwrap())
+    Catalog::new(
+        "east",
+        "east.isthmus.local",
+        "127.10.0.0/16".parse().unwrap(),
+    )
 }
 
 #[test]
 fn local_services_get_vips_and_endpoint_identities() {
     let mut c = catalog();
-    let d = Discovery { services: vec![local("details", true, "details"), local("productpage", false, "pp")] };
+    let d = Discovery {
+        services: vec![
+            local("details", true, "details"),
+            local("productpage", false, "pp"),
+        ],
+    };
     let cfg = c.rebuild(&d, &[cluster("east", None)], &[]).unwrap();
     let details = cfg.service("default", "details").unwrap();
     assert_eq!(details.vip.to_string(), "127.10.0.1");
-    assert_eq!(details.local_endpoints[0].identity, "spiffe://east.isthmus.local/ns/default/sa/details");
+    assert_eq!(
+        details.local_endpoints[0].identity,
+        "spiffe://east.isthmus.local/ns/default/sa/details"
+    );
     assert!(details.exported);
     assert!(!cfg.service("default", "productpage").unwrap().exported);
     assert_eq!(cfg.version, 1);
@@ -64,9 +82,20 @@ fn local_services_get_vips_and_endpoint_identities() {
 #[test]
 fn remote_exports_are_imported_through_their_gateways() {
     let mut c = catalog();
-    let d = Discovery { services: vec![local("details", true, "details")] };
-    let clusters = [cluster("east", None), cluster("west", Some("127.0.0.2:15443")), cluster("central", Some("127.0.0.3:15443"))];
-    let exports = [export("west", "details"), export("central", "ratings"), export("west", "ratings"), export("east", "details")];
+    let d = Discovery {
+        services: vec![local("details", true, "details")],
+    };
+    let clusters = [
+        cluster("east", None),
+        cluster("west", Some("127.0.0.2:15443")),
+        cluster("central", Some("127.0.0.3:15443")),
+    ];
+    let exports = [
+        export("west", "details"),
+        export("central", "ratings"),
+        export("west", "ratings"),
+        export("east", "details"),
+    ];
     let cfg = c.rebuild(&d, &clusters, &exports).unwrap();
     let ratings = cfg.service("default", "ratings").unwrap();
     assert!(ratings.local_endpoints.is_empty());
@@ -78,14 +107,24 @@ fn remote_exports_are_imported_through_their_gateways() {
     assert_eq!(details.remote.len(), 1);
     assert_eq!(details.remote[0].cluster, "west");
     assert_eq!(details.identities.len(), 2);
-    assert_eq!(cfg.clusters.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["central", "east", "west"]);
+    assert_eq!(
+        cfg.clusters
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>(),
+        ["central", "east", "west"]
+    );
 }
 
 #[test]
 fn exports_from_clusters_without_a_gateway_are_not_routable() {
     let mut c = catalog();
     let cfg = c
-        .rebuild(&Discovery::default(), &[cluster("east", None), cluster("west", None)], &[export("west", "ratings")])
+        .rebuild(
+            &Discovery::default(),
+            &[cluster("east", None), cluster("west", None)],
+            &[export("west", "ratings")],
+        )
         .unwrap();
     assert!(cfg.service("default", "ratings").is_none());
 }
@@ -93,23 +132,34 @@ fn exports_from_clusters_without_a_gateway_are_not_routable() {
 #[test]
 fn vips_stay_stable_when_a_service_leaves_and_returns() {
     let mut c = catalog();
-    let both = Discovery { services: vec![local("a", false, "a"), local("b", false, "b")] };
+    let both = Discovery {
+        services: vec![local("a", false, "a"), local("b", false, "b")],
+    };
     let cfg = c.rebuild(&both, &[], &[]).unwrap();
     let b_vip = cfg.service("default", "b").unwrap().vip;
-    let only_b = Discovery { services: vec![local("b", false, "b")] };
+    let only_b = Discovery {
+        services: vec![local("b", false, "b")],
+    };
     let cfg = c.rebuild(&only_b, &[], &[]).unwrap();
     assert_eq!(cfg.service("default", "b").unwrap().vip, b_vip);
     let cfg = c.rebuild(&both, &[], &[]).unwrap();
-    assert_eq!(cfg.service("default", "a").unwrap().vip.to_string(), "127.10.0.1");
+    assert_eq!(
+        cfg.service("default", "a").unwrap().vip.to_string(),
+        "127.10.0.1"
+    );
 }
 
 #[test]
 fn version_moves_only_when_content_changes() {
     let mut c = catalog();
-    let d = Discovery { services: vec![local("a", false, "a")] };
+    let d = Discovery {
+        services: vec![local("a", false, "a")],
+    };
     assert_eq!(c.rebuild(&d, &[], &[]).unwrap().version, 1);
     assert!(c.rebuild(&d, &[], &[]).is_none());
-    let d2 = Discovery { services: vec![local("a", true, "a")] };
+    let d2 = Discovery {
+        services: vec![local("a", true, "a")],
+    };
     assert_eq!(c.rebuild(&d2, &[], &[]).unwrap().version, 2);
 }
 
@@ -120,7 +170,9 @@ fn exports_summarise_healthy_endpoints_and_subsets() {
     let mut sick = s.endpoints[0].clone();
     sick.healthy = false;
     s.endpoints.push(sick);
-    let d = Discovery { services: vec![s, local("internal", false, "x")] };
+    let d = Discovery {
+        services: vec![s, local("internal", false, "x")],
+    };
     let exports = c.exports(&d);
     assert_eq!(exports.len(), 1);
     assert_eq!(exports[0].endpoints, 2);
@@ -130,8 +182,18 @@ fn exports_summarise_healthy_endpoints_and_subsets() {
 
 #[test]
 fn an_exhausted_vip_range_skips_services_instead_of_failing() {
-    let mut c = Catalog::new("east", "east.isthmus.local", "127.10.0.0/30".parse().unwrap());
-    let d = Discovery { services: vec![local("a", false, "a"), local("b", false, "b"), local("c", false, "c")] };
+    let mut c = Catalog::new(
+        "east",
+        "east.isthmus.local",
+        "127.10.0.0/30".parse().unwrap(),
+    );
+    let d = Discovery {
+        services: vec![
+            local("a", false, "a"),
+            local("b", false, "b"),
+            local("c", false, "c"),
+        ],
+    };
     let cfg = c.rebuild(&d, &[], &[]).unwrap();
     assert_eq!(cfg.services.len(), 2);
 }

@@ -56,7 +56,10 @@ fn mesh() -> Mesh {
     let west = CertificateAuthority::generate("west.isthmus.local").unwrap();
     let trust = TrustBundles::new();
     trust
-        .replace([("east.isthmus.local", east.cert_pem()), ("west.isthmus.local", west.cert_pem())])
+        .replace([
+            ("east.isthmus.local", east.cert_pem()),
+            ("west.isthmus.local", west.cert_pem()),
+        ])
         .unwrap();
     Mesh { east, west, trust }
 }
@@ -89,7 +92,10 @@ async fn mutual_tls_across_trust_domains_exposes_both_spiffe_ids() {
 async fn a_ca_cannot_vouch_for_another_trust_domain() {
     let m = mesh();
     // The east CA signs a certificate claiming a west identity: it must be refused.
-    let forged = identity(&m.east, SpiffeId::new("west.isthmus.local", "default", "ratings"));
+    let forged = identity(
+        &m.east,
+        SpiffeId::new("west.isthmus.local", "default", "ratings"),
+    );
     let server = server_config(
         identity(&m.west, SpiffeId::new("west.isthmus.local", "default", "x")),
         m.trust.clone(),
@@ -99,7 +105,10 @@ async fn a_ca_cannot_vouch_for_another_trust_domain() {
     .unwrap();
     let client = client_config(forged, m.trust.clone(), accept_any_member(), &[]).unwrap();
     let (server_saw, _) = handshake(server, client).await;
-    assert!(server_saw.is_err(), "forged identity was accepted: {server_saw:?}");
+    assert!(
+        server_saw.is_err(),
+        "forged identity was accepted: {server_saw:?}"
+    );
 }
 
 #[tokio::test]
@@ -119,7 +128,9 @@ async fn removing_a_bundle_stops_trusting_its_cluster() {
         &[],
     )
     .unwrap();
-    m.trust.replace([("west.isthmus.local", m.west.cert_pem())]).unwrap();
+    m.trust
+        .replace([("west.isthmus.local", m.west.cert_pem())])
+        .unwrap();
     let (server_saw, _) = handshake(server, client).await;
     assert!(server_saw.is_err());
 }
@@ -135,7 +146,10 @@ async fn acceptance_rule_refuses_non_gateway_identities() {
     )
     .unwrap();
     let client = client_config(
-        identity(&m.east, SpiffeId::new("east.isthmus.local", "default", "sleep")),
+        identity(
+            &m.east,
+            SpiffeId::new("east.isthmus.local", "default", "sleep"),
+        ),
         m.trust.clone(),
         accept_any_member(),
         &[],

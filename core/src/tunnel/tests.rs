@@ -63,7 +63,13 @@ fn responses_round_trip_for_every_reason_code() {
     }
     let ok = OpenResponse::ok();
     assert!(ok.is_ok());
-    assert_eq!(OpenResponse::decode(&ok.encode().unwrap()).unwrap().unwrap().0, ok);
+    assert_eq!(
+        OpenResponse::decode(&ok.encode().unwrap())
+            .unwrap()
+            .unwrap()
+            .0,
+        ok
+    );
 }
 
 #[test]
@@ -97,7 +103,10 @@ fn the_byte_layout_matches_the_protocol_document() {
     ];
     assert_eq!(req.encode().unwrap(), expected);
     let resp = OpenResponse::new(ReasonCode::Unreachable, "x");
-    assert_eq!(resp.encode().unwrap(), vec![b'I', b'S', b'T', b'H', 1, 2, 0, 4, 5, 0, 1, b'x']);
+    assert_eq!(
+        resp.encode().unwrap(),
+        vec![b'I', b'S', b'T', b'H', 1, 2, 0, 4, 5, 0, 1, b'x']
+    );
 }
 
 #[test]
@@ -105,7 +114,9 @@ fn every_truncation_of_a_header_asks_for_more_bytes() {
     let headers = [
         full_request().encode().unwrap(),
         minimal_request().encode().unwrap(),
-        OpenResponse::new(ReasonCode::Forbidden, "no").encode().unwrap(),
+        OpenResponse::new(ReasonCode::Forbidden, "no")
+            .encode()
+            .unwrap(),
         OpenResponse::ok().encode().unwrap(),
     ];
     for bytes in headers {
@@ -134,8 +145,14 @@ fn payload_after_the_header_is_not_consumed() {
 fn garbage_is_rejected_by_its_first_wrong_byte() {
     assert!(matches!(decode(b"G"), Err(TunnelError::BadMagic { found }) if found == b"G"));
     assert!(matches!(decode(b"ISX"), Err(TunnelError::BadMagic { .. })));
-    assert!(matches!(decode(b"GET / HTTP/1.1\r\n"), Err(TunnelError::BadMagic { .. })));
-    assert!(matches!(decode(b"\x16\x03\x01\x02\x00"), Err(TunnelError::BadMagic { .. })));
+    assert!(matches!(
+        decode(b"GET / HTTP/1.1\r\n"),
+        Err(TunnelError::BadMagic { .. })
+    ));
+    assert!(matches!(
+        decode(b"\x16\x03\x01\x02\x00"),
+        Err(TunnelError::BadMagic { .. })
+    ));
     let err = decode(b"ISTX").unwrap_err();
     assert!(err.to_string().contains("not a tunnel header"), "{err}");
 }
@@ -145,7 +162,10 @@ fn unknown_version_is_rejected_before_the_rest_arrives() {
     let err = decode(b"ISTH\x02").unwrap_err();
     assert!(matches!(err, TunnelError::UnsupportedVersion { found: 2 }));
     assert!(err.to_string().contains("version 2"), "{err}");
-    assert!(matches!(decode(b"ISTH\x00"), Err(TunnelError::UnsupportedVersion { found: 0 })));
+    assert!(matches!(
+        decode(b"ISTH\x00"),
+        Err(TunnelError::UnsupportedVersion { found: 0 })
+    ));
 }
 
 #[test]
@@ -166,7 +186,10 @@ fn oversized_body_is_rejected_from_its_length_alone() {
         decode(&prefix),
         Err(TunnelError::TooLarge { length }) if length == MAX_BODY_LEN + 1
     ));
-    assert!(matches!(decode(b"ISTH\x01\x02\xff\xff"), Err(TunnelError::TooLarge { .. })));
+    assert!(matches!(
+        decode(b"ISTH\x01\x02\xff\xff"),
+        Err(TunnelError::TooLarge { .. })
+    ));
 }
 
 #[test]
@@ -174,12 +197,18 @@ fn a_request_where_a_response_is_expected_is_rejected_and_vice_versa() {
     let req = full_request().encode().unwrap();
     assert!(matches!(
         OpenResponse::decode(&req),
-        Err(TunnelError::UnexpectedKind { expected: HeaderKind::OpenResponse, .. })
+        Err(TunnelError::UnexpectedKind {
+            expected: HeaderKind::OpenResponse,
+            ..
+        })
     ));
     let resp = OpenResponse::ok().encode().unwrap();
     assert!(matches!(
         OpenRequest::decode(&resp),
-        Err(TunnelError::UnexpectedKind { expected: HeaderKind::OpenRequest, .. })
+        Err(TunnelError::UnexpectedKind {
+            expected: HeaderKind::OpenRequest,
+            ..
+        })
     ));
 }
 
@@ -207,11 +236,16 @@ fn every_cut_inside_a_declared_body_names_the_truncated_field() {
             other => panic!("cut at {cut}: {other:?}"),
         }
     }
-    let resp = OpenResponse::new(ReasonCode::Overloaded, "busy").encode().unwrap();
+    let resp = OpenResponse::new(ReasonCode::Overloaded, "busy")
+        .encode()
+        .unwrap();
     let body = &resp[PREFIX_LEN..];
     for cut in 0..body.len() {
         assert!(
-            matches!(decode(&framed(2, &body[..cut])), Err(TunnelError::Truncated { .. })),
+            matches!(
+                decode(&framed(2, &body[..cut])),
+                Err(TunnelError::Truncated { .. })
+            ),
             "cut at {cut}"
         );
     }
@@ -222,10 +256,16 @@ fn trailing_bytes_inside_the_body_are_rejected() {
     let full = full_request().encode().unwrap();
     let mut body = full[PREFIX_LEN..].to_vec();
     body.push(0);
-    assert!(matches!(decode(&framed(1, &body)), Err(TunnelError::TrailingBytes { extra: 1 })));
+    assert!(matches!(
+        decode(&framed(1, &body)),
+        Err(TunnelError::TrailingBytes { extra: 1 })
+    ));
     let mut body = OpenResponse::ok().encode().unwrap()[PREFIX_LEN..].to_vec();
     body.extend_from_slice(b"xyz");
-    assert!(matches!(decode(&framed(2, &body)), Err(TunnelError::TrailingBytes { extra: 3 })));
+    assert!(matches!(
+        decode(&framed(2, &body)),
+        Err(TunnelError::TrailingBytes { extra: 3 })
+    ));
 }
 
 #[test]
@@ -249,29 +289,43 @@ fn bad_presence_flags_are_rejected() {
     b.push(2);
     assert!(matches!(
         decode(&framed(1, &b)),
-        Err(TunnelError::BadPresenceFlag { field: "subset", found: 2 })
+        Err(TunnelError::BadPresenceFlag {
+            field: "subset",
+            found: 2
+        })
     ));
     // trace_context flag
     let mut b = request_body(80, b"a.b", b"w", b"e");
     *b.last_mut().unwrap() = 9;
     assert!(matches!(
         decode(&framed(1, &b)),
-        Err(TunnelError::BadPresenceFlag { field: "trace_context", found: 9 })
+        Err(TunnelError::BadPresenceFlag {
+            field: "trace_context",
+            found: 9
+        })
     ));
 }
 
 #[test]
 fn invalid_utf8_is_rejected_with_the_field_name() {
     let b = request_body(80, b"a.\xff", b"w", b"e");
-    assert!(matches!(decode(&framed(1, &b)), Err(TunnelError::InvalidUtf8 { field: "service" })));
+    assert!(matches!(
+        decode(&framed(1, &b)),
+        Err(TunnelError::InvalidUtf8 { field: "service" })
+    ));
     let b = request_body(80, b"a.b", b"\xc3", b"e");
     assert!(matches!(
         decode(&framed(1, &b)),
-        Err(TunnelError::InvalidUtf8 { field: "target_cluster" })
+        Err(TunnelError::InvalidUtf8 {
+            field: "target_cluster"
+        })
     ));
     let mut b = vec![0];
     s(&mut b, b"\xe2\x82");
-    assert!(matches!(decode(&framed(2, &b)), Err(TunnelError::InvalidUtf8 { field: "message" })));
+    assert!(matches!(
+        decode(&framed(2, &b)),
+        Err(TunnelError::InvalidUtf8 { field: "message" })
+    ));
 }
 
 #[test]
@@ -280,32 +334,47 @@ fn fields_over_their_limits_are_rejected_on_decode() {
     let b = request_body(80, b"a.b", &long_cluster, b"e");
     assert!(matches!(
         decode(&framed(1, &b)),
-        Err(TunnelError::FieldTooLong { field: "target_cluster", length: 64, max: 63 })
+        Err(TunnelError::FieldTooLong {
+            field: "target_cluster",
+            length: 64,
+            max: 63
+        })
     ));
     let long_service = vec![b'a'; MAX_SERVICE_LEN + 1];
     let b = request_body(80, &long_service, b"w", b"e");
     assert!(matches!(
         decode(&framed(1, &b)),
-        Err(TunnelError::FieldTooLong { field: "service", .. })
+        Err(TunnelError::FieldTooLong {
+            field: "service",
+            ..
+        })
     ));
     // A length prefix far beyond the body: the limit is reported, not a truncation.
     let mut b = 80u16.to_be_bytes().to_vec();
     b.extend_from_slice(&u16::MAX.to_be_bytes());
     assert!(matches!(
         decode(&framed(1, &b)),
-        Err(TunnelError::FieldTooLong { field: "service", length: 65535, .. })
+        Err(TunnelError::FieldTooLong {
+            field: "service",
+            length: 65535,
+            ..
+        })
     ));
     let mut b = vec![0];
     s(&mut b, &vec![b'm'; MAX_MESSAGE_LEN + 1]);
     assert!(matches!(
         decode(&framed(2, &b)),
-        Err(TunnelError::FieldTooLong { field: "message", .. })
+        Err(TunnelError::FieldTooLong {
+            field: "message",
+            ..
+        })
     ));
 }
 
 #[test]
 fn bad_field_values_are_rejected_on_decode_and_encode() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut OpenRequest)>)> = vec![
+    type Mutation = Box<dyn Fn(&mut OpenRequest)>;
+    let cases: Vec<(&str, Mutation)> = vec![
         ("service", Box::new(|r| r.service = "ratings".into())),
         ("service", Box::new(|r| r.service = ".default".into())),
         ("service", Box::new(|r| r.service = "ratings.".into())),
@@ -314,26 +383,49 @@ fn bad_field_values_are_rejected_on_decode_and_encode() {
         ("service", Box::new(|r| r.service = String::new())),
         ("port", Box::new(|r| r.port = 0)),
         ("subset", Box::new(|r| r.subset = Some(String::new()))),
-        ("subset", Box::new(|r| r.subset = Some("version = v1".into()))),
-        ("target_cluster", Box::new(|r| r.target_cluster = String::new())),
-        ("target_cluster", Box::new(|r| r.target_cluster = "we/st".into())),
-        ("source_cluster", Box::new(|r| r.source_cluster = "east\n".into())),
-        ("trace_context", Box::new(|r| r.trace_context = Some(String::new()))),
-        ("trace_context", Box::new(|r| r.trace_context = Some("00-\u{7f}".into()))),
-        ("subset", Box::new(|r| r.subset = Some("x".repeat(MAX_SUBSET_LEN + 1)))),
+        (
+            "subset",
+            Box::new(|r| r.subset = Some("version = v1".into())),
+        ),
+        (
+            "target_cluster",
+            Box::new(|r| r.target_cluster = String::new()),
+        ),
+        (
+            "target_cluster",
+            Box::new(|r| r.target_cluster = "we/st".into()),
+        ),
+        (
+            "source_cluster",
+            Box::new(|r| r.source_cluster = "east\n".into()),
+        ),
+        (
+            "trace_context",
+            Box::new(|r| r.trace_context = Some(String::new())),
+        ),
+        (
+            "trace_context",
+            Box::new(|r| r.trace_context = Some("00-\u{7f}".into())),
+        ),
+        (
+            "subset",
+            Box::new(|r| r.subset = Some("x".repeat(MAX_SUBSET_LEN + 1))),
+        ),
         (
             "trace_context",
             Box::new(|r| r.trace_context = Some("t".repeat(MAX_TRACE_CONTEXT_LEN + 1))),
         ),
-        ("source_cluster", Box::new(|r| r.source_cluster = "e".repeat(MAX_CLUSTER_LEN + 1))),
+        (
+            "source_cluster",
+            Box::new(|r| r.source_cluster = "e".repeat(MAX_CLUSTER_LEN + 1)),
+        ),
     ];
     for (field, mutate) in cases {
         let mut req = full_request();
         mutate(&mut req);
         let named = |e: &TunnelError| match e {
-            TunnelError::InvalidField { field: f, .. } | TunnelError::FieldTooLong { field: f, .. } => {
-                *f == field
-            }
+            TunnelError::InvalidField { field: f, .. }
+            | TunnelError::FieldTooLong { field: f, .. } => *f == field,
             _ => false,
         };
         let err = req.encode().unwrap_err();
@@ -362,7 +454,10 @@ fn an_empty_source_cluster_is_allowed_for_sidecars() {
 
 #[test]
 fn service_parts_split_name_and_namespace() {
-    assert_eq!(full_request().service_parts(), Some(("ratings", "bookinfo")));
+    assert_eq!(
+        full_request().service_parts(),
+        Some(("ratings", "bookinfo"))
+    );
     assert_eq!(OpenRequest::new("nodot", 1, "w").service_parts(), None);
 }
 
@@ -372,8 +467,17 @@ fn long_messages_are_cut_at_a_character_boundary() {
     assert!(resp.message.len() <= MAX_MESSAGE_LEN);
     assert!(resp.message.len() >= MAX_MESSAGE_LEN - 1);
     assert!(resp.encode().is_ok());
-    let raw = OpenResponse { code: ReasonCode::Ok, message: "m".repeat(MAX_MESSAGE_LEN + 1) };
-    assert!(matches!(raw.encode(), Err(TunnelError::FieldTooLong { field: "message", .. })));
+    let raw = OpenResponse {
+        code: ReasonCode::Ok,
+        message: "m".repeat(MAX_MESSAGE_LEN + 1),
+    };
+    assert!(matches!(
+        raw.encode(),
+        Err(TunnelError::FieldTooLong {
+            field: "message",
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -427,7 +531,9 @@ async fn readers_leave_payload_bytes_in_the_stream() {
     let (mut a, mut b) = tokio::io::duplex(64 * 1024);
     write_request(&mut a, &full_request()).await.unwrap();
     a.write_all(b"payload-after-request").await.unwrap();
-    write_response(&mut b, &OpenResponse::new(ReasonCode::Ok, "")).await.unwrap();
+    write_response(&mut b, &OpenResponse::new(ReasonCode::Ok, ""))
+        .await
+        .unwrap();
     b.write_all(b"payload-after-response").await.unwrap();
 
     assert_eq!(read_request(&mut b).await.unwrap(), full_request());
@@ -493,10 +599,16 @@ async fn garbage_on_a_stream_is_rejected_without_reading_past_it() {
 async fn the_wrong_header_kind_on_a_stream_is_rejected() {
     let bytes = OpenResponse::ok().encode().unwrap();
     let mut r = &bytes[..];
-    assert!(matches!(read_request(&mut r).await, Err(TunnelError::UnexpectedKind { .. })));
+    assert!(matches!(
+        read_request(&mut r).await,
+        Err(TunnelError::UnexpectedKind { .. })
+    ));
     let bytes = full_request().encode().unwrap();
     let mut r = &bytes[..];
-    assert!(matches!(read_response(&mut r).await, Err(TunnelError::UnexpectedKind { .. })));
+    assert!(matches!(
+        read_response(&mut r).await,
+        Err(TunnelError::UnexpectedKind { .. })
+    ));
 }
 
 #[tokio::test]

@@ -1,0 +1,190 @@
+//! Every part as its own daemon, from config files, as an operator runs them: one cluster with
+//! a control plane (and its one-member federation), a gateway, a DNS proxy, a sidecar in
+//! front of a workload and a client sidecar. The client's call resolves through the DNS proxy
+//! and reaches the workload over mTLS with the client's identity.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use isthmus::demo::probe::{call_sample, resolve_a};
+use isthmus::sample::{self, SampleApp};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const TOKEN: &str = "daemon-test-token-0123456789";
+
+/// A free port on 127.0.0.1 (bound and released: good enough for a test on loopback).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn addr(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+/// Starts `isthmus <daemon> --config <file>` and waits for its `ready` line.
+async fn daemon(dir: &Path, name: &str, daemon: &str, config: &str) -> (Child, serde_json::Value) {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_isthmus"))
+        .args([daemon, "--config", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let prefix = format!("isthmus {daemon} ready ");
+    let ready = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(json) = line.strip_prefix(&prefix) {
+                return serde_json::from_str::<serde_json::Value>(json).unwrap();
+            }
+        }
+        panic!("{name} exited before it was ready");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{name} was not ready in time"));
+    (child, ready)
+}
+
+async fn stop(mut child: Child, name: &str) {
+    let pid = child.id().expect("still running") as i32;
+    // SIGTERM: the daemon shuts down cleanly and exits 0.
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    assert!(exit.success(), "{name} exited with {exit}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_cluster_of_daemons_serves_dns_and_an_mtls_call_with_the_callers_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = sample::start(
+        SampleApp {
+            service: "echo".into(),
+            version: "v1".into(),
+            cluster: "solo".into(),
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let (grpc, peer, inbound) = (free_port(), free_port(), free_port());
+    std::fs::write(dir.path().join("services.yaml"), "services: []\n").unwrap();
+    let (control, ready) = daemon(
+        dir.path(),
+        "control",
+        "control",
+        &format!(
+            "cluster: solo\ndataDir: data\ndiscovery: {{file: services.yaml, pollInterval: 50ms}}\nvipRange: 127.44.0.0/16\n\
+             listen: {{grpc: \"{}\", admin: \"127.0.0.1:0\"}}\n\
+             bootstrapTokens: [{{token: {TOKEN}, allow: [\"default/*\", \"isthmus-system/eastwest-gateway\"]}}]\n\
+             federation: {{nodeId: 1, listen: \"{}\", peers: {{1: \"{}\"}}}}\n",
+            addr(grpc),
+            addr(peer),
+            addr(peer)
+        ),
+    )
+    .await;
+    assert_eq!(ready["grpc"], addr(grpc));
+    assert!(
+        dir.path().join("data/ca.pem").exists(),
+        "the CA is created in the data directory"
+    );
+
+    let (gateway, gw_ready) = daemon(
+        dir.path(),
+        "gateway",
+        "gateway",
+        &format!(
+            "cluster: solo\ncontrol: \"{}\"\ntoken: {TOKEN}\nlisten: {{quic: \"127.0.0.1:0\", local: \"127.0.0.1:0\", admin: \"127.0.0.1:0\"}}\n",
+            addr(grpc)
+        ),
+    )
+    .await;
+    let (server, _) = daemon(
+        dir.path(),
+        "sidecar-echo",
+        "sidecar",
+        &format!(
+            "cluster: solo\ncontrol: \"{}\"\ntoken: {TOKEN}\nserviceAccount: echo\n\
+             inbound: [{{listen: \"{}\", forwardTo: \"{}\", protocol: http}}]\nlisten: {{admin: \"127.0.0.1:0\"}}\n",
+            addr(grpc),
+            addr(inbound),
+            app.addr
+        ),
+    )
+    .await;
+    std::fs::write(
+        dir.path().join("services.yaml"),
+        format!(
+            "services:\n- name: echo\n  ports: [{{name: http, port: 9080}}]\n  endpoints: [{{address: \"{}\", serviceAccount: echo}}]\n",
+            addr(inbound)
+        ),
+    )
+    .unwrap();
+    let (client, _) = daemon(
+        dir.path(),
+        "sidecar-sleep",
+        "sidecar",
+        &format!(
+            "cluster: solo\ncontrol: \"{}\"\ntoken: {TOKEN}\nserviceAccount: sleep\noutbound: true\ngateway: {}\nlisten: {{admin: \"127.0.0.1:0\"}}\n",
+            addr(grpc),
+            gw_ready["local"]
+        ),
+    )
+    .await;
+    let (dns, dns_ready) = daemon(
+        dir.path(),
+        "dns",
+        "dns",
+        &format!("cluster: solo\ncontrol: \"{}\"\nupstreams: []\nlisten: {{dns: \"127.0.0.1:0\", admin: \"127.0.0.1:0\"}}\n", addr(grpc)),
+    )
+    .await;
+    let dns_addr: SocketAddr = dns_ready["udp"].as_str().unwrap().parse().unwrap();
+
+    // The service appears once the control plane has read the discovery file.
+    let reply = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Ok(ips) = resolve_a(dns_addr, "echo.default.svc.clusterset.local").await {
+                if let Some(vip) = ips.first() {
+                    if let Ok(reply) = call_sample(SocketAddr::new((*vip).into(), 9080)).await {
+                        return reply;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("echo becomes reachable by name");
+    assert_eq!(reply.service, "echo");
+    assert_eq!(
+        reply.caller,
+        "spiffe://solo.isthmus.local/ns/default/sa/sleep"
+    );
+
+    for (child, name) in [
+        (dns, "dns"),
+        (client, "client sidecar"),
+        (server, "server sidecar"),
+        (gateway, "gateway"),
+        (control, "control"),
+    ] {
+        stop(child, name).await;
+    }
+    app.shutdown();
+}
