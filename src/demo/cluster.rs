@@ -9,12 +9,13 @@ use std::time::Duration;
 use anyhow::Context;
 use ipnet::Ipv4Net;
 use isthmus_control::tokens::TokenPolicy;
-use isthmus_core::client::{follow_trust_bundles, ControlClient};
 use isthmus_core::identity::{default_trust_domain, SpiffeId, SYSTEM_NAMESPACE};
 use isthmus_core::mesh::{MeshConfig, Protocol};
-use isthmus_core::tls::{Identity, TrustBundles};
+use isthmus_core::tls::Identity;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+use crate::daemon::Attached;
 
 use super::{
     ClusterPorts, DemoOptions, CLIENT_ACCOUNT, SAMPLE_NAMESPACE, SAMPLE_PORT, SAMPLE_SERVICES,
@@ -50,28 +51,19 @@ pub struct DemoCluster {
     background: Vec<JoinHandle<()>>,
 }
 
-/// What a data-plane component gets from its control plane: identity, trust, config.
-struct Attached {
-    identity: Arc<Identity>,
-    trust: Arc<TrustBundles>,
-    config: watch::Receiver<Arc<MeshConfig>>,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-async fn attach(client: &ControlClient, node: &str, id: SpiffeId) -> anyhow::Result<Attached> {
-    let trust = TrustBundles::new();
-    let (identity, rotation) = client
-        .workload_identity(&id, DEMO_TOKEN, trust.clone())
-        .await
-        .with_context(|| format!("getting a certificate for {id}"))?;
-    let (config, stream) = client.watch_config(node, Duration::from_secs(10)).await?;
-    let follow = follow_trust_bundles(trust.clone(), config.clone());
-    Ok(Attached {
-        identity,
-        trust,
-        config,
-        tasks: vec![rotation, stream, follow],
-    })
+/// Attaches a component to its control plane the way the daemons do: a certificate for `id`
+/// and the config stream.
+async fn attach(
+    control: &str,
+    node: &str,
+    id: SpiffeId,
+) -> anyhow::Result<(Arc<Identity>, Attached)> {
+    let att = crate::daemon::attach(control, node, Some((&id, DEMO_TOKEN))).await?;
+    let identity = att
+        .identity
+        .clone()
+        .with_context(|| format!("no certificate for {id}"))?;
+    Ok((identity, att))
 }
 
 impl DemoCluster {
@@ -105,7 +97,7 @@ impl DemoCluster {
             store,
         )
         .await?;
-        let client = ControlClient::new(&control.grpc_addr().to_string())?;
+        let control_addr = control.grpc_addr().to_string();
         let mut background = Vec::new();
         let mut admins = BTreeMap::new();
         admins.insert(
@@ -114,13 +106,14 @@ impl DemoCluster {
         );
 
         // The gateway first: the others' routes to this cluster need its address.
-        let gw = attach(&client, "gateway", SpiffeId::gateway(&trust_domain)).await?;
+        let (gw_identity, gw) =
+            attach(&control_addr, "gateway", SpiffeId::gateway(&trust_domain)).await?;
         let gateway = isthmus_gateway::start(
             isthmus_gateway::GatewayOptions {
                 cluster: name.to_string(),
                 quic_listen: loopback,
                 local_listen: loopback,
-                identity: gw.identity,
+                identity: gw_identity,
                 trust: gw.trust,
                 keep_alive: Duration::from_millis(250),
                 idle_timeout: Duration::from_secs(1),
@@ -148,8 +141,8 @@ impl DemoCluster {
                 loopback,
             )
             .await?;
-            let att = attach(
-                &client,
+            let (identity, att) = attach(
+                &control_addr,
                 &format!("sidecar/{service}-{version}"),
                 SpiffeId::new(&trust_domain, SAMPLE_NAMESPACE, service),
             )
@@ -157,7 +150,7 @@ impl DemoCluster {
             let sidecar = isthmus_sidecar::start(
                 isthmus_sidecar::SidecarOptions {
                     cluster: name.to_string(),
-                    identity: att.identity,
+                    identity,
                     trust: att.trust,
                     outbound: false,
                     inbound: vec![isthmus_sidecar::InboundPort {
@@ -183,8 +176,8 @@ impl DemoCluster {
             .context("writing the discovery file")?;
 
         // The client sidecar, whose VIP listeners the demo's (and the user's) calls go through.
-        let att = attach(
-            &client,
+        let (identity, att) = attach(
+            &control_addr,
             "sidecar/sleep",
             SpiffeId::new(&trust_domain, SAMPLE_NAMESPACE, CLIENT_ACCOUNT),
         )
@@ -192,7 +185,7 @@ impl DemoCluster {
         let client_sidecar = isthmus_sidecar::start(
             isthmus_sidecar::SidecarOptions {
                 cluster: name.to_string(),
-                identity: att.identity,
+                identity,
                 trust: att.trust,
                 outbound: true,
                 inbound: vec![],
@@ -209,8 +202,9 @@ impl DemoCluster {
         background.extend(att.tasks);
         let config = att.config;
 
-        let (dns_config, dns_stream) = client.watch_config("dns", Duration::from_secs(10)).await?;
-        background.push(dns_stream);
+        let dns_att = crate::daemon::attach(&control_addr, "dns", None).await?;
+        let dns_config = dns_att.config.clone();
+        background.extend(dns_att.tasks);
         let upstreams = std::fs::read_to_string("/etc/resolv.conf")
             .map(|t| isthmus_dns::upstreams_from_resolv_conf(&t))
             .unwrap_or_default();
