@@ -6,6 +6,7 @@
 //!   trust bundles (one bundle per trust domain) and expose the peer's SPIFFE ID.
 //! - [`mesh`]: the merged configuration snapshot streamed from a control plane to its
 //!   sidecars, DNS proxies and gateway.
+//! - [`policy`]: the Istio-compatible policy documents users apply, parsed and validated.
 //! - [`proto`]: gRPC definitions (config stream, certificate signing), generated at build time
 //!   with the pure-Rust `protox` compiler, so no system `protoc` is needed.
 //! - [`tunnel`]: the stream header spoken by sidecars and gateways on tunnelled connections.
@@ -23,6 +24,7 @@ pub mod client;
 pub mod config;
 pub mod identity;
 pub mod mesh;
+pub mod policy;
 pub mod proto;
 pub mod tls;
 pub mod tunnel;

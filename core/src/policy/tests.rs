@@ -1,0 +1,292 @@
+use super::*;
+
+/// Bookinfo's documents, as Istio's task pages write them.
+pub(crate) const BOOKINFO_ALL_V1: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+spec:
+  hosts:
+  - reviews
+  http:
+  - route:
+    - destination:
+        host: reviews
+        subset: v1
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: reviews
+spec:
+  host: reviews
+  trafficPolicy:
+    tls:
+      mode: ISTIO_MUTUAL
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+  - name: v2
+    labels:
+      version: v2
+  - name: v3
+    labels:
+      version: v3
+"#;
+
+const REVIEWS_50_50: &str = r#"
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata:
+  name: reviews
+  namespace: default
+spec:
+  hosts:
+    - reviews
+  http:
+  - route:
+    - destination:
+        host: reviews
+        subset: v2
+      weight: 50
+    - destination:
+        host: reviews
+        subset: v3
+      weight: 50
+"#;
+
+const RATINGS_FAULTS: &str = r#"
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata:
+  name: ratings
+spec:
+  hosts:
+  - ratings
+  http:
+  - match:
+    - headers:
+        end-user:
+          exact: jason
+    fault:
+      delay:
+        percentage:
+          value: 100.0
+        fixedDelay: 7s
+    route:
+    - destination:
+        host: ratings
+        subset: v1
+  - fault:
+      abort:
+        percentage:
+          value: 100
+        httpStatus: 500
+    route:
+    - destination:
+        host: ratings
+        subset: v1
+"#;
+
+#[test]
+fn bookinfo_documents_parse_as_istio_writes_them() {
+    let docs = parse_documents("all-v1.yaml", BOOKINFO_ALL_V1).unwrap();
+    assert_eq!(docs.len(), 2);
+    assert_eq!(docs[0].kind(), Kind::VirtualService);
+    assert_eq!(docs[0].namespace, "default");
+    assert_eq!(
+        docs[1].store_key(),
+        "policies/destinationrule/default/reviews"
+    );
+    let split = parse_documents("split.yaml", REVIEWS_50_50).unwrap();
+    let Spec::VirtualService(vs) = &split[0].spec else {
+        panic!()
+    };
+    assert_eq!(vs.http[0].route[1].weight, Some(50));
+    let faults = parse_documents("faults.yaml", RATINGS_FAULTS).unwrap();
+    let Spec::VirtualService(vs) = &faults[0].spec else {
+        panic!()
+    };
+    let delay = vs.http[0].fault.as_ref().unwrap().delay.as_ref().unwrap();
+    assert_eq!(
+        parse_duration_istio(&delay.fixed_delay),
+        Some(std::time::Duration::from_secs(7))
+    );
+    assert!((delay.percentage.as_ref().unwrap().fraction() - 1.0).abs() < 1e-9);
+}
+
+#[test]
+fn stored_json_round_trips_to_the_same_policy() {
+    for p in parse_documents("x.yaml", &format!("{BOOKINFO_ALL_V1}---{RATINGS_FAULTS}")).unwrap() {
+        let json = serde_json::to_vec(&p.to_json()).unwrap();
+        assert_eq!(Policy::from_json(&json).unwrap(), p);
+    }
+}
+
+fn error(text: &str) -> PolicyError {
+    parse_documents("bad.yaml", text).unwrap_err()
+}
+
+#[test]
+fn unsupported_fields_are_rejected_by_name_with_file_document_and_path() {
+    let text = format!(
+        "{BOOKINFO_ALL_V1}---\n{}",
+        REVIEWS_50_50.replace(
+            "      weight: 50\n    - destination",
+            "      weight: 50\n      corsPolicy: {{}}\n    - destination"
+        )
+    );
+    let e = error(&text);
+    assert_eq!(e.file, "bad.yaml");
+    assert_eq!(e.document, 3);
+    assert_eq!(e.field, "spec.http[0].route[0].corsPolicy");
+    assert!(e.message.contains("corsPolicy"), "{e}");
+    assert!(
+        e.to_string().contains("VirtualService default/reviews"),
+        "{e}"
+    );
+}
+
+#[test]
+fn meaning_errors_name_the_field() {
+    let cases = [
+        (
+            REVIEWS_50_50.replace(
+                "weight: 50\n    - destination",
+                "weight: 40\n    - destination",
+            ),
+            "spec.http[0].route",
+            "add up to 90",
+        ),
+        (
+            RATINGS_FAULTS.replace("fixedDelay: 7s", "fixedDelay: soon"),
+            "spec.http[0].fault.delay.fixedDelay",
+            "soon",
+        ),
+        (
+            RATINGS_FAULTS.replace("httpStatus: 500", "httpStatus: 999"),
+            "spec.http[1].fault.abort.httpStatus",
+            "999",
+        ),
+        (
+            RATINGS_FAULTS.replace("exact: jason", "regex: \"(unclosed\""),
+            "spec.http[0].match[0].headers.end-user.regex",
+            "invalid regex",
+        ),
+        (
+            RATINGS_FAULTS.replace("value: 100.0", "value: 250"),
+            "spec.http[0].fault.delay.percentage.value",
+            "250",
+        ),
+        (
+            BOOKINFO_ALL_V1.replace("ISTIO_MUTUAL", "SIMPLE"),
+            "spec.trafficPolicy.tls.mode",
+            "SIMPLE",
+        ),
+        (
+            BOOKINFO_ALL_V1.replace("name: v3", "name: v2"),
+            "spec.subsets[2].name",
+            "twice",
+        ),
+        (
+            BOOKINFO_ALL_V1.replace(
+                "networking.istio.io/v1\nkind: VirtualService",
+                "networking.istio.io/v2\nkind: VirtualService",
+            ),
+            "apiVersion",
+            "v2",
+        ),
+    ];
+    for (text, field, words) in cases {
+        let e = error(&text);
+        assert_eq!(e.field, field, "{e}");
+        assert!(e.to_string().contains(words), "{e}");
+    }
+}
+
+#[test]
+fn unknown_kinds_and_garbage_are_refused() {
+    assert_eq!(
+        error("apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {}\n").field,
+        "kind"
+    );
+    assert_eq!(error("{{{").field, "(document)");
+    assert_eq!(
+        error("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a}\n")
+            .field,
+        "(document)"
+    );
+}
+
+#[test]
+fn security_documents_parse_and_validate() {
+    let ok = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ratings-viewer, namespace: default}
+spec:
+  selector: {matchLabels: {app: ratings}}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["east.isthmus.local/ns/default/sa/sleep"]
+    to:
+    - operation:
+        methods: ["GET"]
+        ports: ["9080"]
+    when:
+    - key: request.headers[x-user]
+      values: ["alice"]
+---
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: default, namespace: default}
+spec:
+  mtls: {mode: STRICT}
+"#;
+    assert_eq!(parse_documents("authz.yaml", ok).unwrap().len(), 2);
+    let e = error(&ok.replace("action: ALLOW", "action: AUDIT"));
+    assert_eq!(e.field, "spec.action");
+    let e = error(&ok.replace("request.headers[x-user]", "request.auth.claims[iss]"));
+    assert_eq!(e.field, "spec.rules[0].when[0].key");
+    let e = error(&ok.replace("mode: STRICT", "mode: LOOSE"));
+    assert_eq!((e.document, e.field.as_str()), (2, "spec.mtls.mode"));
+}
+
+#[test]
+fn hosts_resolve_relative_to_the_policy_namespace() {
+    let expect = Some(("reviews".to_string(), "default".to_string()));
+    for host in [
+        "reviews",
+        "reviews.default",
+        "reviews.default.svc.cluster.local",
+        "Reviews.default.svc.clusterset.local.",
+    ] {
+        assert_eq!(resolve_host(host, "default"), expect, "{host}");
+    }
+    assert_eq!(
+        resolve_host("reviews", "shop"),
+        Some(("reviews".into(), "shop".into()))
+    );
+    assert_eq!(resolve_host("www.example.com", "default"), None);
+}
+
+#[test]
+fn istio_durations_parse() {
+    use std::time::Duration;
+    assert_eq!(
+        parse_duration_istio("0.5s"),
+        Some(Duration::from_millis(500))
+    );
+    assert_eq!(
+        parse_duration_istio("250ms"),
+        Some(Duration::from_millis(250))
+    );
+    assert_eq!(parse_duration_istio("1m"), Some(Duration::from_secs(60)));
+    for bad in ["", "s", "10", "-1s", "1x"] {
+        assert_eq!(parse_duration_istio(bad), None, "{bad}");
+    }
+}

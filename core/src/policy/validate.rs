@@ -1,0 +1,450 @@
+//! The meaning checks every policy passes before it is stored: what serde's structure cannot
+//! say (exactly one match kind, weights summing to 100, regexes that compile, durations,
+//! percentages, status codes, enumerations). Each failure names the field path.
+
+use std::time::Duration;
+
+use super::networking::{
+    Destination, HttpRoute, LoadBalancerSettings, OutlierDetection, Percent, StringMatch,
+    TrafficPolicy,
+};
+use super::{Policy, Spec};
+
+type Check = Result<(), (String, String)>;
+
+fn fail<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, (String, String)> {
+    Err((field.into(), message.into()))
+}
+
+/// Parses an Istio (protobuf) duration: `10s`, `0.5s`, `100ms`, `2m`, `1h`, `1.5s`.
+pub fn parse_duration_istio(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = s.split_at(split);
+    let n: f64 = number.parse().ok()?;
+    if !n.is_finite() || n < 0.0 {
+        return None;
+    }
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "us" | "µs" => n / 1_000_000.0,
+        _ => return None,
+    };
+    Duration::try_from_secs_f64(secs).ok()
+}
+
+/// Resolves a host as Istio does, relative to the policy's namespace: `reviews`,
+/// `reviews.default`, `reviews.default.svc`, `reviews.default.svc.cluster.local` and
+/// `reviews.default.svc.clusterset.local` all name service `reviews` in `default`.
+/// Returns `(service, namespace)`, or None for a host that is not a mesh service name.
+pub fn resolve_host(host: &str, namespace: &str) -> Option<(String, String)> {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let parts: Vec<&str> = host.split('.').collect();
+    match parts.as_slice() {
+        [svc] => Some((svc.to_string(), namespace.to_string())),
+        [svc, ns] | [svc, ns, "svc"] => Some((svc.to_string(), ns.to_string())),
+        [svc, ns, "svc", "cluster", "local"] | [svc, ns, "svc", "clusterset", "local"] => {
+            Some((svc.to_string(), ns.to_string()))
+        }
+        _ => None,
+    }
+}
+
+fn duration(field: &str, value: &str) -> Check {
+    match parse_duration_istio(value) {
+        Some(_) => Ok(()),
+        None => fail(
+            field,
+            format!("invalid duration {value:?} (write e.g. 10s, 0.5s or 250ms)"),
+        ),
+    }
+}
+
+fn percent(field: &str, p: &Percent) -> Check {
+    match p.value.parse::<f64>() {
+        Ok(v) if (0.0..=100.0).contains(&v) => Ok(()),
+        _ => fail(
+            format!("{field}.value"),
+            format!("invalid percentage {:?} (0 to 100)", p.value),
+        ),
+    }
+}
+
+fn string_match(field: &str, m: &StringMatch) -> Check {
+    let set = [m.exact.is_some(), m.prefix.is_some(), m.regex.is_some()]
+        .iter()
+        .filter(|x| **x)
+        .count();
+    if set != 1 {
+        return fail(field, "exactly one of exact, prefix or regex is required");
+    }
+    if let Some(re) = &m.regex {
+        if let Err(e) = regex::Regex::new(&format!("^(?:{re})$")) {
+            return fail(
+                format!("{field}.regex"),
+                format!("invalid regex {re:?}: {e}"),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn port(field: &str, p: u32) -> Check {
+    if (1..=65535).contains(&p) {
+        Ok(())
+    } else {
+        fail(field, format!("invalid port {p} (1 to 65535)"))
+    }
+}
+
+fn destination(field: &str, d: &Destination) -> Check {
+    if d.host.is_empty() {
+        return fail(format!("{field}.host"), "a destination needs a host");
+    }
+    if let Some(p) = d.port {
+        port(&format!("{field}.port.number"), p.number)?;
+    }
+    Ok(())
+}
+
+fn weights(field: &str, weights: &[Option<u32>]) -> Check {
+    if weights.len() > 1 || weights.iter().any(|w| w.is_some()) {
+        let sum: u32 = weights.iter().map(|w| w.unwrap_or(0)).sum();
+        if weights.len() > 1 && sum != 100 {
+            return fail(
+                field,
+                format!("the weights add up to {sum}; they must add up to 100"),
+            );
+        }
+    }
+    Ok(())
+}
+
+const RETRY_ON: &[&str] = &[
+    "5xx",
+    "gateway-error",
+    "connect-failure",
+    "reset",
+    "refused-stream",
+    "retriable-4xx",
+    "retriable-status-codes",
+];
+
+fn http_route(at: &str, r: &HttpRoute) -> Check {
+    if r.route.is_empty() && r.redirect.is_none() {
+        return fail(
+            format!("{at}.route"),
+            "an http route needs a route or a redirect",
+        );
+    }
+    if !r.route.is_empty() && r.redirect.is_some() {
+        return fail(
+            format!("{at}.redirect"),
+            "a route with a redirect cannot also have destinations",
+        );
+    }
+    for (j, m) in r.matches.iter().enumerate() {
+        let mf = format!("{at}.match[{j}]");
+        if let Some(u) = &m.uri {
+            string_match(&format!("{mf}.uri"), u)?;
+        }
+        if let Some(u) = &m.method {
+            string_match(&format!("{mf}.method"), u)?;
+        }
+        for (name, h) in &m.headers {
+            string_match(&format!("{mf}.headers.{name}"), h)?;
+        }
+        for (name, q) in &m.query_params {
+            string_match(&format!("{mf}.queryParams.{name}"), q)?;
+        }
+        if let Some(p) = m.port {
+            port(&format!("{mf}.port"), p)?;
+        }
+    }
+    for (j, d) in r.route.iter().enumerate() {
+        destination(&format!("{at}.route[{j}].destination"), &d.destination)?;
+    }
+    weights(
+        &format!("{at}.route"),
+        &r.route.iter().map(|d| d.weight).collect::<Vec<_>>(),
+    )?;
+    if let Some(red) = &r.redirect {
+        if red.uri.is_none() && red.authority.is_none() {
+            return fail(
+                format!("{at}.redirect"),
+                "a redirect needs uri or authority",
+            );
+        }
+        if let Some(code) = red.redirect_code {
+            if !(300..=399).contains(&code) {
+                return fail(
+                    format!("{at}.redirect.redirectCode"),
+                    format!("invalid redirect code {code} (3xx)"),
+                );
+            }
+        }
+    }
+    if let Some(t) = &r.timeout {
+        duration(&format!("{at}.timeout"), t)?;
+    }
+    if let Some(retry) = &r.retries {
+        if retry.attempts > 100 {
+            return fail(
+                format!("{at}.retries.attempts"),
+                format!("{} attempts is too many (at most 100)", retry.attempts),
+            );
+        }
+        if let Some(t) = &retry.per_try_timeout {
+            duration(&format!("{at}.retries.perTryTimeout"), t)?;
+        }
+        if let Some(on) = &retry.retry_on {
+            for cond in on.split(',').map(str::trim) {
+                if !RETRY_ON.contains(&cond)
+                    && cond
+                        .parse::<u16>()
+                        .map(|c| !(100..=599).contains(&c))
+                        .unwrap_or(true)
+                {
+                    return fail(
+                        format!("{at}.retries.retryOn"),
+                        format!("unsupported retry condition {cond:?} (supported: {}, or a status code)", RETRY_ON.join(", ")),
+                    );
+                }
+            }
+        }
+    }
+    if let Some(fault) = &r.fault {
+        if fault.delay.is_none() && fault.abort.is_none() {
+            return fail(format!("{at}.fault"), "a fault needs a delay or an abort");
+        }
+        if let Some(d) = &fault.delay {
+            duration(&format!("{at}.fault.delay.fixedDelay"), &d.fixed_delay)?;
+            if let Some(p) = &d.percentage {
+                percent(&format!("{at}.fault.delay.percentage"), p)?;
+            }
+        }
+        if let Some(a) = &fault.abort {
+            if !(200..=599).contains(&a.http_status) {
+                return fail(
+                    format!("{at}.fault.abort.httpStatus"),
+                    format!("invalid status {} (200 to 599)", a.http_status),
+                );
+            }
+            if let Some(p) = &a.percentage {
+                percent(&format!("{at}.fault.abort.percentage"), p)?;
+            }
+        }
+    }
+    if let Some(m) = &r.mirror {
+        destination(&format!("{at}.mirror"), m)?;
+    }
+    if let Some(p) = &r.mirror_percentage {
+        percent(&format!("{at}.mirrorPercentage"), p)?;
+    }
+    Ok(())
+}
+
+fn load_balancer(at: &str, lb: &LoadBalancerSettings) -> Check {
+    if lb.simple.is_some() && lb.consistent_hash.is_some() {
+        return fail(at, "simple and consistentHash cannot both be set");
+    }
+    if let Some(s) = &lb.simple {
+        if !["ROUND_ROBIN", "LEAST_REQUEST", "LEAST_CONN", "RANDOM"].contains(&s.as_str()) {
+            return fail(
+                format!("{at}.simple"),
+                format!("unsupported load balancer {s:?} (ROUND_ROBIN, LEAST_REQUEST, RANDOM)"),
+            );
+        }
+    }
+    if let Some(h) = &lb.consistent_hash {
+        let set = [
+            h.http_header_name.is_some(),
+            h.http_cookie.is_some(),
+            h.use_source_ip == Some(true),
+        ]
+        .iter()
+        .filter(|x| **x)
+        .count();
+        if set != 1 {
+            return fail(
+                format!("{at}.consistentHash"),
+                "exactly one of httpHeaderName, httpCookie or useSourceIp is required",
+            );
+        }
+        if let Some(ttl) = h.http_cookie.as_ref().and_then(|c| c.ttl.as_ref()) {
+            duration(&format!("{at}.consistentHash.httpCookie.ttl"), ttl)?;
+        }
+    }
+    Ok(())
+}
+
+fn outlier(at: &str, o: &OutlierDetection) -> Check {
+    for (name, v) in [
+        ("interval", &o.interval),
+        ("baseEjectionTime", &o.base_ejection_time),
+    ] {
+        if let Some(v) = v {
+            duration(&format!("{at}.{name}"), v)?;
+        }
+    }
+    if let Some(p) = o.max_ejection_percent {
+        if p > 100 {
+            return fail(
+                format!("{at}.maxEjectionPercent"),
+                format!("{p} is over 100"),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn traffic_policy(at: &str, tp: &TrafficPolicy) -> Check {
+    if let Some(lb) = &tp.load_balancer {
+        load_balancer(&format!("{at}.loadBalancer"), lb)?;
+    }
+    if let Some(o) = &tp.outlier_detection {
+        outlier(&format!("{at}.outlierDetection"), o)?;
+    }
+    if let Some(tls) = &tp.tls {
+        if tls.mode != "ISTIO_MUTUAL" {
+            return fail(
+                format!("{at}.tls.mode"),
+                format!("unsupported TLS mode {:?} (only ISTIO_MUTUAL)", tls.mode),
+            );
+        }
+    }
+    if let Some(t) = tp
+        .connection_pool
+        .as_ref()
+        .and_then(|c| c.tcp.as_ref())
+        .and_then(|t| t.connect_timeout.as_ref())
+    {
+        duration(&format!("{at}.connectionPool.tcp.connectTimeout"), t)?;
+    }
+    for (i, p) in tp.port_level_settings.iter().enumerate() {
+        let pf = format!("{at}.portLevelSettings[{i}]");
+        port(&format!("{pf}.port.number"), p.port.number)?;
+        if let Some(lb) = &p.load_balancer {
+            load_balancer(&format!("{pf}.loadBalancer"), lb)?;
+        }
+        if let Some(o) = &p.outlier_detection {
+            outlier(&format!("{pf}.outlierDetection"), o)?;
+        }
+    }
+    Ok(())
+}
+
+/// Validates a parsed policy; the error is (field path, message).
+pub(super) fn validate(policy: &Policy) -> Check {
+    match &policy.spec {
+        Spec::VirtualService(vs) => {
+            if vs.hosts.is_empty() {
+                return fail("spec.hosts", "at least one host is required");
+            }
+            for (i, g) in vs.gateways.iter().enumerate() {
+                if g != "mesh" {
+                    return fail(
+                        format!("spec.gateways[{i}]"),
+                        format!("gateway {g:?} is not supported (only the mesh)"),
+                    );
+                }
+            }
+            if vs.http.is_empty() && vs.tcp.is_empty() {
+                return fail("spec", "a VirtualService needs http or tcp routes");
+            }
+            for (i, r) in vs.http.iter().enumerate() {
+                http_route(&format!("spec.http[{i}]"), r)?;
+            }
+            for (i, r) in vs.tcp.iter().enumerate() {
+                let at = format!("spec.tcp[{i}]");
+                if r.route.is_empty() {
+                    return fail(
+                        format!("{at}.route"),
+                        "a tcp route needs at least one destination",
+                    );
+                }
+                for (j, d) in r.route.iter().enumerate() {
+                    destination(&format!("{at}.route[{j}].destination"), &d.destination)?;
+                }
+                weights(
+                    &format!("{at}.route"),
+                    &r.route.iter().map(|d| d.weight).collect::<Vec<_>>(),
+                )?;
+            }
+            Ok(())
+        }
+        Spec::DestinationRule(dr) => {
+            if dr.host.is_empty() {
+                return fail("spec.host", "a host is required");
+            }
+            if let Some(tp) = &dr.traffic_policy {
+                traffic_policy("spec.trafficPolicy", tp)?;
+            }
+            for (i, s) in dr.subsets.iter().enumerate() {
+                let at = format!("spec.subsets[{i}]");
+                if s.name.is_empty() {
+                    return fail(format!("{at}.name"), "a subset needs a name");
+                }
+                if dr.subsets[..i].iter().any(|o| o.name == s.name) {
+                    return fail(
+                        format!("{at}.name"),
+                        format!("subset {:?} is defined twice", s.name),
+                    );
+                }
+                if let Some(tp) = &s.traffic_policy {
+                    traffic_policy(&format!("{at}.trafficPolicy"), tp)?;
+                }
+            }
+            Ok(())
+        }
+        Spec::AuthorizationPolicy(ap) => {
+            if let Some(a) = &ap.action {
+                if a != "ALLOW" && a != "DENY" {
+                    return fail(
+                        "spec.action",
+                        format!("unsupported action {a:?} (ALLOW or DENY)"),
+                    );
+                }
+            }
+            for (i, rule) in ap.rules.iter().enumerate() {
+                for (j, to) in rule.to.iter().enumerate() {
+                    for (k, p) in to.operation.ports.iter().enumerate() {
+                        let field = format!("spec.rules[{i}].to[{j}].operation.ports[{k}]");
+                        match p.parse::<u32>() {
+                            Ok(n) => port(&field, n)?,
+                            Err(_) => return fail(field, format!("invalid port {p:?}")),
+                        }
+                    }
+                }
+                for (j, w) in rule.when.iter().enumerate() {
+                    let ok = (w.key.starts_with("request.headers[")
+                        && w.key.ends_with(']')
+                        && w.key.len() > 17)
+                        || w.key == "source.principal"
+                        || w.key == "source.namespace";
+                    if !ok {
+                        return fail(
+                            format!("spec.rules[{i}].when[{j}].key"),
+                            format!("unsupported condition key {:?} (request.headers[<name>], source.principal, source.namespace)", w.key),
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+        Spec::PeerAuthentication(pa) => {
+            if let Some(m) = &pa.mtls {
+                if !["STRICT", "PERMISSIVE", "UNSET"].contains(&m.mode.as_str()) {
+                    return fail(
+                        "spec.mtls.mode",
+                        format!("unsupported mode {:?} (STRICT or PERMISSIVE)", m.mode),
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
