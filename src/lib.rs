@@ -6,4 +6,5 @@
 
 pub mod daemon;
 pub mod demo;
+pub mod policy_cmd;
 pub mod sample;

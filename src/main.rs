@@ -48,6 +48,38 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Apply mesh-wide policies (Istio VirtualService, DestinationRule, AuthorizationPolicy,
+    /// PeerAuthentication) from a multi-document YAML file.
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Validate and show what would change, without storing anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// Control plane gRPC address (default $ISTHMUS_CONTROL or 127.0.0.1:15012).
+        #[arg(long)]
+        control: Option<String>,
+    },
+    /// Show applied policies: KIND is a policy kind or `all`.
+    Get {
+        kind: String,
+        name: Option<String>,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value = "yaml")]
+        output: isthmus::policy_cmd::Output,
+        #[arg(long)]
+        control: Option<String>,
+    },
+    /// Delete an applied policy.
+    Delete {
+        kind: String,
+        name: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[arg(long)]
+        control: Option<String>,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -88,6 +120,44 @@ fn main() -> ExitCode {
             Command::Gateway { config } => isthmus::daemon::gateway::run(&config).await,
             Command::Dns { config } => isthmus::daemon::dns::run(&config).await,
             Command::Sidecar { config } => isthmus::daemon::sidecar::run(&config).await,
+            Command::Apply {
+                file,
+                dry_run,
+                control,
+            } => {
+                isthmus::policy_cmd::apply(
+                    &isthmus::policy_cmd::control_addr(control),
+                    &file,
+                    dry_run,
+                )
+                .await
+            }
+            Command::Get {
+                kind,
+                name,
+                namespace,
+                output,
+                control,
+            } => {
+                let control = isthmus::policy_cmd::control_addr(control);
+                isthmus::policy_cmd::get(
+                    &control,
+                    &kind,
+                    name.as_deref(),
+                    namespace.as_deref(),
+                    output,
+                )
+                .await
+            }
+            Command::Delete {
+                kind,
+                name,
+                namespace,
+                control,
+            } => {
+                let control = isthmus::policy_cmd::control_addr(control);
+                isthmus::policy_cmd::delete(&control, &kind, &name, &namespace).await
+            }
         }
     });
     // Leave no task running behind us.

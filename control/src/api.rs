@@ -9,10 +9,14 @@ use futures::Stream;
 use isthmus_core::ca::CertificateAuthority;
 use isthmus_core::identity::SpiffeId;
 use isthmus_core::mesh::MeshConfig;
+use isthmus_core::policy::{Kind, Policy};
 use isthmus_core::proto::mesh::certificate_service_server::CertificateService;
 use isthmus_core::proto::mesh::mesh_config_service_server::MeshConfigService;
+use isthmus_core::proto::mesh::policy_service_server::PolicyService;
 use isthmus_core::proto::mesh::{
-    MeshConfigSnapshot, SignRequest, SignResponse, StreamConfigRequest, TrustBundle,
+    ApplyRequest, ApplyResponse, ApplyResult, DeletePolicyRequest, DeletePolicyResponse,
+    GetPoliciesRequest, GetPoliciesResponse, MeshConfigSnapshot, SignRequest, SignResponse,
+    StreamConfigRequest, TrustBundle,
 };
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
@@ -123,5 +127,105 @@ impl CertificateService for CertificateApi {
             trust_bundles,
             not_after_unix: issued.not_after_unix,
         }))
+    }
+}
+
+/// Stores, lists and deletes mesh-wide policies. Every document is validated here again,
+/// whatever the client checked: an invalid one rejects the whole request and changes nothing.
+pub struct PolicyApi {
+    pub store: isthmus_federation::Store,
+}
+
+#[tonic::async_trait]
+impl PolicyService for PolicyApi {
+    async fn apply(
+        &self,
+        request: Request<ApplyRequest>,
+    ) -> Result<Response<ApplyResponse>, Status> {
+        let req = request.into_inner();
+        let mut policies = Vec::with_capacity(req.documents_json.len());
+        for (i, json) in req.documents_json.iter().enumerate() {
+            let policy = Policy::from_json_at("request", i + 1, json.as_bytes())
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            policies.push(policy);
+        }
+        let mut results = Vec::with_capacity(policies.len());
+        let mut writes = Vec::new();
+        for policy in &policies {
+            let key = policy.store_key();
+            let value = policy.to_json().to_string().into_bytes();
+            let action = match self.store.get(&key) {
+                None => "created",
+                Some(r) if Policy::from_json(&r.value).ok().as_ref() == Some(policy) => "unchanged",
+                Some(_) => "configured",
+            };
+            results.push(ApplyResult {
+                resource: format!("{} {}/{}", policy.kind(), policy.namespace, policy.name),
+                action: action.to_string(),
+            });
+            if action != "unchanged" {
+                writes.push((key, value));
+            }
+        }
+        if !req.dry_run {
+            for (key, value) in writes {
+                self.store.put(&key, value).await.map_err(|e| {
+                    Status::unavailable(format!("storing {key} in the federation failed: {e}"))
+                })?;
+            }
+        }
+        Ok(Response::new(ApplyResponse { results }))
+    }
+
+    async fn get(
+        &self,
+        request: Request<GetPoliciesRequest>,
+    ) -> Result<Response<GetPoliciesResponse>, Status> {
+        let req = request.into_inner();
+        let prefix = if req.kind.is_empty() {
+            isthmus_core::policy::STORE_PREFIX.to_string()
+        } else {
+            let kind = Kind::parse(&req.kind).ok_or_else(|| {
+                Status::invalid_argument(format!("field kind: unknown kind {:?}", req.kind))
+            })?;
+            format!(
+                "{}{}/",
+                isthmus_core::policy::STORE_PREFIX,
+                kind.as_str().to_ascii_lowercase()
+            )
+        };
+        let documents_json = self
+            .store
+            .list(&prefix)
+            .into_iter()
+            .filter_map(|(_, r)| Policy::from_json(&r.value).ok())
+            .filter(|p| req.namespace.is_empty() || p.namespace == req.namespace)
+            .filter(|p| req.name.is_empty() || p.name == req.name)
+            .map(|p| p.to_json().to_string())
+            .collect();
+        Ok(Response::new(GetPoliciesResponse { documents_json }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeletePolicyRequest>,
+    ) -> Result<Response<DeletePolicyResponse>, Status> {
+        let req = request.into_inner();
+        let kind = Kind::parse(&req.kind).ok_or_else(|| {
+            Status::invalid_argument(format!("field kind: unknown kind {:?}", req.kind))
+        })?;
+        let namespace = if req.namespace.is_empty() {
+            "default".to_string()
+        } else {
+            req.namespace
+        };
+        let key = isthmus_core::policy::store_key(kind, &namespace, &req.name);
+        if self.store.get(&key).is_none() {
+            return Ok(Response::new(DeletePolicyResponse { deleted: false }));
+        }
+        self.store.delete(&key).await.map_err(|e| {
+            Status::unavailable(format!("deleting {key} in the federation failed: {e}"))
+        })?;
+        Ok(Response::new(DeletePolicyResponse { deleted: true }))
     }
 }

@@ -14,6 +14,7 @@ use isthmus_core::identity::SpiffeId;
 use isthmus_core::mesh::{
     ClusterInfo, Endpoint, MeshConfig, MeshService, RemoteExport, ServicePort,
 };
+use isthmus_core::policy::Policy;
 
 use crate::discovery::Discovery;
 use crate::records::{ClusterRecord, ExportRecord};
@@ -117,6 +118,7 @@ impl Catalog {
         local: &Discovery,
         clusters: &[ClusterRecord],
         exports: &[ExportRecord],
+        policies: &[Policy],
     ) -> Option<Arc<MeshConfig>> {
         let gateways: BTreeMap<&str, &ClusterRecord> =
             clusters.iter().map(|c| (c.name.as_str(), c)).collect();
@@ -212,6 +214,7 @@ impl Catalog {
             cluster: self.cluster.clone(),
             services: services.into_values().collect(),
             clusters: members,
+            policies: policies.to_vec(),
         };
         if next == *self.current {
             return None;

@@ -25,8 +25,10 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 use isthmus_core::ca::CertificateAuthority;
 use isthmus_core::mesh::MeshConfig;
+use isthmus_core::policy::Policy;
 use isthmus_core::proto::mesh::certificate_service_server::CertificateServiceServer;
 use isthmus_core::proto::mesh::mesh_config_service_server::MeshConfigServiceServer;
+use isthmus_core::proto::mesh::policy_service_server::PolicyServiceServer;
 use isthmus_federation::Store;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -170,12 +172,16 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
         lifetime: opts.cert_lifetime,
         config: config_rx.clone(),
     };
+    let policy_api = api::PolicyApi {
+        store: policy_store,
+    };
     let mut grpc_stop = stopped.clone();
     tasks.push(tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let result = tonic::transport::Server::builder()
             .add_service(MeshConfigServiceServer::new(config_api))
             .add_service(CertificateServiceServer::new(cert_api))
+            .add_service(PolicyServiceServer::new(policy_api))
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = grpc_stop.changed().await;
             })
@@ -206,7 +212,18 @@ fn rebuild(
     clusters.retain(|c| c.name != own.name);
     clusters.push(own.clone());
     let exports: Vec<ExportRecord> = decode_all(store, records::EXPORTS_PREFIX);
-    catalog.rebuild(discovery, &clusters, &exports)
+    let policies: Vec<Policy> = store
+        .list(isthmus_core::policy::STORE_PREFIX)
+        .into_iter()
+        .filter_map(|(key, record)| match Policy::from_json(&record.value) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "skipping a stored policy that does not validate");
+                None
+            }
+        })
+        .collect();
+    catalog.rebuild(discovery, &clusters, &exports, &policies)
 }
 
 fn decode_all<T: serde::de::DeserializeOwned>(store: &Store, prefix: &str) -> Vec<T> {

@@ -16,9 +16,13 @@ use tonic::transport::{Channel, Endpoint};
 use crate::ca::generate_csr;
 use crate::identity::SpiffeId;
 use crate::mesh::MeshConfig;
+use crate::policy::{Kind, Policy};
 use crate::proto::mesh::certificate_service_client::CertificateServiceClient;
 use crate::proto::mesh::mesh_config_service_client::MeshConfigServiceClient;
-use crate::proto::mesh::{SignRequest, StreamConfigRequest};
+use crate::proto::mesh::policy_service_client::PolicyServiceClient;
+use crate::proto::mesh::{
+    ApplyRequest, DeletePolicyRequest, GetPoliciesRequest, SignRequest, StreamConfigRequest,
+};
 use crate::tls::{Identity, TrustBundles};
 
 /// How long to wait between reconnection attempts, at most.
@@ -35,6 +39,11 @@ pub enum ClientError {
     NoConfig { addr: String, waited: Duration },
     #[error("certificate handling failed: {0}")]
     Certificate(String),
+    #[error("{operation} failed: {message}")]
+    Policy {
+        operation: &'static str,
+        message: String,
+    },
 }
 
 /// A lazily connected client of one control plane's gRPC API.
@@ -215,6 +224,88 @@ impl ControlClient {
             }
         });
         Ok((identity, task))
+    }
+}
+
+impl ControlClient {
+    /// Applies `policies` mesh-wide (or, with `dry_run`, only reports what would change).
+    /// Returns `(resource, action)` per document, action being created/configured/unchanged.
+    pub async fn apply(
+        &self,
+        policies: &[Policy],
+        dry_run: bool,
+    ) -> Result<Vec<(String, String)>, ClientError> {
+        let mut client = PolicyServiceClient::new(self.channel.clone());
+        let documents_json = policies.iter().map(|p| p.to_json().to_string()).collect();
+        let response = client
+            .apply(ApplyRequest {
+                documents_json,
+                dry_run,
+            })
+            .await
+            .map_err(|s| policy_error("apply", &s))?
+            .into_inner();
+        Ok(response
+            .results
+            .into_iter()
+            .map(|r| (r.resource, r.action))
+            .collect())
+    }
+
+    /// Lists stored policies, optionally filtered by kind, namespace and name.
+    pub async fn get_policies(
+        &self,
+        kind: Option<Kind>,
+        namespace: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<Vec<Policy>, ClientError> {
+        let mut client = PolicyServiceClient::new(self.channel.clone());
+        let response = client
+            .get(GetPoliciesRequest {
+                kind: kind.map(|k| k.as_str().to_string()).unwrap_or_default(),
+                namespace: namespace.unwrap_or_default().to_string(),
+                name: name.unwrap_or_default().to_string(),
+            })
+            .await
+            .map_err(|s| policy_error("get", &s))?
+            .into_inner();
+        response
+            .documents_json
+            .iter()
+            .map(|j| {
+                Policy::from_json(j.as_bytes()).map_err(|e| ClientError::Policy {
+                    operation: "get",
+                    message: format!("the control plane sent an invalid policy: {e}"),
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes one policy; false when it did not exist.
+    pub async fn delete_policy(
+        &self,
+        kind: Kind,
+        namespace: &str,
+        name: &str,
+    ) -> Result<bool, ClientError> {
+        let mut client = PolicyServiceClient::new(self.channel.clone());
+        let response = client
+            .delete(DeletePolicyRequest {
+                kind: kind.as_str().to_string(),
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            })
+            .await
+            .map_err(|s| policy_error("delete", &s))?
+            .into_inner();
+        Ok(response.deleted)
+    }
+}
+
+fn policy_error(operation: &'static str, status: &tonic::Status) -> ClientError {
+    ClientError::Policy {
+        operation,
+        message: format!("{}: {}", status.code(), status.message()),
     }
 }
 

@@ -23,6 +23,9 @@ pub struct MeshConfig {
     pub services: Vec<MeshService>,
     /// Every member cluster, this one included, sorted by name.
     pub clusters: Vec<ClusterInfo>,
+    /// Mesh-wide policies (routes, destination rules, authorization), sorted by store key.
+    #[serde(default)]
+    pub policies: Vec<crate::policy::Policy>,
 }
 
 impl MeshConfig {

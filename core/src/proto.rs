@@ -88,6 +88,7 @@ impl From<&MeshConfig> for mesh::MeshConfigSnapshot {
                     ca_bundle_pem: k.ca_bundle_pem.clone(),
                 })
                 .collect(),
+            policies_json: c.policies.iter().map(|p| p.to_json().to_string()).collect(),
         }
     }
 }
@@ -171,11 +172,22 @@ impl TryFrom<mesh::MeshConfigSnapshot> for MeshConfig {
                 ca_bundle_pem: k.ca_bundle_pem,
             });
         }
+        let mut policies = Vec::with_capacity(m.policies_json.len());
+        for (i, json) in m.policies_json.iter().enumerate() {
+            let policy =
+                crate::policy::Policy::from_json(json.as_bytes()).map_err(|e| WireError {
+                    field: format!("policies_json[{i}]"),
+                    value: json.chars().take(80).collect(),
+                    reason: e.to_string(),
+                })?;
+            policies.push(policy);
+        }
         Ok(MeshConfig {
             version: m.version,
             cluster: m.cluster,
             services,
             clusters,
+            policies,
         })
     }
 }
@@ -218,7 +230,23 @@ mod tests {
                 gateway: None,
                 ca_bundle_pem: "PEM".into(),
             }],
+            policies: crate::policy::parse_documents(
+                "vs.yaml",
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\n\
+                 spec: {hosts: [ratings], http: [{route: [{destination: {host: ratings}}]}]}\n",
+            )
+            .unwrap(),
         }
+    }
+
+    #[test]
+    fn a_malformed_policy_on_the_wire_refuses_the_snapshot() {
+        let mut wire: mesh::MeshConfigSnapshot = (&sample()).into();
+        wire.policies_json[0] = "{\"kind\": \"VirtualService\"}".into();
+        assert_eq!(
+            MeshConfig::try_from(wire).unwrap_err().field,
+            "policies_json[0]"
+        );
     }
 
     #[test]

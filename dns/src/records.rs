@@ -282,6 +282,7 @@ mod tests {
                 service("db", "shop", "fd00::5", &[("", 5432, Protocol::Tcp)]),
             ],
             clusters: vec![],
+            policies: vec![],
         })
     }
 

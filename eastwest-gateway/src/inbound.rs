@@ -336,6 +336,7 @@ mod tests {
                 service("down", true, vec![ep(4, false)]),
             ],
             clusters: vec![cluster("east"), cluster("west")],
+            policies: Vec::new(),
         }
     }
 

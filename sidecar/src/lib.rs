@@ -14,6 +14,7 @@
 
 pub mod inbound;
 pub mod outbound;
+pub mod routing;
 pub mod upstream;
 
 use std::net::SocketAddr;

@@ -67,7 +67,7 @@ fn local_services_get_vips_and_endpoint_identities() {
             local("productpage", false, "pp"),
         ],
     };
-    let cfg = c.rebuild(&d, &[cluster("east", None)], &[]).unwrap();
+    let cfg = c.rebuild(&d, &[cluster("east", None)], &[], &[]).unwrap();
     let details = cfg.service("default", "details").unwrap();
     assert_eq!(details.vip.to_string(), "127.10.0.1");
     assert_eq!(
@@ -96,7 +96,7 @@ fn remote_exports_are_imported_through_their_gateways() {
         export("west", "ratings"),
         export("east", "details"),
     ];
-    let cfg = c.rebuild(&d, &clusters, &exports).unwrap();
+    let cfg = c.rebuild(&d, &clusters, &exports, &[]).unwrap();
     let ratings = cfg.service("default", "ratings").unwrap();
     assert!(ratings.local_endpoints.is_empty());
     let remote: Vec<&str> = ratings.remote.iter().map(|r| r.cluster.as_str()).collect();
@@ -124,6 +124,7 @@ fn exports_from_clusters_without_a_gateway_are_not_routable() {
             &Discovery::default(),
             &[cluster("east", None), cluster("west", None)],
             &[export("west", "ratings")],
+            &[],
         )
         .unwrap();
     assert!(cfg.service("default", "ratings").is_none());
@@ -135,14 +136,14 @@ fn vips_stay_stable_when_a_service_leaves_and_returns() {
     let both = Discovery {
         services: vec![local("a", false, "a"), local("b", false, "b")],
     };
-    let cfg = c.rebuild(&both, &[], &[]).unwrap();
+    let cfg = c.rebuild(&both, &[], &[], &[]).unwrap();
     let b_vip = cfg.service("default", "b").unwrap().vip;
     let only_b = Discovery {
         services: vec![local("b", false, "b")],
     };
-    let cfg = c.rebuild(&only_b, &[], &[]).unwrap();
+    let cfg = c.rebuild(&only_b, &[], &[], &[]).unwrap();
     assert_eq!(cfg.service("default", "b").unwrap().vip, b_vip);
-    let cfg = c.rebuild(&both, &[], &[]).unwrap();
+    let cfg = c.rebuild(&both, &[], &[], &[]).unwrap();
     assert_eq!(
         cfg.service("default", "a").unwrap().vip.to_string(),
         "127.10.0.1"
@@ -155,12 +156,12 @@ fn version_moves_only_when_content_changes() {
     let d = Discovery {
         services: vec![local("a", false, "a")],
     };
-    assert_eq!(c.rebuild(&d, &[], &[]).unwrap().version, 1);
-    assert!(c.rebuild(&d, &[], &[]).is_none());
+    assert_eq!(c.rebuild(&d, &[], &[], &[]).unwrap().version, 1);
+    assert!(c.rebuild(&d, &[], &[], &[]).is_none());
     let d2 = Discovery {
         services: vec![local("a", true, "a")],
     };
-    assert_eq!(c.rebuild(&d2, &[], &[]).unwrap().version, 2);
+    assert_eq!(c.rebuild(&d2, &[], &[], &[]).unwrap().version, 2);
 }
 
 #[test]
@@ -194,6 +195,6 @@ fn an_exhausted_vip_range_skips_services_instead_of_failing() {
             local("c", false, "c"),
         ],
     };
-    let cfg = c.rebuild(&d, &[], &[]).unwrap();
+    let cfg = c.rebuild(&d, &[], &[], &[]).unwrap();
     assert_eq!(cfg.services.len(), 2);
 }

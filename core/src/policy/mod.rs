@@ -127,9 +127,29 @@ impl Policy {
 
     /// Parses one stored (JSON) document, validating it again.
     pub fn from_json(json: &[u8]) -> Result<Policy, PolicyError> {
+        Self::from_json_at("(stored)", 1, json)
+    }
+
+    /// Parses one JSON document received from `source` at position `document` (1-based),
+    /// validating it; errors name that source and position.
+    pub fn from_json_at(source: &str, document: usize, json: &[u8]) -> Result<Policy, PolicyError> {
         let value: serde_yaml::Value = serde_json::from_slice(json)
-            .map_err(|e| PolicyError::new("(stored)", 1, "(document)", e.to_string()))?;
-        parse_value("(stored)", 1, value)
+            .map_err(|e| PolicyError::new(source, document, "(document)", e.to_string()))?;
+        parse_value(source, document, value)
+    }
+}
+
+impl Serialize for Policy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_json().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Policy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(d)?;
+        let bytes = serde_json::to_vec(&value).map_err(serde::de::Error::custom)?;
+        Policy::from_json(&bytes).map_err(serde::de::Error::custom)
     }
 }
 

@@ -51,6 +51,7 @@ pub fn config(version: u64, services: Vec<MeshService>) -> Arc<MeshConfig> {
         cluster: "east".into(),
         services,
         clusters: Vec::new(),
+        policies: Vec::new(),
     })
 }
 

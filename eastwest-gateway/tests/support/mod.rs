@@ -109,6 +109,7 @@ pub fn config(cluster: &str, services: Vec<MeshService>, clusters: Vec<ClusterIn
         cluster: cluster.into(),
         services,
         clusters,
+        policies: Vec::new(),
     }
 }
 

@@ -1,0 +1,559 @@
+//! Route selection: the mesh's VirtualServices and DestinationRules compiled into a table
+//! the outbound proxy consults per request.
+//!
+//! Pure: no I/O, no clock, no randomness of its own (the weighted pick takes a number in
+//! [0, 1) from the caller), so every decision is unit-tested. Order of use for one request:
+//! [`RouteTable::http_route`] (first route whose match list matches, as Istio evaluates them),
+//! then [`HttpRoute::pick`] for the destination, then [`RouteTable::subset_labels`] and
+//! [`RouteTable::policy`] for that destination.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderMap;
+use isthmus_core::mesh::MeshConfig;
+use isthmus_core::policy::networking::{
+    self as net, HeaderOperations, HttpFaultInjection, StringMatch, TrafficPolicy,
+};
+use isthmus_core::policy::{parse_duration_istio, resolve_host, Spec};
+
+/// A service by `(name, namespace)`.
+pub type ServiceKey = (String, String);
+
+/// A compiled string matcher.
+#[derive(Debug, Clone)]
+pub enum Matcher {
+    Exact(String),
+    Prefix(String),
+    Regex(regex::Regex),
+}
+
+impl Matcher {
+    fn compile(m: &StringMatch) -> Option<Matcher> {
+        if let Some(e) = &m.exact {
+            Some(Matcher::Exact(e.clone()))
+        } else if let Some(p) = &m.prefix {
+            Some(Matcher::Prefix(p.clone()))
+        } else {
+            // Anchored, as Envoy's safe_regex is a full match.
+            m.regex
+                .as_ref()
+                .and_then(|r| regex::Regex::new(&format!("^(?:{r})$")).ok())
+                .map(Matcher::Regex)
+        }
+    }
+
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            Matcher::Exact(e) => value == e,
+            Matcher::Prefix(p) => value.starts_with(p.as_str()),
+            Matcher::Regex(r) => r.is_match(value),
+        }
+    }
+}
+
+/// One `match` entry: every condition in it must hold.
+#[derive(Debug, Clone, Default)]
+pub struct RequestMatch {
+    uri: Option<Matcher>,
+    ignore_uri_case: bool,
+    method: Option<Matcher>,
+    headers: Vec<(String, Matcher)>,
+    query: Vec<(String, Matcher)>,
+    port: Option<u16>,
+}
+
+/// What a request looks like to the router.
+pub struct RequestView<'a> {
+    pub method: &'a str,
+    /// Path without the query string.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+    pub port: u16,
+}
+
+impl RequestMatch {
+    fn compile(m: &net::HttpMatchRequest) -> RequestMatch {
+        let lower = |k: &String| k.to_ascii_lowercase();
+        RequestMatch {
+            uri: m.uri.as_ref().and_then(Matcher::compile),
+            ignore_uri_case: m.ignore_uri_case.unwrap_or(false),
+            method: m.method.as_ref().and_then(Matcher::compile),
+            headers: m
+                .headers
+                .iter()
+                .filter_map(|(k, v)| Some((lower(k), Matcher::compile(v)?)))
+                .collect(),
+            query: m
+                .query_params
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), Matcher::compile(v)?)))
+                .collect(),
+            port: m.port.and_then(|p| u16::try_from(p).ok()),
+        }
+    }
+
+    pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        if let Some(p) = self.port {
+            if p != req.port {
+                return false;
+            }
+        }
+        if let Some(uri) = &self.uri {
+            let ok = if self.ignore_uri_case {
+                let lowered = req.path.to_ascii_lowercase();
+                match uri {
+                    Matcher::Exact(e) => lowered == e.to_ascii_lowercase(),
+                    Matcher::Prefix(p) => lowered.starts_with(&p.to_ascii_lowercase()),
+                    Matcher::Regex(r) => r.is_match(&lowered),
+                }
+            } else {
+                uri.matches(req.path)
+            };
+            if !ok {
+                return false;
+            }
+        }
+        if let Some(m) = &self.method {
+            if !m.matches(req.method) {
+                return false;
+            }
+        }
+        for (name, m) in &self.headers {
+            match req.headers.get(name.as_str()).and_then(|v| v.to_str().ok()) {
+                Some(v) if m.matches(v) => {}
+                _ => return false,
+            }
+        }
+        for (name, m) in &self.query {
+            let value = req.query.and_then(|q| {
+                q.split('&').find_map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    (k == name).then_some(v)
+                })
+            });
+            match value {
+                Some(v) if m.matches(v) => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+}
+
+/// A weighted destination of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightedDestination {
+    pub service: ServiceKey,
+    pub subset: Option<String>,
+    pub port: Option<u16>,
+    pub weight: u32,
+    pub headers: Option<net::Headers>,
+}
+
+/// Retry policy of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub retry_on: Vec<String>,
+}
+
+impl RetryPolicy {
+    /// The mesh default when a route says nothing: two retries on connection failures and
+    /// refused streams, as Istio does.
+    pub fn mesh_default() -> Self {
+        RetryPolicy {
+            attempts: 2,
+            per_try_timeout: None,
+            retry_on: vec!["connect-failure".into(), "refused-stream".into()],
+        }
+    }
+
+    /// Whether an attempt that ended with `status` (None: no response, the connection failed
+    /// or was reset; `connect` tells which) should be retried.
+    pub fn retriable(&self, status: Option<u16>, connect_failure: bool) -> bool {
+        self.retry_on
+            .iter()
+            .any(|cond| match (cond.as_str(), status) {
+                ("connect-failure", None) => connect_failure,
+                ("reset", None) => !connect_failure,
+                ("refused-stream", None) => connect_failure,
+                ("5xx", None) => true,
+                ("5xx", Some(s)) => s >= 500,
+                ("gateway-error", Some(s)) => matches!(s, 502..=504),
+                ("gateway-error", None) => true,
+                ("retriable-4xx", Some(409)) => true,
+                ("retriable-status-codes", Some(503)) => true,
+                (code, Some(s)) => code.parse::<u16>() == Ok(s),
+                _ => false,
+            })
+    }
+}
+
+/// Where a route sends a matching request.
+#[derive(Debug, Clone)]
+pub enum RouteAction {
+    Forward(Vec<WeightedDestination>),
+    Redirect {
+        uri: Option<String>,
+        authority: Option<String>,
+        code: u16,
+    },
+}
+
+/// One compiled http route.
+#[derive(Debug, Clone)]
+pub struct HttpRoute {
+    pub name: Option<String>,
+    matches: Vec<RequestMatch>,
+    pub action: RouteAction,
+    pub rewrite: Option<net::HttpRewrite>,
+    pub timeout: Option<Duration>,
+    pub retries: Option<RetryPolicy>,
+    pub fault: Option<HttpFaultInjection>,
+    pub mirror: Option<(ServiceKey, Option<String>, f64)>,
+    pub headers: Option<net::Headers>,
+}
+
+impl HttpRoute {
+    fn matches(&self, req: &RequestView<'_>) -> bool {
+        self.matches.is_empty() || self.matches.iter().any(|m| m.matches(req))
+    }
+
+    /// Picks a destination by weight; `roll` is uniform in [0, 1).
+    pub fn pick(&self, roll: f64) -> Option<&WeightedDestination> {
+        let RouteAction::Forward(dests) = &self.action else {
+            return None;
+        };
+        let total: u32 = dests.iter().map(|d| d.weight).sum();
+        if total == 0 {
+            return dests.first();
+        }
+        let mut target = (roll.clamp(0.0, 0.999_999_999) * f64::from(total)) as u32;
+        for d in dests {
+            if target < d.weight {
+                return Some(d);
+            }
+            target -= d.weight;
+        }
+        dests.last()
+    }
+
+    /// The route used when no VirtualService applies: the service itself.
+    pub fn default_for(service: ServiceKey) -> HttpRoute {
+        HttpRoute {
+            name: None,
+            matches: Vec::new(),
+            action: RouteAction::Forward(vec![WeightedDestination {
+                service,
+                subset: None,
+                port: None,
+                weight: 100,
+                headers: None,
+            }]),
+            rewrite: None,
+            timeout: None,
+            retries: None,
+            fault: None,
+            mirror: None,
+            headers: None,
+        }
+    }
+}
+
+/// The traffic policy in force for one destination (service, subset, port), with Istio's
+/// precedence: subset port-level > subset > top-level port-level > top-level.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EffectivePolicy {
+    pub load_balancer: Option<net::LoadBalancerSettings>,
+    pub connection_pool: Option<net::ConnectionPoolSettings>,
+    pub outlier_detection: Option<net::OutlierDetection>,
+}
+
+impl EffectivePolicy {
+    fn overlay(&mut self, tp: &TrafficPolicy, port: u16) {
+        self.apply(
+            tp.load_balancer.as_ref(),
+            tp.connection_pool.as_ref(),
+            tp.outlier_detection.as_ref(),
+        );
+        if let Some(p) = tp
+            .port_level_settings
+            .iter()
+            .find(|p| p.port.number == u32::from(port))
+        {
+            self.apply(
+                p.load_balancer.as_ref(),
+                p.connection_pool.as_ref(),
+                p.outlier_detection.as_ref(),
+            );
+        }
+    }
+
+    fn apply(
+        &mut self,
+        lb: Option<&net::LoadBalancerSettings>,
+        pool: Option<&net::ConnectionPoolSettings>,
+        outlier: Option<&net::OutlierDetection>,
+    ) {
+        if let Some(lb) = lb {
+            self.load_balancer = Some(lb.clone());
+        }
+        if let Some(pool) = pool {
+            self.connection_pool = Some(pool.clone());
+        }
+        if let Some(o) = outlier {
+            self.outlier_detection = Some(o.clone());
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Rules {
+    top: Option<TrafficPolicy>,
+    subsets: BTreeMap<String, (BTreeMap<String, String>, Option<TrafficPolicy>)>,
+}
+
+/// Every route and destination rule in the mesh, by target service.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    http: BTreeMap<ServiceKey, Arc<Vec<HttpRoute>>>,
+    tcp: BTreeMap<ServiceKey, Vec<(Option<u16>, Vec<WeightedDestination>)>>,
+    rules: BTreeMap<ServiceKey, Rules>,
+}
+
+fn destination(
+    d: &net::Destination,
+    namespace: &str,
+    weight: Option<u32>,
+    headers: Option<net::Headers>,
+) -> Option<WeightedDestination> {
+    Some(WeightedDestination {
+        service: resolve_host(&d.host, namespace)?,
+        subset: d.subset.clone(),
+        port: d.port.and_then(|p| u16::try_from(p.number).ok()),
+        weight: weight.unwrap_or(100),
+        headers,
+    })
+}
+
+impl RouteTable {
+    /// Compiles the policies of a configuration snapshot. Policies were validated before they
+    /// were stored; anything that still does not compile is skipped.
+    pub fn build(config: &MeshConfig) -> RouteTable {
+        let mut table = RouteTable::default();
+        for policy in &config.policies {
+            match &policy.spec {
+                Spec::VirtualService(vs) => {
+                    let ns = policy.namespace.as_str();
+                    let routes: Vec<HttpRoute> =
+                        vs.http.iter().map(|r| compile_http(r, ns)).collect();
+                    let tcp: Vec<(Option<u16>, Vec<WeightedDestination>)> = vs
+                        .tcp
+                        .iter()
+                        .flat_map(|r| {
+                            let dests: Vec<WeightedDestination> = r
+                                .route
+                                .iter()
+                                .filter_map(|d| destination(&d.destination, ns, d.weight, None))
+                                .collect();
+                            let ports: Vec<Option<u16>> = if r.matches.is_empty() {
+                                vec![None]
+                            } else {
+                                r.matches
+                                    .iter()
+                                    .map(|m| m.port.and_then(|p| u16::try_from(p).ok()))
+                                    .collect()
+                            };
+                            ports.into_iter().map(move |p| (p, dests.clone()))
+                        })
+                        .collect();
+                    let routes = Arc::new(routes);
+                    for host in &vs.hosts {
+                        let Some(key) = resolve_host(host, ns) else {
+                            continue;
+                        };
+                        // The first VirtualService for a host wins (policies arrive sorted).
+                        if !routes.is_empty() {
+                            table
+                                .http
+                                .entry(key.clone())
+                                .or_insert_with(|| routes.clone());
+                        }
+                        if !tcp.is_empty() {
+                            table.tcp.entry(key).or_insert_with(|| tcp.clone());
+                        }
+                    }
+                }
+                Spec::DestinationRule(dr) => {
+                    let Some(key) = resolve_host(&dr.host, &policy.namespace) else {
+                        continue;
+                    };
+                    let rules = Rules {
+                        top: dr.traffic_policy.clone(),
+                        subsets: dr
+                            .subsets
+                            .iter()
+                            .map(|s| (s.name.clone(), (s.labels.clone(), s.traffic_policy.clone())))
+                            .collect(),
+                    };
+                    table.rules.entry(key).or_insert(rules);
+                }
+                _ => {}
+            }
+        }
+        table
+    }
+
+    /// The first http route of `service` matching `req`, or the default route.
+    pub fn http_route(&self, service: &ServiceKey, req: &RequestView<'_>) -> Option<HttpRoute> {
+        match self.http.get(service) {
+            Some(routes) => routes.iter().find(|r| r.matches(req)).cloned(),
+            None => Some(HttpRoute::default_for(service.clone())),
+        }
+    }
+
+    /// Whether a VirtualService governs `service`'s http traffic.
+    pub fn has_http_routes(&self, service: &ServiceKey) -> bool {
+        self.http.contains_key(service)
+    }
+
+    /// The tcp destinations of `service` on `port`, if a VirtualService routes its tcp traffic.
+    pub fn tcp_route(&self, service: &ServiceKey, port: u16) -> Option<&[WeightedDestination]> {
+        self.tcp
+            .get(service)?
+            .iter()
+            .find(|(p, _)| p.is_none() || *p == Some(port))
+            .map(|(_, d)| d.as_slice())
+    }
+
+    /// The labels that select `subset` of `service`; None when no rule defines it.
+    pub fn subset_labels(
+        &self,
+        service: &ServiceKey,
+        subset: &str,
+    ) -> Option<&BTreeMap<String, String>> {
+        self.rules
+            .get(service)?
+            .subsets
+            .get(subset)
+            .map(|(labels, _)| labels)
+    }
+
+    /// The traffic policy for a destination, with Istio's precedence.
+    pub fn policy(&self, service: &ServiceKey, subset: Option<&str>, port: u16) -> EffectivePolicy {
+        let mut out = EffectivePolicy::default();
+        let Some(rules) = self.rules.get(service) else {
+            return out;
+        };
+        if let Some(tp) = &rules.top {
+            out.overlay(tp, port);
+        }
+        if let Some((_, Some(tp))) = subset.and_then(|s| rules.subsets.get(s)) {
+            out.overlay(tp, port);
+        }
+        out
+    }
+}
+
+fn compile_http(r: &net::HttpRoute, ns: &str) -> HttpRoute {
+    let action = match &r.redirect {
+        Some(red) => RouteAction::Redirect {
+            uri: red.uri.clone(),
+            authority: red.authority.clone(),
+            code: red
+                .redirect_code
+                .and_then(|c| u16::try_from(c).ok())
+                .unwrap_or(301),
+        },
+        None => RouteAction::Forward(
+            r.route
+                .iter()
+                .filter_map(|d| destination(&d.destination, ns, d.weight, d.headers.clone()))
+                .collect(),
+        ),
+    };
+    HttpRoute {
+        name: r.name.clone(),
+        matches: r.matches.iter().map(RequestMatch::compile).collect(),
+        action,
+        rewrite: r.rewrite.clone(),
+        timeout: r.timeout.as_deref().and_then(parse_duration_istio),
+        retries: r.retries.as_ref().map(|x| RetryPolicy {
+            attempts: x.attempts,
+            per_try_timeout: x.per_try_timeout.as_deref().and_then(parse_duration_istio),
+            retry_on: x
+                .retry_on
+                .as_deref()
+                .unwrap_or("connect-failure,refused-stream,5xx")
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .collect(),
+        }),
+        fault: r.fault.clone(),
+        mirror: r.mirror.as_ref().and_then(|m| {
+            let key = resolve_host(&m.host, ns)?;
+            let fraction = r
+                .mirror_percentage
+                .as_ref()
+                .map(|p| p.fraction())
+                .unwrap_or(1.0);
+            Some((key, m.subset.clone(), fraction))
+        }),
+        headers: r.headers.clone(),
+    }
+}
+
+/// Applies header operations (set, add, remove) to a header map.
+pub fn apply_header_ops(headers: &mut HeaderMap, ops: &HeaderOperations) {
+    use http::header::{HeaderName, HeaderValue};
+    for (k, v) in &ops.set {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::try_from(k.as_str()),
+            HeaderValue::try_from(v.as_str()),
+        ) {
+            headers.insert(name, value);
+        }
+    }
+    for (k, v) in &ops.add {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::try_from(k.as_str()),
+            HeaderValue::try_from(v.as_str()),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    for k in &ops.remove {
+        headers.remove(k.as_str());
+    }
+}
+
+/// Rewrites a path as Istio's `rewrite.uri` does: the matched prefix is replaced when the
+/// route matched on a prefix, otherwise the whole path is.
+pub fn rewrite_path(path: &str, matched_prefix: Option<&str>, replacement: &str) -> String {
+    match matched_prefix {
+        Some(prefix) if path.starts_with(prefix) => {
+            format!("{replacement}{}", &path[prefix.len()..])
+        }
+        _ => replacement.to_string(),
+    }
+}
+
+impl HttpRoute {
+    /// The uri prefix this route matched `req` on, if it matched by prefix (for rewrites).
+    pub fn matched_prefix(&self, req: &RequestView<'_>) -> Option<String> {
+        self.matches
+            .iter()
+            .find(|m| m.matches(req))
+            .and_then(|m| match &m.uri {
+                Some(Matcher::Prefix(p)) => Some(p.clone()),
+                _ => None,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,98 @@
+//! `isthmus apply|get|delete`: mesh-wide policies, through a cluster's control plane.
+//!
+//! `apply` validates the file locally first (errors name the file, the document and the field
+//! path), then the control plane validates again and stores every document in the federation
+//! store, from where every cluster's control plane streams it to its sidecars.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use isthmus_core::client::ControlClient;
+use isthmus_core::policy::{parse_documents, Kind};
+
+/// The control plane the CLI talks to when `--control` is not given.
+pub const DEFAULT_CONTROL: &str = "127.0.0.1:15012";
+
+/// `--control`, else `$ISTHMUS_CONTROL`, else the default.
+pub fn control_addr(flag: Option<String>) -> String {
+    flag.or_else(|| std::env::var("ISTHMUS_CONTROL").ok())
+        .unwrap_or_else(|| DEFAULT_CONTROL.to_string())
+}
+
+/// `isthmus apply -f FILE [--dry-run]`: prints one line per document.
+pub async fn apply(control: &str, file: &Path, dry_run: bool) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let policies = parse_documents(&file.display().to_string(), &text)?;
+    if policies.is_empty() {
+        bail!("{}: no documents to apply", file.display());
+    }
+    let client = ControlClient::new(control)?;
+    let results = client.apply(&policies, dry_run).await?;
+    let suffix = if dry_run { " (dry run)" } else { "" };
+    for (resource, action) in results {
+        println!("{resource} {action}{suffix}");
+    }
+    Ok(())
+}
+
+/// Output formats of `isthmus get`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Yaml,
+    Json,
+}
+
+/// `isthmus get KIND [NAME] [-n NS] [-o yaml|json]`.
+pub async fn get(
+    control: &str,
+    kind: &str,
+    name: Option<&str>,
+    namespace: Option<&str>,
+    output: Output,
+) -> anyhow::Result<()> {
+    let kind = if kind == "all" {
+        None
+    } else {
+        Some(parse_kind(kind)?)
+    };
+    let client = ControlClient::new(control)?;
+    let policies = client.get_policies(kind, namespace, name).await?;
+    if let (Some(name), true) = (name, policies.is_empty()) {
+        bail!(
+            "no {} named {name}",
+            kind.map(|k| k.as_str()).unwrap_or("policy")
+        );
+    }
+    let docs: Vec<serde_json::Value> = policies.iter().map(|p| p.to_json()).collect();
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&docs)?),
+        Output::Yaml => {
+            for (i, doc) in docs.iter().enumerate() {
+                if i > 0 {
+                    println!("---");
+                }
+                print!("{}", serde_yaml::to_string(doc)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `isthmus delete KIND NAME [-n NS]`.
+pub async fn delete(control: &str, kind: &str, name: &str, namespace: &str) -> anyhow::Result<()> {
+    let kind = parse_kind(kind)?;
+    let client = ControlClient::new(control)?;
+    if client.delete_policy(kind, namespace, name).await? {
+        println!("{kind} {namespace}/{name} deleted");
+        Ok(())
+    } else {
+        bail!("{kind} {namespace}/{name} not found")
+    }
+}
+
+fn parse_kind(kind: &str) -> anyhow::Result<Kind> {
+    Kind::parse(kind).with_context(|| {
+        format!("unknown kind {kind:?} (VirtualService, DestinationRule, AuthorizationPolicy, PeerAuthentication, or all)")
+    })
+}
