@@ -143,6 +143,7 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
     rebuild(&mut catalog, &discovery, &store, &cluster_record);
     let (config_tx, config_rx) = watch::channel(catalog.current());
 
+    let policy_store = store.clone();
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(publisher(
         store.clone(),

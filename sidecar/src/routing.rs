@@ -317,11 +317,14 @@ struct Rules {
     subsets: BTreeMap<String, (BTreeMap<String, String>, Option<TrafficPolicy>)>,
 }
 
+/// A compiled tcp route: the port it applies to (every port when None) and its destinations.
+type TcpRoute = (Option<u16>, Vec<WeightedDestination>);
+
 /// Every route and destination rule in the mesh, by target service.
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
     http: BTreeMap<ServiceKey, Arc<Vec<HttpRoute>>>,
-    tcp: BTreeMap<ServiceKey, Vec<(Option<u16>, Vec<WeightedDestination>)>>,
+    tcp: BTreeMap<ServiceKey, Vec<TcpRoute>>,
     rules: BTreeMap<ServiceKey, Rules>,
 }
 
@@ -351,7 +354,7 @@ impl RouteTable {
                     let ns = policy.namespace.as_str();
                     let routes: Vec<HttpRoute> =
                         vs.http.iter().map(|r| compile_http(r, ns)).collect();
-                    let tcp: Vec<(Option<u16>, Vec<WeightedDestination>)> = vs
+                    let tcp: Vec<TcpRoute> = vs
                         .tcp
                         .iter()
                         .flat_map(|r| {
