@@ -12,6 +12,7 @@
 //! Tasks: one outbound reconciler (binds and unbinds VIP listeners as the config changes) with
 //! one accept task per listener, one accept task per inbound port, and one task per connection.
 
+pub mod balance;
 pub mod inbound;
 pub mod outbound;
 pub mod routing;
