@@ -15,6 +15,7 @@
 pub mod balance;
 pub mod inbound;
 pub mod outbound;
+pub mod proxy;
 pub mod routing;
 pub mod upstream;
 
@@ -140,10 +141,12 @@ pub async fn start(
     }
     let outbound = outbound::Listeners::default();
     if opts.outbound {
+        let proxy = Arc::new(proxy::HttpProxy::new(config.clone(), upstream.clone()));
         tasks.push(tokio::spawn(outbound::reconcile(
             outbound.clone(),
             config,
             upstream,
+            proxy,
             stopped.clone(),
         )));
     }

@@ -4,11 +4,12 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use isthmus_core::mesh::MeshConfig;
+use isthmus_core::mesh::{MeshConfig, Protocol};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::proxy::HttpProxy;
 use crate::upstream::Connector;
 
 /// The VIP listeners currently bound, by address.
@@ -41,19 +42,24 @@ pub(crate) async fn reconcile(
     listeners: Listeners,
     mut config: watch::Receiver<Arc<MeshConfig>>,
     upstream: Arc<Connector>,
+    proxy: Arc<HttpProxy>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
         let current = config.borrow_and_update().clone();
-        let wanted: Vec<SocketAddr> = current
+        let wanted: Vec<(SocketAddr, Protocol)> = current
             .services
             .iter()
-            .flat_map(|s| s.ports.iter().map(move |p| SocketAddr::new(s.vip, p.port)))
+            .flat_map(|s| {
+                s.ports
+                    .iter()
+                    .map(move |p| (SocketAddr::new(s.vip, p.port), p.protocol))
+            })
             .collect();
         {
             let mut bound = listeners.lock();
             bound.retain(|addr, task| {
-                let keep = wanted.contains(addr);
+                let keep = wanted.iter().any(|(a, _)| a == addr);
                 if !keep {
                     task.abort();
                     tracing::info!(%addr, "outbound listener closed");
@@ -61,14 +67,16 @@ pub(crate) async fn reconcile(
                 keep
             });
         }
-        for addr in wanted {
+        for (addr, protocol) in wanted {
             if listeners.lock().contains_key(&addr) {
                 continue;
             }
             match TcpListener::bind(addr).await {
                 Ok(listener) => {
-                    let task =
-                        tokio::spawn(accept(listener, addr, config.clone(), upstream.clone()));
+                    let task = match protocol {
+                        Protocol::Http => tokio::spawn(accept_http(listener, addr, proxy.clone())),
+                        _ => tokio::spawn(accept(listener, addr, config.clone(), upstream.clone())),
+                    };
                     listeners.lock().insert(addr, task);
                     tracing::debug!(%addr, "outbound listener bound");
                 }
@@ -81,6 +89,30 @@ pub(crate) async fn reconcile(
         }
     }
     listeners.close_all();
+}
+
+/// HTTP/1.1 from the application: every request goes through the L7 proxy.
+async fn accept_http(listener: TcpListener, vip: SocketAddr, proxy: Arc<HttpProxy>) {
+    loop {
+        let Ok((app, client)) = listener.accept().await else {
+            continue;
+        };
+        let _ = app.set_nodelay(true);
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let proxy = proxy.clone();
+                async move { Ok::<_, std::convert::Infallible>(proxy.handle(vip, client, req).await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(app), service)
+                .with_upgrades()
+                .await
+            {
+                tracing::debug!(%vip, %client, error = %e, "outbound HTTP connection ended with an error");
+            }
+        });
+    }
 }
 
 async fn accept(

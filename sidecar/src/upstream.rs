@@ -94,7 +94,7 @@ impl Connector {
         if let Some(gateway) = self.gateway {
             for remote in service.remote.iter().filter(|r| r.healthy_endpoints > 0) {
                 match self
-                    .dial_via_gateway(service, port, gateway, &remote.cluster)
+                    .dial_via_gateway(service, port, gateway, &remote.cluster, None)
                     .await
                 {
                     Ok(tls) => return Ok((tls, Route::Remote(remote.cluster.clone()))),
@@ -106,6 +106,28 @@ impl Connector {
             }
         }
         Err(last_error.unwrap_or_else(|| UpstreamError::NoRoute(service.key())))
+    }
+
+    /// Opens an mTLS session to one chosen upstream of `service`: a local endpoint directly,
+    /// or a remote cluster through the gateway (with `subset`, `k=v[,k=v]`, for its endpoint
+    /// choice).
+    pub async fn connect_to(
+        &self,
+        service: &MeshService,
+        port: u16,
+        upstream: &crate::balance::Upstream,
+        subset: Option<String>,
+    ) -> Result<TlsStream<TcpStream>, UpstreamError> {
+        match upstream {
+            crate::balance::Upstream::Local(addr) => self.dial_direct(service, *addr).await,
+            crate::balance::Upstream::Remote(cluster) => {
+                let gateway = self
+                    .gateway
+                    .ok_or_else(|| UpstreamError::NoRoute(service.key()))?;
+                self.dial_via_gateway(service, port, gateway, cluster, subset)
+                    .await
+            }
+        }
     }
 
     async fn dial_direct(
@@ -123,12 +145,13 @@ impl Connector {
         port: u16,
         gateway: SocketAddr,
         cluster: &str,
+        subset: Option<String>,
     ) -> Result<TlsStream<TcpStream>, UpstreamError> {
         let mut tcp = self.tcp(gateway).await?;
         let request = OpenRequest {
             service: service.key(),
             port,
-            subset: None,
+            subset,
             target_cluster: cluster.to_string(),
             source_cluster: self.cluster.clone(),
             trace_context: None,

@@ -1,0 +1,651 @@
+//! The outbound HTTP proxy: one request at a time, through the mesh's routing and resilience.
+//!
+//! For each request, in this order: find the service by the VIP the app dialled; pick the
+//! first matching route (404 when a VirtualService has none); apply fault injection (delay,
+//! abort); answer redirects; rewrite; apply header operations; pick a destination by weight;
+//! admit it through the circuit breaker (503 with `x-envoy-overloaded` when the pending queue
+//! is full); then try up to `1 + retries` attempts, each to an upstream chosen by the
+//! destination's load balancer among healthy, non-ejected endpoints of its subset (local
+//! first, else a remote cluster through the gateway), each bounded by the per-try timeout and
+//! all by the route timeout (504). Every attempt's outcome feeds outlier detection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use isthmus_core::mesh::{MeshConfig, MeshService};
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
+
+use crate::balance::{Algorithm, Balancer, Limits, Outcome, OutlierSettings, Upstream};
+use crate::routing::{
+    apply_header_ops, rewrite_path, HttpRoute, RequestView, RetryPolicy, RouteAction, RouteTable,
+    ServiceKey, WeightedDestination,
+};
+use crate::upstream::Connector;
+
+/// Request and response bodies as the proxy passes them on.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Bodies up to this size are buffered so the request can be retried or mirrored.
+const REPLAYABLE_BODY: u64 = 64 * 1024;
+/// Idle upstream connections kept per upstream.
+const MAX_IDLE: usize = 32;
+
+type Sender = hyper::client::conn::http1::SendRequest<Body>;
+type DestKey = (ServiceKey, Option<String>);
+/// Idle connections are kept per (upstream, service, subset).
+type PoolKey = (Upstream, ServiceKey, Option<String>);
+/// Told about every response: destination service, status code, response flags.
+pub type Observer = Arc<dyn Fn(&ServiceKey, u16, &str) + Send + Sync>;
+
+struct Breaker {
+    limits: Limits,
+    permits: Arc<Semaphore>,
+    pending: u32,
+}
+
+/// The outbound HTTP proxy of one sidecar.
+pub struct HttpProxy {
+    config: watch::Receiver<Arc<MeshConfig>>,
+    connector: Arc<Connector>,
+    routes: Mutex<(u64, Arc<RouteTable>)>,
+    balancers: Mutex<HashMap<DestKey, Balancer>>,
+    breakers: Mutex<HashMap<DestKey, Breaker>>,
+    idle: Mutex<HashMap<PoolKey, Vec<Sender>>>,
+    /// Called with (destination service, response code, flags) for every response.
+    observer: Option<Observer>,
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+    let body = Full::new(Bytes::from(body.into()))
+        .map_err(|never| match never {})
+        .boxed();
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    resp
+}
+
+enum Attempt {
+    Response(Response<Incoming>),
+    Failed { connect: bool, reason: String },
+}
+
+impl HttpProxy {
+    pub fn new(config: watch::Receiver<Arc<MeshConfig>>, connector: Arc<Connector>) -> Self {
+        HttpProxy {
+            config,
+            connector,
+            routes: Mutex::new((0, Arc::new(RouteTable::default()))),
+            balancers: Mutex::new(HashMap::new()),
+            breakers: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::new()),
+            observer: None,
+        }
+    }
+
+    /// Registers a callback for every response (metrics).
+    pub fn with_observer(mut self, f: Observer) -> Self {
+        self.observer = Some(f);
+        self
+    }
+
+    fn table(&self, config: &MeshConfig) -> Arc<RouteTable> {
+        let mut cached = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        if cached.0 != config.version {
+            *cached = (config.version, Arc::new(RouteTable::build(config)));
+        }
+        cached.1.clone()
+    }
+
+    fn observe(&self, service: &ServiceKey, resp: &Response<Body>, flags: &str) {
+        if let Some(f) = &self.observer {
+            f(service, resp.status().as_u16(), flags);
+        }
+    }
+
+    /// Handles one request the application sent to `vip`.
+    pub async fn handle(
+        &self,
+        vip: SocketAddr,
+        client: SocketAddr,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
+        let config = self.config.borrow().clone();
+        let Some(service) = config.service_by_vip(vip.ip()) else {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no service has VIP {}\n", vip.ip()),
+            );
+        };
+        let key: ServiceKey = (service.name.clone(), service.namespace.clone());
+        let table = self.table(&config);
+        let (mut parts, body) = req.into_parts();
+        let view = RequestView {
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            headers: &parts.headers,
+            port: vip.port(),
+        };
+        let Some(route) = table.http_route(&key, &view) else {
+            let resp = text(StatusCode::NOT_FOUND, "no route matched\n");
+            self.observe(&key, &resp, "NR");
+            return resp;
+        };
+        let prefix = route.matched_prefix(&view);
+        if let Some(resp) = inject_fault(&route).await {
+            self.observe(&key, &resp, "FI");
+            return resp;
+        }
+        if let RouteAction::Redirect {
+            uri,
+            authority,
+            code,
+        } = &route.action
+        {
+            return redirect(&parts, uri.as_deref(), authority.as_deref(), *code);
+        }
+        let Some(dest) = route.pick(rand::random::<f64>()).cloned() else {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the route has no destination\n",
+            );
+        };
+        if let Some(rw) = &route.rewrite {
+            if let Some(uri) = &rw.uri {
+                let path = rewrite_path(parts.uri.path(), prefix.as_deref(), uri);
+                let pq = match parts.uri.query() {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path,
+                };
+                if let Ok(u) = Uri::builder().path_and_query(pq).build() {
+                    parts.uri = u;
+                }
+            }
+            if let Some(a) = &rw.authority {
+                if let Ok(v) = HeaderValue::from_str(a) {
+                    parts.headers.insert(http::header::HOST, v);
+                }
+            }
+        }
+        for ops in [route.headers.as_ref(), dest.headers.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(r) = &ops.request {
+                apply_header_ops(&mut parts.headers, r);
+            }
+        }
+        let Some(target) = config.service(&dest.service.1, &dest.service.0).cloned() else {
+            let resp = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "unknown destination {}.{}\n",
+                    dest.service.0, dest.service.1
+                ),
+            );
+            self.observe(&key, &resp, "NR");
+            return resp;
+        };
+        let port = dest.port.unwrap_or(vip.port());
+        let hash_key = hash_key(&table, &dest, port, &parts, client);
+        let replayable = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(
+                !parts.headers.contains_key(http::header::TRANSFER_ENCODING),
+                |n| n <= REPLAYABLE_BODY,
+            );
+        let body = if replayable {
+            match body.collect().await {
+                Ok(b) => Replay::Buffered(b.to_bytes()),
+                Err(e) => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        format!("reading the request body: {e}\n"),
+                    )
+                }
+            }
+        } else {
+            Replay::Once(Some(body))
+        };
+        if let (Some((mkey, msubset, fraction)), Replay::Buffered(bytes)) = (&route.mirror, &body) {
+            if rand::random::<f64>() < *fraction {
+                self.mirror(&config, mkey, msubset.clone(), port, &parts, bytes.clone());
+            }
+        }
+        let work = self.attempts(&table, &target, &dest, port, &route, parts, body, hash_key);
+        let mut resp = match route.timeout {
+            Some(t) => match tokio::time::timeout(t, work).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let resp = text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n");
+                    self.observe(&dest.service, &resp, "UT");
+                    return resp;
+                }
+            },
+            None => work.await,
+        };
+        for ops in [route.headers.as_ref(), dest.headers.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(r) = &ops.response {
+                apply_header_ops(resp.headers_mut(), r);
+            }
+        }
+        resp
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn attempts(
+        &self,
+        table: &RouteTable,
+        target: &MeshService,
+        dest: &WeightedDestination,
+        port: u16,
+        route: &HttpRoute,
+        parts: http::request::Parts,
+        mut body: Replay,
+        hash_key: Option<String>,
+    ) -> Response<Body> {
+        let dkey: DestKey = (dest.service.clone(), dest.subset.clone());
+        let policy = table.policy(&dest.service, dest.subset.as_deref(), port);
+        let algorithm = Algorithm::from_settings(policy.load_balancer.as_ref());
+        let outlier = policy
+            .outlier_detection
+            .as_ref()
+            .map(OutlierSettings::from_policy);
+        let limits = Limits::from_policy(policy.connection_pool.as_ref());
+        let labels = match &dest.subset {
+            Some(s) => match table.subset_labels(&dest.service, s) {
+                Some(l) => Some(l.clone()),
+                None => {
+                    let resp = text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("no DestinationRule defines subset {s}\n"),
+                    );
+                    self.observe(&dest.service, &resp, "NR");
+                    return resp;
+                }
+            },
+            None => None,
+        };
+        let candidates = candidates(target, labels.as_ref());
+        if candidates.is_empty() {
+            let resp = text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n");
+            self.observe(&dest.service, &resp, "UH");
+            return resp;
+        }
+        let subset_arg = labels.as_ref().map(|l| {
+            l.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+        // Circuit breaker: a slot, or a place in the pending queue, or an overflow.
+        let Some(_permit) = self.admit(&dkey, limits).await else {
+            let mut resp = text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: overflow\n");
+            resp.headers_mut()
+                .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+            self.observe(&dest.service, &resp, "UO");
+            return resp;
+        };
+        let retry = route
+            .retries
+            .clone()
+            .unwrap_or_else(RetryPolicy::mesh_default);
+        let mut last = None;
+        for attempt in 0..=retry.attempts {
+            let Some(req_body) = body.take() else { break };
+            let upstream = {
+                let mut balancers = self.balancers.lock().unwrap_or_else(|e| e.into_inner());
+                let b = balancers.entry(dkey.clone()).or_default();
+                let u = b.pick(
+                    &candidates,
+                    &algorithm,
+                    Instant::now(),
+                    rand::random::<f64>(),
+                    hash_key.as_deref(),
+                );
+                if let Some(u) = &u {
+                    b.started(u);
+                }
+                u
+            };
+            let Some(upstream) = upstream else { break };
+            let mut req = Request::from_parts(parts.clone(), req_body);
+            *req.version_mut() = http::Version::HTTP_11;
+            let fut = self.send(target, port, &upstream, subset_arg.clone(), req);
+            let result = match retry.per_try_timeout {
+                Some(t) => tokio::time::timeout(t, fut)
+                    .await
+                    .unwrap_or(Attempt::Failed {
+                        connect: false,
+                        reason: "per-try timeout".into(),
+                    }),
+                None => fut.await,
+            };
+            let (outcome, retriable) = match &result {
+                Attempt::Response(r) => {
+                    let s = r.status().as_u16();
+                    (Outcome::Status(s), retry.retriable(Some(s), false))
+                }
+                Attempt::Failed { connect, .. } => {
+                    (Outcome::Failed, retry.retriable(None, *connect))
+                }
+            };
+            {
+                let mut balancers = self.balancers.lock().unwrap_or_else(|e| e.into_inner());
+                let b = balancers.entry(dkey.clone()).or_default();
+                b.finished(
+                    &upstream,
+                    outcome,
+                    outlier.as_ref(),
+                    candidates.len(),
+                    Instant::now(),
+                );
+            }
+            let last_attempt = attempt == retry.attempts || !body.replayable();
+            if !retriable || last_attempt {
+                last = Some(result);
+                break;
+            }
+            tracing::debug!(service = %target.key(), ?upstream, attempt, "retrying");
+            last = Some(result);
+        }
+        let resp = match last {
+            Some(Attempt::Response(r)) => r.map(|b| b.boxed()),
+            Some(Attempt::Failed { reason, .. }) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("upstream connect error or disconnect/reset before headers: {reason}\n"),
+            ),
+            None => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no upstream could be tried\n",
+            ),
+        };
+        self.observe(&dest.service, &resp, "-");
+        resp
+    }
+
+    async fn admit(
+        &self,
+        dkey: &DestKey,
+        limits: Limits,
+    ) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
+        if limits.max_requests == u32::MAX {
+            return Some(None);
+        }
+        let permits = {
+            let mut breakers = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+            let b = breakers.entry(dkey.clone()).or_insert_with(|| Breaker {
+                limits,
+                permits: Arc::new(Semaphore::new(limits.max_requests as usize)),
+                pending: 0,
+            });
+            if b.limits != limits {
+                *b = Breaker {
+                    limits,
+                    permits: Arc::new(Semaphore::new(limits.max_requests as usize)),
+                    pending: 0,
+                };
+            }
+            if let Ok(p) = b.permits.clone().try_acquire_owned() {
+                return Some(Some(p));
+            }
+            if b.pending >= limits.max_pending {
+                return None;
+            }
+            b.pending += 1;
+            b.permits.clone()
+        };
+        let permit = permits.acquire_owned().await.ok();
+        let mut breakers = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = breakers.get_mut(dkey) {
+            b.pending = b.pending.saturating_sub(1);
+        }
+        permit.map(Some)
+    }
+
+    async fn send(
+        &self,
+        target: &MeshService,
+        port: u16,
+        upstream: &Upstream,
+        subset: Option<String>,
+        req: Request<Body>,
+    ) -> Attempt {
+        let pool_key = (
+            upstream.clone(),
+            (target.name.clone(), target.namespace.clone()),
+            subset.clone(),
+        );
+        let pooled = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let list = idle.entry(pool_key.clone()).or_default();
+            list.retain(|s| !s.is_closed());
+            list.iter()
+                .position(|s| s.is_ready())
+                .map(|i| list.swap_remove(i))
+        };
+        let mut sender = match pooled {
+            Some(s) => s,
+            None => match self
+                .connector
+                .connect_to(target, port, upstream, subset)
+                .await
+            {
+                Ok(tls) => match hyper::client::conn::http1::handshake(TokioIo::new(tls)).await {
+                    Ok((sender, conn)) => {
+                        tokio::spawn(async move {
+                            let _ = conn.await;
+                        });
+                        sender
+                    }
+                    Err(e) => {
+                        return Attempt::Failed {
+                            connect: true,
+                            reason: e.to_string(),
+                        }
+                    }
+                },
+                Err(e) => {
+                    return Attempt::Failed {
+                        connect: true,
+                        reason: e.to_string(),
+                    }
+                }
+            },
+        };
+        match sender.send_request(req).await {
+            Ok(resp) => {
+                let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                let list = idle.entry(pool_key).or_default();
+                if list.len() < MAX_IDLE {
+                    list.push(sender);
+                }
+                Attempt::Response(resp)
+            }
+            Err(e) => Attempt::Failed {
+                connect: false,
+                reason: e.to_string(),
+            },
+        }
+    }
+
+    fn mirror(
+        &self,
+        config: &MeshConfig,
+        key: &ServiceKey,
+        subset: Option<String>,
+        port: u16,
+        parts: &http::request::Parts,
+        body: Bytes,
+    ) {
+        let Some(target) = config.service(&key.1, &key.0).cloned() else {
+            return;
+        };
+        let candidates = candidates(&target, None);
+        let Some(upstream) = candidates.first().cloned() else {
+            return;
+        };
+        let mut parts = parts.clone();
+        if let Some(host) = parts
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+        {
+            if let Ok(v) = HeaderValue::from_str(&format!("{host}-shadow")) {
+                parts.headers.insert(http::header::HOST, v);
+            }
+        }
+        let req: Request<Body> = Request::from_parts(
+            parts,
+            Full::new(body).map_err(|never| match never {}).boxed(),
+        );
+        let connector = self.connector.clone();
+        tokio::spawn(async move {
+            if let Ok(tls) = connector.connect_to(&target, port, &upstream, subset).await {
+                if let Ok((mut sender, conn)) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tls)).await
+                {
+                    tokio::spawn(conn);
+                    let _ = sender.send_request(req).await;
+                }
+            }
+        });
+    }
+}
+
+/// A request body that can be sent once, or replayed for retries.
+enum Replay {
+    Buffered(Bytes),
+    Once(Option<Incoming>),
+}
+
+impl Replay {
+    fn take(&mut self) -> Option<Body> {
+        match self {
+            Replay::Buffered(b) => {
+                Some(Full::new(b.clone()).map_err(|never| match never {}).boxed())
+            }
+            Replay::Once(body) => body.take().map(|b| b.boxed()),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, Replay::Buffered(_))
+    }
+}
+
+/// Healthy endpoints of `service` whose labels include `labels`, local first; remote clusters
+/// only when no local endpoint qualifies.
+fn candidates(
+    service: &MeshService,
+    labels: Option<&std::collections::BTreeMap<String, String>>,
+) -> Vec<Upstream> {
+    let local: Vec<Upstream> = service
+        .local_endpoints
+        .iter()
+        .filter(|e| e.healthy)
+        .filter(|e| labels.is_none_or(|l| l.iter().all(|(k, v)| e.labels.get(k) == Some(v))))
+        .map(|e| Upstream::Local(e.address))
+        .collect();
+    if !local.is_empty() {
+        return local;
+    }
+    service
+        .remote
+        .iter()
+        .filter(|r| r.healthy_endpoints > 0)
+        .map(|r| Upstream::Remote(r.cluster.clone()))
+        .collect()
+}
+
+fn hash_key(
+    table: &RouteTable,
+    dest: &WeightedDestination,
+    port: u16,
+    parts: &http::request::Parts,
+    client: SocketAddr,
+) -> Option<String> {
+    let policy = table.policy(&dest.service, dest.subset.as_deref(), port);
+    let ch = policy.load_balancer?.consistent_hash?;
+    if let Some(h) = ch.http_header_name {
+        return parts
+            .headers
+            .get(h.as_str())
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+    }
+    if let Some(cookie) = ch.http_cookie {
+        return parts
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|kv| {
+                let (k, v) = kv.trim().split_once('=')?;
+                (k == cookie.name).then(|| v.to_string())
+            });
+    }
+    ch.use_source_ip
+        .filter(|x| *x)
+        .map(|_| client.ip().to_string())
+}
+
+async fn inject_fault(route: &HttpRoute) -> Option<Response<Body>> {
+    let fault = route.fault.as_ref()?;
+    if let Some(delay) = &fault.delay {
+        let fraction = delay.percentage.as_ref().map_or(1.0, |p| p.fraction());
+        if rand::random::<f64>() < fraction {
+            if let Some(d) = isthmus_core::policy::parse_duration_istio(&delay.fixed_delay) {
+                tokio::time::sleep(d).await;
+            }
+        }
+    }
+    if let Some(abort) = &fault.abort {
+        let fraction = abort.percentage.as_ref().map_or(1.0, |p| p.fraction());
+        if rand::random::<f64>() < fraction {
+            let status = StatusCode::from_u16(u16::try_from(abort.http_status).unwrap_or(500))
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return Some(text(status, "fault filter abort\n"));
+        }
+    }
+    None
+}
+
+fn redirect(
+    parts: &http::request::Parts,
+    uri: Option<&str>,
+    authority: Option<&str>,
+    code: u16,
+) -> Response<Body> {
+    let host = authority
+        .map(str::to_string)
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let path = uri.unwrap_or(parts.uri.path());
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+    let mut resp = text(status, "");
+    if let Ok(v) = HeaderValue::from_str(&format!("http://{host}{path}")) {
+        resp.headers_mut().insert(http::header::LOCATION, v);
+    }
+    resp
+}

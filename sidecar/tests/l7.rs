@@ -1,0 +1,476 @@
+//! The outbound L7 proxy through real sockets: a client sidecar with VIP listeners, server
+//! sidecars (mTLS inbound) in front of small test applications, and policies as they arrive
+//! on the config stream.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use isthmus_core::ca::CertificateAuthority;
+use isthmus_core::identity::SpiffeId;
+use isthmus_core::mesh::{ClusterInfo, Endpoint, MeshConfig, MeshService, Protocol, ServicePort};
+use isthmus_core::tls::{Identity, TrustBundles};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+const TD: &str = "test.isthmus.local";
+
+/// How a test application behaves.
+#[derive(Clone, Default)]
+struct Behaviour {
+    /// Answer 503 to this many requests first.
+    fail_first: u32,
+    /// Answer 503 to every request.
+    always_fail: bool,
+    /// Wait this long before answering the first request only / every request.
+    delay_first: Option<Duration>,
+    delay_all: Option<Duration>,
+}
+
+/// Starts an app answering its `version`, behaving as told; returns its address and hit count.
+async fn app(version: &'static str, b: Behaviour) -> (SocketAddr, Arc<AtomicU32>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicU32::new(0));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (b, counter) = (b.clone(), counter.clone());
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (b, counter) = (b.clone(), counter.clone());
+                        async move {
+                            let n = counter.fetch_add(1, Ordering::SeqCst);
+                            if let Some(d) =
+                                b.delay_all.or(if n == 0 { b.delay_first } else { None })
+                            {
+                                tokio::time::sleep(d).await;
+                            }
+                            let status = if b.always_fail || n < b.fail_first {
+                                503
+                            } else {
+                                200
+                            };
+                            let body = format!(
+                                "{version} {} {}",
+                                req.uri().path(),
+                                req.headers()
+                                    .get("host")
+                                    .and_then(|h| h.to_str().ok())
+                                    .unwrap_or("")
+                            );
+                            Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .status(status)
+                                    .body(Full::new(Bytes::from(body)))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, hits)
+}
+
+struct Mesh {
+    ca: CertificateAuthority,
+    trust: Arc<TrustBundles>,
+    config: watch::Sender<Arc<MeshConfig>>,
+    vip: std::net::IpAddr,
+    _sidecars: Vec<isthmus_sidecar::SidecarHandle>,
+    pub hits: HashMap<String, Arc<AtomicU32>>,
+}
+
+fn identity(ca: &CertificateAuthority, sa: &str) -> Arc<Identity> {
+    let id = SpiffeId::new(TD, "default", sa);
+    let issued = ca.issue(&id, Duration::from_secs(600)).unwrap();
+    Identity::from_pem(id, &issued.cert_chain_pem, &issued.key_pem).unwrap()
+}
+
+/// A service `reviews` with one endpoint per (name, version, behaviour), reachable at a VIP
+/// `127.<octet>.0.1:9080` through a client sidecar, with `policies` applied.
+async fn mesh(
+    octet: u8,
+    endpoints: Vec<(&'static str, &'static str, Behaviour)>,
+    policies: &str,
+) -> Mesh {
+    isthmus_core::install_crypto_provider();
+    let ca = CertificateAuthority::generate(TD).unwrap();
+    let trust = TrustBundles::new();
+    trust.replace([(TD, ca.cert_pem())]).unwrap();
+    let vip: std::net::IpAddr = format!("127.{octet}.0.1").parse().unwrap();
+    let (tx, rx) = watch::channel(Arc::new(MeshConfig::default()));
+    let mut sidecars = Vec::new();
+    let mut eps = Vec::new();
+    let mut hits = HashMap::new();
+    for (name, version, b) in endpoints {
+        let (addr, counter) = app(version, b).await;
+        hits.insert(name.to_string(), counter);
+        let sc = isthmus_sidecar::start(
+            isthmus_sidecar::SidecarOptions {
+                cluster: "test".into(),
+                identity: identity(&ca, "reviews"),
+                trust: trust.clone(),
+                outbound: false,
+                inbound: vec![isthmus_sidecar::InboundPort {
+                    listen: "127.0.0.1:0".parse().unwrap(),
+                    forward_to: addr,
+                    protocol: Protocol::Http,
+                }],
+                gateway: None,
+                connect_timeout: Duration::from_secs(2),
+            },
+            rx.clone(),
+        )
+        .await
+        .unwrap();
+        eps.push(Endpoint {
+            address: sc.inbound_addrs()[0],
+            labels: BTreeMap::from([("version".to_string(), version.to_string())]),
+            identity: SpiffeId::new(TD, "default", "reviews").to_string(),
+            healthy: true,
+        });
+        sidecars.push(sc);
+    }
+    let client = isthmus_sidecar::start(
+        isthmus_sidecar::SidecarOptions {
+            cluster: "test".into(),
+            identity: identity(&ca, "sleep"),
+            trust: trust.clone(),
+            outbound: true,
+            inbound: vec![],
+            gateway: None,
+            connect_timeout: Duration::from_secs(2),
+        },
+        rx.clone(),
+    )
+    .await
+    .unwrap();
+    sidecars.push(client);
+    let config = MeshConfig {
+        version: 1,
+        cluster: "test".into(),
+        services: vec![MeshService {
+            name: "reviews".into(),
+            namespace: "default".into(),
+            vip,
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 9080,
+                protocol: Protocol::Http,
+            }],
+            identities: vec![SpiffeId::new(TD, "default", "reviews").to_string()],
+            local_endpoints: eps,
+            remote: vec![],
+            exported: false,
+        }],
+        clusters: vec![ClusterInfo {
+            name: "test".into(),
+            trust_domain: TD.into(),
+            gateway: None,
+            ca_bundle_pem: ca.cert_pem().into(),
+        }],
+        policies: isthmus_core::policy::parse_documents("test.yaml", policies).unwrap(),
+    };
+    tx.send_replace(Arc::new(config));
+    let m = Mesh {
+        ca,
+        trust,
+        config: tx,
+        vip,
+        _sidecars: sidecars,
+        hits,
+    };
+    // Wait for the VIP listener.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect((m.vip, 9080)).await.is_err() {
+        assert!(Instant::now() < deadline, "the VIP listener never came up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    m
+}
+
+/// One GET through the VIP: (status, body, headers as text).
+async fn get(m: &Mesh, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+    let mut tcp = tokio::net::TcpStream::connect((m.vip, 9080)).await.unwrap();
+    let mut req = format!("GET {path} HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    tokio::time::timeout(Duration::from_secs(20), tcp.read_to_string(&mut raw))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string(), head.to_ascii_lowercase())
+}
+
+const DR: &str = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n";
+
+fn vs(http: &str) -> String {
+    format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews}}\nspec:\n  hosts: [reviews]\n  http:\n{http}---\n{DR}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_weights_split_requests_within_tolerance() {
+    let m = mesh(
+        71,
+        vec![("a", "v1", Behaviour::default()), ("b", "v2", Behaviour::default())],
+        &vs("  - route:\n    - {destination: {host: reviews, subset: v1}, weight: 75}\n    - {destination: {host: reviews, subset: v2}, weight: 25}\n"),
+    )
+    .await;
+    let n = 400;
+    let mut v2 = 0;
+    for _ in 0..n {
+        let (status, body, _) = get(&m, "/", &[]).await;
+        assert_eq!(status, 200, "{body}");
+        if body.starts_with("v2") {
+            v2 += 1;
+        }
+    }
+    // 25% of 400 = 100; binomial sd ≈ 8.7, so ±35 is four standard deviations.
+    assert!((65..=135).contains(&v2), "v2 got {v2} of {n}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_matched_routing_sends_the_user_to_its_subset() {
+    let m = mesh(
+        72,
+        vec![("a", "v1", Behaviour::default()), ("b", "v2", Behaviour::default())],
+        &vs("  - match: [{headers: {end-user: {exact: jason}}}]\n    route: [{destination: {host: reviews, subset: v2}}]\n  - route: [{destination: {host: reviews, subset: v1}}]\n"),
+    )
+    .await;
+    for _ in 0..10 {
+        assert!(get(&m, "/", &[("end-user", "jason")])
+            .await
+            .1
+            .starts_with("v2"));
+        assert!(get(&m, "/", &[("end-user", "alice")])
+            .await
+            .1
+            .starts_with("v1"));
+        assert!(get(&m, "/", &[]).await.1.starts_with("v1"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_turn_injected_503s_into_successes() {
+    let m = mesh(
+        73,
+        vec![("flaky", "v1", Behaviour { fail_first: 2, ..Default::default() })],
+        &vs("  - route: [{destination: {host: reviews}}]\n    retries: {attempts: 3, retryOn: 5xx}\n"),
+    )
+    .await;
+    let (status, body, _) = get(&m, "/", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        m.hits["flaky"].load(Ordering::SeqCst),
+        3,
+        "two failures then a success"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_retries_on_5xx_the_caller_sees_the_503() {
+    let m = mesh(
+        74,
+        vec![(
+            "flaky",
+            "v1",
+            Behaviour {
+                fail_first: 1,
+                ..Default::default()
+            },
+        )],
+        &vs("  - route: [{destination: {host: reviews}}]\n"),
+    )
+    .await;
+    assert_eq!(get(&m, "/", &[]).await.0, 503);
+    assert_eq!(get(&m, "/", &[]).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_try_timeout_moves_on_to_the_next_attempt() {
+    let m = mesh(
+        75,
+        vec![("slow-once", "v1", Behaviour { delay_first: Some(Duration::from_secs(3)), ..Default::default() })],
+        &vs("  - route: [{destination: {host: reviews}}]\n    retries: {attempts: 2, perTryTimeout: 200ms, retryOn: 5xx}\n"),
+    )
+    .await;
+    let t = Instant::now();
+    let (status, body, _) = get(&m, "/", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_timeout_answers_504() {
+    let m = mesh(
+        76,
+        vec![(
+            "slow",
+            "v1",
+            Behaviour {
+                delay_all: Some(Duration::from_secs(2)),
+                ..Default::default()
+            },
+        )],
+        &vs("  - route: [{destination: {host: reviews}}]\n    timeout: 300ms\n"),
+    )
+    .await;
+    let t = Instant::now();
+    assert_eq!(get(&m, "/", &[]).await.0, 504);
+    assert!(t.elapsed() < Duration::from_millis(1500));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_delay_and_abort_apply_by_route() {
+    let m = mesh(
+        77,
+        vec![("a", "v1", Behaviour::default())],
+        &vs("  - match: [{headers: {end-user: {exact: jason}}}]\n    fault: {delay: {percentage: {value: 100}, fixedDelay: 400ms}}\n    route: [{destination: {host: reviews}}]\n  - fault: {abort: {percentage: {value: 100.0}, httpStatus: 500}}\n    route: [{destination: {host: reviews}}]\n"),
+    )
+    .await;
+    let t = Instant::now();
+    let (status, _, _) = get(&m, "/", &[("end-user", "jason")]).await;
+    assert_eq!(status, 200);
+    assert!(t.elapsed() >= Duration::from_millis(400));
+    let (status, body, _) = get(&m, "/", &[]).await;
+    assert_eq!((status, body.trim()), (500, "fault filter abort"));
+    assert_eq!(
+        m.hits["a"].load(Ordering::SeqCst),
+        1,
+        "the aborted request never reached the app"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_ejects_a_failing_endpoint_and_lets_it_return() {
+    let policies = format!(
+        "{DR}  trafficPolicy:\n    outlierDetection: {{consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 1s, maxEjectionPercent: 100}}\n"
+    );
+    let m = mesh(
+        78,
+        vec![
+            ("good", "v1", Behaviour::default()),
+            (
+                "bad",
+                "v1",
+                Behaviour {
+                    always_fail: true,
+                    ..Default::default()
+                },
+            ),
+        ],
+        &policies,
+    )
+    .await;
+    for _ in 0..10 {
+        get(&m, "/", &[]).await;
+    }
+    let bad_before = m.hits["bad"].load(Ordering::SeqCst);
+    assert!(
+        bad_before <= 3,
+        "the failing endpoint got {bad_before} of 10 before ejection"
+    );
+    for _ in 0..20 {
+        assert_eq!(
+            get(&m, "/", &[]).await.0,
+            200,
+            "ejected endpoint still receiving traffic"
+        );
+    }
+    assert_eq!(m.hits["bad"].load(Ordering::SeqCst), bad_before);
+    // After the ejection time it gets traffic again (and is ejected again, for longer).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..6 {
+        get(&m, "/", &[]).await;
+    }
+    assert!(
+        m.hits["bad"].load(Ordering::SeqCst) > bad_before,
+        "the endpoint never returned"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_breaker_overflow_is_answered_503_at_once() {
+    let policies = format!(
+        "{DR}  trafficPolicy:\n    connectionPool: {{tcp: {{maxConnections: 1}}, http: {{http1MaxPendingRequests: 1}}}}\n"
+    );
+    let m = Arc::new(
+        mesh(
+            79,
+            vec![(
+                "slow",
+                "v1",
+                Behaviour {
+                    delay_all: Some(Duration::from_millis(600)),
+                    ..Default::default()
+                },
+            )],
+            &policies,
+        )
+        .await,
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let m = m.clone();
+        tasks.push(tokio::spawn(async move { get(&m, "/", &[]).await }));
+    }
+    let mut ok = 0;
+    let mut overflow = 0;
+    for t in tasks {
+        let (status, _, head) = t.await.unwrap();
+        match status {
+            200 => ok += 1,
+            503 => {
+                assert!(head.contains("x-envoy-overloaded: true"), "{head}");
+                overflow += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    // One in flight plus one pending succeed; the rest overflow.
+    assert_eq!((ok, overflow), (2, 4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_and_rewrites_change_what_the_app_sees() {
+    let m = mesh(
+        80,
+        vec![("a", "v1", Behaviour::default())],
+        &vs("  - match: [{uri: {prefix: /old}}]\n    redirect: {uri: /new}\n  - match: [{uri: {prefix: /v1/}}]\n    rewrite: {uri: /, authority: reviews-internal}\n    route: [{destination: {host: reviews}}]\n  - route: [{destination: {host: reviews}}]\n"),
+    )
+    .await;
+    let (status, _, head) = get(&m, "/old/page", &[]).await;
+    assert_eq!(status, 301);
+    assert!(head.contains("location: http://reviews/new"), "{head}");
+    let (_, body, _) = get(&m, "/v1/ratings", &[]).await;
+    assert_eq!(body, "v1 /ratings reviews-internal");
+    let _ = (&m.ca, &m.trust, &m.config);
+}
