@@ -194,6 +194,7 @@ impl Catalog {
                 cluster: x.cluster.clone(),
                 gateway,
                 healthy_endpoints: x.healthy_endpoints,
+                subsets: x.subsets.clone(),
             });
         }
         for s in services.values_mut() {

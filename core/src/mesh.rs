@@ -170,6 +170,21 @@ pub struct RemoteExport {
     pub gateway: SocketAddr,
     /// Healthy endpoints behind it, as last exported.
     pub healthy_endpoints: u32,
+    /// Healthy endpoint counts by `label=value` (e.g. `version=v2`), for subset routing.
+    #[serde(default)]
+    pub subsets: BTreeMap<String, u32>,
+}
+
+impl RemoteExport {
+    /// Whether the cluster has healthy endpoints carrying every one of `labels`.
+    pub fn serves(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.healthy_endpoints > 0
+            && labels.iter().all(|(k, v)| {
+                self.subsets
+                    .get(&format!("{k}={v}"))
+                    .is_some_and(|n| *n > 0)
+            })
+    }
 }
 
 /// A member cluster of the federation.

@@ -73,6 +73,7 @@ impl From<&MeshConfig> for mesh::MeshConfigSnapshot {
                             cluster: r.cluster.clone(),
                             gateway: r.gateway.to_string(),
                             healthy_endpoints: r.healthy_endpoints,
+                            subsets: r.subsets.clone().into_iter().collect(),
                         })
                         .collect(),
                     exported: s.exported,
@@ -141,6 +142,7 @@ impl TryFrom<mesh::MeshConfigSnapshot> for MeshConfig {
                     cluster: r.cluster,
                     gateway,
                     healthy_endpoints: r.healthy_endpoints,
+                    subsets: r.subsets.into_iter().collect(),
                 });
             }
             services.push(MeshService {
@@ -221,6 +223,7 @@ mod tests {
                     cluster: "central".into(),
                     gateway: "127.0.0.1:15443".parse().unwrap(),
                     healthy_endpoints: 2,
+                    subsets: [("version=v1".to_string(), 2)].into(),
                 }],
                 exported: true,
             }],

@@ -563,10 +563,11 @@ fn candidates(
     if !local.is_empty() {
         return local;
     }
+    let empty = std::collections::BTreeMap::new();
     service
         .remote
         .iter()
-        .filter(|r| r.healthy_endpoints > 0)
+        .filter(|r| r.serves(labels.unwrap_or(&empty)))
         .map(|r| Upstream::Remote(r.cluster.clone()))
         .collect()
 }

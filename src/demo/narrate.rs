@@ -128,6 +128,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         );
     }
 
+    step(7, "Canary: Istio's reviews v2/v3 50/50 split, applied once through east's control plane (isthmus apply -f)");
+    canary(&demo).await?;
+
     let ports = demo.ports();
     if let Some(path) = &args.ports_file {
         std::fs::write(path, serde_json::to_string_pretty(&ports)?)
@@ -160,5 +163,59 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     demo.shutdown().await;
     println!("Stopped: every listener closed.");
+    Ok(())
+}
+
+/// Bookinfo's subsets and the 50/50 reviews split, as `isthmus apply -f` would send them.
+const BOOKINFO_SUBSETS: &str =
+    include_str!("../../examples/bookinfo/destination-rule-all-mtls.yaml");
+const REVIEWS_SPLIT: &str =
+    include_str!("../../examples/bookinfo/virtual-service-reviews-v2-v3.yaml");
+
+async fn canary(demo: &Demo) -> anyhow::Result<()> {
+    let east = demo.cluster("east")?;
+    let mut policies =
+        isthmus_core::policy::parse_documents("destination-rule-all-mtls.yaml", BOOKINFO_SUBSETS)?;
+    policies.extend(isthmus_core::policy::parse_documents(
+        "virtual-service-reviews-v2-v3.yaml",
+        REVIEWS_SPLIT,
+    )?);
+    let client = isthmus_core::client::ControlClient::new(&east.control.grpc_addr().to_string())?;
+    for (resource, action) in client.apply(&policies, false).await? {
+        println!("    {resource} {action}");
+    }
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs(10);
+    for c in &demo.clusters {
+        while !policies
+            .iter()
+            .all(|p| c.config.borrow().policies.contains(p))
+        {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the policies never reached {}",
+                c.name
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    println!(
+        "    replicated through the federation store to every cluster's sidecars in {:.1?}",
+        t.elapsed()
+    );
+    let vip =
+        super::vip_of(&east.config.borrow(), "reviews").context("reviews has no VIP in east")?;
+    let mut counts = std::collections::BTreeMap::new();
+    for _ in 0..40 {
+        let reply = call_sample(SocketAddr::new(vip, SAMPLE_PORT)).await?;
+        *counts
+            .entry(format!("{} in {}", reply.version, reply.cluster))
+            .or_insert(0) += 1;
+    }
+    let summary: Vec<String> = counts.iter().map(|(k, n)| format!("{n} x {k}")).collect();
+    println!(
+        "    40 calls to reviews from east: {} (east's own v1 gets none now)",
+        summary.join(", ")
+    );
     Ok(())
 }
