@@ -1,8 +1,12 @@
-//! Inbound: terminates mTLS from other sidecars and forwards to the local application.
+//! Inbound: terminates mTLS from other sidecars, authorizes, and forwards to the application.
 //!
-//! For HTTP ports every request gets `x-forwarded-client-cert: By=<this workload>;URI=<caller>`
-//! (Envoy's format), replacing whatever the caller sent: only the identity proven by the
-//! caller's certificate reaches the application.
+//! Per connection: the first byte tells TLS (a ClientHello, 0x16) from plaintext. Plaintext is
+//! refused unless a PeerAuthentication makes the workload PERMISSIVE (the default is STRICT).
+//! The caller's SPIFFE ID comes from its certificate. For HTTP ports every request is
+//! authorized against the AuthorizationPolicies (403 `RBAC: access denied` when denied) and
+//! gets `x-forwarded-client-cert: By=<this workload>;URI=<caller>` (Envoy's format), replacing
+//! whatever the caller sent: only the identity proven by the certificate reaches the app. For
+//! opaque TCP ports the connection is authorized once, then bytes are copied.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,23 +18,45 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use isthmus_core::identity::SpiffeId;
-use isthmus_core::mesh::Protocol;
+use isthmus_core::mesh::{MeshConfig, Protocol};
 use isthmus_core::tls::Identity;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Mutex};
 
+use crate::authz::{authorize, mtls_mode, Inbound, MtlsMode, Verdict, Workload};
 use crate::InboundPort;
 
-/// How long a TLS handshake may take before the connection is dropped.
+/// How long a client may take to start and finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The first byte of a TLS record carrying a handshake message.
+const TLS_HANDSHAKE: u8 = 0x16;
 
 type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The policy view of one workload: who may call it, and whether plaintext is accepted.
+#[derive(Clone)]
+pub(crate) struct Guard {
+    pub config: watch::Receiver<Arc<MeshConfig>>,
+    pub workload: Workload,
+}
+
+impl Guard {
+    fn check(&self, req: &Inbound<'_>) -> Verdict {
+        authorize(&self.config.borrow(), &self.workload, req)
+    }
+
+    fn plaintext_allowed(&self) -> bool {
+        mtls_mode(&self.config.borrow(), &self.workload) == MtlsMode::Permissive
+    }
+}
 
 pub(crate) async fn serve(
     listener: TcpListener,
     port: InboundPort,
     tls: Arc<rustls::ServerConfig>,
     identity: Arc<Identity>,
+    guard: Guard,
     mut stop: watch::Receiver<bool>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -42,10 +68,26 @@ pub(crate) async fn serve(
         };
         let Ok((tcp, peer)) = accepted else { continue };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let port = port.clone();
-        let identity = identity.clone();
+        let (acceptor, port, identity, guard) = (
+            acceptor.clone(),
+            port.clone(),
+            identity.clone(),
+            guard.clone(),
+        );
         connections.spawn(async move {
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
+                Ok(Ok(1)) => {}
+                _ => return,
+            }
+            if first[0] != TLS_HANDSHAKE {
+                if guard.plaintext_allowed() {
+                    serve_stream(tcp, None, identity.id().clone(), &port, guard).await;
+                } else {
+                    tracing::info!(%peer, "plaintext refused: mutual TLS is STRICT for this workload");
+                }
+                return;
+            }
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -61,18 +103,7 @@ pub(crate) async fn serve(
                 tracing::info!(%peer, "inbound peer presented no SPIFFE identity");
                 return;
             };
-            match port.protocol {
-                Protocol::Http => serve_http(tls, caller, identity.id().clone(), port.forward_to).await,
-                _ => {
-                    let mut tls = tls;
-                    match TcpStream::connect(port.forward_to).await {
-                        Ok(mut app) => {
-                            let _ = tokio::io::copy_bidirectional(&mut tls, &mut app).await;
-                        }
-                        Err(e) => tracing::warn!(app = %port.forward_to, error = %e, "application unreachable"),
-                    }
-                }
-            }
+            serve_stream(tls, Some(caller), identity.id().clone(), &port, guard).await;
         });
         // Reap finished connection tasks so the set does not grow without bound.
         while connections.try_join_next().is_some() {}
@@ -80,28 +111,89 @@ pub(crate) async fn serve(
     connections.abort_all();
 }
 
-async fn serve_http(
-    tls: tokio_rustls::server::TlsStream<TcpStream>,
-    caller: SpiffeId,
+async fn serve_stream<S>(
+    stream: S,
+    caller: Option<SpiffeId>,
+    own: SpiffeId,
+    port: &InboundPort,
+    guard: Guard,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let app_port = port.forward_to.port();
+    match port.protocol {
+        Protocol::Http => serve_http(stream, caller, own, port.forward_to, guard).await,
+        _ => {
+            let req = Inbound {
+                caller: caller.as_ref(),
+                port: app_port,
+                method: None,
+                path: None,
+                headers: None,
+            };
+            if let Verdict::Deny(why) = guard.check(&req) {
+                tracing::info!(caller = ?caller.as_ref().map(|c| c.to_string()), %why, "inbound connection denied");
+                return;
+            }
+            let mut stream = stream;
+            match TcpStream::connect(port.forward_to).await {
+                Ok(mut app) => {
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut app).await;
+                }
+                Err(e) => {
+                    tracing::warn!(app = %port.forward_to, error = %e, "application unreachable")
+                }
+            }
+        }
+    }
+}
+
+async fn serve_http<S>(
+    stream: S,
+    caller: Option<SpiffeId>,
     own: SpiffeId,
     app: SocketAddr,
-) {
-    let xfcc = HeaderValue::from_str(&format!("By={own};URI={caller}")).ok();
+    guard: Guard,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let xfcc = caller
+        .as_ref()
+        .and_then(|c| HeaderValue::from_str(&format!("By={own};URI={c}")).ok());
     let upstream: Arc<Mutex<Option<hyper::client::conn::http1::SendRequest<Incoming>>>> =
         Arc::new(Mutex::new(None));
+    let caller = Arc::new(caller);
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-        let upstream = upstream.clone();
-        let xfcc = xfcc.clone();
+        let (upstream, xfcc, caller, guard) = (
+            upstream.clone(),
+            xfcc.clone(),
+            caller.clone(),
+            guard.clone(),
+        );
         async move {
+            let verdict = guard.check(&Inbound {
+                caller: caller.as_ref().as_ref(),
+                port: app.port(),
+                method: Some(req.method().as_str()),
+                path: Some(req.uri().path()),
+                headers: Some(req.headers()),
+            });
+            if let Verdict::Deny(why) = verdict {
+                tracing::debug!(%why, path = %req.uri().path(), "request denied");
+                return Ok::<_, hyper::Error>(error_response(
+                    StatusCode::FORBIDDEN,
+                    "RBAC: access denied\n".into(),
+                ));
+            }
             req.headers_mut().remove("x-forwarded-client-cert");
             if let Some(v) = xfcc {
                 req.headers_mut().insert("x-forwarded-client-cert", v);
             }
-            Ok::<_, hyper::Error>(forward_request(&upstream, app, req).await)
+            Ok(forward_request(&upstream, app, req).await)
         }
     });
     if let Err(e) = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(tls), service)
+        .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()
         .await
     {

@@ -12,6 +12,7 @@
 //! Tasks: one outbound reconciler (binds and unbinds VIP listeners as the config changes) with
 //! one accept task per listener, one accept task per inbound port, and one task per connection.
 
+pub mod authz;
 pub mod balance;
 pub mod inbound;
 pub mod outbound;
@@ -56,6 +57,8 @@ pub struct SidecarOptions {
     pub identity: Arc<Identity>,
     /// Every member cluster's trust bundle (kept current by its owner).
     pub trust: Arc<TrustBundles>,
+    /// The workload's labels (e.g. `app`, `version`), for policy selectors.
+    pub labels: std::collections::BTreeMap<String, String>,
     /// Bind outbound listeners on the services' virtual IPs.
     pub outbound: bool,
     pub inbound: Vec<InboundPort>,
@@ -136,6 +139,13 @@ pub async fn start(
             port.clone(),
             server_tls.clone(),
             opts.identity.clone(),
+            inbound::Guard {
+                config: config.clone(),
+                workload: authz::Workload {
+                    namespace: opts.identity.id().namespace().to_string(),
+                    labels: opts.labels.clone(),
+                },
+            },
             stopped.clone(),
         )));
     }

@@ -124,6 +124,7 @@ async fn mesh(
                 cluster: "test".into(),
                 identity: identity(&ca, "reviews"),
                 trust: trust.clone(),
+                labels: BTreeMap::from([("app".to_string(), "reviews".to_string())]),
                 outbound: false,
                 inbound: vec![isthmus_sidecar::InboundPort {
                     listen: "127.0.0.1:0".parse().unwrap(),
@@ -150,6 +151,7 @@ async fn mesh(
             cluster: "test".into(),
             identity: identity(&ca, "sleep"),
             trust: trust.clone(),
+            labels: BTreeMap::new(),
             outbound: true,
             inbound: vec![],
             gateway: None,

@@ -6,6 +6,7 @@
 //! token: "bootstrap-token"
 //! namespace: default
 //! serviceAccount: sleep
+//! labels: {app: sleep}             # for policy selectors
 //! gateway: 127.0.0.1:15444         # the local east-west gateway's sidecar port
 //! outbound: true                   # listen on every service's VIP
 //! inbound:
@@ -38,6 +39,8 @@ pub struct RawSidecarConfig {
     pub service_account: String,
     #[serde(default)]
     pub gateway: Option<String>,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     pub outbound: bool,
     #[serde(default)]
@@ -88,6 +91,7 @@ pub struct SidecarConfig {
     pub control: SocketAddr,
     pub token: String,
     pub gateway: Option<SocketAddr>,
+    pub labels: std::collections::BTreeMap<String, String>,
     pub outbound: bool,
     pub inbound: Vec<isthmus_sidecar::InboundPort>,
     pub admin: SocketAddr,
@@ -129,6 +133,7 @@ impl TryFrom<RawSidecarConfig> for SidecarConfig {
                 .as_deref()
                 .map(|g| socket_addr("gateway", g))
                 .transpose()?,
+            labels: raw.labels,
             outbound: raw.outbound,
             inbound,
             admin: socket_addr("listen.admin", &raw.listen.admin)?,
@@ -155,6 +160,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             cluster: config.cluster.clone(),
             identity,
             trust: att.trust.clone(),
+            labels: config.labels.clone(),
             outbound: config.outbound,
             inbound: config.inbound.clone(),
             gateway: config.gateway,

@@ -118,6 +118,7 @@ impl DemoCluster {
                 keep_alive: Duration::from_millis(250),
                 idle_timeout: Duration::from_secs(1),
                 connect_timeout: Duration::from_secs(2),
+                transport: isthmus_gateway::Transport::Quic,
             },
             gw.config.clone(),
         )
@@ -152,6 +153,11 @@ impl DemoCluster {
                     cluster: name.to_string(),
                     identity,
                     trust: att.trust,
+                    labels: [
+                        ("app".to_string(), service.to_string()),
+                        ("version".to_string(), version.to_string()),
+                    ]
+                    .into(),
                     outbound: false,
                     inbound: vec![isthmus_sidecar::InboundPort {
                         listen: loopback,
@@ -187,6 +193,7 @@ impl DemoCluster {
                 cluster: name.to_string(),
                 identity,
                 trust: att.trust,
+                labels: [("app".to_string(), CLIENT_ACCOUNT.to_string())].into(),
                 outbound: true,
                 inbound: vec![],
                 gateway: Some(gateway.local_addr()),
@@ -214,13 +221,17 @@ impl DemoCluster {
                 upstreams,
                 upstream_timeout: Duration::from_secs(2),
                 ttl: 5,
+                ..Default::default()
             },
             dns_config.clone(),
         )
         .await?;
         admins.insert(
             "dns".to_string(),
-            ComponentAdmin::start("dns", loopback, dns_config).await?,
+            ComponentAdmin::start_with("dns", loopback, dns_config, |registry| {
+                dns.metrics().register(registry)
+            })
+            .await?,
         );
 
         Ok(DemoCluster {

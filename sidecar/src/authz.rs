@@ -1,0 +1,198 @@
+//! Inbound authorization: Istio's `AuthorizationPolicy` and `PeerAuthentication`, evaluated
+//! for the workload behind this sidecar.
+//!
+//! Pure. Istio's order: a matching DENY policy denies; otherwise, when no ALLOW policy applies
+//! to the workload the request is allowed, else it is allowed only if an ALLOW policy
+//! matches. A policy applies when it is in the workload's namespace (or the mesh's root
+//! namespace, `isthmus-system`) and its selector's labels are all on the workload. A rule
+//! matches when its `from`, `to` and `when` all match (empty means "any"). Principals are
+//! SPIFFE IDs without the scheme (`east.isthmus.local/ns/default/sa/sleep`); `*` may stand
+//! for a prefix or a suffix of principals, paths and header values.
+
+use std::collections::BTreeMap;
+
+use http::HeaderMap;
+use isthmus_core::identity::{SpiffeId, SYSTEM_NAMESPACE};
+use isthmus_core::mesh::MeshConfig;
+use isthmus_core::policy::security::{AuthorizationPolicySpec, Rule, WorkloadSelector};
+use isthmus_core::policy::Spec;
+
+/// The workload an inbound sidecar protects.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Workload {
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What is known of an inbound request. HTTP fields are None for opaque TCP.
+pub struct Inbound<'a> {
+    /// The caller's verified identity; None for plaintext (PERMISSIVE) connections.
+    pub caller: Option<&'a SpiffeId>,
+    pub port: u16,
+    pub method: Option<&'a str>,
+    pub path: Option<&'a str>,
+    pub headers: Option<&'a HeaderMap>,
+}
+
+/// The verdict, with the policy that decided it (for logs and the 403 body).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    Deny(String),
+}
+
+fn applies(selector: Option<&WorkloadSelector>, policy_ns: &str, w: &Workload) -> bool {
+    (policy_ns == w.namespace || policy_ns == SYSTEM_NAMESPACE)
+        && selector.is_none_or(|s| {
+            s.match_labels
+                .iter()
+                .all(|(k, v)| w.labels.get(k) == Some(v))
+        })
+}
+
+/// `*` as a whole value, a prefix (`/api/*`) or a suffix (`*.isthmus.local/ns/x/sa/y`).
+fn glob(pattern: &str, value: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    if let Some(prefix) = pattern.strip_suffix('*') {
+        return value.starts_with(prefix);
+    }
+    if let Some(suffix) = pattern.strip_prefix('*') {
+        return value.ends_with(suffix);
+    }
+    pattern == value
+}
+
+fn any_glob(patterns: &[String], value: Option<&str>) -> bool {
+    value.is_some_and(|v| patterns.iter().any(|p| glob(p, v)))
+}
+
+/// `include` must match when non-empty; `exclude` must not.
+fn field(include: &[String], exclude: &[String], value: Option<&str>) -> bool {
+    let included = include.is_empty() || any_glob(include, value);
+    let excluded = any_glob(exclude, value);
+    included && !excluded
+}
+
+fn principal(caller: Option<&SpiffeId>) -> Option<String> {
+    caller.map(|c| c.to_string().trim_start_matches("spiffe://").to_string())
+}
+
+fn rule_matches(rule: &Rule, req: &Inbound<'_>) -> bool {
+    let principal = principal(req.caller);
+    let namespace = req.caller.map(|c| c.namespace().to_string());
+    let from = rule.from.is_empty()
+        || rule.from.iter().any(|f| {
+            let s = &f.source;
+            field(&s.principals, &s.not_principals, principal.as_deref())
+                && field(&s.namespaces, &s.not_namespaces, namespace.as_deref())
+        });
+    let port = req.port.to_string();
+    let to = rule.to.is_empty()
+        || rule.to.iter().any(|t| {
+            let o = &t.operation;
+            field(&o.methods, &o.not_methods, req.method)
+                && field(&o.paths, &o.not_paths, req.path)
+                && (o.ports.is_empty() || o.ports.contains(&port))
+        });
+    let when = rule.when.iter().all(|c| {
+        let value: Option<String> = match c.key.as_str() {
+            "source.principal" => principal.clone(),
+            "source.namespace" => namespace.clone(),
+            key => key
+                .strip_prefix("request.headers[")
+                .and_then(|k| k.strip_suffix(']'))
+                .and_then(|name| req.headers?.get(name)?.to_str().ok().map(str::to_string)),
+        };
+        field(&c.values, &c.not_values, value.as_deref())
+    });
+    from && to && when
+}
+
+fn policy_matches(p: &AuthorizationPolicySpec, req: &Inbound<'_>) -> bool {
+    p.rules.iter().any(|r| rule_matches(r, req))
+}
+
+/// Decides one inbound request for workload `w` under the mesh's policies.
+pub fn authorize(config: &MeshConfig, w: &Workload, req: &Inbound<'_>) -> Verdict {
+    let mut allow_policies = Vec::new();
+    for policy in &config.policies {
+        let Spec::AuthorizationPolicy(spec) = &policy.spec else {
+            continue;
+        };
+        if !applies(spec.selector.as_ref(), &policy.namespace, w) {
+            continue;
+        }
+        let name = format!("{}/{}", policy.namespace, policy.name);
+        match spec.action.as_deref().unwrap_or("ALLOW") {
+            "DENY" if policy_matches(spec, req) => return Verdict::Deny(name),
+            "ALLOW" => allow_policies.push((name, spec)),
+            _ => {}
+        }
+    }
+    if allow_policies.is_empty() || allow_policies.iter().any(|(_, p)| policy_matches(p, req)) {
+        Verdict::Allow
+    } else {
+        Verdict::Deny(format!(
+            "no ALLOW policy matched ({})",
+            allow_policies
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    }
+}
+
+/// The mutual TLS mode in force for workload `w`: the most specific PeerAuthentication wins
+/// (workload selector, then namespace-wide, then mesh-wide in the root namespace); the mesh
+/// default is STRICT (Isthmus never accepts plaintext unless told to).
+pub fn mtls_mode(config: &MeshConfig, w: &Workload) -> MtlsMode {
+    let mut best: Option<(u8, MtlsMode)> = None;
+    for policy in &config.policies {
+        let Spec::PeerAuthentication(spec) = &policy.spec else {
+            continue;
+        };
+        let Some(mode) = spec.mtls.as_ref().and_then(|m| match m.mode.as_str() {
+            "STRICT" => Some(MtlsMode::Strict),
+            "PERMISSIVE" => Some(MtlsMode::Permissive),
+            _ => None,
+        }) else {
+            continue;
+        };
+        let rank = if policy.namespace == w.namespace {
+            match &spec.selector {
+                Some(s) if !s.match_labels.is_empty() => {
+                    if s.match_labels
+                        .iter()
+                        .all(|(k, v)| w.labels.get(k) == Some(v))
+                    {
+                        3
+                    } else {
+                        continue;
+                    }
+                }
+                _ => 2,
+            }
+        } else if policy.namespace == SYSTEM_NAMESPACE && spec.selector.is_none() {
+            1
+        } else {
+            continue;
+        };
+        if best.as_ref().is_none_or(|(r, _)| rank > *r) {
+            best = Some((rank, mode));
+        }
+    }
+    best.map_or(MtlsMode::Strict, |(_, m)| m)
+}
+
+/// Whether an inbound port accepts plaintext.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MtlsMode {
+    Strict,
+    Permissive,
+}
+
+#[cfg(test)]
+mod tests;

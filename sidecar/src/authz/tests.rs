@@ -1,0 +1,221 @@
+use super::*;
+use isthmus_core::policy::parse_documents;
+
+fn config(yaml: &str) -> MeshConfig {
+    MeshConfig {
+        policies: parse_documents("authz.yaml", yaml).unwrap(),
+        ..MeshConfig::default()
+    }
+}
+
+fn ratings() -> Workload {
+    Workload {
+        namespace: "default".into(),
+        labels: [("app".to_string(), "ratings".to_string())].into(),
+    }
+}
+
+fn id(td: &str, ns: &str, sa: &str) -> SpiffeId {
+    SpiffeId::new(td, ns, sa)
+}
+
+fn http<'a>(
+    caller: Option<&'a SpiffeId>,
+    method: &'a str,
+    path: &'a str,
+    headers: &'a HeaderMap,
+) -> Inbound<'a> {
+    Inbound {
+        caller,
+        port: 9080,
+        method: Some(method),
+        path: Some(path),
+        headers: Some(headers),
+    }
+}
+
+const POLICIES: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ratings-readers}
+spec:
+  selector: {matchLabels: {app: ratings}}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {principals: ["east.isthmus.local/ns/default/sa/sleep", "*/ns/default/sa/productpage"]}
+    to:
+    - operation: {methods: [GET], paths: ["/ratings/*", "/health"], ports: ["9080"]}
+  - from:
+    - source: {namespaces: [ops]}
+    when:
+    - key: request.headers[x-ticket]
+      values: ["OPS-*"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin}
+spec:
+  action: DENY
+  rules:
+  - to:
+    - operation: {paths: ["/admin*"]}
+"#;
+
+#[test]
+fn allow_rules_admit_only_matching_callers_and_operations() {
+    let c = config(POLICIES);
+    let h = HeaderMap::new();
+    let sleep = id("east.isthmus.local", "default", "sleep");
+    let pp = id("west.isthmus.local", "default", "productpage");
+    let other = id("east.isthmus.local", "default", "reviews");
+    assert_eq!(
+        authorize(&c, &ratings(), &http(Some(&sleep), "GET", "/ratings/1", &h)),
+        Verdict::Allow
+    );
+    assert_eq!(
+        authorize(&c, &ratings(), &http(Some(&pp), "GET", "/health", &h)),
+        Verdict::Allow
+    );
+    assert!(matches!(
+        authorize(
+            &c,
+            &ratings(),
+            &http(Some(&sleep), "POST", "/ratings/1", &h)
+        ),
+        Verdict::Deny(_)
+    ));
+    assert!(matches!(
+        authorize(&c, &ratings(), &http(Some(&other), "GET", "/ratings/1", &h)),
+        Verdict::Deny(_)
+    ));
+    assert!(matches!(
+        authorize(&c, &ratings(), &http(None, "GET", "/ratings/1", &h)),
+        Verdict::Deny(_)
+    ));
+}
+
+#[test]
+fn when_conditions_read_request_headers() {
+    let c = config(POLICIES);
+    let ops = id("central.isthmus.local", "ops", "oncall");
+    let mut h = HeaderMap::new();
+    assert!(matches!(
+        authorize(&c, &ratings(), &http(Some(&ops), "DELETE", "/x", &h)),
+        Verdict::Deny(_)
+    ));
+    h.insert("x-ticket", "OPS-1234".parse().unwrap());
+    assert_eq!(
+        authorize(&c, &ratings(), &http(Some(&ops), "DELETE", "/x", &h)),
+        Verdict::Allow
+    );
+}
+
+#[test]
+fn deny_wins_over_allow() {
+    let c = config(POLICIES);
+    let h = HeaderMap::new();
+    let ops = id("central.isthmus.local", "ops", "oncall");
+    let mut ticket = HeaderMap::new();
+    ticket.insert("x-ticket", "OPS-1".parse().unwrap());
+    assert_eq!(
+        authorize(
+            &c,
+            &ratings(),
+            &http(Some(&ops), "GET", "/admin/users", &ticket)
+        ),
+        Verdict::Deny("default/no-admin".into())
+    );
+    // DENY applies to every workload in the namespace, even without ALLOW policies.
+    let details = Workload {
+        namespace: "default".into(),
+        labels: [("app".to_string(), "details".to_string())].into(),
+    };
+    assert!(matches!(
+        authorize(&c, &details, &http(Some(&ops), "GET", "/admin", &h)),
+        Verdict::Deny(_)
+    ));
+    assert_eq!(
+        authorize(&c, &details, &http(Some(&ops), "GET", "/", &h)),
+        Verdict::Allow
+    );
+}
+
+#[test]
+fn no_policies_allow_everything_and_an_empty_allow_denies_everything() {
+    let h = HeaderMap::new();
+    let sleep = id("east.isthmus.local", "default", "sleep");
+    assert_eq!(
+        authorize(
+            &MeshConfig::default(),
+            &ratings(),
+            &http(Some(&sleep), "GET", "/", &h)
+        ),
+        Verdict::Allow
+    );
+    let deny_all = config("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-all}\nspec: {}\n");
+    assert!(matches!(
+        authorize(&deny_all, &ratings(), &http(Some(&sleep), "GET", "/", &h)),
+        Verdict::Deny(_)
+    ));
+    let allow_all = config("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-all}\nspec: {rules: [{}]}\n");
+    assert_eq!(
+        authorize(&allow_all, &ratings(), &http(Some(&sleep), "GET", "/", &h)),
+        Verdict::Allow
+    );
+}
+
+#[test]
+fn policies_in_other_namespaces_do_not_apply_but_the_root_namespace_does() {
+    let h = HeaderMap::new();
+    let sleep = id("east.isthmus.local", "default", "sleep");
+    let elsewhere = config("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: shop}\nspec: {}\n");
+    assert_eq!(
+        authorize(&elsewhere, &ratings(), &http(Some(&sleep), "GET", "/", &h)),
+        Verdict::Allow
+    );
+    let root = config("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: isthmus-system}\nspec: {}\n");
+    assert!(matches!(
+        authorize(&root, &ratings(), &http(Some(&sleep), "GET", "/", &h)),
+        Verdict::Deny(_)
+    ));
+}
+
+#[test]
+fn opaque_tcp_never_matches_http_only_rules() {
+    let c = config(POLICIES);
+    let sleep = id("east.isthmus.local", "default", "sleep");
+    let tcp = Inbound {
+        caller: Some(&sleep),
+        port: 9080,
+        method: None,
+        path: None,
+        headers: None,
+    };
+    assert!(matches!(authorize(&c, &ratings(), &tcp), Verdict::Deny(_)));
+}
+
+#[test]
+fn the_most_specific_peer_authentication_wins_and_strict_is_the_default() {
+    assert_eq!(
+        mtls_mode(&MeshConfig::default(), &ratings()),
+        MtlsMode::Strict
+    );
+    let mesh_permissive = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: isthmus-system}\nspec: {mtls: {mode: PERMISSIVE}}\n";
+    assert_eq!(
+        mtls_mode(&config(mesh_permissive), &ratings()),
+        MtlsMode::Permissive
+    );
+    let ns_strict = format!("{mesh_permissive}---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: default}}\nspec: {{mtls: {{mode: STRICT}}}}\n");
+    assert_eq!(mtls_mode(&config(&ns_strict), &ratings()), MtlsMode::Strict);
+    let workload = format!("{ns_strict}---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: ratings}}\nspec: {{selector: {{matchLabels: {{app: ratings}}}}, mtls: {{mode: PERMISSIVE}}}}\n");
+    assert_eq!(
+        mtls_mode(&config(&workload), &ratings()),
+        MtlsMode::Permissive
+    );
+    let details = Workload {
+        namespace: "default".into(),
+        labels: [("app".to_string(), "details".to_string())].into(),
+    };
+    assert_eq!(mtls_mode(&config(&workload), &details), MtlsMode::Strict);
+}
