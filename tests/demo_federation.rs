@@ -146,3 +146,44 @@ async fn shutdown_leaves_no_listener_behind() {
             .is_err()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_metrics_use_istio_names_with_source_and_destination_clusters() {
+    let demo = Demo::start(fast(190))
+        .await
+        .expect("the demo federation starts");
+    let east = demo.cluster("east").unwrap();
+    let vip = vip_of(&east.config.borrow(), "ratings").unwrap();
+    for _ in 0..3 {
+        call_sample(SocketAddr::new(vip, SAMPLE_PORT))
+            .await
+            .unwrap();
+    }
+    let admin: SocketAddr = demo.ports().clusters[0].admin["sidecar"].parse().unwrap();
+    let (status, text) = isthmus::demo::probe::http_get(admin, "/metrics")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let line = text
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains("destination_service_name=\"ratings\"")
+        })
+        .unwrap_or_else(|| panic!("no istio_requests_total for ratings in:\n{text}"));
+    for label in [
+        "reporter=\"source\"",
+        "source_cluster=\"east\"",
+        "destination_cluster=\"central\"",
+        "response_code=\"200\"",
+        "source_principal=\"spiffe://east.isthmus.local/ns/default/sa/sleep\"",
+    ] {
+        assert!(line.contains(label), "{label} missing from {line}");
+    }
+    assert!(line.ends_with(" 3"), "{line}");
+    assert!(
+        text.contains("isthmus_sidecar_config_version"),
+        "component gauges keep their prefix"
+    );
+    demo.shutdown().await;
+}

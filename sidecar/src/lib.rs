@@ -15,6 +15,7 @@
 pub mod authz;
 pub mod balance;
 pub mod inbound;
+pub mod metrics;
 pub mod outbound;
 pub mod proxy;
 pub mod routing;
@@ -65,6 +66,9 @@ pub struct SidecarOptions {
     /// The local east-west gateway's address for sidecars, for services only elsewhere.
     pub gateway: Option<SocketAddr>,
     pub connect_timeout: Duration,
+    /// Istio's request metrics; register them on the admin server with
+    /// [`metrics::Metrics::register`].
+    pub metrics: metrics::Metrics,
 }
 
 /// A running sidecar.
@@ -151,7 +155,21 @@ pub async fn start(
     }
     let outbound = outbound::Listeners::default();
     if opts.outbound {
-        let proxy = Arc::new(proxy::HttpProxy::new(config.clone(), upstream.clone()));
+        let source = proxy::Source {
+            cluster: opts.cluster.clone(),
+            identity: opts.identity.id().clone(),
+            workload: opts
+                .labels
+                .get("app")
+                .cloned()
+                .unwrap_or_else(|| opts.identity.id().service_account().to_string()),
+        };
+        let proxy = Arc::new(proxy::HttpProxy::new(
+            config.clone(),
+            upstream.clone(),
+            source,
+            opts.metrics.clone(),
+        ));
         tasks.push(tokio::spawn(outbound::reconcile(
             outbound.clone(),
             config,

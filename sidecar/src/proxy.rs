@@ -41,8 +41,29 @@ type Sender = hyper::client::conn::http1::SendRequest<Body>;
 type DestKey = (ServiceKey, Option<String>);
 /// Idle connections are kept per (upstream, service, subset).
 type PoolKey = (Upstream, ServiceKey, Option<String>);
-/// Told about every response: destination service, status code, response flags.
-pub type Observer = Arc<dyn Fn(&ServiceKey, u16, &str) + Send + Sync>;
+
+/// What one request's metrics need to know, filled in along the way.
+struct Report {
+    service: ServiceKey,
+    flags: &'static str,
+    /// The cluster that served the request (this one for local endpoints).
+    cluster: String,
+}
+
+impl Report {
+    fn set(&mut self, service: &ServiceKey, flags: &'static str) {
+        self.service = service.clone();
+        self.flags = flags;
+    }
+}
+
+/// Who this proxy speaks for, for the metrics' source labels.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub cluster: String,
+    pub identity: isthmus_core::identity::SpiffeId,
+    pub workload: String,
+}
 
 struct Breaker {
     limits: Limits,
@@ -58,8 +79,8 @@ pub struct HttpProxy {
     balancers: Mutex<HashMap<DestKey, Balancer>>,
     breakers: Mutex<HashMap<DestKey, Breaker>>,
     idle: Mutex<HashMap<PoolKey, Vec<Sender>>>,
-    /// Called with (destination service, response code, flags) for every response.
-    observer: Option<Observer>,
+    source: Source,
+    metrics: crate::metrics::Metrics,
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
@@ -77,7 +98,12 @@ enum Attempt {
 }
 
 impl HttpProxy {
-    pub fn new(config: watch::Receiver<Arc<MeshConfig>>, connector: Arc<Connector>) -> Self {
+    pub fn new(
+        config: watch::Receiver<Arc<MeshConfig>>,
+        connector: Arc<Connector>,
+        source: Source,
+        metrics: crate::metrics::Metrics,
+    ) -> Self {
         HttpProxy {
             config,
             connector,
@@ -85,14 +111,9 @@ impl HttpProxy {
             balancers: Mutex::new(HashMap::new()),
             breakers: Mutex::new(HashMap::new()),
             idle: Mutex::new(HashMap::new()),
-            observer: None,
+            source,
+            metrics,
         }
-    }
-
-    /// Registers a callback for every response (metrics).
-    pub fn with_observer(mut self, f: Observer) -> Self {
-        self.observer = Some(f);
-        self
     }
 
     fn table(&self, config: &MeshConfig) -> Arc<RouteTable> {
@@ -103,18 +124,53 @@ impl HttpProxy {
         cached.1.clone()
     }
 
-    fn observe(&self, service: &ServiceKey, resp: &Response<Body>, flags: &str) {
-        if let Some(f) = &self.observer {
-            f(service, resp.status().as_u16(), flags);
-        }
-    }
-
-    /// Handles one request the application sent to `vip`.
+    /// Handles one request the application sent to `vip`, and records its metrics.
     pub async fn handle(
         &self,
         vip: SocketAddr,
         client: SocketAddr,
         req: Request<Incoming>,
+    ) -> Response<Body> {
+        let started = Instant::now();
+        let request_bytes = content_length(req.headers());
+        let mut report = Report {
+            service: (String::new(), String::new()),
+            flags: "-",
+            cluster: self.source.cluster.clone(),
+        };
+        let resp = self.route(vip, client, req, &mut report).await;
+        let (name, namespace) = &report.service;
+        let labels = crate::metrics::RequestLabels {
+            reporter: "source".into(),
+            source_workload: self.source.workload.clone(),
+            source_workload_namespace: self.source.identity.namespace().to_string(),
+            source_principal: self.source.identity.to_string(),
+            source_cluster: self.source.cluster.clone(),
+            destination_service: format!("{name}.{namespace}.svc.cluster.local"),
+            destination_service_name: name.clone(),
+            destination_service_namespace: namespace.clone(),
+            destination_cluster: report.cluster.clone(),
+            request_protocol: "http".into(),
+            response_code: resp.status().as_u16().to_string(),
+            response_flags: report.flags.to_string(),
+            connection_security_policy: "mutual_tls".into(),
+        };
+        let millis = started.elapsed().as_secs_f64() * 1000.0;
+        self.metrics.request(
+            &labels,
+            millis,
+            request_bytes,
+            content_length(resp.headers()),
+        );
+        resp
+    }
+
+    async fn route(
+        &self,
+        vip: SocketAddr,
+        client: SocketAddr,
+        req: Request<Incoming>,
+        report: &mut Report,
     ) -> Response<Body> {
         let config = self.config.borrow().clone();
         let Some(service) = config.service_by_vip(vip.ip()) else {
@@ -135,12 +191,12 @@ impl HttpProxy {
         };
         let Some(route) = table.http_route(&key, &view) else {
             let resp = text(StatusCode::NOT_FOUND, "no route matched\n");
-            self.observe(&key, &resp, "NR");
+            report.set(&key, "NR");
             return resp;
         };
         let prefix = route.matched_prefix(&view);
         if let Some(resp) = inject_fault(&route).await {
-            self.observe(&key, &resp, "FI");
+            report.set(&key, "FI");
             return resp;
         }
         if let RouteAction::Redirect {
@@ -190,7 +246,7 @@ impl HttpProxy {
                     dest.service.0, dest.service.1
                 ),
             );
-            self.observe(&key, &resp, "NR");
+            report.set(&key, "NR");
             return resp;
         };
         let port = dest.port.unwrap_or(vip.port());
@@ -222,17 +278,17 @@ impl HttpProxy {
                 self.mirror(&config, mkey, msubset.clone(), port, &parts, bytes.clone());
             }
         }
-        let work = self.attempts(&table, &target, &dest, port, &route, parts, body, hash_key);
-        let mut resp = match route.timeout {
-            Some(t) => match tokio::time::timeout(t, work).await {
-                Ok(r) => r,
-                Err(_) => {
-                    let resp = text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n");
-                    self.observe(&dest.service, &resp, "UT");
-                    return resp;
-                }
-            },
-            None => work.await,
+        report.set(&dest.service, "-");
+        let work = self.attempts(
+            &table, &target, &dest, port, &route, parts, body, hash_key, report,
+        );
+        let finished = match route.timeout {
+            Some(t) => tokio::time::timeout(t, work).await.ok(),
+            None => Some(work.await),
+        };
+        let Some(mut resp) = finished else {
+            report.set(&dest.service, "UT");
+            return text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n");
         };
         for ops in [route.headers.as_ref(), dest.headers.as_ref()]
             .into_iter()
@@ -256,6 +312,7 @@ impl HttpProxy {
         parts: http::request::Parts,
         mut body: Replay,
         hash_key: Option<String>,
+        report: &mut Report,
     ) -> Response<Body> {
         let dkey: DestKey = (dest.service.clone(), dest.subset.clone());
         let policy = table.policy(&dest.service, dest.subset.as_deref(), port);
@@ -273,7 +330,7 @@ impl HttpProxy {
                         StatusCode::SERVICE_UNAVAILABLE,
                         format!("no DestinationRule defines subset {s}\n"),
                     );
-                    self.observe(&dest.service, &resp, "NR");
+                    report.set(&dest.service, "NR");
                     return resp;
                 }
             },
@@ -282,7 +339,7 @@ impl HttpProxy {
         let candidates = candidates(target, labels.as_ref());
         if candidates.is_empty() {
             let resp = text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n");
-            self.observe(&dest.service, &resp, "UH");
+            report.set(&dest.service, "UH");
             return resp;
         }
         let subset_arg = labels.as_ref().map(|l| {
@@ -296,7 +353,7 @@ impl HttpProxy {
             let mut resp = text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: overflow\n");
             resp.headers_mut()
                 .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
-            self.observe(&dest.service, &resp, "UO");
+            report.set(&dest.service, "UO");
             return resp;
         };
         let retry = route
@@ -322,6 +379,10 @@ impl HttpProxy {
                 u
             };
             let Some(upstream) = upstream else { break };
+            report.cluster = match &upstream {
+                Upstream::Local(_) => self.source.cluster.clone(),
+                Upstream::Remote(c) => c.clone(),
+            };
             let mut req = Request::from_parts(parts.clone(), req_body);
             *req.version_mut() = http::Version::HTTP_11;
             let fut = self.send(target, port, &upstream, subset_arg.clone(), req);
@@ -373,7 +434,6 @@ impl HttpProxy {
                 "no upstream could be tried\n",
             ),
         };
-        self.observe(&dest.service, &resp, "-");
         resp
     }
 
@@ -570,6 +630,14 @@ fn candidates(
         .filter(|r| r.serves(labels.unwrap_or(&empty)))
         .map(|r| Upstream::Remote(r.cluster.clone()))
         .collect()
+}
+
+fn content_length(headers: &http::HeaderMap) -> u64 {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn hash_key(

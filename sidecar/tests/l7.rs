@@ -133,6 +133,7 @@ async fn mesh(
                 }],
                 gateway: None,
                 connect_timeout: Duration::from_secs(2),
+                metrics: Default::default(),
             },
             rx.clone(),
         )
@@ -156,6 +157,7 @@ async fn mesh(
             inbound: vec![],
             gateway: None,
             connect_timeout: Duration::from_secs(2),
+            metrics: Default::default(),
         },
         rx.clone(),
     )

@@ -25,7 +25,33 @@ impl ComponentAdmin {
         listen: SocketAddr,
         config: watch::Receiver<Arc<MeshConfig>>,
     ) -> std::io::Result<Self> {
-        let mut registry = Registry::with_prefix(format!("isthmus_{component}"));
+        Self::start_with(component, listen, config, |_| {}).await
+    }
+
+    /// Like [`ComponentAdmin::start`], and lets the component add its own metrics to the
+    /// `isthmus_<component>` registry first.
+    pub async fn start_with(
+        component: &str,
+        listen: SocketAddr,
+        config: watch::Receiver<Arc<MeshConfig>>,
+        register: impl FnOnce(&mut Registry),
+    ) -> std::io::Result<Self> {
+        Self::start_full(component, listen, config, register, |_| {}).await
+    }
+
+    /// Like [`ComponentAdmin::start_with`], and also lets the component register metrics at
+    /// the root, unprefixed (the sidecar's `istio_*` metrics keep Istio's exact names).
+    pub async fn start_full(
+        component: &str,
+        listen: SocketAddr,
+        config: watch::Receiver<Arc<MeshConfig>>,
+        register: impl FnOnce(&mut Registry),
+        register_root: impl FnOnce(&mut Registry),
+    ) -> std::io::Result<Self> {
+        let mut root = Registry::default();
+        register_root(&mut root);
+        let registry = root.sub_registry_with_prefix(format!("isthmus_{component}"));
+        register(registry);
         let version = Gauge::<i64>::default();
         let services = Gauge::<i64>::default();
         let clusters = Gauge::<i64>::default();
@@ -67,7 +93,7 @@ impl ComponentAdmin {
         let handle = isthmus_core::admin::serve(
             listen,
             AdminState {
-                registry: Arc::new(registry),
+                registry: Arc::new(root),
                 ready,
                 debug_config,
             },

@@ -155,6 +155,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         .identity
         .clone()
         .ok_or_else(|| anyhow::anyhow!("no workload identity"))?;
+    let metrics = isthmus_sidecar::metrics::Metrics::default();
     let sidecar = isthmus_sidecar::start(
         isthmus_sidecar::SidecarOptions {
             cluster: config.cluster.clone(),
@@ -165,11 +166,19 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             inbound: config.inbound.clone(),
             gateway: config.gateway,
             connect_timeout: Duration::from_secs(2),
+            metrics: metrics.clone(),
         },
         att.config.clone(),
     )
     .await?;
-    let admin = ComponentAdmin::start("sidecar", config.admin, att.config.clone()).await?;
+    let admin = ComponentAdmin::start_full(
+        "sidecar",
+        config.admin,
+        att.config.clone(),
+        |_| {},
+        |root| metrics.register(root),
+    )
+    .await?;
     let inbound: Vec<String> = sidecar
         .inbound_addrs()
         .iter()

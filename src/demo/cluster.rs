@@ -166,6 +166,7 @@ impl DemoCluster {
                     }],
                     gateway: Some(gateway.local_addr()),
                     connect_timeout: Duration::from_secs(2),
+                    metrics: Default::default(),
                 },
                 att.config,
             )
@@ -188,6 +189,7 @@ impl DemoCluster {
             SpiffeId::new(&trust_domain, SAMPLE_NAMESPACE, CLIENT_ACCOUNT),
         )
         .await?;
+        let client_metrics = isthmus_sidecar::metrics::Metrics::default();
         let client_sidecar = isthmus_sidecar::start(
             isthmus_sidecar::SidecarOptions {
                 cluster: name.to_string(),
@@ -198,13 +200,21 @@ impl DemoCluster {
                 inbound: vec![],
                 gateway: Some(gateway.local_addr()),
                 connect_timeout: Duration::from_secs(2),
+                metrics: client_metrics.clone(),
             },
             att.config.clone(),
         )
         .await?;
         admins.insert(
             "sidecar".to_string(),
-            ComponentAdmin::start("sidecar", loopback, att.config.clone()).await?,
+            ComponentAdmin::start_full(
+                "sidecar",
+                loopback,
+                att.config.clone(),
+                |_| {},
+                |root| client_metrics.register(root),
+            )
+            .await?,
         );
         background.extend(att.tasks);
         let config = att.config;

@@ -1,0 +1,193 @@
+//! Istio's standard request metrics, with Istio's names and label names, plus the source and
+//! destination clusters, so existing dashboards and tools read them unchanged.
+//!
+//! - `istio_requests_total` (counter)
+//! - `istio_request_duration_milliseconds` (histogram)
+//! - `istio_request_bytes`, `istio_response_bytes` (histograms, from content-length)
+//! - `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
+//!   `istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total` (counters)
+//!
+//! Registered at the root of the admin registry (no prefix), as Istio's proxies expose them.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Istio's request labels (a subset Isthmus can fill in honestly) plus clusters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `source` (the caller's sidecar) or `destination` (the server's).
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_cluster: String,
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub destination_cluster: String,
+    pub request_protocol: String,
+    pub response_code: String,
+    /// Envoy's flags: `-` (none), `NR` no route, `UH` no healthy upstream, `UO` overflow,
+    /// `UT` upstream timeout, `FI` fault injected, `DENY` (RBAC).
+    pub response_flags: String,
+    pub connection_security_policy: String,
+}
+
+/// Istio's TCP labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_cluster: String,
+    pub destination_service: String,
+    pub destination_cluster: String,
+}
+
+fn duration_buckets() -> Histogram {
+    // Istio's default buckets for request durations (ms).
+    Histogram::new([
+        0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+        30000.0, 60000.0,
+    ])
+}
+
+fn size_buckets() -> Histogram {
+    Histogram::new([
+        1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0, 1000000.0, 10000000.0,
+    ])
+}
+
+/// The sidecar's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration_ms: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    pub request_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    pub response_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    pub tcp_opened: Family<TcpLabels, Counter>,
+    pub tcp_closed: Family<TcpLabels, Counter>,
+    pub tcp_sent: Family<TcpLabels, Counter>,
+    pub tcp_received: Family<TcpLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Family::default(),
+            duration_ms: Family::new_with_constructor(duration_buckets),
+            request_bytes: Family::new_with_constructor(size_buckets),
+            response_bytes: Family::new_with_constructor(size_buckets),
+            tcp_opened: Family::default(),
+            tcp_closed: Family::default(),
+            tcp_sent: Family::default(),
+            tcp_received: Family::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Registers every metric at the root of `registry` with Istio's names.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "istio_requests",
+            "Requests, by source and destination",
+            self.requests.clone(),
+        );
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request duration",
+            self.duration_ms.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request body sizes",
+            self.request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response body sizes",
+            self.response_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            self.tcp_opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            self.tcp_closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the peer",
+            self.tcp_sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the peer",
+            self.tcp_received.clone(),
+        );
+    }
+
+    /// Records one finished request.
+    pub fn request(
+        &self,
+        labels: &RequestLabels,
+        millis: f64,
+        request_bytes: u64,
+        response_bytes: u64,
+    ) {
+        self.requests.get_or_create(labels).inc();
+        self.duration_ms.get_or_create(labels).observe(millis);
+        self.request_bytes
+            .get_or_create(labels)
+            .observe(request_bytes as f64);
+        self.response_bytes
+            .get_or_create(labels)
+            .observe(response_bytes as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_exposed_with_istios_names_and_labels() {
+        let m = Metrics::default();
+        let mut registry = Registry::default();
+        m.register(&mut registry);
+        let labels = RequestLabels {
+            reporter: "source".into(),
+            source_workload: "sleep".into(),
+            source_workload_namespace: "default".into(),
+            source_principal: "spiffe://east.isthmus.local/ns/default/sa/sleep".into(),
+            source_cluster: "east".into(),
+            destination_service: "ratings.default.svc.cluster.local".into(),
+            destination_service_name: "ratings".into(),
+            destination_service_namespace: "default".into(),
+            destination_cluster: "central".into(),
+            request_protocol: "http".into(),
+            response_code: "200".into(),
+            response_flags: "-".into(),
+            connection_security_policy: "mutual_tls".into(),
+        };
+        m.request(&labels, 3.0, 0, 120);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        assert!(
+            out.contains("istio_requests_total{reporter=\"source\""),
+            "{out}"
+        );
+        assert!(out.contains("destination_cluster=\"central\""), "{out}");
+        assert!(
+            out.contains("istio_request_duration_milliseconds_bucket"),
+            "{out}"
+        );
+    }
+}
