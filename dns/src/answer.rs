@@ -13,12 +13,12 @@
 //! [`servfail`] when no upstream answers).
 
 use hickory_proto::op::{Edns, Header, Message, MessageType, Metadata, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, PTR, SRV};
+use hickory_proto::rr::rdata::{A, AAAA, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::BinDecodable;
 use tracing::debug;
 
-use crate::records::{Lookup, MeshTable, Node};
+use crate::records::{Lookup, MeshTable, Node, VERSION_TTL, ZONE};
 
 /// The UDP payload size the proxy advertises in its EDNS answers (the DNS flag day 2020 value).
 pub const EDNS_PAYLOAD: u16 = 1232;
@@ -77,10 +77,18 @@ pub fn answer(table: &MeshTable, request: &Message, ttl: u32) -> Outcome {
     match table.lookup(qname) {
         Lookup::Found(node) => {
             let mut msg = response(request, ResponseCode::NoError, true);
-            add_node_records(&mut msg, qname, qtype, node, ttl);
+            add_node_records(&mut msg, table, qname, qtype, node, ttl);
+            if msg.answers.is_empty() {
+                // NODATA: the SOA lets caches in front of us keep the answer (RFC 2308).
+                add_soa(&mut msg.authorities, table, ttl);
+            }
             Outcome::Respond(msg)
         }
-        Lookup::NxDomain => Outcome::Respond(response(request, ResponseCode::NXDomain, true)),
+        Lookup::NxDomain => {
+            let mut msg = response(request, ResponseCode::NXDomain, true);
+            add_soa(&mut msg.authorities, table, ttl);
+            Outcome::Respond(msg)
+        }
         // Not ours to be authoritative for, but we know the name cannot exist: it would be a
         // mesh name followed by a search domain.
         Lookup::SearchExpansion => {
@@ -216,10 +224,52 @@ fn header_only_response(request: &Metadata, code: ResponseCode) -> Message {
     msg
 }
 
+/// The zone's SOA record: the serial is the configuration version (low 32 bits), and both the
+/// record's TTL and its MINIMUM (the negative-caching TTL) are the mesh TTL.
+pub fn soa_record(table: &MeshTable, ttl: u32) -> Option<Record> {
+    let apex = Name::from_labels(ZONE).ok()?;
+    let mname = Name::from_labels(["ns", "dns", ZONE[0], ZONE[1]]).ok()?;
+    let rname = Name::from_labels(["hostmaster", ZONE[0], ZONE[1]]).ok()?;
+    let serial = (table.version() & u64::from(u32::MAX)) as u32;
+    Some(Record::from_rdata(
+        apex,
+        ttl,
+        RData::SOA(SOA::new(mname, rname, serial, 28_800, 7_200, 604_800, ttl)),
+    ))
+}
+
+fn add_soa(section: &mut Vec<Record>, table: &MeshTable, ttl: u32) {
+    if let Some(soa) = soa_record(table, ttl) {
+        section.push(soa);
+    }
+}
+
 /// Adds the records of `node` matching `qtype`, owned by the question's name as written.
 /// Nothing matching leaves the answer empty: NODATA.
-fn add_node_records(msg: &mut Message, qname: &Name, qtype: RecordType, node: &Node, ttl: u32) {
+fn add_node_records(
+    msg: &mut Message,
+    table: &MeshTable,
+    qname: &Name,
+    qtype: RecordType,
+    node: &Node,
+    ttl: u32,
+) {
     let any = qtype == RecordType::ANY;
+    if node.apex && (any || qtype == RecordType::SOA) {
+        if let Some(mut soa) = soa_record(table, ttl) {
+            soa.name = qname.clone();
+            msg.add_answer(soa);
+        }
+    }
+    if any || qtype == RecordType::TXT {
+        if let Some(txt) = node.txt {
+            msg.add_answer(Record::from_rdata(
+                qname.clone(),
+                VERSION_TTL,
+                RData::TXT(TXT::new(vec![txt.to_string()])),
+            ));
+        }
+    }
     if any || qtype == RecordType::A {
         if let Some(ip) = node.a {
             msg.add_answer(Record::from_rdata(qname.clone(), ttl, RData::A(A(ip))));

@@ -13,15 +13,21 @@
 //! - Kubernetes search-path expansions of a mesh name (`<mesh name>.<anything>.cluster.local`)
 //!   → NXDOMAIN at once, so the application's resolver moves on to the name as written without
 //!   a round trip upstream;
+//! - `dns-version.clusterset.local` TXT → the schema version (`1.0.0`); the apex
+//!   `clusterset.local` holds the SOA, which every negative answer carries;
 //! - everything else → the upstream resolvers in order (UDP questions over UDP, TCP questions
-//!   over TCP), SERVFAIL when none answers in time.
+//!   over TCP), SERVFAIL when none answers in time, through a reply cache that respects TTLs,
+//!   caches negative answers (RFC 2308) and sends one upstream query for many identical
+//!   questions in flight.
 //!
-//! The answering logic ([`records`] builds the table, [`answer`] turns a request into a
-//! response or a decision to forward) does no I/O and reads no clock. The async layer
-//! ([`start`]) runs these tasks, all stopped by [`DnsHandle::shutdown`]:
+//! `docs/dns.md` describes the behaviour in full. The answering logic ([`records`] builds the
+//! table, [`answer`] turns a request into a response or a decision to forward, [`wire`]
+//! reads plain queries and replays stored replies, [`cache`] decides what is kept and for how
+//! long) does no I/O and reads no clock. The async layer ([`start`]) runs these tasks, all
+//! stopped by [`DnsHandle::shutdown`]:
 //!
-//! - the UDP loop, which answers each datagram inline and spawns one task per forwarded
-//!   question;
+//! - the UDP workers (one per CPU by default, sharing the socket), which answer mesh and
+//!   cached questions inline and spawn one task per forwarded question;
 //! - the TCP accept loop, with one task per client connection (2-byte length framing);
 //! - the config follower, which rebuilds the table whenever the control plane publishes a new
 //!   snapshot. Queries also check for a newer snapshot themselves, so an answer never uses a
@@ -29,17 +35,23 @@
 //!   table it had (static stability).
 
 pub mod answer;
+pub mod cache;
 #[cfg(test)]
 mod fixtures;
 mod forward;
+mod handler;
+mod inflight;
 mod live_table;
+pub mod metrics;
 pub mod records;
 mod resolv_conf;
 mod server;
+pub mod wire;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+pub use metrics::Metrics;
 pub use resolv_conf::upstreams_from_resolv_conf;
 pub use server::{start, DnsHandle};
 
@@ -60,17 +72,34 @@ pub struct DnsOptions {
     pub upstreams: Vec<SocketAddr>,
     /// How long to wait for one upstream before trying the next.
     pub upstream_timeout: Duration,
-    /// TTL of mesh answers, in seconds.
+    /// TTL of mesh answers, in seconds (also the negative-caching TTL of the zone's SOA).
     pub ttl: u32,
+    /// How many forwarded replies the cache holds; 0 turns the cache off (identical questions
+    /// in flight are still asked upstream once).
+    pub cache_entries: usize,
+    /// The longest a positive forwarded reply is cached, in seconds, whatever its TTLs say.
+    pub max_cache_ttl: u32,
+    /// The longest a negative forwarded reply (NXDOMAIN, NODATA) is cached, in seconds.
+    pub max_negative_ttl: u32,
+    /// UDP worker tasks sharing the socket; 0 means one per CPU.
+    pub udp_workers: usize,
 }
+
+/// The default number of cached forwarded replies.
+pub const DEFAULT_CACHE_ENTRIES: usize = 10_000;
 
 impl Default for DnsOptions {
     fn default() -> Self {
+        let policy = cache::CachePolicy::default();
         DnsOptions {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_PORT)),
             upstreams: Vec::new(),
             upstream_timeout: Duration::from_secs(2),
             ttl: DEFAULT_TTL,
+            cache_entries: DEFAULT_CACHE_ENTRIES,
+            max_cache_ttl: policy.max_ttl,
+            max_negative_ttl: policy.max_negative_ttl,
+            udp_workers: 0,
         }
     }
 }

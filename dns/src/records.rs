@@ -1,7 +1,10 @@
 //! The mesh record table: every name the proxy answers itself, built from one [`MeshConfig`].
 //!
 //! The table is a plain map from a normalised owner name (lower case, one entry per label) to
-//! the records at that name. Names that only exist because something lives below them (for
+//! the records at that name. The proxy is authoritative for the whole `clusterset.local.`
+//! zone of the Multi-Cluster Services DNS specification: its apex holds the SOA,
+//! `dns-version.clusterset.local.` the schema version (TXT), and services live under
+//! `svc.clusterset.local.`. Names that only exist because something lives below them (for
 //! example `<ns>.svc.clusterset.local`, or `_tcp.<svc>.<ns>.svc.clusterset.local`) are kept as
 //! nodes without records, so they answer NODATA instead of NXDOMAIN, as RFC 8020 asks.
 //! Reverse names of the virtual IPs live in a second map.
@@ -16,7 +19,19 @@ use isthmus_core::mesh::{MeshConfig, MeshService};
 use tracing::warn;
 
 /// The zone the proxy is authoritative for, as lower-case labels.
-pub const ZONE: [&str; 3] = ["svc", "clusterset", "local"];
+pub const ZONE: [&str; 2] = ["clusterset", "local"];
+
+/// Where services live in the zone.
+pub const SERVICES: [&str; 3] = ["svc", "clusterset", "local"];
+
+/// The version of the Multi-Cluster Services DNS schema the proxy implements.
+pub const SCHEMA_VERSION: &str = "1.0.0";
+
+/// The owner of the schema version's TXT record, under the zone apex.
+pub const VERSION_LABEL: &str = "dns-version";
+
+/// The TTL of the schema version's TXT record (the specification's example value).
+pub const VERSION_TTL: u32 = 28_800;
 
 /// The last labels of a Kubernetes cluster-local name, the tail of every search-path expansion.
 const CLUSTER_LOCAL: [&str; 2] = ["cluster", "local"];
@@ -30,13 +45,21 @@ pub struct Node {
     pub aaaa: Option<Ipv6Addr>,
     /// SRV targets, for `_<port>._<proto>` names.
     pub srv: Vec<SrvTarget>,
+    /// A TXT string (the schema version at `dns-version`).
+    pub txt: Option<&'static str>,
+    /// Whether this is the zone apex, which holds the SOA.
+    pub apex: bool,
 }
 
 impl Node {
     /// Whether the name holds records (a service or a port), rather than only existing because
     /// names below it do.
     pub fn has_records(&self) -> bool {
-        self.a.is_some() || self.aaaa.is_some() || !self.srv.is_empty()
+        self.a.is_some()
+            || self.aaaa.is_some()
+            || !self.srv.is_empty()
+            || self.txt.is_some()
+            || self.apex
     }
 }
 
@@ -82,8 +105,23 @@ impl MeshTable {
             nodes: HashMap::new(),
             reverse: HashMap::new(),
         };
-        // The zone apex exists even when no service does.
-        table.nodes.insert(key_of(&ZONE), Node::default());
+        // The zone apex, the schema version and the services' parent exist even when no
+        // service does.
+        table.nodes.insert(
+            key_of(&ZONE),
+            Node {
+                apex: true,
+                ..Node::default()
+            },
+        );
+        table.nodes.insert(
+            key_of(&[VERSION_LABEL, ZONE[0], ZONE[1]]),
+            Node {
+                txt: Some(SCHEMA_VERSION),
+                ..Node::default()
+            },
+        );
+        table.nodes.insert(key_of(&SERVICES), Node::default());
         for service in &config.services {
             table.add_service(service);
         }
@@ -124,7 +162,7 @@ impl MeshTable {
         self.reverse.get(&key_of(&lower_labels(name)))
     }
 
-    /// `X.svc.clusterset.local.<anything>.cluster.local.` where `X.svc.clusterset.local` holds
+    /// `X.clusterset.local.<anything>.cluster.local.` where `X.clusterset.local` holds
     /// records. `<anything>` may be empty, which covers the `cluster.local` search domain as
     /// well as `svc.cluster.local` and `<ns>.svc.cluster.local`.
     fn is_search_expansion(&self, labels: &[String]) -> bool {
@@ -153,9 +191,9 @@ impl MeshTable {
         let owner = [
             service.name.as_str(),
             service.namespace.as_str(),
-            ZONE[0],
-            ZONE[1],
-            ZONE[2],
+            SERVICES[0],
+            SERVICES[1],
+            SERVICES[2],
         ];
         let target = match Name::from_labels(owner) {
             Ok(name) => name,
@@ -388,6 +426,22 @@ mod tests {
     }
 
     #[test]
+    fn the_apex_holds_the_soa_and_dns_version_the_schema_version() {
+        let t = table();
+        let Lookup::Found(apex) = t.lookup(&name("ClusterSet.Local.")) else {
+            panic!("no apex");
+        };
+        assert!(apex.apex && apex.has_records());
+        let Lookup::Found(version) = t.lookup(&name("dns-version.clusterset.local.")) else {
+            panic!("no dns-version");
+        };
+        assert_eq!(version.txt, Some("1.0.0"));
+        for nx in ["other.clusterset.local.", "x.dns-version.clusterset.local."] {
+            assert_eq!(t.lookup(&name(nx)), Lookup::NxDomain, "{nx}");
+        }
+    }
+
+    #[test]
     fn empty_config_still_has_the_zone_apex() {
         let t = MeshTable::build(&MeshConfig::default());
         assert!(matches!(
@@ -406,7 +460,8 @@ mod tests {
         for out in [
             "example.com.",
             "web.shop.svc.cluster.local.",
-            "clusterset.local.",
+            "local.",
+            "xclusterset.local.",
             ".",
         ] {
             assert_eq!(t.lookup(&name(out)), Lookup::Outside, "{out}");

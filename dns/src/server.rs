@@ -17,20 +17,32 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
-use crate::answer::{handle_packet, servfail, Action, Transport};
+use crate::answer::Transport;
+use crate::cache::{CachePolicy, ReplyCache};
 use crate::forward::{Forwarder, MAX_MESSAGE};
+use crate::handler::{resolve, Shared, Step, Worker};
+use crate::inflight::Inflight;
 use crate::live_table::LiveTable;
+use crate::metrics::Metrics;
 use crate::{DnsError, DnsOptions};
 
-/// Forwarded UDP questions in flight at once (each holds a 64 KiB receive buffer); more are
-/// dropped, and the client retries.
-const MAX_UDP_IN_FLIGHT: usize = 256;
+/// Forwarded UDP questions in flight at once, over all workers; more are dropped, and the
+/// client retries.
+const MAX_UDP_IN_FLIGHT: usize = 1024;
 /// Open TCP client connections at once; more are closed at once.
 const MAX_TCP_CONNECTIONS: usize = 256;
 /// How long a TCP client may stay silent (between or inside messages).
 const TCP_IDLE: Duration = Duration::from_secs(10);
 /// Attempts at finding a port free for both UDP and TCP when asked for port 0.
 const BIND_ATTEMPTS: usize = 16;
+/// Datagrams a UDP worker reads without yielding, once the socket is readable.
+const UDP_BATCH: usize = 64;
+/// The most UDP workers.
+const MAX_UDP_WORKERS: usize = 64;
+/// UDP socket buffer size asked for (both directions).
+const UDP_BUFFER: usize = 4 << 20;
+/// Whether each UDP worker gets its own socket (SO_REUSEPORT) rather than sharing one.
+const SOCKET_PER_WORKER: bool = cfg!(target_os = "linux");
 
 /// A running DNS proxy.
 ///
@@ -40,6 +52,7 @@ const BIND_ATTEMPTS: usize = 16;
 pub struct DnsHandle {
     udp_addr: SocketAddr,
     tcp_addr: SocketAddr,
+    metrics: Metrics,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -55,6 +68,11 @@ impl DnsHandle {
         self.tcp_addr
     }
 
+    /// The proxy's metrics; [`Metrics::register`] them to serve them.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Stops every task and waits until they have closed their sockets.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
@@ -65,13 +83,6 @@ impl DnsHandle {
         }
         info!(udp = %self.udp_addr, tcp = %self.tcp_addr, "DNS proxy stopped");
     }
-}
-
-/// What the loops share.
-struct Shared {
-    table: LiveTable,
-    forwarder: Forwarder,
-    ttl: u32,
 }
 
 /// Binds the UDP socket and TCP listener on `opts.listen` and starts answering, from the
@@ -88,8 +99,19 @@ pub async fn start(
             value: "0s (must be positive)".into(),
         });
     }
-    let (udp, tcp) = bind(opts.listen).await?;
-    let udp_addr = udp.local_addr().map_err(|source| DnsError::LocalAddr {
+    if opts.udp_workers > MAX_UDP_WORKERS {
+        return Err(DnsError::InvalidOption {
+            field: "udp_workers",
+            value: format!("{} (at most {MAX_UDP_WORKERS})", opts.udp_workers),
+        });
+    }
+    let workers = match opts.udp_workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_UDP_WORKERS)),
+        n => n,
+    };
+    let sockets = if SOCKET_PER_WORKER { workers } else { 1 };
+    let (udp, tcp) = bind(opts.listen, sockets).await?;
+    let udp_addr = udp[0].local_addr().map_err(|source| DnsError::LocalAddr {
         transport: "udp",
         source,
     })?;
@@ -116,53 +138,113 @@ pub async fn start(
         upstreams = ?upstreams,
         upstream_timeout = ?opts.upstream_timeout,
         ttl = opts.ttl,
+        cache_entries = opts.cache_entries,
+        max_cache_ttl = opts.max_cache_ttl,
+        max_negative_ttl = opts.max_negative_ttl,
+        udp_workers = workers,
         "DNS proxy listening"
     );
 
+    let metrics = Metrics::new();
+    let policy = CachePolicy {
+        max_ttl: opts.max_cache_ttl,
+        max_negative_ttl: opts.max_negative_ttl,
+    };
     let shared = Arc::new(Shared {
         table: LiveTable::new(config.clone()),
         forwarder: Forwarder::new(upstreams, opts.upstream_timeout),
+        cache: ReplyCache::new(opts.cache_entries, policy),
+        inflight: Inflight::default(),
+        metrics: metrics.clone(),
         ttl: opts.ttl,
     });
     let (shutdown, stop) = watch::channel(false);
-    let tasks = vec![
-        tokio::spawn(serve_udp(Arc::new(udp), shared.clone(), stop.clone())),
-        tokio::spawn(serve_tcp(tcp, shared.clone(), stop.clone())),
-        tokio::spawn(follow_config(config, shared, stop)),
-    ];
+    let udp: Vec<Arc<UdpSocket>> = udp.into_iter().map(Arc::new).collect();
+    let mut tasks = Vec::with_capacity(workers + 2);
+    for index in 0..workers {
+        let worker = Worker::new(shared.clone(), config.clone());
+        tasks.push(tokio::spawn(serve_udp(
+            udp[index % udp.len()].clone(),
+            worker,
+            shared.clone(),
+            MAX_UDP_IN_FLIGHT.div_ceil(workers),
+            stop.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(serve_tcp(
+        tcp,
+        shared.clone(),
+        config.clone(),
+        stop.clone(),
+    )));
+    tasks.push(tokio::spawn(follow_config(config, shared, stop)));
     Ok(DnsHandle {
         udp_addr,
         tcp_addr,
+        metrics,
         shutdown,
         tasks,
     })
 }
-
-/// Binds UDP and TCP on the same address. With port 0, UDP picks the port and TCP takes the
-/// same one, retrying with a new port when TCP finds it taken.
-async fn bind(listen: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsError> {
+/// Binds `sockets` UDP sockets and the TCP listener on the same address. With port 0, the
+/// first UDP socket picks the port and the others take the same one; TCP takes it too,
+/// retrying with a new port when TCP finds it taken. Several UDP sockets share the port with
+/// SO_REUSEPORT, so the kernel spreads clients over them (and over the workers reading them).
+async fn bind(
+    listen: SocketAddr,
+    sockets: usize,
+) -> Result<(Vec<UdpSocket>, TcpListener), DnsError> {
     let attempts = if listen.port() == 0 { BIND_ATTEMPTS } else { 1 };
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let udp = UdpSocket::bind(listen)
-            .await
-            .map_err(|source| DnsError::BindUdp {
-                addr: listen,
-                source,
-            })?;
-        let addr = udp.local_addr().map_err(|source| DnsError::LocalAddr {
+        let first = udp_socket(listen, sockets > 1).map_err(|source| DnsError::BindUdp {
+            addr: listen,
+            source,
+        })?;
+        let addr = first.local_addr().map_err(|source| DnsError::LocalAddr {
             transport: "udp",
             source,
         })?;
         match TcpListener::bind(addr).await {
-            Ok(tcp) => return Ok((udp, tcp)),
+            Ok(tcp) => {
+                let mut udp = vec![first];
+                for _ in 1..sockets {
+                    udp.push(
+                        udp_socket(addr, true)
+                            .map_err(|source| DnsError::BindUdp { addr, source })?,
+                    );
+                }
+                return Ok((udp, tcp));
+            }
             Err(source) if attempt >= attempts => {
                 return Err(DnsError::BindTcp { addr, source });
             }
             Err(error) => debug!(%addr, %error, "TCP port taken; trying another"),
         }
     }
+}
+
+/// One UDP socket on `addr`, with large buffers (to absorb bursts; the kernel caps them at
+/// `net.core.rmem_max` / `wmem_max`) and, when asked, SO_REUSEPORT.
+fn udp_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    #[cfg(target_os = "linux")]
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = reuse_port;
+    if let Err(error) = socket.set_recv_buffer_size(UDP_BUFFER) {
+        debug!(%error, "cannot enlarge the UDP receive buffer");
+    }
+    if let Err(error) = socket.set_send_buffer_size(UDP_BUFFER) {
+        debug!(%error, "cannot enlarge the UDP send buffer");
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
 }
 
 /// Rebuilds the table on every new snapshot (so queries rarely pay for it) and notes when the
@@ -180,9 +262,9 @@ async fn follow_config(
                     shared.table.current();
                 }
                 Err(_) => {
-                    let table = shared.table.current();
+                    let state = shared.table.current();
                     warn!(
-                        version = table.version(),
+                        version = state.table.version(),
                         "mesh configuration channel closed; answering from the last table"
                     );
                     // Nothing more will arrive; wait for shutdown only.
@@ -194,43 +276,54 @@ async fn follow_config(
     }
 }
 
-async fn serve_udp(socket: Arc<UdpSocket>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+/// One UDP worker: several share the socket. Local and cached answers are sent inline;
+/// each forwarded question gets its own task.
+async fn serve_udp(
+    socket: Arc<UdpSocket>,
+    mut worker: Worker,
+    shared: Arc<Shared>,
+    max_in_flight: usize,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut in_flight = JoinSet::new();
     let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
         tokio::select! {
+            biased;
             _ = stop.changed() => break,
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
             received = socket.recv_from(&mut buf) => {
-                let (len, peer) = match received {
-                    Ok(received) => received,
-                    Err(error) => {
-                        debug!(%error, "UDP receive failed");
-                        continue;
-                    }
-                };
-                let table = shared.table.current();
-                match handle_packet(&table, &buf[..len], Transport::Udp, shared.ttl) {
-                    Action::Reply(reply) => send_udp(&socket, &reply, peer).await,
-                    Action::Drop => {}
-                    Action::Forward { request } => {
-                        if in_flight.len() >= MAX_UDP_IN_FLIGHT {
-                            debug!(%peer, "too many forwarded questions in flight; dropping");
-                            continue;
-                        }
-                        let packet = buf[..len].to_vec();
-                        let socket = socket.clone();
-                        let shared = shared.clone();
-                        in_flight.spawn(async move {
-                            let reply = match shared.forwarder.forward(&packet, Transport::Udp).await {
-                                Ok(reply) => Some(reply),
-                                Err(_) => servfail(&request),
-                            };
-                            if let Some(reply) = reply {
-                                send_udp(&socket, &reply, peer).await;
+                let mut received = received;
+                // Once the socket is readable, drain what is queued before polling again.
+                for _ in 0..UDP_BATCH {
+                    let (len, peer) = match received {
+                        Ok(received) => received,
+                        Err(error) => {
+                            if error.kind() != std::io::ErrorKind::WouldBlock {
+                                debug!(%error, "UDP receive failed");
                             }
-                        });
+                            break;
+                        }
+                    };
+                    let now = tokio::time::Instant::now().into_std();
+                    match worker.handle(&buf[..len], Transport::Udp, now) {
+                        Step::Reply => send_udp(&socket, &worker.out, peer).await,
+                        Step::Drop => {}
+                        Step::Forward(job) => {
+                            if in_flight.len() >= max_in_flight {
+                                debug!(%peer, "too many forwarded questions in flight; dropping");
+                            } else {
+                                let socket = socket.clone();
+                                let shared = shared.clone();
+                                in_flight.spawn(async move {
+                                    if let Some(reply) = resolve(&shared, job).await {
+                                        send_udp(&socket, &reply, peer).await;
+                                    }
+                                });
+                            }
+                        }
                     }
+                    received = socket.try_recv_from(&mut buf);
                 }
             }
         }
@@ -239,12 +332,23 @@ async fn serve_udp(socket: Arc<UdpSocket>, shared: Arc<Shared>, mut stop: watch:
 }
 
 async fn send_udp(socket: &UdpSocket, reply: &[u8], peer: SocketAddr) {
-    if let Err(error) = socket.send_to(reply, peer).await {
-        debug!(%peer, %error, "UDP send failed");
+    match socket.try_send_to(reply, peer) {
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+            if let Err(error) = socket.send_to(reply, peer).await {
+                debug!(%peer, %error, "UDP send failed");
+            }
+        }
+        Err(error) => debug!(%peer, %error, "UDP send failed"),
     }
 }
 
-async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+async fn serve_tcp(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    config: watch::Receiver<Arc<MeshConfig>>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -262,7 +366,8 @@ async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
                     debug!(%peer, "too many TCP clients; closing the new connection");
                     continue;
                 }
-                connections.spawn(serve_tcp_client(stream, peer, shared.clone()));
+                let worker = Worker::new(shared.clone(), config.clone());
+                connections.spawn(serve_tcp_client(stream, peer, worker, shared.clone()));
             }
         }
     }
@@ -271,7 +376,13 @@ async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
 
 /// Answers length-prefixed messages on one connection, in order, until the client closes it,
 /// goes quiet for [`TCP_IDLE`], or sends something unanswerable.
-async fn serve_tcp_client(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+async fn serve_tcp_client(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    mut worker: Worker,
+    shared: Arc<Shared>,
+) {
+    let mut framed = Vec::new();
     loop {
         let mut len = [0u8; 2];
         match timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
@@ -283,28 +394,27 @@ async fn serve_tcp_client(mut stream: TcpStream, peer: SocketAddr, shared: Arc<S
             Ok(Ok(_)) => {}
             _ => return,
         }
-        let table = shared.table.current();
-        let reply = match handle_packet(&table, &packet, Transport::Tcp, shared.ttl) {
-            Action::Reply(reply) => reply,
-            Action::Forward { request } => {
-                match shared.forwarder.forward(&packet, Transport::Tcp).await {
-                    Ok(reply) => reply,
-                    Err(_) => match servfail(&request) {
-                        Some(reply) => reply,
-                        None => return,
-                    },
+        let now = tokio::time::Instant::now().into_std();
+        let forwarded;
+        let reply: &[u8] = match worker.handle(&packet, Transport::Tcp, now) {
+            Step::Reply => &worker.out,
+            Step::Forward(job) => match resolve(&shared, job).await {
+                Some(reply) => {
+                    forwarded = reply;
+                    &forwarded
                 }
-            }
+                None => return,
+            },
             // A client sending garbage over TCP has lost the framing; hang up.
-            Action::Drop => return,
+            Step::Drop => return,
         };
         let Ok(reply_len) = u16::try_from(reply.len()) else {
             debug!(%peer, len = reply.len(), "reply too long for TCP framing");
             return;
         };
-        let mut framed = Vec::with_capacity(reply.len() + 2);
+        framed.clear();
         framed.extend_from_slice(&reply_len.to_be_bytes());
-        framed.extend_from_slice(&reply);
+        framed.extend_from_slice(reply);
         match timeout(TCP_IDLE, stream.write_all(&framed)).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {

@@ -8,6 +8,7 @@ use common::*;
 use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::rdata::{AAAA, PTR, SRV};
 use hickory_proto::rr::{Name, RData, RecordType};
+use isthmus_core::mesh::Protocol;
 use tokio::net::TcpStream;
 
 #[tokio::test]
@@ -179,5 +180,81 @@ async fn tcp_questions_are_answered_on_one_connection_in_order() {
         panic!("not an SRV answer: {resp}");
     };
     assert_eq!(srv.port, 5432);
+    dns.shutdown().await;
+}
+
+#[tokio::test]
+async fn udp_dns_version_is_the_schema_version() {
+    let (dns, _tx) = proxy(shop()).await;
+    let resp = udp_query(
+        dns.udp_addr(),
+        &request("dns-version.clusterset.local.", RecordType::TXT),
+    )
+    .await;
+    assert_eq!(resp.metadata.response_code, ResponseCode::NoError);
+    assert!(resp.metadata.authoritative);
+    let RData::TXT(txt) = &resp.answers[0].data else {
+        panic!("not a TXT answer: {resp}");
+    };
+    assert_eq!(txt.to_string(), "1.0.0");
+    dns.shutdown().await;
+}
+
+#[tokio::test]
+async fn udp_nxdomain_and_nodata_carry_the_zone_soa() {
+    let (dns, _tx) = proxy(shop()).await;
+    for (name, qtype, code) in [
+        (
+            "nope.shop.svc.clusterset.local.",
+            RecordType::A,
+            ResponseCode::NXDomain,
+        ),
+        (
+            "web.shop.svc.clusterset.local.",
+            RecordType::AAAA,
+            ResponseCode::NoError,
+        ),
+    ] {
+        let resp = udp_query(dns.udp_addr(), &request(name, qtype)).await;
+        assert_eq!(resp.metadata.response_code, code, "{name}");
+        assert!(resp.answers.is_empty());
+        assert!(
+            matches!(resp.authorities.first().map(|r| &r.data), Some(RData::SOA(soa)) if soa.minimum == 5),
+            "{resp}"
+        );
+    }
+    dns.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_large_answer_is_truncated_over_udp_and_complete_over_tcp() {
+    // Forty ports with the same name (an invalid service, but the only way to get a mesh
+    // answer bigger than 512 bytes): one SRV name with forty records.
+    let ports: Vec<(&str, u16, Protocol)> =
+        (0..40).map(|p| ("big", 9000 + p, Protocol::Tcp)).collect();
+    let (dns, _tx) = proxy(config(1, vec![service("wide", "240.240.0.40", &ports)])).await;
+    let req = request("_big._tcp.wide.shop.svc.clusterset.local.", RecordType::SRV);
+
+    let udp = udp_exchange(dns.udp_addr(), &req.to_vec().unwrap()).await;
+    assert!(udp.len() <= 512, "{} bytes over UDP", udp.len());
+    let udp = Message::from_vec(&udp).unwrap();
+    assert!(udp.metadata.truncation);
+    assert!(udp.answers.is_empty());
+    assert_eq!(udp.queries, req.queries);
+
+    // The client retries over TCP, as a stub resolver does on TC, and gets everything.
+    let tcp = tcp_query(dns.tcp_addr(), &req).await;
+    assert!(!tcp.metadata.truncation);
+    assert_eq!(tcp.answers.len(), 40);
+
+    // With a big enough EDNS payload, UDP carries it all too.
+    let mut edns_req = req.clone();
+    let mut edns = hickory_proto::op::Edns::new();
+    edns.set_max_payload(4096);
+    edns_req.edns = Some(edns);
+    let udp = udp_query(dns.udp_addr(), &edns_req).await;
+    assert!(!udp.metadata.truncation);
+    assert_eq!(udp.answers.len(), 40);
+    assert_eq!(udp.edns.map(|e| e.max_payload()), Some(1232));
     dns.shutdown().await;
 }

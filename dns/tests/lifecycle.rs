@@ -152,3 +152,45 @@ async fn binding_a_taken_port_names_the_operation() {
     assert!(matches!(err, DnsError::BindUdp { .. }), "{err}");
     assert!(std::error::Error::source(&err).is_some());
 }
+
+#[tokio::test]
+async fn a_config_change_reaches_answers_within_100_ms() {
+    // A mesh of a thousand services, so that rebuilding the table is part of what is measured.
+    let services: Vec<_> = (0..1000u32)
+        .map(|i| {
+            let vip = format!("240.240.{}.{}", i / 250, i % 250 + 1);
+            service(
+                &format!("svc{i}"),
+                &vip,
+                &[("http", 80, isthmus_core::mesh::Protocol::Http)],
+            )
+        })
+        .collect();
+    let (dns, tx) = proxy(config(1, services.clone())).await;
+    let name = "late.shop.svc.clusterset.local.";
+    let resp = udp_query(dns.udp_addr(), &request(name, RecordType::A)).await;
+    assert_eq!(resp.metadata.response_code, ResponseCode::NXDomain);
+
+    let mut next = services;
+    next.push(service("late", "240.240.9.9", &[]));
+    let sent = Instant::now();
+    tx.send_replace(config(2, next));
+    // Ask again and again, without pausing, until the new service answers.
+    let deadline = sent + ANSWER_WAIT;
+    loop {
+        let resp = udp_query(dns.udp_addr(), &request(name, RecordType::A)).await;
+        if a_answers(&resp) == vec![Ipv4Addr::new(240, 240, 9, 9)] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the change never arrived: {resp}"
+        );
+    }
+    let elapsed = sent.elapsed();
+    assert!(
+        elapsed < Duration::from_millis(100),
+        "the change took {elapsed:?} to reach answers"
+    );
+    dns.shutdown().await;
+}

@@ -83,17 +83,24 @@ impl Balancer {
 
     /// Picks the candidate with the fewest active tunnels (ties: round-robin) and counts one
     /// more tunnel on it. `None` when there are no candidates.
+    ///
+    /// The round-robin cursor walks the candidate list itself, not the list of tied
+    /// candidates: the first least-loaded candidate at or after the cursor wins, and the
+    /// cursor moves past it. (Indexing into the tied list instead would starve an endpoint
+    /// whenever the tied set changes from one pick to the next, as it does when tunnels are
+    /// short.)
     pub(crate) fn pick(self: &Arc<Self>, candidates: &[SocketAddr]) -> Option<Active> {
         let mut state = self.lock();
-        let load = |a: &SocketAddr| state.active.get(a).copied().unwrap_or(0);
-        let least = candidates.iter().map(load).min()?;
-        let tied: Vec<SocketAddr> = candidates
-            .iter()
-            .copied()
-            .filter(|a| load(a) == least)
-            .collect();
-        let addr = tied[state.next % tied.len()];
-        state.next = state.next.wrapping_add(1);
+        let n = candidates.len();
+        if n == 0 {
+            return None;
+        }
+        let start = state.next % n;
+        let (index, addr) = (0..n)
+            .map(|k| (start + k) % n)
+            .map(|i| (i, candidates[i]))
+            .min_by_key(|(_, a)| state.active.get(a).copied().unwrap_or(0))?;
+        state.next = index + 1;
         *state.active.entry(addr).or_default() += 1;
         Some(Active {
             balancer: self.clone(),
@@ -163,6 +170,24 @@ mod tests {
         drop((second, third, fourth));
         assert_eq!(b.active(addr(1)), 0);
         assert_eq!(b.active(addr(2)), 0);
+    }
+
+    #[test]
+    fn short_tunnels_that_overlap_by_one_still_rotate_evenly() {
+        // Each tunnel is still counted when the next one is picked (closing is asynchronous).
+        let b = Balancer::new();
+        let eps = [addr(1), addr(2), addr(3)];
+        let mut counts = HashMap::new();
+        let mut previous = b.pick(&eps).unwrap();
+        for _ in 0..299 {
+            let next = b.pick(&eps).unwrap();
+            *counts.entry(previous.addr()).or_insert(0) += 1;
+            previous = next;
+        }
+        *counts.entry(previous.addr()).or_insert(0) += 1;
+        for ep in eps {
+            assert_eq!(counts[&ep], 100, "{counts:?}");
+        }
     }
 
     #[test]

@@ -9,7 +9,8 @@ use isthmus_core::tunnel::TunnelError;
 /// Everything that can go wrong in the gateway. Variants name the operation that failed.
 ///
 /// Only [`GatewayError::InvalidOptions`], [`GatewayError::Tls`], [`GatewayError::QuicCrypto`],
-/// [`GatewayError::BindQuic`] and [`GatewayError::BindLocal`] are returned by
+/// [`GatewayError::BindQuic`], [`GatewayError::BindLocal`] and [`GatewayError::BindTlsTcp`]
+/// are returned by
 /// [`crate::start`]; the rest describe why one tunnelled connection failed and end up in logs
 /// and in the reason message sent back to the caller.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,13 @@ pub enum GatewayError {
     },
     #[error("binding the local listener on tcp {addr} failed")]
     BindLocal {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("binding the TLS-over-TCP listener on tcp {addr} failed")]
+    BindTlsTcp {
         addr: SocketAddr,
         #[source]
         source: io::Error,
@@ -70,6 +78,20 @@ pub enum GatewayError {
     },
     #[error("opening a stream to cluster {cluster} did not finish within {after:?} (stream limit reached)")]
     OpenStreamTimeout { cluster: String, after: Duration },
+
+    #[error("the TLS-over-TCP connection to the gateway of cluster {cluster} at {addr} failed")]
+    TlsConnect {
+        cluster: String,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the TLS handshake with {addr} failed")]
+    TlsAccept {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
 
     #[error("accepting a QUIC connection from {addr} failed")]
     Accept {

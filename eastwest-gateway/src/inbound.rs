@@ -1,6 +1,7 @@
-//! The inbound role: other clusters' gateways connect over QUIC and open one stream per
-//! tunnelled connection; each is checked against the current configuration and joined to a
-//! healthy local endpoint (the destination sidecar's mTLS listener).
+//! The inbound role: other clusters' gateways open one stream per tunnelled connection (on a
+//! QUIC connection either side dialled, or as a TLS-over-TCP connection); each is checked
+//! against the current configuration and joined to a healthy local endpoint (the destination
+//! sidecar's mTLS listener).
 //!
 //! Per stream, in order: read the [`OpenRequest`]; check that the peer gateway's cluster (from
 //! its verified certificate) is the request's source cluster and that this cluster is the
@@ -15,17 +16,20 @@ use std::time::Duration;
 use isthmus_core::identity::SpiffeId;
 use isthmus_core::mesh::MeshConfig;
 use isthmus_core::tunnel::{self, OpenRequest, OpenResponse, ReasonCode};
-use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream};
-use tokio::io::AsyncWriteExt;
+use quinn::{Connection, Endpoint, Incoming};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::endpoints::{self, Active, Balancer};
+use crate::log_limit::LogLimiter;
+use crate::metrics::{Direction, Metrics, Rejection, Role, Source, UNKNOWN_PEER};
 use crate::outbound::reject_bad_header;
+use crate::peers::{Established, Peers};
 use crate::quic::{self, codes};
-use crate::relay::relay;
+use crate::relay::{relay, PeerRead, PeerWrite};
 use crate::{log_panic, GatewayError, Stop};
 
 /// How many endpoints one stream tries before answering `NoHealthyEndpoint`.
@@ -36,13 +40,22 @@ pub(crate) struct Inbound {
     pub config: watch::Receiver<Arc<MeshConfig>>,
     pub balancer: Arc<Balancer>,
     pub connect_timeout: Duration,
+    pub peers: Arc<Peers>,
+    pub metrics: Arc<Metrics>,
+    pub log: Arc<LogLimiter>,
 }
 
 impl Inbound {
-    /// Accepts peer gateways' connections until `stop` fires or the endpoint is closed; each
-    /// connection (and each of its streams) is served by a task owned by this loop, and all of
-    /// them have ended when it returns.
-    pub(crate) async fn run(self: Arc<Self>, endpoint: Endpoint, mut stop: Stop) {
+    /// Accepts peer gateways' connections, and serves the connections this gateway dialled
+    /// (`dialled`), until `stop` fires or the endpoint is closed; each connection (and each of
+    /// its streams) is served by a task owned by this loop, and all of them have ended when it
+    /// returns.
+    pub(crate) async fn run(
+        self: Arc<Self>,
+        endpoint: Endpoint,
+        mut dialled: mpsc::UnboundedReceiver<Established>,
+        mut stop: Stop,
+    ) {
         let mut tasks = JoinSet::new();
         loop {
             tokio::select! {
@@ -53,11 +66,22 @@ impl Inbound {
                         let stop = stop.clone();
                         let span = tracing::info_span!("inbound", from = %incoming.remote_address());
                         tasks.spawn(
-                            async move { this.serve_connection(incoming, stop).await }.instrument(span),
+                            async move { this.accept(incoming, stop).await }.instrument(span),
                         );
                     }
                     None => break,
                 },
+                Some(established) = dialled.recv() => {
+                    let this = self.clone();
+                    let stop = stop.clone();
+                    let span = tracing::info_span!("inbound", to = %established.cluster);
+                    tasks.spawn(async move {
+                        let Established { conn, cluster } = established;
+                        if let Some(peer) = quic::peer_id(&conn) {
+                            this.serve_connection(conn, peer, cluster, stop).await;
+                        }
+                    }.instrument(span));
+                }
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => log_panic(done),
             }
         }
@@ -65,22 +89,64 @@ impl Inbound {
         debug!("inbound role stopped");
     }
 
-    async fn serve_connection(self: Arc<Self>, incoming: Incoming, mut stop: Stop) {
+    /// Completes a peer's handshake, works out its cluster, offers the connection to the pool,
+    /// and serves its streams.
+    async fn accept(self: Arc<Self>, incoming: Incoming, stop: Stop) {
         let addr = incoming.remote_address();
         let conn = match self.handshake(incoming).await {
             Ok(conn) => conn,
             Err(e) => {
                 // An unauthorised certificate ends up here: rustls refused it in the handshake.
-                warn!(error = %e.chain(), "refused a gateway connection");
+                self.refused(addr, Rejection::HandshakeFailed, &e.chain());
                 return;
             }
         };
         let Some(peer) = quic::peer_id(&conn) else {
-            warn!(%addr, "a gateway connection without a SPIFFE identity; closing");
+            self.refused(addr, Rejection::UnauthorizedPeer, "no SPIFFE identity");
             conn.close(codes::WRONG_PEER, b"no SPIFFE identity");
             return;
         };
+        let cluster = self.peer_cluster(&peer, addr);
+        self.metrics.handshake_done(&cluster, Role::Server);
         info!(%peer, "peer gateway connected");
+        if cluster != UNKNOWN_PEER {
+            self.peers.adopt(&cluster, &conn).await;
+        }
+        self.serve_connection(conn, peer, cluster, stop).await;
+    }
+
+    /// The member cluster `peer` belongs to, or [`UNKNOWN_PEER`] (counted and logged: its
+    /// streams will be refused as forbidden).
+    pub(crate) fn peer_cluster(&self, peer: &SpiffeId, addr: SocketAddr) -> String {
+        let config = self.config.borrow().clone();
+        match quic::peer_cluster(&config, peer) {
+            Some(cluster) => cluster.to_string(),
+            None => {
+                let why = format!("{peer} belongs to no member cluster");
+                self.refused(addr, Rejection::UnauthorizedPeer, &why);
+                UNKNOWN_PEER.to_string()
+            }
+        }
+    }
+
+    /// Counts a refused peer and logs it at most once per address, kind and interval.
+    pub(crate) fn refused(&self, addr: SocketAddr, reason: Rejection, detail: &str) {
+        self.metrics.reject(Source::Peer, reason);
+        if let Some(suppressed) = self
+            .log
+            .admit(&format!("peer {} {}", addr.ip(), reason.as_str()))
+        {
+            warn!(%addr, reason = reason.as_str(), error = %detail, suppressed, "refused a gateway connection");
+        }
+    }
+
+    async fn serve_connection(
+        self: Arc<Self>,
+        conn: Connection,
+        peer: SpiffeId,
+        cluster: String,
+        mut stop: Stop,
+    ) {
         let mut streams = JoinSet::new();
         let reason = loop {
             tokio::select! {
@@ -89,7 +155,11 @@ impl Inbound {
                     Ok((send, recv)) => {
                         let this = self.clone();
                         let peer = peer.clone();
-                        streams.spawn(async move { this.serve_stream(&peer, send, recv).await });
+                        let cluster = cluster.clone();
+                        let from = conn.remote_address();
+                        streams.spawn(async move {
+                            this.serve_stream(&peer, &cluster, from, send, recv).await
+                        });
                     }
                     Err(e) => break e,
                 },
@@ -97,7 +167,7 @@ impl Inbound {
             }
         };
         streams.shutdown().await;
-        info!(%peer, %reason, "peer gateway connection closed");
+        debug!(%peer, %reason, "peer gateway connection closed");
     }
 
     async fn handshake(&self, incoming: Incoming) -> Result<Connection, GatewayError> {
@@ -115,7 +185,18 @@ impl Inbound {
         }
     }
 
-    async fn serve_stream(&self, peer: &SpiffeId, mut send: SendStream, mut recv: RecvStream) {
+    /// Serves one tunnel opened by `peer` (of member cluster `cluster`, or [`UNKNOWN_PEER`]).
+    pub(crate) async fn serve_stream<W, R>(
+        &self,
+        peer: &SpiffeId,
+        cluster: &str,
+        from: SocketAddr,
+        mut send: W,
+        mut recv: R,
+    ) where
+        W: AsyncWrite + PeerWrite + Unpin,
+        R: AsyncRead + PeerRead + Unpin,
+    {
         let req = match tokio::time::timeout(self.connect_timeout, tunnel::read_request(&mut recv))
             .await
         {
@@ -124,11 +205,12 @@ impl Inbound {
                     after: self.connect_timeout,
                 };
                 debug!(%peer, error = %e.chain(), "abandoning a silent stream");
-                let _ = send.reset(codes::STREAM_ABORTED);
+                send.abort();
                 return;
             }
             Ok(Err(e)) => {
-                reject_bad_header(&mut send, e).await;
+                let who = format!("{cluster} {}", from.ip());
+                reject_bad_header(&mut send, e, &self.metrics, &self.log, Source::Peer, &who).await;
                 return;
             }
             Ok(Ok(req)) => req,
@@ -136,25 +218,30 @@ impl Inbound {
         let span = tracing::info_span!("tunnel", service = %req.service, port = req.port,
             source = %req.source_cluster, trace = req.trace_context.as_deref().unwrap_or(""));
         async move {
-            let active = match self.open(peer, &req).await {
+            let (tcp, active) = match self.open(peer, &req).await {
                 Ok(opened) => opened,
                 Err(response) => {
+                    self.metrics
+                        .stream_answered(cluster, Direction::Inbound, response.code);
                     if tunnel::write_response(&mut send, &response).await.is_ok() {
                         let _ = send.shutdown().await;
                     }
                     return;
                 }
             };
-            let (tcp, active) = active;
+            self.metrics
+                .stream_answered(cluster, Direction::Inbound, ReasonCode::Ok);
             if let Err(e) = tunnel::write_response(&mut send, &OpenResponse::ok()).await {
                 debug!(error = %GatewayError::WriteResponse(e).chain(), "peer went away");
                 return;
             }
-            info!(endpoint = %active.addr(), "tunnel open");
-            match relay(tcp, send, recv).await {
+            debug!(endpoint = %active.addr(), "tunnel open");
+            let _open = self.metrics.open_stream(cluster, Direction::Inbound);
+            let counters = self.metrics.byte_counters(cluster);
+            match relay(tcp, send, recv, &counters).await {
                 Ok(carried) => debug!(
-                    up = carried.tcp_to_quic,
-                    down = carried.quic_to_tcp,
+                    sent = carried.sent,
+                    received = carried.received,
                     "tunnel closed"
                 ),
                 Err(e) => debug!(error = %GatewayError::Relay(e).chain(), "tunnel aborted"),

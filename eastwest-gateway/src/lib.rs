@@ -6,8 +6,9 @@
 //! - **Outbound** (`outbound.rs`): local sidecars connect over TCP to
 //!   [`GatewayOptions::local_listen`] and send an [`OpenRequest`]. The gateway carries the
 //!   connection as one bidirectional stream of a long-lived QUIC connection to the target
-//!   cluster's gateway (one pooled connection per peer cluster, made on first use and remade
-//!   when it dies), relays the remote [`OpenResponse`], then relays raw bytes both ways.
+//!   cluster's gateway (`peers.rs`: one connection per pair of gateways, whichever side
+//!   dialled it, reconnected with backoff when it dies), relays the remote [`OpenResponse`],
+//!   then relays raw bytes both ways.
 //! - **Inbound** (`inbound.rs`): peer gateways connect to
 //!   [`GatewayOptions::quic_listen`] and open streams; each request is checked against the
 //!   current [`MeshConfig`] (service exported, healthy endpoints) and joined to the
@@ -23,7 +24,14 @@
 //! Tasks, all ended by [`GatewayHandle::shutdown`] (or by dropping the handle):
 //! - the outbound accept loop, and one task per sidecar connection;
 //! - the inbound accept loop, one task per peer gateway connection, and one per stream;
-//! - the configuration watcher, which drops pooled connections to clusters that left.
+//! - with [`Transport::TlsTcp`], the TLS-over-TCP accept loop and one task per connection;
+//! - the pool's watcher (drops connections to clusters that left, samples round-trip times),
+//!   one loss watcher per pooled connection and a reconnect task per peer that is down.
+//!
+//! Bad input (garbage datagrams on the QUIC port, failed handshakes and unauthorized
+//! certificates, malformed or unknown-version headers) is refused, counted in [`Metrics`] and
+//! logged at most once per peer and interval. The design, with limits and the metrics list, is
+//! in `docs/gateway.md`.
 //!
 //! Tunnel refusals use the reason codes of [`isthmus_core::tunnel::ReasonCode`], so callers
 //! can retry elsewhere at once instead of waiting for a timeout.
@@ -42,14 +50,19 @@ use tracing::info;
 mod endpoints;
 mod error;
 mod inbound;
+mod log_limit;
+pub mod metrics;
 mod outbound;
 mod peers;
 mod quic;
 mod relay;
+mod tls_tcp;
+mod udp_screen;
 
 pub use error::GatewayError;
 pub use isthmus_core::tunnel::{OpenRequest, OpenResponse, ReasonCode};
-pub use quic::ALPN;
+pub use metrics::Metrics;
+pub use quic::{ALPN, ALPN_TCP};
 
 /// The default UDP port for QUIC between gateways.
 pub const DEFAULT_QUIC_PORT: u16 = 15443;
@@ -61,6 +74,32 @@ pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_millis(250);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The default bound on a QUIC handshake, an endpoint dial, and a header exchange.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How gateways carry tunnels to each other.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// One long-lived QUIC connection per pair of gateways, one stream per tunnel (UDP on
+    /// `quic_listen`). The default.
+    #[default]
+    Quic,
+    /// One mutual-TLS 1.3 TCP connection per tunnel (TCP on the `quic_listen` address), for
+    /// networks that block UDP and as the benchmark's baseline. Both gateways of a pair must
+    /// use it; a gateway with this transport also still accepts QUIC.
+    TlsTcp,
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "quic" => Ok(Transport::Quic),
+            "tls-tcp" => Ok(Transport::TlsTcp),
+            other => Err(format!(
+                "unknown transport {other:?} (expected quic or tls-tcp)"
+            )),
+        }
+    }
+}
 
 /// What a gateway needs to start.
 #[derive(Debug, Clone)]
@@ -82,6 +121,8 @@ pub struct GatewayOptions {
     /// Bound on a QUIC handshake, on dialling a local endpoint, and on waiting for a tunnel
     /// header (the remote gateway's response may take twice this).
     pub connect_timeout: Duration,
+    /// How tunnels travel to other gateways.
+    pub transport: Transport,
 }
 
 impl GatewayOptions {
@@ -100,6 +141,7 @@ impl GatewayOptions {
             keep_alive: DEFAULT_KEEP_ALIVE,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            transport: Transport::Quic,
         }
     }
 
@@ -138,6 +180,7 @@ pub struct GatewayHandle {
     quic_addr: SocketAddr,
     local_addr: SocketAddr,
     idle_timeout: Duration,
+    metrics: Arc<Metrics>,
     /// `None` once shut down.
     endpoint: Option<quinn::Endpoint>,
     stop: watch::Sender<bool>,
@@ -173,57 +216,109 @@ pub async fn start(
     config: watch::Receiver<Arc<MeshConfig>>,
 ) -> Result<GatewayHandle, GatewayError> {
     opts.validate()?;
-    let endpoint = quic::endpoint(&opts)?;
+    let metrics = Arc::new(Metrics::default());
+    let log = Arc::new(log_limit::LogLimiter::new(log_limit::LOG_INTERVAL));
+    let tls = quic::TlsConfigs::new(&opts, &metrics)?;
+    let (udp, tls_listener) = bind_peer_sockets(&opts)?;
+    let endpoint = quic::endpoint(&opts, udp, &tls, metrics.clone(), log.clone())?;
     let quic_addr = endpoint
         .local_addr()
         .map_err(|source| GatewayError::BindQuic {
             addr: opts.quic_listen,
             source,
         })?;
-    let listener = match TcpListener::bind(opts.local_listen).await {
-        Ok(listener) => listener,
-        Err(source) => {
-            endpoint.close(quic::codes::SHUTDOWN, b"start-up failed");
-            return Err(GatewayError::BindLocal {
+    let bound = async {
+        let listener = TcpListener::bind(opts.local_listen)
+            .await
+            .map_err(|source| GatewayError::BindLocal {
                 addr: opts.local_listen,
                 source,
-            });
+            })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| GatewayError::BindLocal {
+                addr: opts.local_listen,
+                source,
+            })?;
+        let tls_listener = match tls_listener {
+            None => None,
+            Some(l) => {
+                Some(
+                    TcpListener::from_std(l).map_err(|source| GatewayError::BindTlsTcp {
+                        addr: quic_addr,
+                        source,
+                    })?,
+                )
+            }
+        };
+        Ok::<_, GatewayError>((listener, local_addr, tls_listener))
+    }
+    .await;
+    let (listener, local_addr, tls_listener) = match bound {
+        Ok(bound) => bound,
+        Err(e) => {
+            endpoint.close(quic::codes::SHUTDOWN, b"start-up failed");
+            return Err(e);
         }
     };
-    let local_addr = listener
-        .local_addr()
-        .map_err(|source| GatewayError::BindLocal {
-            addr: opts.local_listen,
-            source,
-        })?;
 
-    let peers = Arc::new(peers::Peers::new(endpoint.clone(), opts.connect_timeout));
+    let (stop, stop_rx) = watch::channel(false);
+    let (serve_tx, serve_rx) = tokio::sync::mpsc::unbounded_channel();
+    let peers = Arc::new(peers::Peers::new(
+        endpoint.clone(),
+        config.clone(),
+        opts.connect_timeout,
+        metrics.clone(),
+        serve_tx,
+        Stop(stop_rx.clone()),
+    ));
     let outbound = Arc::new(outbound::Outbound {
         cluster: opts.cluster.clone(),
-        config: config.clone(),
         peers: peers.clone(),
         connect_timeout: opts.connect_timeout,
+        transport: opts.transport,
+        tls_client: tls.tcp_client.clone(),
+        metrics: metrics.clone(),
+        log: log.clone(),
     });
     let inbound = Arc::new(inbound::Inbound {
         cluster: opts.cluster.clone(),
         config: config.clone(),
         balancer: endpoints::Balancer::new(),
         connect_timeout: opts.connect_timeout,
+        peers: peers.clone(),
+        metrics: metrics.clone(),
+        log,
     });
-    let (stop, stop_rx) = watch::channel(false);
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(outbound.run(listener, Stop(stop_rx.clone()))),
-        tokio::spawn(inbound.run(endpoint.clone(), Stop(stop_rx.clone()))),
-        tokio::spawn(peers.watch(config, Stop(stop_rx))),
+        tokio::spawn(peers.watch(Stop(stop_rx.clone()))),
     ];
+    if let Some(tls_listener) = tls_listener {
+        tasks.push(tokio::spawn(tls_tcp::serve(
+            inbound.clone(),
+            tls_listener,
+            tls.tcp_server.clone(),
+            Stop(stop_rx.clone()),
+        )));
+    }
+    tasks.push(tokio::spawn(inbound.run(
+        endpoint.clone(),
+        serve_rx,
+        Stop(stop_rx),
+    )));
     info!(
         cluster = %opts.cluster,
         identity = %opts.identity.id(),
         quic = %quic_addr,
         local = %local_addr,
+        transport = ?opts.transport,
         keep_alive = ?opts.keep_alive,
         idle_timeout = ?opts.idle_timeout,
         connect_timeout = ?opts.connect_timeout,
+        stream_receive_window = quic::STREAM_RECEIVE_WINDOW,
+        receive_window = quic::RECEIVE_WINDOW,
+        send_window = quic::SEND_WINDOW,
         trust_domains = ?opts.trust.trust_domains(),
         "east-west gateway started"
     );
@@ -232,10 +327,47 @@ pub async fn start(
         quic_addr,
         local_addr,
         idle_timeout: opts.idle_timeout,
+        metrics,
         endpoint: Some(endpoint),
         stop,
         tasks,
     })
+}
+
+/// Binds the UDP socket for QUIC and, with [`Transport::TlsTcp`], a TCP listener on the same
+/// address and port. With port 0 the TCP port is picked first and UDP follows it; a port
+/// already taken over UDP is retried a few times with another.
+fn bind_peer_sockets(
+    opts: &GatewayOptions,
+) -> Result<(std::net::UdpSocket, Option<std::net::TcpListener>), GatewayError> {
+    let udp_error = |source| GatewayError::BindQuic {
+        addr: opts.quic_listen,
+        source,
+    };
+    let tcp_error = |source| GatewayError::BindTlsTcp {
+        addr: opts.quic_listen,
+        source,
+    };
+    if opts.transport == Transport::Quic {
+        let udp = std::net::UdpSocket::bind(opts.quic_listen).map_err(udp_error)?;
+        return Ok((udp, None));
+    }
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let tcp = std::net::TcpListener::bind(opts.quic_listen).map_err(tcp_error)?;
+        let addr = tcp.local_addr().map_err(tcp_error)?;
+        match std::net::UdpSocket::bind(addr) {
+            Ok(udp) => {
+                tcp.set_nonblocking(true).map_err(tcp_error)?;
+                return Ok((udp, Some(tcp)));
+            }
+            Err(e) if opts.quic_listen.port() == 0 && attempts < 16 => {
+                tracing::debug!(%addr, error = %e, "udp port taken; picking another");
+            }
+            Err(e) => return Err(udp_error(e)),
+        }
+    }
 }
 
 impl GatewayHandle {
@@ -253,6 +385,11 @@ impl GatewayHandle {
     /// The bound TCP address for local sidecars.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// This gateway's metrics; [`Metrics::register`] them with the admin server's registry.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// Closes the QUIC endpoint (peers see the connections close at once) and the local

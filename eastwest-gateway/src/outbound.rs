@@ -1,6 +1,6 @@
 //! The outbound role: local sidecars connect over TCP, say which remote service they want,
-//! and get their connection carried as one stream of the pooled QUIC connection to the
-//! target cluster's gateway.
+//! and get their connection carried to the target cluster's gateway: as one stream of the
+//! pooled QUIC connection, or (with [`Transport::TlsTcp`]) as one TLS-over-TCP connection.
 //!
 //! Per connection, in order: read the [`OpenRequest`]; find the target cluster's gateway in
 //! the current configuration; get the pooled connection (connecting if needed); open a
@@ -13,31 +13,27 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use isthmus_core::mesh::MeshConfig;
 use isthmus_core::tunnel::{self, OpenRequest, OpenResponse, ReasonCode, TunnelError};
 use quinn::{RecvStream, SendStream};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::log_limit::LogLimiter;
+use crate::metrics::{Direction, Metrics, Rejection, Source, UNKNOWN_PEER};
 use crate::peers::{PeerTarget, Peers};
-use crate::relay::relay;
-use crate::{log_panic, GatewayError, Stop};
+use crate::relay::{relay, PeerRead, PeerWrite};
+use crate::{log_panic, tls_tcp, GatewayError, Stop, Transport};
 
 pub(crate) struct Outbound {
     pub cluster: String,
-    pub config: watch::Receiver<Arc<MeshConfig>>,
     pub peers: Arc<Peers>,
     pub connect_timeout: Duration,
-}
-
-/// An established tunnel to a remote gateway, waiting for payload.
-struct Opened {
-    response: OpenResponse,
-    send: SendStream,
-    recv: RecvStream,
+    pub transport: Transport,
+    pub tls_client: Arc<rustls::ClientConfig>,
+    pub metrics: Arc<Metrics>,
+    pub log: Arc<LogLimiter>,
 }
 
 impl Outbound {
@@ -52,7 +48,7 @@ impl Outbound {
                     Ok((tcp, from)) => {
                         let this = self.clone();
                         let span = tracing::info_span!("outbound", %from);
-                        tasks.spawn(async move { this.serve(tcp).await }.instrument(span));
+                        tasks.spawn(async move { this.serve(tcp, from).await }.instrument(span));
                     }
                     Err(e) => {
                         // Usually out of file descriptors: back off instead of spinning.
@@ -68,7 +64,7 @@ impl Outbound {
         debug!("outbound role stopped");
     }
 
-    async fn serve(&self, mut tcp: TcpStream) {
+    async fn serve(&self, mut tcp: TcpStream, from: SocketAddr) {
         let _ = tcp.set_nodelay(true);
         let req = match tokio::time::timeout(self.connect_timeout, tunnel::read_request(&mut tcp))
             .await
@@ -81,40 +77,141 @@ impl Outbound {
                 return;
             }
             Ok(Err(e)) => {
-                reject_bad_header(&mut tcp, e).await;
+                let who = from.ip().to_string();
+                reject_bad_header(&mut tcp, e, &self.metrics, &self.log, Source::Local, &who).await;
                 return;
             }
             Ok(Ok(req)) => req,
         };
         let span = tracing::info_span!("tunnel", service = %req.service, port = req.port,
             target = %req.target_cluster);
-        async move {
-            match self.open(req).await {
-                Ok(opened) => {
-                    if let Err(e) = tunnel::write_response(&mut tcp, &opened.response).await {
-                        debug!(error = %GatewayError::WriteResponse(e).chain(), "sidecar went away");
-                        return;
+        self.carry(tcp, req).instrument(span).await
+    }
+
+    /// Opens the tunnel to the remote gateway, answers the sidecar, and relays on success.
+    async fn carry(&self, mut tcp: TcpStream, mut req: OpenRequest) {
+        let target = match self.target(&req) {
+            Ok(target) => target,
+            Err(response) => {
+                self.answer(&mut tcp, UNKNOWN_PEER, response).await;
+                return;
+            }
+        };
+        if !req.source_cluster.is_empty() && req.source_cluster != self.cluster {
+            debug!(claimed = %req.source_cluster, "replacing the sidecar's source cluster");
+        }
+        req.source_cluster = self.cluster.clone();
+        let peer = target.cluster.as_str();
+        match self.transport {
+            Transport::Quic => match self.open_quic(&target).await {
+                Ok((send, recv)) => self.exchange(tcp, peer, &req, send, recv).await,
+                Err(response) => self.answer(&mut tcp, peer, response).await,
+            },
+            Transport::TlsTcp => {
+                let opened = tls_tcp::open(
+                    &target,
+                    self.tls_client.clone(),
+                    self.connect_timeout,
+                    &self.metrics,
+                )
+                .await;
+                match opened {
+                    Ok(tls) => {
+                        let (recv, send) = tokio::io::split(tls);
+                        self.exchange(tcp, peer, &req, send, recv).await
                     }
-                    match relay(tcp, opened.send, opened.recv).await {
-                        Ok(carried) => debug!(up = carried.tcp_to_quic,
-                            down = carried.quic_to_tcp, "tunnel closed"),
-                        Err(e) => debug!(error = %GatewayError::Relay(e).chain(), "tunnel aborted"),
-                    }
-                }
-                Err(response) => {
-                    if tunnel::write_response(&mut tcp, &response).await.is_ok() {
-                        let _ = tcp.shutdown().await;
+                    Err(e) => {
+                        let response = refuse(ReasonCode::Unreachable, e.chain());
+                        self.answer(&mut tcp, peer, response).await
                     }
                 }
             }
         }
-        .instrument(span)
-        .await
     }
 
-    /// Opens the tunnel to the remote gateway. `Err` carries the response for the sidecar:
-    /// the remote gateway's refusal, or this gateway's own reason.
-    async fn open(&self, mut req: OpenRequest) -> Result<Opened, OpenResponse> {
+    /// Sends the request on a fresh peer stream, relays the remote answer to the sidecar, and
+    /// on Ok relays bytes until both sides are done.
+    async fn exchange<W, R>(
+        &self,
+        mut tcp: TcpStream,
+        peer: &str,
+        req: &OpenRequest,
+        mut send: W,
+        mut recv: R,
+    ) where
+        W: AsyncWrite + PeerWrite + Unpin,
+        R: AsyncRead + PeerRead + Unpin,
+    {
+        let response = match self.request(req, &mut send, &mut recv).await {
+            Ok(response) => response,
+            Err(e) => {
+                send.abort();
+                recv.abort();
+                let response = refuse(ReasonCode::Unreachable, e.chain());
+                self.answer(&mut tcp, peer, response).await;
+                return;
+            }
+        };
+        if !response.is_ok() {
+            info!(code = %response.code, message = %response.message, "remote gateway refused");
+            self.answer(&mut tcp, peer, response).await;
+            return;
+        }
+        self.metrics
+            .stream_answered(peer, Direction::Outbound, ReasonCode::Ok);
+        if let Err(e) = tunnel::write_response(&mut tcp, &response).await {
+            debug!(error = %GatewayError::WriteResponse(e).chain(), "sidecar went away");
+            send.abort();
+            recv.abort();
+            return;
+        }
+        debug!("tunnel open");
+        let _open = self.metrics.open_stream(peer, Direction::Outbound);
+        let counters = self.metrics.byte_counters(peer);
+        match relay(tcp, send, recv, &counters).await {
+            Ok(carried) => debug!(
+                sent = carried.sent,
+                received = carried.received,
+                "tunnel closed"
+            ),
+            Err(e) => debug!(error = %GatewayError::Relay(e).chain(), "tunnel aborted"),
+        }
+    }
+
+    /// Writes the request and waits for the remote gateway's response.
+    async fn request<W, R>(
+        &self,
+        req: &OpenRequest,
+        send: &mut W,
+        recv: &mut R,
+    ) -> Result<OpenResponse, GatewayError>
+    where
+        W: AsyncWrite + Unpin,
+        R: AsyncRead + Unpin,
+    {
+        tunnel::write_request(send, req)
+            .await
+            .map_err(GatewayError::WriteRequest)?;
+        // The remote gateway may spend up to its own connect timeout dialling an endpoint.
+        let wait = self.connect_timeout * 2;
+        match tokio::time::timeout(wait, tunnel::read_response(recv)).await {
+            Err(_) => Err(GatewayError::ReadResponseTimeout { after: wait }),
+            Ok(Err(e)) => Err(GatewayError::ReadResponse(e)),
+            Ok(Ok(response)) => Ok(response),
+        }
+    }
+
+    /// Answers the sidecar with a refusal and closes.
+    async fn answer(&self, tcp: &mut TcpStream, peer: &str, response: OpenResponse) {
+        self.metrics
+            .stream_answered(peer, Direction::Outbound, response.code);
+        if tunnel::write_response(tcp, &response).await.is_ok() {
+            let _ = tcp.shutdown().await;
+        }
+    }
+
+    /// The peer gateway for `req`, or the refusal to send the sidecar.
+    fn target(&self, req: &OpenRequest) -> Result<PeerTarget, OpenResponse> {
         if req.target_cluster == self.cluster {
             return Err(refuse(
                 ReasonCode::BadRequest,
@@ -124,94 +221,43 @@ impl Outbound {
                 ),
             ));
         }
-        let target = self.target(&req.target_cluster)?;
-        if !req.source_cluster.is_empty() && req.source_cluster != self.cluster {
-            debug!(claimed = %req.source_cluster, "replacing the sidecar's source cluster");
-        }
-        req.source_cluster = self.cluster.clone();
-        let (mut send, mut recv) = self.open_stream(&target).await.map_err(|e| {
-            let code = match e {
-                GatewayError::OpenStreamTimeout { .. } => ReasonCode::Overloaded,
-                _ => ReasonCode::Unreachable,
-            };
-            refuse(code, e.chain())
-        })?;
-        tunnel::write_request(&mut send, &req).await.map_err(|e| {
-            refuse(
-                ReasonCode::Unreachable,
-                GatewayError::WriteRequest(e).chain(),
-            )
-        })?;
-        // The remote gateway may spend up to its own connect timeout dialling an endpoint.
-        let wait = self.connect_timeout * 2;
-        let response = match tokio::time::timeout(wait, tunnel::read_response(&mut recv)).await {
-            Err(_) => GatewayError::ReadResponseTimeout { after: wait },
-            Ok(Err(e)) => GatewayError::ReadResponse(e),
-            Ok(Ok(response)) => {
-                if response.is_ok() {
-                    info!("tunnel open");
-                    return Ok(Opened {
-                        response,
-                        send,
-                        recv,
-                    });
-                }
-                info!(code = %response.code, message = %response.message, "remote gateway refused");
-                return Err(response);
-            }
-        };
-        let _ = send.reset(crate::quic::codes::STREAM_ABORTED);
-        Err(refuse(ReasonCode::Unreachable, response.chain()))
-    }
-
-    /// The gateway address and trust domain of `cluster`, from the current configuration.
-    fn target(&self, cluster: &str) -> Result<PeerTarget, OpenResponse> {
-        let config = self.config.borrow().clone();
-        let info = config.cluster_info(cluster).ok_or_else(|| {
-            refuse(
-                ReasonCode::Unreachable,
-                format!("cluster {cluster} is not a member of the mesh"),
-            )
-        })?;
-        let addr: SocketAddr = info.gateway.ok_or_else(|| {
-            refuse(
-                ReasonCode::Unreachable,
-                format!("cluster {cluster} has no known gateway"),
-            )
-        })?;
-        Ok(PeerTarget {
-            cluster: cluster.to_string(),
-            addr,
-            trust_domain: info.trust_domain.clone(),
-        })
+        self.peers
+            .target(&req.target_cluster)
+            .map_err(|reason| refuse(ReasonCode::Unreachable, reason))
     }
 
     /// Opens a stream on the pooled connection. A pooled connection can die between uses
-    /// without us noticing yet; opening on it then fails at once, and one fresh connection is
-    /// tried before giving up.
-    async fn open_stream(
+    /// without the pool noticing yet; opening on it then fails at once, and the pool is asked
+    /// once more (it then fails fast or hands out a newer connection).
+    async fn open_quic(
         &self,
         target: &PeerTarget,
-    ) -> Result<(SendStream, RecvStream), GatewayError> {
+    ) -> Result<(SendStream, RecvStream), OpenResponse> {
         let mut retried = false;
         loop {
-            let conn = self.peers.connection(target).await?;
+            let conn = self
+                .peers
+                .connection(target)
+                .await
+                .map_err(|e| refuse(ReasonCode::Unreachable, e.chain()))?;
             match tokio::time::timeout(self.connect_timeout, conn.open_bi()).await {
                 Err(_) => {
-                    return Err(GatewayError::OpenStreamTimeout {
+                    let e = GatewayError::OpenStreamTimeout {
                         cluster: target.cluster.clone(),
                         after: self.connect_timeout,
-                    })
+                    };
+                    return Err(refuse(ReasonCode::Overloaded, e.chain()));
                 }
                 Ok(Ok(streams)) => return Ok(streams),
                 Ok(Err(source)) if retried => {
-                    return Err(GatewayError::OpenStream {
+                    let e = GatewayError::OpenStream {
                         cluster: target.cluster.clone(),
                         source,
-                    })
+                    };
+                    return Err(refuse(ReasonCode::Unreachable, e.chain()));
                 }
                 Ok(Err(source)) => {
-                    debug!(error = %source, "pooled connection is dead; reconnecting once");
+                    debug!(error = %source, "pooled connection is dead; asking the pool again");
                     retried = true;
                 }
             }
@@ -224,22 +270,33 @@ fn refuse(code: ReasonCode, message: String) -> OpenResponse {
     OpenResponse::new(code, message)
 }
 
-/// Answers a malformed header with `BadRequest` (when the sidecar can still hear it) and logs.
-pub(crate) async fn reject_bad_header<W>(w: &mut W, e: TunnelError)
-where
-    W: tokio::io::AsyncWrite + Unpin,
+/// Answers a malformed header with `BadRequest` (when the other side can still hear it),
+/// counts it, and logs it at most once per `who` and interval.
+pub(crate) async fn reject_bad_header<W>(
+    w: &mut W,
+    e: TunnelError,
+    metrics: &Metrics,
+    log: &LogLimiter,
+    source: Source,
+    who: &str,
+) where
+    W: AsyncWrite + Unpin,
 {
-    match e {
+    let reason = match e {
         TunnelError::Read(_) | TunnelError::UnexpectedEof { .. } => {
             debug!(error = %GatewayError::ReadRequest(e).chain(), "connection ended before its request");
+            return;
         }
-        e => {
-            let e = GatewayError::ReadRequest(e);
-            warn!(error = %e.chain(), "rejecting a malformed open request");
-            let response = OpenResponse::new(ReasonCode::BadRequest, e.chain());
-            if tunnel::write_response(w, &response).await.is_ok() {
-                let _ = w.shutdown().await;
-            }
-        }
+        TunnelError::UnsupportedVersion { .. } => Rejection::UnsupportedHeaderVersion,
+        _ => Rejection::MalformedHeader,
+    };
+    metrics.reject(source, reason);
+    let e = GatewayError::ReadRequest(e);
+    if let Some(suppressed) = log.admit(&format!("header {who} {}", reason.as_str())) {
+        warn!(from = %who, error = %e.chain(), suppressed, "rejecting a malformed open request");
+    }
+    let response = OpenResponse::new(ReasonCode::BadRequest, e.chain());
+    if tunnel::write_response(w, &response).await.is_ok() {
+        let _ = w.shutdown().await;
     }
 }

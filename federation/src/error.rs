@@ -1,6 +1,7 @@
 //! The one error type of the federation store.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Everything that can go wrong when starting or using a federation store member.
@@ -40,8 +41,9 @@ pub enum StoreError {
     /// raft-rs rejected a proposal for a reason other than having no leader yet.
     #[error("proposing a write to raft")]
     Propose(#[source] raft::Error),
-    /// A write was not applied within the proposal timeout (for example no quorum).
-    #[error("write not applied within {timeout:?} (no leader or no quorum?)")]
+    /// A write was not applied within the proposal timeout: this member could not reach a
+    /// leader with a quorum (for example it is cut off from the majority).
+    #[error("write not applied within {timeout:?}: no leader with a quorum is reachable from this member (is it partitioned from the majority?)")]
     ProposalTimeout {
         /// The timeout that expired.
         timeout: Duration,
@@ -53,4 +55,77 @@ pub enum StoreError {
     /// The store has been shut down (or its raft loop stopped), so the write cannot be made.
     #[error("the federation store is shut down")]
     Stopped,
+    /// A file or directory under the data directory could not be read or written.
+    #[error("{op} {path}")]
+    DataDir {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A log or snapshot file does not verify (checksum, length, order): the member refuses
+    /// to start rather than silently lose acknowledged writes.
+    #[error("corrupt federation log file {file} at offset {offset}: {reason}")]
+    CorruptLog {
+        /// The file at fault.
+        file: PathBuf,
+        /// Byte offset of the bad record in it.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Entries handed to the log store do not continue the log (a bug, or raft misuse).
+    #[error("appending entries from index {first} to a log holding {offset}+1..={last}")]
+    LogGap {
+        /// First index of the entries.
+        first: u64,
+        /// Index just before the first retained entry.
+        offset: u64,
+        /// Last index held.
+        last: u64,
+    },
+    /// Another member of this process is still using the data directory.
+    #[error("data directory {0} is in use by another running member")]
+    DataDirInUse(PathBuf),
+    /// A stored snapshot does not decode into a state machine.
+    #[error("snapshot at index {index} does not decode: {reason}")]
+    BadSnapshot {
+        /// Raft index of the snapshot.
+        index: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A watch asked for changes older than this member still remembers: re-list, then
+    /// watch from the listed revision + 1.
+    #[error("revision {requested} is compacted (oldest watchable revision is {oldest}): re-list and watch from the list's revision + 1")]
+    Compacted {
+        /// The revision asked for.
+        requested: u64,
+        /// The oldest revision a watch can start from now.
+        oldest: u64,
+    },
+    /// A linearizable read could not be confirmed by a leader in time.
+    #[error("linearizable read not confirmed within {timeout:?} (no leader or no quorum?)")]
+    ReadTimeout {
+        /// The timeout that expired.
+        timeout: Duration,
+    },
+    /// `renew` was called on a key that does not exist or has no lease.
+    #[error("{key:?} has no lease to renew")]
+    NoLease {
+        /// The key.
+        key: String,
+    },
+    /// A membership change was refused.
+    #[error("membership change refused: {0}")]
+    Membership(String),
+    /// A join token is unknown, already used, expired or wrong.
+    #[error("join token refused: {0}")]
+    Token(&'static str),
+    /// The client API could not reach a member.
+    #[error("federation client: {0}")]
+    Client(String),
 }

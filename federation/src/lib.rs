@@ -3,40 +3,56 @@
 //! exports, mesh-wide policies, trust bundles). Every cluster's control plane hosts one
 //! member.
 //!
-//! Writes ([`Store::put`], [`Store::delete`]) work on any member: they are proposed to raft
-//! (a follower forwards them to the leader) and return the revision — the raft index of
-//! the entry — once this member has applied them. Reads ([`Store::get`], [`Store::list`])
-//! are served from the local replica with no network hop. [`Store::revision`] and
-//! [`Store::subscribe`] tell readers when something changed.
+//! Writes ([`Store::put`], [`Store::put_with_lease`], [`Store::delete`],
+//! [`Store::compare_and_set`]) work on any member: they are proposed to raft (a follower
+//! forwards them to the leader) and return the revision — the raft index of the entry —
+//! once this member has applied them. Reads ([`Store::get`], [`Store::list`]) are served
+//! from the local replica with no network hop; [`Store::get_linearizable`] and
+//! [`Store::list_linearizable`] confirm with a quorum first (ReadIndex). [`Store::watch`]
+//! follows changes from a revision, [`Store::revision`] and [`Store::subscribe`] tell
+//! readers when something changed. Members are added and removed with joint consensus
+//! ([`Store::add_member`], [`Store::remove_member`], join tokens). Every member serves the
+//! `Kv` gRPC client API on its peer port ([`KvClient`]).
+//!
+//! With [`StoreOptions::data_dir`] the log, hard state and snapshots are on disk and fsynced
+//! before raft acknowledges anything (see `docs/federation-durability.md`); a restarted
+//! member rejoins with every acknowledged write. Without it, everything is in memory.
 //!
 //! Starting is two steps, so a whole federation can run in one process on port 0:
 //! [`bind`] the peer listener (and learn its address), then [`Binding::start`] with every
 //! member's address.
 //!
 //! Tasks a running member owns (all stopped by [`Store::shutdown`]):
-//! - the raft loop (`node.rs`): ticks raft, steps incoming messages, proposes writes, and
-//!   handles each `Ready` in the order raft requires (persist, send, apply);
-//! - the peer gRPC server (`server.rs`): `RaftPeer.Send` on the peer listener, decoding and
-//!   checking raft messages before handing them to the raft loop;
+//! - the raft loop (`node/`): ticks raft, steps incoming messages, proposes writes, and
+//!   handles each `Ready` in the order raft requires (send, persist + fsync, send the
+//!   persisted messages, apply, snapshot);
+//! - the gRPC server (`server.rs`, `api.rs`): `RaftPeer.Send`, decoding and checking raft
+//!   messages before handing them to the raft loop, and the `Kv` client API;
 //! - one client task per other member (`transport.rs`): a bounded queue drained into
-//!   `RaftPeer.Send` batches, dropping messages rather than ever blocking the raft loop.
-//!
-//! Walking-skeleton limits: the log is kept in memory (the `LogStore` trait in `storage.rs`
-//! is the seam a durable store replaces) and the member set is fixed at start.
+//!   `RaftPeer.Send` batches, dropping messages rather than ever blocking the raft loop;
+//!   the set of peers follows the replicated member table.
 
+mod api;
+#[cfg(test)]
+mod checker;
+mod client;
 mod error;
 mod logging;
 mod node;
 mod proposals;
-mod proto;
+pub mod proto;
 mod replica;
 mod server;
 mod state;
 mod storage;
+#[cfg(feature = "testing")]
+pub mod testing;
+mod tokens;
 mod transport;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,33 +61,49 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
+pub use client::{KvClient, KvWatch, RemoteStatus};
 pub use error::StoreError;
-pub use replica::{MemberStatus, Role};
-pub use state::{Record, WatchEvent};
+pub use replica::{MemberStatus, Role, Watch};
+pub use state::{LeaseState, Record, WatchEvent};
 
-use node::{NodeConfig, NodeInputs, ProposeRequest, RaftNode};
+use node::{NodeConfig, NodeInputs, Proposal, ProposeRequest, RaftNode, ReadRequest};
 use replica::Replica;
-use state::Command;
-use storage::MemLogStore;
+use state::{Command, Outcome};
+use storage::RaftLog;
 use transport::{GrpcTiming, GrpcTransport};
 
 /// How many raft messages from peers wait for the raft loop.
 const INBOUND_QUEUE: usize = 4096;
 /// How many writes wait for the raft loop before `put`/`delete` callers wait.
-const PROPOSAL_QUEUE: usize = 1024;
-/// How long [`Store::shutdown`] waits for each task before aborting it.
+const PROPOSAL_QUEUE: usize = 4096;
+/// How many linearizable reads wait for the raft loop.
+const READ_QUEUE: usize = 4096;
+/// How long [`Store::shutdown`] waits for each task before aborting it, and how long a
+/// member starting on a data directory waits for a previous member of this process to
+/// release it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// How long a linearizable read waits for this member to apply the confirmed index.
+const READ_APPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Lower bound of the per-RPC timeout between members.
 const MIN_RPC_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How a member joins a static federation, and its raft timing.
+/// How a member joins a federation, where it keeps its log, and its raft timing.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     /// This member's raft id (non-zero, and a key of `peers`).
     pub node_id: u64,
-    /// Every member's raft id and peer address, this member included. Every member must be
-    /// started with the same ids.
+    /// Peer addresses by raft id, this member included. For the initial members of a
+    /// federation this is the initial configuration (every one must be started with the
+    /// same map); for a member that `join`s it is where to reach the existing members until
+    /// it has learnt the replicated member table.
     pub peers: BTreeMap<u64, SocketAddr>,
+    /// Where the raft log and snapshots live (`<data_dir>/raft/`); `None` keeps them in
+    /// memory (lost when the process exits).
+    pub data_dir: Option<PathBuf>,
+    /// This member is being added to a running federation (see [`Store::add_member`]): it
+    /// starts empty and catches up from the leader's snapshot instead of bootstrapping the
+    /// initial configuration from `peers`.
+    pub join: bool,
     /// Length of one raft tick (default 100ms).
     pub tick: Duration,
     /// Ticks without a leader before a follower starts an election (default 10).
@@ -79,20 +111,35 @@ pub struct StoreOptions {
     /// Ticks between the leader's heartbeats (default 2).
     pub heartbeat_ticks: usize,
     /// How long a write may take before it fails with [`StoreError::ProposalTimeout`]
-    /// (default 5s).
+    /// (default 5s); also bounds linearizable reads.
     pub proposal_timeout: Duration,
+    /// Snapshot the state and compact the log every this many applied entries (default
+    /// 10 000).
+    pub snapshot_every: u64,
+    /// Entries kept before each snapshot so briefly lagging members catch up from the log
+    /// (default 1 000).
+    pub snapshot_keep: u64,
+    /// Test seam: filter (and optionally replace) this member's raft traffic.
+    #[cfg(feature = "testing")]
+    pub network: Option<testing::TestNetwork>,
 }
 
 impl StoreOptions {
-    /// Options with the default timing.
+    /// Options with the default timing, in memory, as an initial member.
     pub fn new(node_id: u64, peers: BTreeMap<u64, SocketAddr>) -> Self {
         StoreOptions {
             node_id,
             peers,
+            data_dir: None,
+            join: false,
             tick: Duration::from_millis(100),
             election_ticks: 10,
             heartbeat_ticks: 2,
             proposal_timeout: Duration::from_secs(5),
+            snapshot_every: 10_000,
+            snapshot_keep: 1_000,
+            #[cfg(feature = "testing")]
+            network: None,
         }
     }
 
@@ -101,7 +148,7 @@ impl StoreOptions {
         if self.node_id == 0 {
             return Err(invalid("node_id", "0 is not a valid raft id".to_string()));
         }
-        if !self.peers.contains_key(&self.node_id) {
+        if !self.join && !self.peers.contains_key(&self.node_id) {
             return Err(invalid(
                 "peers",
                 format!("does not contain this member's id {}", self.node_id),
@@ -115,6 +162,9 @@ impl StoreOptions {
                 "proposal_timeout",
                 "must be longer than zero".to_string(),
             ));
+        }
+        if self.snapshot_every == 0 {
+            return Err(invalid("snapshot_every", "must be at least 1".to_string()));
         }
         if self.heartbeat_ticks == 0 || self.election_ticks <= self.heartbeat_ticks {
             return Err(invalid(
@@ -132,10 +182,60 @@ impl StoreOptions {
             heartbeat_ticks: self.heartbeat_ticks,
             proposal_timeout: self.proposal_timeout,
             incarnation: proposals::new_incarnation(),
+            snapshot_every: self.snapshot_every,
+            snapshot_keep: self.snapshot_keep,
+            peers: self.peers.clone(),
         };
         config.validate()?;
         Ok(config)
     }
+
+    /// The initial voters, and the state machine every initial member starts from (the
+    /// member table holding `peers`). Empty for a joining member.
+    fn bootstrap(&self) -> (Vec<u64>, Vec<u8>) {
+        if self.join {
+            return (Vec::new(), Vec::new());
+        }
+        let mut sm = state::StateMachine::default();
+        for (&id, addr) in &self.peers {
+            sm.members.insert(
+                id,
+                state::MemberInfo {
+                    peer_addr: addr.to_string(),
+                    added_at: 0,
+                },
+            );
+        }
+        (
+            self.peers.keys().copied().collect(),
+            state::codec::encode_snapshot(&sm),
+        )
+    }
+
+    async fn open_log(&self) -> Result<RaftLog, StoreError> {
+        let (voters, empty_state) = self.bootstrap();
+        let Some(dir) = &self.data_dir else {
+            return Ok(RaftLog::in_memory(&voters, empty_state));
+        };
+        let dir = dir.join("raft");
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        loop {
+            match RaftLog::open(&dir, &voters, empty_state.clone()) {
+                // A member of this process that is stopping still holds it.
+                Err(StoreError::DataDirInUse(_)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                result => return result,
+            }
+        }
+    }
+}
+
+/// A compare-and-set found the key at another revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conflict {
+    /// The key's revision when the compare-and-set was applied; `None` if it did not exist.
+    pub current_revision: Option<u64>,
 }
 
 /// Binds the peer listener. Port 0 picks a free port; read it with
@@ -167,23 +267,53 @@ impl Binding {
         self.local_addr
     }
 
-    /// Starts the member: the peer server, the raft loop and the peer clients.
+    /// Starts the member: opens (or creates) its log, then starts the peer server, the
+    /// raft loop and the peer clients. Fails with [`StoreError::CorruptLog`] if the log on
+    /// disk does not verify.
     pub async fn start(self, opts: StoreOptions) -> Result<Store, StoreError> {
         let config = opts.node_config()?;
         let node_id = config.id;
+        let log = opts.open_log().await?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
         let (proposals_tx, proposals_rx) = mpsc::channel(PROPOSAL_QUEUE);
+        let (reads_tx, reads_rx) = mpsc::channel(READ_QUEUE);
         let replica = Arc::new(Replica::new(node_id));
 
         let timing = GrpcTiming {
             rpc_timeout: config.election_timeout().max(MIN_RPC_TIMEOUT),
             reconnect_backoff: config.heartbeat_interval(),
         };
-        let (transport, mut tasks) =
-            GrpcTransport::start(node_id, &opts.peers, timing, shutdown_rx.clone());
-        let store = MemLogStore::new(node::voters(&opts.peers));
-        let node = match RaftNode::new(config, store, Arc::new(transport), replica.clone()) {
+        let transport: Arc<dyn transport::Transport> =
+            Arc::new(GrpcTransport::new(node_id, timing, shutdown_rx.clone()));
+        #[cfg(feature = "testing")]
+        let transport: Arc<dyn transport::Transport> = match &opts.network {
+            None => transport,
+            Some(testing::TestNetwork {
+                filter,
+                memory: Some(memory),
+            }) => {
+                memory.register(node_id, inbound_tx.clone());
+                Arc::new(testing::MemoryTransport {
+                    network: memory.clone(),
+                    filter: filter.clone(),
+                })
+            }
+            Some(testing::TestNetwork {
+                filter,
+                memory: None,
+            }) => Arc::new(testing::FilteredTransport {
+                inner: Arc::new(GrpcTransport::new(node_id, timing, shutdown_rx.clone())),
+                filter: filter.clone(),
+            }),
+        };
+        let node = match RaftNode::new(
+            config,
+            log,
+            transport,
+            replica.clone(),
+            tokio::time::Instant::now(),
+        ) {
             Ok(node) => node,
             Err(err) => {
                 shutdown_tx.send_replace(true);
@@ -191,17 +321,28 @@ impl Binding {
             }
         };
         replica.publish_status(node.status());
-        tasks.push(tokio::spawn(node::run(
+        let mut tasks = vec![tokio::spawn(node::run(
             node,
             NodeInputs {
                 inbound: inbound_rx,
                 proposals: proposals_rx,
+                reads: reads_rx,
                 shutdown: shutdown_rx.clone(),
             },
-        )));
+        ))];
 
-        let members: BTreeSet<u64> = opts.peers.keys().copied().collect();
-        let service = server::PeerService::new(node_id, members, inbound_tx);
+        let store = Store {
+            inner: Arc::new(Inner {
+                peer_addr: self.local_addr,
+                replica: replica.clone(),
+                proposals: proposals_tx,
+                reads: reads_tx,
+                shutdown: shutdown_tx,
+                tasks: Mutex::new(Vec::new()),
+            }),
+        };
+        let peer = server::PeerService::new(node_id, replica, inbound_tx);
+        let kv = api::KvService::new(store.downgrade());
         let incoming = TcpListenerStream::new(self.listener);
         let mut server_shutdown = shutdown_rx;
         tasks.push(tokio::spawn(async move {
@@ -209,32 +350,29 @@ impl Binding {
                 let _ = server_shutdown.wait_for(|stopped| *stopped).await;
             };
             if let Err(err) = tonic::transport::Server::builder()
-                // One service, so no router (tonic's `router` feature would pull in axum).
-                .serve_with_incoming_shutdown(service, incoming, signal)
+                .add_service(peer)
+                .add_service(kv)
+                .serve_with_incoming_shutdown(incoming, signal)
                 .await
             {
                 tracing::error!(member = node_id, "federation peer server failed: {err}");
             }
         }));
+        *store.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
 
         tracing::info!(
             member = node_id,
             peer_addr = %self.local_addr,
             members = ?opts.peers,
+            data_dir = ?opts.data_dir,
+            join = opts.join,
             tick = ?opts.tick,
             election_ticks = opts.election_ticks,
             heartbeat_ticks = opts.heartbeat_ticks,
+            snapshot_every = opts.snapshot_every,
             "federation store member started"
         );
-        Ok(Store {
-            inner: Arc::new(Inner {
-                peer_addr: self.local_addr,
-                replica,
-                proposals: proposals_tx,
-                shutdown: shutdown_tx,
-                tasks: Mutex::new(tasks),
-            }),
-        })
+        Ok(store)
     }
 }
 
@@ -250,6 +388,7 @@ struct Inner {
     peer_addr: SocketAddr,
     replica: Arc<Replica>,
     proposals: mpsc::Sender<ProposeRequest>,
+    reads: mpsc::Sender<ReadRequest>,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -260,47 +399,130 @@ impl Drop for Inner {
     }
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 impl Store {
-    /// The address of this member's peer listener.
+    /// The address of this member's peer listener (which also serves the `Kv` client API).
     pub fn peer_addr(&self) -> SocketAddr {
         self.inner.peer_addr
+    }
+
+    /// A handle that does not keep the member running (for the servers it runs).
+    pub(crate) fn downgrade(&self) -> std::sync::Weak<Inner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    pub(crate) fn upgrade(weak: &std::sync::Weak<Inner>) -> Option<Store> {
+        weak.upgrade().map(|inner| Store { inner })
     }
 
     /// Sets `key` to `value` and returns the revision of the write once this member has
     /// applied it. Works on any member; retried internally while there is no leader, until
     /// the proposal timeout.
     pub async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64, StoreError> {
-        self.write(Command::Put {
-            key: key.to_string(),
-            value,
-        })
-        .await
+        self.put_command(key, value, 0).await
+    }
+
+    /// Like [`Store::put`], with a lease: unless renewed ([`Store::renew`]) within `lease`,
+    /// the leader marks the record expired (readers see `Record::lease`). Rewriting the key
+    /// with [`Store::put`] drops the lease.
+    pub async fn put_with_lease(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Duration,
+    ) -> Result<u64, StoreError> {
+        let ttl = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.put_command(key, value, ttl).await
+    }
+
+    async fn put_command(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease_ttl_ms: u64,
+    ) -> Result<u64, StoreError> {
+        let outcome = self
+            .write(Command::Put {
+                key: key.to_string(),
+                value,
+                lease_ttl_ms,
+                at_ms: unix_ms(),
+            })
+            .await?;
+        done(outcome, key)
+    }
+
+    /// Restarts the lease of `key` (clearing its expired flag) and returns the revision of
+    /// the renewal (the record's own revision does not change). Fails with
+    /// [`StoreError::NoLease`] if the key does not exist or has no lease.
+    pub async fn renew(&self, key: &str) -> Result<u64, StoreError> {
+        let outcome = self
+            .write(Command::Renew {
+                key: key.to_string(),
+                at_ms: unix_ms(),
+            })
+            .await?;
+        done(outcome, key)
     }
 
     /// Removes `key` and returns the revision of the delete once this member has applied
     /// it. Deleting a missing key succeeds and changes nothing.
     pub async fn delete(&self, key: &str) -> Result<u64, StoreError> {
-        self.write(Command::Delete {
-            key: key.to_string(),
-        })
-        .await
+        let outcome = self
+            .write(Command::Delete {
+                key: key.to_string(),
+            })
+            .await?;
+        done(outcome, key)
     }
 
-    async fn write(&self, command: Command) -> Result<u64, StoreError> {
+    /// Sets `key` to `value` only if its current revision is `expected_revision` (`None`:
+    /// only if it does not exist). `Ok(Ok(revision))` when written, `Ok(Err(conflict))`
+    /// when the key was at another revision.
+    pub async fn compare_and_set(
+        &self,
+        key: &str,
+        expected_revision: Option<u64>,
+        value: Vec<u8>,
+    ) -> Result<Result<u64, Conflict>, StoreError> {
+        let outcome = self
+            .write(Command::CompareAndSet {
+                key: key.to_string(),
+                expected: expected_revision,
+                value,
+            })
+            .await?;
+        match outcome {
+            Outcome::Conflict(current_revision) => Ok(Err(Conflict { current_revision })),
+            other => done(other, key).map(Ok),
+        }
+    }
+
+    async fn write(&self, command: Command) -> Result<Outcome, StoreError> {
         state::validate_key(command.key()).map_err(|reason| StoreError::InvalidKey {
             key: command.key().to_string(),
             reason,
         })?;
+        self.propose(Proposal::Write(command)).await
+    }
+
+    async fn propose(&self, request: Proposal) -> Result<Outcome, StoreError> {
         let (reply, outcome) = oneshot::channel();
         self.inner
             .proposals
-            .send(ProposeRequest { command, reply })
+            .send(ProposeRequest { request, reply })
             .await
             .map_err(|_| StoreError::Stopped)?;
         outcome.await.map_err(|_| StoreError::Stopped)?
     }
 
-    /// The record at `key` in this member's replica.
+    /// The record at `key` in this member's replica (no network hop; may be stale).
     pub fn get(&self, key: &str) -> Option<Record> {
         self.inner.replica.get(key)
     }
@@ -310,6 +532,58 @@ impl Store {
         self.inner.replica.list(prefix)
     }
 
+    /// Waits until this replica has applied everything committed when the call was made,
+    /// as confirmed by the leader with a quorum (raft's ReadIndex). Returns that index.
+    pub async fn sync_read(&self) -> Result<u64, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .reads
+            .send(ReadRequest { reply })
+            .await
+            .map_err(|_| StoreError::Stopped)?;
+        let index = answer.await.map_err(|_| StoreError::Stopped)??;
+        let mut revision = self.inner.replica.revision();
+        // The read index is committed, so this member applies it soon.
+        let applied = tokio::time::timeout(
+            READ_APPLY_TIMEOUT,
+            revision.wait_for(|applied| *applied >= index),
+        )
+        .await
+        .map(|waited| waited.is_ok());
+        match applied {
+            Ok(true) => Ok(index),
+            Ok(false) => Err(StoreError::Stopped),
+            Err(_) => Err(StoreError::ReadTimeout {
+                timeout: READ_APPLY_TIMEOUT,
+            }),
+        }
+    }
+
+    /// The record at `key`, linearizable: it reflects every write that completed before
+    /// this call started, on any member.
+    pub async fn get_linearizable(&self, key: &str) -> Result<Option<Record>, StoreError> {
+        self.sync_read().await?;
+        Ok(self.get(key))
+    }
+
+    /// Every record under `prefix`, linearizable (see [`Store::get_linearizable`]).
+    pub async fn list_linearizable(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, Record)>, StoreError> {
+        self.sync_read().await?;
+        Ok(self.list(prefix))
+    }
+
+    /// Changes under `prefix` from revision `from_revision` on (0: from now), then live
+    /// changes, none lost or repeated. A client that reconnects watches again from
+    /// [`Watch::next_revision`]. Fails with [`StoreError::Compacted`] when `from_revision`
+    /// is older than the history this member keeps (the last 10 000 changes, or since its
+    /// snapshot): re-list, then watch from the list's revision + 1.
+    pub fn watch(&self, prefix: &str, from_revision: u64) -> Result<Watch, StoreError> {
+        Watch::start(self.inner.replica.clone(), prefix, from_revision)
+    }
+
     /// The highest raft index applied to this replica. It changes whenever anything is
     /// applied (including the empty entry of a new leader), so after a write returns
     /// revision `r`, any replica whose revision is at least `r` holds that write.
@@ -317,7 +591,9 @@ impl Store {
         self.inner.replica.revision()
     }
 
-    /// Every change applied to this replica from now on, in order.
+    /// Every change applied to this replica from now on, in order. (A snapshot installed
+    /// from the leader replaces the state without events; [`Store::watch`] reports that
+    /// as [`StoreError::Compacted`].)
     pub fn subscribe(&self) -> broadcast::Receiver<WatchEvent> {
         self.inner.replica.subscribe()
     }
@@ -325,6 +601,82 @@ impl Store {
     /// This member's raft state, as of its last loop iteration.
     pub fn status(&self) -> MemberStatus {
         self.inner.replica.status()
+    }
+
+    /// Every member's peer address, from the replicated member table.
+    pub fn members(&self) -> BTreeMap<u64, String> {
+        self.inner.replica.with_state(|sm| {
+            sm.members
+                .iter()
+                .map(|(&id, m)| (id, m.peer_addr.clone()))
+                .collect()
+        })
+    }
+
+    /// Adds member `id` (reachable at `addr`) to the federation with joint consensus. It
+    /// votes if `voter` and there are fewer than five voters; otherwise it is a learner.
+    /// Start the new member with [`StoreOptions::join`] set. Returns the change's revision.
+    pub async fn add_member(
+        &self,
+        id: u64,
+        addr: SocketAddr,
+        voter: bool,
+    ) -> Result<u64, StoreError> {
+        let outcome = self
+            .propose(Proposal::AddMember { id, addr, voter })
+            .await?;
+        done(outcome, "")
+    }
+
+    /// Removes member `id` with joint consensus; if it voted, the oldest learner is promoted
+    /// in the same change. Removing the leader hands leadership to another voter.
+    pub async fn remove_member(&self, id: u64) -> Result<u64, StoreError> {
+        let outcome = self.propose(Proposal::RemoveMember { id }).await?;
+        done(outcome, "")
+    }
+
+    /// Mints a one-time join token valid for `ttl`, stored (as a digest) in the replicated
+    /// map so that any member can check it. The token is `<id>.<secret>`; show it once to
+    /// the operator (`isthmus cluster token`).
+    pub async fn mint_join_token(&self, ttl: Duration) -> Result<String, StoreError> {
+        let (id, secret) = tokens::generate()?;
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let outcome = self
+            .propose(Proposal::Write(Command::MintToken {
+                id: id.clone(),
+                digest: tokens::digest(&secret),
+                expires_at_ms: unix_ms().saturating_add(ttl_ms),
+            }))
+            .await?;
+        done(outcome, "")?;
+        Ok(format!("{id}.{secret}"))
+    }
+
+    /// Consumes a join token: succeeds exactly once per token, before it expires (checked
+    /// atomically in the replicated state machine). Fails with [`StoreError::Token`].
+    pub async fn consume_join_token(&self, token: &str) -> Result<u64, StoreError> {
+        let (id, secret) = tokens::parse(token)?;
+        let outcome = self
+            .propose(Proposal::Write(Command::ConsumeToken {
+                id,
+                digest: tokens::digest(secret),
+                at_ms: unix_ms(),
+            }))
+            .await?;
+        done(outcome, "")
+    }
+
+    /// What `isthmus cluster join --token` asks an existing member to do: consume the token,
+    /// then add the new member (a voter while there are fewer than five, else a learner).
+    /// A token is burnt even if adding then fails (for example the id is taken).
+    pub async fn join_with_token(
+        &self,
+        token: &str,
+        id: u64,
+        addr: SocketAddr,
+    ) -> Result<u64, StoreError> {
+        self.consume_join_token(token).await?;
+        self.add_member(id, addr, true).await
     }
 
     /// Stops the raft loop, the peer server and the peer clients, and waits for them; the
@@ -349,6 +701,20 @@ impl Store {
     }
 }
 
+/// The revision of an applied write, or the error its outcome stands for.
+fn done(outcome: Outcome, key: &str) -> Result<u64, StoreError> {
+    match outcome {
+        Outcome::Done(revision) => Ok(revision),
+        Outcome::NoLease => Err(StoreError::NoLease {
+            key: key.to_string(),
+        }),
+        Outcome::TokenRefused(reason) => Err(StoreError::Token(reason)),
+        Outcome::Conflict(current) => Err(StoreError::Membership(format!(
+            "unexpected conflict at revision {current:?}"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,6 +734,9 @@ mod tests {
     fn write_futures_are_send(store: &Store) {
         is_send(store.put("k", Vec::new()));
         is_send(store.delete("k"));
+        is_send(store.compare_and_set("k", None, Vec::new()));
+        is_send(store.get_linearizable("k"));
+        is_send(store.add_member(4, "127.0.0.1:1".parse().expect("addr"), false));
         is_send(store.clone().shutdown());
     }
 }

@@ -11,17 +11,36 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
+use raft::eraftpb::ConfChangeV2;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::state::{encode_entry, Command, ProposalId};
+use crate::state::codec::encode_conf_context;
+use crate::state::{encode_entry, Command, Outcome, ProposalId};
 use crate::StoreError;
 
-/// Where the answer to one write goes: its revision, or why it failed.
-pub(crate) type Reply = oneshot::Sender<Result<u64, StoreError>>;
+/// Where the answer to one write goes: what applying it did, or why it failed.
+pub(crate) type Reply = oneshot::Sender<Result<Outcome, StoreError>>;
+
+/// What a proposal puts in the log.
+#[derive(Debug, Clone)]
+pub(crate) enum Payload {
+    /// A normal entry's data (an encoded `EntryData`).
+    Normal(Vec<u8>),
+    /// A membership change, its context already holding the proposal id.
+    ConfChange(ConfChangeV2),
+}
+
+/// A write as the caller asks for it.
+#[derive(Debug, Clone)]
+pub(crate) enum Request {
+    Command(Command),
+    /// A membership change and the addresses of the members it adds.
+    ConfChange(ConfChangeV2, Vec<(u64, String)>),
+}
 
 struct Pending {
-    data: Vec<u8>,
+    data: Payload,
     reply: Reply,
     deadline: Instant,
     next_attempt: Instant,
@@ -48,18 +67,20 @@ impl Proposals {
     }
 
     /// Registers a new write and returns the sequence number to attempt.
-    pub(crate) fn add(&mut self, command: &Command, reply: Reply, now: Instant) -> u64 {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        let id = ProposalId {
-            node: self.node,
-            incarnation: self.incarnation,
-            seq,
+    pub(crate) fn add(&mut self, request: &Request, reply: Reply, now: Instant) -> u64 {
+        let (seq, id) = self.next_id();
+        let data = match request {
+            Request::Command(command) => Payload::Normal(encode_entry(id, command)),
+            Request::ConfChange(cc, members) => {
+                let mut cc = cc.clone();
+                cc.context = encode_conf_context(id, members).into();
+                Payload::ConfChange(cc)
+            }
         };
         self.pending.insert(
             seq,
             Pending {
-                data: encode_entry(id, command),
+                data,
                 reply,
                 deadline: now + self.timeout,
                 next_attempt: now,
@@ -68,8 +89,22 @@ impl Proposals {
         seq
     }
 
+    /// A fresh proposal id (for the sequence returned with it).
+    pub(crate) fn next_id(&mut self) -> (u64, ProposalId) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        (
+            seq,
+            ProposalId {
+                node: self.node,
+                incarnation: self.incarnation,
+                seq,
+            },
+        )
+    }
+
     /// The entry data to propose for `seq`, if it is still waiting.
-    pub(crate) fn data(&self, seq: u64) -> Option<Vec<u8>> {
+    pub(crate) fn data(&self, seq: u64) -> Option<Payload> {
         self.pending.get(&seq).map(|p| p.data.clone())
     }
 
@@ -88,13 +123,13 @@ impl Proposals {
     }
 
     /// Called for every applied entry: answers the caller if the entry is one of ours.
-    pub(crate) fn applied(&mut self, id: ProposalId, index: u64) {
+    pub(crate) fn applied(&mut self, id: ProposalId, outcome: Result<Outcome, StoreError>) {
         if id.node != self.node || id.incarnation != self.incarnation {
             return;
         }
         if let Some(pending) = self.pending.remove(&id.seq) {
             // The caller may have given up; the write stands regardless.
-            let _ = pending.reply.send(Ok(index));
+            let _ = pending.reply.send(outcome);
         }
     }
 
@@ -143,10 +178,19 @@ mod tests {
     use super::*;
     use crate::state::decode_entry;
 
-    fn put() -> Command {
-        Command::Put {
+    fn put() -> Request {
+        Request::Command(Command::Put {
             key: "k".to_string(),
             value: b"v".to_vec(),
+            lease_ttl_ms: 0,
+            at_ms: 0,
+        })
+    }
+
+    fn normal(p: Option<Payload>) -> Vec<u8> {
+        match p {
+            Some(Payload::Normal(data)) => data,
+            other => panic!("not a pending normal proposal: {other:?}"),
         }
     }
 
@@ -158,12 +202,13 @@ mod tests {
         let (tx_b, mut rx_b) = oneshot::channel();
         let a = proposals.add(&put(), tx_a, now);
         let b = proposals.add(&put(), tx_b, now);
-        let id_b = decode_entry(&proposals.data(b).expect("pending"))
-            .expect("decodes")
-            .0;
+        let id_b = decode_entry(&normal(proposals.data(b))).expect("decodes").0;
         // b commits first (say a was lost and is being retried).
-        proposals.applied(id_b, 17);
-        assert_eq!(rx_b.try_recv().ok().and_then(|r| r.ok()), Some(17));
+        proposals.applied(id_b, Ok(Outcome::Done(17)));
+        assert_eq!(
+            rx_b.try_recv().ok().and_then(|r| r.ok()),
+            Some(Outcome::Done(17))
+        );
         assert!(rx_a.try_recv().is_err());
         assert_eq!(proposals.len(), 1);
         assert!(proposals.data(a).is_some());
@@ -182,7 +227,7 @@ mod tests {
                     incarnation,
                     seq,
                 },
-                9,
+                Ok(Outcome::Done(9)),
             );
         }
         assert!(rx.try_recv().is_err());

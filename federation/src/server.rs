@@ -1,9 +1,11 @@
 //! Incoming raft traffic: the `RaftPeer` gRPC service on the peer listener.
 //!
 //! Every message of a batch is decoded and checked before any is handed to the raft loop,
-//! so a batch with one bad message is rejected whole with `INVALID_ARGUMENT` and logged.
+//! so a batch with one bad message is rejected whole with `INVALID_ARGUMENT`, logged and
+//! counted (`MemberStatus::rejected_peer_batches`).
 
-use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use protobuf::Message as _;
 use raft::eraftpb::Message;
@@ -12,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::proto::v1::raft_peer_server::{RaftPeer, RaftPeerServer};
 use crate::proto::v1::{RaftBatch, SendAck};
+use crate::replica::Replica;
 
 /// Largest batch a member accepts (raft append messages carry log entries).
 const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
@@ -19,19 +22,19 @@ const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
 /// Serves `RaftPeer.Send` for one member, forwarding checked messages to its raft loop.
 pub(crate) struct PeerService {
     node_id: u64,
-    members: BTreeSet<u64>,
+    replica: Arc<Replica>,
     inbound: mpsc::Sender<Message>,
 }
 
 impl PeerService {
     pub(crate) fn new(
         node_id: u64,
-        members: BTreeSet<u64>,
+        replica: Arc<Replica>,
         inbound: mpsc::Sender<Message>,
     ) -> RaftPeerServer<Self> {
         RaftPeerServer::new(PeerService {
             node_id,
-            members,
+            replica,
             inbound,
         })
         .max_decoding_message_size(MAX_BATCH_BYTES)
@@ -44,7 +47,7 @@ impl PeerService {
                 batch.to, self.node_id
             )));
         }
-        if !self.members.contains(&batch.from) || batch.from == self.node_id {
+        if !self.replica.is_known_peer(batch.from) || batch.from == self.node_id {
             return Err(Status::invalid_argument(format!(
                 "batch from {} which is not another member of this federation",
                 batch.from
@@ -73,6 +76,9 @@ impl RaftPeer for PeerService {
         let remote = request.remote_addr();
         let batch = request.into_inner();
         let messages = self.check(&batch).inspect_err(|status| {
+            self.replica
+                .rejected_peer_batches
+                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 member = self.node_id,
                 remote = ?remote,

@@ -7,12 +7,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use protobuf::Message as _;
 use raft::eraftpb::Message;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::v1::raft_peer_client::RaftPeerClient;
@@ -26,6 +26,10 @@ use crate::proto::v1::RaftBatch;
 pub(crate) trait Transport: Send + Sync + 'static {
     /// Queues `message` for the member `message.to`.
     fn send(&self, message: Message);
+
+    /// Sets the members (other than this one) messages can go to, and their addresses.
+    /// Called at start and after every membership change.
+    fn set_peers(&self, _peers: &BTreeMap<u64, SocketAddr>) {}
 }
 
 /// How many messages wait for one peer before further ones are dropped.
@@ -45,53 +49,68 @@ pub(crate) struct GrpcTiming {
 /// Sends raft messages over the `RaftPeer.Send` RPC: one task per peer, fed by a bounded
 /// queue, connecting lazily and reconnecting after any failure.
 pub(crate) struct GrpcTransport {
-    queues: HashMap<u64, mpsc::Sender<Message>>,
+    self_id: u64,
+    timing: GrpcTiming,
+    shutdown: watch::Receiver<bool>,
+    queues: Mutex<HashMap<u64, (SocketAddr, mpsc::Sender<Message>)>>,
 }
 
 impl GrpcTransport {
-    /// Starts one client task per peer other than `self_id`. The tasks end when the
-    /// transport is dropped or `shutdown` turns true.
-    pub(crate) fn start(
-        self_id: u64,
-        peers: &BTreeMap<u64, SocketAddr>,
-        timing: GrpcTiming,
-        shutdown: watch::Receiver<bool>,
-    ) -> (Self, Vec<JoinHandle<()>>) {
-        let mut queues = HashMap::new();
-        let mut tasks = Vec::new();
-        for (&id, &addr) in peers.iter().filter(|(&id, _)| id != self_id) {
-            let (tx, rx) = mpsc::channel(PEER_QUEUE);
-            queues.insert(id, tx);
-            let peer = PeerSender {
-                from: self_id,
-                to: id,
-                addr,
-                timing,
-                client: None,
-                connect_not_before: None,
-            };
-            let mut shutdown = shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                tokio::select! {
-                    _ = peer.run(rx) => {}
-                    _ = shutdown.wait_for(|stopped| *stopped) => {}
-                }
-            }));
+    /// A transport with no peers yet ([`Transport::set_peers`] adds them). Peer tasks end
+    /// when their peer is removed, the transport is dropped, or `shutdown` turns true.
+    pub(crate) fn new(self_id: u64, timing: GrpcTiming, shutdown: watch::Receiver<bool>) -> Self {
+        GrpcTransport {
+            self_id,
+            timing,
+            shutdown,
+            queues: Mutex::new(HashMap::new()),
         }
-        (GrpcTransport { queues }, tasks)
+    }
+
+    fn spawn_peer(&self, id: u64, addr: SocketAddr) -> mpsc::Sender<Message> {
+        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        let peer = PeerSender {
+            from: self.self_id,
+            to: id,
+            addr,
+            timing: self.timing,
+            client: None,
+            connect_not_before: None,
+        };
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = peer.run(rx) => {}
+                _ = shutdown.wait_for(|stopped| *stopped) => {}
+            }
+        });
+        tx
     }
 }
 
 impl Transport for GrpcTransport {
     fn send(&self, message: Message) {
         let to = message.to;
-        match self.queues.get(&to) {
-            Some(queue) => {
+        let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        match queues.get(&to) {
+            Some((_, queue)) => {
                 if let Err(err) = queue.try_send(message) {
                     tracing::debug!(peer = to, "dropping raft message: {err}");
                 }
             }
-            None => tracing::warn!(peer = to, "dropping raft message for an unknown member"),
+            None => tracing::debug!(peer = to, "dropping raft message for an unknown member"),
+        }
+    }
+
+    fn set_peers(&self, peers: &BTreeMap<u64, SocketAddr>) {
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        // Dropping a queue's sender ends its task.
+        queues.retain(|id, (addr, _)| peers.get(id) == Some(addr));
+        for (&id, &addr) in peers {
+            if id != self.self_id && !queues.contains_key(&id) {
+                let tx = self.spawn_peer(id, addr);
+                queues.insert(id, (addr, tx));
+            }
         }
     }
 }

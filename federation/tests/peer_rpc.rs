@@ -48,6 +48,12 @@ async fn garbage_bytes_sent_to_peer_send_are_rejected_and_the_member_keeps_worki
         .expect_err("truncated message must be rejected");
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
 
+    assert!(
+        target.status().rejected_peer_batches >= 2,
+        "rejections are counted: {:?}",
+        target.status()
+    );
+
     // The member still takes part: a write through it reaches everyone.
     target
         .put("clusters/still-alive", b"yes".to_vec())

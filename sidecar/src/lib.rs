@@ -18,6 +18,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod proxy;
+pub mod ratelimit;
 pub mod routing;
 pub mod upstream;
 

@@ -81,6 +81,8 @@ pub struct HttpProxy {
     idle: Mutex<HashMap<PoolKey, Vec<Sender>>>,
     source: Source,
     metrics: crate::metrics::Metrics,
+    /// Rate limit buckets, synced to the config version they were built from.
+    limiter: Mutex<(u64, crate::ratelimit::Limiter)>,
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
@@ -113,7 +115,24 @@ impl HttpProxy {
             idle: Mutex::new(HashMap::new()),
             source,
             metrics,
+            limiter: Mutex::new((0, crate::ratelimit::Limiter::default())),
         }
+    }
+
+    /// Takes a token for a request to `service` on `route`, or names the policy refusing it.
+    fn rate_limit(
+        &self,
+        config: &MeshConfig,
+        service: &ServiceKey,
+        route: Option<&str>,
+    ) -> Result<(), String> {
+        let mut guard = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if guard.0 != config.version {
+            guard.1.sync(config, now);
+            guard.0 = config.version;
+        }
+        guard.1.admit(service, route, now)
     }
 
     fn table(&self, config: &MeshConfig) -> Arc<RouteTable> {
@@ -195,6 +214,14 @@ impl HttpProxy {
             return resp;
         };
         let prefix = route.matched_prefix(&view);
+        if let Err(policy) = self.rate_limit(&config, &key, route.name.as_deref()) {
+            tracing::debug!(%policy, service = %key.0, "request rate limited");
+            let mut resp = text(StatusCode::TOO_MANY_REQUESTS, "local_rate_limited\n");
+            resp.headers_mut()
+                .insert("x-envoy-ratelimited", HeaderValue::from_static("true"));
+            report.set(&key, "RL");
+            return resp;
+        }
         if let Some(resp) = inject_fault(&route).await {
             report.set(&key, "FI");
             return resp;

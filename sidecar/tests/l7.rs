@@ -478,3 +478,22 @@ async fn redirects_and_rewrites_change_what_the_app_sees() {
     assert_eq!(body, "v1 /ratings reviews-internal");
     let _ = (&m.ca, &m.trust, &m.config);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_rate_limiting_answers_429_once_the_bucket_is_empty() {
+    let policies = format!(
+        "{DR}---\napiVersion: isthmus.io/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: reviews}}\nspec:\n  host: reviews\n  tokenBucket: {{maxTokens: 3, tokensPerFill: 3, fillInterval: 60s}}\n"
+    );
+    let m = mesh(81, vec![("a", "v1", Behaviour::default())], &policies).await;
+    for _ in 0..3 {
+        assert_eq!(get(&m, "/", &[]).await.0, 200);
+    }
+    let (status, body, head) = get(&m, "/", &[]).await;
+    assert_eq!((status, body.trim()), (429, "local_rate_limited"));
+    assert!(head.contains("x-envoy-ratelimited: true"), "{head}");
+    assert_eq!(
+        m.hits["a"].load(Ordering::SeqCst),
+        3,
+        "limited requests never reach the app"
+    );
+}

@@ -113,11 +113,15 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             upstreams,
             upstream_timeout: Duration::from_secs(2),
             ttl: config.ttl,
+            ..Default::default()
         },
         att.config.clone(),
     )
     .await?;
-    let admin = ComponentAdmin::start("dns", config.admin, att.config.clone()).await?;
+    let admin = ComponentAdmin::start_with("dns", config.admin, att.config.clone(), |registry| {
+        dns.metrics().register(registry)
+    })
+    .await?;
     print_ready(
         "dns",
         serde_json::json!({"cluster": config.cluster, "udp": dns.udp_addr().to_string(), "tcp": dns.tcp_addr().to_string(), "admin": admin.addr().to_string()}),

@@ -136,6 +136,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             keep_alive: config.keep_alive,
             idle_timeout: config.idle_timeout,
             connect_timeout: Duration::from_secs(2),
+            transport: isthmus_gateway::Transport::Quic,
         },
         att.config.clone(),
     )

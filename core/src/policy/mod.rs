@@ -6,6 +6,7 @@
 //! durations, enumerations). Every error names the file, the document (1-based) and the field
 //! path, and a file with any bad document is refused whole.
 
+pub mod isthmus;
 pub mod networking;
 pub mod security;
 mod validate;
@@ -26,14 +27,16 @@ pub enum Kind {
     DestinationRule,
     AuthorizationPolicy,
     PeerAuthentication,
+    RateLimitPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::AuthorizationPolicy,
         Kind::PeerAuthentication,
+        Kind::RateLimitPolicy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -42,6 +45,7 @@ impl Kind {
             Kind::DestinationRule => "DestinationRule",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::RateLimitPolicy => "RateLimitPolicy",
         }
     }
 
@@ -53,6 +57,7 @@ impl Kind {
                 "networking.istio.io/v1beta1",
                 "networking.istio.io/v1alpha3",
             ],
+            Kind::RateLimitPolicy => &["isthmus.io/v1alpha1"],
             Kind::AuthorizationPolicy | Kind::PeerAuthentication => {
                 &["security.istio.io/v1", "security.istio.io/v1beta1"]
             }
@@ -64,7 +69,11 @@ impl Kind {
         let lower = s.to_ascii_lowercase();
         Kind::ALL.into_iter().find(|k| {
             let name = k.as_str().to_ascii_lowercase();
-            lower == name || lower == format!("{name}s")
+            let plural = match name.strip_suffix('y') {
+                Some(stem) => format!("{stem}ies"),
+                None => format!("{name}s"),
+            };
+            lower == name || lower == plural
         })
     }
 }
@@ -82,6 +91,7 @@ pub enum Spec {
     DestinationRule(Box<DestinationRuleSpec>),
     AuthorizationPolicy(AuthorizationPolicySpec),
     PeerAuthentication(PeerAuthenticationSpec),
+    RateLimitPolicy(isthmus::RateLimitPolicySpec),
 }
 
 /// One validated policy document.
@@ -100,6 +110,7 @@ impl Policy {
             Spec::DestinationRule(_) => Kind::DestinationRule,
             Spec::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Spec::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Spec::RateLimitPolicy(_) => Kind::RateLimitPolicy,
         }
     }
 
@@ -115,6 +126,7 @@ impl Policy {
             Spec::DestinationRule(s) => serde_json::to_value(s),
             Spec::AuthorizationPolicy(s) => serde_json::to_value(s),
             Spec::PeerAuthentication(s) => serde_json::to_value(s),
+            Spec::RateLimitPolicy(s) => serde_json::to_value(s),
         }
         .unwrap_or(serde_json::Value::Null);
         serde_json::json!({
@@ -262,7 +274,7 @@ fn parse_value(
                 document,
                 "kind",
                 format!(
-                    "unsupported kind {:?} (supported: VirtualService, DestinationRule, AuthorizationPolicy, PeerAuthentication)",
+                    "unsupported kind {:?} (supported: VirtualService, DestinationRule, AuthorizationPolicy, PeerAuthentication, RateLimitPolicy)",
                     envelope.kind
                 ),
             )
@@ -314,6 +326,7 @@ fn parse_value(
         Kind::DestinationRule => typed(envelope.spec).map(|s| Spec::DestinationRule(Box::new(s))),
         Kind::AuthorizationPolicy => typed(envelope.spec).map(Spec::AuthorizationPolicy),
         Kind::PeerAuthentication => typed(envelope.spec).map(Spec::PeerAuthentication),
+        Kind::RateLimitPolicy => typed(envelope.spec).map(Spec::RateLimitPolicy),
     }
     .map_err(|(field, message)| err(field, message))?;
     let policy = Policy {

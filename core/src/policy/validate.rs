@@ -435,6 +435,27 @@ pub(super) fn validate(policy: &Policy) -> Check {
             }
             Ok(())
         }
+        Spec::RateLimitPolicy(rl) => {
+            if rl.host.is_empty() {
+                return fail("spec.host", "a host is required");
+            }
+            if rl.token_bucket.max_tokens == 0 {
+                return fail("spec.tokenBucket.maxTokens", "must be at least 1");
+            }
+            if rl.token_bucket.tokens_per_fill == Some(0) {
+                return fail("spec.tokenBucket.tokensPerFill", "must be at least 1");
+            }
+            match parse_duration_istio(&rl.token_bucket.fill_interval) {
+                Some(d) if d >= Duration::from_millis(1) => Ok(()),
+                _ => fail(
+                    "spec.tokenBucket.fillInterval",
+                    format!(
+                        "invalid interval {:?} (at least 1ms, e.g. 1s)",
+                        rl.token_bucket.fill_interval
+                    ),
+                ),
+            }
+        }
         Spec::PeerAuthentication(pa) => {
             if let Some(m) = &pa.mtls {
                 if !["STRICT", "PERMISSIVE", "UNSET"].contains(&m.mode.as_str()) {

@@ -1,7 +1,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, PTR, SRV};
+use hickory_proto::rr::rdata::{A, AAAA, PTR, SRV, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use isthmus_core::mesh::{MeshConfig, MeshService, Protocol};
 
@@ -252,6 +252,77 @@ fn names_that_only_have_names_below_them_are_nodata() {
 }
 
 #[test]
+fn dns_version_answers_the_schema_version() {
+    let req = request("dns-version.clusterset.local.", RecordType::TXT);
+    let resp = respond(&req);
+    assert_response_to(&resp, &req, ResponseCode::NoError, true);
+    assert_eq!(
+        resp.answers,
+        vec![Record::from_rdata(
+            name("dns-version.clusterset.local."),
+            28_800,
+            RData::TXT(TXT::new(vec!["1.0.0".to_string()]))
+        )]
+    );
+    // Other types there are NODATA.
+    let req = request("dns-version.clusterset.local.", RecordType::A);
+    let resp = respond(&req);
+    assert_response_to(&resp, &req, ResponseCode::NoError, true);
+    assert!(resp.answers.is_empty());
+}
+
+#[test]
+fn the_apex_answers_its_soa_with_the_config_version_as_serial() {
+    let req = request("clusterset.local.", RecordType::SOA);
+    let resp = respond(&req);
+    assert_response_to(&resp, &req, ResponseCode::NoError, true);
+    let RData::SOA(soa) = &resp.answers[0].data else {
+        panic!("not an SOA: {:?}", resp.answers);
+    };
+    assert_eq!(soa.serial, 1);
+    assert_eq!(soa.minimum, TTL);
+    assert_eq!(resp.answers[0].ttl, TTL);
+    assert_eq!(soa.mname, name("ns.dns.clusterset.local."));
+}
+
+#[test]
+fn negative_answers_carry_the_soa_in_authority() {
+    for (qname, qtype, code) in [
+        (
+            "nope.shop.svc.clusterset.local.",
+            RecordType::A,
+            ResponseCode::NXDomain,
+        ),
+        (
+            "nope.clusterset.local.",
+            RecordType::A,
+            ResponseCode::NXDomain,
+        ),
+        (
+            "web.shop.svc.clusterset.local.",
+            RecordType::MX,
+            ResponseCode::NoError,
+        ),
+        (
+            "shop.svc.clusterset.local.",
+            RecordType::A,
+            ResponseCode::NoError,
+        ),
+    ] {
+        let req = request(qname, qtype);
+        let resp = respond(&req);
+        assert_response_to(&resp, &req, code, true);
+        assert!(resp.answers.is_empty(), "{qname}");
+        assert_eq!(resp.authorities.len(), 1, "{qname}");
+        assert_eq!(resp.authorities[0].name, name("clusterset.local."));
+        assert!(matches!(resp.authorities[0].data, RData::SOA(_)));
+    }
+    // Positive answers do not.
+    let resp = respond(&request("web.shop.svc.clusterset.local.", RecordType::A));
+    assert!(resp.authorities.is_empty());
+}
+
+#[test]
 fn mesh_names_match_case_insensitively_and_keep_the_question_case() {
     let req = request("WeB.ShOp.SVC.ClusterSet.Local.", RecordType::A);
     let resp = respond(&req);
@@ -295,7 +366,6 @@ fn names_outside_the_mesh_are_forwarded() {
         "example.com.",
         "web.shop.svc.cluster.local.",
         "kubernetes.default.svc.cluster.local.",
-        "clusterset.local.",
         "local.",
     ] {
         for qtype in [RecordType::A, RecordType::AAAA, RecordType::SRV] {
@@ -571,5 +641,54 @@ fn mutated_and_random_packets_never_panic() {
         let len = (xorshift(&mut state) % 64) as usize;
         let packet: Vec<u8> = (0..len).map(|_| xorshift(&mut state) as u8).collect();
         let _ = handle_packet(&table, &packet, Transport::Udp, TTL);
+    }
+}
+
+#[test]
+fn the_fast_path_never_panics_and_replays_what_the_full_decoder_answers() {
+    use crate::wire::{QueryView, Template};
+    let table = table();
+    let seeds = [
+        request("web.shop.svc.clusterset.local.", RecordType::A),
+        request("_big._tcp.wide.shop.svc.clusterset.local.", RecordType::SRV),
+        request("dns-version.clusterset.local.", RecordType::TXT),
+        request("nope.clusterset.local.", RecordType::A),
+        {
+            let mut req = request("web.shop.svc.clusterset.local.", RecordType::AAAA);
+            let mut edns = Edns::new();
+            edns.set_max_payload(1232);
+            req.edns = Some(edns);
+            req
+        },
+    ];
+    let mut state = 0x2545_f491_4f6c_dd1d;
+    let mut out = Vec::new();
+    for seed in &seeds {
+        let base = seed.to_vec().unwrap();
+        for _ in 0..3_000 {
+            let mut packet = base.clone();
+            let flips = 1 + (xorshift(&mut state) % 3) as usize;
+            for _ in 0..flips {
+                let at = (xorshift(&mut state) as usize) % packet.len();
+                packet[at] = xorshift(&mut state) as u8;
+            }
+            let Some(view) = QueryView::parse(&packet) else {
+                continue;
+            };
+            let Ok(request) = Message::from_vec(&packet) else {
+                continue;
+            };
+            assert_eq!(u16::from(request.queries[0].query_type), view.qtype);
+            if let Outcome::Respond(msg) = answer(&table, &request, TTL) {
+                let bytes = encode_limited(&msg, usize::MAX).unwrap();
+                let (template, _) = Template::from_reply(&bytes).unwrap();
+                for limit in [512, 65535] {
+                    template.write_reply(&view, 0, limit, &mut out);
+                    let replayed = Message::from_vec(&out).unwrap();
+                    assert_eq!(replayed.metadata.id, request.metadata.id);
+                    assert_eq!(replayed.queries, request.queries);
+                }
+            }
+        }
     }
 }

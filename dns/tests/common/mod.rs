@@ -76,6 +76,7 @@ pub fn options(upstreams: Vec<SocketAddr>, upstream_timeout: Duration) -> DnsOpt
         upstreams,
         upstream_timeout,
         ttl: 5,
+        ..Default::default()
     }
 }
 
@@ -190,6 +191,37 @@ impl Drop for FakeUpstream {
 
 /// A UDP upstream that answers every question with [`UPSTREAM_ANSWER`].
 pub async fn udp_upstream() -> FakeUpstream {
+    udp_upstream_with(|request| answer_with_a(request, 60), None).await
+}
+
+/// The fake upstreams' answer: the question, and [`UPSTREAM_ANSWER`] with `ttl` as its A record.
+pub fn answer_with_a(request: &Message, ttl: u32) -> Message {
+    let mut reply = reply_header(request);
+    if let Some(query) = request.queries.first() {
+        reply.add_answer(Record::from_rdata(
+            query.name.clone(),
+            ttl,
+            RData::A(A(UPSTREAM_ANSWER)),
+        ));
+    }
+    reply
+}
+
+/// A response to `request` with its id, RD and question, RA set and nothing else.
+pub fn reply_header(request: &Message) -> Message {
+    let mut reply = Message::response(request.metadata.id, request.metadata.op_code);
+    reply.metadata.recursion_desired = request.metadata.recursion_desired;
+    reply.metadata.recursion_available = true;
+    reply.queries = request.queries.clone();
+    reply
+}
+
+/// A UDP upstream on 127.0.0.1 answering each question with `respond(question)`. With a
+/// `gate`, it takes one permit before answering each question (so a test decides when).
+pub async fn udp_upstream_with(
+    respond: fn(&Message) -> Message,
+    gate: Option<Arc<tokio::sync::Semaphore>>,
+) -> FakeUpstream {
     let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
     let addr = socket.local_addr().unwrap();
     let received = Arc::new(AtomicUsize::new(0));
@@ -200,7 +232,13 @@ pub async fn udp_upstream() -> FakeUpstream {
         while let Ok((len, peer)) = socket.recv_from(&mut buf).await {
             count.fetch_add(1, Ordering::SeqCst);
             seen.lock().unwrap().push(buf[..len].to_vec());
-            if let Some(reply) = upstream_reply(&buf[..len]) {
+            if let Some(gate) = &gate {
+                gate.acquire().await.unwrap().forget();
+            }
+            let Ok(request) = Message::from_vec(&buf[..len]) else {
+                continue;
+            };
+            if let Ok(reply) = respond(&request).to_vec() {
                 let _ = socket.send_to(&reply, peer).await;
             }
         }
@@ -211,6 +249,17 @@ pub async fn udp_upstream() -> FakeUpstream {
         packets,
         task,
     }
+}
+
+/// The value of the sample `series` (a metric name with its labels, as exposed) in the
+/// proxy's metrics, if it has been recorded.
+pub fn metric(dns: &DnsHandle, series: &str) -> Option<f64> {
+    let mut registry = prometheus_client::registry::Registry::with_prefix("isthmus_dns");
+    dns.metrics().register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// A TCP upstream (length-prefixed) that answers every question with [`UPSTREAM_ANSWER`].

@@ -170,6 +170,21 @@ pub async fn echo_server() -> Echo {
     }
 }
 
+/// This process's resident memory, from /proc/self/status (VmRSS), in bytes.
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("VmRSS in /proc/self/status");
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS value");
+    kb * 1024
+}
+
 /// What a sidecar does: connect to the local gateway, send the request, read the response.
 pub async fn open(local: SocketAddr, req: &OpenRequest) -> (TcpStream, OpenResponse) {
     let mut tcp = TcpStream::connect(local).await.unwrap();
@@ -225,20 +240,20 @@ pub struct TwoClusters {
 
 impl TwoClusters {
     pub async fn start() -> Self {
+        Self::start_with(isthmus_gateway::Transport::Quic).await
+    }
+
+    pub async fn start_with(transport: isthmus_gateway::Transport) -> Self {
         let east_ca = ClusterCa::new("east");
         let west_ca = ClusterCa::new("west");
         let trust = trust(&[&east_ca, &west_ca]);
         let echo = echo_server().await;
-        let east = start_gateway(
-            options("east", east_ca.gateway_identity(), trust.clone()),
-            MeshConfig::default(),
-        )
-        .await;
-        let west = start_gateway(
-            options("west", west_ca.gateway_identity(), trust.clone()),
-            MeshConfig::default(),
-        )
-        .await;
+        let mut east_opts = options("east", east_ca.gateway_identity(), trust.clone());
+        east_opts.transport = transport;
+        let east = start_gateway(east_opts, MeshConfig::default()).await;
+        let mut west_opts = options("west", west_ca.gateway_identity(), trust.clone());
+        west_opts.transport = transport;
+        let west = start_gateway(west_opts, MeshConfig::default()).await;
         let mut c = TwoClusters {
             east_ca,
             west_ca,
@@ -277,12 +292,41 @@ impl TwoClusters {
             .send_replace(Arc::new(config("east", vec![], clusters)));
     }
 
+    /// Sets both clusters' services (east's too, for tunnels from west to east).
+    pub fn publish_both(
+        &mut self,
+        east_services: Vec<MeshService>,
+        west_services: Vec<MeshService>,
+    ) {
+        let clusters = self.clusters();
+        self.west
+            .config
+            .send_replace(Arc::new(config("west", west_services, clusters.clone())));
+        self.east
+            .config
+            .send_replace(Arc::new(config("east", east_services, clusters)));
+    }
+
     /// Points east's view of west's gateway at `addr` (or nowhere).
     pub fn east_sees_west_at(&self, addr: Option<SocketAddr>) {
         let clusters = self.clusters_with_west_gateway(addr);
         self.east
             .config
             .send_replace(Arc::new(config("east", vec![], clusters)));
+    }
+}
+
+impl TwoClusters {
+    /// Takes east's gateway out of west's view, so west cannot dial east on its own (as a
+    /// killed west could not).
+    pub fn west_forgets_east(&self) {
+        let clusters = vec![
+            self.east_ca.info(None),
+            self.west_ca.info(Some(self.west.handle.quic_addr())),
+        ];
+        self.west
+            .config
+            .send_replace(Arc::new(config("west", vec![], clusters)));
     }
 }
 

@@ -1,46 +1,201 @@
-//! Log storage: where a member keeps its raft log, hard state and snapshot.
+//! Log storage: where a member keeps its raft log, hard state and latest snapshot.
 //!
 //! raft-rs reads through its [`raft::Storage`] trait; [`LogStore`] adds the writes the ready
-//! loop makes. The walking skeleton keeps everything in memory ([`MemLogStore`]); a durable
-//! on-disk store implements the same trait later and the raft loop does not change.
+//! loop makes. [`RaftLog`] is the one implementation: the log is always held in memory (it
+//! is bounded by snapshots), and with a data directory every change is also written to a
+//! write-ahead log ([`wal`]) and fsynced by [`LogStore::sync`] before the ready loop sends
+//! anything that promises it is durable.
+
+pub(crate) mod wal;
+
+use std::cell::Cell;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
-use raft::storage::MemStorage;
+use raft::{GetEntriesContext, RaftState, StorageError};
 
-/// The raft log as the ready loop writes it. Every write must be durable (for a durable
-/// store) before the call returns: the loop sends "persisted" messages right after.
+use crate::StoreError;
+use wal::{Recovered, Wal};
+
+/// Start a new segment (a checkpoint) once the current one is this large, even without a
+/// snapshot.
+const SEGMENT_SOFT_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// Data directories opened by a member of this process: two members writing one log would
+/// corrupt it.
+static OPEN_DIRS: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+/// Holds a data directory for one member until dropped.
+struct DirGuard(PathBuf);
+
+impl DirGuard {
+    fn acquire(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
+            op: "creating",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let dir = dir.canonicalize().map_err(|source| StoreError::DataDir {
+            op: "resolving",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mut open = OPEN_DIRS.lock().unwrap_or_else(|p| p.into_inner());
+        if !open.insert(dir.clone()) {
+            return Err(StoreError::DataDirInUse(dir));
+        }
+        Ok(DirGuard(dir))
+    }
+}
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        OPEN_DIRS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.0);
+    }
+}
+
+/// The raft log as the ready loop writes it. Writes may be buffered until [`LogStore::sync`]
+/// returns; the loop calls it before sending "persisted" messages.
 pub(crate) trait LogStore: raft::Storage + Send + 'static {
     /// Appends entries, replacing any conflicting suffix of the log.
     fn append(&mut self, entries: &[Entry]) -> raft::Result<()>;
     /// Records the current term, vote and commit index.
     fn set_hard_state(&mut self, hard_state: HardState) -> raft::Result<()>;
-    /// Records a new commit index without changing term or vote.
+    /// Records a new commit index without changing term or vote (not fsynced on its own:
+    /// a lost commit index is learned again from the leader).
     fn set_commit(&mut self, commit: u64) -> raft::Result<()>;
-    /// Replaces the log up to the snapshot's index with the snapshot.
+    /// Replaces the log with a snapshot received from the leader (durably).
     fn apply_snapshot(&mut self, snapshot: Snapshot) -> raft::Result<()>;
+    /// Keeps a snapshot this member made of its own state, and discards the entries before
+    /// `compact_to` (durably).
+    fn save_snapshot(&mut self, snapshot: Snapshot, compact_to: u64) -> raft::Result<()>;
+    /// Makes every write above durable.
+    fn sync(&mut self) -> raft::Result<()>;
+    /// The latest snapshot (received or made); empty metadata if none.
+    fn latest_snapshot(&self) -> &Snapshot;
+    /// Whether raft asked for a snapshot newer than the latest one (to send to a follower)
+    /// since the last call; clears the request.
+    fn take_snapshot_request(&mut self) -> bool;
 }
 
-/// In-memory log storage (raft-rs's [`MemStorage`]): fine for the skeleton and for tests,
-/// lost when the process exits.
-#[derive(Clone)]
-pub(crate) struct MemLogStore {
-    inner: MemStorage,
+/// A raft log in memory, optionally backed by a write-ahead log on disk.
+pub(crate) struct RaftLog {
+    hard_state: HardState,
+    snapshot: Snapshot,
+    /// Index and term of the entry just before `entries[0]`.
+    offset_index: u64,
+    offset_term: u64,
+    entries: Vec<Entry>,
+    wal: Option<Wal>,
+    snapshot_requested: Cell<bool>,
+    _guard: Option<DirGuard>,
 }
 
-impl MemLogStore {
-    /// A fresh, empty log whose initial configuration has `voters` as its voters. Every
-    /// member of a static federation must start from the same voters.
-    pub(crate) fn new(voters: impl IntoIterator<Item = u64>) -> Self {
-        let conf_state = ConfState::from((voters, Vec::<u64>::new()));
-        MemLogStore {
-            inner: MemStorage::new_with_conf_state(conf_state),
+fn storage_error(err: StoreError) -> raft::Error {
+    raft::Error::Store(StorageError::Other(Box::new(err)))
+}
+
+fn io_error(err: std::io::Error) -> raft::Error {
+    raft::Error::Io(err)
+}
+
+/// The state of a brand-new member. The members of the initial configuration start from
+/// the same snapshot at index 1 that holds them as voters (and an empty map), so any member
+/// added later must catch up from a snapshot and learns the configuration from it. A member
+/// joining later starts empty (`voters` empty).
+fn fresh(voters: &[u64], empty_state: Vec<u8>) -> Recovered {
+    let mut recovered = Recovered::default();
+    if voters.is_empty() {
+        return recovered;
+    }
+    let meta = recovered.snapshot.mut_metadata();
+    meta.index = 1;
+    meta.term = 1;
+    meta.set_conf_state(ConfState::from((voters.to_vec(), Vec::<u64>::new())));
+    recovered.snapshot.data = empty_state.into();
+    recovered.hard_state.term = 1;
+    recovered.hard_state.commit = 1;
+    recovered.offset_index = 1;
+    recovered.offset_term = 1;
+    recovered
+}
+
+impl RaftLog {
+    /// A log kept only in memory, lost when the process exits.
+    pub(crate) fn in_memory(voters: &[u64], empty_state: Vec<u8>) -> Self {
+        Self::from_recovered(fresh(voters, empty_state), None, None)
+    }
+
+    /// Opens the log in `dir`, creating it (from `voters`) if the directory holds none.
+    pub(crate) fn open(
+        dir: &Path,
+        voters: &[u64],
+        empty_state: Vec<u8>,
+    ) -> Result<Self, StoreError> {
+        let guard = DirGuard::acquire(dir)?;
+        let (wal, recovered) = Wal::open(dir, fresh(voters, empty_state))?;
+        Ok(Self::from_recovered(recovered, Some(wal), Some(guard)))
+    }
+
+    fn from_recovered(r: Recovered, wal: Option<Wal>, guard: Option<DirGuard>) -> Self {
+        RaftLog {
+            hard_state: r.hard_state,
+            snapshot: r.snapshot,
+            offset_index: r.offset_index,
+            offset_term: r.offset_term,
+            entries: r.entries,
+            wal,
+            snapshot_requested: Cell::new(false),
+            _guard: guard,
         }
+    }
+
+    /// What a crash would leave of this log: everything [`LogStore::sync`] made durable
+    /// (the simulator crashes members only between readies, when all of it is synced).
+    #[cfg(test)]
+    pub(crate) fn durable_copy(&self) -> RaftLog {
+        Self::from_recovered(self.recovered(), None, None)
+    }
+
+    fn last(&self) -> u64 {
+        self.offset_index + self.entries.len() as u64
+    }
+
+    /// The durable picture written at a checkpoint. The commit index is raised to the
+    /// snapshot's, which raft requires on restart (applied <= committed).
+    fn recovered(&self) -> Recovered {
+        let mut hard_state = self.hard_state.clone();
+        hard_state.commit = hard_state.commit.max(self.snapshot.get_metadata().index);
+        Recovered {
+            hard_state,
+            snapshot: self.snapshot.clone(),
+            offset_index: self.offset_index,
+            offset_term: self.offset_term,
+            entries: self.entries.clone(),
+        }
+    }
+
+    fn checkpoint(&mut self, new_snapshot: bool) -> raft::Result<()> {
+        let state = self.recovered();
+        if let Some(wal) = self.wal.as_mut() {
+            wal.checkpoint(&state, new_snapshot)
+                .map_err(storage_error)?;
+        }
+        Ok(())
     }
 }
 
-impl raft::Storage for MemLogStore {
-    fn initial_state(&self) -> raft::Result<raft::RaftState> {
-        self.inner.initial_state()
+impl raft::Storage for RaftLog {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState {
+            hard_state: self.hard_state.clone(),
+            conf_state: self.snapshot.get_metadata().get_conf_state().clone(),
+        })
     }
 
     fn entries(
@@ -48,44 +203,156 @@ impl raft::Storage for MemLogStore {
         low: u64,
         high: u64,
         max_size: impl Into<Option<u64>>,
-        context: raft::GetEntriesContext,
+        _context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
-        self.inner.entries(low, high, max_size, context)
+        if low <= self.offset_index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > self.last() + 1 || low > high {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let from = (low - self.offset_index - 1) as usize;
+        let to = (high - self.offset_index - 1) as usize;
+        let mut entries = self.entries[from..to].to_vec();
+        raft::util::limit_size(&mut entries, max_size.into());
+        Ok(entries)
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
-        self.inner.term(idx)
+        if idx == self.offset_index {
+            return Ok(self.offset_term);
+        }
+        if idx < self.offset_index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > self.last() {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(self.entries[(idx - self.offset_index - 1) as usize].term)
     }
 
     fn first_index(&self) -> raft::Result<u64> {
-        self.inner.first_index()
+        Ok(self.offset_index + 1)
     }
 
     fn last_index(&self) -> raft::Result<u64> {
-        self.inner.last_index()
+        Ok(self.last())
     }
 
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        self.inner.snapshot(request_index, to)
+        let meta = self.snapshot.get_metadata();
+        let index = meta.index;
+        let cs = meta.get_conf_state();
+        // A member added after the snapshot was taken would refuse it (it is not in its
+        // configuration): it needs a newer one.
+        let knows_to = [
+            &cs.voters,
+            &cs.learners,
+            &cs.voters_outgoing,
+            &cs.learners_next,
+        ]
+        .iter()
+        .any(|ids| ids.contains(&to));
+        if index == 0 || index < request_index || !knows_to {
+            // The raft loop makes a fresh one after this ready; raft asks again later.
+            self.snapshot_requested.set(true);
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        Ok(self.snapshot.clone())
     }
 }
 
-impl LogStore for MemLogStore {
+impl LogStore for RaftLog {
     fn append(&mut self, entries: &[Entry]) -> raft::Result<()> {
-        self.inner.wl().append(entries)
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        if first.index <= self.offset_index || first.index > self.last() + 1 {
+            return Err(storage_error(StoreError::LogGap {
+                first: first.index,
+                offset: self.offset_index,
+                last: self.last(),
+            }));
+        }
+        self.entries
+            .truncate((first.index - self.offset_index - 1) as usize);
+        self.entries.extend_from_slice(entries);
+        if let Some(wal) = self.wal.as_mut() {
+            wal.append(entries);
+        }
+        Ok(())
     }
 
     fn set_hard_state(&mut self, hard_state: HardState) -> raft::Result<()> {
-        self.inner.wl().set_hardstate(hard_state);
+        if let Some(wal) = self.wal.as_mut() {
+            wal.set_hard_state(&hard_state);
+        }
+        self.hard_state = hard_state;
         Ok(())
     }
 
     fn set_commit(&mut self, commit: u64) -> raft::Result<()> {
-        self.inner.wl().mut_hard_state().set_commit(commit);
+        self.hard_state.commit = commit;
+        let hard_state = self.hard_state.clone();
+        if let Some(wal) = self.wal.as_mut() {
+            wal.set_hard_state(&hard_state);
+        }
         Ok(())
     }
 
     fn apply_snapshot(&mut self, snapshot: Snapshot) -> raft::Result<()> {
-        self.inner.wl().apply_snapshot(snapshot)
+        let meta = snapshot.get_metadata();
+        if meta.index < self.snapshot.get_metadata().index {
+            return Err(raft::Error::Store(StorageError::SnapshotOutOfDate));
+        }
+        self.offset_index = meta.index;
+        self.offset_term = meta.term;
+        self.entries.clear();
+        self.hard_state.term = self.hard_state.term.max(meta.term);
+        self.hard_state.commit = self.hard_state.commit.max(meta.index);
+        self.snapshot = snapshot;
+        self.checkpoint(true)
+    }
+
+    fn save_snapshot(&mut self, snapshot: Snapshot, compact_to: u64) -> raft::Result<()> {
+        let index = snapshot.get_metadata().index;
+        if index < self.snapshot.get_metadata().index || index > self.last() {
+            return Err(raft::Error::Store(StorageError::SnapshotOutOfDate));
+        }
+        let compact_to = compact_to.min(index + 1);
+        if compact_to > self.offset_index + 1 {
+            let new_offset = compact_to - 1;
+            let term = raft::Storage::term(self, new_offset)?;
+            self.entries
+                .drain(..(new_offset - self.offset_index) as usize);
+            self.offset_index = new_offset;
+            self.offset_term = term;
+        }
+        self.snapshot = snapshot;
+        self.checkpoint(true)
+    }
+
+    fn sync(&mut self) -> raft::Result<()> {
+        let Some(wal) = self.wal.as_mut() else {
+            return Ok(());
+        };
+        wal.sync().map_err(io_error)?;
+        if wal.size() > SEGMENT_SOFT_LIMIT {
+            self.checkpoint(false)?;
+        }
+        Ok(())
+    }
+
+    fn latest_snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    fn take_snapshot_request(&mut self) -> bool {
+        self.snapshot_requested.replace(false)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -114,3 +114,71 @@ pub async fn shutdown_all(stores: BTreeMap<u64, Store>) {
         store.shutdown().await;
     }
 }
+
+/// Binds `addr` again once a stopped member has released it.
+pub async fn rebind(addr: SocketAddr) -> isthmus_federation::Binding {
+    eventually(&format!("{addr} to be free again"), || async {
+        isthmus_federation::bind(addr).await.ok()
+    })
+    .await
+}
+
+/// A federation of `n` durable members, each with its own directory under `root`.
+pub struct DurableFederation {
+    pub root: tempfile::TempDir,
+    pub peers: BTreeMap<u64, SocketAddr>,
+    pub stores: BTreeMap<u64, Store>,
+    pub tweak: fn(StoreOptions) -> StoreOptions,
+}
+
+impl DurableFederation {
+    pub async fn start(n: u64, tweak: fn(StoreOptions) -> StoreOptions) -> Self {
+        init_tracing();
+        let root = tempfile::tempdir().expect("tempdir");
+        let mut bindings = BTreeMap::new();
+        for id in 1..=n {
+            let binding = isthmus_federation::bind("127.0.0.1:0".parse().expect("address"))
+                .await
+                .expect("bind peer listener");
+            bindings.insert(id, binding);
+        }
+        let peers: BTreeMap<u64, SocketAddr> = bindings
+            .iter()
+            .map(|(&id, b)| (id, b.local_addr()))
+            .collect();
+        let mut fed = DurableFederation {
+            root,
+            peers,
+            stores: BTreeMap::new(),
+            tweak,
+        };
+        for (id, binding) in bindings {
+            let store = binding.start(fed.options(id)).await.expect("start member");
+            fed.stores.insert(id, store);
+        }
+        fed
+    }
+
+    pub fn dir(&self, id: u64) -> std::path::PathBuf {
+        self.root.path().join(format!("member-{id}"))
+    }
+
+    pub fn options(&self, id: u64) -> StoreOptions {
+        (self.tweak)(StoreOptions {
+            data_dir: Some(self.dir(id)),
+            ..options(id, &self.peers)
+        })
+    }
+
+    /// Restarts member `id` on its directory and address.
+    pub async fn restart(&mut self, id: u64) -> Result<(), isthmus_federation::StoreError> {
+        let binding = rebind(self.peers[&id]).await;
+        let store = binding.start(self.options(id)).await?;
+        self.stores.insert(id, store);
+        Ok(())
+    }
+
+    pub async fn shutdown(self) {
+        shutdown_all(self.stores).await;
+    }
+}

@@ -1,0 +1,222 @@
+//! The raft core driven by hand: an in-memory transport with a partition filter, a clock
+//! advanced by the test, no gRPC and no tasks.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use tokio::sync::oneshot::error::TryRecvError;
+
+use super::*;
+use crate::replica::Role;
+use crate::state::Command;
+use crate::storage::RaftLog;
+
+const TICK: Duration = Duration::from_millis(100);
+
+/// Collects what a node sends; the test network delivers it.
+#[derive(Default)]
+struct Outbox(Mutex<Vec<Message>>);
+
+impl Transport for Outbox {
+    fn send(&self, message: Message) {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(message);
+    }
+}
+
+impl Outbox {
+    fn take(&self) -> Vec<Message> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+struct Net {
+    nodes: BTreeMap<u64, RaftNode<RaftLog>>,
+    outboxes: BTreeMap<u64, Arc<Outbox>>,
+    replicas: BTreeMap<u64, Arc<Replica>>,
+    isolated: BTreeSet<u64>,
+    now: Instant,
+}
+
+impl Net {
+    fn new(n: u64) -> Net {
+        let ids: Vec<u64> = (1..=n).collect();
+        let mut net = Net {
+            nodes: BTreeMap::new(),
+            outboxes: BTreeMap::new(),
+            replicas: BTreeMap::new(),
+            isolated: BTreeSet::new(),
+            now: Instant::now(),
+        };
+        for &id in &ids {
+            let outbox = Arc::new(Outbox::default());
+            let replica = Arc::new(Replica::new(id));
+            let config = NodeConfig {
+                id,
+                tick: TICK,
+                election_ticks: 10,
+                heartbeat_ticks: 2,
+                proposal_timeout: Duration::from_secs(30),
+                incarnation: 7,
+                snapshot_every: 10_000,
+                snapshot_keep: 100,
+                peers: BTreeMap::new(),
+            };
+            let node = RaftNode::new(
+                config,
+                RaftLog::in_memory(&ids, Vec::new()),
+                outbox.clone(),
+                replica.clone(),
+                net.now,
+            )
+            .expect("raft node");
+            net.nodes.insert(id, node);
+            net.outboxes.insert(id, outbox);
+            net.replicas.insert(id, replica);
+        }
+        net
+    }
+
+    /// Handles readies and delivers messages (dropping those across the partition)
+    /// until the network is quiet.
+    fn settle(&mut self) {
+        for _ in 0..1000 {
+            let mut in_flight = Vec::new();
+            for (id, node) in &mut self.nodes {
+                node.handle_ready().expect("ready");
+                in_flight.extend(self.outboxes[id].take());
+            }
+            if in_flight.is_empty() {
+                return;
+            }
+            for message in in_flight {
+                if self.isolated.contains(&message.from) || self.isolated.contains(&message.to) {
+                    continue;
+                }
+                if let Some(node) = self.nodes.get_mut(&message.to) {
+                    node.handle_message(message);
+                }
+            }
+        }
+        panic!("network never went quiet");
+    }
+
+    fn tick(&mut self) {
+        self.now += TICK;
+        for node in self.nodes.values_mut() {
+            node.handle_tick(self.now);
+        }
+        self.settle();
+    }
+
+    fn tick_until(&mut self, what: &str, mut done: impl FnMut(&Net) -> bool) {
+        for _ in 0..500 {
+            if done(self) {
+                return;
+            }
+            self.tick();
+        }
+        panic!("{what} did not happen within 500 ticks");
+    }
+
+    fn leader_among(&self, ids: &[u64]) -> Option<u64> {
+        ids.iter()
+            .copied()
+            .find(|id| self.nodes[id].status().role == Role::Leader)
+    }
+
+    fn propose(&mut self, on: u64, key: &str) -> oneshot::Receiver<Result<Outcome, StoreError>> {
+        let (reply, outcome) = oneshot::channel();
+        let request = Proposal::Write(Command::Put {
+            key: key.to_string(),
+            value: b"v".to_vec(),
+            lease_ttl_ms: 0,
+            at_ms: 0,
+        });
+        let now = self.now;
+        if let Some(node) = self.nodes.get_mut(&on) {
+            node.handle_propose(ProposeRequest { request, reply }, now);
+        }
+        self.settle();
+        outcome
+    }
+}
+
+#[test]
+fn follower_write_is_forwarded_committed_and_answered_with_its_revision() {
+    let mut net = Net::new(3);
+    net.tick_until("a leader", |net| net.leader_among(&[1, 2, 3]).is_some());
+    let leader = net.leader_among(&[1, 2, 3]).expect("leader");
+    let follower = [1, 2, 3]
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("follower");
+
+    let mut outcome = net.propose(follower, "clusters/east");
+    // Followers learn the commit index with the next append or heartbeat.
+    net.tick_until("the write to be answered", |_| {
+        !matches!(outcome.try_recv(), Err(TryRecvError::Empty))
+    });
+    net.tick_until("every replica to apply the write", |net| {
+        net.replicas
+            .values()
+            .all(|r| r.get("clusters/east").is_some())
+    });
+    let revisions: BTreeSet<u64> = net
+        .replicas
+        .values()
+        .filter_map(|r| r.get("clusters/east").map(|rec| rec.revision))
+        .collect();
+    assert_eq!(revisions.len(), 1, "replicas disagree: {revisions:?}");
+}
+
+#[test]
+fn write_lost_with_an_isolated_leader_is_retried_and_applied_once() {
+    let mut net = Net::new(3);
+    net.tick_until("a leader", |net| net.leader_among(&[1, 2, 3]).is_some());
+    let old = net.leader_among(&[1, 2, 3]).expect("leader");
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|&id| id != old).collect();
+    let proposer = others[0];
+    let mut events = net.replicas[&proposer].subscribe();
+
+    // The proposer still believes in the old leader and forwards to it; the partition
+    // swallows the forwarded proposal.
+    net.isolated.insert(old);
+    let mut outcome = net.propose(proposer, "clusters/retried");
+    assert!(matches!(outcome.try_recv(), Err(TryRecvError::Empty)));
+
+    net.tick_until("a new leader among the majority", |net| {
+        net.leader_among(&others).is_some()
+    });
+    let mut answer = None;
+    net.tick_until("the retried write to be answered", |_| {
+        match outcome.try_recv() {
+            Ok(result) => {
+                answer = Some(result);
+                true
+            }
+            Err(_) => false,
+        }
+    });
+    let revision = match answer {
+        Some(Ok(Outcome::Done(revision))) => revision,
+        other => panic!("write failed: {other:?}"),
+    };
+
+    // Healing the partition brings the old leader up to date.
+    net.isolated.clear();
+    net.tick_until("the old leader to catch up", |net| {
+        net.replicas[&old]
+            .get("clusters/retried")
+            .is_some_and(|r| r.revision == revision)
+    });
+    let mut puts = 0;
+    while let Ok(event) = events.try_recv() {
+        if event.key() == "clusters/retried" {
+            puts += 1;
+        }
+    }
+    assert_eq!(puts, 1, "the write was applied {puts} times");
+}

@@ -1,0 +1,268 @@
+//! How commands travel in raft entries and how the state machine travels in snapshots.
+//!
+//! Entry encoding: the data of every normal entry the store writes is a prost-encoded
+//! `isthmus.federation.v1.EntryData` (see `proto/federation.proto`): the proposal id
+//! (proposer's raft id, its incarnation, a sequence number) and one command. Membership
+//! changes are `ConfChangeV2` entries whose `context` is a `ConfChangeContext` (proposal id
+//! and the added members' addresses). Snapshot data is a `StateSnapshot`.
+
+use std::collections::BTreeMap;
+
+use prost::Message as _;
+
+use super::{Command, Lease, MemberInfo, ProposalId, Record, StateMachine, Stored, Token};
+use crate::proto::v1 as pb;
+
+/// Why an entry's or snapshot's data could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DecodeError {
+    #[error("data does not decode")]
+    Protobuf(#[from] prost::DecodeError),
+    #[error("data has no {0}")]
+    Missing(&'static str),
+}
+
+fn pb_id(id: ProposalId) -> pb::ProposalId {
+    pb::ProposalId {
+        node: id.node,
+        incarnation: id.incarnation,
+        seq: id.seq,
+    }
+}
+
+fn from_pb_id(id: pb::ProposalId) -> ProposalId {
+    ProposalId {
+        node: id.node,
+        incarnation: id.incarnation,
+        seq: id.seq,
+    }
+}
+
+/// Encodes a command and its proposal id as the data of a raft entry.
+pub(crate) fn encode_entry(id: ProposalId, command: &Command) -> Vec<u8> {
+    use pb::entry_data::Command as C;
+    let command = match command.clone() {
+        Command::Put {
+            key,
+            value,
+            lease_ttl_ms,
+            at_ms,
+        } => C::Put(pb::PutCommand {
+            key,
+            value,
+            lease_ttl_ms,
+            proposed_at_unix_ms: at_ms,
+        }),
+        Command::Delete { key } => C::Delete(pb::DeleteCommand { key }),
+        Command::CompareAndSet {
+            key,
+            expected,
+            value,
+        } => C::CompareAndSet(pb::CompareAndSetCommand {
+            key,
+            expected_revision: expected,
+            value,
+        }),
+        Command::Renew { key, at_ms } => C::Renew(pb::RenewCommand {
+            key,
+            proposed_at_unix_ms: at_ms,
+        }),
+        Command::ExpireLease { key, epoch } => C::ExpireLease(pb::ExpireLeaseCommand {
+            key,
+            lease_epoch: epoch,
+        }),
+        Command::MintToken {
+            id,
+            digest,
+            expires_at_ms,
+        } => C::MintToken(pb::MintTokenCommand {
+            token_id: id,
+            digest,
+            expires_at_unix_ms: expires_at_ms,
+            proposed_at_unix_ms: 0,
+        }),
+        Command::ConsumeToken { id, digest, at_ms } => C::ConsumeToken(pb::ConsumeTokenCommand {
+            token_id: id,
+            digest,
+            proposed_at_unix_ms: at_ms,
+        }),
+    };
+    pb::EntryData {
+        proposal: Some(pb_id(id)),
+        command: Some(command),
+    }
+    .encode_to_vec()
+}
+
+/// Reads back what [`encode_entry`] wrote.
+pub(crate) fn decode_entry(data: &[u8]) -> Result<(ProposalId, Command), DecodeError> {
+    use pb::entry_data::Command as C;
+    let entry = pb::EntryData::decode(data)?;
+    let id = entry.proposal.ok_or(DecodeError::Missing("proposal id"))?;
+    let command = match entry.command.ok_or(DecodeError::Missing("command"))? {
+        C::Put(c) => Command::Put {
+            key: c.key,
+            value: c.value,
+            lease_ttl_ms: c.lease_ttl_ms,
+            at_ms: c.proposed_at_unix_ms,
+        },
+        C::Delete(c) => Command::Delete { key: c.key },
+        C::CompareAndSet(c) => Command::CompareAndSet {
+            key: c.key,
+            expected: c.expected_revision,
+            value: c.value,
+        },
+        C::Renew(c) => Command::Renew {
+            key: c.key,
+            at_ms: c.proposed_at_unix_ms,
+        },
+        C::ExpireLease(c) => Command::ExpireLease {
+            key: c.key,
+            epoch: c.lease_epoch,
+        },
+        C::MintToken(c) => Command::MintToken {
+            id: c.token_id,
+            digest: c.digest,
+            expires_at_ms: c.expires_at_unix_ms,
+        },
+        C::ConsumeToken(c) => Command::ConsumeToken {
+            id: c.token_id,
+            digest: c.digest,
+            at_ms: c.proposed_at_unix_ms,
+        },
+    };
+    Ok((from_pb_id(id), command))
+}
+
+/// The context carried in a membership change: who proposed it, and the addresses of the
+/// members it adds.
+pub(crate) fn encode_conf_context(id: ProposalId, members: &[(u64, String)]) -> Vec<u8> {
+    pb::ConfChangeContext {
+        proposal: Some(pb_id(id)),
+        members: members
+            .iter()
+            .map(|(id, addr)| pb::MemberInfo {
+                id: *id,
+                peer_addr: addr.clone(),
+                added_at: 0,
+            })
+            .collect(),
+    }
+    .encode_to_vec()
+}
+
+/// Reads back what [`encode_conf_context`] wrote.
+pub(crate) fn decode_conf_context(
+    data: &[u8],
+) -> Result<(ProposalId, Vec<(u64, String)>), DecodeError> {
+    let cx = pb::ConfChangeContext::decode(data)?;
+    let id = cx.proposal.ok_or(DecodeError::Missing("proposal id"))?;
+    let members = cx
+        .members
+        .into_iter()
+        .map(|m| (m.id, m.peer_addr))
+        .collect();
+    Ok((from_pb_id(id), members))
+}
+
+/// Encodes the whole state machine as snapshot data.
+pub(crate) fn encode_snapshot(sm: &StateMachine) -> Vec<u8> {
+    pb::StateSnapshot {
+        records: sm
+            .records
+            .iter()
+            .map(|(key, stored)| {
+                let lease = stored.lease.clone().unwrap_or_default();
+                pb::SnapshotRecord {
+                    key: key.clone(),
+                    value: stored.record.value.clone(),
+                    revision: stored.record.revision,
+                    lease_ttl_ms: lease.ttl_ms,
+                    lease_expires_at_unix_ms: lease.expires_at_ms,
+                    lease_expired: lease.expired,
+                    lease_epoch: lease.epoch,
+                }
+            })
+            .collect(),
+        dedup: sm
+            .seen
+            .iter()
+            .map(|(&(node, incarnation), seqs)| pb::SnapshotDedup {
+                node,
+                incarnation,
+                seqs: seqs.iter().copied().collect(),
+            })
+            .collect(),
+        members: sm
+            .members
+            .iter()
+            .map(|(&id, m)| pb::MemberInfo {
+                id,
+                peer_addr: m.peer_addr.clone(),
+                added_at: m.added_at,
+            })
+            .collect(),
+        tokens: sm
+            .tokens
+            .iter()
+            .map(|(id, t)| pb::SnapshotToken {
+                token_id: id.clone(),
+                digest: t.digest.clone(),
+                expires_at_unix_ms: t.expires_at_ms,
+            })
+            .collect(),
+    }
+    .encode_to_vec()
+}
+
+/// Rebuilds a state machine from snapshot data.
+pub(crate) fn decode_snapshot(data: &[u8]) -> Result<StateMachine, DecodeError> {
+    let snap = pb::StateSnapshot::decode(data)?;
+    let mut sm = StateMachine::default();
+    for r in snap.records {
+        let lease = (r.lease_ttl_ms > 0).then_some(Lease {
+            ttl_ms: r.lease_ttl_ms,
+            expires_at_ms: r.lease_expires_at_unix_ms,
+            expired: r.lease_expired,
+            epoch: r.lease_epoch,
+        });
+        sm.records.insert(
+            r.key,
+            Stored {
+                record: Record {
+                    value: r.value,
+                    revision: r.revision,
+                    lease: None,
+                },
+                lease,
+            },
+        );
+    }
+    for d in snap.dedup {
+        sm.seen
+            .insert((d.node, d.incarnation), d.seqs.into_iter().collect());
+    }
+    sm.members = snap
+        .members
+        .into_iter()
+        .map(|m| {
+            (
+                m.id,
+                MemberInfo {
+                    peer_addr: m.peer_addr,
+                    added_at: m.added_at,
+                },
+            )
+        })
+        .collect::<BTreeMap<_, _>>();
+    for t in snap.tokens {
+        sm.tokens.insert(
+            t.token_id,
+            Token {
+                digest: t.digest,
+                expires_at_ms: t.expires_at_unix_ms,
+            },
+        );
+    }
+    Ok(sm)
+}

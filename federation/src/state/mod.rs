@@ -1,0 +1,418 @@
+//! The replicated state machine: a sorted map of versioned records (with optional leases),
+//! the duplicate filter, the member table and the join tokens; the commands that change
+//! them; and their encoding in raft entries and snapshots ([`codec`]).
+//!
+//! Everything here is pure: no I/O, no clock (times come inside the commands). Applying the
+//! same entries in the same order gives the same state on every replica, including which
+//! retried duplicates are skipped.
+
+pub(crate) mod codec;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+pub(crate) use codec::{decode_entry, encode_entry};
+
+/// The lease of a record as readers see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseState {
+    /// When the lease runs out if not renewed, by the clock of the member that wrote or last
+    /// renewed it. Informational: expiry is decided by the leader's own clock.
+    pub expires_at_unix_ms: u64,
+    /// The leader saw the lease run out (and the owner has not renewed it since).
+    pub expired: bool,
+}
+
+/// One stored value and the revision (raft index) of the write that produced it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The value as written.
+    pub value: Vec<u8>,
+    /// Raft index of the entry that last wrote this key's value.
+    pub revision: u64,
+    /// The record's lease, if it was written with one.
+    pub lease: Option<LeaseState>,
+}
+
+/// A change applied to the map, as seen by [`crate::Store::subscribe`] and
+/// [`crate::Store::watch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// `key` now holds `value`, written at `revision`.
+    Put {
+        /// The key written.
+        key: String,
+        /// Its new value.
+        value: Vec<u8>,
+        /// Raft index of the write.
+        revision: u64,
+    },
+    /// `key` was removed at `revision`. Deleting a key that does not exist sends no event.
+    Delete {
+        /// The key removed.
+        key: String,
+        /// Raft index of the delete.
+        revision: u64,
+    },
+    /// The lease of `key` expired (`expired: true`) or was renewed after having expired
+    /// (`expired: false`), at raft index `revision`. The record's own revision is unchanged.
+    Lease {
+        /// The key whose lease changed.
+        key: String,
+        /// Whether the lease is now expired.
+        expired: bool,
+        /// Raft index of the change.
+        revision: u64,
+    },
+}
+
+impl WatchEvent {
+    /// The key this event is about.
+    pub fn key(&self) -> &str {
+        match self {
+            WatchEvent::Put { key, .. }
+            | WatchEvent::Delete { key, .. }
+            | WatchEvent::Lease { key, .. } => key,
+        }
+    }
+
+    /// The revision (raft index) at which the change was applied.
+    pub fn revision(&self) -> u64 {
+        match self {
+            WatchEvent::Put { revision, .. }
+            | WatchEvent::Delete { revision, .. }
+            | WatchEvent::Lease { revision, .. } => *revision,
+        }
+    }
+}
+
+/// A write the store can replicate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Command {
+    Put {
+        key: String,
+        value: Vec<u8>,
+        /// 0 = no lease.
+        lease_ttl_ms: u64,
+        /// Proposer's wall clock.
+        at_ms: u64,
+    },
+    Delete {
+        key: String,
+    },
+    CompareAndSet {
+        key: String,
+        expected: Option<u64>,
+        value: Vec<u8>,
+    },
+    Renew {
+        key: String,
+        at_ms: u64,
+    },
+    ExpireLease {
+        key: String,
+        epoch: u64,
+    },
+    MintToken {
+        id: String,
+        digest: Vec<u8>,
+        expires_at_ms: u64,
+    },
+    ConsumeToken {
+        id: String,
+        digest: Vec<u8>,
+        at_ms: u64,
+    },
+}
+
+impl Command {
+    /// The key a client command is about (empty for internal commands).
+    pub(crate) fn key(&self) -> &str {
+        match self {
+            Command::Put { key, .. }
+            | Command::Delete { key }
+            | Command::CompareAndSet { key, .. }
+            | Command::Renew { key, .. }
+            | Command::ExpireLease { key, .. } => key,
+            Command::MintToken { .. } | Command::ConsumeToken { .. } => "",
+        }
+    }
+}
+
+/// Identifies one proposal across retries, so its proposer can answer the caller when the
+/// entry is applied (never by position in the log) and replicas can skip duplicates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct ProposalId {
+    pub(crate) node: u64,
+    pub(crate) incarnation: u64,
+    pub(crate) seq: u64,
+}
+
+/// What a command's proposer is told once it is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Applied at this raft index.
+    Done(u64),
+    /// A compare-and-set found another revision (None: the key does not exist).
+    Conflict(Option<u64>),
+    /// A renew found no lease.
+    NoLease,
+    /// A token could not be consumed (or minted).
+    TokenRefused(&'static str),
+}
+
+/// Refuses keys the store cannot hold. Checked before proposing, so every replica agrees.
+pub(crate) fn validate_key(key: &str) -> Result<(), &'static str> {
+    if key.is_empty() {
+        return Err("the key is empty");
+    }
+    Ok(())
+}
+
+/// How many recent sequence numbers are remembered per proposer incarnation to skip
+/// retried duplicates. A proposer never has this many writes in flight at once.
+const DEDUP_WINDOW: usize = 4096;
+
+/// What applying one entry did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Applied {
+    /// Applied: what watchers are told (if anything changed) and what the proposer is told.
+    Done {
+        event: Option<WatchEvent>,
+        outcome: Outcome,
+    },
+    /// The proposal had already been applied from an earlier copy and was skipped.
+    Duplicate,
+}
+
+/// A lease as stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Lease {
+    pub(crate) ttl_ms: u64,
+    pub(crate) expires_at_ms: u64,
+    pub(crate) expired: bool,
+    /// Raft index of the write or renew that started the current lease period.
+    pub(crate) epoch: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Stored {
+    /// `record.lease` is always None here; [`Stored::record`] fills it in.
+    pub(crate) record: Record,
+    pub(crate) lease: Option<Lease>,
+}
+
+impl Stored {
+    fn record(&self) -> Record {
+        Record {
+            lease: self.lease.as_ref().map(|l| LeaseState {
+                expires_at_unix_ms: l.expires_at_ms,
+                expired: l.expired,
+            }),
+            ..self.record.clone()
+        }
+    }
+}
+
+/// One member's peer address, as replicated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MemberInfo {
+    pub(crate) peer_addr: String,
+    /// Raft index of the change that added it (0 for the initial members).
+    pub(crate) added_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Token {
+    pub(crate) digest: Vec<u8>,
+    pub(crate) expires_at_ms: u64,
+}
+
+/// The state every replica holds, plus the duplicate filter that keeps it identical when a
+/// proposer retries a proposal that had in fact been committed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct StateMachine {
+    pub(crate) records: BTreeMap<String, Stored>,
+    pub(crate) seen: HashMap<(u64, u64), BTreeSet<u64>>,
+    pub(crate) members: BTreeMap<u64, MemberInfo>,
+    pub(crate) tokens: BTreeMap<String, Token>,
+}
+
+impl StateMachine {
+    /// Records `id` as applied; false if it already was (a retried duplicate).
+    pub(crate) fn first_time(&mut self, id: ProposalId) -> bool {
+        let seen = self.seen.entry((id.node, id.incarnation)).or_default();
+        if !seen.insert(id.seq) {
+            return false;
+        }
+        if seen.len() > DEDUP_WINDOW {
+            seen.pop_first();
+        }
+        true
+    }
+
+    /// Applies the command of the entry at raft `index`.
+    pub(crate) fn apply(&mut self, index: u64, id: ProposalId, command: Command) -> Applied {
+        if !self.first_time(id) {
+            return Applied::Duplicate;
+        }
+        let (event, outcome) = self.apply_command(index, command);
+        Applied::Done { event, outcome }
+    }
+
+    fn put(&mut self, index: u64, key: String, value: Vec<u8>, lease: Option<Lease>) -> WatchEvent {
+        self.records.insert(
+            key.clone(),
+            Stored {
+                record: Record {
+                    value: value.clone(),
+                    revision: index,
+                    lease: None,
+                },
+                lease,
+            },
+        );
+        WatchEvent::Put {
+            key,
+            value,
+            revision: index,
+        }
+    }
+
+    fn apply_command(&mut self, index: u64, command: Command) -> (Option<WatchEvent>, Outcome) {
+        let done = Outcome::Done(index);
+        match command {
+            Command::Put {
+                key,
+                value,
+                lease_ttl_ms,
+                at_ms,
+            } => {
+                let lease = (lease_ttl_ms > 0).then_some(Lease {
+                    ttl_ms: lease_ttl_ms,
+                    expires_at_ms: at_ms.saturating_add(lease_ttl_ms),
+                    expired: false,
+                    epoch: index,
+                });
+                (Some(self.put(index, key, value, lease)), done)
+            }
+            Command::Delete { key } => match self.records.remove(&key) {
+                Some(_) => (
+                    Some(WatchEvent::Delete {
+                        key,
+                        revision: index,
+                    }),
+                    done,
+                ),
+                None => (None, done),
+            },
+            Command::CompareAndSet {
+                key,
+                expected,
+                value,
+            } => {
+                let current = self.records.get(&key).map(|s| s.record.revision);
+                if current != expected {
+                    return (None, Outcome::Conflict(current));
+                }
+                (Some(self.put(index, key, value, None)), done)
+            }
+            Command::Renew { key, at_ms } => {
+                let Some(lease) = self.records.get_mut(&key).and_then(|s| s.lease.as_mut()) else {
+                    return (None, Outcome::NoLease);
+                };
+                let was_expired = lease.expired;
+                lease.expires_at_ms = at_ms.saturating_add(lease.ttl_ms);
+                lease.expired = false;
+                lease.epoch = index;
+                let event = was_expired.then_some(WatchEvent::Lease {
+                    key,
+                    expired: false,
+                    revision: index,
+                });
+                (event, done)
+            }
+            Command::ExpireLease { key, epoch } => {
+                let lease = self.records.get_mut(&key).and_then(|s| s.lease.as_mut());
+                match lease {
+                    Some(lease) if lease.epoch == epoch && !lease.expired => {
+                        lease.expired = true;
+                        (
+                            Some(WatchEvent::Lease {
+                                key,
+                                expired: true,
+                                revision: index,
+                            }),
+                            done,
+                        )
+                    }
+                    // Renewed, rewritten or deleted since the leader decided: nothing to do.
+                    _ => (None, done),
+                }
+            }
+            Command::MintToken {
+                id,
+                digest,
+                expires_at_ms,
+            } => {
+                if self.tokens.contains_key(&id) {
+                    return (None, Outcome::TokenRefused("a token with this id exists"));
+                }
+                self.tokens.insert(
+                    id,
+                    Token {
+                        digest,
+                        expires_at_ms,
+                    },
+                );
+                (None, done)
+            }
+            Command::ConsumeToken { id, digest, at_ms } => {
+                // Expired tokens are dropped whenever any token is consumed.
+                self.tokens.retain(|_, t| t.expires_at_ms > at_ms);
+                match self.tokens.get(&id) {
+                    None => (
+                        None,
+                        Outcome::TokenRefused("unknown, already used or expired"),
+                    ),
+                    Some(t) if t.digest != digest => {
+                        (None, Outcome::TokenRefused("the secret does not match"))
+                    }
+                    Some(_) => {
+                        self.tokens.remove(&id);
+                        (None, done)
+                    }
+                }
+            }
+        }
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Option<Record> {
+        self.records.get(key).map(Stored::record)
+    }
+
+    /// Every record whose key starts with `prefix`, sorted by key.
+    pub(crate) fn list(&self, prefix: &str) -> Vec<(String, Record)> {
+        self.records
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(key, _)| key.starts_with(prefix))
+            .map(|(key, stored)| (key.clone(), stored.record()))
+            .collect()
+    }
+
+    /// Every live (not expired) lease: key, epoch, length.
+    pub(crate) fn live_leases(&self) -> Vec<(String, u64, u64)> {
+        self.records
+            .iter()
+            .filter_map(|(key, s)| {
+                let lease = s.lease.as_ref()?;
+                (!lease.expired).then(|| (key.clone(), lease.epoch, lease.ttl_ms))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

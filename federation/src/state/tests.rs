@@ -1,0 +1,363 @@
+use super::codec::{decode_entry, decode_snapshot, encode_entry, encode_snapshot, DecodeError};
+use super::*;
+
+fn id(seq: u64) -> ProposalId {
+    ProposalId {
+        node: 1,
+        incarnation: 7,
+        seq,
+    }
+}
+
+fn put(key: &str, value: &[u8]) -> Command {
+    Command::Put {
+        key: key.to_string(),
+        value: value.to_vec(),
+        lease_ttl_ms: 0,
+        at_ms: 0,
+    }
+}
+
+fn leased(key: &str, ttl_ms: u64, at_ms: u64) -> Command {
+    Command::Put {
+        key: key.to_string(),
+        value: b"v".to_vec(),
+        lease_ttl_ms: ttl_ms,
+        at_ms,
+    }
+}
+
+fn cas(key: &str, expected: Option<u64>) -> Command {
+    Command::CompareAndSet {
+        key: key.to_string(),
+        expected,
+        value: b"c".to_vec(),
+    }
+}
+
+fn outcome(applied: Applied) -> Outcome {
+    match applied {
+        Applied::Done { outcome, .. } => outcome,
+        Applied::Duplicate => panic!("unexpected duplicate"),
+    }
+}
+
+#[test]
+fn entry_encoding_round_trips_every_command() {
+    for command in [
+        put("clusters/east", b"{\"zone\":\"a\"}"),
+        leased("exports/a", 3000, 17),
+        Command::Delete {
+            key: "exports/ns/svc/east".to_string(),
+        },
+        cas("k", None),
+        cas("k", Some(9)),
+        Command::Renew {
+            key: "k".to_string(),
+            at_ms: 5,
+        },
+        Command::ExpireLease {
+            key: "k".to_string(),
+            epoch: 4,
+        },
+        Command::MintToken {
+            id: "t".to_string(),
+            digest: vec![1, 2],
+            expires_at_ms: 9,
+        },
+        Command::ConsumeToken {
+            id: "t".to_string(),
+            digest: vec![1, 2],
+            at_ms: 3,
+        },
+    ] {
+        let data = encode_entry(id(3), &command);
+        let (decoded_id, decoded) = decode_entry(&data).expect("decodes");
+        assert_eq!(decoded_id, id(3));
+        assert_eq!(decoded, command);
+    }
+}
+
+#[test]
+fn garbage_entry_data_is_an_error_not_a_panic() {
+    assert!(decode_entry(&[0xff, 0xff, 0xff, 0xff]).is_err());
+    assert!(matches!(decode_entry(&[]), Err(DecodeError::Missing(_))));
+    assert!(decode_snapshot(&[0xff, 0x01]).is_err());
+}
+
+#[test]
+fn record_revision_is_the_index_of_the_last_write() {
+    let mut sm = StateMachine::default();
+    sm.apply(5, id(1), put("a", b"1"));
+    sm.apply(9, id(2), put("a", b"2"));
+    assert_eq!(
+        sm.get("a"),
+        Some(Record {
+            value: b"2".to_vec(),
+            revision: 9,
+            lease: None,
+        })
+    );
+}
+
+#[test]
+fn retried_duplicate_proposal_is_applied_once() {
+    let mut sm = StateMachine::default();
+    assert_eq!(
+        outcome(sm.apply(5, id(1), put("a", b"1"))),
+        Outcome::Done(5)
+    );
+    assert_eq!(sm.apply(8, id(1), put("a", b"1")), Applied::Duplicate);
+    assert_eq!(sm.get("a").map(|r| r.revision), Some(5));
+}
+
+#[test]
+fn same_sequence_from_another_incarnation_is_not_a_duplicate() {
+    let mut sm = StateMachine::default();
+    sm.apply(5, id(1), put("a", b"1"));
+    let restarted = ProposalId {
+        incarnation: 8,
+        ..id(1)
+    };
+    assert_eq!(
+        outcome(sm.apply(6, restarted, put("a", b"2"))),
+        Outcome::Done(6)
+    );
+}
+
+#[test]
+fn delete_of_missing_key_changes_nothing() {
+    let mut sm = StateMachine::default();
+    let del = |k: &str| Command::Delete { key: k.to_string() };
+    assert_eq!(
+        sm.apply(3, id(1), del("nope")),
+        Applied::Done {
+            event: None,
+            outcome: Outcome::Done(3)
+        }
+    );
+    sm.apply(4, id(2), put("a", b"1"));
+    assert_eq!(
+        sm.apply(5, id(3), del("a")),
+        Applied::Done {
+            event: Some(WatchEvent::Delete {
+                key: "a".to_string(),
+                revision: 5
+            }),
+            outcome: Outcome::Done(5)
+        }
+    );
+    assert_eq!(sm.get("a"), None);
+}
+
+#[test]
+fn compare_and_set_succeeds_only_on_the_expected_revision() {
+    let mut sm = StateMachine::default();
+    // Must not exist: succeeds once.
+    assert_eq!(
+        outcome(sm.apply(2, id(1), cas("k", None))),
+        Outcome::Done(2)
+    );
+    assert_eq!(
+        outcome(sm.apply(3, id(2), cas("k", None))),
+        Outcome::Conflict(Some(2))
+    );
+    assert_eq!(
+        outcome(sm.apply(4, id(3), cas("k", Some(1)))),
+        Outcome::Conflict(Some(2))
+    );
+    assert_eq!(
+        outcome(sm.apply(5, id(4), cas("k", Some(2)))),
+        Outcome::Done(5)
+    );
+    assert_eq!(
+        outcome(sm.apply(6, id(5), cas("missing", Some(5)))),
+        Outcome::Conflict(None)
+    );
+    assert_eq!(sm.get("k").map(|r| r.revision), Some(5));
+}
+
+#[test]
+fn lease_expiry_applies_only_to_the_epoch_the_leader_timed() {
+    let mut sm = StateMachine::default();
+    sm.apply(2, id(1), leased("exports/a", 1000, 500));
+    assert_eq!(sm.live_leases(), vec![("exports/a".to_string(), 2, 1000)]);
+    let state = sm.get("exports/a").and_then(|r| r.lease).expect("lease");
+    assert_eq!(state.expires_at_unix_ms, 1500);
+    assert!(!state.expired);
+
+    // Renewed before the leader's expiry landed: the stale expiry does nothing.
+    sm.apply(
+        3,
+        id(2),
+        Command::Renew {
+            key: "exports/a".to_string(),
+            at_ms: 900,
+        },
+    );
+    let stale = sm.apply(
+        4,
+        id(3),
+        Command::ExpireLease {
+            key: "exports/a".to_string(),
+            epoch: 2,
+        },
+    );
+    assert_eq!(
+        stale,
+        Applied::Done {
+            event: None,
+            outcome: Outcome::Done(4)
+        }
+    );
+    let expire = sm.apply(
+        5,
+        id(4),
+        Command::ExpireLease {
+            key: "exports/a".to_string(),
+            epoch: 3,
+        },
+    );
+    assert!(matches!(
+        expire,
+        Applied::Done {
+            event: Some(WatchEvent::Lease { expired: true, .. }),
+            ..
+        }
+    ));
+    let record = sm.get("exports/a").expect("record stays");
+    assert_eq!(
+        record.revision, 2,
+        "expiry does not change the value's revision"
+    );
+    assert_eq!(
+        record.lease,
+        Some(LeaseState {
+            expires_at_unix_ms: 1900,
+            expired: true
+        })
+    );
+    assert!(sm.live_leases().is_empty());
+    // The owner comes back.
+    let renewed = sm.apply(
+        6,
+        id(5),
+        Command::Renew {
+            key: "exports/a".to_string(),
+            at_ms: 3000,
+        },
+    );
+    assert!(matches!(
+        renewed,
+        Applied::Done {
+            event: Some(WatchEvent::Lease { expired: false, .. }),
+            ..
+        }
+    ));
+    let no_lease = sm.apply(
+        7,
+        id(6),
+        Command::Renew {
+            key: "nope".to_string(),
+            at_ms: 1,
+        },
+    );
+    assert_eq!(outcome(no_lease), Outcome::NoLease);
+}
+
+#[test]
+fn join_token_is_consumed_once_and_not_after_expiry() {
+    let mut sm = StateMachine::default();
+    let mint = |id: &str, exp| Command::MintToken {
+        id: id.to_string(),
+        digest: vec![7],
+        expires_at_ms: exp,
+    };
+    let consume = |id: &str, digest: u8, at| Command::ConsumeToken {
+        id: id.to_string(),
+        digest: vec![digest],
+        at_ms: at,
+    };
+    assert_eq!(
+        outcome(sm.apply(2, id(1), mint("a", 1000))),
+        Outcome::Done(2)
+    );
+    assert_eq!(
+        outcome(sm.apply(3, id(2), mint("b", 1000))),
+        Outcome::Done(3)
+    );
+    assert!(matches!(
+        outcome(sm.apply(4, id(3), consume("a", 8, 10))),
+        Outcome::TokenRefused(_)
+    ));
+    assert_eq!(
+        outcome(sm.apply(5, id(4), consume("a", 7, 10))),
+        Outcome::Done(5)
+    );
+    assert!(matches!(
+        outcome(sm.apply(6, id(5), consume("a", 7, 10))),
+        Outcome::TokenRefused(_)
+    ));
+    assert!(matches!(
+        outcome(sm.apply(7, id(6), consume("b", 7, 1000))),
+        Outcome::TokenRefused(_)
+    ));
+    assert!(sm.tokens.is_empty());
+}
+
+#[test]
+fn snapshot_round_trips_the_whole_state() {
+    let mut sm = StateMachine::default();
+    sm.apply(2, id(1), put("a", b"1"));
+    sm.apply(3, id(2), leased("b", 100, 5));
+    sm.apply(
+        4,
+        id(3),
+        Command::MintToken {
+            id: "t".to_string(),
+            digest: vec![1],
+            expires_at_ms: 10,
+        },
+    );
+    sm.members.insert(
+        4,
+        MemberInfo {
+            peer_addr: "127.0.0.1:1".to_string(),
+            added_at: 3,
+        },
+    );
+    let restored = decode_snapshot(&encode_snapshot(&sm)).expect("decodes");
+    assert_eq!(restored, sm);
+    // The dedup table came along: a replayed proposal stays a duplicate.
+    let mut restored = restored;
+    assert_eq!(restored.apply(9, id(1), put("a", b"x")), Applied::Duplicate);
+}
+
+#[test]
+fn list_returns_only_the_prefix_sorted_by_key() {
+    let mut sm = StateMachine::default();
+    for (seq, key) in ["exports/b", "clusters/x", "exports/a", "exportsz", "f"]
+        .iter()
+        .enumerate()
+    {
+        sm.apply(seq as u64 + 1, id(seq as u64 + 1), put(key, b"v"));
+    }
+    let keys: Vec<String> = sm.list("exports/").into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys, vec!["exports/a", "exports/b"]);
+    assert_eq!(sm.list("").len(), 5);
+}
+
+#[test]
+fn dedup_window_stays_bounded() {
+    let mut sm = StateMachine::default();
+    for seq in 1..=(DEDUP_WINDOW as u64 + 10) {
+        sm.apply(seq, id(seq), put("k", b"v"));
+    }
+    assert_eq!(sm.seen.get(&(1, 7)).map(|s| s.len()), Some(DEDUP_WINDOW));
+}
+
+#[test]
+fn empty_key_is_refused() {
+    assert!(validate_key("").is_err());
+    assert!(validate_key("clusters/east").is_ok());
+}

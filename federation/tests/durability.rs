@@ -1,0 +1,184 @@
+//! Durable members: acknowledged writes survive restarts (clean and crash-like), lagging
+//! members catch up from snapshots, and a damaged log stops a member from starting.
+
+mod support;
+
+use std::time::Duration;
+
+use isthmus_federation::{StoreError, StoreOptions};
+use support::*;
+
+fn snapshot_often(opts: StoreOptions) -> StoreOptions {
+    StoreOptions {
+        snapshot_every: 20,
+        snapshot_keep: 5,
+        ..opts
+    }
+}
+
+fn no_change(opts: StoreOptions) -> StoreOptions {
+    opts
+}
+
+#[tokio::test]
+async fn acknowledged_writes_survive_a_restart_of_every_member() {
+    let mut fed = DurableFederation::start(3, no_change).await;
+    agreed_leader(&fed.stores).await;
+    let mut written = Vec::new();
+    for i in 0..30 {
+        let key = format!("clusters/c{i}");
+        let revision = fed.stores[&(1 + i % 3)]
+            .put(&key, format!("v{i}").into_bytes())
+            .await
+            .expect("put");
+        written.push((key, revision));
+    }
+    let stores = std::mem::take(&mut fed.stores);
+    shutdown_all(stores).await;
+
+    for id in 1..=3 {
+        fed.restart(id)
+            .await
+            .expect("restart on the same directory");
+    }
+    agreed_leader(&fed.stores).await;
+    for (i, (key, revision)) in written.iter().enumerate() {
+        for store in fed.stores.values() {
+            let record = store
+                .get(key)
+                .expect("acknowledged write present after restart");
+            assert_eq!(record.revision, *revision);
+            assert_eq!(record.value, format!("v{i}").into_bytes());
+        }
+    }
+    let after = fed.stores[&2]
+        .put("clusters/after", b"x".to_vec())
+        .await
+        .expect("writes work after the restart");
+    assert!(after > written.last().map(|w| w.1).unwrap_or(0));
+    fed.shutdown().await;
+}
+
+#[tokio::test]
+async fn leader_dropped_without_shutdown_rejoins_from_disk_with_every_acknowledged_write() {
+    let mut fed = DurableFederation::start(3, snapshot_often).await;
+    let leader = agreed_leader(&fed.stores).await;
+    for i in 0..25 {
+        fed.stores[&leader]
+            .put(&format!("exports/before/{i}"), b"1".to_vec())
+            .await
+            .expect("put");
+    }
+    // Crash-like: no shutdown, the handle is simply dropped.
+    drop(fed.stores.remove(&leader));
+    let survivor = *fed.stores.keys().next().expect("a survivor");
+    for i in 0..40 {
+        fed.stores[&survivor]
+            .put(&format!("exports/during/{i}"), b"2".to_vec())
+            .await
+            .expect("majority keeps writing");
+    }
+    fed.restart(leader)
+        .await
+        .expect("restart the crashed member");
+    eventually("the restarted member to hold every write", || async {
+        let store = &fed.stores[&leader];
+        (store.list("exports/before/").len() == 25 && store.list("exports/during/").len() == 40)
+            .then_some(())
+    })
+    .await;
+    fed.shutdown().await;
+}
+
+#[tokio::test]
+async fn member_down_during_many_writes_catches_up_from_a_snapshot() {
+    let mut fed = DurableFederation::start(3, snapshot_often).await;
+    let leader = agreed_leader(&fed.stores).await;
+    let lagging = if leader == 3 { 2 } else { 3 };
+    fed.stores[&leader]
+        .put("clusters/first", b"1".to_vec())
+        .await
+        .expect("put");
+    visible_everywhere(&fed.stores, "clusters/first", b"1").await;
+    let left_at = fed.stores[&lagging].status().applied_index;
+    fed.stores
+        .remove(&lagging)
+        .expect("member")
+        .shutdown()
+        .await;
+
+    let writer = fed.stores[&leader].clone();
+    let mut last = 0;
+    for i in 0..200 {
+        last = writer
+            .put(&format!("exports/ns/svc{i}/east"), vec![b'x'; 64])
+            .await
+            .expect("put while a member is down");
+    }
+    // The leader compacted its log well past where the lagging member stopped, so only a
+    // snapshot can bring it back.
+    let leader_snapshot = fed.stores[&leader].status().snapshot_index;
+    assert!(
+        leader_snapshot > left_at + 20,
+        "leader snapshot at {leader_snapshot}, member left at {left_at}"
+    );
+
+    fed.restart(lagging).await.expect("restart");
+    eventually("the lagging member to catch up", || async {
+        (*fed.stores[&lagging].revision().borrow() >= last).then_some(())
+    })
+    .await;
+    assert_eq!(fed.stores[&lagging].list("exports/").len(), 200);
+    assert_eq!(
+        fed.stores[&lagging].list(""),
+        fed.stores[&leader].list(""),
+        "replicas differ after catching up"
+    );
+    fed.shutdown().await;
+}
+
+#[tokio::test]
+async fn damaged_log_is_refused_at_start_naming_the_file_and_offset() {
+    let mut fed = DurableFederation::start(3, no_change).await;
+    agreed_leader(&fed.stores).await;
+    fed.stores[&1]
+        .put("clusters/x", b"1".to_vec())
+        .await
+        .expect("put");
+    visible_everywhere(&fed.stores, "clusters/x", b"1").await;
+    fed.stores.remove(&3).expect("member").shutdown().await;
+
+    let raft_dir = fed.dir(3).join("raft");
+    let segment = std::fs::read_dir(&raft_dir)
+        .expect("list")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "log"))
+        .expect("segment");
+    let len = std::fs::metadata(&segment).expect("meta").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .and_then(|f| f.set_len(len - 3))
+        .expect("truncate");
+
+    match fed.restart(3).await {
+        Err(StoreError::CorruptLog { file, offset, .. }) => {
+            assert_eq!(file, segment);
+            assert!(offset < len);
+            let message = StoreError::CorruptLog {
+                file: file.clone(),
+                offset,
+                reason: "x".into(),
+            }
+            .to_string();
+            assert!(message.contains(&segment.display().to_string()));
+        }
+        Err(other) => panic!("expected CorruptLog, got {other}"),
+        Ok(()) => panic!("a truncated log must not start"),
+    }
+    // The file is untouched: nothing was silently reset.
+    assert_eq!(std::fs::metadata(&segment).expect("meta").len(), len - 3);
+    let _ = Duration::ZERO;
+    fed.shutdown().await;
+}

@@ -1,0 +1,130 @@
+//! The `Kv` gRPC client API, through [`KvClient`], against every member of a federation.
+
+mod support;
+
+use isthmus_federation::{Conflict, KvClient, StoreError, WatchEvent};
+use support::*;
+
+async fn client(store: &isthmus_federation::Store) -> KvClient {
+    KvClient::connect(store.peer_addr()).await.expect("connect")
+}
+
+#[tokio::test]
+async fn writes_through_any_member_and_reads_from_any_other() {
+    let stores = start_federation(3).await;
+    let leader = agreed_leader(&stores).await;
+    let follower = stores
+        .keys()
+        .copied()
+        .find(|&id| id != leader)
+        .expect("follower");
+    let other = stores
+        .keys()
+        .copied()
+        .find(|&id| id != leader && id != follower)
+        .expect("another follower");
+    let mut writer = client(&stores[&follower]).await;
+    let mut reader = client(&stores[&other]).await;
+
+    let revision = writer
+        .put("clusters/east", b"e".to_vec())
+        .await
+        .expect("put on a follower is forwarded");
+    let record = reader
+        .get("clusters/east", true)
+        .await
+        .expect("get")
+        .expect("present");
+    assert_eq!(
+        (record.value.as_slice(), record.revision),
+        (&b"e"[..], revision)
+    );
+
+    let conflict = reader
+        .compare_and_set("clusters/east", Some(revision - 1), b"x".to_vec())
+        .await
+        .expect("cas");
+    assert_eq!(
+        conflict,
+        Err(Conflict {
+            current_revision: Some(revision)
+        })
+    );
+    let updated = reader
+        .compare_and_set("clusters/east", Some(revision), b"e2".to_vec())
+        .await
+        .expect("cas")
+        .expect("applied");
+    writer
+        .put("clusters/west", b"w".to_vec())
+        .await
+        .expect("put");
+    let (list_revision, listed) = reader.list("clusters/", true).await.expect("list");
+    assert!(list_revision > updated);
+    let keys: Vec<&str> = listed.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys, ["clusters/east", "clusters/west"]);
+    let deleted = writer.delete("clusters/west").await.expect("delete");
+    assert!(deleted > updated);
+    assert!(reader
+        .get("clusters/west", true)
+        .await
+        .expect("get")
+        .is_none());
+
+    let status = reader.status().await.expect("status");
+    assert_eq!(status.id, other);
+    assert_eq!(status.leader_id, Some(leader));
+    assert_eq!(status.voters, vec![1, 2, 3]);
+    assert_eq!(status.members.len(), 3);
+    shutdown_all(stores).await;
+}
+
+#[tokio::test]
+async fn watch_over_grpc_resumes_after_a_reconnect_and_old_revisions_are_refused() {
+    let stores = start_federation(3).await;
+    agreed_leader(&stores).await;
+    let mut kv = client(&stores[&2]).await;
+    let first = kv.put("exports/a", b"1".to_vec()).await.expect("put");
+    let mut watch = kv.watch("exports/", first).await.expect("watch");
+    let event = tokio::time::timeout(DEADLINE, watch.next())
+        .await
+        .expect("in time")
+        .expect("ok")
+        .expect("open");
+    assert_eq!(event.revision(), first);
+    let resume = watch.next_revision();
+    drop(watch);
+
+    let second = kv.put("exports/b", b"2".to_vec()).await.expect("put");
+    let mut watch = kv.watch("exports/", resume).await.expect("rewatch");
+    let event = tokio::time::timeout(DEADLINE, watch.next())
+        .await
+        .expect("in time")
+        .expect("ok")
+        .expect("open");
+    assert_eq!(
+        event,
+        WatchEvent::Put {
+            key: "exports/b".to_string(),
+            value: b"2".to_vec(),
+            revision: second
+        }
+    );
+
+    // Revision 1 is the bootstrap snapshot: nothing before it can be replayed.
+    let refused = match kv.watch("exports/", 1).await {
+        Err(err) => err,
+        Ok(_) => panic!("expected compacted"),
+    };
+    assert!(
+        matches!(
+            refused,
+            StoreError::Compacted {
+                requested: 1,
+                oldest: 2
+            }
+        ),
+        "{refused}"
+    );
+    shutdown_all(stores).await;
+}

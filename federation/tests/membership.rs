@@ -1,0 +1,210 @@
+//! Membership over three (and more) in-process members: adding learners and voters, join
+//! tokens, removing followers and the leader, the five-voter cap and learner promotion.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use isthmus_federation::{Role, Store, StoreError, StoreOptions};
+use support::*;
+
+/// Starts member `id` as a joiner that knows how to reach the existing `stores`.
+async fn start_joiner(id: u64, stores: &BTreeMap<u64, Store>) -> Store {
+    let binding = isthmus_federation::bind("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("bind");
+    let mut peers: BTreeMap<u64, SocketAddr> =
+        stores.iter().map(|(&i, s)| (i, s.peer_addr())).collect();
+    peers.insert(id, binding.local_addr());
+    binding
+        .start(StoreOptions {
+            join: true,
+            ..options(id, &peers)
+        })
+        .await
+        .expect("start joiner")
+}
+
+async fn wait_config(stores: &BTreeMap<u64, Store>, voters: &[u64], learners: &[u64]) {
+    eventually(
+        &format!("every member to see voters {voters:?} learners {learners:?}"),
+        || async {
+            stores
+                .values()
+                .all(|s| {
+                    let st = s.status();
+                    let mut v = st.voters.clone();
+                    let mut l = st.learners.clone();
+                    v.sort_unstable();
+                    l.sort_unstable();
+                    v == voters && l == learners
+                })
+                .then_some(())
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn fourth_member_added_as_learner_catches_up_and_replicates() {
+    let mut stores = start_federation(3).await;
+    agreed_leader(&stores).await;
+    stores[&1]
+        .put("clusters/before", b"1".to_vec())
+        .await
+        .expect("put");
+    let joiner = start_joiner(4, &stores).await;
+    stores[&2]
+        .add_member(4, joiner.peer_addr(), false)
+        .await
+        .expect("add learner");
+    stores.insert(4, joiner);
+    wait_config(&stores, &[1, 2, 3], &[4]).await;
+    visible_everywhere(&stores, "clusters/before", b"1").await;
+    stores[&3]
+        .put("clusters/after", b"2".to_vec())
+        .await
+        .expect("put");
+    visible_everywhere(&stores, "clusters/after", b"2").await;
+    assert!(stores[&4].status().is_learner());
+    assert_eq!(stores[&4].members().len(), 4);
+    // A learner forwards writes too.
+    stores[&4]
+        .put("clusters/from-learner", b"3".to_vec())
+        .await
+        .expect("put through the learner");
+    visible_everywhere(&stores, "clusters/from-learner", b"3").await;
+    shutdown_all(stores).await;
+}
+
+#[tokio::test]
+async fn join_token_admits_one_member_once_and_expires() {
+    let mut stores = start_federation(3).await;
+    agreed_leader(&stores).await;
+    let token = stores[&2]
+        .mint_join_token(Duration::from_secs(60))
+        .await
+        .expect("mint");
+    let joiner = start_joiner(4, &stores).await;
+    stores[&1]
+        .join_with_token(&token, 4, joiner.peer_addr())
+        .await
+        .expect("join with a fresh token");
+    stores.insert(4, joiner);
+    wait_config(&stores, &[1, 2, 3, 4], &[]).await;
+
+    let reused = stores[&3].consume_join_token(&token).await;
+    assert!(matches!(reused, Err(StoreError::Token(_))), "{reused:?}");
+    let expired = stores[&3]
+        .mint_join_token(Duration::ZERO)
+        .await
+        .expect("mint");
+    let late = stores[&1].consume_join_token(&expired).await;
+    assert!(matches!(late, Err(StoreError::Token(_))), "{late:?}");
+    let forged = format!("{}.{}", &token[..16], "00".repeat(16));
+    assert!(matches!(
+        stores[&1].consume_join_token(&forged).await,
+        Err(StoreError::Token(_))
+    ));
+    assert!(matches!(
+        stores[&1].consume_join_token("garbage").await,
+        Err(StoreError::Token(_))
+    ));
+    shutdown_all(stores).await;
+}
+
+#[tokio::test]
+async fn removing_a_voter_promotes_the_oldest_learner() {
+    let mut stores = start_federation(3).await;
+    let leader = agreed_leader(&stores).await;
+    for id in [4, 5] {
+        let joiner = start_joiner(id, &stores).await;
+        stores[&leader]
+            .add_member(id, joiner.peer_addr(), false)
+            .await
+            .expect("add learner");
+        stores.insert(id, joiner);
+    }
+    wait_config(&stores, &[1, 2, 3], &[4, 5]).await;
+    let removed = [1, 2, 3]
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("a follower");
+    stores[&leader]
+        .remove_member(removed)
+        .await
+        .expect("remove");
+    let gone = stores.remove(&removed).expect("member");
+    let mut voters: Vec<u64> = [1, 2, 3, 4]
+        .into_iter()
+        .filter(|&id| id != removed)
+        .collect();
+    voters.sort_unstable();
+    wait_config(&stores, &voters, &[5]).await;
+    gone.shutdown().await;
+    stores[&4]
+        .put("clusters/after-removal", b"1".to_vec())
+        .await
+        .expect("put");
+    visible_everywhere(&stores, "clusters/after-removal", b"1").await;
+    shutdown_all(stores).await;
+}
+
+#[tokio::test]
+async fn removing_the_leader_hands_over_and_writes_continue() {
+    let mut stores = start_federation(3).await;
+    let leader = agreed_leader(&stores).await;
+    stores[&leader]
+        .put("clusters/before", b"1".to_vec())
+        .await
+        .expect("put");
+    let other = stores
+        .keys()
+        .copied()
+        .find(|&id| id != leader)
+        .expect("other");
+    stores[&other]
+        .remove_member(leader)
+        .await
+        .expect("remove the leader");
+    let old = stores.remove(&leader).expect("leader");
+    let new_leader = agreed_leader(&stores).await;
+    assert_ne!(new_leader, leader);
+    let remaining: Vec<u64> = stores.keys().copied().collect();
+    wait_config(&stores, &remaining, &[]).await;
+    old.shutdown().await;
+    stores[&new_leader]
+        .put("clusters/after", b"2".to_vec())
+        .await
+        .expect("write after the leader left");
+    visible_everywhere(&stores, "clusters/after", b"2").await;
+    assert_eq!(stores[&new_leader].status().role, Role::Leader);
+    shutdown_all(stores).await;
+}
+
+#[tokio::test]
+async fn at_most_five_members_vote_and_bad_changes_are_refused() {
+    let mut stores = start_federation(3).await;
+    let leader = agreed_leader(&stores).await;
+    for id in [4, 5, 6] {
+        let joiner = start_joiner(id, &stores).await;
+        stores[&leader]
+            .add_member(id, joiner.peer_addr(), true)
+            .await
+            .expect("add voter");
+        stores.insert(id, joiner);
+    }
+    wait_config(&stores, &[1, 2, 3, 4, 5], &[6]).await;
+    let addr = stores[&6].peer_addr();
+    assert!(matches!(
+        stores[&1].add_member(6, addr, true).await,
+        Err(StoreError::Membership(_))
+    ));
+    assert!(matches!(
+        stores[&1].remove_member(42).await,
+        Err(StoreError::Membership(_))
+    ));
+    shutdown_all(stores).await;
+}
