@@ -80,6 +80,54 @@ enum Command {
         #[arg(long)]
         control: Option<String>,
     },
+    /// The federation store: members, roles, leader, term, commit and applied index, lag,
+    /// lease states.
+    Status {
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: isthmus::cluster_cmd::StatusOutput,
+        /// A federation member's peer address (default $ISTHMUS_FEDERATION or
+        /// 127.0.0.1:15017).
+        #[arg(long)]
+        federation: Option<String>,
+    },
+    /// Federation membership: join tokens, joining and removing clusters.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Mint a one-time, expiring join token on an existing member.
+    Token {
+        /// How long the token stays valid.
+        #[arg(long, value_parser = parse_duration, default_value = "1h")]
+        ttl: Duration,
+        #[arg(long)]
+        federation: Option<String>,
+    },
+    /// Add a cluster's federation member (voter while fewer than five vote, else learner).
+    /// Start its control plane with `federation.join: true`.
+    Join {
+        #[arg(long)]
+        token: String,
+        /// The new member's id (its control config's federation.nodeId).
+        #[arg(long)]
+        id: u64,
+        /// Where the other members reach the new member's federation port.
+        #[arg(long)]
+        peer_addr: std::net::SocketAddr,
+        /// An existing member's federation address.
+        #[arg(long)]
+        federation: Option<String>,
+    },
+    /// Remove a cluster's member (by cluster name or member id), with joint consensus.
+    Remove {
+        name: String,
+        #[arg(long)]
+        federation: Option<String>,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -158,6 +206,29 @@ fn main() -> ExitCode {
                 let control = isthmus::policy_cmd::control_addr(control);
                 isthmus::policy_cmd::delete(&control, &kind, &name, &namespace).await
             }
+            Command::Status { output, federation } => {
+                let addr = isthmus::cluster_cmd::federation_addr(federation)?;
+                isthmus::cluster_cmd::status(addr, output).await
+            }
+            Command::Cluster { command } => match command {
+                ClusterCommand::Token { ttl, federation } => {
+                    let addr = isthmus::cluster_cmd::federation_addr(federation)?;
+                    isthmus::cluster_cmd::token(addr, ttl).await
+                }
+                ClusterCommand::Join {
+                    token,
+                    id,
+                    peer_addr,
+                    federation,
+                } => {
+                    let addr = isthmus::cluster_cmd::federation_addr(federation)?;
+                    isthmus::cluster_cmd::join(addr, &token, id, peer_addr).await
+                }
+                ClusterCommand::Remove { name, federation } => {
+                    let addr = isthmus::cluster_cmd::federation_addr(federation)?;
+                    isthmus::cluster_cmd::remove(addr, &name).await
+                }
+            },
         }
     });
     // Leave no task running behind us.

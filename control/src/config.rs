@@ -4,7 +4,8 @@
 //! cluster: east
 //! trustDomain: east.isthmus.local      # default <cluster>.isthmus.local
 //! locality: us-east-1/a                # optional, region/zone
-//! dataDir: /var/lib/isthmus            # CA key and certificate (created on first start)
+//! dataDir: /var/lib/isthmus            # CA key and certificate (created on first start),
+//!                                      # and the federation member's raft log (raft/)
 //! listen: {grpc: 0.0.0.0:15012, admin: 0.0.0.0:15020}
 //! discovery: {file: services.yaml, pollInterval: 500ms}
 //! vipRange: 240.240.0.0/16
@@ -15,6 +16,10 @@
 //!   nodeId: 1
 //!   listen: 0.0.0.0:15017
 //!   peers: {1: 10.0.0.1:15017, 2: 10.0.1.1:15017, 3: 10.0.2.1:15017}
+//!   # join: true     # a new member of a running federation: peers lists the existing
+//!   #                # members (and this one); it starts empty and catches up from the
+//!   #                # leader once `isthmus cluster join` has added it
+//!   # tick: 100ms    # raft tick; elections after 10-20 ticks, heartbeats every 2
 //! ```
 //! Relative paths are relative to the config file's directory.
 
@@ -104,7 +109,12 @@ pub struct RawFederation {
     pub node_id: u64,
     #[serde(default = "default_peer_listen")]
     pub listen: String,
+    #[serde(default)]
     pub peers: BTreeMap<u64, String>,
+    #[serde(default)]
+    pub join: bool,
+    #[serde(default)]
+    pub tick: Option<String>,
 }
 fn default_peer_listen() -> String {
     "0.0.0.0:15017".into()
@@ -128,6 +138,10 @@ pub struct ControlConfig {
     pub node_id: u64,
     pub peer_listen: SocketAddr,
     pub peers: BTreeMap<u64, SocketAddr>,
+    /// Joining a running federation (see `isthmus cluster join`).
+    pub join: bool,
+    /// The raft tick, when not the default.
+    pub tick: Option<Duration>,
 }
 
 impl TryFrom<RawControlConfig> for ControlConfig {
@@ -180,11 +194,25 @@ impl TryFrom<RawControlConfig> for ControlConfig {
             }
             peers.insert(*id, socket_addr(&format!("federation.peers.{id}"), addr)?);
         }
-        if !peers.contains_key(&raw.federation.node_id) {
+        if raw.federation.node_id == 0 {
+            return Err(FieldError::new(
+                "federation.nodeId",
+                0,
+                "node ids start at 1",
+            ));
+        }
+        if raw.federation.join && !peers.keys().any(|id| *id != raw.federation.node_id) {
+            return Err(FieldError::new(
+                "federation.peers",
+                format!("{:?}", raw.federation.peers),
+                "a joining member needs the existing members' addresses",
+            ));
+        }
+        if !raw.federation.join && !peers.contains_key(&raw.federation.node_id) {
             return Err(FieldError::new(
                 "federation.nodeId",
                 raw.federation.node_id,
-                "this member's id must be one of federation.peers",
+                "this member's id must be one of federation.peers (or set federation.join)",
             ));
         }
         Ok(ControlConfig {
@@ -203,6 +231,13 @@ impl TryFrom<RawControlConfig> for ControlConfig {
             node_id: raw.federation.node_id,
             peer_listen: socket_addr("federation.listen", &raw.federation.listen)?,
             peers,
+            join: raw.federation.join,
+            tick: raw
+                .federation
+                .tick
+                .as_deref()
+                .map(|t| duration("federation.tick", t))
+                .transpose()?,
         })
     }
 }
@@ -311,6 +346,16 @@ mod tests {
                 "federation.peers.1",
                 "nowhere",
             ),
+            (
+                GOOD.replace("nodeId: 1", "nodeId: 1\n  join: true"),
+                "federation.peers",
+                "existing members",
+            ),
+            (
+                GOOD.replace("nodeId: 1", "nodeId: 1\n  tick: soon"),
+                "federation.tick",
+                "soon",
+            ),
         ];
         for (text, field, value) in cases {
             let err = load(&text).unwrap_err();
@@ -319,6 +364,17 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn a_joining_member_may_leave_itself_out_of_peers() {
+        let c = load(&GOOD.replace(
+            "nodeId: 1\n  peers: {1: 127.0.0.1:15017}",
+            "nodeId: 4\n  join: true\n  tick: 20ms\n  peers: {1: 127.0.0.1:15017}",
+        ))
+        .unwrap();
+        assert!(c.join);
+        assert_eq!(c.tick, Some(Duration::from_millis(20)));
     }
 
     #[test]

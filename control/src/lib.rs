@@ -134,6 +134,7 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
         gateway: opts.gateway_address,
         ca_bundle_pem: opts.ca.cert_pem().to_string(),
         locality: opts.locality.clone(),
+        member_id: Some(store.status().id),
     };
     let desired0 = Desired {
         cluster: cluster_record.clone(),

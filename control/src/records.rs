@@ -23,6 +23,10 @@ pub struct ClusterRecord {
     pub ca_bundle_pem: String,
     #[serde(default)]
     pub locality: Option<String>,
+    /// The raft id of the cluster's federation member (`isthmus cluster remove NAME` finds
+    /// the member by it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member_id: Option<u64>,
 }
 
 /// One cluster's export of one service: what the others need to route to it through that

@@ -276,6 +276,67 @@ impl Kv for KvService {
             voters: s.voters,
             learners: s.learners,
             rejected_peer_batches: s.rejected_peer_batches,
+            snapshot_index: s.snapshot_index,
         }))
+    }
+
+    async fn mint_join_token(
+        &self,
+        request: Request<pb::MintJoinTokenRequest>,
+    ) -> Result<Response<pb::MintJoinTokenResponse>, Status> {
+        let ttl_ms = request.into_inner().ttl_ms;
+        if ttl_ms == 0 {
+            return Err(Status::invalid_argument(
+                "ttl_ms: a join token must be valid for longer than zero",
+            ));
+        }
+        let token = self
+            .store()?
+            .mint_join_token(std::time::Duration::from_millis(ttl_ms))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::MintJoinTokenResponse { token }))
+    }
+
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let req = request.into_inner();
+        if req.id == 0 {
+            return Err(Status::invalid_argument("id: 0 is not a valid member id"));
+        }
+        let addr: std::net::SocketAddr = req.peer_addr.parse().map_err(|_| {
+            Status::invalid_argument(format!(
+                "peer_addr: {:?} is not an address such as 10.0.0.7:15017",
+                req.peer_addr
+            ))
+        })?;
+        let store = self.store()?;
+        if store.members().contains_key(&req.id) {
+            return Err(Status::already_exists(format!(
+                "id: member {} already exists; choose another id (the token was not used)",
+                req.id
+            )));
+        }
+        let revision = store
+            .join_with_token(&req.token, req.id, addr)
+            .await
+            .map_err(status)?;
+        let voter = !store.status().learners.contains(&req.id);
+        Ok(Response::new(pb::JoinResponse { revision, voter }))
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        let id = request.into_inner().id;
+        let store = self.store()?;
+        if !store.members().contains_key(&id) {
+            return Err(Status::not_found(format!("id: no member {id}")));
+        }
+        let revision = store.remove_member(id).await.map_err(status)?;
+        Ok(Response::new(pb::WriteResponse { revision }))
     }
 }

@@ -44,6 +44,8 @@ pub struct RemoteStatus {
     pub learners: Vec<u64>,
     /// Peer batches it rejected as garbage since it started.
     pub rejected_peer_batches: u64,
+    /// Index of its latest snapshot.
+    pub snapshot_index: u64,
 }
 
 fn error(status: Status) -> StoreError {
@@ -228,7 +230,52 @@ impl KvClient {
             voters: s.voters,
             learners: s.learners,
             rejected_peer_batches: s.rejected_peer_batches,
+            snapshot_index: s.snapshot_index,
         })
+    }
+
+    /// Mints a one-time join token valid for `ttl`.
+    pub async fn mint_join_token(&mut self, ttl: Duration) -> Result<String, StoreError> {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        Ok(self
+            .grpc
+            .mint_join_token(pb::MintJoinTokenRequest { ttl_ms })
+            .await
+            .map_err(error)?
+            .into_inner()
+            .token)
+    }
+
+    /// Consumes `token` and adds member `id` at `peer_addr`; returns the change's revision
+    /// and whether it votes (false: it joined as a learner).
+    pub async fn join(
+        &mut self,
+        token: &str,
+        id: u64,
+        peer_addr: SocketAddr,
+    ) -> Result<(u64, bool), StoreError> {
+        let r = self
+            .grpc
+            .join(pb::JoinRequest {
+                token: token.to_string(),
+                id,
+                peer_addr: peer_addr.to_string(),
+            })
+            .await
+            .map_err(error)?
+            .into_inner();
+        Ok((r.revision, r.voter))
+    }
+
+    /// Removes member `id`; returns the change's revision.
+    pub async fn remove_member(&mut self, id: u64) -> Result<u64, StoreError> {
+        Ok(self
+            .grpc
+            .remove_member(pb::RemoveMemberRequest { id })
+            .await
+            .map_err(error)?
+            .into_inner()
+            .revision)
     }
 }
 

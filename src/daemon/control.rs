@@ -14,12 +14,14 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     let ca = load_or_create_ca(&config.data_dir, &config.trust_domain)?;
     let binding = isthmus_federation::bind(config.peer_listen).await?;
     let federation = binding.local_addr();
-    let store = binding
-        .start(isthmus_federation::StoreOptions::new(
-            config.node_id,
-            config.peers.clone(),
-        ))
-        .await?;
+    let mut options = isthmus_federation::StoreOptions::new(config.node_id, config.peers.clone());
+    // The raft log, hard state and snapshots live beside the CA, under <dataDir>/raft/.
+    options.data_dir = Some(config.data_dir.clone());
+    options.join = config.join;
+    if let Some(tick) = config.tick {
+        options.tick = tick;
+    }
+    let store = binding.start(options).await?;
     let control = isthmus_control::start(
         isthmus_control::ControlOptions {
             cluster: config.cluster.clone(),
@@ -44,6 +46,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             "cluster": config.cluster,
             "grpc": control.grpc_addr().to_string(),
             "federation": federation.to_string(),
+            "member": config.node_id,
             "admin": admin.addr().to_string(),
         }),
     );

@@ -32,6 +32,7 @@ fn cluster(name: &str, gateway: Option<&str>) -> ClusterRecord {
         gateway: gateway.map(|g| g.parse().unwrap()),
         ca_bundle_pem: format!("PEM-{name}"),
         locality: None,
+        member_id: None,
     }
 }
 

@@ -1,0 +1,405 @@
+//! The federation store as operators run it: three `isthmus control` processes, each with
+//! its raft log on disk, written to through the `Kv` API on their federation ports.
+//!
+//! - The leader is SIGKILLed under load and restarted on its data directory; then all three
+//!   are SIGKILLed at once and restarted. Every write that was acknowledged is present on
+//!   every member afterwards.
+//! - Membership through the CLI: `isthmus cluster token`, `isthmus cluster join` with a fourth
+//!   control plane started with `federation.join: true`, `isthmus status -o json`, and
+//!   `isthmus cluster remove NAME`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Output;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use isthmus_federation::KvClient;
+use support::{addr, daemon, free_port};
+use tokio::process::Child;
+
+mod support;
+
+/// A control plane's config: member `id` of the federation whose peer ports are `peers`.
+/// A joining member's `peers` lists the existing members too (whom it will hear from).
+fn control_config(id: u64, peers: &BTreeMap<u64, u16>, join: bool) -> String {
+    let peer_list: Vec<String> = peers
+        .iter()
+        .map(|(id, port)| format!("{id}: \"{}\"", addr(*port)))
+        .collect();
+    format!(
+        "cluster: c{id}\ndataDir: data-{id}\ndiscovery: {{file: services.yaml, pollInterval: 100ms}}\n\
+         vipRange: 127.{}.0.0/16\nlisten: {{grpc: \"127.0.0.1:0\", admin: \"127.0.0.1:0\"}}\n\
+         federation: {{nodeId: {id}, listen: \"{}\", join: {join}, tick: 20ms, peers: {{{}}}}}\n",
+        60 + id,
+        addr(peers[&id]),
+        peer_list.join(", "),
+    )
+}
+
+async fn start_member(dir: &Path, id: u64, peers: &BTreeMap<u64, u16>, join: bool) -> Child {
+    let (child, ready) = daemon(
+        dir,
+        &format!("control-{id}"),
+        "control",
+        &control_config(id, peers, join),
+    )
+    .await;
+    assert_eq!(ready["member"], id);
+    child
+}
+
+async fn sigkill(child: &mut Child) {
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+}
+
+async fn client(port: u16) -> KvClient {
+    let addr: SocketAddr = addr(port).parse().unwrap();
+    KvClient::connect(addr).await.unwrap()
+}
+
+/// The member every member agrees leads, once they do.
+async fn leader(ports: &[u16]) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut leaders = Vec::new();
+        for &port in ports {
+            if let Ok(mut c) = KvClient::connect(addr(port).parse().unwrap()).await {
+                if let Ok(s) = c.status().await {
+                    leaders.push(s.leader_id);
+                }
+            }
+        }
+        if leaders.len() == ports.len()
+            && leaders[0].is_some()
+            && leaders.iter().all(|l| *l == leaders[0])
+        {
+            return leaders[0].unwrap();
+        }
+        assert!(Instant::now() < deadline, "no agreed leader: {leaders:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Acknowledged writes: key and value.
+type Acked = Vec<(String, Vec<u8>)>;
+
+/// Writers that put distinct keys through any member, moving on to the next member when
+/// one fails, and record every key whose write was acknowledged.
+struct Load {
+    acked: Arc<Mutex<Acked>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(ports: Vec<u16>, writers: usize, max_per_writer: usize) -> Load {
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let tasks = (0..writers)
+            .map(|w| {
+                let (acked, ports, stopped) = (acked.clone(), ports.clone(), stopped.clone());
+                tokio::spawn(async move {
+                    let mut target = w % ports.len();
+                    let mut conn: Option<KvClient> = None;
+                    for n in 0..max_per_writer {
+                        if *stopped.borrow() {
+                            return;
+                        }
+                        let key = format!("load/{w:02}/{n:05}");
+                        let value = format!("value of {key}").into_bytes();
+                        let c = match conn.as_mut() {
+                            Some(c) => c,
+                            None => match KvClient::connect(addr(ports[target]).parse().unwrap())
+                                .await
+                            {
+                                Ok(c) => conn.insert(c),
+                                Err(_) => {
+                                    target = (target + 1) % ports.len();
+                                    continue;
+                                }
+                            },
+                        };
+                        let put = tokio::time::timeout(
+                            Duration::from_secs(2),
+                            c.put(&key, value.clone()),
+                        );
+                        match put.await {
+                            Ok(Ok(_)) => acked.lock().unwrap().push((key, value)),
+                            _ => {
+                                // Unknown outcome: the key may or may not be there; only
+                                // acknowledged keys are checked.
+                                conn = None;
+                                target = (target + 1) % ports.len();
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { acked, stop, tasks }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    async fn wait_for(&self, count: usize, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.acked() < count {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: only {} writes acknowledged",
+                self.acked()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn finish(self) -> Acked {
+        self.stop.send_replace(true);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let acked = self.acked.lock().unwrap().clone();
+        acked
+    }
+}
+
+/// Every acknowledged key, read linearizably from the member at `port`.
+async fn assert_all_present(port: u16, acked: &[(String, Vec<u8>)], who: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut c = loop {
+        // A restarted member may still be electing or catching up.
+        if let Ok(mut c) = KvClient::connect(addr(port).parse().unwrap()).await {
+            if c.get("probe", true).await.is_ok() {
+                break c;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{who} never served a linearizable read"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (_, records) = c.list("load/", true).await.unwrap();
+    let stored: BTreeMap<String, Vec<u8>> =
+        records.into_iter().map(|(k, r)| (k, r.value)).collect();
+    let missing: Vec<&String> = acked
+        .iter()
+        .filter(|(k, v)| stored.get(k) != Some(v))
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{who} lost {} of {} acknowledged writes, e.g. {:?}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(5)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_members_restart_from_disk_without_losing_an_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("services.yaml"), "services: []\n").unwrap();
+    let peers: BTreeMap<u64, u16> = (1..=3).map(|id| (id, free_port())).collect();
+    let ports: Vec<u16> = peers.values().copied().collect();
+    let mut members = BTreeMap::new();
+    for id in 1..=3 {
+        members.insert(id, start_member(dir.path(), id, &peers, false).await);
+    }
+    let first_leader = leader(&ports).await;
+
+    // The leader dies mid-load (SIGKILL: no shutdown, no flush) and comes back from disk.
+    let load = Load::start(ports.clone(), 8, 2_000);
+    load.wait_for(150, "before the kill").await;
+    sigkill(members.get_mut(&first_leader).unwrap()).await;
+    let at_kill = load.acked();
+    load.wait_for(at_kill + 150, "with the leader dead").await;
+    members.insert(
+        first_leader,
+        start_member(dir.path(), first_leader, &peers, false).await,
+    );
+    let at_restart = load.acked();
+    load.wait_for(at_restart + 150, "after the restart").await;
+    let acked = load.finish().await;
+    for (&id, &port) in &peers {
+        assert_all_present(port, &acked, &format!("member {id}")).await;
+    }
+    assert_ne!(leader(&ports).await, 0);
+
+    // All three at once: only what is on disk survives.
+    for child in members.values_mut() {
+        sigkill(child).await;
+    }
+    for id in 1..=3 {
+        members.insert(id, start_member(dir.path(), id, &peers, false).await);
+    }
+    leader(&ports).await;
+    for (&id, &port) in &peers {
+        assert_all_present(port, &acked, &format!("member {id} after a full restart")).await;
+    }
+    // And it still takes writes.
+    client(ports[0])
+        .await
+        .put("after/restart", b"yes".to_vec())
+        .await
+        .unwrap();
+    for child in members.values_mut() {
+        sigkill(child).await;
+    }
+}
+
+fn cli(args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_isthmus"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn cli_ok(args: &[&str]) -> String {
+    let out = cli(args);
+    assert!(
+        out.status.success(),
+        "isthmus {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+async fn status_json(federation: &str) -> serde_json::Value {
+    let federation = federation.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        cli_ok(&["status", "-o", "json", "--federation", &federation])
+    })
+    .await
+    .unwrap();
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Polls `isthmus status -o json` until `check` holds.
+async fn status_until(
+    federation: &str,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status_json(federation).await;
+        if check(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what}; last status: {s:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusters_join_with_a_one_time_token_and_leave_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("services.yaml"), "services: []\n").unwrap();
+    let mut peers: BTreeMap<u64, u16> = (1..=3).map(|id| (id, free_port())).collect();
+    let mut members = Vec::new();
+    for id in 1..=3 {
+        members.push(start_member(dir.path(), id, &peers, false).await);
+    }
+    let ports: Vec<u16> = peers.values().copied().collect();
+    leader(&ports).await;
+    let fed = addr(peers[&1]);
+    let initial = status_until(&fed, "three named members", |s| {
+        s["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["cluster"].is_string())
+    })
+    .await;
+    assert_eq!(initial["members"].as_array().unwrap().len(), 3);
+
+    // A fourth cluster: start its control plane empty, then join it with a token.
+    peers.insert(4, free_port());
+    let fourth = start_member(dir.path(), 4, &peers, true).await;
+    let token = cli_ok(&["cluster", "token", "--ttl", "5m", "--federation", &fed]);
+    let token = token.trim().to_string();
+    assert!(token.contains('.'), "{token}");
+    let p4 = addr(peers[&4]);
+    let joined = cli_ok(&[
+        "cluster",
+        "join",
+        "--token",
+        &token,
+        "--id",
+        "4",
+        "--peer-addr",
+        &p4,
+        "--federation",
+        &fed,
+    ]);
+    assert!(
+        joined.contains("member 4") && joined.contains("voter"),
+        "{joined}"
+    );
+
+    // The token is one-time.
+    let again = cli(&[
+        "cluster",
+        "join",
+        "--token",
+        &token,
+        "--id",
+        "5",
+        "--peer-addr",
+        "127.0.0.1:9",
+        "--federation",
+        &fed,
+    ]);
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("token"), "{err}");
+    // A garbage token names what is wrong.
+    let bad = cli(&[
+        "cluster",
+        "join",
+        "--token",
+        "nonsense",
+        "--id",
+        "5",
+        "--peer-addr",
+        "127.0.0.1:9",
+        "--federation",
+        &fed,
+    ]);
+    assert!(!bad.status.success());
+
+    let s = status_until(&fed, "c4 caught up and published its record", |s| {
+        s["members"].as_array().unwrap().iter().any(|m| {
+            m["id"] == 4 && m["cluster"] == "c4" && m["lag"] == 0 && m["membership"] == "voter"
+        })
+    })
+    .await;
+    assert_eq!(s["members"].as_array().unwrap().len(), 4);
+    assert!(s["leader"].as_u64().is_some());
+    let table = cli_ok(&["status", "--federation", &fed]);
+    assert!(table.contains("c4") && table.contains("LAG"), "{table}");
+
+    // Leaving by name.
+    let removed = cli_ok(&["cluster", "remove", "c4", "--federation", &fed]);
+    assert!(removed.contains("member 4"), "{removed}");
+    status_until(&fed, "member 4 gone", |s| {
+        s["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["id"] != 4)
+    })
+    .await;
+    // Unknown names get a clear error.
+    let unknown = cli(&["cluster", "remove", "nowhere", "--federation", &fed]);
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no cluster named \"nowhere\""));
+
+    drop(fourth);
+    drop(members);
+}
