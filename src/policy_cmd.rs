@@ -93,6 +93,6 @@ pub async fn delete(control: &str, kind: &str, name: &str, namespace: &str) -> a
 
 fn parse_kind(kind: &str) -> anyhow::Result<Kind> {
     Kind::parse(kind).with_context(|| {
-        format!("unknown kind {kind:?} (VirtualService, DestinationRule, AuthorizationPolicy, PeerAuthentication, RateLimitPolicy, or all)")
+        format!("unknown kind {kind:?} (VirtualService, DestinationRule, AuthorizationPolicy, PeerAuthentication, RateLimitPolicy, FailoverPolicy, or all)")
     })
 }

@@ -22,6 +22,7 @@ pub mod admin;
 pub mod ca;
 pub mod client;
 pub mod config;
+pub mod failover;
 pub mod identity;
 pub mod mesh;
 pub mod policy;

@@ -25,3 +25,58 @@ pub struct TokenBucket {
     pub tokens_per_fill: Option<u32>,
     pub fill_interval: String,
 }
+
+/// `FailoverPolicy.spec`: where a service's traffic goes when its nearer capacity is gone.
+/// The caller's own cluster always comes first (local-first); then the `priorities`, in
+/// order. A cluster that no priority names receives no traffic, unless a `byLocality` entry
+/// adds the remaining clusters, nearest locality first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FailoverPolicySpec {
+    /// The service (in the policy's namespace) it governs; absent: every service of the
+    /// namespace without a policy of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Ordered priorities after the caller's own cluster.
+    #[serde(default)]
+    pub priorities: Vec<PriorityEntry>,
+    /// A priority keeps the traffic while at least this share of its endpoints is healthy
+    /// (default 0: while any is); below it, traffic spills to the next priority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_healthy_percent: Option<u32>,
+    /// How long a nearer priority must stay healthy before traffic returns to it (default
+    /// 5s). Failing over is immediate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hysteresis: Option<String>,
+    /// What a cluster whose export lease lapsed (cut off from the federation) means for
+    /// traffic: `keepLastKnown`, `drainToNext` (the default) or `{withdrawAfter: 30s}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_partition: Option<OnPartitionSpec>,
+}
+
+/// One priority: named clusters, clusters of named regions, or every remaining cluster by
+/// locality. Exactly one of the three.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PriorityEntry {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clusters: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub by_locality: bool,
+}
+
+/// `onPartition` as written: a mode name, or `{withdrawAfter: <duration>}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OnPartitionSpec {
+    Mode(String),
+    WithdrawAfter(WithdrawAfter),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WithdrawAfter {
+    pub withdraw_after: String,
+}

@@ -28,15 +28,17 @@ pub enum Kind {
     AuthorizationPolicy,
     PeerAuthentication,
     RateLimitPolicy,
+    FailoverPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::AuthorizationPolicy,
         Kind::PeerAuthentication,
         Kind::RateLimitPolicy,
+        Kind::FailoverPolicy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -46,6 +48,7 @@ impl Kind {
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::RateLimitPolicy => "RateLimitPolicy",
+            Kind::FailoverPolicy => "FailoverPolicy",
         }
     }
 
@@ -57,7 +60,7 @@ impl Kind {
                 "networking.istio.io/v1beta1",
                 "networking.istio.io/v1alpha3",
             ],
-            Kind::RateLimitPolicy => &["isthmus.io/v1alpha1"],
+            Kind::RateLimitPolicy | Kind::FailoverPolicy => &["isthmus.io/v1alpha1"],
             Kind::AuthorizationPolicy | Kind::PeerAuthentication => {
                 &["security.istio.io/v1", "security.istio.io/v1beta1"]
             }
@@ -92,6 +95,7 @@ pub enum Spec {
     AuthorizationPolicy(AuthorizationPolicySpec),
     PeerAuthentication(PeerAuthenticationSpec),
     RateLimitPolicy(isthmus::RateLimitPolicySpec),
+    FailoverPolicy(isthmus::FailoverPolicySpec),
 }
 
 /// One validated policy document.
@@ -111,6 +115,7 @@ impl Policy {
             Spec::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Spec::PeerAuthentication(_) => Kind::PeerAuthentication,
             Spec::RateLimitPolicy(_) => Kind::RateLimitPolicy,
+            Spec::FailoverPolicy(_) => Kind::FailoverPolicy,
         }
     }
 
@@ -127,6 +132,7 @@ impl Policy {
             Spec::AuthorizationPolicy(s) => serde_json::to_value(s),
             Spec::PeerAuthentication(s) => serde_json::to_value(s),
             Spec::RateLimitPolicy(s) => serde_json::to_value(s),
+            Spec::FailoverPolicy(s) => serde_json::to_value(s),
         }
         .unwrap_or(serde_json::Value::Null);
         serde_json::json!({
@@ -274,7 +280,7 @@ fn parse_value(
                 document,
                 "kind",
                 format!(
-                    "unsupported kind {:?} (supported: VirtualService, DestinationRule, AuthorizationPolicy, PeerAuthentication, RateLimitPolicy)",
+                    "unsupported kind {:?} (supported: VirtualService, DestinationRule, AuthorizationPolicy, PeerAuthentication, RateLimitPolicy, FailoverPolicy)",
                     envelope.kind
                 ),
             )
@@ -327,6 +333,7 @@ fn parse_value(
         Kind::AuthorizationPolicy => typed(envelope.spec).map(Spec::AuthorizationPolicy),
         Kind::PeerAuthentication => typed(envelope.spec).map(Spec::PeerAuthentication),
         Kind::RateLimitPolicy => typed(envelope.spec).map(Spec::RateLimitPolicy),
+        Kind::FailoverPolicy => typed(envelope.spec).map(Spec::FailoverPolicy),
     }
     .map_err(|(field, message)| err(field, message))?;
     let policy = Policy {

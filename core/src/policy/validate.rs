@@ -456,6 +456,52 @@ pub(super) fn validate(policy: &Policy) -> Check {
                 ),
             }
         }
+        Spec::FailoverPolicy(fp) => {
+            if let Some(s) = &fp.service {
+                if crate::identity::validate_label("spec.service", s).is_err() {
+                    return fail("spec.service", format!("{s:?} is not a service name"));
+                }
+            }
+            for (i, p) in fp.priorities.iter().enumerate() {
+                let given = usize::from(!p.clusters.is_empty())
+                    + usize::from(!p.regions.is_empty())
+                    + usize::from(p.by_locality);
+                if given != 1 {
+                    return fail(
+                        format!("spec.priorities[{i}]"),
+                        "give exactly one of clusters, regions or byLocality: true",
+                    );
+                }
+                for (j, c) in p.clusters.iter().enumerate() {
+                    if crate::identity::validate_label("cluster", c).is_err() {
+                        return fail(
+                            format!("spec.priorities[{i}].clusters[{j}]"),
+                            format!("{c:?} is not a cluster name"),
+                        );
+                    }
+                }
+                if p.by_locality && i + 1 != fp.priorities.len() {
+                    return fail(
+                        format!("spec.priorities[{i}].byLocality"),
+                        "byLocality takes every remaining cluster, so it must be the last priority",
+                    );
+                }
+            }
+            if let Some(m) = fp.min_healthy_percent {
+                if m > 100 {
+                    return fail(
+                        "spec.minHealthyPercent",
+                        format!("{m} is not a percentage (0-100)"),
+                    );
+                }
+            }
+            if let Some(h) = &fp.hysteresis {
+                duration("spec.hysteresis", h)?;
+            }
+            crate::failover::parse_on_partition(fp.on_partition.as_ref())
+                .map(|_| ())
+                .map_err(|e| ("spec.onPartition".to_string(), e))
+        }
         Spec::PeerAuthentication(pa) => {
             if let Some(m) = &pa.mtls {
                 if !["STRICT", "PERMISSIVE", "UNSET"].contains(&m.mode.as_str()) {
