@@ -16,6 +16,7 @@ fn options(vip_octet: u8) -> DemoOptions {
         discovery_poll: Duration::from_millis(50),
         work_dir: None,
         vip_octets: [vip_octet, vip_octet + 1, vip_octet + 2],
+        ..DemoOptions::default()
     }
 }
 

@@ -107,6 +107,7 @@ impl Catalog {
                     endpoints: s.endpoints.len() as u32,
                     healthy_endpoints: s.endpoints.iter().filter(|e| e.healthy).count() as u32,
                     subsets,
+                    lease_expired_at_ms: None,
                 }
             })
             .collect()
@@ -195,6 +196,8 @@ impl Catalog {
                 gateway,
                 healthy_endpoints: x.healthy_endpoints,
                 subsets: x.subsets.clone(),
+                endpoints: x.endpoints,
+                lease_expired_at_ms: x.lease_expired_at_ms,
             });
         }
         for s in services.values_mut() {
@@ -207,6 +210,7 @@ impl Catalog {
                 trust_domain: c.trust_domain.clone(),
                 gateway: c.gateway,
                 ca_bundle_pem: c.ca_bundle_pem.clone(),
+                locality: c.locality.clone(),
             })
             .collect();
         members.sort_by(|a, b| a.name.cmp(&b.name));

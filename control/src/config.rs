@@ -11,6 +11,8 @@
 //! vipRange: 240.240.0.0/16
 //! gatewayAddress: 203.0.113.7:15443    # how other clusters reach this cluster's gateway
 //! certLifetime: 1h
+//! exportLease: 10s                     # lease on this cluster's exports; lapses when it
+//!                                      # stops renewing (see docs/failover.md)
 //! bootstrapTokens: [{token: "...", allow: ["default/*"]}]
 //! federation:
 //!   nodeId: 1
@@ -56,6 +58,8 @@ pub struct RawControlConfig {
     pub gateway_address: Option<String>,
     #[serde(default = "default_cert_lifetime")]
     pub cert_lifetime: String,
+    #[serde(default = "default_export_lease")]
+    pub export_lease: String,
     #[serde(default)]
     pub bootstrap_tokens: Vec<RawToken>,
     pub federation: RawFederation,
@@ -66,6 +70,9 @@ fn default_vip_range() -> String {
 }
 fn default_cert_lifetime() -> String {
     "1h".into()
+}
+fn default_export_lease() -> String {
+    "10s".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,6 +141,8 @@ pub struct ControlConfig {
     pub vip_range: Ipv4Net,
     pub gateway_address: Option<SocketAddr>,
     pub cert_lifetime: Duration,
+    /// The lease on this cluster's exports in the federation store.
+    pub export_lease: Duration,
     pub tokens: TokenPolicy,
     pub node_id: u64,
     pub peer_listen: SocketAddr,
@@ -227,6 +236,16 @@ impl TryFrom<RawControlConfig> for ControlConfig {
             vip_range,
             gateway_address,
             cert_lifetime: duration("certLifetime", &raw.cert_lifetime)?,
+            export_lease: match duration("exportLease", &raw.export_lease)? {
+                d if d < Duration::from_millis(100) => {
+                    return Err(FieldError::new(
+                        "exportLease",
+                        &raw.export_lease,
+                        "at least 100ms (it is renewed every third of it)",
+                    ))
+                }
+                d => d,
+            },
             tokens: TokenPolicy::from_raw("bootstrapTokens", raw.bootstrap_tokens)?,
             node_id: raw.federation.node_id,
             peer_listen: socket_addr("federation.listen", &raw.federation.listen)?,

@@ -68,6 +68,10 @@ pub struct ControlOptions {
     pub tokens: TokenPolicy,
     pub cert_lifetime: Duration,
     pub ca: Arc<CertificateAuthority>,
+    /// The lease on this cluster's exports in the federation store: renewed every third of
+    /// it; if this control plane stops renewing (it is down, or cut off from the
+    /// federation), the others see the lease lapse and apply their failover policies.
+    pub export_lease: Duration,
 }
 
 /// A running control plane.
@@ -149,6 +153,7 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
     tasks.push(tokio::spawn(publisher(
         store.clone(),
         desired_rx,
+        opts.export_lease,
         stopped.clone(),
     )));
     tasks.push(tokio::spawn(catalog_loop(CatalogLoop {
@@ -213,7 +218,25 @@ fn rebuild(
     // Our own record is known locally even before the store has it (no quorum yet).
     clusters.retain(|c| c.name != own.name);
     clusters.push(own.clone());
-    let exports: Vec<ExportRecord> = decode_all(store, records::EXPORTS_PREFIX);
+    let exports: Vec<ExportRecord> = store
+        .list(records::EXPORTS_PREFIX)
+        .into_iter()
+        .filter_map(|(key, record)| {
+            match serde_json::from_slice::<ExportRecord>(&record.value) {
+                Ok(mut x) => {
+                    x.lease_expired_at_ms = record
+                        .lease
+                        .filter(|l| l.expired)
+                        .map(|l| l.expires_at_unix_ms);
+                    Some(x)
+                }
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "skipping an export that does not decode");
+                    None
+                }
+            }
+        })
+        .collect();
     let policies: Vec<Policy> = store
         .list(isthmus_core::policy::STORE_PREFIX)
         .into_iter()
@@ -303,25 +326,55 @@ async fn catalog_loop(mut l: CatalogLoop) {
     }
 }
 
-/// Makes the store hold exactly this cluster's desired records, retrying until it does.
+/// Makes the store hold exactly this cluster's desired records, retrying until it does, and
+/// keeps the leases on its exports renewed.
 async fn publisher(
     store: Store,
     mut desired: watch::Receiver<Desired>,
+    lease: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     const RETRY: Duration = Duration::from_millis(300);
+    let mut renew = tokio::time::interval((lease / 3).max(Duration::from_millis(10)));
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ok = false;
+    let mut want = desired.borrow_and_update().clone();
     loop {
-        let want = desired.borrow_and_update().clone();
-        let ok = publish(&store, &want).await;
+        if !ok {
+            ok = publish(&store, &want, lease).await;
+        }
         tokio::select! {
             _ = stop.changed() => return,
-            changed = desired.changed() => if changed.is_err() { return },
+            changed = desired.changed() => {
+                if changed.is_err() { return }
+                want = desired.borrow_and_update().clone();
+                ok = false;
+            }
+            _ = renew.tick() => {
+                if !renew_exports(&store, &want).await {
+                    ok = false;
+                }
+            }
             _ = tokio::time::sleep(RETRY), if !ok => {}
         }
     }
 }
 
-async fn publish(store: &Store, want: &Desired) -> bool {
+/// Renews the lease of every export of ours; false if one must be written again.
+async fn renew_exports(store: &Store, want: &Desired) -> bool {
+    let own = &want.cluster.name;
+    let mut ok = true;
+    for x in &want.exports {
+        let key = records::export_key(&x.namespace, &x.name, own);
+        if let Err(e) = store.renew(&key).await {
+            tracing::debug!(%key, error = %e, "renewing an export's lease failed");
+            ok = false;
+        }
+    }
+    ok
+}
+
+async fn publish(store: &Store, want: &Desired, lease: Duration) -> bool {
     let own = &want.cluster.name;
     let mut puts: Vec<(String, Vec<u8>)> = Vec::new();
     let cluster_key = records::cluster_key(own);
@@ -335,10 +388,19 @@ async fn publish(store: &Store, want: &Desired) -> bool {
     }
     let mut ok = true;
     for (key, value) in &puts {
-        if store.get(key).is_some_and(|r| &r.value == value) {
+        let leased = key.starts_with(records::EXPORTS_PREFIX);
+        if store
+            .get(key)
+            .is_some_and(|r| &r.value == value && r.lease.is_some() == leased)
+        {
             continue;
         }
-        if let Err(e) = store.put(key, value.clone()).await {
+        let written = if leased {
+            store.put_with_lease(key, value.clone(), lease).await
+        } else {
+            store.put(key, value.clone()).await
+        };
+        if let Err(e) = written {
             tracing::debug!(%key, error = %e, "publishing to the federation failed; will retry");
             ok = false;
         }

@@ -45,6 +45,10 @@ pub struct ExportRecord {
     /// Healthy endpoint counts by `label=value` (e.g. `version=v2`), for subsets.
     #[serde(default)]
     pub subsets: BTreeMap<String, u32>,
+    /// Not part of the stored value: when the record's lease in the store lapsed (unix ms),
+    /// filled in by the reader from the store's record.
+    #[serde(skip)]
+    pub lease_expired_at_ms: Option<u64>,
 }
 
 pub fn cluster_key(name: &str) -> String {

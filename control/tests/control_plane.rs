@@ -48,6 +48,7 @@ async fn start(services_yaml: &str) -> Running {
             gateway_address: Some("127.0.0.1:15443".parse().unwrap()),
             tokens: TokenPolicy::single(TOKEN, &["default"]),
             cert_lifetime: Duration::from_secs(600),
+            export_lease: Duration::from_secs(10),
             ca: Arc::new(CertificateAuthority::generate("east.isthmus.local").unwrap()),
         },
         store.clone(),

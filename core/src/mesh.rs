@@ -173,6 +173,15 @@ pub struct RemoteExport {
     /// Healthy endpoint counts by `label=value` (e.g. `version=v2`), for subset routing.
     #[serde(default)]
     pub subsets: BTreeMap<String, u32>,
+    /// All endpoints behind it, healthy or not (for the healthy share failover uses).
+    #[serde(default)]
+    pub endpoints: u32,
+    /// When the export's lease in the federation store lapsed (unix ms): the exporting
+    /// cluster stopped renewing it (cut off from the federation, or its control plane
+    /// down). `None` while live. What it means for traffic is the FailoverPolicy's
+    /// `onPartition`.
+    #[serde(default)]
+    pub lease_expired_at_ms: Option<u64>,
 }
 
 impl RemoteExport {
@@ -196,4 +205,7 @@ pub struct ClusterInfo {
     pub gateway: Option<SocketAddr>,
     /// The cluster CA's certificate(s), PEM.
     pub ca_bundle_pem: String,
+    /// `region/zone`, when the cluster published one (failover orders by it).
+    #[serde(default)]
+    pub locality: Option<String>,
 }

@@ -74,6 +74,8 @@ impl From<&MeshConfig> for mesh::MeshConfigSnapshot {
                             gateway: r.gateway.to_string(),
                             healthy_endpoints: r.healthy_endpoints,
                             subsets: r.subsets.clone().into_iter().collect(),
+                            endpoints: r.endpoints,
+                            lease_expired_at_unix_ms: r.lease_expired_at_ms.unwrap_or(0),
                         })
                         .collect(),
                     exported: s.exported,
@@ -87,6 +89,7 @@ impl From<&MeshConfig> for mesh::MeshConfigSnapshot {
                     trust_domain: k.trust_domain.clone(),
                     gateway: k.gateway.map(|g| g.to_string()).unwrap_or_default(),
                     ca_bundle_pem: k.ca_bundle_pem.clone(),
+                    locality: k.locality.clone().unwrap_or_default(),
                 })
                 .collect(),
             policies_json: c.policies.iter().map(|p| p.to_json().to_string()).collect(),
@@ -143,6 +146,9 @@ impl TryFrom<mesh::MeshConfigSnapshot> for MeshConfig {
                     gateway,
                     healthy_endpoints: r.healthy_endpoints,
                     subsets: r.subsets.into_iter().collect(),
+                    endpoints: r.endpoints,
+                    lease_expired_at_ms: (r.lease_expired_at_unix_ms != 0)
+                        .then_some(r.lease_expired_at_unix_ms),
                 });
             }
             services.push(MeshService {
@@ -172,6 +178,7 @@ impl TryFrom<mesh::MeshConfigSnapshot> for MeshConfig {
                 trust_domain: k.trust_domain,
                 gateway,
                 ca_bundle_pem: k.ca_bundle_pem,
+                locality: (!k.locality.is_empty()).then_some(k.locality),
             });
         }
         let mut policies = Vec::with_capacity(m.policies_json.len());
@@ -224,6 +231,8 @@ mod tests {
                     gateway: "127.0.0.1:15443".parse().unwrap(),
                     healthy_endpoints: 2,
                     subsets: [("version=v1".to_string(), 2)].into(),
+                    endpoints: 3,
+                    lease_expired_at_ms: Some(1_700_000_000_000),
                 }],
                 exported: true,
             }],
@@ -232,6 +241,7 @@ mod tests {
                 trust_domain: "east.isthmus.local".into(),
                 gateway: None,
                 ca_bundle_pem: "PEM".into(),
+                locality: Some("us-east-1/a".into()),
             }],
             policies: crate::policy::parse_documents(
                 "vs.yaml",

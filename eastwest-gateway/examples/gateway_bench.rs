@@ -138,6 +138,7 @@ async fn pair(transport: Transport, sink: SocketAddr) -> Res<Pair> {
         trust_domain: td.into(),
         gateway: Some(gw),
         ca_bundle_pem: ca.cert_pem().to_string(),
+        locality: None,
     };
     let clusters = vec![
         info("east", east_td, &east_ca, east.quic_addr()),

@@ -413,6 +413,7 @@ mod tests {
             trust_domain: format!("{name}.isthmus.local"),
             gateway: None,
             ca_bundle_pem: String::new(),
+            locality: None,
         };
         MeshConfig {
             version: 1,

@@ -316,6 +316,7 @@ mod tests {
             trust_domain: td.into(),
             gateway: None,
             ca_bundle_pem: String::new(),
+            locality: None,
         };
         let config = MeshConfig {
             clusters: vec![

@@ -186,6 +186,7 @@ async fn mesh(
             trust_domain: TD.into(),
             gateway: None,
             ca_bundle_pem: ca.cert_pem().into(),
+            locality: None,
         }],
         policies: isthmus_core::policy::parse_documents("test.yaml", policies).unwrap(),
     };

@@ -34,6 +34,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             gateway_address: config.gateway_address,
             tokens: config.tokens.clone(),
             cert_lifetime: config.cert_lifetime,
+            export_lease: config.export_lease,
             ca,
         },
         store.clone(),

@@ -84,7 +84,7 @@ impl DemoCluster {
             isthmus_control::ControlOptions {
                 cluster: name.to_string(),
                 trust_domain: trust_domain.clone(),
-                locality: None,
+                locality: super::locality_of(name),
                 grpc_listen: loopback,
                 discovery_file: discovery_file.clone(),
                 discovery_poll: opts.discovery_poll,
@@ -93,6 +93,7 @@ impl DemoCluster {
                 tokens: TokenPolicy::single(DEMO_TOKEN, &[SAMPLE_NAMESPACE, SYSTEM_NAMESPACE]),
                 cert_lifetime: Duration::from_secs(3600),
                 ca,
+                export_lease: opts.export_lease,
             },
             store,
         )

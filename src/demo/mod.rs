@@ -34,6 +34,16 @@ pub const SAMPLE_SERVICES: &[(&str, &str, &str)] = &[
 /// The demo's clusters, in start order.
 pub const CLUSTERS: &[&str] = &["east", "west", "central"];
 
+/// Each demo cluster's locality: east and central share a region, west is far away.
+pub fn locality_of(cluster: &str) -> Option<String> {
+    match cluster {
+        "east" => Some("us-east-1/a".into()),
+        "central" => Some("us-east-1/b".into()),
+        "west" => Some("us-west-2/a".into()),
+        _ => None,
+    }
+}
+
 /// The namespace and port of every sample service.
 pub const SAMPLE_NAMESPACE: &str = "default";
 pub const SAMPLE_PORT: u16 = 9080;
@@ -52,6 +62,8 @@ pub struct DemoOptions {
     /// The second octet of each cluster's VIP range `127.<n>.0.0/16` (loopback only), in
     /// [`CLUSTERS`] order. Two demos running at once need different ones.
     pub vip_octets: [u8; 3],
+    /// The lease on each cluster's exports (see `ControlOptions::export_lease`).
+    pub export_lease: Duration,
 }
 
 impl Default for DemoOptions {
@@ -61,6 +73,7 @@ impl Default for DemoOptions {
             discovery_poll: Duration::from_millis(100),
             work_dir: None,
             vip_octets: [10, 20, 30],
+            export_lease: Duration::from_secs(3),
         }
     }
 }

@@ -48,6 +48,7 @@ fn export(cluster: &str, name: &str) -> ExportRecord {
         endpoints: 1,
         healthy_endpoints: 1,
         subsets: BTreeMap::new(),
+        lease_expired_at_ms: None,
     }
 }
 

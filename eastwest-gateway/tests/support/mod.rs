@@ -58,6 +58,7 @@ impl ClusterCa {
             trust_domain: trust_domain(&self.name),
             gateway,
             ca_bundle_pem: self.ca.cert_pem().to_string(),
+            locality: None,
         }
     }
 }
