@@ -100,9 +100,15 @@ impl ControlHandle {
     }
 
     /// Stops every task and closes the gRPC port. The federation store is the caller's.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
+        self.halt().await;
+    }
+
+    /// Like [`ControlHandle::shutdown`], keeping the handle (its config receiver goes on
+    /// holding the last configuration). Calling it again does nothing.
+    pub async fn halt(&mut self) {
         let _ = self.stop.send(true);
-        for task in self.tasks {
+        for task in std::mem::take(&mut self.tasks) {
             let _ = task.await;
         }
     }
@@ -221,8 +227,8 @@ fn rebuild(
     let exports: Vec<ExportRecord> = store
         .list(records::EXPORTS_PREFIX)
         .into_iter()
-        .filter_map(|(key, record)| {
-            match serde_json::from_slice::<ExportRecord>(&record.value) {
+        .filter_map(
+            |(key, record)| match serde_json::from_slice::<ExportRecord>(&record.value) {
                 Ok(mut x) => {
                     x.lease_expired_at_ms = record
                         .lease
@@ -234,8 +240,8 @@ fn rebuild(
                     tracing::warn!(%key, error = %e, "skipping an export that does not decode");
                     None
                 }
-            }
-        })
+            },
+        )
         .collect();
     let policies: Vec<Policy> = store
         .list(isthmus_core::policy::STORE_PREFIX)

@@ -88,8 +88,9 @@ fn region(locality: &str) -> &str {
 
 impl Settings {
     /// Settings from a validated `FailoverPolicy` spec.
+    /// No `priorities` means the default order (every other cluster by locality).
     pub fn from_spec(source: String, spec: &FailoverPolicySpec) -> Settings {
-        let priorities = spec
+        let mut priorities: Vec<Priority> = spec
             .priorities
             .iter()
             .map(|p: &PriorityEntry| {
@@ -102,6 +103,9 @@ impl Settings {
                 }
             })
             .collect();
+        if priorities.is_empty() {
+            priorities.push(Priority::ByLocality);
+        }
         Settings {
             source,
             priorities,

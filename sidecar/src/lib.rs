@@ -14,6 +14,7 @@
 
 pub mod authz;
 pub mod balance;
+pub mod failover;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
@@ -76,6 +77,7 @@ pub struct SidecarOptions {
 pub struct SidecarHandle {
     inbound: Vec<SocketAddr>,
     outbound: outbound::Listeners,
+    health: Arc<failover::Health>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -89,6 +91,13 @@ impl SidecarHandle {
     /// The VIP listeners bound right now.
     pub fn outbound_addrs(&self) -> Vec<SocketAddr> {
         self.outbound.bound()
+    }
+
+    /// The failover priority tables this sidecar used last, by `<svc>.<ns>[/subset]`.
+    pub fn failover_tables(
+        &self,
+    ) -> std::collections::BTreeMap<String, isthmus_core::failover::Table> {
+        self.health.tables()
     }
 
     /// Stops all listeners and connection tasks.
@@ -155,7 +164,13 @@ pub async fn start(
         )));
     }
     let outbound = outbound::Listeners::default();
+    let health = upstream.health().clone();
     if opts.outbound {
+        tasks.push(tokio::spawn(failover::probe(
+            health.clone(),
+            upstream.clone(),
+            stopped.clone(),
+        )));
         let source = proxy::Source {
             cluster: opts.cluster.clone(),
             identity: opts.identity.id().clone(),
@@ -182,6 +197,7 @@ pub async fn start(
     Ok(SidecarHandle {
         inbound,
         outbound,
+        health,
         stop,
         tasks,
     })

@@ -142,12 +142,12 @@ async fn forward(
     upstream: &Connector,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let _ = app.set_nodelay(true);
-    let service = config
-        .borrow()
+    let current = config.borrow().clone();
+    let service = current
         .service_by_vip(vip.ip())
         .cloned()
         .ok_or_else(|| format!("no service has VIP {}", vip.ip()))?;
-    let (mut tls, route) = upstream.connect(&service, vip.port()).await?;
+    let (mut tls, route) = upstream.connect(&current, &service, vip.port()).await?;
     tracing::debug!(service = %service.key(), ?route, "outbound connection routed");
     tokio::io::copy_bidirectional(&mut app, &mut tls).await?;
     Ok(())

@@ -307,7 +307,7 @@ impl HttpProxy {
         }
         report.set(&dest.service, "-");
         let work = self.attempts(
-            &table, &target, &dest, port, &route, parts, body, hash_key, report,
+            &config, &table, &target, &dest, port, &route, parts, body, hash_key, report,
         );
         let finished = match route.timeout {
             Some(t) => tokio::time::timeout(t, work).await.ok(),
@@ -331,6 +331,7 @@ impl HttpProxy {
     #[allow(clippy::too_many_arguments)]
     async fn attempts(
         &self,
+        config: &MeshConfig,
         table: &RouteTable,
         target: &MeshService,
         dest: &WeightedDestination,
@@ -363,7 +364,20 @@ impl HttpProxy {
             },
             None => None,
         };
-        let candidates = candidates(target, labels.as_ref());
+        let health = self.connector.health().clone();
+        let gateway = self.connector.has_gateway();
+        let candidates_now = || {
+            health
+                .candidates(
+                    config,
+                    target,
+                    labels.as_ref(),
+                    dest.subset.as_deref(),
+                    gateway,
+                )
+                .0
+        };
+        let candidates = candidates_now();
         if candidates.is_empty() {
             let resp = text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n");
             report.set(&dest.service, "UH");
@@ -390,6 +404,12 @@ impl HttpProxy {
         let mut last = None;
         for attempt in 0..=retry.attempts {
             let Some(req_body) = body.take() else { break };
+            // Asked again each attempt: a failure may just have moved the traffic on.
+            let candidates = if attempt == 0 {
+                candidates.clone()
+            } else {
+                candidates_now()
+            };
             let upstream = {
                 let mut balancers = self.balancers.lock().unwrap_or_else(|e| e.into_inner());
                 let b = balancers.entry(dkey.clone()).or_default();
@@ -546,10 +566,11 @@ impl HttpProxy {
                     }
                 },
                 Err(e) => {
+                    self.connector.record_failure(target, port, upstream, &e);
                     return Attempt::Failed {
                         connect: true,
                         reason: e.to_string(),
-                    }
+                    };
                 }
             },
         };
@@ -581,7 +602,13 @@ impl HttpProxy {
         let Some(target) = config.service(&key.1, &key.0).cloned() else {
             return;
         };
-        let candidates = candidates(&target, None);
+        let (candidates, _) = self.connector.health().candidates(
+            config,
+            &target,
+            None,
+            None,
+            self.connector.has_gateway(),
+        );
         let Some(upstream) = candidates.first().cloned() else {
             return;
         };
@@ -632,31 +659,6 @@ impl Replay {
     fn replayable(&self) -> bool {
         matches!(self, Replay::Buffered(_))
     }
-}
-
-/// Healthy endpoints of `service` whose labels include `labels`, local first; remote clusters
-/// only when no local endpoint qualifies.
-fn candidates(
-    service: &MeshService,
-    labels: Option<&std::collections::BTreeMap<String, String>>,
-) -> Vec<Upstream> {
-    let local: Vec<Upstream> = service
-        .local_endpoints
-        .iter()
-        .filter(|e| e.healthy)
-        .filter(|e| labels.is_none_or(|l| l.iter().all(|(k, v)| e.labels.get(k) == Some(v))))
-        .map(|e| Upstream::Local(e.address))
-        .collect();
-    if !local.is_empty() {
-        return local;
-    }
-    let empty = std::collections::BTreeMap::new();
-    service
-        .remote
-        .iter()
-        .filter(|r| r.serves(labels.unwrap_or(&empty)))
-        .map(|r| Upstream::Remote(r.cluster.clone()))
-        .collect()
 }
 
 fn content_length(headers: &http::HeaderMap) -> u64 {

@@ -1,10 +1,10 @@
 //! Reaching a service: choosing where a connection goes and opening the mTLS session.
 //!
-//! Local-first: a healthy local endpoint (round robin) is dialled directly; when none answers,
-//! each remote cluster exporting the service is tried in order through the local gateway,
-//! which answers with a reason code at once when it cannot serve, so the next cluster is
-//! tried without waiting for a timeout. The server's SPIFFE ID must be one of the service's
-//! identities; the gateway's is never involved.
+//! Where a connection goes is the failover table's active priority (`crate::failover`):
+//! local endpoints first, dialled directly; remote clusters through the local gateway, which
+//! answers with a reason code at once when it cannot serve. Every failure is reported to
+//! [`Health`], so the next attempt already goes elsewhere. The server's SPIFFE ID must be one
+//! of the service's identities; the gateway's is never involved.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,11 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use isthmus_core::identity::SpiffeId;
-use isthmus_core::mesh::MeshService;
+use isthmus_core::mesh::{MeshConfig, MeshService};
 use isthmus_core::tls::{Identity, TrustBundles};
 use isthmus_core::tunnel::{self, OpenRequest, ReasonCode};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
+
+use crate::balance::Upstream;
+use crate::failover::Health;
 
 /// Why no connection could be made.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +44,7 @@ pub struct Connector {
     gateway: Option<SocketAddr>,
     timeout: Duration,
     next: AtomicUsize,
+    health: Arc<Health>,
 }
 
 /// Where a session ended up, for logs.
@@ -65,47 +69,119 @@ impl Connector {
             gateway,
             timeout,
             next: AtomicUsize::new(0),
+            health: Arc::new(Health::default()),
         }
     }
 
-    /// Opens an mTLS session to `service` on `port`, local endpoints first.
+    /// What this sidecar knows of its upstreams' health.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// Whether a gateway is configured (remote clusters are reachable at all).
+    pub fn has_gateway(&self) -> bool {
+        self.gateway.is_some()
+    }
+
+    /// Opens an mTLS session to `service` on `port`, following the failover table: the
+    /// active priority's upstreams in turn (local endpoints round robin), asking the table
+    /// again after every failure so that a dead priority is left at once.
     pub async fn connect(
         &self,
+        config: &MeshConfig,
         service: &MeshService,
         port: u16,
     ) -> Result<(TlsStream<TcpStream>, Route), UpstreamError> {
-        let healthy: Vec<_> = service
-            .local_endpoints
-            .iter()
-            .filter(|e| e.healthy)
-            .collect();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut last_error = None;
-        for i in 0..healthy.len() {
-            let endpoint = healthy[(start + i) % healthy.len()];
-            match self.dial_direct(service, endpoint.address).await {
-                Ok(tls) => return Ok((tls, Route::Local(endpoint.address))),
-                Err(e) => {
-                    tracing::debug!(endpoint = %endpoint.address, error = %e, "local endpoint failed");
-                    last_error = Some(e);
-                }
+        // Every failure takes an upstream (or a whole cluster) out, so this ends.
+        let bound = service.local_endpoints.len() + service.remote.len() + 1;
+        for _ in 0..bound {
+            let (upstreams, _) =
+                self.health
+                    .candidates(config, service, None, None, self.has_gateway());
+            if upstreams.is_empty() {
+                break;
             }
-        }
-        if let Some(gateway) = self.gateway {
-            for remote in service.remote.iter().filter(|r| r.healthy_endpoints > 0) {
-                match self
-                    .dial_via_gateway(service, port, gateway, &remote.cluster, None)
-                    .await
-                {
-                    Ok(tls) => return Ok((tls, Route::Remote(remote.cluster.clone()))),
-                    Err(e) => {
-                        tracing::debug!(cluster = %remote.cluster, error = %e, "remote cluster failed");
-                        last_error = Some(e);
+            let start = self.next.fetch_add(1, Ordering::Relaxed);
+            let upstream = &upstreams[start % upstreams.len()];
+            match self.connect_to(service, port, upstream, None).await {
+                Ok(tls) => {
+                    let route = match upstream {
+                        Upstream::Local(a) => Route::Local(*a),
+                        Upstream::Remote(c) => Route::Remote(c.clone()),
+                    };
+                    return Ok((tls, route));
+                }
+                Err(e) => {
+                    tracing::debug!(?upstream, error = %e, "upstream failed");
+                    let marked = self.record_failure(service, port, upstream, &e);
+                    last_error = Some(e);
+                    if !marked {
+                        break;
                     }
                 }
             }
         }
         Err(last_error.unwrap_or_else(|| UpstreamError::NoRoute(service.key())))
+    }
+
+    /// Tells [`Health`] about a failure that means the upstream cannot serve now; returns
+    /// whether it did (a refusal such as `Forbidden` or `Overloaded` says nothing about
+    /// health).
+    pub fn record_failure(
+        &self,
+        service: &MeshService,
+        port: u16,
+        upstream: &Upstream,
+        e: &UpstreamError,
+    ) -> bool {
+        match (upstream, e) {
+            (Upstream::Local(addr), UpstreamError::Connect { reason, .. }) => {
+                self.health.endpoint_failed(*addr, reason);
+                true
+            }
+            (
+                Upstream::Remote(cluster),
+                UpstreamError::Refused {
+                    code:
+                        code @ (ReasonCode::Unreachable
+                        | ReasonCode::NoHealthyEndpoint
+                        | ReasonCode::UnknownService),
+                    message,
+                    ..
+                },
+            ) => {
+                self.health
+                    .cluster_failed(cluster, &format!("{code:?}: {message}"), service, port);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Asks the gateway for a tunnel to `service` in `cluster` and closes it at once: Ok when
+    /// the remote side could serve.
+    pub async fn probe_remote(
+        &self,
+        service: &MeshService,
+        port: u16,
+        cluster: &str,
+    ) -> Result<(), UpstreamError> {
+        let gateway = self
+            .gateway
+            .ok_or_else(|| UpstreamError::NoRoute(service.key()))?;
+        let mut tcp = self.tcp(gateway).await?;
+        let answer = self
+            .open_tunnel(&mut tcp, service, port, gateway, cluster, None)
+            .await?;
+        if answer.code != ReasonCode::Ok {
+            return Err(UpstreamError::Refused {
+                cluster: cluster.to_string(),
+                code: answer.code,
+                message: answer.message,
+            });
+        }
+        Ok(())
     }
 
     /// Opens an mTLS session to one chosen upstream of `service`: a local endpoint directly,
@@ -136,7 +212,9 @@ impl Connector {
         addr: SocketAddr,
     ) -> Result<TlsStream<TcpStream>, UpstreamError> {
         let tcp = self.tcp(addr).await?;
-        self.handshake(service, tcp, addr).await
+        let tls = self.handshake(service, tcp, addr).await?;
+        self.health.endpoint_ok(addr);
+        Ok(tls)
     }
 
     async fn dial_via_gateway(
@@ -148,6 +226,30 @@ impl Connector {
         subset: Option<String>,
     ) -> Result<TlsStream<TcpStream>, UpstreamError> {
         let mut tcp = self.tcp(gateway).await?;
+        let answer = self
+            .open_tunnel(&mut tcp, service, port, gateway, cluster, subset)
+            .await?;
+        if answer.code != ReasonCode::Ok {
+            return Err(UpstreamError::Refused {
+                cluster: cluster.to_string(),
+                code: answer.code,
+                message: answer.message,
+            });
+        }
+        self.health.cluster_ok(cluster);
+        self.handshake(service, tcp, gateway).await
+    }
+
+    /// Sends the tunnel header for `service` in `cluster` and reads the gateway's answer.
+    async fn open_tunnel(
+        &self,
+        tcp: &mut TcpStream,
+        service: &MeshService,
+        port: u16,
+        gateway: SocketAddr,
+        cluster: &str,
+        subset: Option<String>,
+    ) -> Result<tunnel::OpenResponse, UpstreamError> {
         let request = OpenRequest {
             service: service.key(),
             port,
@@ -160,24 +262,16 @@ impl Connector {
             addr: gateway,
             reason: e.to_string(),
         };
-        let answer = tokio::time::timeout(self.timeout, async {
-            tunnel::write_request(&mut tcp, &request).await?;
-            tunnel::read_response(&mut tcp).await
+        tokio::time::timeout(self.timeout, async {
+            tunnel::write_request(tcp, &request).await?;
+            tunnel::read_response(tcp).await
         })
         .await
         .map_err(|_| UpstreamError::Connect {
             addr: gateway,
             reason: "the gateway did not answer in time".into(),
         })?
-        .map_err(failed)?;
-        if answer.code != ReasonCode::Ok {
-            return Err(UpstreamError::Refused {
-                cluster: cluster.to_string(),
-                code: answer.code,
-                message: answer.message,
-            });
-        }
-        self.handshake(service, tcp, gateway).await
+        .map_err(failed)
     }
 
     async fn tcp(&self, addr: SocketAddr) -> Result<TcpStream, UpstreamError> {

@@ -40,7 +40,12 @@ pub struct DemoCluster {
     pub trust_domain: String,
     pub federation: SocketAddr,
     pub control: isthmus_control::ControlHandle,
-    pub gateway: isthmus_gateway::GatewayHandle,
+    /// The east-west gateway; `None` once [`DemoCluster::kill_gateway`] stopped it.
+    pub gateway: Option<isthmus_gateway::GatewayHandle>,
+    /// The gateway's address for local sidecars (kept after it is killed).
+    gateway_local: SocketAddr,
+    /// The gateway's QUIC address (kept after it is killed).
+    gateway_quic: SocketAddr,
     pub dns: isthmus_dns::DnsHandle,
     /// The client sidecar: outbound listeners on every VIP, identity `default/sleep`.
     pub client: isthmus_sidecar::SidecarHandle,
@@ -66,7 +71,135 @@ async fn attach(
     Ok((identity, att))
 }
 
+/// Starts one sample workload (the app on `app_listen`, its sidecar's inbound port on
+/// `inbound_listen`) with its own identity, attached to the control plane at `control`.
+#[allow(clippy::too_many_arguments)]
+async fn start_workload(
+    control: &str,
+    cluster: &str,
+    trust_domain: &str,
+    service: &str,
+    version: &str,
+    app_listen: SocketAddr,
+    inbound_listen: SocketAddr,
+    gateway: SocketAddr,
+) -> anyhow::Result<(Workload, Vec<JoinHandle<()>>)> {
+    let app = sample::start(
+        SampleApp {
+            service: service.to_string(),
+            version: version.to_string(),
+            cluster: cluster.to_string(),
+        },
+        app_listen,
+    )
+    .await?;
+    let (identity, att) = attach(
+        control,
+        &format!("sidecar/{service}-{version}"),
+        SpiffeId::new(trust_domain, SAMPLE_NAMESPACE, service),
+    )
+    .await?;
+    let sidecar = isthmus_sidecar::start(
+        isthmus_sidecar::SidecarOptions {
+            cluster: cluster.to_string(),
+            identity,
+            trust: att.trust,
+            labels: [
+                ("app".to_string(), service.to_string()),
+                ("version".to_string(), version.to_string()),
+            ]
+            .into(),
+            outbound: false,
+            inbound: vec![isthmus_sidecar::InboundPort {
+                listen: inbound_listen,
+                forward_to: app.addr,
+                protocol: Protocol::Http,
+            }],
+            gateway: Some(gateway),
+            connect_timeout: Duration::from_secs(2),
+            metrics: Default::default(),
+        },
+        att.config,
+    )
+    .await?;
+    Ok((
+        Workload {
+            service: service.to_string(),
+            version: version.to_string(),
+            app,
+            sidecar,
+        },
+        att.tasks,
+    ))
+}
+
+/// A workload [`DemoCluster::kill_workloads`] stopped, to bring back on the same addresses.
+#[derive(Debug, Clone)]
+pub struct StoppedWorkload {
+    pub service: String,
+    pub version: String,
+    pub app: SocketAddr,
+    pub inbound: SocketAddr,
+}
+
 impl DemoCluster {
+    /// Kills every workload of `service` in this cluster at once, as a crashed pod dies:
+    /// listeners and connections close, the discovery file still lists them (as it would
+    /// until Kubernetes noticed). Returns what was stopped.
+    pub async fn kill_workloads(&mut self, service: &str) -> Vec<StoppedWorkload> {
+        let (dead, alive): (Vec<Workload>, Vec<Workload>) = std::mem::take(&mut self.workloads)
+            .into_iter()
+            .partition(|w| w.service == service);
+        self.workloads = alive;
+        let mut stopped = Vec::new();
+        for w in dead {
+            stopped.push(StoppedWorkload {
+                service: w.service.clone(),
+                version: w.version.clone(),
+                app: w.app.addr,
+                inbound: w.sidecar.inbound_addrs()[0],
+            });
+            w.app.shutdown();
+            w.sidecar.shutdown().await;
+        }
+        stopped
+    }
+
+    /// Stops this cluster's east-west gateway: the other gateways see their connections to it
+    /// close, and answer their sidecars `Unreachable` for this cluster.
+    pub async fn kill_gateway(&mut self) {
+        if let Some(gateway) = self.gateway.take() {
+            gateway.shutdown().await;
+        }
+    }
+
+    /// Stops this cluster's control plane (its federation member stays up): the data plane
+    /// keeps its last configuration and certificates, and the export leases it renewed
+    /// lapse in the other clusters' view.
+    pub async fn stop_control(&mut self) {
+        self.control.halt().await;
+    }
+
+    /// Starts killed workloads again on their old addresses.
+    pub async fn revive_workloads(&mut self, stopped: &[StoppedWorkload]) -> anyhow::Result<()> {
+        for s in stopped {
+            let (workload, tasks) = start_workload(
+                &self.control.grpc_addr().to_string(),
+                &self.name,
+                &self.trust_domain,
+                &s.service,
+                &s.version,
+                s.app,
+                s.inbound,
+                self.gateway_local,
+            )
+            .await?;
+            self.background.extend(tasks);
+            self.workloads.push(workload);
+        }
+        Ok(())
+    }
+
     pub(super) async fn start(
         name: &str,
         vip_range: Ipv4Net,
@@ -134,51 +267,19 @@ impl DemoCluster {
         // The sample workloads, each with its own sidecar and identity.
         let mut workloads = Vec::new();
         for (_, service, version) in SAMPLE_SERVICES.iter().filter(|(c, _, _)| *c == name) {
-            let app = sample::start(
-                SampleApp {
-                    service: service.to_string(),
-                    version: version.to_string(),
-                    cluster: name.to_string(),
-                },
-                loopback,
-            )
-            .await?;
-            let (identity, att) = attach(
+            let (workload, tasks) = start_workload(
                 &control_addr,
-                &format!("sidecar/{service}-{version}"),
-                SpiffeId::new(&trust_domain, SAMPLE_NAMESPACE, service),
+                name,
+                &trust_domain,
+                service,
+                version,
+                loopback,
+                loopback,
+                gateway.local_addr(),
             )
             .await?;
-            let sidecar = isthmus_sidecar::start(
-                isthmus_sidecar::SidecarOptions {
-                    cluster: name.to_string(),
-                    identity,
-                    trust: att.trust,
-                    labels: [
-                        ("app".to_string(), service.to_string()),
-                        ("version".to_string(), version.to_string()),
-                    ]
-                    .into(),
-                    outbound: false,
-                    inbound: vec![isthmus_sidecar::InboundPort {
-                        listen: loopback,
-                        forward_to: app.addr,
-                        protocol: Protocol::Http,
-                    }],
-                    gateway: Some(gateway.local_addr()),
-                    connect_timeout: Duration::from_secs(2),
-                    metrics: Default::default(),
-                },
-                att.config,
-            )
-            .await?;
-            background.extend(att.tasks);
-            workloads.push(Workload {
-                service: service.to_string(),
-                version: version.to_string(),
-                app,
-                sidecar,
-            });
+            background.extend(tasks);
+            workloads.push(workload);
         }
         std::fs::write(&discovery_file, discovery_yaml(&workloads))
             .context("writing the discovery file")?;
@@ -250,7 +351,9 @@ impl DemoCluster {
             trust_domain,
             federation,
             control,
-            gateway,
+            gateway_local: gateway.local_addr(),
+            gateway_quic: gateway.quic_addr(),
+            gateway: Some(gateway),
             dns,
             client: client_sidecar,
             workloads,
@@ -290,7 +393,7 @@ impl DemoCluster {
             name: self.name.clone(),
             dns: self.dns.udp_addr().to_string(),
             control: self.control.grpc_addr().to_string(),
-            gateway: self.gateway.quic_addr().to_string(),
+            gateway: self.gateway_quic.to_string(),
             federation: self.federation.to_string(),
             admin: self
                 .admins
@@ -312,7 +415,9 @@ impl DemoCluster {
             w.app.shutdown();
         }
         self.dns.shutdown().await;
-        self.gateway.shutdown().await;
+        if let Some(gateway) = self.gateway {
+            gateway.shutdown().await;
+        }
         for (_, admin) in self.admins {
             admin.shutdown().await;
         }

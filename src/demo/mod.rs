@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-pub use cluster::{DemoCluster, Workload};
+pub use cluster::{DemoCluster, StoppedWorkload, Workload};
 pub use narrate::{run, DemoArgs};
 
 /// The sample services: (cluster, service, version). Every one is exported.

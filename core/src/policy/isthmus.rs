@@ -37,7 +37,8 @@ pub struct FailoverPolicySpec {
     /// namespace without a policy of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
-    /// Ordered priorities after the caller's own cluster.
+    /// Ordered priorities after the caller's own cluster; none: every other cluster by
+    /// locality, as without a policy.
     #[serde(default)]
     pub priorities: Vec<PriorityEntry>,
     /// A priority keeps the traffic while at least this share of its endpoints is healthy
