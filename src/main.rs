@@ -80,6 +80,21 @@ enum Command {
         #[arg(long)]
         control: Option<String>,
     },
+    /// Why a service's traffic goes where it goes: the failover priority table the sidecars
+    /// of a cluster use right now, with each cluster's health.
+    Explain {
+        service: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// The cluster whose sidecars to ask about (default: the control plane's own).
+        #[arg(long)]
+        from: Option<String>,
+        /// `yaml` prints the tables as text; `json` for scripts.
+        #[arg(short = 'o', long, value_enum, default_value = "yaml")]
+        output: isthmus::policy_cmd::Output,
+        #[arg(long)]
+        control: Option<String>,
+    },
     /// The federation store: members, roles, leader, term, commit and applied index, lag,
     /// lease states.
     Status {
@@ -205,6 +220,23 @@ fn main() -> ExitCode {
             } => {
                 let control = isthmus::policy_cmd::control_addr(control);
                 isthmus::policy_cmd::delete(&control, &kind, &name, &namespace).await
+            }
+            Command::Explain {
+                service,
+                namespace,
+                from,
+                output,
+                control,
+            } => {
+                let control = isthmus::policy_cmd::control_addr(control);
+                isthmus::policy_cmd::explain(
+                    &control,
+                    &service,
+                    &namespace,
+                    from.as_deref(),
+                    output,
+                )
+                .await
             }
             Command::Status { output, federation } => {
                 let addr = isthmus::cluster_cmd::federation_addr(federation)?;

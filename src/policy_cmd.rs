@@ -96,3 +96,41 @@ fn parse_kind(kind: &str) -> anyhow::Result<Kind> {
         format!("unknown kind {kind:?} (VirtualService, DestinationRule, AuthorizationPolicy, PeerAuthentication, RateLimitPolicy, FailoverPolicy, or all)")
     })
 }
+
+/// `isthmus explain SERVICE [-n NS] [--from CLUSTER] [-o table|json]`: the failover priority
+/// tables the sidecars of a cluster use for a service right now, and why.
+pub async fn explain(
+    control: &str,
+    service: &str,
+    namespace: &str,
+    from: Option<&str>,
+    output: Output,
+) -> anyhow::Result<()> {
+    let client = ControlClient::new(control)?;
+    let (cluster, tables) = client
+        .explain(service, namespace, from.unwrap_or(""))
+        .await
+        .with_context(|| format!("asking the control plane at {control}"))?;
+    if tables.is_empty() {
+        bail!("cluster {cluster} does not know service {service}.{namespace}");
+    }
+    match output {
+        Output::Json => {
+            let json: Vec<serde_json::Value> = tables
+                .iter()
+                .map(|(node, age, table)| {
+                    serde_json::json!({"cluster": cluster, "node": node, "ageMs": age.as_millis() as u64, "table": table})
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&json)?);
+        }
+        Output::Yaml => {
+            for (node, age, table) in &tables {
+                println!("# {node}, reported {} ms ago", age.as_millis());
+                print!("{}", isthmus_core::failover::render(table, &cluster));
+                println!();
+            }
+        }
+    }
+    Ok(())
+}

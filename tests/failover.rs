@@ -254,6 +254,40 @@ async fn local_endpoints_die_traffic_fails_over_and_comes_home_after_the_hystere
     assert!(text.contains("FailoverPolicy default/reviews"), "{text}");
     assert!(text.contains("* priority 1"), "{text}");
     assert!(text.contains("is down"), "{text}");
+
+    // The same through the CLI, asked of central's control plane about east's sidecars (it
+    // forwards to east's): as soon as the client sidecar has reported.
+    let central_control = demo.cluster("central").unwrap().control.grpc_addr().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let control = central_control.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_isthmus"))
+                .args(["explain", "reviews", "--from", "east", "--control", &control])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() && text.contains("sidecar/sleep") {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "explain never showed the client sidecar's table: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(out.contains("service reviews.default from cluster east"), "{out}");
+    assert!(out.contains("FailoverPolicy default/reviews"), "{out}");
+    let unknown = std::process::Command::new(env!("CARGO_BIN_EXE_isthmus"))
+        .args(["explain", "reviews", "--from", "nowhere", "--control", &central_control])
+        .output()
+        .unwrap();
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no cluster named \"nowhere\""));
     demo.shutdown().await;
 }
 

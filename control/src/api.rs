@@ -1,6 +1,7 @@
 //! The control plane's gRPC API to its cluster's data plane: the configuration stream and
 //! certificate signing (see core/proto/mesh.proto).
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,8 @@ use isthmus_core::proto::mesh::mesh_config_service_server::MeshConfigService;
 use isthmus_core::proto::mesh::policy_service_server::PolicyService;
 use isthmus_core::proto::mesh::{
     ApplyRequest, ApplyResponse, ApplyResult, DeletePolicyRequest, DeletePolicyResponse,
-    GetPoliciesRequest, GetPoliciesResponse, MeshConfigSnapshot, SignRequest, SignResponse,
+    ExplainRequest, ExplainResponse, FailoverReport, FailoverReportAck, GetPoliciesRequest,
+    GetPoliciesResponse, MeshConfigSnapshot, SidecarTable, SignRequest, SignResponse,
     StreamConfigRequest, TrustBundle,
 };
 use tokio::sync::watch;
@@ -23,10 +25,89 @@ use tonic::{Request, Response, Status};
 
 use crate::tokens::TokenPolicy;
 
-/// Serves the configuration stream from the catalog's watch channel.
+/// Serves the configuration stream from the catalog's watch channel, and keeps the failover
+/// tables the sidecars report for `isthmus explain`.
 pub struct ConfigApi {
     pub config: watch::Receiver<Arc<MeshConfig>>,
     pub stop: watch::Receiver<bool>,
+    pub cluster: String,
+    pub store: isthmus_federation::Store,
+    pub reports: Arc<std::sync::Mutex<Reports>>,
+}
+
+/// The failover tables each sidecar reported last, by node id, with when.
+pub type Reports = std::collections::HashMap<
+    String,
+    (
+        std::time::Instant,
+        BTreeMap<String, isthmus_core::failover::Table>,
+    ),
+>;
+
+/// Reports older than this are not shown (the sidecar is gone or cut off).
+const REPORT_FRESH: Duration = Duration::from_secs(30);
+/// Largest report accepted.
+const MAX_REPORT_BYTES: usize = 1024 * 1024;
+
+impl ConfigApi {
+    /// The tables for `<svc>.<ns>` (and its subsets) from fresh reports, or, when no sidecar
+    /// has reported one, the table the configuration alone gives (no passive health).
+    fn local_tables(&self, service: &str, namespace: &str) -> Vec<SidecarTable> {
+        let key = format!("{service}.{namespace}");
+        let mut out = Vec::new();
+        let reports = self.reports.lock().unwrap_or_else(|e| e.into_inner());
+        let mut nodes: Vec<_> = reports.iter().collect();
+        nodes.sort_by(|a, b| a.0.cmp(b.0));
+        for (node, (at, tables)) in nodes {
+            let age = at.elapsed();
+            if age > REPORT_FRESH {
+                continue;
+            }
+            for (k, table) in tables {
+                if *k == key || k.starts_with(&format!("{key}/")) {
+                    out.push(SidecarTable {
+                        node_id: node.clone(),
+                        age_ms: age.as_millis() as u64,
+                        table_json: serde_json::to_string(table).unwrap_or_default(),
+                    });
+                }
+            }
+        }
+        drop(reports);
+        if out.is_empty() {
+            let config = self.config.borrow().clone();
+            if let Some(s) = config.service(namespace, service) {
+                use isthmus_core::failover::{health_from_config, plan, Hysteresis, Settings};
+                let locality = config
+                    .cluster_info(&config.cluster)
+                    .and_then(|c| c.locality.clone());
+                let settings =
+                    Settings::resolve(&config.policies, namespace, service, locality.as_deref());
+                let mut table = plan(
+                    &s.key(),
+                    &settings,
+                    &config.cluster,
+                    locality.as_deref(),
+                    &health_from_config(&config, s, None),
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as u64)
+                        .unwrap_or(0),
+                );
+                Hysteresis::default().decide(
+                    &mut table,
+                    settings.hysteresis,
+                    std::time::Instant::now(),
+                );
+                out.push(SidecarTable {
+                    node_id: "control-plane (no sidecar has reported this service yet)".into(),
+                    age_ms: 0,
+                    table_json: serde_json::to_string(&table).unwrap_or_default(),
+                });
+            }
+        }
+        out
+    }
 }
 
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<MeshConfigSnapshot, Status>> + Send>>;
@@ -67,6 +148,79 @@ impl MeshConfigService for ConfigApi {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    async fn report_failover(
+        &self,
+        request: Request<FailoverReport>,
+    ) -> Result<Response<FailoverReportAck>, Status> {
+        let report = request.into_inner();
+        if report.node_id.is_empty() || report.node_id.len() > 253 {
+            return Err(Status::invalid_argument(
+                "node_id: required, at most 253 characters",
+            ));
+        }
+        if report.tables_json.len() > MAX_REPORT_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "tables_json: {} bytes, more than the {MAX_REPORT_BYTES} accepted",
+                report.tables_json.len()
+            )));
+        }
+        let tables: BTreeMap<String, isthmus_core::failover::Table> =
+            serde_json::from_str(&report.tables_json).map_err(|e| {
+                Status::invalid_argument(format!("tables_json: not a map of failover tables: {e}"))
+            })?;
+        self.reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(report.node_id, (std::time::Instant::now(), tables));
+        Ok(Response::new(FailoverReportAck {}))
+    }
+
+    async fn explain(
+        &self,
+        request: Request<ExplainRequest>,
+    ) -> Result<Response<ExplainResponse>, Status> {
+        let req = request.into_inner();
+        if req.service.is_empty() {
+            return Err(Status::invalid_argument("service: required"));
+        }
+        let namespace = if req.namespace.is_empty() {
+            "default".to_string()
+        } else {
+            req.namespace.clone()
+        };
+        if !req.from_cluster.is_empty() && req.from_cluster != self.cluster {
+            // Another cluster's sidecars: ask its control plane.
+            let record = self
+                .store
+                .get(&crate::records::cluster_key(&req.from_cluster))
+                .ok_or_else(|| {
+                    Status::not_found(format!(
+                        "from_cluster: no cluster named {:?} in the federation",
+                        req.from_cluster
+                    ))
+                })?;
+            let record: crate::records::ClusterRecord = serde_json::from_slice(&record.value)
+                .map_err(|e| Status::internal(format!("cluster record: {e}")))?;
+            let control = record.control.ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "cluster {} has not published a control-plane address; ask its control plane directly (--control)",
+                    req.from_cluster
+                ))
+            })?;
+            let client = isthmus_core::client::ControlClient::new(&control.to_string())
+                .map_err(|e| Status::internal(e.to_string()))?;
+            let (cluster, tables) = client
+                .explain_raw(&req.service, &namespace, &req.from_cluster)
+                .await
+                .map_err(|e| Status::unavailable(format!("asking {control}: {e}")))?;
+            return Ok(Response::new(ExplainResponse { cluster, tables }));
+        }
+        Ok(Response::new(ExplainResponse {
+            cluster: self.cluster.clone(),
+            tables: self.local_tables(&req.service, &namespace),
+        }))
     }
 }
 

@@ -145,6 +145,7 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
         ca_bundle_pem: opts.ca.cert_pem().to_string(),
         locality: opts.locality.clone(),
         member_id: Some(store.status().id),
+        control: (!grpc_addr.ip().is_unspecified()).then_some(grpc_addr),
     };
     let desired0 = Desired {
         cluster: cluster_record.clone(),
@@ -178,6 +179,9 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
     let config_api = api::ConfigApi {
         config: config_rx.clone(),
         stop: stopped.clone(),
+        cluster: opts.cluster.clone(),
+        store: policy_store.clone(),
+        reports: Default::default(),
     };
     let cert_api = api::CertificateApi {
         ca: opts.ca.clone(),

@@ -27,6 +27,10 @@ pub struct ClusterRecord {
     /// the member by it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub member_id: Option<u64>,
+    /// The control plane's gRPC address, when it listens on a specific one (`isthmus
+    /// explain --from` reaches the cluster's control plane through it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<SocketAddr>,
 }
 
 /// One cluster's export of one service: what the others need to route to it through that

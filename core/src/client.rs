@@ -302,6 +302,65 @@ impl ControlClient {
     }
 }
 
+impl ControlClient {
+    /// Reports this sidecar's failover tables (JSON map, see `failover::Table`).
+    pub async fn report_failover(
+        &self,
+        node: &str,
+        tables_json: String,
+    ) -> Result<(), ClientError> {
+        let mut client = MeshConfigServiceClient::new(self.channel.clone());
+        client
+            .report_failover(crate::proto::mesh::FailoverReport {
+                node_id: node.to_string(),
+                tables_json,
+            })
+            .await
+            .map_err(|s| policy_error("report failover", &s))?;
+        Ok(())
+    }
+
+    /// The failover tables of `from_cluster`'s sidecars (empty: this control plane's
+    /// cluster) for `service` in `namespace`, as sent: the cluster and one entry per table.
+    pub async fn explain_raw(
+        &self,
+        service: &str,
+        namespace: &str,
+        from_cluster: &str,
+    ) -> Result<(String, Vec<crate::proto::mesh::SidecarTable>), ClientError> {
+        let mut client = MeshConfigServiceClient::new(self.channel.clone());
+        let r = client
+            .explain(crate::proto::mesh::ExplainRequest {
+                service: service.to_string(),
+                namespace: namespace.to_string(),
+                from_cluster: from_cluster.to_string(),
+            })
+            .await
+            .map_err(|s| policy_error("explain", &s))?
+            .into_inner();
+        Ok((r.cluster, r.tables))
+    }
+
+    /// Like [`ControlClient::explain_raw`], with the tables decoded: (node, age, table).
+    pub async fn explain(
+        &self,
+        service: &str,
+        namespace: &str,
+        from_cluster: &str,
+    ) -> Result<(String, Vec<(String, Duration, crate::failover::Table)>), ClientError> {
+        let (cluster, raw) = self.explain_raw(service, namespace, from_cluster).await?;
+        let mut out = Vec::new();
+        for t in raw {
+            let table = serde_json::from_str(&t.table_json).map_err(|e| ClientError::Policy {
+                operation: "explain",
+                message: format!("a table from {} does not decode: {e}", t.node_id),
+            })?;
+            out.push((t.node_id, Duration::from_millis(t.age_ms), table));
+        }
+        Ok((cluster, out))
+    }
+}
+
 fn policy_error(operation: &'static str, status: &tonic::Status) -> ClientError {
     ClientError::Policy {
         operation,

@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::policy::isthmus::{FailoverPolicySpec, OnPartitionSpec, PriorityEntry};
 use crate::policy::{parse_duration_istio, resolve_host, Policy, Spec};
@@ -267,8 +267,61 @@ pub struct ClusterHealth {
     pub gateway_down: Option<String>,
 }
 
+/// What the configuration alone says about the clusters serving `service` (endpoints
+/// carrying `labels`, when a subset is asked for), as seen from `config.cluster`: endpoint
+/// health from discovery and the exports, and the export leases. A caller subtracts what it
+/// saw itself (ejected endpoints, unreachable gateways).
+pub fn health_from_config(
+    config: &crate::mesh::MeshConfig,
+    service: &crate::mesh::MeshService,
+    labels: Option<&BTreeMap<String, String>>,
+) -> Vec<ClusterHealth> {
+    let matches = |have: &BTreeMap<String, String>| {
+        labels.is_none_or(|l| l.iter().all(|(k, v)| have.get(k) == Some(v)))
+    };
+    let locality = |c: &str| config.cluster_info(c).and_then(|i| i.locality.clone());
+    let mut out = Vec::new();
+    let local: Vec<_> = service
+        .local_endpoints
+        .iter()
+        .filter(|e| matches(&e.labels))
+        .collect();
+    if !local.is_empty() {
+        out.push(ClusterHealth {
+            cluster: config.cluster.clone(),
+            locality: locality(&config.cluster),
+            endpoints: local.len() as u32,
+            healthy: local.iter().filter(|e| e.healthy).count() as u32,
+            lease_expired_at_ms: None,
+            gateway_down: None,
+        });
+    }
+    for r in &service.remote {
+        let (endpoints, healthy) = match labels {
+            Some(l) if !l.is_empty() => {
+                let n = l
+                    .iter()
+                    .map(|(k, v)| r.subsets.get(&format!("{k}={v}")).copied().unwrap_or(0))
+                    .min()
+                    .unwrap_or(0);
+                (n, n)
+            }
+            _ => (r.endpoints.max(r.healthy_endpoints), r.healthy_endpoints),
+        };
+        out.push(ClusterHealth {
+            cluster: r.cluster.clone(),
+            locality: locality(&r.cluster),
+            endpoints,
+            healthy,
+            lease_expired_at_ms: r.lease_expired_at_ms,
+            gateway_down: None,
+        });
+    }
+    out
+}
+
 /// One cluster's row in a priority table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterRow {
     pub cluster: String,
     pub locality: Option<String>,
@@ -283,7 +336,7 @@ pub struct ClusterRow {
 }
 
 /// One priority of the table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tier {
     pub priority: usize,
     pub clusters: Vec<ClusterRow>,
@@ -306,7 +359,7 @@ impl Tier {
 }
 
 /// The priority table for one service, as one caller uses it right now.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Table {
     pub service: String,
     pub source: String,

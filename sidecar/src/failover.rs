@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use isthmus_core::failover::{plan, ClusterHealth, Hysteresis, Settings, Table};
+use isthmus_core::failover::{health_from_config, plan, Hysteresis, Settings, Table};
 use isthmus_core::mesh::{MeshConfig, MeshService};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -134,52 +134,24 @@ impl Health {
         let local_locality = config
             .cluster_info(&config.cluster)
             .and_then(|c| c.locality.clone());
-        let mut clusters = Vec::new();
         let local: Vec<_> = service
             .local_endpoints
             .iter()
             .filter(|e| matches(labels, &e.labels))
             .collect();
-        if !local.is_empty() {
-            clusters.push(ClusterHealth {
-                cluster: config.cluster.clone(),
-                locality: local_locality.clone(),
-                endpoints: local.len() as u32,
-                healthy: local
+        let mut clusters = health_from_config(config, service, labels);
+        for c in &mut clusters {
+            if c.cluster == config.cluster {
+                // Minus the endpoints this sidecar found dead.
+                c.healthy = local
                     .iter()
                     .filter(|e| e.healthy && !s.endpoints.contains_key(&e.address))
-                    .count() as u32,
-                lease_expired_at_ms: None,
-                gateway_down: None,
-            });
-        }
-        for r in &service.remote {
-            let (endpoints, healthy) = match labels {
-                Some(l) if !l.is_empty() => {
-                    let n = l
-                        .iter()
-                        .map(|(k, v)| r.subsets.get(&format!("{k}={v}")).copied().unwrap_or(0))
-                        .min()
-                        .unwrap_or(0);
-                    (n, n)
-                }
-                _ => (r.endpoints.max(r.healthy_endpoints), r.healthy_endpoints),
-            };
-            let gateway_down = if !gateway {
-                Some("this sidecar has no gateway configured".to_string())
+                    .count() as u32;
+            } else if !gateway {
+                c.gateway_down = Some("this sidecar has no gateway configured".to_string());
             } else {
-                s.clusters.get(&r.cluster).map(|d| d.reason.clone())
-            };
-            clusters.push(ClusterHealth {
-                cluster: r.cluster.clone(),
-                locality: config
-                    .cluster_info(&r.cluster)
-                    .and_then(|c| c.locality.clone()),
-                endpoints,
-                healthy,
-                lease_expired_at_ms: r.lease_expired_at_ms,
-                gateway_down,
-            });
+                c.gateway_down = s.clusters.get(&c.cluster).map(|d| d.reason.clone());
+            }
         }
         let settings = Settings::resolve(
             &config.policies,

@@ -100,6 +100,11 @@ impl SidecarHandle {
         self.health.tables()
     }
 
+    /// This sidecar's view of upstream health and its failover tables (shared).
+    pub fn failover_health(&self) -> Arc<failover::Health> {
+        self.health.clone()
+    }
+
     /// Stops all listeners and connection tasks.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);

@@ -85,3 +85,42 @@ pub async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
 pub fn print_ready(component: &str, addrs: serde_json::Value) {
     println!("isthmus {component} ready {addrs}");
 }
+
+/// Reports a sidecar's failover tables to its control plane (for `isthmus explain`): on
+/// change, checked every second, and at least every five seconds so the report stays fresh.
+pub fn report_failover(
+    control: &str,
+    node: &str,
+    health: Arc<isthmus_sidecar::failover::Health>,
+) -> anyhow::Result<JoinHandle<()>> {
+    let client = ControlClient::new(control)?;
+    let node = node.to_string();
+    Ok(tokio::spawn(async move {
+        let mut last = String::new();
+        let mut sent_at = tokio::time::Instant::now();
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let tables = health.tables();
+            if tables.is_empty() {
+                continue;
+            }
+            let Ok(json) = serde_json::to_string(&tables) else {
+                continue;
+            };
+            if json == last && sent_at.elapsed() < Duration::from_secs(5) {
+                continue;
+            }
+            match client.report_failover(&node, json.clone()).await {
+                Ok(()) => {
+                    last = json;
+                    sent_at = tokio::time::Instant::now();
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reporting failover tables failed; will retry")
+                }
+            }
+        }
+    }))
+}

@@ -12,4 +12,4 @@ pub mod dns;
 pub mod gateway;
 pub mod sidecar;
 
-pub use common::{attach, wait_for_shutdown_signal, Attached};
+pub use common::{attach, report_failover, wait_for_shutdown_signal, Attached};

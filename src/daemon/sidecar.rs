@@ -171,6 +171,11 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         att.config.clone(),
     )
     .await?;
+    let reporter = super::common::report_failover(
+        &config.control.to_string(),
+        &format!("sidecar/{}", config.identity.service_account()),
+        sidecar.failover_health(),
+    )?;
     let admin = ComponentAdmin::start_full(
         "sidecar",
         config.admin,
@@ -189,6 +194,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         serde_json::json!({"identity": config.identity.to_string(), "inbound": inbound, "admin": admin.addr().to_string()}),
     );
     wait_for_shutdown_signal().await?;
+    reporter.abort();
     sidecar.shutdown().await;
     admin.shutdown().await;
     for t in att.tasks {

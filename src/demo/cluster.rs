@@ -319,6 +319,11 @@ impl DemoCluster {
             .await?,
         );
         background.extend(att.tasks);
+        background.push(crate::daemon::report_failover(
+            &control_addr,
+            "sidecar/sleep",
+            client_sidecar.failover_health(),
+        )?);
         let config = att.config;
 
         let dns_att = crate::daemon::attach(&control_addr, "dns", None).await?;

@@ -33,6 +33,7 @@ fn cluster(name: &str, gateway: Option<&str>) -> ClusterRecord {
         ca_bundle_pem: format!("PEM-{name}"),
         locality: None,
         member_id: None,
+        control: None,
     }
 }
 
