@@ -6,14 +6,15 @@
 //!   [`Outcome::Respond`] with the response message, or [`Outcome::Forward`].
 //! - [`handle_packet`] wraps it for raw bytes off the wire: it drops what is not a query,
 //!   answers FORMERR when only the header could be read, NOTIMP for opcodes other than QUERY,
-//!   encodes the response and sets TC when it does not fit the client's size limit.
+//!   REFUSED for classes other than IN, encodes the response and sets TC when it does not fit
+//!   the client's size limit.
 //!
 //! The server calls [`handle_packet`] once per received message, sends [`Action::Reply`] as
 //! is, and for [`Action::Forward`] relays the original packet upstream (building SERVFAIL with
 //! [`servfail`] when no upstream answers).
 
 use hickory_proto::op::{Edns, Header, Message, MessageType, Metadata, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, PTR, SOA, SRV, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::BinDecodable;
 use tracing::debug;
@@ -68,8 +69,10 @@ pub fn answer(table: &MeshTable, request: &Message, ttl: u32) -> Outcome {
     let [query] = request.queries.as_slice() else {
         return Outcome::Respond(response(request, ResponseCode::FormErr, false));
     };
+    // Only the Internet class exists in a cluster: CH, HS, NONE, ANY and unassigned classes
+    // are refused rather than relayed to resolvers that have no more use for them than we do.
     if query.query_class != DNSClass::IN {
-        return Outcome::Forward;
+        return Outcome::Respond(response(request, ResponseCode::Refused, false));
     }
     let qname = &query.name;
     let qtype = query.query_type;
@@ -89,10 +92,27 @@ pub fn answer(table: &MeshTable, request: &Message, ttl: u32) -> Outcome {
             add_soa(&mut msg.authorities, table, ttl);
             Outcome::Respond(msg)
         }
-        // Not ours to be authoritative for, but we know the name cannot exist: it would be a
-        // mesh name followed by a search domain.
-        Lookup::SearchExpansion => {
-            Outcome::Respond(response(request, ResponseCode::NXDomain, false))
+        // A resolver walking its search list: answer the mesh name at once, as a CNAME to it
+        // followed by its records, so the application needs no further question. Not
+        // authoritative: cluster.local is not our zone.
+        Lookup::SearchExpansion { labels, node } => {
+            let mut msg = response(request, ResponseCode::NoError, false);
+            let Ok(target) = Name::from_labels(qname.iter().take(labels)) else {
+                return Outcome::Respond(response(request, ResponseCode::ServFail, false));
+            };
+            msg.add_answer(Record::from_rdata(
+                qname.clone(),
+                ttl,
+                RData::CNAME(CNAME(target.clone())),
+            ));
+            if qtype != RecordType::CNAME {
+                add_node_records(&mut msg, table, &target, qtype, node, ttl);
+            }
+            if msg.answers.len() == 1 && qtype != RecordType::CNAME {
+                // The mesh name has nothing of this type: the SOA lets the client cache that.
+                add_soa(&mut msg.authorities, table, ttl);
+            }
+            Outcome::Respond(msg)
         }
         Lookup::Outside => match table.reverse(qname) {
             Some(service) if matches!(qtype, RecordType::PTR | RecordType::ANY) => {

@@ -136,7 +136,8 @@ impl Worker {
         match decision {
             Decision::Local(template) => {
                 template.write_reply(&view, 0, limit, &mut self.out);
-                metrics.query(Some(view.qtype), Some(template.rcode()), Source::Mesh);
+                let rcode = template.rcode();
+                metrics.query(Some(view.qtype), Some(rcode), local_source(rcode));
                 Step::Reply
             }
             Decision::Forward => {
@@ -185,11 +186,7 @@ impl Worker {
         match handle_packet(&self.state.table, packet, transport, self.shared.ttl) {
             Action::Reply(reply) => {
                 let rcode = reply.get(3).map(|flags| u16::from(flags & 0xf));
-                let source = match rcode {
-                    Some(1 | 4) => Source::Error,
-                    _ => Source::Mesh,
-                };
-                metrics.query(qtype, rcode, source);
+                metrics.query(qtype, rcode, rcode.map_or(Source::Error, local_source));
                 self.out = reply;
                 Step::Reply
             }
@@ -299,6 +296,15 @@ fn servfail_for(shared: &Shared, job: &ForwardJob) -> Option<Vec<u8>> {
         Source::Error,
     );
     reply
+}
+
+/// Who a locally built answer with `rcode` counts as coming from: the mesh table, or the
+/// proxy refusing the request (FORMERR, NOTIMP, REFUSED).
+fn local_source(rcode: u16) -> Source {
+    match rcode {
+        1 | 4 | 5 => Source::Error,
+        _ => Source::Mesh,
+    }
 }
 
 fn rcode_of(reply: &[u8]) -> Option<u16> {

@@ -81,8 +81,14 @@ pub enum Lookup<'a> {
     /// A name in the mesh zone that does not exist.
     NxDomain,
     /// A Kubernetes search-path expansion of a mesh name, such as
-    /// `web.default.svc.clusterset.local.default.svc.cluster.local.`.
-    SearchExpansion,
+    /// `web.default.svc.clusterset.local.default.svc.cluster.local.`: the first `labels`
+    /// labels of the question name are the mesh name, which holds `node`.
+    SearchExpansion {
+        /// How many leading labels of the question name make up the mesh name.
+        labels: usize,
+        /// The records at the mesh name.
+        node: &'a Node,
+    },
     /// Not a mesh name: the question goes upstream (unless it is a VIP's reverse name).
     Outside,
 }
@@ -150,10 +156,10 @@ impl MeshTable {
                 None => Lookup::NxDomain,
             };
         }
-        if self.is_search_expansion(&labels) {
-            return Lookup::SearchExpansion;
+        match self.search_expansion(&labels) {
+            Some((labels, node)) => Lookup::SearchExpansion { labels, node },
+            None => Lookup::Outside,
         }
-        Lookup::Outside
     }
 
     /// The service name whose VIP has this reverse name (`<reversed>.in-addr.arpa.` or
@@ -163,19 +169,22 @@ impl MeshTable {
     }
 
     /// `X.clusterset.local.<anything>.cluster.local.` where `X.clusterset.local` holds
-    /// records. `<anything>` may be empty, which covers the `cluster.local` search domain as
-    /// well as `svc.cluster.local` and `<ns>.svc.cluster.local`.
-    fn is_search_expansion(&self, labels: &[String]) -> bool {
+    /// records: how many labels `X.clusterset.local` has, and its node. `<anything>` may be
+    /// empty, which covers the `cluster.local` search domain as well as `svc.cluster.local`
+    /// and `<ns>.svc.cluster.local`.
+    fn search_expansion(&self, labels: &[String]) -> Option<(usize, &Node)> {
         if !ends_with(labels, &CLUSTER_LOCAL) {
-            return false;
+            return None;
         }
         let before_tail = labels.len() - CLUSTER_LOCAL.len();
-        (ZONE.len()..=before_tail).any(|end| {
-            ends_with(&labels[..end], &ZONE)
-                && self
-                    .nodes
-                    .get(&key_of(&labels[..end]))
-                    .is_some_and(Node::has_records)
+        (ZONE.len()..=before_tail).find_map(|end| {
+            if !ends_with(&labels[..end], &ZONE) {
+                return None;
+            }
+            self.nodes
+                .get(&key_of(&labels[..end]))
+                .filter(|node| node.has_records())
+                .map(|node| (end, node))
         })
     }
 
@@ -471,18 +480,23 @@ mod tests {
     #[test]
     fn search_expansions_of_mesh_names_are_recognised() {
         let t = table();
-        for expansion in [
-            "web.shop.svc.clusterset.local.shop.svc.cluster.local.",
-            "web.shop.svc.clusterset.local.svc.cluster.local.",
-            "web.shop.svc.clusterset.local.cluster.local.",
-            "WEB.shop.svc.clusterset.local.Cluster.Local.",
-            "_http._tcp.web.shop.svc.clusterset.local.default.svc.cluster.local.",
+        for (expansion, mesh_labels) in [
+            ("web.shop.svc.clusterset.local.shop.svc.cluster.local.", 5),
+            ("web.shop.svc.clusterset.local.svc.cluster.local.", 5),
+            ("web.shop.svc.clusterset.local.cluster.local.", 5),
+            ("WEB.shop.svc.clusterset.local.Cluster.Local.", 5),
+            (
+                "_http._tcp.web.shop.svc.clusterset.local.default.svc.cluster.local.",
+                7,
+            ),
         ] {
-            assert_eq!(
-                t.lookup(&name(expansion)),
-                Lookup::SearchExpansion,
-                "{expansion}"
-            );
+            match t.lookup(&name(expansion)) {
+                Lookup::SearchExpansion { labels, node } => {
+                    assert_eq!(labels, mesh_labels, "{expansion}");
+                    assert!(node.has_records(), "{expansion}");
+                }
+                other => panic!("{expansion}: unexpected {other:?}"),
+            }
         }
     }
 

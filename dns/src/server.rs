@@ -293,9 +293,15 @@ async fn serve_udp(
             _ = stop.changed() => break,
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
             received = socket.recv_from(&mut buf) => {
-                let mut received = received;
-                // Once the socket is readable, drain what is queued before polling again.
+                let mut first = Some(received);
+                // Once the socket is readable, drain what is queued before polling again. A
+                // datagram is only taken off the socket when it is about to be handled: one
+                // read past the end of the batch would be lost.
                 for _ in 0..UDP_BATCH {
+                    let received = match first.take() {
+                        Some(received) => received,
+                        None => socket.try_recv_from(&mut buf),
+                    };
                     let (len, peer) = match received {
                         Ok(received) => received,
                         Err(error) => {
@@ -323,7 +329,6 @@ async fn serve_udp(
                             }
                         }
                     }
-                    received = socket.try_recv_from(&mut buf);
                 }
             }
         }

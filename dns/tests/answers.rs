@@ -9,7 +9,8 @@ use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::rdata::{AAAA, PTR, SRV};
 use hickory_proto::rr::{Name, RData, RecordType};
 use isthmus_core::mesh::Protocol;
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::time::timeout;
 
 #[tokio::test]
 async fn udp_a_question_for_a_mesh_service_returns_its_vip() {
@@ -123,18 +124,95 @@ async fn udp_mesh_names_match_any_case_and_keep_the_question_case() {
 }
 
 #[tokio::test]
-async fn udp_search_path_expansion_of_a_mesh_name_is_nxdomain_without_upstream() {
-    // No upstream is configured: a forwarded question would get SERVFAIL, not NXDOMAIN.
-    let (dns, _tx) = proxy(shop()).await;
-    let resp = udp_query(
+async fn the_first_search_path_expansion_is_answered_with_the_mesh_name_without_upstream() {
+    let upstream = udp_upstream().await;
+    let (_tx, rx) = tokio::sync::watch::channel(shop());
+    let dns = isthmus_dns::start(
+        options(vec![upstream.addr], std::time::Duration::from_secs(2)),
+        rx,
+    )
+    .await
+    .unwrap();
+    // What a pod in namespace `shop` with ndots:5 asks first for the mesh name, then what it
+    // would ask next if the first had failed.
+    for expansion in [
+        "web.shop.svc.clusterset.local.shop.svc.cluster.local.",
+        "web.shop.svc.clusterset.local.svc.cluster.local.",
+        "web.shop.svc.clusterset.local.cluster.local.",
+    ] {
+        let resp = udp_query(dns.udp_addr(), &request(expansion, RecordType::A)).await;
+        assert_eq!(resp.metadata.response_code, ResponseCode::NoError);
+        let RData::CNAME(cname) = &resp.answers[0].data else {
+            panic!("no CNAME first: {resp}");
+        };
+        assert_eq!(
+            cname.0,
+            Name::from_ascii("web.shop.svc.clusterset.local.").unwrap()
+        );
+        assert_eq!(a_answers(&resp), vec![Ipv4Addr::new(240, 240, 0, 1)]);
+        assert_eq!(resp.answers[1].name, cname.0);
+    }
+    // The same over TCP, and for an SRV name.
+    let resp = tcp_query(
+        dns.tcp_addr(),
+        &request(
+            "_pg._tcp.db.shop.svc.clusterset.local.shop.svc.cluster.local.",
+            RecordType::SRV,
+        ),
+    )
+    .await;
+    assert!(
+        matches!(&resp.answers[..], [_, srv] if matches!(&srv.data, RData::SRV(s) if s.port == 5432)),
+        "{resp}"
+    );
+    assert_eq!(upstream.received(), 0, "a mesh name went upstream");
+
+    // The expansion of a name that is not in the mesh is the cluster resolver's business.
+    udp_query(
         dns.udp_addr(),
         &request(
-            "web.shop.svc.clusterset.local.shop.svc.cluster.local.",
+            "nope.shop.svc.clusterset.local.shop.svc.cluster.local.",
             RecordType::A,
         ),
     )
     .await;
-    assert_eq!(resp.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(upstream.received(), 1);
+    dns.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_burst_of_queued_udp_questions_is_answered_in_full() {
+    // The test runs on a single-threaded runtime: while it sends with a blocking socket the
+    // proxy cannot read, so every question is queued on the proxy's socket before the first
+    // is read, and the proxy reads them in batches.
+    const QUESTIONS: u16 = 100;
+    let (dns, _tx) = proxy(shop()).await;
+    let client = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    client.connect(dns.udp_addr()).unwrap();
+    let mut req = request("web.shop.svc.clusterset.local.", RecordType::A);
+    for id in 0..QUESTIONS {
+        req.metadata.id = id;
+        client.send(&req.to_vec().unwrap()).unwrap();
+    }
+    client.set_nonblocking(true).unwrap();
+    let client = UdpSocket::from_std(client).unwrap();
+    let mut answered = vec![false; usize::from(QUESTIONS)];
+    let mut buf = vec![0u8; 4096];
+    for _ in 0..QUESTIONS {
+        let len = timeout(ANSWER_WAIT, client.recv(&mut buf))
+            .await
+            .unwrap_or_else(|_| {
+                let missing: Vec<_> = (0..QUESTIONS)
+                    .filter(|id| !answered[usize::from(*id)])
+                    .collect();
+                panic!("questions {missing:?} were never answered")
+            })
+            .unwrap();
+        let reply = Message::from_vec(&buf[..len]).unwrap();
+        assert_eq!(a_answers(&reply), vec![Ipv4Addr::new(240, 240, 0, 1)]);
+        answered[usize::from(reply.metadata.id)] = true;
+    }
+    assert!(answered.iter().all(|a| *a));
     dns.shutdown().await;
 }
 

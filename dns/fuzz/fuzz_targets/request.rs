@@ -44,7 +44,7 @@ static TABLE: LazyLock<MeshTable> = LazyLock::new(|| {
             service("db", "fd00::5", &[("pg", 5432, Protocol::Tcp)]),
             service("wide", "240.240.0.9", &many),
         ],
-        clusters: Vec::new(),
+        ..MeshConfig::default()
     })
 });
 

@@ -1,7 +1,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, PTR, SRV, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, PTR, SRV, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use isthmus_core::mesh::{MeshConfig, MeshService, Protocol};
 
@@ -379,30 +379,83 @@ fn names_outside_the_mesh_are_forwarded() {
 }
 
 #[test]
-fn search_path_expansions_of_mesh_names_are_nxdomain_locally() {
+fn search_path_expansions_of_mesh_names_answer_a_cname_and_the_records() {
     for qname in [
         "web.shop.svc.clusterset.local.shop.svc.cluster.local.",
         "web.shop.svc.clusterset.local.svc.cluster.local.",
-        "web.shop.svc.clusterset.local.cluster.local.",
+        "Web.Shop.svc.clusterset.local.cluster.local.",
     ] {
         let req = request(qname, RecordType::A);
         let resp = respond(&req);
         // Not authoritative: cluster.local is not our zone.
-        assert_response_to(&resp, &req, ResponseCode::NXDomain, false);
+        assert_response_to(&resp, &req, ResponseCode::NoError, false);
+        let target = Name::from_labels(name(qname).iter().take(5)).unwrap();
+        assert_eq!(target, name("web.shop.svc.clusterset.local."));
+        assert_eq!(resp.answers.len(), 2, "{resp}");
+        assert_eq!(resp.answers[0].name, name(qname));
+        assert_eq!(resp.answers[0].ttl, TTL);
+        assert_eq!(resp.answers[0].data, RData::CNAME(CNAME(target.clone())));
+        assert_eq!(resp.answers[1].name, target);
+        assert_eq!(resp.answers[1].data, a([240, 240, 0, 1]));
+        assert!(resp.authorities.is_empty());
     }
-    // Expansions of names that are not mesh services still go to the cluster's resolver.
+    // SRV names expand too.
     let req = request(
-        "nope.shop.svc.clusterset.local.shop.svc.cluster.local.",
-        RecordType::A,
+        "_http._tcp.web.shop.svc.clusterset.local.shop.svc.cluster.local.",
+        RecordType::SRV,
     );
-    assert_eq!(answer(&table(), &req, TTL), Outcome::Forward);
+    let resp = respond(&req);
+    assert_eq!(resp.answers.len(), 2, "{resp}");
+    assert!(matches!(&resp.answers[1].data, RData::SRV(srv) if srv.port == 80));
+    assert_eq!(resp.additionals.len(), 1);
 }
 
 #[test]
-fn questions_in_other_classes_are_forwarded() {
-    let mut req = request("web.shop.svc.clusterset.local.", RecordType::TXT);
-    req.queries[0].query_class = DNSClass::CH;
-    assert_eq!(answer(&table(), &req, TTL), Outcome::Forward);
+fn a_search_path_expansion_without_records_of_the_type_is_a_cname_and_the_soa() {
+    let req = request(
+        "web.shop.svc.clusterset.local.shop.svc.cluster.local.",
+        RecordType::AAAA,
+    );
+    let resp = respond(&req);
+    assert_response_to(&resp, &req, ResponseCode::NoError, false);
+    assert_eq!(resp.answers.len(), 1, "{resp}");
+    assert!(matches!(resp.answers[0].data, RData::CNAME(_)));
+    assert!(matches!(
+        resp.authorities.first().map(|r| &r.data),
+        Some(RData::SOA(_))
+    ));
+}
+
+#[test]
+fn search_path_expansions_of_other_names_are_forwarded() {
+    // Expansions of names that are not mesh services still go to the cluster's resolver.
+    for qname in [
+        "nope.shop.svc.clusterset.local.shop.svc.cluster.local.",
+        "shop.svc.clusterset.local.cluster.local.",
+        "web.shop.svc.clusterset.local.example.com.",
+    ] {
+        let req = request(qname, RecordType::A);
+        assert_eq!(answer(&table(), &req, TTL), Outcome::Forward, "{qname}");
+    }
+}
+
+#[test]
+fn questions_in_other_classes_are_refused() {
+    for class in [
+        DNSClass::CH,
+        DNSClass::HS,
+        DNSClass::NONE,
+        DNSClass::ANY,
+        DNSClass::Unknown(77),
+    ] {
+        for qname in ["web.shop.svc.clusterset.local.", "example.com."] {
+            let mut req = request(qname, RecordType::TXT);
+            req.queries[0].query_class = class;
+            let resp = respond(&req);
+            assert_response_to(&resp, &req, ResponseCode::Refused, false);
+            assert!(resp.answers.is_empty());
+        }
+    }
 }
 
 #[test]
