@@ -1,7 +1,8 @@
 //! isthmus-gateway: the east-west gateway, which carries local sidecars' connections to other
 //! clusters over QUIC and delivers other clusters' connections to local endpoints.
 //!
-//! One gateway runs per cluster (replicable). It has two roles on one QUIC endpoint:
+//! One gateway runs per cluster, or several replicas behind one address ([`start_replica`],
+//! `replica.rs`). It has two roles on one QUIC endpoint:
 //!
 //! - **Outbound** (`outbound.rs`): local sidecars connect over TCP to
 //!   [`GatewayOptions::local_listen`] and send an [`OpenRequest`]. The gateway carries the
@@ -56,6 +57,7 @@ mod outbound;
 mod peers;
 mod quic;
 mod relay;
+mod replica;
 mod tls_tcp;
 mod udp_screen;
 
@@ -63,6 +65,7 @@ pub use error::GatewayError;
 pub use isthmus_core::tunnel::{OpenRequest, OpenResponse, ReasonCode};
 pub use metrics::Metrics;
 pub use quic::{ALPN, ALPN_TCP};
+pub use replica::{ReplicaSet, SECRET_LEN};
 
 /// The default UDP port for QUIC between gateways.
 pub const DEFAULT_QUIC_PORT: u16 = 15443;
@@ -180,9 +183,11 @@ pub struct GatewayHandle {
     quic_addr: SocketAddr,
     local_addr: SocketAddr,
     idle_timeout: Duration,
+    /// Started with [`start_replica`]: the ports are shared with siblings.
+    shared: bool,
     metrics: Arc<Metrics>,
-    /// `None` once shut down.
-    endpoint: Option<quinn::Endpoint>,
+    /// The listening endpoint, then (replicas only) the dialling one; empty once shut down.
+    endpoints: Vec<quinn::Endpoint>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -211,35 +216,93 @@ pub(crate) fn log_panic(done: Result<(), tokio::task::JoinError>) {
 /// Starts a gateway: binds the QUIC endpoint and the local listener, then runs the roles until
 /// shutdown. `config` is the cluster's current mesh configuration; every decision reads the
 /// latest value, and the gateway keeps its last view if the sender goes away.
+///
+/// The gateway owns its ports; a second gateway on the same addresses fails to bind. To run
+/// several replicas behind one address, use [`start_replica`].
 pub async fn start(
     opts: GatewayOptions,
     config: watch::Receiver<Arc<MeshConfig>>,
 ) -> Result<GatewayHandle, GatewayError> {
+    start_with(opts, None, config).await
+}
+
+/// Starts one replica of a cluster's gateway: like [`start`], but the QUIC port (and the
+/// TLS-over-TCP port) and the local port are shared with the other replicas started with the
+/// same [`ReplicaSet`] on the same addresses, and the replicas' shared keys let a survivor
+/// reset a dead replica's connections so its peers reconnect at once (see
+/// [`ReplicaSet`]). The first replica may bind port 0; the others bind the ports it got.
+pub async fn start_replica(
+    opts: GatewayOptions,
+    replicas: &ReplicaSet,
+    config: watch::Receiver<Arc<MeshConfig>>,
+) -> Result<GatewayHandle, GatewayError> {
+    start_with(opts, Some(replicas), config).await
+}
+
+async fn start_with(
+    opts: GatewayOptions,
+    replicas: Option<&ReplicaSet>,
+    config: watch::Receiver<Arc<MeshConfig>>,
+) -> Result<GatewayHandle, GatewayError> {
     opts.validate()?;
+    let shared = replicas.is_some();
+    // A lone gateway still keys its resets and connection IDs, with a secret of its own.
+    let replicas = replicas.cloned().unwrap_or_else(ReplicaSet::generate);
     let metrics = Arc::new(Metrics::default());
     let log = Arc::new(log_limit::LogLimiter::new(log_limit::LOG_INTERVAL));
     let tls = quic::TlsConfigs::new(&opts, &metrics)?;
-    let (udp, tls_listener) = bind_peer_sockets(&opts)?;
-    let endpoint = quic::endpoint(&opts, udp, &tls, metrics.clone(), log.clone())?;
-    let quic_addr = endpoint
-        .local_addr()
-        .map_err(|source| GatewayError::BindQuic {
-            addr: opts.quic_listen,
-            source,
-        })?;
+    let (udp, tls_listener) = bind_peer_sockets(&opts, shared)?;
+    let listen = quic::endpoint(
+        &opts,
+        udp,
+        &tls,
+        &replicas,
+        true,
+        metrics.clone(),
+        log.clone(),
+    )?;
+    let mut opened = vec![listen.clone()];
+    let close_all = |opened: &[quinn::Endpoint]| {
+        for e in opened {
+            e.close(quic::codes::SHUTDOWN, b"start-up failed");
+        }
+    };
+    let quic_addr = match listen.local_addr() {
+        Ok(addr) => addr,
+        Err(source) => {
+            close_all(&opened);
+            return Err(GatewayError::BindQuic {
+                addr: opts.quic_listen,
+                source,
+            });
+        }
+    };
     let bound = async {
-        let listener = TcpListener::bind(opts.local_listen)
-            .await
-            .map_err(|source| GatewayError::BindLocal {
-                addr: opts.local_listen,
-                source,
-            })?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| GatewayError::BindLocal {
-                addr: opts.local_listen,
-                source,
-            })?;
+        // Replicas dial from a port of their own; see `replica.rs`.
+        let dial = if shared {
+            let addr = SocketAddr::new(quic_addr.ip(), 0);
+            let udp = replica::bind_udp(addr, false)
+                .map_err(|source| GatewayError::BindQuic { addr, source })?;
+            quic::endpoint(
+                &opts,
+                udp,
+                &tls,
+                &replicas,
+                false,
+                metrics.clone(),
+                log.clone(),
+            )?
+        } else {
+            listen.clone()
+        };
+        let local_error = |source| GatewayError::BindLocal {
+            addr: opts.local_listen,
+            source,
+        };
+        let listener = replica::bind_tcp(opts.local_listen, shared)
+            .and_then(TcpListener::from_std)
+            .map_err(local_error)?;
+        let local_addr = listener.local_addr().map_err(local_error)?;
         let tls_listener = match tls_listener {
             None => None,
             Some(l) => {
@@ -251,21 +314,24 @@ pub async fn start(
                 )
             }
         };
-        Ok::<_, GatewayError>((listener, local_addr, tls_listener))
+        Ok::<_, GatewayError>((dial, listener, local_addr, tls_listener))
     }
     .await;
-    let (listener, local_addr, tls_listener) = match bound {
+    let (dial, listener, local_addr, tls_listener) = match bound {
         Ok(bound) => bound,
         Err(e) => {
-            endpoint.close(quic::codes::SHUTDOWN, b"start-up failed");
+            close_all(&opened);
             return Err(e);
         }
     };
+    if shared {
+        opened.push(dial.clone());
+    }
 
     let (stop, stop_rx) = watch::channel(false);
     let (serve_tx, serve_rx) = tokio::sync::mpsc::unbounded_channel();
     let peers = Arc::new(peers::Peers::new(
-        endpoint.clone(),
+        dial,
         config.clone(),
         opts.connect_timeout,
         metrics.clone(),
@@ -302,16 +368,13 @@ pub async fn start(
             Stop(stop_rx.clone()),
         )));
     }
-    tasks.push(tokio::spawn(inbound.run(
-        endpoint.clone(),
-        serve_rx,
-        Stop(stop_rx),
-    )));
+    tasks.push(tokio::spawn(inbound.run(listen, serve_rx, Stop(stop_rx))));
     info!(
         cluster = %opts.cluster,
         identity = %opts.identity.id(),
         quic = %quic_addr,
         local = %local_addr,
+        replica = shared,
         transport = ?opts.transport,
         keep_alive = ?opts.keep_alive,
         idle_timeout = ?opts.idle_timeout,
@@ -327,18 +390,20 @@ pub async fn start(
         quic_addr,
         local_addr,
         idle_timeout: opts.idle_timeout,
+        shared,
         metrics,
-        endpoint: Some(endpoint),
+        endpoints: opened,
         stop,
         tasks,
     })
 }
 
 /// Binds the UDP socket for QUIC and, with [`Transport::TlsTcp`], a TCP listener on the same
-/// address and port. With port 0 the TCP port is picked first and UDP follows it; a port
-/// already taken over UDP is retried a few times with another.
+/// address and port (`shared`: ports replicas can share). With port 0 the TCP port is picked
+/// first and UDP follows it; a port already taken over UDP is retried a few times with another.
 fn bind_peer_sockets(
     opts: &GatewayOptions,
+    shared: bool,
 ) -> Result<(std::net::UdpSocket, Option<std::net::TcpListener>), GatewayError> {
     let udp_error = |source| GatewayError::BindQuic {
         addr: opts.quic_listen,
@@ -349,19 +414,16 @@ fn bind_peer_sockets(
         source,
     };
     if opts.transport == Transport::Quic {
-        let udp = std::net::UdpSocket::bind(opts.quic_listen).map_err(udp_error)?;
+        let udp = replica::bind_udp(opts.quic_listen, shared).map_err(udp_error)?;
         return Ok((udp, None));
     }
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let tcp = std::net::TcpListener::bind(opts.quic_listen).map_err(tcp_error)?;
+        let tcp = replica::bind_tcp(opts.quic_listen, shared).map_err(tcp_error)?;
         let addr = tcp.local_addr().map_err(tcp_error)?;
-        match std::net::UdpSocket::bind(addr) {
-            Ok(udp) => {
-                tcp.set_nonblocking(true).map_err(tcp_error)?;
-                return Ok((udp, Some(tcp)));
-            }
+        match replica::bind_udp(addr, shared) {
+            Ok(udp) => return Ok((udp, Some(tcp))),
             Err(e) if opts.quic_listen.port() == 0 && attempts < 16 => {
                 tracing::debug!(%addr, error = %e, "udp port taken; picking another");
             }
@@ -397,20 +459,22 @@ impl GatewayHandle {
     /// the UDP port to be released so a new gateway can bind it straight away.
     pub async fn shutdown(mut self) {
         self.stop.send_replace(true);
-        if let Some(endpoint) = &self.endpoint {
+        for endpoint in &self.endpoints {
             endpoint.close(quic::codes::SHUTDOWN, b"gateway shutting down");
         }
         for task in std::mem::take(&mut self.tasks) {
             log_panic(task.await);
         }
-        if let Some(endpoint) = self.endpoint.take() {
+        for endpoint in std::mem::take(&mut self.endpoints) {
             // Let the close frames go out without hanging on an unresponsive peer.
             let _ = tokio::time::timeout(self.idle_timeout, endpoint.wait_idle()).await;
         }
         // quinn's endpoint driver (its own task) owns the socket and lets go of it shortly
-        // after the last handle is dropped.
+        // after the last handle is dropped. (A replica's siblings keep the shared port, and a
+        // restarted replica joins them anyway: nothing to wait for.)
         let deadline = tokio::time::Instant::now() + self.idle_timeout;
-        while std::net::UdpSocket::bind(self.quic_addr).is_err()
+        while !self.shared
+            && std::net::UdpSocket::bind(self.quic_addr).is_err()
             && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -422,7 +486,7 @@ impl GatewayHandle {
 impl Drop for GatewayHandle {
     fn drop(&mut self) {
         self.stop.send_replace(true);
-        if let Some(endpoint) = self.endpoint.take() {
+        for endpoint in std::mem::take(&mut self.endpoints) {
             endpoint.close(quic::codes::SHUTDOWN, b"gateway dropped");
         }
         for task in &self.tasks {

@@ -10,7 +10,7 @@
 use std::sync::atomic::AtomicU64;
 
 use isthmus_core::tunnel::ReasonCode;
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -21,7 +21,7 @@ use prometheus_client::registry::Registry;
 pub(crate) const UNKNOWN_PEER: &str = "unknown";
 
 /// Which gateway opened a tunnel: this one (for a local sidecar) or the peer.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum Direction {
     /// Opened by this gateway towards the peer (a local sidecar's call).
     Outbound,
@@ -30,7 +30,7 @@ pub enum Direction {
 }
 
 /// Payload direction, seen from this gateway.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum Flow {
     /// Bytes this gateway sent to the peer gateway.
     Sent,
@@ -39,14 +39,14 @@ pub enum Flow {
 }
 
 /// Which side of a handshake this gateway was.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum Role {
     Client,
     Server,
 }
 
 /// A reason code as a label value.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 #[allow(missing_docs)]
 pub enum Code {
     Ok,
@@ -73,7 +73,7 @@ impl From<ReasonCode> for Code {
 }
 
 /// Kinds of bad input the gateway refuses.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum Rejection {
     /// A UDP datagram on the QUIC port that is not QUIC at all.
     GarbageDatagram,
@@ -107,13 +107,62 @@ impl Rejection {
 }
 
 /// Where bad input came from.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum Source {
     /// The QUIC (or TLS-over-TCP) port other gateways use.
     Peer,
     /// The local port sidecars use.
     Local,
 }
+
+/// Label values are snake_case, as Prometheus convention has them.
+macro_rules! snake_case_label {
+    ($ty:ty { $($variant:ident => $text:literal),* $(,)? }) => {
+        impl EncodeLabelValue for $ty {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+                use std::fmt::Write;
+                encoder.write_str(match self {
+                    $(Self::$variant => $text,)*
+                })
+            }
+        }
+    };
+}
+
+snake_case_label!(Direction {
+    Outbound => "outbound",
+    Inbound => "inbound",
+});
+snake_case_label!(Flow {
+    Sent => "sent",
+    Received => "received",
+});
+snake_case_label!(Role {
+    Client => "client",
+    Server => "server",
+});
+snake_case_label!(Code {
+    Ok => "ok",
+    UnknownService => "unknown_service",
+    NoHealthyEndpoint => "no_healthy_endpoint",
+    Forbidden => "forbidden",
+    Overloaded => "overloaded",
+    Unreachable => "unreachable",
+    BadRequest => "bad_request",
+});
+snake_case_label!(Rejection {
+    GarbageDatagram => "garbage_datagram",
+    UnknownQuicVersion => "unknown_quic_version",
+    UnknownConnectionId => "unknown_connection_id",
+    HandshakeFailed => "handshake_failed",
+    UnauthorizedPeer => "unauthorized_peer",
+    MalformedHeader => "malformed_header",
+    UnsupportedHeaderVersion => "unsupported_header_version",
+});
+snake_case_label!(Source {
+    Peer => "peer",
+    Local => "local",
+});
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {

@@ -28,6 +28,7 @@ use rustls::NamedGroup;
 
 use crate::log_limit::LogLimiter;
 use crate::metrics::{Metrics, Role, RoleLabels};
+use crate::replica::ReplicaSet;
 use crate::udp_screen::{Screen, ScreenedSocket, SignedCidGenerator};
 use crate::{GatewayError, GatewayOptions};
 use prometheus_client::metrics::counter::Counter;
@@ -133,29 +134,38 @@ pub(crate) fn server_name(cluster: &str) -> String {
     }
 }
 
-/// Builds the endpoint on `socket` (bound to `opts.quic_listen`), serving and connecting with the same TLS
-/// identity and transport settings, behind the datagram screen.
+/// Builds an endpoint on `socket` behind the datagram screen, with the transport settings and
+/// the keys of `replicas` (stateless resets, connection ID signatures). With `serve` it accepts
+/// peer gateways' connections (the published address); it always can dial them.
 pub(crate) fn endpoint(
     opts: &GatewayOptions,
     socket: std::net::UdpSocket,
     configs: &TlsConfigs,
+    replicas: &ReplicaSet,
+    serve: bool,
     metrics: Arc<Metrics>,
     log: Arc<LogLimiter>,
 ) -> Result<Endpoint, GatewayError> {
     let transport = Arc::new(transport_config(opts)?);
 
-    let server_crypto = QuicServerConfig::try_from(configs.quic_server.clone())
-        .map_err(GatewayError::QuicCrypto)?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-    server.transport_config(transport.clone());
+    let server = if serve {
+        let server_crypto = QuicServerConfig::try_from(configs.quic_server.clone())
+            .map_err(GatewayError::QuicCrypto)?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+        server.transport_config(transport.clone());
+        Some(server)
+    } else {
+        None
+    };
 
     let client_crypto = QuicClientConfig::try_from(configs.quic_client.clone())
         .map_err(GatewayError::QuicCrypto)?;
     let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
     client.transport_config(transport);
 
-    let cids = SignedCidGenerator::new();
-    let mut endpoint_config = EndpointConfig::default();
+    let cids = SignedCidGenerator::new(replicas.key("cid"));
+    // Replicas derive the same reset key, so a sibling can reset a dead replica's connections.
+    let mut endpoint_config = EndpointConfig::new(Arc::new(replicas.key("reset")));
     let generator = cids.clone();
     endpoint_config
         .cid_generator(move || Box::new(generator.clone()))
@@ -180,7 +190,7 @@ pub(crate) fn endpoint(
         screen: Screen { cids, metrics, log },
     });
     let mut endpoint =
-        Endpoint::new_with_abstract_socket(endpoint_config, Some(server), screened, runtime)
+        Endpoint::new_with_abstract_socket(endpoint_config, server, screened, runtime)
             .map_err(bind_error)?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)

@@ -17,7 +17,6 @@
 //! quinn, which drops all three kinds anyway.
 
 use std::fmt;
-use std::hash::{BuildHasher, RandomState};
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -27,6 +26,7 @@ use std::time::Duration;
 
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, ConnectionId, ConnectionIdGenerator, UdpPoller};
+use ring::hmac;
 use tracing::warn;
 
 use crate::log_limit::LogLimiter;
@@ -38,23 +38,23 @@ pub(crate) const QUIC_VERSIONS: [u32; 2] = [0, 1];
 const CID_LEN: usize = 8;
 const NONCE_LEN: usize = 4;
 
-/// Issues 8-byte connection IDs: 4 random bytes and 4 bytes of a keyed hash of them, so the
-/// screen can tell our IDs from forged ones. Shares its key with the [`Screen`].
+/// Issues 8-byte connection IDs: 4 random bytes and 4 bytes of a keyed hash (HMAC-SHA256) of
+/// them, so the screen can tell our IDs from forged ones. Shares its key with the [`Screen`],
+/// and with the other replicas of the gateway (see `replica.rs`), whose IDs thus pass too.
 #[derive(Clone)]
 pub(crate) struct SignedCidGenerator {
-    key: RandomState,
+    key: hmac::Key,
 }
 
 impl SignedCidGenerator {
-    pub(crate) fn new() -> Self {
-        SignedCidGenerator {
-            key: RandomState::new(),
-        }
+    pub(crate) fn new(key: hmac::Key) -> Self {
+        SignedCidGenerator { key }
     }
 
     fn signature(&self, nonce: &[u8]) -> [u8; CID_LEN - NONCE_LEN] {
-        let hash = self.key.hash_one(nonce).to_le_bytes();
-        [hash[0], hash[1], hash[2], hash[3]]
+        let tag = hmac::sign(&self.key, nonce);
+        let tag = tag.as_ref();
+        [tag[0], tag[1], tag[2], tag[3]]
     }
 
     /// Whether `cid` was issued by a generator with this key.
@@ -205,6 +205,10 @@ impl AsyncUdpSocket for ScreenedSocket {
 mod tests {
     use super::*;
 
+    fn generator() -> SignedCidGenerator {
+        SignedCidGenerator::new(crate::replica::ReplicaSet::generate().key("cid"))
+    }
+
     fn short_header(cid: &[u8]) -> Vec<u8> {
         let mut d = vec![0x40];
         d.extend_from_slice(cid);
@@ -214,8 +218,15 @@ mod tests {
 
     #[test]
     fn our_connection_ids_pass_and_forged_ones_do_not() {
-        let mut gen = SignedCidGenerator::new();
-        let other = SignedCidGenerator::new();
+        let mut gen = generator();
+        let other = generator();
+        let set = crate::replica::ReplicaSet::generate();
+        let mut replica = SignedCidGenerator::new(set.key("cid"));
+        let sibling = SignedCidGenerator::new(set.key("cid"));
+        for _ in 0..100 {
+            let cid = replica.generate_cid();
+            assert_eq!(classify(&short_header(&cid), &sibling), Verdict::Plausible);
+        }
         for _ in 0..100 {
             let cid = gen.generate_cid();
             assert_eq!(classify(&short_header(&cid), &gen), Verdict::Plausible);
@@ -232,7 +243,7 @@ mod tests {
 
     #[test]
     fn datagrams_are_classified_by_their_first_bytes() {
-        let gen = SignedCidGenerator::new();
+        let gen = generator();
         let bad = |r| Verdict::Bad(r);
         assert_eq!(classify(&[], &gen), bad(Rejection::GarbageDatagram));
         // A TLS record over UDP: fixed bit clear.

@@ -7,7 +7,12 @@
 //! listen: {quic: 0.0.0.0:15443, local: 0.0.0.0:15444, admin: 0.0.0.0:15020}
 //! keepAlive: 250ms
 //! idleTimeout: 1s
+//! replicaSecretFile: /etc/isthmus/gateway-replicas   # optional: run as one of several replicas
 //! ```
+//!
+//! With `replicaSecretFile` (64 hex digits: the secret every replica of this cluster's gateway
+//! shares) the gateway shares its ports with the other replicas on the same addresses; see
+//! `docs/gateway.md`, "Replicas".
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -34,6 +39,8 @@ pub struct RawGatewayConfig {
     pub keep_alive: String,
     #[serde(default = "default_idle")]
     pub idle_timeout: String,
+    #[serde(default)]
+    pub replica_secret_file: Option<String>,
 }
 
 fn default_keep_alive() -> String {
@@ -84,6 +91,7 @@ pub struct GatewayConfig {
     pub admin: SocketAddr,
     pub keep_alive: Duration,
     pub idle_timeout: Duration,
+    pub replica_secret_file: Option<std::path::PathBuf>,
 }
 
 impl TryFrom<RawGatewayConfig> for GatewayConfig {
@@ -107,6 +115,16 @@ impl TryFrom<RawGatewayConfig> for GatewayConfig {
             admin: socket_addr("listen.admin", &raw.listen.admin)?,
             keep_alive: duration("keepAlive", &raw.keep_alive)?,
             idle_timeout: duration("idleTimeout", &raw.idle_timeout)?,
+            replica_secret_file: match raw.replica_secret_file {
+                Some(p) if p.is_empty() => {
+                    return Err(FieldError::new(
+                        "replicaSecretFile",
+                        "",
+                        "must be a path (or left out)",
+                    ))
+                }
+                other => other.map(Into::into),
+            },
         })
     }
 }
@@ -115,6 +133,11 @@ impl TryFrom<RawGatewayConfig> for GatewayConfig {
 pub async fn run(path: &Path) -> anyhow::Result<()> {
     let config: GatewayConfig =
         isthmus_core::config::load_file::<RawGatewayConfig, GatewayConfig>(path)?;
+    // A bad secret file fails start-up before anything connects anywhere.
+    let replicas = match &config.replica_secret_file {
+        None => None,
+        Some(path) => Some(read_replica_secret(path)?),
+    };
     let id = SpiffeId::gateway(&config.trust_domain);
     let att = attach(
         &config.control.to_string(),
@@ -126,22 +149,27 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         .identity
         .clone()
         .ok_or_else(|| anyhow::anyhow!("no gateway identity"))?;
-    let gateway = isthmus_gateway::start(
-        isthmus_gateway::GatewayOptions {
-            cluster: config.cluster.clone(),
-            quic_listen: config.quic,
-            local_listen: config.local,
-            identity,
-            trust: att.trust.clone(),
-            keep_alive: config.keep_alive,
-            idle_timeout: config.idle_timeout,
-            connect_timeout: Duration::from_secs(2),
-            transport: isthmus_gateway::Transport::Quic,
-        },
-        att.config.clone(),
-    )
-    .await?;
-    let admin = ComponentAdmin::start("gateway", config.admin, att.config.clone()).await?;
+    let opts = isthmus_gateway::GatewayOptions {
+        cluster: config.cluster.clone(),
+        quic_listen: config.quic,
+        local_listen: config.local,
+        identity,
+        trust: att.trust.clone(),
+        keep_alive: config.keep_alive,
+        idle_timeout: config.idle_timeout,
+        connect_timeout: Duration::from_secs(2),
+        transport: isthmus_gateway::Transport::Quic,
+    };
+    let gateway = match &replicas {
+        None => isthmus_gateway::start(opts, att.config.clone()).await?,
+        Some(set) => isthmus_gateway::start_replica(opts, set, att.config.clone()).await?,
+    };
+    let metrics = gateway.metrics();
+    let admin =
+        ComponentAdmin::start_with("gateway", config.admin, att.config.clone(), |registry| {
+            metrics.register(registry)
+        })
+        .await?;
     print_ready(
         "gateway",
         serde_json::json!({"quic": gateway.quic_addr().to_string(), "local": gateway.local_addr().to_string(), "admin": admin.addr().to_string()}),
@@ -153,4 +181,68 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         t.abort();
     }
     Ok(())
+}
+
+/// Reads the replicas' shared secret: 64 hex digits (surrounding whitespace ignored).
+fn read_replica_secret(path: &Path) -> anyhow::Result<isthmus_gateway::ReplicaSet> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        anyhow::anyhow!("replicaSecretFile: reading {} failed: {e}", path.display())
+    })?;
+    let text = text.trim();
+    let bad = || {
+        anyhow::anyhow!(
+            "replicaSecretFile: {} must hold {} hex digits, got {} characters",
+            path.display(),
+            2 * isthmus_gateway::SECRET_LEN,
+            text.len()
+        )
+    };
+    if text.len() != 2 * isthmus_gateway::SECRET_LEN || !text.is_ascii() {
+        return Err(bad());
+    }
+    let bytes = (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(|_| bad())?;
+    isthmus_gateway::ReplicaSet::from_secret(&bytes)
+        .map_err(|e| anyhow::anyhow!("replicaSecretFile: {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret_file(name: &str, text: &str) -> std::path::PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("isthmus-gw-secret-{}-{name}", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_replica_secret_file_holds_64_hex_digits() {
+        let good = secret_file("good", &format!("{}\n", "ab".repeat(32)));
+        let set = read_replica_secret(&good).unwrap();
+        assert_eq!(set.secret(), &[0xab; 32]);
+
+        for (name, text, says) in [
+            ("short", "abcd".to_string(), "got 4 characters"),
+            ("not-hex", "zz".repeat(32), "hex digits"),
+            ("zeros", "00".repeat(32), "all zeros"),
+        ] {
+            let path = secret_file(name, &text);
+            let e = read_replica_secret(&path).unwrap_err().to_string();
+            assert!(
+                e.contains("replicaSecretFile") && e.contains(says),
+                "{name}: {e}"
+            );
+            std::fs::remove_file(path).unwrap();
+        }
+        let e = read_replica_secret(Path::new("/nonexistent/isthmus-secret"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("reading /nonexistent/isthmus-secret"), "{e}");
+        std::fs::remove_file(good).unwrap();
+    }
 }
