@@ -71,6 +71,33 @@ async fn attach(
     Ok((identity, att))
 }
 
+/// Starts the cluster's east-west gateway on `quic` and `local` (port 0 picks).
+async fn start_gateway(
+    control: &str,
+    cluster: &str,
+    trust_domain: &str,
+    quic: SocketAddr,
+    local: SocketAddr,
+) -> anyhow::Result<(isthmus_gateway::GatewayHandle, Attached)> {
+    let (gw_identity, gw) = attach(control, "gateway", SpiffeId::gateway(trust_domain)).await?;
+    let gateway = isthmus_gateway::start(
+        isthmus_gateway::GatewayOptions {
+            cluster: cluster.to_string(),
+            quic_listen: quic,
+            local_listen: local,
+            identity: gw_identity,
+            trust: gw.trust.clone(),
+            keep_alive: Duration::from_millis(250),
+            idle_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(2),
+            transport: isthmus_gateway::Transport::Quic,
+        },
+        gw.config.clone(),
+    )
+    .await?;
+    Ok((gateway, gw))
+}
+
 /// Starts one sample workload (the app on `app_listen`, its sidecar's inbound port on
 /// `inbound_listen`) with its own identity, attached to the control plane at `control`.
 #[allow(clippy::too_many_arguments)]
@@ -159,6 +186,7 @@ impl DemoCluster {
                 app: w.app.addr,
                 inbound: w.sidecar.inbound_addrs()[0],
             });
+            // Both at once, as a pod dies: the listener and the app go together.
             w.app.shutdown();
             w.sidecar.shutdown().await;
         }
@@ -171,6 +199,24 @@ impl DemoCluster {
         if let Some(gateway) = self.gateway.take() {
             gateway.shutdown().await;
         }
+    }
+
+    /// Starts the gateway again on its old addresses (after [`DemoCluster::kill_gateway`]).
+    pub async fn revive_gateway(&mut self) -> anyhow::Result<()> {
+        if self.gateway.is_some() {
+            return Ok(());
+        }
+        let (gateway, att) = start_gateway(
+            &self.control.grpc_addr().to_string(),
+            &self.name,
+            &self.trust_domain,
+            self.gateway_quic,
+            self.gateway_local,
+        )
+        .await?;
+        self.background.extend(att.tasks);
+        self.gateway = Some(gateway);
+        Ok(())
     }
 
     /// Stops this cluster's control plane (its federation member stays up): the data plane
@@ -240,23 +286,7 @@ impl DemoCluster {
         );
 
         // The gateway first: the others' routes to this cluster need its address.
-        let (gw_identity, gw) =
-            attach(&control_addr, "gateway", SpiffeId::gateway(&trust_domain)).await?;
-        let gateway = isthmus_gateway::start(
-            isthmus_gateway::GatewayOptions {
-                cluster: name.to_string(),
-                quic_listen: loopback,
-                local_listen: loopback,
-                identity: gw_identity,
-                trust: gw.trust,
-                keep_alive: Duration::from_millis(250),
-                idle_timeout: Duration::from_secs(1),
-                connect_timeout: Duration::from_secs(2),
-                transport: isthmus_gateway::Transport::Quic,
-            },
-            gw.config.clone(),
-        )
-        .await?;
+        let (gateway, gw) = start_gateway(&control_addr, name, &trust_domain, loopback, loopback).await?;
         control.set_gateway(gateway.quic_addr());
         admins.insert(
             "gateway".to_string(),

@@ -28,7 +28,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     step(1, "Starting each cluster's federation member, control plane, east-west gateway, DNS proxy and sidecars");
     let started = Instant::now();
-    let demo = Demo::start(DemoOptions::default()).await?;
+    let mut demo = Demo::start(DemoOptions::default()).await?;
     println!(
         "    all three clusters up and converged in {:.2?}",
         started.elapsed()
@@ -131,6 +131,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     step(7, "Canary: Istio's reviews v2/v3 50/50 split, applied once through east's control plane (isthmus apply -f)");
     canary(&demo).await?;
 
+    step(8, "Failover: every details endpoint in east dies under load; east's callers go to west, then come home");
+    failover(&mut demo).await?;
+
     let ports = demo.ports();
     if let Some(path) = &args.ports_file {
         std::fs::write(path, serde_json::to_string_pretty(&ports)?)
@@ -171,6 +174,92 @@ const BOOKINFO_SUBSETS: &str =
     include_str!("../../examples/bookinfo/destination-rule-all-mtls.yaml");
 const REVIEWS_SPLIT: &str =
     include_str!("../../examples/bookinfo/virtual-service-reviews-v2-v3.yaml");
+
+const DETAILS_FAILOVER: &str = "apiVersion: isthmus.io/v1alpha1\nkind: FailoverPolicy\nmetadata: {name: details, namespace: default}\nspec:\n  service: details\n  hysteresis: 2s\n";
+
+/// Kills east's details workloads under a steady stream of calls, reports how long failing
+/// over took and what the caller saw, shows the priority table, then brings them back.
+async fn failover(demo: &mut Demo) -> anyhow::Result<()> {
+    let policies = isthmus_core::policy::parse_documents("failover.yaml", DETAILS_FAILOVER)?;
+    let east = demo.cluster("east")?;
+    let client = isthmus_core::client::ControlClient::new(&east.control.grpc_addr().to_string())?;
+    client.apply(&policies, false).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !policies
+        .iter()
+        .all(|p| east.config.borrow().policies.contains(p))
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the FailoverPolicy never reached east"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!("    FailoverPolicy default/details applied (hysteresis 2s; priorities by locality)");
+    let addr = SocketAddr::new(
+        super::vip_of(&east.config.borrow(), "details").context("details has no VIP in east")?,
+        SAMPLE_PORT,
+    );
+    let before = call_sample(addr).await?;
+    println!("    east -> details: served by {}", before.cluster);
+
+    let cluster = demo
+        .clusters
+        .iter_mut()
+        .find(|c| c.name == "east")
+        .context("no east cluster")?;
+    let killed = Instant::now();
+    let stopped = cluster.kill_workloads("details").await;
+    let (mut failed, mut calls) = (0, 0);
+    let failed_over = loop {
+        anyhow::ensure!(
+            killed.elapsed() < Duration::from_secs(10),
+            "details never failed over"
+        );
+        calls += 1;
+        match call_sample(addr).await {
+            Ok(r) if r.cluster != "east" => break (killed.elapsed(), r.cluster),
+            Ok(_) => {}
+            Err(_) => failed += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    println!(
+        "    killed east's details: served by {} after {:.0?}; {failed} of {calls} calls failed meanwhile (the mesh's default retries cover connection failures)",
+        failed_over.1, failed_over.0
+    );
+    if let Some(table) = demo
+        .cluster("east")?
+        .client
+        .failover_tables()
+        .get("details.default")
+    {
+        println!("    isthmus explain details --from east:");
+        for line in isthmus_core::failover::render(table, "east").lines() {
+            println!("      {line}");
+        }
+    }
+
+    let cluster = demo
+        .clusters
+        .iter_mut()
+        .find(|c| c.name == "east")
+        .context("no east cluster")?;
+    let revived = Instant::now();
+    cluster.revive_workloads(&stopped).await?;
+    let home = loop {
+        anyhow::ensure!(
+            revived.elapsed() < Duration::from_secs(15),
+            "details never came home"
+        );
+        if call_sample(addr).await.is_ok_and(|r| r.cluster == "east") {
+            break revived.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    println!("    east's details back: traffic came home after {home:.1?} (not before the 2s hysteresis)");
+    Ok(())
+}
 
 async fn canary(demo: &Demo) -> anyhow::Result<()> {
     let east = demo.cluster("east")?;
