@@ -11,8 +11,10 @@
 //! - unknown names under `svc.clusterset.local` → authoritative NXDOMAIN, known names with
 //!   other types → NODATA;
 //! - Kubernetes search-path expansions of a mesh name (`<mesh name>.<anything>.cluster.local`)
-//!   → NXDOMAIN at once, so the application's resolver moves on to the name as written without
-//!   a round trip upstream;
+//!   → a CNAME to the mesh name and its records, at once, so the application's first question
+//!   is answered without a round trip upstream (as Istio's DNS proxy does);
+//! - questions in classes other than IN → REFUSED; opcodes other than QUERY → NOTIMP;
+//!   unreadable questions → FORMERR;
 //! - `dns-version.clusterset.local` TXT → the schema version (`1.0.0`); the apex
 //!   `clusterset.local` holds the SOA, which every negative answer carries;
 //! - everything else → the upstream resolvers in order (UDP questions over UDP, TCP questions

@@ -101,6 +101,46 @@ async fn nxdomain_with_an_soa_is_cached() {
 }
 
 #[tokio::test]
+async fn an_entry_is_asked_upstream_again_once_its_ttl_has_run_out() {
+    // A one-second TTL: served from the cache, then gone.
+    let upstream = udp_upstream_with(|request| answer_with_a(request, 1), None).await;
+    let dns = proxy_with(&upstream, 100).await;
+    let asked = Instant::now();
+    udp_query(
+        dns.udp_addr(),
+        &request("short.example.com.", RecordType::A),
+    )
+    .await;
+    let cached = udp_query(
+        dns.udp_addr(),
+        &request("short.example.com.", RecordType::A),
+    )
+    .await;
+    assert!(cached.answers[0].ttl <= 1, "{cached}");
+    if asked.elapsed() < Duration::from_millis(900) {
+        assert_eq!(upstream.received(), 1, "a fresh entry went upstream");
+    }
+    // Ask until the entry expires and the question reaches the upstream again (bounded).
+    let deadline = Instant::now() + ANSWER_WAIT;
+    while upstream.received() < 2 {
+        assert!(Instant::now() < deadline, "the entry never expired");
+        let resp = udp_query(
+            dns.udp_addr(),
+            &request("short.example.com.", RecordType::A),
+        )
+        .await;
+        assert_eq!(a_answers(&resp), vec![UPSTREAM_ANSWER]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        asked.elapsed() >= Duration::from_secs(1),
+        "expired after {:?}, before its TTL",
+        asked.elapsed()
+    );
+    dns.shutdown().await;
+}
+
+#[tokio::test]
 async fn nxdomain_without_an_soa_is_not_cached() {
     let upstream = udp_upstream_with(nxdomain_without_soa, None).await;
     let dns = proxy_with(&upstream, 100).await;
