@@ -45,7 +45,10 @@ async fn apply(demo: &Demo, yaml: &str) -> anyhow::Result<()> {
         .apply(&docs, false)
         .await?;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !docs.iter().all(|p| east.config.borrow().policies.contains(p)) {
+    while !docs
+        .iter()
+        .all(|p| east.config.borrow().policies.contains(p))
+    {
         anyhow::ensure!(Instant::now() < deadline, "policies never reached east");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -72,7 +75,10 @@ async fn until_served_by(addr: SocketAddr, cluster: &str) -> anyhow::Result<()> 
 
 /// Starts a steady `RATE_PER_SECOND` load on `addr` for `duration`; returns when each
 /// request finished and whether it succeeded.
-fn load(addr: SocketAddr, duration: Duration) -> tokio::task::JoinHandle<Vec<(Instant, Option<String>)>> {
+fn load(
+    addr: SocketAddr,
+    duration: Duration,
+) -> tokio::task::JoinHandle<Vec<(Instant, Option<String>)>> {
     tokio::spawn(async move {
         let results = Arc::new(Mutex::new(Vec::new()));
         let mut every = tokio::time::interval(Duration::from_micros(1_000_000 / RATE_PER_SECOND));
@@ -83,12 +89,16 @@ fn load(addr: SocketAddr, duration: Duration) -> tokio::task::JoinHandle<Vec<(In
             every.tick().await;
             let results = results.clone();
             tasks.spawn(async move {
-                let outcome = match tokio::time::timeout(Duration::from_secs(3), http_get(addr, "/")).await {
-                    Err(_) => Some("timeout".to_string()),
-                    Ok(Err(e)) => Some(format!("{e:#}").chars().take(60).collect()),
-                    Ok(Ok((200, _))) => None,
-                    Ok(Ok((status, body))) => Some(format!("HTTP {status} {}", body.chars().take(50).collect::<String>())),
-                };
+                let outcome =
+                    match tokio::time::timeout(Duration::from_secs(3), http_get(addr, "/")).await {
+                        Err(_) => Some("timeout".to_string()),
+                        Ok(Err(e)) => Some(format!("{e:#}").chars().take(60).collect()),
+                        Ok(Ok((200, _))) => None,
+                        Ok(Ok((status, body))) => Some(format!(
+                            "HTTP {status} {}",
+                            body.chars().take(50).collect::<String>()
+                        )),
+                    };
                 results.lock().unwrap().push((Instant::now(), outcome));
             });
         }
@@ -126,6 +136,28 @@ impl Rounds {
             .max()
             .unwrap_or_default();
         self.window_ms.push(window.as_secs_f64() * 1000.0);
+        if std::env::var("FAILOVER_BENCH_TRACE").is_ok() {
+            let offsets: Vec<i64> = results
+                .iter()
+                .filter(|(_, e)| e.as_deref() == Some("timeout"))
+                .map(|(t, _)| {
+                    let started = *t - Duration::from_secs(3);
+                    if started >= killed {
+                        (started - killed).as_millis() as i64
+                    } else {
+                        -((killed - started).as_millis() as i64)
+                    }
+                })
+                .collect();
+            if !offsets.is_empty() {
+                eprintln!(
+                    "round: {} timeouts, started {}..{} ms after the kill",
+                    offsets.len(),
+                    offsets.iter().min().unwrap(),
+                    offsets.iter().max().unwrap()
+                );
+            }
+        }
     }
 }
 
@@ -215,7 +247,11 @@ async fn main() -> anyhow::Result<()> {
             until_served_by(reviews, "central").await?;
             let running = load(reviews, BEFORE_KILL + AFTER_KILL);
             tokio::time::sleep(BEFORE_KILL).await;
-            let central = demo.clusters.iter_mut().find(|c| c.name == "central").unwrap();
+            let central = demo
+                .clusters
+                .iter_mut()
+                .find(|c| c.name == "central")
+                .unwrap();
             let killed = Instant::now();
             central.kill_gateway().await;
             gateway.record(killed, &running.await?);

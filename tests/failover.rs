@@ -257,13 +257,25 @@ async fn local_endpoints_die_traffic_fails_over_and_comes_home_after_the_hystere
 
     // The same through the CLI, asked of central's control plane about east's sidecars (it
     // forwards to east's): as soon as the client sidecar has reported.
-    let central_control = demo.cluster("central").unwrap().control.grpc_addr().to_string();
+    let central_control = demo
+        .cluster("central")
+        .unwrap()
+        .control
+        .grpc_addr()
+        .to_string();
     let deadline = Instant::now() + Duration::from_secs(10);
     let out = loop {
         let control = central_control.clone();
         let out = tokio::task::spawn_blocking(move || {
             std::process::Command::new(env!("CARGO_BIN_EXE_isthmus"))
-                .args(["explain", "reviews", "--from", "east", "--control", &control])
+                .args([
+                    "explain",
+                    "reviews",
+                    "--from",
+                    "east",
+                    "--control",
+                    &control,
+                ])
                 .output()
                 .unwrap()
         })
@@ -280,10 +292,20 @@ async fn local_endpoints_die_traffic_fails_over_and_comes_home_after_the_hystere
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    assert!(out.contains("service reviews.default from cluster east"), "{out}");
+    assert!(
+        out.contains("service reviews.default from cluster east"),
+        "{out}"
+    );
     assert!(out.contains("FailoverPolicy default/reviews"), "{out}");
     let unknown = std::process::Command::new(env!("CARGO_BIN_EXE_isthmus"))
-        .args(["explain", "reviews", "--from", "nowhere", "--control", &central_control])
+        .args([
+            "explain",
+            "reviews",
+            "--from",
+            "nowhere",
+            "--control",
+            &central_control,
+        ])
         .output()
         .unwrap();
     assert!(!unknown.status.success());
@@ -430,6 +452,27 @@ async fn a_cluster_cut_off_from_the_federation_is_handled_as_on_partition_says()
     let text = isthmus_core::failover::render(&tables["reviews.default"], "east");
     assert!(text.contains("drainToNext"), "{text}");
     assert!(text.contains("lease lapsed"), "{text}");
+
+    // Healing: central's control plane comes back, renews its leases, and east's traffic
+    // returns to the nearer cluster on its own (after the hysteresis).
+    let central = demo
+        .clusters
+        .iter_mut()
+        .find(|c| c.name == "central")
+        .unwrap();
+    central.restart_control().await.unwrap();
+    let healed = Instant::now();
+    let back = until_served_by(east_addr, "central", Duration::from_secs(15)).await;
+    eprintln!(
+        "after healing, east's traffic returned to central in {:?}",
+        back - healed
+    );
+    let live = east_config
+        .borrow()
+        .service("default", "reviews")
+        .and_then(|s| s.remote.iter().find(|r| r.cluster == "central").cloned())
+        .unwrap();
+    assert_eq!(live.lease_expired_at_ms, None);
 
     // Central's own traffic never noticed.
     let served = central_load.since(stopped);

@@ -54,6 +54,7 @@ pub enum ControlError {
 }
 
 /// Everything a control plane needs, validated.
+#[derive(Clone)]
 pub struct ControlOptions {
     pub cluster: String,
     pub trust_domain: String,

@@ -235,7 +235,7 @@ pub(crate) async fn probe(
         for addr in endpoints {
             let up =
                 tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await;
-            if matches!(up, Ok(Ok(_))) {
+            if matches!(up, Ok(Ok(ref tcp)) if !crate::upstream::is_self_connected(tcp)) {
                 health.endpoint_ok(addr);
             }
         }

@@ -245,6 +245,9 @@ async fn connect_app(
     app: SocketAddr,
 ) -> Result<hyper::client::conn::http1::SendRequest<Incoming>, String> {
     let tcp = TcpStream::connect(app).await.map_err(|e| e.to_string())?;
+    if crate::upstream::is_self_connected(&tcp) {
+        return Err("connection refused (the socket connected to itself)".to_string());
+    }
     let _ = tcp.set_nodelay(true);
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await

@@ -285,6 +285,14 @@ impl Connector {
                 addr,
                 reason: e.to_string(),
             })?;
+        if is_self_connected(&tcp) {
+            return Err(UpstreamError::Connect {
+                addr,
+                reason:
+                    "connection refused (nothing listens there: the socket connected to itself)"
+                        .into(),
+            });
+        }
         let _ = tcp.set_nodelay(true);
         Ok(tcp)
     }
@@ -326,4 +334,11 @@ impl Connector {
             reason: format!("TLS handshake: {e}"),
         })
     }
+}
+
+/// Whether `tcp` is connected to itself: on one host, a connect to a port nobody listens on
+/// can pick that very port as its source and complete a TCP simultaneous open with itself.
+/// The port of a dead endpoint is free for exactly that, so such a connection means "down".
+pub fn is_self_connected(tcp: &TcpStream) -> bool {
+    matches!((tcp.local_addr(), tcp.peer_addr()), (Ok(l), Ok(p)) if l == p)
 }

@@ -54,6 +54,9 @@ pub struct DemoCluster {
     pub config: watch::Receiver<Arc<MeshConfig>>,
     admins: BTreeMap<String, ComponentAdmin>,
     background: Vec<JoinHandle<()>>,
+    /// How the control plane was started, and its federation member (for a restart).
+    control_options: isthmus_control::ControlOptions,
+    store: isthmus_federation::Store,
 }
 
 /// Attaches a component to its control plane the way the daemons do: a certificate for `id`
@@ -226,6 +229,16 @@ impl DemoCluster {
         self.control.halt().await;
     }
 
+    /// Starts the control plane again (after [`DemoCluster::stop_control`]) on its old gRPC
+    /// address, so its data plane reconnects; it renews its export leases at once.
+    pub async fn restart_control(&mut self) -> anyhow::Result<()> {
+        let mut options = self.control_options.clone();
+        options.grpc_listen = self.control.grpc_addr();
+        options.gateway_address = Some(self.gateway_quic);
+        self.control = isthmus_control::start(options, self.store.clone()).await?;
+        Ok(())
+    }
+
     /// Starts killed workloads again on their old addresses.
     pub async fn revive_workloads(&mut self, stopped: &[StoppedWorkload]) -> anyhow::Result<()> {
         for s in stopped {
@@ -259,24 +272,22 @@ impl DemoCluster {
         let ca = isthmus_control::config::load_or_create_ca(&dir.join("data"), &trust_domain)?;
         let discovery_file = dir.join("services.yaml");
         std::fs::write(&discovery_file, "services: []\n").context("writing the discovery file")?;
-        let control = isthmus_control::start(
-            isthmus_control::ControlOptions {
-                cluster: name.to_string(),
-                trust_domain: trust_domain.clone(),
-                locality: super::locality_of(name),
-                grpc_listen: loopback,
-                discovery_file: discovery_file.clone(),
-                discovery_poll: opts.discovery_poll,
-                vip_range,
-                gateway_address: None,
-                tokens: TokenPolicy::single(DEMO_TOKEN, &[SAMPLE_NAMESPACE, SYSTEM_NAMESPACE]),
-                cert_lifetime: Duration::from_secs(3600),
-                ca,
-                export_lease: opts.export_lease,
-            },
-            store,
-        )
-        .await?;
+        let control_options = isthmus_control::ControlOptions {
+            cluster: name.to_string(),
+            trust_domain: trust_domain.clone(),
+            locality: super::locality_of(name),
+            grpc_listen: loopback,
+            discovery_file: discovery_file.clone(),
+            discovery_poll: opts.discovery_poll,
+            vip_range,
+            gateway_address: None,
+            tokens: TokenPolicy::single(DEMO_TOKEN, &[SAMPLE_NAMESPACE, SYSTEM_NAMESPACE]),
+            cert_lifetime: Duration::from_secs(3600),
+            ca,
+            export_lease: opts.export_lease,
+        };
+        let control = isthmus_control::start(control_options.clone(), store.clone()).await?;
+
         let control_addr = control.grpc_addr().to_string();
         let mut background = Vec::new();
         let mut admins = BTreeMap::new();
@@ -286,12 +297,16 @@ impl DemoCluster {
         );
 
         // The gateway first: the others' routes to this cluster need its address.
-        let (gateway, gw) = start_gateway(&control_addr, name, &trust_domain, loopback, loopback).await?;
+        let (gateway, gw) =
+            start_gateway(&control_addr, name, &trust_domain, loopback, loopback).await?;
         control.set_gateway(gateway.quic_addr());
-        admins.insert(
-            "gateway".to_string(),
-            ComponentAdmin::start("gateway", loopback, gw.config).await?,
-        );
+        admins.insert("gateway".to_string(), {
+            let metrics = gateway.metrics();
+            ComponentAdmin::start_with("gateway", loopback, gw.config, |registry| {
+                metrics.register(registry)
+            })
+            .await?
+        });
         background.extend(gw.tasks);
 
         // The sample workloads, each with its own sidecar and identity.
@@ -395,6 +410,8 @@ impl DemoCluster {
             config,
             admins,
             background,
+            control_options,
+            store,
         })
     }
 
