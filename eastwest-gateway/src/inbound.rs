@@ -279,6 +279,20 @@ impl Inbound {
             let addr = active.addr();
             let dialled = tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await;
             match dialled {
+                // On one host, a dial to a dead endpoint's free port can connect the socket
+                // to itself (TCP simultaneous open): that is a refusal, not an endpoint.
+                Ok(Ok(tcp)) if matches!((tcp.local_addr(), tcp.peer_addr()), (Ok(l), Ok(p)) if l == p) =>
+                {
+                    let e = GatewayError::DialEndpoint {
+                        addr,
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::ConnectionRefused,
+                            "the socket connected to itself: nothing listens there",
+                        ),
+                    };
+                    warn!(error = %e.chain(), "local endpoint refused the tunnel");
+                    last_error = Some(e);
+                }
                 Ok(Ok(tcp)) => {
                     let _ = tcp.set_nodelay(true);
                     return Ok((tcp, active));

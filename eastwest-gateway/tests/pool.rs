@@ -196,7 +196,9 @@ async fn a_peer_gateway_restarted_under_load_costs_a_bounded_outage() {
                     if good {
                         ok.fetch_add(1, Ordering::SeqCst);
                     } else {
+                        // A tunnel the restart broke: count it, and pace like a refusal.
                         failed.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 } else {
                     assert_eq!(resp.code, ReasonCode::Unreachable, "{}", resp.message);
@@ -220,8 +222,9 @@ async fn a_peer_gateway_restarted_under_load_costs_a_bounded_outage() {
 
     let west_addr = west.handle.quic_addr();
     let west_config = west.config.borrow().clone();
-    west.handle.shutdown().await;
+    // The outage starts when the shutdown does (tunnels break as it closes the endpoint).
     let down_at = Instant::now();
+    west.handle.shutdown().await;
     let mut opts = options("west", west_ca.gateway_identity(), trust.clone());
     opts.quic_listen = west_addr;
     let _west = start_gateway(opts, (*west_config).clone()).await;
