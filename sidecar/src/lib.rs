@@ -17,6 +17,7 @@ pub mod balance;
 pub mod failover;
 pub mod inbound;
 pub mod metrics;
+pub mod observe;
 pub mod outbound;
 pub mod proxy;
 pub mod ratelimit;
@@ -43,6 +44,8 @@ pub enum SidecarError {
     },
     #[error("building the TLS configuration failed")]
     Tls(#[source] isthmus_core::tls::TlsError),
+    #[error("opening the access log failed")]
+    AccessLog(#[source] std::io::Error),
 }
 
 /// One inbound port: mTLS accepted on `listen`, plaintext forwarded to the application.
@@ -71,6 +74,8 @@ pub struct SidecarOptions {
     /// Istio's request metrics; register them on the admin server with
     /// [`metrics::Metrics::register`].
     pub metrics: metrics::Metrics,
+    /// JSON access logs of outbound HTTP requests.
+    pub access_log: observe::AccessLogTarget,
 }
 
 /// A running sidecar.
@@ -185,11 +190,14 @@ pub async fn start(
                 .cloned()
                 .unwrap_or_else(|| opts.identity.id().service_account().to_string()),
         };
+        let access_log =
+            observe::AccessLog::start(&opts.access_log).map_err(SidecarError::AccessLog)?;
         let proxy = Arc::new(proxy::HttpProxy::new(
             config.clone(),
             upstream.clone(),
             source,
             opts.metrics.clone(),
+            access_log,
         ));
         tasks.push(tokio::spawn(outbound::reconcile(
             outbound.clone(),

@@ -48,6 +48,9 @@ struct Report {
     flags: &'static str,
     /// The cluster that served the request (this one for local endpoints).
     cluster: String,
+    /// The trace this request belongs to and its request id, once known.
+    trace_id: String,
+    request_id: String,
 }
 
 impl Report {
@@ -83,6 +86,7 @@ pub struct HttpProxy {
     metrics: crate::metrics::Metrics,
     /// Rate limit buckets, synced to the config version they were built from.
     limiter: Mutex<(u64, crate::ratelimit::Limiter)>,
+    access_log: crate::observe::AccessLog,
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
@@ -105,6 +109,7 @@ impl HttpProxy {
         connector: Arc<Connector>,
         source: Source,
         metrics: crate::metrics::Metrics,
+        access_log: crate::observe::AccessLog,
     ) -> Self {
         HttpProxy {
             config,
@@ -116,6 +121,7 @@ impl HttpProxy {
             source,
             metrics,
             limiter: Mutex::new((0, crate::ratelimit::Limiter::default())),
+            access_log,
         }
     }
 
@@ -151,11 +157,28 @@ impl HttpProxy {
         req: Request<Incoming>,
     ) -> Response<Body> {
         let started = Instant::now();
+        let wall = std::time::SystemTime::now();
         let request_bytes = content_length(req.headers());
+        let logged = self.access_log.enabled().then(|| {
+            (
+                req.method().to_string(),
+                req.uri()
+                    .path_and_query()
+                    .map_or_else(|| "/".to_string(), |p| p.to_string()),
+                req.headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or("")
+                    .to_string(),
+                format!("{:?}", req.version()),
+            )
+        });
         let mut report = Report {
             service: (String::new(), String::new()),
             flags: "-",
             cluster: self.source.cluster.clone(),
+            trace_id: String::new(),
+            request_id: String::new(),
         };
         let resp = self.route(vip, client, req, &mut report).await;
         let (name, namespace) = &report.service;
@@ -181,6 +204,26 @@ impl HttpProxy {
             request_bytes,
             content_length(resp.headers()),
         );
+        if let Some((method, path, authority, protocol)) = logged {
+            self.access_log.log(&crate::observe::AccessRecord {
+                start_time: crate::observe::rfc3339(wall),
+                method,
+                path,
+                protocol,
+                response_code: resp.status().as_u16(),
+                response_flags: report.flags.to_string(),
+                bytes_received: request_bytes,
+                bytes_sent: content_length(resp.headers()),
+                duration: millis as u64,
+                authority,
+                downstream_remote_address: client.to_string(),
+                upstream_service: labels.destination_service.clone(),
+                upstream_cluster: report.cluster.clone(),
+                x_request_id: report.request_id.clone(),
+                trace_id: report.trace_id.clone(),
+                source_principal: labels.source_principal.clone(),
+            });
+        }
         resp
     }
 
@@ -265,6 +308,14 @@ impl HttpProxy {
                 apply_header_ops(&mut parts.headers, r);
             }
         }
+        let trace = crate::observe::propagate(&mut parts.headers);
+        report.trace_id = trace.trace_id;
+        report.request_id = parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
         let Some(target) = config.service(&dest.service.1, &dest.service.0).cloned() else {
             let resp = text(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -60,14 +60,25 @@ async fn app(version: &'static str, b: Behaviour) -> (SocketAddr, Arc<AtomicU32>
                             } else {
                                 200
                             };
-                            let body = format!(
-                                "{version} {} {}",
-                                req.uri().path(),
+                            let header = |name: &str| {
                                 req.headers()
-                                    .get("host")
+                                    .get(name)
                                     .and_then(|h| h.to_str().ok())
                                     .unwrap_or("")
-                            );
+                                    .to_string()
+                            };
+                            let body = if req.uri().path() == "/trace" {
+                                // What the app sees of the trace context.
+                                format!(
+                                    "{} {} {} {}",
+                                    header("traceparent"),
+                                    header("x-b3-traceid"),
+                                    header("x-b3-parentspanid"),
+                                    header("x-request-id")
+                                )
+                            } else {
+                                format!("{version} {} {}", req.uri().path(), header("host"))
+                            };
                             Ok::<_, std::convert::Infallible>(
                                 http::Response::builder()
                                     .status(status)
@@ -107,6 +118,16 @@ async fn mesh(
     endpoints: Vec<(&'static str, &'static str, Behaviour)>,
     policies: &str,
 ) -> Mesh {
+    mesh_with_log(octet, endpoints, policies, Default::default()).await
+}
+
+/// Like [`mesh`], the client sidecar writing access logs to `access_log`.
+async fn mesh_with_log(
+    octet: u8,
+    endpoints: Vec<(&'static str, &'static str, Behaviour)>,
+    policies: &str,
+    access_log: isthmus_sidecar::observe::AccessLogTarget,
+) -> Mesh {
     isthmus_core::install_crypto_provider();
     let ca = CertificateAuthority::generate(TD).unwrap();
     let trust = TrustBundles::new();
@@ -134,6 +155,7 @@ async fn mesh(
                 gateway: None,
                 connect_timeout: Duration::from_secs(2),
                 metrics: Default::default(),
+                access_log: Default::default(),
             },
             rx.clone(),
         )
@@ -158,6 +180,7 @@ async fn mesh(
             gateway: None,
             connect_timeout: Duration::from_secs(2),
             metrics: Default::default(),
+            access_log,
         },
         rx.clone(),
     )
@@ -497,4 +520,86 @@ async fn local_rate_limiting_answers_429_once_the_bucket_is_empty() {
         3,
         "limited requests never reach the app"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_context_is_propagated_and_every_request_is_access_logged_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let m = mesh_with_log(
+        82,
+        vec![("a", "v1", Behaviour::default())],
+        "",
+        isthmus_sidecar::observe::AccessLogTarget::File(log.clone()),
+    )
+    .await;
+    // No context: the sidecar starts a trace, in both formats, with a request id.
+    let (status, body, _) = get(&m, "/trace", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let seen: Vec<&str> = body.split(' ').collect();
+    let tp: Vec<&str> = seen[0].split('-').collect();
+    assert_eq!(tp.len(), 4, "{body}");
+    assert_eq!(
+        tp[1], seen[1],
+        "traceparent and B3 carry one trace id: {body}"
+    );
+    assert_eq!(seen[2], "", "a new trace has no parent span: {body}");
+    assert_eq!(seen[3].len(), 32, "{body}");
+    // The caller's context: same trace, the caller's span as parent, its request id kept.
+    let (_, body, _) = get(
+        &m,
+        "/trace",
+        &[
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            ("x-request-id", "req-42"),
+        ],
+    )
+    .await;
+    let seen: Vec<&str> = body.split(' ').collect();
+    assert!(
+        seen[0].starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{body}"
+    );
+    assert!(
+        !seen[0].contains("00f067aa0ba902b7"),
+        "the sidecar's own span: {body}"
+    );
+    assert_eq!(seen[1], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(seen[2], "00f067aa0ba902b7");
+    assert_eq!(seen[3], "req-42");
+
+    // One JSON line per request, with Envoy's field names.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let lines = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect();
+        if lines.len() >= 2 {
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "access log: {text:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let second = &lines[1];
+    assert_eq!(second["method"], "GET");
+    assert_eq!(second["path"], "/trace");
+    assert_eq!(second["response_code"], 200);
+    assert_eq!(second["response_flags"], "-");
+    assert_eq!(second["x_request_id"], "req-42");
+    assert_eq!(second["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(
+        second["upstream_service"],
+        "reviews.default.svc.cluster.local"
+    );
+    assert_eq!(second["upstream_cluster"], "test");
+    assert!(second["start_time"].as_str().unwrap().ends_with('Z'));
+    assert!(second["source_principal"]
+        .as_str()
+        .unwrap()
+        .ends_with("/ns/default/sa/sleep"));
 }

@@ -47,6 +47,9 @@ pub struct RawSidecarConfig {
     pub inbound: Vec<RawInbound>,
     #[serde(default)]
     pub listen: RawListen,
+    /// `off` (default), `stdout`, or a file path (appended to).
+    #[serde(default)]
+    pub access_log: Option<String>,
 }
 
 fn default_namespace() -> String {
@@ -95,6 +98,7 @@ pub struct SidecarConfig {
     pub outbound: bool,
     pub inbound: Vec<isthmus_sidecar::InboundPort>,
     pub admin: SocketAddr,
+    pub access_log: isthmus_sidecar::observe::AccessLogTarget,
 }
 
 impl TryFrom<RawSidecarConfig> for SidecarConfig {
@@ -123,6 +127,18 @@ impl TryFrom<RawSidecarConfig> for SidecarConfig {
                 "a sidecar with outbound: false needs at least one inbound port",
             ));
         }
+        let access_log = match raw.access_log.as_deref() {
+            None | Some("off") => isthmus_sidecar::observe::AccessLogTarget::Off,
+            Some("stdout") => isthmus_sidecar::observe::AccessLogTarget::Stdout,
+            Some("") => {
+                return Err(FieldError::new(
+                    "accessLog",
+                    "",
+                    "expected off, stdout or a file path",
+                ))
+            }
+            Some(path) => isthmus_sidecar::observe::AccessLogTarget::File(path.into()),
+        };
         Ok(SidecarConfig {
             identity: SpiffeId::new(&trust_domain, &raw.namespace, &raw.service_account),
             cluster: raw.cluster,
@@ -137,6 +153,7 @@ impl TryFrom<RawSidecarConfig> for SidecarConfig {
             outbound: raw.outbound,
             inbound,
             admin: socket_addr("listen.admin", &raw.listen.admin)?,
+            access_log,
         })
     }
 }
@@ -167,6 +184,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             gateway: config.gateway,
             connect_timeout: Duration::from_secs(2),
             metrics: metrics.clone(),
+            access_log: config.access_log.clone(),
         },
         att.config.clone(),
     )

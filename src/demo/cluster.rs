@@ -148,6 +148,7 @@ async fn start_workload(
             gateway: Some(gateway),
             connect_timeout: Duration::from_secs(2),
             metrics: Default::default(),
+            access_log: Default::default(),
         },
         att.config,
     )
@@ -348,6 +349,7 @@ impl DemoCluster {
                 gateway: Some(gateway.local_addr()),
                 connect_timeout: Duration::from_secs(2),
                 metrics: client_metrics.clone(),
+                access_log: Default::default(),
             },
             att.config.clone(),
         )
