@@ -102,13 +102,21 @@ pub struct LocalEndpoint {
 }
 
 /// The protocol a port declares: explicit, or from Istio's port-name convention
-/// (`http`, `http-web`, `grpc-api`, `tcp-db`, ...), else opaque TCP.
+/// (`http`, `http-web`, `http2-api`, `grpc-api`, `tcp-db`; `https`, `tls`, `mongo`, `mysql`
+/// and `redis` are opaque TCP as in Istio), else detected from the traffic (`auto`).
 pub fn port_protocol(name: &str, explicit: Option<&str>) -> Result<Protocol, String> {
     if let Some(p) = explicit {
         return p.parse();
     }
-    let prefix = name.split('-').next().unwrap_or(name);
-    Ok(prefix.parse().unwrap_or(Protocol::Tcp))
+    let prefix = name.split('-').next().unwrap_or(name).to_ascii_lowercase();
+    Ok(match prefix.as_str() {
+        "http" => Protocol::Http,
+        "http2" => Protocol::Http2,
+        "grpc" | "grpc-web" => Protocol::Grpc,
+        "tcp" | "https" | "tls" | "mongo" | "mysql" | "redis" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        _ => Protocol::Auto,
+    })
 }
 
 impl TryFrom<RawDiscovery> for Discovery {
@@ -224,6 +232,28 @@ mod tests {
         assert!(d.services[1].export);
         assert!(d.services[1].endpoints[0].healthy);
         assert_eq!(d.services[1].endpoints[0].labels["version"], "v2");
+    }
+
+    #[test]
+    fn undeclared_protocols_come_from_istios_name_prefixes_else_detection() {
+        let cases = [
+            ("http", Protocol::Http),
+            ("http-web", Protocol::Http),
+            ("HTTP2-api", Protocol::Http2),
+            ("grpc", Protocol::Grpc),
+            ("grpc-echo", Protocol::Grpc),
+            ("tcp-db", Protocol::Tcp),
+            ("https", Protocol::Tcp),
+            ("tls-passthrough", Protocol::Tcp),
+            ("mysql", Protocol::Tcp),
+            ("web", Protocol::Auto),
+            ("", Protocol::Auto),
+        ];
+        for (name, want) in cases {
+            assert_eq!(port_protocol(name, None), Ok(want), "{name}");
+        }
+        assert_eq!(port_protocol("web", Some("grpc")), Ok(Protocol::Grpc));
+        assert_eq!(port_protocol("http", Some("auto")), Ok(Protocol::Auto));
     }
 
     #[test]

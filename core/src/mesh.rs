@@ -112,6 +112,9 @@ pub enum Protocol {
     Grpc,
     Tcp,
     Udp,
+    /// Not declared: the sidecars detect HTTP from the traffic itself (see
+    /// `isthmus_sidecar::protocol`), else relay it as opaque TCP.
+    Auto,
 }
 
 impl Protocol {
@@ -130,7 +133,13 @@ impl Protocol {
             Protocol::Grpc => "grpc",
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
+            Protocol::Auto => "auto",
         }
+    }
+
+    /// Whether the sidecars proxy this port at L7 whatever its traffic looks like.
+    pub fn is_http(self) -> bool {
+        matches!(self, Protocol::Http | Protocol::Http2 | Protocol::Grpc)
     }
 }
 
@@ -143,8 +152,9 @@ impl std::str::FromStr for Protocol {
             "grpc" => Ok(Protocol::Grpc),
             "tcp" => Ok(Protocol::Tcp),
             "udp" => Ok(Protocol::Udp),
+            "auto" => Ok(Protocol::Auto),
             other => Err(format!(
-                "unknown protocol {other:?} (expected http, http2, grpc, tcp or udp)"
+                "unknown protocol {other:?} (expected http, http2, grpc, tcp, udp or auto)"
             )),
         }
     }

@@ -7,6 +7,13 @@
 //! gets `x-forwarded-client-cert: By=<this workload>;URI=<caller>` (Envoy's format), replacing
 //! whatever the caller sent: only the identity proven by the certificate reaches the app. For
 //! opaque TCP ports the connection is authorized once, then bytes are copied.
+//!
+//! HTTP arrives as HTTP/1.1 or HTTP/2 (the ALPN the caller negotiated); a port whose protocol
+//! was not declared is served at L7 exactly when the caller offered an HTTP ALPN
+//! ([`crate::protocol`]). Towards the application, HTTP/2 (cleartext, prior knowledge) is
+//! spoken for `http2`/`grpc` ports and gRPC requests, HTTP/1.1 otherwise, over connections
+//! shared by all callers of the port. Every request and connection is counted with Istio's
+//! metrics as `reporter="destination"`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,9 +29,11 @@ use isthmus_core::mesh::{MeshConfig, Protocol};
 use isthmus_core::tls::Identity;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Mutex};
+use tokio::sync::watch;
 
 use crate::authz::{authorize, mtls_mode, Inbound, MtlsMode, Verdict, Workload};
+use crate::pool::{Conn, Pool};
+use crate::protocol;
 use crate::InboundPort;
 
 /// How long a client may take to start and finish its TLS handshake.
@@ -34,11 +43,14 @@ const TLS_HANDSHAKE: u8 = 0x16;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-/// The policy view of one workload: who may call it, and whether plaintext is accepted.
+/// The policy view of one workload: who may call it, and whether plaintext is accepted; and
+/// what its destination-side metrics say about it.
 #[derive(Clone)]
 pub(crate) struct Guard {
     pub config: watch::Receiver<Arc<MeshConfig>>,
     pub workload: Workload,
+    pub cluster: String,
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Guard {
@@ -60,6 +72,12 @@ pub(crate) async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let apps: Arc<Pool<bool>> = Arc::default();
+    // The bound address, which discovery lists among the service's endpoints.
+    let mut port = port;
+    if let Ok(bound) = listener.local_addr() {
+        port.listen = bound;
+    }
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -68,11 +86,12 @@ pub(crate) async fn serve(
         };
         let Ok((tcp, peer)) = accepted else { continue };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, port, identity, guard) = (
+        let (acceptor, port, identity, guard, apps) = (
             acceptor.clone(),
             port.clone(),
             identity.clone(),
             guard.clone(),
+            apps.clone(),
         );
         connections.spawn(async move {
             let mut first = [0u8; 1];
@@ -82,7 +101,12 @@ pub(crate) async fn serve(
             }
             if first[0] != TLS_HANDSHAKE {
                 if guard.plaintext_allowed() {
-                    serve_stream(tcp, None, identity.id().clone(), &port, guard).await;
+                    let http = match port.protocol {
+                        Protocol::Auto => crate::outbound::detect_http(&tcp).await,
+                        p => p.is_http(),
+                    };
+                    let conn = Connection { caller: None, own: identity.id().clone(), http };
+                    serve_stream(tcp, conn, &port, guard, apps).await;
                 } else {
                     tracing::info!(%peer, "plaintext refused: mutual TLS is STRICT for this workload");
                 }
@@ -99,11 +123,14 @@ pub(crate) async fn serve(
                     return;
                 }
             };
-            let Some(caller) = isthmus_core::tls::peer_identity(tls.get_ref().1.peer_certificates()) else {
+            let session = tls.get_ref().1;
+            let Some(caller) = isthmus_core::tls::peer_identity(session.peer_certificates()) else {
                 tracing::info!(%peer, "inbound peer presented no SPIFFE identity");
                 return;
             };
-            serve_stream(tls, Some(caller), identity.id().clone(), &port, guard).await;
+            let http = protocol::inbound_is_http(port.protocol, session.alpn_protocol());
+            let conn = Connection { caller: Some(caller), own: identity.id().clone(), http };
+            serve_stream(tls, conn, &port, guard, apps).await;
         });
         // Reap finished connection tasks so the set does not grow without bound.
         while connections.try_join_next().is_some() {}
@@ -111,153 +138,269 @@ pub(crate) async fn serve(
     connections.abort_all();
 }
 
-async fn serve_stream<S>(
-    stream: S,
+/// Who is on the other end of one inbound connection, and how it is served.
+struct Connection {
+    /// The caller's SPIFFE ID (None: plaintext, PERMISSIVE).
     caller: Option<SpiffeId>,
     own: SpiffeId,
+    /// Served at L7 (else relayed as opaque TCP).
+    http: bool,
+}
+
+async fn serve_stream<S>(
+    stream: S,
+    conn: Connection,
     port: &InboundPort,
     guard: Guard,
+    apps: Arc<Pool<bool>>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let app_port = port.forward_to.port();
-    match port.protocol {
-        Protocol::Http => serve_http(stream, caller, own, port.forward_to, guard).await,
-        _ => {
-            let req = Inbound {
-                caller: caller.as_ref(),
-                port: app_port,
-                method: None,
-                path: None,
-                headers: None,
-            };
-            if let Verdict::Deny(why) = guard.check(&req) {
-                tracing::info!(caller = ?caller.as_ref().map(|c| c.to_string()), %why, "inbound connection denied");
-                return;
-            }
-            let mut stream = stream;
-            match TcpStream::connect(port.forward_to).await {
-                Ok(mut app) => {
-                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut app).await;
-                }
-                Err(e) => {
-                    tracing::warn!(app = %port.forward_to, error = %e, "application unreachable")
-                }
-            }
+    if conn.http {
+        return serve_http(stream, conn, port.clone(), guard, apps).await;
+    }
+    let caller = conn.caller;
+    let req = Inbound {
+        caller: caller.as_ref(),
+        port: port.forward_to.port(),
+        method: None,
+        path: None,
+        headers: None,
+    };
+    if let Verdict::Deny(why) = guard.check(&req) {
+        tracing::info!(caller = ?caller.as_ref().map(|c| c.to_string()), %why, "inbound connection denied");
+        return;
+    }
+    let mut stream = stream;
+    match TcpStream::connect(port.forward_to).await {
+        Ok(mut app) => {
+            let reporter = guard.tcp_reporter(caller.as_ref());
+            let labels = reporter.labels(&guard.destination(port), guard.cluster.clone());
+            reporter.opened(&labels);
+            let copied = tokio::io::copy_bidirectional(&mut stream, &mut app).await;
+            // Sent to the peer (the caller) is what came from the application.
+            let (received, sent) = copied.map_or((0, 0), |c| c);
+            reporter.closed(&labels, sent, received);
+        }
+        Err(e) => {
+            tracing::warn!(app = %port.forward_to, error = %e, "application unreachable")
+        }
+    }
+}
+
+impl Guard {
+    /// The service this workload's port serves, for metrics: the one listing this sidecar's
+    /// listener among its local endpoints, else the workload's `app` label.
+    fn destination(&self, port: &InboundPort) -> isthmus_core::mesh::MeshService {
+        let config = self.config.borrow();
+        let found = config.services.iter().find(|s| {
+            s.local_endpoints.iter().any(|e| {
+                e.address == port.listen
+                    || (port.listen.ip().is_unspecified() && e.address.port() == port.listen.port())
+            })
+        });
+        match found {
+            Some(s) => s.clone(),
+            None => isthmus_core::mesh::MeshService {
+                name: self
+                    .workload
+                    .labels
+                    .get("app")
+                    .cloned()
+                    .unwrap_or_else(|| "unknown".into()),
+                namespace: self.workload.namespace.clone(),
+                vip: std::net::IpAddr::from([0, 0, 0, 0]),
+                ports: vec![],
+                identities: vec![],
+                local_endpoints: vec![],
+                remote: vec![],
+                exported: false,
+            },
+        }
+    }
+
+    /// The cluster whose trust domain issued `caller`'s identity.
+    fn caller_cluster(&self, caller: Option<&SpiffeId>) -> String {
+        let Some(caller) = caller else {
+            return "unknown".into();
+        };
+        self.config
+            .borrow()
+            .clusters
+            .iter()
+            .find(|c| c.trust_domain == caller.trust_domain())
+            .map_or_else(|| "unknown".into(), |c| c.name.clone())
+    }
+
+    /// Reports TCP metrics as the destination, with the caller as the source.
+    fn tcp_reporter(&self, caller: Option<&SpiffeId>) -> crate::metrics::TcpReporter {
+        crate::metrics::TcpReporter {
+            metrics: self.metrics.clone(),
+            reporter: "destination",
+            workload: caller.map_or_else(|| "unknown".into(), |c| c.service_account().to_string()),
+            namespace: caller.map_or_else(|| "unknown".into(), |c| c.namespace().to_string()),
+            cluster: self.caller_cluster(caller),
         }
     }
 }
 
 async fn serve_http<S>(
     stream: S,
-    caller: Option<SpiffeId>,
-    own: SpiffeId,
-    app: SocketAddr,
+    conn: Connection,
+    port: InboundPort,
     guard: Guard,
+    apps: Arc<Pool<bool>>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let xfcc = caller
+    let xfcc = conn
+        .caller
         .as_ref()
-        .and_then(|c| HeaderValue::from_str(&format!("By={own};URI={c}")).ok());
-    let upstream: Arc<Mutex<Option<hyper::client::conn::http1::SendRequest<Incoming>>>> =
-        Arc::new(Mutex::new(None));
-    let caller = Arc::new(caller);
+        .and_then(|c| HeaderValue::from_str(&format!("By={};URI={c}", conn.own)).ok());
+    let destination = Arc::new(guard.destination(&port));
+    let source_cluster = guard.caller_cluster(conn.caller.as_ref());
+    let caller = Arc::new(conn.caller);
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-        let (upstream, xfcc, caller, guard) = (
-            upstream.clone(),
+        let (apps, xfcc, caller, guard, port, destination, source_cluster) = (
+            apps.clone(),
             xfcc.clone(),
             caller.clone(),
             guard.clone(),
+            port.clone(),
+            destination.clone(),
+            source_cluster.clone(),
         );
         async move {
+            let started = tokio::time::Instant::now();
+            let grpc = protocol::is_grpc(req.headers());
+            let request_bytes = content_length(req.headers());
             let verdict = guard.check(&Inbound {
                 caller: caller.as_ref().as_ref(),
-                port: app.port(),
+                port: port.forward_to.port(),
                 method: Some(req.method().as_str()),
                 path: Some(req.uri().path()),
                 headers: Some(req.headers()),
             });
-            if let Verdict::Deny(why) = verdict {
+            let (resp, flags) = if let Verdict::Deny(why) = verdict {
                 tracing::debug!(%why, path = %req.uri().path(), "request denied");
-                return Ok::<_, hyper::Error>(error_response(
-                    StatusCode::FORBIDDEN,
-                    "RBAC: access denied\n".into(),
-                ));
-            }
-            req.headers_mut().remove("x-forwarded-client-cert");
-            if let Some(v) = xfcc {
-                req.headers_mut().insert("x-forwarded-client-cert", v);
-            }
-            Ok(forward_request(&upstream, app, req).await)
+                let resp = error_response(StatusCode::FORBIDDEN, "RBAC: access denied\n".into());
+                (resp, "DENY")
+            } else {
+                req.headers_mut().remove("x-forwarded-client-cert");
+                if let Some(v) = xfcc {
+                    req.headers_mut().insert("x-forwarded-client-cert", v);
+                }
+                (forward_request(&apps, &port, req).await, "-")
+            };
+            let caller = caller.as_ref().as_ref();
+            let labels = crate::metrics::RequestLabels {
+                reporter: "destination".into(),
+                source_workload: caller
+                    .map_or_else(|| "unknown".into(), |c| c.service_account().to_string()),
+                source_workload_namespace: caller
+                    .map_or_else(|| "unknown".into(), |c| c.namespace().to_string()),
+                source_principal: caller.map_or_else(|| "unknown".into(), |c| c.to_string()),
+                source_cluster,
+                destination_service: format!(
+                    "{}.{}.svc.cluster.local",
+                    destination.name, destination.namespace
+                ),
+                destination_service_name: destination.name.clone(),
+                destination_service_namespace: destination.namespace.clone(),
+                destination_cluster: guard.cluster.clone(),
+                request_protocol: if grpc { "grpc" } else { "http" }.into(),
+                response_code: resp.status().as_u16().to_string(),
+                response_flags: flags.into(),
+                connection_security_policy: if caller.is_some() {
+                    "mutual_tls"
+                } else {
+                    "none"
+                }
+                .into(),
+            };
+            guard.metrics.request(
+                &labels,
+                started.elapsed().as_secs_f64() * 1000.0,
+                request_bytes,
+                content_length(resp.headers()),
+            );
+            Ok::<_, hyper::Error>(resp)
         }
     });
-    if let Err(e) = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades()
+    let builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .await
     {
         tracing::debug!(error = %e, "inbound HTTP connection ended with an error");
     }
 }
 
+/// Sends one authorized request to the application, over a shared connection of the version
+/// the port calls for; an accepted upgrade (101) joins the two upgraded connections.
 async fn forward_request(
-    upstream: &Mutex<Option<hyper::client::conn::http1::SendRequest<Incoming>>>,
-    app: SocketAddr,
-    req: Request<Incoming>,
+    apps: &Pool<bool>,
+    port: &InboundPort,
+    mut req: Request<Incoming>,
 ) -> Response<Body> {
-    let mut guard = upstream.lock().await;
-    let usable = match guard.as_mut() {
-        Some(sender) => sender.ready().await.is_ok(),
-        None => false,
+    let app = port.forward_to;
+    let upgrade = protocol::is_upgrade(req.version(), req.headers());
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let h2 = !upgrade && protocol::app_hop_is_h2(port.protocol, req.version(), req.headers());
+    let (mut parts, body) = req.into_parts();
+    let version = if h2 {
+        http::Version::HTTP_2
+    } else {
+        http::Version::HTTP_11
     };
-    if !usable {
-        match connect_app(app).await {
-            Ok(sender) => *guard = Some(sender),
+    protocol::for_version(&mut parts, version, &app.to_string());
+    let req = Request::from_parts(parts, body.boxed());
+    let pooled = if upgrade { None } else { apps.take(&h2, h2) };
+    let mut conn = match pooled {
+        Some(c) => c,
+        None => match connect_app(app, h2).await {
+            Ok(c) => c,
             Err(e) => {
-                *guard = None;
                 return error_response(
                     StatusCode::BAD_GATEWAY,
                     format!("application at {app} unreachable: {e}\n"),
-                );
+                )
             }
-        }
-    }
-    let Some(sender) = guard.as_mut() else {
-        return error_response(
-            StatusCode::BAD_GATEWAY,
-            "no connection to the application\n".into(),
-        );
+        },
     };
-    match sender.send_request(req).await {
-        Ok(resp) => resp.map(|b| b.boxed()),
-        Err(e) => {
-            *guard = None;
-            error_response(
-                StatusCode::BAD_GATEWAY,
-                format!("application request failed: {e}\n"),
-            )
+    match conn.send(req).await {
+        Ok(mut resp) => {
+            match downstream_upgrade {
+                Some(down) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    crate::pool::join_upgrades(down, hyper::upgrade::on(&mut resp));
+                }
+                _ => apps.put(h2, conn),
+            }
+            resp.map(|b| b.boxed())
         }
+        Err(e) => error_response(
+            StatusCode::BAD_GATEWAY,
+            format!("application request failed: {e}\n"),
+        ),
     }
 }
 
-async fn connect_app(
-    app: SocketAddr,
-) -> Result<hyper::client::conn::http1::SendRequest<Incoming>, String> {
+async fn connect_app(app: SocketAddr, h2: bool) -> Result<Conn, String> {
     let tcp = TcpStream::connect(app).await.map_err(|e| e.to_string())?;
     if crate::upstream::is_self_connected(&tcp) {
         return Err("connection refused (the socket connected to itself)".to_string());
     }
     let _ = tcp.set_nodelay(true);
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "application connection ended");
-        }
-    });
-    Ok(sender)
+    Conn::handshake(tcp, h2).await.map_err(|e| e.to_string())
+}
+
+fn content_length(headers: &http::HeaderMap) -> u64 {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn error_response(status: StatusCode, text: String) -> Response<Body> {

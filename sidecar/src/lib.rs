@@ -19,6 +19,8 @@ pub mod inbound;
 pub mod metrics;
 pub mod observe;
 pub mod outbound;
+mod pool;
+pub mod protocol;
 pub mod proxy;
 pub mod ratelimit;
 pub mod routing;
@@ -140,7 +142,8 @@ pub async fn start(
             opts.identity.clone(),
             opts.trust.clone(),
             isthmus_core::tls::accept_any_member(),
-            &[],
+            // Offered by callers that proxy HTTP; opaque TCP offers none (`protocol`).
+            &[protocol::ALPN_H2, protocol::ALPN_HTTP11],
         )
         .map_err(SidecarError::Tls)?,
     );
@@ -169,6 +172,8 @@ pub async fn start(
                     namespace: opts.identity.id().namespace().to_string(),
                     labels: opts.labels.clone(),
                 },
+                cluster: opts.cluster.clone(),
+                metrics: opts.metrics.clone(),
             },
             stopped.clone(),
         )));

@@ -153,6 +153,53 @@ impl Metrics {
     }
 }
 
+/// Records Istio's TCP metrics for opaque connections, on behalf of one side.
+#[derive(Clone)]
+pub struct TcpReporter {
+    pub metrics: Metrics,
+    /// `source` (outbound) or `destination` (inbound).
+    pub reporter: &'static str,
+    pub workload: String,
+    pub namespace: String,
+    pub cluster: String,
+}
+
+impl TcpReporter {
+    /// The labels of a connection to `service` served by `destination_cluster` (outbound).
+    pub fn labels(
+        &self,
+        service: &isthmus_core::mesh::MeshService,
+        destination_cluster: String,
+    ) -> TcpLabels {
+        TcpLabels {
+            reporter: self.reporter.to_string(),
+            source_workload: self.workload.clone(),
+            source_workload_namespace: self.namespace.clone(),
+            source_cluster: self.cluster.clone(),
+            destination_service: format!(
+                "{}.{}.svc.cluster.local",
+                service.name, service.namespace
+            ),
+            destination_cluster,
+        }
+    }
+
+    pub fn opened(&self, labels: &TcpLabels) {
+        self.metrics.tcp_opened.get_or_create(labels).inc();
+    }
+
+    /// A connection closed: `received` request bytes (client to server) and `sent` response
+    /// bytes (server to client), as Istio counts them.
+    pub fn closed(&self, labels: &TcpLabels, sent: u64, received: u64) {
+        self.metrics.tcp_closed.get_or_create(labels).inc();
+        self.metrics.tcp_sent.get_or_create(labels).inc_by(sent);
+        self.metrics
+            .tcp_received
+            .get_or_create(labels)
+            .inc_by(received);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

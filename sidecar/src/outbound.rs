@@ -1,4 +1,8 @@
 //! Outbound: listeners on the services' virtual IPs, kept in step with the configuration.
+//!
+//! Ports declared `http`, `http2` or `grpc` go through the L7 proxy (the application may
+//! speak HTTP/1.1 or HTTP/2 with prior knowledge on any of them); `tcp` ports are relayed as
+//! opaque bytes; undeclared (`auto`) ports are sniffed per connection ([`crate::protocol`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -8,6 +12,9 @@ use isthmus_core::mesh::{MeshConfig, Protocol};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Duration;
+
+use crate::protocol::{sniff, Sniffed};
 
 use crate::proxy::HttpProxy;
 use crate::upstream::Connector;
@@ -73,10 +80,14 @@ pub(crate) async fn reconcile(
             }
             match TcpListener::bind(addr).await {
                 Ok(listener) => {
-                    let task = match protocol {
-                        Protocol::Http => tokio::spawn(accept_http(listener, addr, proxy.clone())),
-                        _ => tokio::spawn(accept(listener, addr, config.clone(), upstream.clone())),
-                    };
+                    let task = tokio::spawn(accept(
+                        listener,
+                        addr,
+                        protocol,
+                        config.clone(),
+                        upstream.clone(),
+                        proxy.clone(),
+                    ));
                     listeners.lock().insert(addr, task);
                     tracing::debug!(%addr, "outbound listener bound");
                 }
@@ -91,57 +102,94 @@ pub(crate) async fn reconcile(
     listeners.close_all();
 }
 
-/// HTTP/1.1 from the application: every request goes through the L7 proxy.
-async fn accept_http(listener: TcpListener, vip: SocketAddr, proxy: Arc<HttpProxy>) {
+/// How long an undeclared port waits for the application's first bytes before relaying the
+/// connection as opaque TCP (server-first protocols send nothing until the server speaks).
+pub const DETECTION_TIMEOUT: Duration = Duration::from_millis(100);
+
+async fn accept(
+    listener: TcpListener,
+    vip: SocketAddr,
+    protocol: Protocol,
+    config: watch::Receiver<Arc<MeshConfig>>,
+    upstream: Arc<Connector>,
+    proxy: Arc<HttpProxy>,
+) {
     loop {
         let Ok((app, client)) = listener.accept().await else {
             continue;
         };
         let _ = app.set_nodelay(true);
-        let proxy = proxy.clone();
+        let (config, upstream, proxy) = (config.clone(), upstream.clone(), proxy.clone());
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let proxy = proxy.clone();
-                async move { Ok::<_, std::convert::Infallible>(proxy.handle(vip, client, req).await) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(app), service)
-                .with_upgrades()
-                .await
-            {
-                tracing::debug!(%vip, %client, error = %e, "outbound HTTP connection ended with an error");
+            let http = match protocol {
+                Protocol::Auto => detect_http(&app).await,
+                p => p.is_http(),
+            };
+            if http {
+                serve_http(app, vip, client, proxy).await;
+            } else if let Err(e) = forward(app, vip, &config, &upstream, proxy.metrics()).await {
+                tracing::warn!(%vip, %client, error = %e, "outbound connection failed");
             }
         });
     }
 }
 
-async fn accept(
-    listener: TcpListener,
-    addr: SocketAddr,
-    config: watch::Receiver<Arc<MeshConfig>>,
-    upstream: Arc<Connector>,
-) {
+/// Peeks at the application's first bytes until they tell HTTP from anything else, or the
+/// detection timeout passes.
+pub(crate) async fn detect_http(app: &TcpStream) -> bool {
+    let deadline = tokio::time::Instant::now() + DETECTION_TIMEOUT;
+    let mut buf = [0u8; 32];
+    let mut seen = 0;
     loop {
-        let Ok((app, peer)) = listener.accept().await else {
-            continue;
+        let peeked = tokio::time::timeout_at(deadline, app.peek(&mut buf)).await;
+        let n = match peeked {
+            Ok(Ok(n)) if n > 0 => n,
+            // Closed, failed or silent: nothing says HTTP.
+            _ => return false,
         };
-        let config = config.clone();
-        let upstream = upstream.clone();
-        tokio::spawn(async move {
-            if let Err(e) = forward(app, addr, &config, &upstream).await {
-                tracing::warn!(vip = %addr, client = %peer, error = %e, "outbound connection failed");
+        match sniff(&buf[..n]) {
+            Sniffed::Http1 | Sniffed::Http2 => return true,
+            Sniffed::Opaque => return false,
+            Sniffed::NeedMore if n == buf.len() => return false,
+            Sniffed::NeedMore => {
+                if n == seen {
+                    // peek returns at once while the same bytes wait: give the rest a moment.
+                    if tokio::time::Instant::now() >= deadline {
+                        return false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                seen = n;
             }
-        });
+        }
     }
 }
 
+/// HTTP/1.1 or HTTP/2 (prior knowledge) from the application: every request goes through
+/// the L7 proxy; HTTP/1.1 upgrades are allowed.
+async fn serve_http(app: TcpStream, vip: SocketAddr, client: SocketAddr, proxy: Arc<HttpProxy>) {
+    let service = hyper::service::service_fn(move |req| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, std::convert::Infallible>(proxy.handle(vip, client, req).await) }
+    });
+    let builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(app), service)
+        .await
+    {
+        tracing::debug!(%vip, %client, error = %e, "outbound HTTP connection ended with an error");
+    }
+}
+
+/// Relays one opaque TCP connection to the service, recording Istio's TCP metrics.
 async fn forward(
     mut app: TcpStream,
     vip: SocketAddr,
     config: &watch::Receiver<Arc<MeshConfig>>,
     upstream: &Connector,
+    metrics: &crate::metrics::TcpReporter,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let _ = app.set_nodelay(true);
     let current = config.borrow().clone();
     let service = current
         .service_by_vip(vip.ip())
@@ -149,6 +197,16 @@ async fn forward(
         .ok_or_else(|| format!("no service has VIP {}", vip.ip()))?;
     let (mut tls, route) = upstream.connect(&current, &service, vip.port()).await?;
     tracing::debug!(service = %service.key(), ?route, "outbound connection routed");
-    tokio::io::copy_bidirectional(&mut app, &mut tls).await?;
+    let destination_cluster = match &route {
+        crate::upstream::Route::Local(_) => current.cluster.clone(),
+        crate::upstream::Route::Remote(c) => c.clone(),
+    };
+    let labels = metrics.labels(&service, destination_cluster);
+    metrics.opened(&labels);
+    let copied = tokio::io::copy_bidirectional(&mut app, &mut tls).await;
+    // Istio counts request bytes (from the app) as received, response bytes as sent.
+    let (received, sent) = copied.as_ref().map_or((0, 0), |c| *c);
+    metrics.closed(&labels, sent, received);
+    copied?;
     Ok(())
 }

@@ -8,6 +8,12 @@
 //! destination's load balancer among healthy, non-ejected endpoints of its subset (local
 //! first, else a remote cluster through the gateway), each bounded by the per-try timeout and
 //! all by the route timeout (504). Every attempt's outcome feeds outlier detection.
+//!
+//! The application may speak HTTP/1.1 or HTTP/2 (h2c); the hop to the next sidecar is HTTP/2
+//! for `http2`/`grpc` ports and HTTP/2 callers, else HTTP/1.1 (`crate::protocol`). Bodies
+//! stream both ways with their trailers (gRPC), and are buffered only when small and of known
+//! length, for retries. An HTTP/1.1 upgrade (WebSocket) that the upstream accepts with 101
+//! joins the two upgraded connections.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,12 +23,13 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use isthmus_core::mesh::{MeshConfig, MeshService};
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
 use crate::balance::{Algorithm, Balancer, Limits, Outcome, OutlierSettings, Upstream};
+use crate::pool::{Conn, Pool};
+use crate::protocol;
 use crate::routing::{
     apply_header_ops, rewrite_path, HttpRoute, RequestView, RetryPolicy, RouteAction, RouteTable,
     ServiceKey, WeightedDestination,
@@ -34,13 +41,8 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Bodies up to this size are buffered so the request can be retried or mirrored.
 const REPLAYABLE_BODY: u64 = 64 * 1024;
-/// Idle upstream connections kept per upstream.
-const MAX_IDLE: usize = 32;
 
-type Sender = hyper::client::conn::http1::SendRequest<Body>;
 type DestKey = (ServiceKey, Option<String>);
-/// Idle connections are kept per (upstream, service, subset).
-type PoolKey = (Upstream, ServiceKey, Option<String>);
 
 /// What one request's metrics need to know, filled in along the way.
 struct Report {
@@ -81,12 +83,13 @@ pub struct HttpProxy {
     routes: Mutex<(u64, Arc<RouteTable>)>,
     balancers: Mutex<HashMap<DestKey, Balancer>>,
     breakers: Mutex<HashMap<DestKey, Breaker>>,
-    idle: Mutex<HashMap<PoolKey, Vec<Sender>>>,
+    pool: Pool,
     source: Source,
     metrics: crate::metrics::Metrics,
     /// Rate limit buckets, synced to the config version they were built from.
     limiter: Mutex<(u64, crate::ratelimit::Limiter)>,
     access_log: crate::observe::AccessLog,
+    tcp: crate::metrics::TcpReporter,
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
@@ -111,18 +114,31 @@ impl HttpProxy {
         metrics: crate::metrics::Metrics,
         access_log: crate::observe::AccessLog,
     ) -> Self {
+        let tcp = crate::metrics::TcpReporter {
+            metrics: metrics.clone(),
+            reporter: "source",
+            workload: source.workload.clone(),
+            namespace: source.identity.namespace().to_string(),
+            cluster: source.cluster.clone(),
+        };
         HttpProxy {
             config,
             connector,
             routes: Mutex::new((0, Arc::new(RouteTable::default()))),
             balancers: Mutex::new(HashMap::new()),
             breakers: Mutex::new(HashMap::new()),
-            idle: Mutex::new(HashMap::new()),
+            pool: Pool::default(),
             source,
             metrics,
             limiter: Mutex::new((0, crate::ratelimit::Limiter::default())),
             access_log,
+            tcp,
         }
+    }
+
+    /// Istio's TCP metrics, reported by this (source) side, for opaque connections.
+    pub fn metrics(&self) -> &crate::metrics::TcpReporter {
+        &self.tcp
     }
 
     /// Takes a token for a request to `service` on `route`, or names the policy refusing it.
@@ -159,6 +175,11 @@ impl HttpProxy {
         let started = Instant::now();
         let wall = std::time::SystemTime::now();
         let request_bytes = content_length(req.headers());
+        let request_protocol = if protocol::is_grpc(req.headers()) {
+            "grpc"
+        } else {
+            "http"
+        };
         let logged = self.access_log.enabled().then(|| {
             (
                 req.method().to_string(),
@@ -192,7 +213,7 @@ impl HttpProxy {
             destination_service_name: name.clone(),
             destination_service_namespace: namespace.clone(),
             destination_cluster: report.cluster.clone(),
-            request_protocol: "http".into(),
+            request_protocol: request_protocol.into(),
             response_code: resp.status().as_u16().to_string(),
             response_flags: report.flags.to_string(),
             connection_security_policy: "mutual_tls".into(),
@@ -231,9 +252,12 @@ impl HttpProxy {
         &self,
         vip: SocketAddr,
         client: SocketAddr,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         report: &mut Report,
     ) -> Response<Body> {
+        // Taken before anything else: the upgraded connection is reachable only through it.
+        let downstream_upgrade = protocol::is_upgrade(req.version(), req.headers())
+            .then(|| hyper::upgrade::on(&mut req));
         let config = self.config.borrow().clone();
         let Some(service) = config.service_by_vip(vip.ip()) else {
             return text(
@@ -329,15 +353,30 @@ impl HttpProxy {
         };
         let port = dest.port.unwrap_or(vip.port());
         let hash_key = hash_key(&table, &dest, port, &parts, client);
-        let replayable = parts
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .map_or(
-                !parts.headers.contains_key(http::header::TRANSFER_ENCODING),
-                |n| n <= REPLAYABLE_BODY,
-            );
+        // Only a body known to be small is buffered: a streaming one (chunked, or HTTP/2
+        // without a length, as gRPC streams are) goes through as it comes, and is sent once.
+        let replayable = hyper::body::Body::is_end_stream(&body)
+            || parts
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|n| n <= REPLAYABLE_BODY);
+        let declared = target
+            .port(port)
+            .or_else(|| service.port(vip.port()))
+            .map_or(isthmus_core::mesh::Protocol::Auto, |p| p.protocol);
+        let h2 = downstream_upgrade.is_none() && protocol::mesh_hop_is_h2(declared, parts.version);
+        let authority = format!("{}.{}:{port}", target.name, target.namespace);
+        protocol::for_version(
+            &mut parts,
+            if h2 {
+                http::Version::HTTP_2
+            } else {
+                http::Version::HTTP_11
+            },
+            &authority,
+        );
         let body = if replayable {
             match body.collect().await {
                 Ok(b) => Replay::Buffered(b.to_bytes()),
@@ -368,6 +407,11 @@ impl HttpProxy {
             report.set(&dest.service, "UT");
             return text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n");
         };
+        if let (Some(downstream), StatusCode::SWITCHING_PROTOCOLS) =
+            (downstream_upgrade, resp.status())
+        {
+            crate::pool::join_upgrades(downstream, hyper::upgrade::on(&mut resp));
+        }
         for ops in [route.headers.as_ref(), dest.headers.as_ref()]
             .into_iter()
             .flatten()
@@ -481,8 +525,7 @@ impl HttpProxy {
                 Upstream::Local(_) => self.source.cluster.clone(),
                 Upstream::Remote(c) => c.clone(),
             };
-            let mut req = Request::from_parts(parts.clone(), req_body);
-            *req.version_mut() = http::Version::HTTP_11;
+            let req = Request::from_parts(parts.clone(), req_body);
             let fut = self.send(target, port, &upstream, subset_arg.clone(), req);
             let result = match retry.per_try_timeout {
                 Some(t) => tokio::time::timeout(t, fut)
@@ -496,7 +539,15 @@ impl HttpProxy {
             let (outcome, retriable) = match &result {
                 Attempt::Response(r) => {
                     let s = r.status().as_u16();
-                    (Outcome::Status(s), retry.retriable(Some(s), false))
+                    // A gRPC failure answered at once comes as a trailers-only response.
+                    let grpc = r
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u32>().ok());
+                    let retriable = retry.retriable(Some(s), false)
+                        || grpc.is_some_and(|g| retry.retriable_grpc(g));
+                    (Outcome::Status(s), retriable)
                 }
                 Attempt::Failed { connect, .. } => {
                     (Outcome::Failed, retry.retriable(None, *connect))
@@ -582,55 +633,51 @@ impl HttpProxy {
         subset: Option<String>,
         req: Request<Body>,
     ) -> Attempt {
-        let pool_key = (
+        let h2 = req.version() == http::Version::HTTP_2;
+        let key = (
             upstream.clone(),
             (target.name.clone(), target.namespace.clone()),
             subset.clone(),
+            h2,
         );
-        let pooled = {
-            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            let list = idle.entry(pool_key.clone()).or_default();
-            list.retain(|s| !s.is_closed());
-            list.iter()
-                .position(|s| s.is_ready())
-                .map(|i| list.swap_remove(i))
-        };
-        let mut sender = match pooled {
-            Some(s) => s,
-            None => match self
-                .connector
-                .connect_to(target, port, upstream, subset)
-                .await
-            {
-                Ok(tls) => match hyper::client::conn::http1::handshake(TokioIo::new(tls)).await {
-                    Ok((sender, conn)) => {
-                        tokio::spawn(async move {
-                            let _ = conn.await;
-                        });
-                        sender
+        let mut conn = match self.pool.take(&key, h2) {
+            Some(c) => c,
+            None => {
+                let alpn = if h2 {
+                    protocol::ALPN_H2
+                } else {
+                    protocol::ALPN_HTTP11
+                };
+                let tls = match self
+                    .connector
+                    .connect_to(target, port, upstream, subset, Some(alpn))
+                    .await
+                {
+                    Ok(tls) => tls,
+                    Err(e) => {
+                        self.connector.record_failure(target, port, upstream, &e);
+                        return Attempt::Failed {
+                            connect: true,
+                            reason: e.to_string(),
+                        };
                     }
+                };
+                match Conn::handshake(tls, h2).await {
+                    Ok(c) => c,
                     Err(e) => {
                         return Attempt::Failed {
                             connect: true,
                             reason: e.to_string(),
                         }
                     }
-                },
-                Err(e) => {
-                    self.connector.record_failure(target, port, upstream, &e);
-                    return Attempt::Failed {
-                        connect: true,
-                        reason: e.to_string(),
-                    };
                 }
-            },
+            }
         };
-        match sender.send_request(req).await {
+        match conn.send(req).await {
             Ok(resp) => {
-                let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                let list = idle.entry(pool_key).or_default();
-                if list.len() < MAX_IDLE {
-                    list.push(sender);
+                // An upgraded connection belongs to its upgrade from now on.
+                if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                    self.pool.put(key, conn);
                 }
                 Attempt::Response(resp)
             }
@@ -673,18 +720,24 @@ impl HttpProxy {
                 parts.headers.insert(http::header::HOST, v);
             }
         }
+        let h2 = parts.version == http::Version::HTTP_2;
         let req: Request<Body> = Request::from_parts(
             parts,
             Full::new(body).map_err(|never| match never {}).boxed(),
         );
+        let alpn = if h2 {
+            protocol::ALPN_H2
+        } else {
+            protocol::ALPN_HTTP11
+        };
         let connector = self.connector.clone();
         tokio::spawn(async move {
-            if let Ok(tls) = connector.connect_to(&target, port, &upstream, subset).await {
-                if let Ok((mut sender, conn)) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(tls)).await
-                {
-                    tokio::spawn(conn);
-                    let _ = sender.send_request(req).await;
+            if let Ok(tls) = connector
+                .connect_to(&target, port, &upstream, subset, Some(alpn))
+                .await
+            {
+                if let Ok(mut conn) = Conn::handshake(tls, h2).await {
+                    let _ = conn.send(req).await;
                 }
             }
         });

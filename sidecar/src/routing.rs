@@ -193,6 +193,22 @@ impl RetryPolicy {
     }
 }
 
+impl RetryPolicy {
+    /// Whether a gRPC failure with status `code` (from a trailers-only response) should be
+    /// retried, by Istio's gRPC `retryOn` names.
+    pub fn retriable_grpc(&self, code: u32) -> bool {
+        let name = match code {
+            1 => "cancelled",
+            4 => "deadline-exceeded",
+            8 => "resource-exhausted",
+            13 => "internal",
+            14 => "unavailable",
+            _ => return false,
+        };
+        self.retry_on.iter().any(|c| c == name)
+    }
+}
+
 /// Where a route sends a matching request.
 #[derive(Debug, Clone)]
 pub enum RouteAction {

@@ -104,7 +104,7 @@ impl Connector {
             }
             let start = self.next.fetch_add(1, Ordering::Relaxed);
             let upstream = &upstreams[start % upstreams.len()];
-            match self.connect_to(service, port, upstream, None).await {
+            match self.connect_to(service, port, upstream, None, None).await {
                 Ok(tls) => {
                     let route = match upstream {
                         Upstream::Local(a) => Route::Local(*a),
@@ -186,21 +186,24 @@ impl Connector {
 
     /// Opens an mTLS session to one chosen upstream of `service`: a local endpoint directly,
     /// or a remote cluster through the gateway (with `subset`, `k=v[,k=v]`, for its endpoint
-    /// choice).
+    /// choice). `alpn` is the one application protocol offered (`h2` or `http/1.1` when the
+    /// session carries HTTP, none for opaque TCP), which also tells the destination sidecar
+    /// how to serve a port whose protocol was detected rather than declared.
     pub async fn connect_to(
         &self,
         service: &MeshService,
         port: u16,
         upstream: &crate::balance::Upstream,
         subset: Option<String>,
+        alpn: Option<&'static [u8]>,
     ) -> Result<TlsStream<TcpStream>, UpstreamError> {
         match upstream {
-            crate::balance::Upstream::Local(addr) => self.dial_direct(service, *addr).await,
+            crate::balance::Upstream::Local(addr) => self.dial_direct(service, *addr, alpn).await,
             crate::balance::Upstream::Remote(cluster) => {
                 let gateway = self
                     .gateway
                     .ok_or_else(|| UpstreamError::NoRoute(service.key()))?;
-                self.dial_via_gateway(service, port, gateway, cluster, subset)
+                self.dial_via_gateway(service, port, gateway, cluster, subset, alpn)
                     .await
             }
         }
@@ -210,9 +213,10 @@ impl Connector {
         &self,
         service: &MeshService,
         addr: SocketAddr,
+        alpn: Option<&'static [u8]>,
     ) -> Result<TlsStream<TcpStream>, UpstreamError> {
         let tcp = self.tcp(addr).await?;
-        let tls = self.handshake(service, tcp, addr).await?;
+        let tls = self.handshake(service, tcp, addr, alpn).await?;
         self.health.endpoint_ok(addr);
         Ok(tls)
     }
@@ -224,6 +228,7 @@ impl Connector {
         gateway: SocketAddr,
         cluster: &str,
         subset: Option<String>,
+        alpn: Option<&'static [u8]>,
     ) -> Result<TlsStream<TcpStream>, UpstreamError> {
         let mut tcp = self.tcp(gateway).await?;
         let answer = self
@@ -237,7 +242,7 @@ impl Connector {
             });
         }
         self.health.cluster_ok(cluster);
-        self.handshake(service, tcp, gateway).await
+        self.handshake(service, tcp, gateway, alpn).await
     }
 
     /// Sends the tunnel header for `service` in `cluster` and reads the gateway's answer.
@@ -302,6 +307,7 @@ impl Connector {
         service: &MeshService,
         tcp: TcpStream,
         addr: SocketAddr,
+        alpn: Option<&'static [u8]>,
     ) -> Result<TlsStream<TcpStream>, UpstreamError> {
         let allowed: Vec<SpiffeId> = service
             .identities
@@ -313,7 +319,7 @@ impl Connector {
             self.identity.clone(),
             self.trust.clone(),
             accept,
-            &[],
+            alpn.as_slice(),
         )
         .map_err(|e| UpstreamError::Connect {
             addr,

@@ -130,6 +130,12 @@ const RETRY_ON: &[&str] = &[
     "reset",
     "refused-stream",
     "retriable-4xx",
+    // gRPC status names, matched on a trailers-only response's grpc-status.
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
     "retriable-status-codes",
 ];
 
