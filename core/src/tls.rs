@@ -242,6 +242,15 @@ impl Identity {
         &self.id
     }
 
+    /// The DER of the leaf certificate presented now (it changes with every rotation).
+    pub fn leaf_der(&self) -> Vec<u8> {
+        self.current()
+            .cert
+            .first()
+            .map(|c| c.as_ref().to_vec())
+            .unwrap_or_default()
+    }
+
     /// Installs a rotated certificate; handshakes from now on present it, established
     /// connections are unaffected.
     pub fn rotate(&self, chain_pem: &str, key_pem: &str) -> Result<(), TlsError> {

@@ -32,6 +32,8 @@ pub struct Workload {
     pub version: String,
     pub app: SampleHandle,
     pub sidecar: isthmus_sidecar::SidecarHandle,
+    /// The sidecar's identity, rotated in place at half its certificate's lifetime.
+    pub identity: Arc<Identity>,
 }
 
 /// A running demo cluster.
@@ -49,6 +51,8 @@ pub struct DemoCluster {
     pub dns: isthmus_dns::DnsHandle,
     /// The client sidecar: outbound listeners on every VIP, identity `default/sleep`.
     pub client: isthmus_sidecar::SidecarHandle,
+    /// The client sidecar's identity (rotated in place).
+    pub client_identity: Arc<Identity>,
     pub workloads: Vec<Workload>,
     /// The configuration as the client sidecar receives it over gRPC.
     pub config: watch::Receiver<Arc<MeshConfig>>,
@@ -132,7 +136,7 @@ async fn start_workload(
     let sidecar = isthmus_sidecar::start(
         isthmus_sidecar::SidecarOptions {
             cluster: cluster.to_string(),
-            identity,
+            identity: identity.clone(),
             trust: att.trust,
             labels: [
                 ("app".to_string(), service.to_string()),
@@ -157,6 +161,7 @@ async fn start_workload(
         Workload {
             service: service.to_string(),
             version: version.to_string(),
+            identity,
             app,
             sidecar,
         },
@@ -283,7 +288,7 @@ impl DemoCluster {
             vip_range,
             gateway_address: None,
             tokens: TokenPolicy::single(DEMO_TOKEN, &[SAMPLE_NAMESPACE, SYSTEM_NAMESPACE]),
-            cert_lifetime: Duration::from_secs(3600),
+            cert_lifetime: opts.cert_lifetime,
             ca,
             export_lease: opts.export_lease,
         };
@@ -341,7 +346,7 @@ impl DemoCluster {
         let client_sidecar = isthmus_sidecar::start(
             isthmus_sidecar::SidecarOptions {
                 cluster: name.to_string(),
-                identity,
+                identity: identity.clone(),
                 trust: att.trust,
                 labels: [("app".to_string(), CLIENT_ACCOUNT.to_string())].into(),
                 outbound: true,
@@ -408,6 +413,7 @@ impl DemoCluster {
             gateway: Some(gateway),
             dns,
             client: client_sidecar,
+            client_identity: identity,
             workloads,
             config,
             admins,

@@ -64,6 +64,8 @@ pub struct DemoOptions {
     pub vip_octets: [u8; 3],
     /// The lease on each cluster's exports (see `ControlOptions::export_lease`).
     pub export_lease: Duration,
+    /// The lifetime of the workload certificates the control planes sign (rotated at half).
+    pub cert_lifetime: Duration,
 }
 
 impl Default for DemoOptions {
@@ -74,6 +76,7 @@ impl Default for DemoOptions {
             work_dir: None,
             vip_octets: [10, 20, 30],
             export_lease: Duration::from_secs(3),
+            cert_lifetime: Duration::from_secs(3600),
         }
     }
 }
