@@ -1,0 +1,579 @@
+//! The sidecar benchmark's processes (run them through `bench/sidecar`, which also starts
+//! wrk, Envoy and HAProxy and measures CPU from /proc). Each subcommand is one process, so the
+//! proxies' CPU time can be told apart from the load generator's and the backend's:
+//!
+//! - `backend --listen ADDR [--body BYTES]`: an HTTP/1.1 server (keep-alive) that reads the
+//!   request body and answers every request with a body of `--body` bytes (default 1024).
+//! - `sidecars --backend ADDR --vip ADDR --inbound ADDR --pem-dir DIR [--workers N]`: the
+//!   client-side sidecar (outbound listener on the VIP) and the server-side sidecar (mTLS on
+//!   `--inbound`, forwarding to the backend), each on its own runtime thread, from a fresh CA
+//!   and a static `MeshConfig`. Writes the CA and a client and a server certificate and key
+//!   (PEM, SPIFFE URI SANs) into `--pem-dir` for the Envoy pair, then prints one line
+//!   `READY vip=.. inbound=..` and runs until killed.
+//! - `memory --pem-dir DIR --endpoint ADDR [--services N] [--workers N]`: one client-side
+//!   sidecar (the `client` identity from `--pem-dir`, written by `sidecars`) with a
+//!   `MeshConfig` of N services (default 1000), each with a VIP on 127.78.x.y and one HTTP
+//!   port, all served by the server sidecar at `--endpoint` (in the `sidecars` process). Prints
+//!   `MEMORY services=.. idle_kb=.. traffic_kb=.. all_kb=.. hwm_kb=..`: VmRSS once every
+//!   listener is bound, after 20 requests to each of 10 services, and after one request to
+//!   every service, then the peak (VmHWM).
+//! - `load --target ADDR [--rate R] [--seconds S] [--warmup S] [--conns C] [--body BYTES]`:
+//!   an open-loop client: `R` requests per second (POST with a body of `--body` bytes) over
+//!   `C` keep-alive connections, for `S` seconds after `--warmup` seconds that are not
+//!   counted. A request's latency runs from just before its request is written until its
+//!   whole response body has arrived. Prints
+//!   `LATENCY n=.. errors=.. rate=.. p50_ms=.. p90_ms=.. p99_ms=.. max_ms=..`.
+//!
+//! `--workers 1` (the default) runs each sidecar on a current-thread runtime: one worker per
+//! proxy, as the Envoys get with `--concurrency 1`; above 1, a multi-thread runtime with that
+//! many workers per sidecar. Every address is on loopback (127.0.0.0/8).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use isthmus_core::ca::CertificateAuthority;
+use isthmus_core::identity::SpiffeId;
+use isthmus_core::mesh::{ClusterInfo, Endpoint, MeshConfig, MeshService, Protocol, ServicePort};
+use isthmus_core::tls::{Identity, TrustBundles};
+use isthmus_sidecar::{InboundPort, SidecarOptions};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+const TD: &str = "bench.isthmus.local";
+const CLUSTER: &str = "bench";
+const SERVICE_PORT: u16 = 8080;
+/// How long a process may take to get ready before it gives up.
+const READY_WITHIN: Duration = Duration::from_secs(20);
+
+/// `--flag value` pairs after the subcommand.
+struct Flags(HashMap<String, String>);
+
+impl Flags {
+    fn parse(args: impl Iterator<Item = String>, known: &[&str]) -> Res<Flags> {
+        let mut map = HashMap::new();
+        let mut it = args;
+        while let Some(flag) = it.next() {
+            let name = flag
+                .strip_prefix("--")
+                .filter(|n| known.contains(n))
+                .ok_or_else(|| {
+                    format!(
+                        "unknown flag {flag} (expected one of --{})",
+                        known.join(" --")
+                    )
+                })?;
+            let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+            map.insert(name.to_string(), value);
+        }
+        Ok(Flags(map))
+    }
+
+    fn get<T: std::str::FromStr>(&self, name: &str, default: Option<T>) -> Res<T>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.0.get(name) {
+            Some(v) => v.parse().map_err(|e| format!("--{name} {v:?}: {e}").into()),
+            None => default.ok_or_else(|| format!("--{name} is required").into()),
+        }
+    }
+}
+
+fn main() -> Res<()> {
+    isthmus_core::install_crypto_provider();
+    let mut args = std::env::args().skip(1);
+    let command = args.next().unwrap_or_default();
+    match command.as_str() {
+        "backend" => {
+            let f = Flags::parse(args, &["listen", "body"])?;
+            let listen = f.get::<SocketAddr>("listen", None)?;
+            let body = f.get("body", Some(1024usize))?;
+            current_thread()?.block_on(backend(listen, body))
+        }
+        "sidecars" => {
+            let f = Flags::parse(args, &["backend", "vip", "inbound", "pem-dir", "workers"])?;
+            sidecars(
+                f.get("backend", None)?,
+                f.get("vip", None)?,
+                f.get("inbound", None)?,
+                f.get("pem-dir", None)?,
+                f.get("workers", Some(1))?,
+            )
+        }
+        "memory" => {
+            let f = Flags::parse(args, &["pem-dir", "endpoint", "services", "workers"])?;
+            let pem_dir = f.get("pem-dir", None)?;
+            let endpoint = f.get("endpoint", None)?;
+            let services = f.get("services", Some(1000usize))?;
+            if !(1..=60_000).contains(&services) {
+                return Err("--services must be between 1 and 60000".into());
+            }
+            runtime(f.get("workers", Some(1))?)?.block_on(memory(pem_dir, endpoint, services))
+        }
+        "load" => {
+            let f = Flags::parse(
+                args,
+                &["target", "rate", "seconds", "warmup", "conns", "body"],
+            )?;
+            let load = Load {
+                target: f.get("target", None)?,
+                rate: f.get("rate", Some(1000.0))?,
+                seconds: f.get("seconds", Some(5.0))?,
+                warmup: f.get("warmup", Some(0.5))?,
+                conns: f.get("conns", Some(4))?,
+                body: f.get("body", Some(1024))?,
+            };
+            if load.rate <= 0.0 || load.seconds <= 0.0 || load.warmup < 0.0 || load.conns == 0 {
+                return Err("--rate, --seconds and --conns must be above zero".into());
+            }
+            current_thread()?.block_on(run_load(load))
+        }
+        other => Err(format!(
+            "unknown subcommand {other:?} (expected backend, sidecars, memory or load)"
+        )
+        .into()),
+    }
+}
+
+fn current_thread() -> Res<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// One worker: a current-thread runtime; more: a multi-thread runtime with that many.
+fn runtime(workers: usize) -> Res<tokio::runtime::Runtime> {
+    if workers <= 1 {
+        return current_thread();
+    }
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()?)
+}
+
+// ---- backend -------------------------------------------------------------------------------
+
+async fn backend(listen: SocketAddr, body: usize) -> Res<()> {
+    let listener = TcpListener::bind(listen).await?;
+    println!("READY backend={}", listener.local_addr()?);
+    let answer = Bytes::from(vec![b'b'; body]);
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let answer = answer.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let answer = answer.clone();
+                    async move {
+                        // Read the whole request body, as an application would.
+                        req.into_body().collect().await?;
+                        Ok::<_, hyper::Error>(http::Response::new(Full::new(answer)))
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+// ---- the mesh --------------------------------------------------------------------------------
+
+fn spiffe(sa: &str) -> SpiffeId {
+    SpiffeId::new(TD, "default", sa)
+}
+
+/// A certificate for `sa` from `ca`, as an identity and as (chain PEM, key PEM).
+fn issue(ca: &CertificateAuthority, sa: &str) -> Res<(Arc<Identity>, String, String)> {
+    let id = spiffe(sa);
+    let issued = ca.issue(&id, Duration::from_secs(24 * 3600))?;
+    let identity = Identity::from_pem(id, &issued.cert_chain_pem, &issued.key_pem)?;
+    Ok((identity, issued.cert_chain_pem, issued.key_pem))
+}
+
+fn cluster_info(ca_pem: &str) -> ClusterInfo {
+    ClusterInfo {
+        name: CLUSTER.into(),
+        trust_domain: TD.into(),
+        gateway: None,
+        ca_bundle_pem: ca_pem.into(),
+        locality: None,
+    }
+}
+
+/// An HTTP service `name` on `vip`:8080 served by one endpoint (a sidecar's inbound port).
+fn service(name: String, vip: IpAddr, endpoint: SocketAddr, server: &SpiffeId) -> MeshService {
+    MeshService {
+        name,
+        namespace: "default".into(),
+        vip,
+        ports: vec![ServicePort {
+            name: "http".into(),
+            port: SERVICE_PORT,
+            protocol: Protocol::Http,
+        }],
+        identities: vec![server.to_string()],
+        local_endpoints: vec![Endpoint {
+            address: endpoint,
+            labels: BTreeMap::new(),
+            identity: server.to_string(),
+            healthy: true,
+        }],
+        remote: vec![],
+        exported: false,
+    }
+}
+
+fn options(identity: Arc<Identity>, trust: Arc<TrustBundles>) -> SidecarOptions {
+    let app = identity.id().service_account().to_string();
+    SidecarOptions {
+        cluster: CLUSTER.into(),
+        identity,
+        trust,
+        labels: BTreeMap::from([("app".to_string(), app)]),
+        outbound: false,
+        inbound: vec![],
+        gateway: None,
+        connect_timeout: Duration::from_secs(2),
+        metrics: Default::default(),
+        access_log: Default::default(),
+    }
+}
+
+/// Starts a sidecar on a runtime of its own thread; returns once it has started (or failed).
+fn spawn_sidecar(
+    name: &'static str,
+    workers: usize,
+    opts: SidecarOptions,
+    config: watch::Receiver<Arc<MeshConfig>>,
+) -> Res<std::sync::mpsc::Receiver<Res<Vec<SocketAddr>>>> {
+    let (started, wait) = std::sync::mpsc::channel();
+    let rt = runtime(workers)?;
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            rt.block_on(async move {
+                match isthmus_sidecar::start(opts, config).await {
+                    Ok(handle) => {
+                        let _ = started.send(Ok(handle.inbound_addrs().to_vec()));
+                        // Runs until the process is killed.
+                        std::future::pending::<()>().await;
+                        drop(handle);
+                    }
+                    Err(e) => {
+                        let _ = started.send(Err(e.into()));
+                    }
+                }
+            })
+        })?;
+    Ok(wait)
+}
+
+fn started(wait: std::sync::mpsc::Receiver<Res<Vec<SocketAddr>>>) -> Res<Vec<SocketAddr>> {
+    wait.recv_timeout(READY_WITHIN)
+        .map_err(|_| "a sidecar did not start")?
+}
+
+/// Polls until `addr` accepts a connection.
+async fn wait_listening(addr: SocketAddr) -> Res<()> {
+    let deadline = Instant::now() + READY_WITHIN;
+    while TcpStream::connect(addr).await.is_err() {
+        if Instant::now() > deadline {
+            return Err(format!("nothing listens on {addr}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+fn sidecars(
+    backend: SocketAddr,
+    vip: SocketAddr,
+    inbound: SocketAddr,
+    pem_dir: PathBuf,
+    workers: usize,
+) -> Res<()> {
+    if vip.port() != SERVICE_PORT {
+        return Err(format!("--vip must use port {SERVICE_PORT}").into());
+    }
+    let ca = CertificateAuthority::generate(TD)?;
+    let trust = TrustBundles::new();
+    trust.replace([(TD, ca.cert_pem())])?;
+    let (client, client_pem, client_key) = issue(&ca, "client")?;
+    let (server, server_pem, server_key) = issue(&ca, "server")?;
+    std::fs::create_dir_all(&pem_dir)?;
+    for (file, pem) in [
+        ("ca.pem", ca.cert_pem()),
+        ("client.pem", &client_pem),
+        ("client-key.pem", &client_key),
+        ("server.pem", &server_pem),
+        ("server-key.pem", &server_key),
+    ] {
+        std::fs::write(pem_dir.join(file), pem)?;
+    }
+
+    let (config, rx) = watch::channel(Arc::new(MeshConfig::default()));
+    let server_id = server.id().clone();
+    let mut server_opts = options(server, trust.clone());
+    server_opts.inbound = vec![InboundPort {
+        listen: inbound,
+        forward_to: backend,
+        protocol: Protocol::Http,
+    }];
+    let inbound = started(spawn_sidecar(
+        "server-sidecar",
+        workers,
+        server_opts,
+        rx.clone(),
+    )?)?
+    .first()
+    .copied()
+    .ok_or("the server sidecar has no inbound port")?;
+    let mut client_opts = options(client, trust);
+    client_opts.outbound = true;
+    started(spawn_sidecar("client-sidecar", workers, client_opts, rx)?)?;
+    config.send_replace(Arc::new(MeshConfig {
+        version: 1,
+        cluster: CLUSTER.into(),
+        services: vec![service("backend".into(), vip.ip(), inbound, &server_id)],
+        clusters: vec![cluster_info(ca.cert_pem())],
+        policies: vec![],
+    }));
+    current_thread()?.block_on(wait_listening(vip))?;
+    println!("READY vip={vip} inbound={inbound}");
+    // The config sender lives on this thread, which parks until the process is killed.
+    loop {
+        std::thread::park();
+    }
+}
+
+// ---- memory ----------------------------------------------------------------------------------
+
+/// The n-th service's VIP: 127.78.x.y with y in 1..=250.
+fn memory_vip(n: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        78 + (n / 62_500) as u8,
+        ((n / 250) % 250) as u8,
+        (n % 250 + 1) as u8,
+    ))
+}
+
+fn vm_status(field: &str) -> Res<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| format!("no {field} in /proc/self/status").into())
+}
+
+async fn memory(pem_dir: PathBuf, endpoint: SocketAddr, services: usize) -> Res<()> {
+    let read = |file: &str| std::fs::read_to_string(pem_dir.join(file));
+    let ca_pem = read("ca.pem")?;
+    let trust = TrustBundles::new();
+    trust.replace([(TD, ca_pem.as_str())])?;
+    let identity = Identity::from_pem(
+        spiffe("client"),
+        &read("client.pem")?,
+        &read("client-key.pem")?,
+    )?;
+    let server = spiffe("server");
+    let (config, rx) = watch::channel(Arc::new(MeshConfig::default()));
+    let mut opts = options(identity, trust);
+    opts.outbound = true;
+    let handle = isthmus_sidecar::start(opts, rx).await?;
+    let vips: Vec<IpAddr> = (0..services).map(memory_vip).collect();
+    config.send_replace(Arc::new(MeshConfig {
+        version: 1,
+        cluster: CLUSTER.into(),
+        services: vips
+            .iter()
+            .enumerate()
+            .map(|(i, vip)| service(format!("svc-{i}"), *vip, endpoint, &server))
+            .collect(),
+        clusters: vec![cluster_info(&ca_pem)],
+        policies: vec![],
+    }));
+    let deadline = Instant::now() + READY_WITHIN;
+    while handle.outbound_addrs().len() < services {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "only {} of {services} VIP listeners were bound",
+                handle.outbound_addrs().len()
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let idle = vm_status("VmRSS")?;
+    let body = Bytes::from(vec![b'x'; 1024]);
+    for vip in vips.iter().take(10) {
+        let mut conn = connect(SocketAddr::new(*vip, SERVICE_PORT)).await?;
+        for _ in 0..20 {
+            post(&mut conn, body.clone()).await?;
+        }
+    }
+    let traffic = vm_status("VmRSS")?;
+    for vip in &vips {
+        let mut conn = connect(SocketAddr::new(*vip, SERVICE_PORT)).await?;
+        post(&mut conn, body.clone()).await?;
+    }
+    let all = vm_status("VmRSS")?;
+    println!(
+        "MEMORY services={services} idle_kb={idle} traffic_kb={traffic} all_kb={all} hwm_kb={}",
+        vm_status("VmHWM")?
+    );
+    handle.shutdown().await;
+    Ok(())
+}
+
+// ---- load ------------------------------------------------------------------------------------
+
+type Conn = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> Res<Conn> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(send)
+}
+
+/// One POST on `conn`; the size of the response body, which must be a 200.
+async fn post(conn: &mut Conn, body: Bytes) -> Res<usize> {
+    conn.ready().await?;
+    let req = http::Request::post("/")
+        .header(http::header::HOST, "backend")
+        .body(Full::new(body))?;
+    let resp = conn.send_request(req).await?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    if status != http::StatusCode::OK {
+        return Err(format!("status {status}: {}", String::from_utf8_lossy(&bytes)).into());
+    }
+    Ok(bytes.len())
+}
+
+struct Load {
+    target: SocketAddr,
+    rate: f64,
+    seconds: f64,
+    warmup: f64,
+    conns: usize,
+    body: usize,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).copied().unwrap_or(f64::NAN)
+}
+
+async fn run_load(a: Load) -> Res<()> {
+    let total = (a.rate * (a.warmup + a.seconds)).round() as u64;
+    let counted_from = (a.rate * a.warmup).round() as u64;
+    let body = Bytes::from(vec![b'x'; a.body]);
+    // Ticks are request numbers; an idle connection takes the next one when it comes.
+    let (ticks, rx) = tokio::sync::mpsc::channel::<u64>(total as usize + 1);
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(total as usize)));
+    let errors = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(Mutex::new(None::<String>));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..a.conns {
+        let mut conn = connect(a.target).await?;
+        let (rx, latencies, errors, first_error, body) = (
+            rx.clone(),
+            latencies.clone(),
+            errors.clone(),
+            first_error.clone(),
+            body.clone(),
+        );
+        let (target, size) = (a.target, a.body);
+        workers.spawn(async move {
+            loop {
+                let Some(n) = rx.lock().await.recv().await else {
+                    break;
+                };
+                let sent = std::time::Instant::now();
+                let outcome = post(&mut conn, body.clone()).await;
+                let took = sent.elapsed().as_secs_f64() * 1e3;
+                match outcome {
+                    Ok(len) if len == size || size == 0 => {
+                        if n >= counted_from {
+                            lock(&latencies).push(took);
+                        }
+                    }
+                    other => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        let what = match other {
+                            Ok(len) => format!("a {len}-byte body"),
+                            Err(e) => e.to_string(),
+                        };
+                        lock(&first_error).get_or_insert(what);
+                        // A broken connection is replaced; a fresh one may fail too.
+                        if let Ok(fresh) = connect(target).await {
+                            conn = fresh;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    let started = Instant::now();
+    let mut every = tokio::time::interval(Duration::from_secs_f64(1.0 / a.rate));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for n in 0..total {
+        every.tick().await;
+        if ticks.send(n).await.is_err() {
+            break;
+        }
+    }
+    drop(ticks);
+    let limit = Duration::from_secs_f64(a.warmup + a.seconds + 10.0);
+    let drained = tokio::time::timeout_at(started + limit, async {
+        while workers.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        workers.abort_all();
+        return Err("requests were still outstanding 10 s after the last was due".into());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut v = std::mem::take(&mut *lock(&latencies));
+    v.sort_by(|x, y| x.total_cmp(y));
+    let errors = errors.load(Ordering::Relaxed);
+    if let Some(e) = lock(&first_error).as_ref() {
+        eprintln!("load: {errors} failed requests, the first: {e}");
+    }
+    println!(
+        "LATENCY n={} errors={errors} rate={:.0} p50_ms={:.4} p90_ms={:.4} p99_ms={:.4} max_ms={:.4}",
+        v.len(),
+        total as f64 / elapsed,
+        percentile(&v, 0.5),
+        percentile(&v, 0.9),
+        percentile(&v, 0.99),
+        v.last().copied().unwrap_or(f64::NAN),
+    );
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
