@@ -23,6 +23,7 @@ mod pool;
 pub mod protocol;
 pub mod proxy;
 pub mod ratelimit;
+mod replay;
 pub mod routing;
 pub mod upstream;
 

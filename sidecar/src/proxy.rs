@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use crate::balance::{Algorithm, Balancer, Limits, Outcome, OutlierSettings, Upstream};
 use crate::pool::{Conn, Pool};
 use crate::protocol;
+use crate::replay::{Replay, REPLAYABLE_BODY};
 use crate::routing::{
     apply_header_ops, rewrite_path, HttpRoute, RequestView, RetryPolicy, RouteAction, RouteTable,
     ServiceKey, WeightedDestination,
@@ -38,9 +39,6 @@ use crate::upstream::Connector;
 
 /// Request and response bodies as the proxy passes them on.
 pub type Body = BoxBody<Bytes, hyper::Error>;
-
-/// Bodies up to this size are buffered so the request can be retried or mirrored.
-const REPLAYABLE_BODY: u64 = 64 * 1024;
 
 type DestKey = (ServiceKey, Option<String>);
 
@@ -353,8 +351,8 @@ impl HttpProxy {
         };
         let port = dest.port.unwrap_or(vip.port());
         let hash_key = hash_key(&table, &dest, port, &parts, client);
-        // Only a body known to be small is buffered: a streaming one (chunked, or HTTP/2
-        // without a length, as gRPC streams are) goes through as it comes, and is sent once.
+        // Only a body known to be small is read whole first: a streaming one (chunked, or
+        // HTTP/2 without a length, as gRPC sends) goes through as it comes (`replay`).
         let replayable = hyper::body::Body::is_end_stream(&body)
             || parts
                 .headers
@@ -388,7 +386,7 @@ impl HttpProxy {
                 }
             }
         } else {
-            Replay::Once(Some(body))
+            Replay::teed(body, REPLAYABLE_BODY)
         };
         if let (Some((mkey, msubset, fraction)), Replay::Buffered(bytes)) = (&route.mirror, &body) {
             if rand::random::<f64>() < *fraction {
@@ -741,27 +739,6 @@ impl HttpProxy {
                 }
             }
         });
-    }
-}
-
-/// A request body that can be sent once, or replayed for retries.
-enum Replay {
-    Buffered(Bytes),
-    Once(Option<Incoming>),
-}
-
-impl Replay {
-    fn take(&mut self) -> Option<Body> {
-        match self {
-            Replay::Buffered(b) => {
-                Some(Full::new(b.clone()).map_err(|never| match never {}).boxed())
-            }
-            Replay::Once(body) => body.take().map(|b| b.boxed()),
-        }
-    }
-
-    fn replayable(&self) -> bool {
-        matches!(self, Replay::Buffered(_))
     }
 }
 
