@@ -2,7 +2,8 @@
 //!
 //! Every `GET` answers JSON naming the service, version and cluster that served it, and the
 //! caller's SPIFFE ID as the workload's sidecar saw it (the `URI=` element of the
-//! `x-forwarded-client-cert` header the inbound sidecar sets).
+//! `x-forwarded-client-cert` header the inbound sidecar sets), and the HTTP version it was
+//! spoken to in. It serves HTTP/1.1 and HTTP/2 (prior knowledge) on the same port.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -11,7 +12,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -33,6 +34,9 @@ pub struct SampleReply {
     /// The caller's SPIFFE ID, or "" when the request did not come through a sidecar.
     pub caller: String,
     pub path: String,
+    /// The HTTP version the app was spoken to in (`HTTP/1.1`, `HTTP/2.0`).
+    #[serde(default)]
+    pub protocol: String,
 }
 
 /// The caller named in an `x-forwarded-client-cert` value (`By=...;URI=<caller>`).
@@ -71,7 +75,7 @@ pub async fn start(app: SampleApp, listen: SocketAddr) -> std::io::Result<Sample
                     let app = app.clone();
                     async move { Ok::<_, Infallible>(respond(&app, &req)) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tcp), service)
                     .await;
             });
@@ -95,6 +99,7 @@ fn respond(app: &SampleApp, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         cluster: app.cluster.clone(),
         caller,
         path: req.uri().path().to_string(),
+        protocol: format!("{:?}", req.version()),
     };
     let body = serde_json::to_vec(&reply).unwrap_or_default();
     let mut resp = Response::new(Full::new(Bytes::from(body)));

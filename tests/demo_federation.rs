@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use hickory_proto::op::ResponseCode;
-use isthmus::demo::probe::{call_sample, query_a, resolve_a};
+use isthmus::demo::probe::{call_sample, http2_get, query_a, resolve_a};
 use isthmus::demo::{vip_of, Demo, DemoOptions, SAMPLE_PORT};
 
 /// Fast timing, and VIP ranges of its own so tests running at once do not collide.
@@ -57,6 +57,16 @@ async fn every_cluster_resolves_and_calls_ratings_served_by_central_with_its_own
             "caller seen when called from {}",
             c.name
         );
+        // The same call in HTTP/2 (h2c from the app): h2 inside the mTLS session through both
+        // gateways; ratings' port is `http`, so its sidecar speaks HTTP/1.1 to the app.
+        let (status, body) = http2_get(SocketAddr::new(expected, SAMPLE_PORT), "/")
+            .await
+            .expect("the HTTP/2 call succeeds");
+        assert_eq!(status, 200, "{body}");
+        let reply: isthmus::sample::SampleReply = serde_json::from_str(&body).unwrap();
+        assert_eq!(reply.cluster, "central");
+        assert_eq!(reply.caller, c.client_identity().to_string());
+        assert_eq!(reply.protocol, "HTTP/1.1");
         vips.push(expected);
     }
     // Each cluster allocates VIPs from its own range.

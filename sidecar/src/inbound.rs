@@ -175,7 +175,8 @@ async fn serve_stream<S>(
     match TcpStream::connect(port.forward_to).await {
         Ok(mut app) => {
             let reporter = guard.tcp_reporter(caller.as_ref());
-            let labels = reporter.labels(&guard.destination(port), guard.cluster.clone());
+            let (name, namespace) = guard.destination(port);
+            let labels = reporter.labels((&name, &namespace), guard.cluster.clone());
             reporter.opened(&labels);
             let copied = tokio::io::copy_bidirectional(&mut stream, &mut app).await;
             // Sent to the peer (the caller) is what came from the application.
@@ -189,9 +190,10 @@ async fn serve_stream<S>(
 }
 
 impl Guard {
-    /// The service this workload's port serves, for metrics: the one listing this sidecar's
-    /// listener among its local endpoints, else the workload's `app` label.
-    fn destination(&self, port: &InboundPort) -> isthmus_core::mesh::MeshService {
+    /// The service this workload's port serves (name, namespace), for metrics: the one
+    /// listing this sidecar's listener among its local endpoints, else the workload's `app`
+    /// label.
+    fn destination(&self, port: &InboundPort) -> (String, String) {
         let config = self.config.borrow();
         let found = config.services.iter().find(|s| {
             s.local_endpoints.iter().any(|e| {
@@ -200,22 +202,15 @@ impl Guard {
             })
         });
         match found {
-            Some(s) => s.clone(),
-            None => isthmus_core::mesh::MeshService {
-                name: self
-                    .workload
+            Some(s) => (s.name.clone(), s.namespace.clone()),
+            None => (
+                self.workload
                     .labels
                     .get("app")
                     .cloned()
                     .unwrap_or_else(|| "unknown".into()),
-                namespace: self.workload.namespace.clone(),
-                vip: std::net::IpAddr::from([0, 0, 0, 0]),
-                ports: vec![],
-                identities: vec![],
-                local_endpoints: vec![],
-                remote: vec![],
-                exported: false,
-            },
+                self.workload.namespace.clone(),
+            ),
         }
     }
 
@@ -303,10 +298,10 @@ async fn serve_http<S>(
                 source_cluster,
                 destination_service: format!(
                     "{}.{}.svc.cluster.local",
-                    destination.name, destination.namespace
+                    destination.0, destination.1
                 ),
-                destination_service_name: destination.name.clone(),
-                destination_service_namespace: destination.namespace.clone(),
+                destination_service_name: destination.0.clone(),
+                destination_service_namespace: destination.1.clone(),
                 destination_cluster: guard.cluster.clone(),
                 request_protocol: if grpc { "grpc" } else { "http" }.into(),
                 response_code: resp.status().as_u16().to_string(),

@@ -165,21 +165,15 @@ pub struct TcpReporter {
 }
 
 impl TcpReporter {
-    /// The labels of a connection to `service` served by `destination_cluster` (outbound).
-    pub fn labels(
-        &self,
-        service: &isthmus_core::mesh::MeshService,
-        destination_cluster: String,
-    ) -> TcpLabels {
+    /// The labels of a connection to `service` (name, namespace) served by
+    /// `destination_cluster`.
+    pub fn labels(&self, service: (&str, &str), destination_cluster: String) -> TcpLabels {
         TcpLabels {
             reporter: self.reporter.to_string(),
             source_workload: self.workload.clone(),
             source_workload_namespace: self.namespace.clone(),
             source_cluster: self.cluster.clone(),
-            destination_service: format!(
-                "{}.{}.svc.cluster.local",
-                service.name, service.namespace
-            ),
+            destination_service: format!("{}.{}.svc.cluster.local", service.0, service.1),
             destination_cluster,
         }
     }

@@ -201,7 +201,7 @@ async fn forward(
         crate::upstream::Route::Local(_) => current.cluster.clone(),
         crate::upstream::Route::Remote(c) => c.clone(),
     };
-    let labels = metrics.labels(&service, destination_cluster);
+    let labels = metrics.labels((&service.name, &service.namespace), destination_cluster);
     metrics.opened(&labels);
     let copied = tokio::io::copy_bidirectional(&mut app, &mut tls).await;
     // Istio counts request bytes (from the app) as received, response bytes as sent.

@@ -112,6 +112,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         );
     }
 
+    if let Some((c, vip)) = vips.iter().find(|(c, _)| c.name == "east") {
+        let addr = SocketAddr::new((*vip).into(), SAMPLE_PORT);
+        let (status, body) = crate::demo::probe::http2_get(addr, "/").await?;
+        let reply: crate::sample::SampleReply = serde_json::from_str(&body)
+            .with_context(|| format!("HTTP {status}, not a sample reply: {body}"))?;
+        println!(
+            "    {:<8} -> ratings over HTTP/2 (h2c from the app): HTTP {status}, served by {}\n             \
+             hops: app -h2c-> sidecar -h2 in mTLS (ALPN h2), through both gateways-> ratings' sidecar -{}-> app\n             \
+             (ratings' port is `http`: its sidecar speaks HTTP/1.1 to the app; `http2`/`grpc` ports get HTTP/2)",
+            c.name, reply.cluster, reply.protocol
+        );
+    }
+
     step(
         6,
         "Local first: reviews runs in every cluster; each cluster's call stays home",

@@ -87,6 +87,31 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Stri
     Ok((status, body.to_string()))
 }
 
+/// `GET path` on `addr` with HTTP/2 over cleartext (prior knowledge, as gRPC clients and
+/// `curl --http2-prior-knowledge` do); returns status and body.
+pub async fn http2_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use http_body_util::BodyExt;
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await?;
+        tokio::spawn(conn);
+        let req = http::Request::get(format!("http://{addr}{path}"))
+            .header("user-agent", "isthmus-demo")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, String::from_utf8_lossy(&body).to_string()))
+    };
+    tokio::time::timeout(WAIT, exchange)
+        .await
+        .with_context(|| format!("no HTTP/2 answer from {addr}"))?
+}
+
 /// Calls a sample service at `addr` and decodes its JSON reply.
 pub async fn call_sample(addr: SocketAddr) -> anyhow::Result<SampleReply> {
     let (status, body) = http_get(addr, "/").await?;
