@@ -198,6 +198,7 @@ impl Peers {
                 Ok(conn)
             }
             Err(e) => {
+                warn!(cluster = %target.cluster, error = %e.chain(), "connecting to peer gateway failed");
                 self.mark_down(&target.cluster, &mut state, &slot, e.chain());
                 Err(e)
             }
@@ -356,7 +357,11 @@ impl Peers {
                     });
                     down.failures += 1;
                     down.reason = e.chain();
-                    debug!(%cluster, failures = down.failures, error = %down.reason, "reconnect failed");
+                    if down.failures == 1 {
+                        warn!(%cluster, error = %down.reason, "peer gateway unreachable; retrying with backoff");
+                    } else {
+                        debug!(%cluster, failures = down.failures, error = %down.reason, "reconnect failed");
+                    }
                 }
             }
         }
@@ -379,7 +384,8 @@ impl Peers {
                         peer: target.cluster.clone(),
                     })
                     .inc();
-                warn!(cluster = %target.cluster, error = %e.chain(), "connecting to peer gateway failed");
+                // The caller logs: once per outage at warn, retries at debug.
+                debug!(cluster = %target.cluster, error = %e.chain(), "connecting to peer gateway failed");
             }
         }
         result
