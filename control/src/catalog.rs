@@ -2,29 +2,43 @@
 //!
 //! Pure: no I/O and no clock. Every local service is visible in its own cluster; a service
 //! that another cluster exports is imported; both get a virtual IP from this cluster's range
-//! that stays the same for as long as the process runs. The version only moves when the
-//! content changes, so consumers are not woken for nothing.
+//! that stays the same for as long as the process runs. A headless service also gets one VIP
+//! per endpoint, local or remote (see docs/dns.md, "Headless services"), and its local
+//! endpoints carry the [`ENDPOINT_LABEL`] that lets a gateway pick exactly one of them. The
+//! version only moves when the content changes, so consumers are not woken for nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use ipnet::Ipv4Net;
+use isthmus_core::identity::validate_label;
 use isthmus_core::identity::SpiffeId;
 use isthmus_core::mesh::{
-    ClusterInfo, Endpoint, MeshConfig, MeshService, RemoteExport, ServicePort,
+    ClusterInfo, Endpoint, Headless, HeadlessEndpoint, MeshConfig, MeshService, RemoteExport,
+    ServicePort, ENDPOINT_LABEL,
 };
 use isthmus_core::policy::Policy;
 
-use crate::discovery::Discovery;
-use crate::records::{ClusterRecord, ExportRecord};
+use crate::discovery::{Discovery, LocalService};
+use crate::records::{ClusterRecord, ExportRecord, ExportedEndpoint, HeadlessExport};
 
-/// Hands out virtual IPs from a range, one per service, never reusing one.
+/// Hands out virtual IPs from a range, one per service and one per headless endpoint, never
+/// reusing one.
 #[derive(Debug)]
 pub struct VipAllocator {
     range: Ipv4Net,
     next: u32,
-    assigned: BTreeMap<(String, String), Ipv4Addr>,
+    assigned: BTreeMap<VipKey, Ipv4Addr>,
+}
+
+/// What a VIP stands for.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum VipKey {
+    /// (namespace, name)
+    Service(String, String),
+    /// (namespace, name, cluster, endpoint id)
+    Endpoint(String, String, String, String),
 }
 
 impl VipAllocator {
@@ -38,7 +52,27 @@ impl VipAllocator {
 
     /// The VIP of `namespace/name`, allocating one on first use; `None` when the range is used up.
     pub fn vip(&mut self, namespace: &str, name: &str) -> Option<Ipv4Addr> {
-        let key = (namespace.to_string(), name.to_string());
+        self.allocate(VipKey::Service(namespace.to_string(), name.to_string()))
+    }
+
+    /// The VIP of endpoint `id` of headless service `namespace/name` in `cluster`, allocating
+    /// one on first use; `None` when the range is used up.
+    pub fn endpoint_vip(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        cluster: &str,
+        id: &str,
+    ) -> Option<Ipv4Addr> {
+        self.allocate(VipKey::Endpoint(
+            namespace.to_string(),
+            name.to_string(),
+            cluster.to_string(),
+            id.to_string(),
+        ))
+    }
+
+    fn allocate(&mut self, key: VipKey) -> Option<Ipv4Addr> {
         if let Some(ip) = self.assigned.get(&key) {
             return Some(*ip);
         }
@@ -54,6 +88,9 @@ impl VipAllocator {
     }
 }
 
+/// An imported export's cluster and, when it declares the service headless, its endpoints.
+type Declaration<'a> = (&'a str, Option<&'a HeadlessExport>);
+
 /// The catalog of one cluster's control plane.
 #[derive(Debug)]
 pub struct Catalog {
@@ -61,6 +98,8 @@ pub struct Catalog {
     trust_domain: String,
     vips: VipAllocator,
     current: Arc<MeshConfig>,
+    /// Problems with imported headless exports already logged (each is logged once).
+    reported: BTreeSet<String>,
 }
 
 impl Catalog {
@@ -69,6 +108,7 @@ impl Catalog {
             cluster: cluster.to_string(),
             trust_domain: trust_domain.to_string(),
             vips: VipAllocator::new(vip_range),
+            reported: BTreeSet::new(),
             current: Arc::new(MeshConfig {
                 cluster: cluster.to_string(),
                 ..MeshConfig::default()
@@ -107,6 +147,17 @@ impl Catalog {
                     endpoints: s.endpoints.len() as u32,
                     healthy_endpoints: s.endpoints.iter().filter(|e| e.healthy).count() as u32,
                     subsets,
+                    headless: s.headless.then(|| HeadlessExport {
+                        endpoints: s
+                            .endpoints
+                            .iter()
+                            .map(|e| ExportedEndpoint {
+                                id: e.headless_id(),
+                                hostname: e.hostname.clone(),
+                                ready: e.healthy,
+                            })
+                            .collect(),
+                    }),
                     lease_expired_at_ms: None,
                 }
             })
@@ -125,6 +176,8 @@ impl Catalog {
             clusters.iter().map(|c| (c.name.as_str(), c)).collect();
         // (namespace, name) → service under construction.
         let mut services: BTreeMap<(String, String), MeshService> = BTreeMap::new();
+        // (namespace, name) → each imported export's cluster and headless endpoints.
+        let mut imported: BTreeMap<(String, String), Vec<Declaration<'_>>> = BTreeMap::new();
         for s in &local.services {
             let Some(vip) = self.vips.vip(&s.namespace, &s.name) else {
                 tracing::error!(service = %s.name, namespace = %s.namespace, "VIP range exhausted; service not configured");
@@ -135,7 +188,13 @@ impl Catalog {
                 .iter()
                 .map(|e| Endpoint {
                     address: e.address,
-                    labels: e.labels.clone(),
+                    labels: if s.headless {
+                        let mut labels = e.labels.clone();
+                        labels.insert(ENDPOINT_LABEL.to_string(), e.headless_id());
+                        labels
+                    } else {
+                        e.labels.clone()
+                    },
                     identity: SpiffeId::new(&self.trust_domain, &s.namespace, &e.service_account)
                         .to_string(),
                     healthy: e.healthy,
@@ -156,6 +215,7 @@ impl Catalog {
                     local_endpoints,
                     remote: Vec::new(),
                     exported: s.export,
+                    headless: None,
                 },
             );
         }
@@ -181,6 +241,7 @@ impl Catalog {
                         local_endpoints: Vec::new(),
                         remote: Vec::new(),
                         exported: false,
+                        headless: None,
                     },
                 );
             }
@@ -199,9 +260,21 @@ impl Catalog {
                 endpoints: x.endpoints,
                 lease_expired_at_ms: x.lease_expired_at_ms,
             });
+            imported
+                .entry(key)
+                .or_default()
+                .push((x.cluster.as_str(), x.headless.as_ref()));
         }
         for s in services.values_mut() {
             s.remote.sort_by(|a, b| a.cluster.cmp(&b.cluster));
+        }
+        for (key, service) in &mut services {
+            let here = local
+                .services
+                .iter()
+                .find(|l| l.namespace == key.0 && l.name == key.1);
+            let remotes = imported.get(key).map(Vec::as_slice).unwrap_or_default();
+            service.headless = self.headless(key, here, remotes);
         }
         let mut members: Vec<ClusterInfo> = clusters
             .iter()
@@ -229,6 +302,120 @@ impl Catalog {
             ..next
         });
         Some(self.current.clone())
+    }
+}
+
+impl Catalog {
+    /// The headless endpoints of service `key`, with their VIPs: `None` unless every
+    /// declaration of the service (the local one, if any, and every imported export) says
+    /// headless. Disagreement makes it a ClusterSetIP service, logged once.
+    fn headless(
+        &mut self,
+        key: &(String, String),
+        here: Option<&LocalService>,
+        remotes: &[Declaration<'_>],
+    ) -> Option<Headless> {
+        let (namespace, name) = (key.0.as_str(), key.1.as_str());
+        let any = here.is_some_and(|l| l.headless) || remotes.iter().any(|(_, h)| h.is_some());
+        if !any {
+            return None;
+        }
+        if !here.is_none_or(|l| l.headless) || remotes.iter().any(|(_, h)| h.is_none()) {
+            let mut headless: Vec<&str> = remotes
+                .iter()
+                .filter(|(_, h)| h.is_some())
+                .map(|(c, _)| *c)
+                .collect();
+            if here.is_some_and(|l| l.headless) {
+                headless.push(&self.cluster);
+            }
+            self.report(format!(
+                "service {namespace}/{name} is headless in {} only, not in every cluster that                  declares it; treating it as a ClusterSetIP service",
+                headless.join(", ")
+            ));
+            return None;
+        }
+        let mut endpoints = Vec::new();
+        let mut add =
+            |vips: &mut VipAllocator, cluster: &str, id: String, hostname, ready| match vips
+                .endpoint_vip(namespace, name, cluster, &id)
+            {
+                Some(vip) => {
+                    endpoints.push(HeadlessEndpoint {
+                        cluster: cluster.to_string(),
+                        id,
+                        hostname,
+                        vip: IpAddr::V4(vip),
+                        ready,
+                    });
+                    true
+                }
+                None => false,
+            };
+        let mut exhausted = false;
+        for e in here.map(|l| l.endpoints.as_slice()).unwrap_or_default() {
+            let cluster = self.cluster.clone();
+            exhausted |= !add(
+                &mut self.vips,
+                &cluster,
+                e.headless_id(),
+                e.hostname.clone(),
+                e.healthy,
+            );
+        }
+        for (cluster, export) in remotes {
+            for e in export.map(|h| h.endpoints.as_slice()).unwrap_or_default() {
+                if let Err(reason) = check_exported(e) {
+                    self.report(format!(
+                        "skipping endpoint {:?} of {namespace}/{name} exported by {cluster}:                          {reason}",
+                        e.id
+                    ));
+                    continue;
+                }
+                exhausted |= !add(
+                    &mut self.vips,
+                    cluster,
+                    e.id.clone(),
+                    e.hostname.clone(),
+                    e.ready,
+                );
+            }
+        }
+        if exhausted {
+            tracing::error!(service = %name, %namespace, "VIP range exhausted; some headless endpoints skipped");
+        }
+        endpoints.sort_by(|a, b| (&a.cluster, &a.id).cmp(&(&b.cluster, &b.id)));
+        endpoints.dedup_by(|a, b| a.cluster == b.cluster && a.id == b.id);
+        Some(Headless { endpoints })
+    }
+
+    fn report(&mut self, problem: String) {
+        if !self.reported.contains(&problem) {
+            tracing::warn!("{problem}");
+            self.reported.insert(problem);
+        }
+    }
+}
+
+/// Whether another cluster's headless endpoint can be imported: its id must be usable as a
+/// tunnel subset value, and its hostname (the id, when present) a DNS label.
+fn check_exported(e: &ExportedEndpoint) -> Result<(), String> {
+    if let Some(h) = &e.hostname {
+        validate_label("hostname", h).map_err(|err| err.to_string())?;
+        if *h != e.id {
+            return Err(format!(
+                "the id of an endpoint with hostname {h:?} must be the hostname"
+            ));
+        }
+        return Ok(());
+    }
+    let generated =
+        e.id.strip_prefix("ep.")
+            .is_some_and(|hex| hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()));
+    if generated {
+        Ok(())
+    } else {
+        Err("an endpoint without a hostname needs an id of the form ep.<16 hex digits>".into())
     }
 }
 

@@ -17,6 +17,14 @@
 //!         serviceAccount: ratings
 //!         labels: {version: v1}
 //!         healthy: true              # default true
+//!   - name: web
+//!     headless: true          # no ClusterSetIP: DNS answers each ready endpoint (default false)
+//!     ports:
+//!       - {name: http, port: 8080}
+//!     endpoints:
+//!       - address: 127.1.0.7:15006
+//!         serviceAccount: web
+//!         hostname: web-0            # web-0.<cluster>.web.default.svc.clusterset.local
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -25,7 +33,7 @@ use std::path::Path;
 
 use isthmus_core::config::{socket_addr, FieldError};
 use isthmus_core::identity::validate_label;
-use isthmus_core::mesh::{Protocol, ServicePort};
+use isthmus_core::mesh::{Protocol, ServicePort, ENDPOINT_LABEL};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -43,6 +51,8 @@ pub struct RawService {
     pub namespace: String,
     #[serde(default)]
     pub export: bool,
+    #[serde(default)]
+    pub headless: bool,
     pub ports: Vec<RawPort>,
     #[serde(default)]
     pub endpoints: Vec<RawEndpoint>,
@@ -70,6 +80,8 @@ pub struct RawEndpoint {
     pub labels: BTreeMap<String, String>,
     #[serde(default = "default_true")]
     pub healthy: bool,
+    #[serde(default)]
+    pub hostname: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -88,6 +100,8 @@ pub struct LocalService {
     pub name: String,
     pub namespace: String,
     pub export: bool,
+    /// No ClusterSetIP: each endpoint gets an address (and, with a hostname, a name) of its own.
+    pub headless: bool,
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<LocalEndpoint>,
 }
@@ -99,6 +113,27 @@ pub struct LocalEndpoint {
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
     pub healthy: bool,
+    /// Names the endpoint of a headless service (`<hostname>.<cluster>.<svc>...`).
+    pub hostname: Option<String>,
+}
+
+impl LocalEndpoint {
+    /// The endpoint's id in a headless service's export (the value of its
+    /// [`ENDPOINT_LABEL`]): the hostname, else `ep.` and the FNV-1a hash of its address. The
+    /// dot keeps generated ids apart from every hostname, which is a single DNS label.
+    pub fn headless_id(&self) -> String {
+        match &self.hostname {
+            Some(h) => h.clone(),
+            None => {
+                let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+                for b in self.address.to_string().bytes() {
+                    hash ^= u64::from(b);
+                    hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+                }
+                format!("ep.{hash:016x}")
+            }
+        }
+    }
 }
 
 /// The protocol a port declares: explicit, or from Istio's port-name convention
@@ -186,17 +221,55 @@ impl TryFrom<RawDiscovery> for Discovery {
                         err.to_string(),
                     )
                 })?;
+                if e.labels.contains_key(ENDPOINT_LABEL) {
+                    return Err(FieldError::new(
+                        format!("{ef}.labels"),
+                        ENDPOINT_LABEL,
+                        "this label key is reserved (the control plane sets it on headless endpoints)",
+                    ));
+                }
+                if let Some(hostname) = &e.hostname {
+                    let hf = format!("{ef}.hostname");
+                    if !s.headless {
+                        return Err(FieldError::new(
+                            hf,
+                            hostname,
+                            "only endpoints of a headless service (headless: true) have hostnames",
+                        ));
+                    }
+                    validate_label("hostname", hostname)
+                        .map_err(|err| FieldError::new(&hf, hostname, err.to_string()))?;
+                    if endpoints
+                        .iter()
+                        .any(|o: &LocalEndpoint| o.hostname.as_ref() == Some(hostname))
+                    {
+                        return Err(FieldError::new(
+                            hf,
+                            hostname,
+                            "hostname declared twice in this service",
+                        ));
+                    }
+                }
+                if s.headless && endpoints.iter().any(|o| o.address == address) {
+                    return Err(FieldError::new(
+                        format!("{ef}.address"),
+                        address,
+                        "endpoint address declared twice in this headless service",
+                    ));
+                }
                 endpoints.push(LocalEndpoint {
                     address,
                     service_account: e.service_account,
                     labels: e.labels,
                     healthy: e.healthy,
+                    hostname: e.hostname,
                 });
             }
             services.push(LocalService {
                 name: s.name,
                 namespace: s.namespace,
                 export: s.export,
+                headless: s.headless,
                 ports,
                 endpoints,
             });
@@ -273,6 +346,69 @@ mod tests {
             let err = parse(text).unwrap_err();
             assert!(
                 err.contains("svc.yaml") && err.contains(field) && err.contains(value),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_headless_service_keeps_hostnames_and_ids_its_endpoints() {
+        let d = parse(
+            "services:\n- name: web\n  headless: true\n  ports: [{name: http, port: 8080}]\n  endpoints:\n  - {address: 127.1.0.7:15006, serviceAccount: web, hostname: web-0}\n  - {address: 127.1.0.8:15006, serviceAccount: web}\n",
+        )
+        .unwrap();
+        let web = &d.services[0];
+        assert!(web.headless);
+        assert_eq!(web.endpoints[0].hostname.as_deref(), Some("web-0"));
+        assert_eq!(web.endpoints[0].headless_id(), "web-0");
+        let generated = web.endpoints[1].headless_id();
+        assert!(
+            generated.starts_with("ep.") && generated.len() == 19,
+            "{generated}"
+        );
+        // Stable: the same address always gets the same id.
+        assert_eq!(web.endpoints[1].clone().headless_id(), generated);
+    }
+
+    #[test]
+    fn bad_headless_fields_are_rejected_by_field_and_value() {
+        let headless = "services:\n- name: web\n  headless: true\n  ports: [{name: http, port: 8080}]\n  endpoints:\n";
+        let cases = [
+            (
+                format!("{headless}  - {{address: 127.1.0.7:1, serviceAccount: web, hostname: Web_0}}\n"),
+                "services[0].endpoints[0].hostname",
+                "Web_0",
+            ),
+            (
+                format!("{headless}  - {{address: 127.1.0.7:1, serviceAccount: web, hostname: web-0.east}}\n"),
+                "services[0].endpoints[0].hostname",
+                "web-0.east",
+            ),
+            (
+                format!("{headless}  - {{address: 127.1.0.7:1, serviceAccount: web, hostname: web-0}}\n  - {{address: 127.1.0.8:1, serviceAccount: web, hostname: web-0}}\n"),
+                "services[0].endpoints[1].hostname",
+                "declared twice",
+            ),
+            (
+                format!("{headless}  - {{address: 127.1.0.7:1, serviceAccount: web}}\n  - {{address: 127.1.0.7:1, serviceAccount: web}}\n"),
+                "services[0].endpoints[1].address",
+                "declared twice",
+            ),
+            (
+                format!("{headless}  - {{address: 127.1.0.7:1, serviceAccount: web, labels: {{isthmus.io/endpoint: x}}}}\n"),
+                "services[0].endpoints[0].labels",
+                "reserved",
+            ),
+            (
+                "services:\n- name: web\n  ports: [{name: http, port: 8080}]\n  endpoints:\n  - {address: 127.1.0.7:1, serviceAccount: web, hostname: web-0}\n".to_string(),
+                "services[0].endpoints[0].hostname",
+                "headless: true",
+            ),
+        ];
+        for (text, field, needle) in cases {
+            let err = parse(&text).unwrap_err();
+            assert!(
+                err.contains("svc.yaml") && err.contains(field) && err.contains(needle),
                 "{err}"
             );
         }

@@ -49,6 +49,9 @@ pub struct ExportRecord {
     /// Healthy endpoint counts by `label=value` (e.g. `version=v2`), for subsets.
     #[serde(default)]
     pub subsets: BTreeMap<String, u32>,
+    /// Present when the service is headless: its endpoints, named but without addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headless: Option<HeadlessExport>,
     /// Not part of the stored value: when the record's lease in the store lapsed (unix ms),
     /// filled in by the reader from the store's record.
     #[serde(skip)]
@@ -65,3 +68,22 @@ pub fn export_key(namespace: &str, name: &str, cluster: &str) -> String {
 
 pub const CLUSTERS_PREFIX: &str = "clusters/";
 pub const EXPORTS_PREFIX: &str = "exports/";
+
+/// The endpoints of an exported headless service.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeadlessExport {
+    pub endpoints: Vec<ExportedEndpoint>,
+}
+
+/// One endpoint of an exported headless service: enough for importers to give it a VIP and a
+/// name, and to ask the owning gateway for it (subset `isthmus.io/endpoint=<id>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExportedEndpoint {
+    /// The hostname, or `ep.<hex>` for an endpoint without one.
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    pub ready: bool,
+}

@@ -157,6 +157,71 @@ async fn an_invalid_discovery_file_keeps_the_last_good_services() {
     r.store.shutdown().await;
 }
 
+const HEADLESS: &str = "services:\n- name: web\n  headless: true\n  export: true\n  ports: [{name: http, port: 8080}]\n  endpoints:\n  - {address: 127.0.0.1:7001, serviceAccount: web, hostname: web-0}\n  - {address: 127.0.0.1:7002, serviceAccount: web}\n";
+
+#[tokio::test]
+async fn a_headless_service_reaches_the_config_stream_and_the_store_with_its_endpoints() {
+    let r = start(HEADLESS).await;
+    let mut rx = r.control.config();
+    let c = wait_for(&mut rx, "headless web", |c| {
+        c.service("default", "web")
+            .is_some_and(|s| s.headless.is_some())
+    })
+    .await;
+    let web = c.service("default", "web").unwrap();
+    let endpoints = &web.headless.as_ref().unwrap().endpoints;
+    assert_eq!(endpoints.len(), 2);
+    assert!(endpoints.iter().all(|e| e.cluster == "east" && e.ready));
+    assert!(endpoints
+        .iter()
+        .any(|e| e.hostname.as_deref() == Some("web-0")));
+    wait_for_key(&r.store, "exports/default/web/east").await;
+    let record: serde_json::Value =
+        serde_json::from_slice(&r.store.get("exports/default/web/east").unwrap().value).unwrap();
+    assert_eq!(record["headless"]["endpoints"][0]["id"], "web-0");
+    r.control.shutdown().await;
+    r.store.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_invalid_hostname_keeps_the_last_good_headless_service() {
+    let r = start(HEADLESS).await;
+    let mut rx = r.control.config();
+    wait_for(&mut rx, "headless web", |c| {
+        c.service("default", "web")
+            .is_some_and(|s| s.headless.is_some())
+    })
+    .await;
+    let before = rx.borrow().clone();
+    let bad = HEADLESS.replace("hostname: web-0", "hostname: Web.0");
+    std::fs::write(&r.discovery, &bad).unwrap();
+    // What the poller reports: the file, the field and the value.
+    let err = isthmus_control::discovery::load(&r.discovery)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("services[0].endpoints[0].hostname") && err.contains("Web.0"),
+        "{err}"
+    );
+    // For many polls the last good configuration stays as it was.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(*r.control.config().borrow(), before);
+    }
+    // The poller was reading all along: a good file is taken at once.
+    std::fs::write(&r.discovery, HEADLESS.replace("web-0", "web-1")).unwrap();
+    wait_for(&mut rx, "web-1", |c| {
+        c.service("default", "web").is_some_and(|s| {
+            s.headless
+                .as_ref()
+                .is_some_and(|h| h.endpoints.iter().any(|e| e.id == "web-1"))
+        })
+    })
+    .await;
+    r.control.shutdown().await;
+    r.store.shutdown().await;
+}
+
 #[tokio::test]
 async fn certificates_are_signed_only_for_identities_the_token_allows() {
     let r = start(ONE_SERVICE).await;

@@ -41,6 +41,18 @@ impl MeshConfig {
         self.services.iter().find(|s| s.vip == vip)
     }
 
+    /// Finds the headless endpoint whose virtual IP is `vip`, with its service.
+    pub fn endpoint_by_vip(&self, vip: IpAddr) -> Option<(&MeshService, &HeadlessEndpoint)> {
+        self.services.iter().find_map(|s| {
+            s.headless
+                .as_ref()?
+                .endpoints
+                .iter()
+                .find(|e| e.vip == vip)
+                .map(|e| (s, e))
+        })
+    }
+
     /// Finds a member cluster by name.
     pub fn cluster_info(&self, name: &str) -> Option<&ClusterInfo> {
         self.clusters.iter().find(|c| c.name == name)
@@ -71,6 +83,44 @@ pub struct MeshService {
     pub remote: Vec<RemoteExport>,
     /// Whether this cluster exports the service to the others.
     pub exported: bool,
+    /// Present when the service is headless: its endpoints in every cluster, each with a
+    /// virtual IP of its own (`vip` above stays internal: DNS does not publish it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headless: Option<Headless>,
+}
+
+/// The label key the exporting cluster puts on each endpoint of a headless service, with the
+/// endpoint's id as value: the tunnel subset `isthmus.io/endpoint=<id>` selects that one
+/// endpoint at its cluster's gateway.
+pub const ENDPOINT_LABEL: &str = "isthmus.io/endpoint";
+
+/// The endpoints of a headless service, as seen from one cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Headless {
+    /// Sorted by (cluster, id).
+    pub endpoints: Vec<HeadlessEndpoint>,
+}
+
+/// One endpoint of a headless service, local or remote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeadlessEndpoint {
+    /// The cluster the endpoint runs in.
+    pub cluster: String,
+    /// Its id within that cluster's export: the hostname, or `ep.<hex>` without one.
+    pub id: String,
+    /// `<hostname>.<cluster>.<svc>.<ns>.svc.clusterset.local` names it, when set.
+    pub hostname: Option<String>,
+    /// The virtual IP this cluster allocated for the endpoint.
+    pub vip: IpAddr,
+    /// Whether it is ready (DNS lists only ready endpoints).
+    pub ready: bool,
+}
+
+impl HeadlessEndpoint {
+    /// The tunnel subset that selects this endpoint at its cluster's gateway.
+    pub fn selector(&self) -> String {
+        format!("{ENDPOINT_LABEL}={}", self.id)
+    }
 }
 
 impl Default for ServicePort {
@@ -87,6 +137,14 @@ impl MeshService {
     /// The port declared with number `port`, if any.
     pub fn port(&self, port: u16) -> Option<&ServicePort> {
         self.ports.iter().find(|p| p.port == port)
+    }
+
+    /// The local endpoint a headless endpoint of this cluster stands for (the one carrying
+    /// its [`ENDPOINT_LABEL`]).
+    pub fn local_endpoint(&self, endpoint: &HeadlessEndpoint) -> Option<&Endpoint> {
+        self.local_endpoints
+            .iter()
+            .find(|e| e.labels.get(ENDPOINT_LABEL) == Some(&endpoint.id))
     }
 
     /// `<name>.<namespace>`, the key used on the tunnel and in logs.

@@ -5,7 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use crate::mesh::{ClusterInfo, Endpoint, MeshConfig, MeshService, RemoteExport, ServicePort};
+use crate::mesh::{
+    ClusterInfo, Endpoint, Headless, HeadlessEndpoint, MeshConfig, MeshService, RemoteExport,
+    ServicePort,
+};
 
 /// Generated messages, clients and servers of `isthmus.mesh.v1`.
 #[allow(clippy::all, missing_docs)]
@@ -79,6 +82,19 @@ impl From<&MeshConfig> for mesh::MeshConfigSnapshot {
                         })
                         .collect(),
                     exported: s.exported,
+                    headless: s.headless.as_ref().map(|h| mesh::Headless {
+                        endpoints: h
+                            .endpoints
+                            .iter()
+                            .map(|e| mesh::HeadlessEndpoint {
+                                cluster: e.cluster.clone(),
+                                id: e.id.clone(),
+                                hostname: e.hostname.clone().unwrap_or_default(),
+                                vip: e.vip.to_string(),
+                                ready: e.ready,
+                            })
+                            .collect(),
+                    }),
                 })
                 .collect(),
             clusters: c
@@ -151,6 +167,31 @@ impl TryFrom<mesh::MeshConfigSnapshot> for MeshConfig {
                         .then_some(r.lease_expired_at_unix_ms),
                 });
             }
+            let headless = match s.headless {
+                None => None,
+                Some(h) => {
+                    let mut endpoints = Vec::with_capacity(h.endpoints.len());
+                    for (j, e) in h.endpoints.into_iter().enumerate() {
+                        let ef = format!("{at}.headless.endpoints[{j}]");
+                        let vip = wire(format!("{ef}.vip"), &e.vip, e.vip.parse())?;
+                        if e.id.is_empty() {
+                            return Err(WireError {
+                                field: format!("{ef}.id"),
+                                value: String::new(),
+                                reason: "a headless endpoint needs an id".into(),
+                            });
+                        }
+                        endpoints.push(HeadlessEndpoint {
+                            cluster: e.cluster,
+                            id: e.id,
+                            hostname: (!e.hostname.is_empty()).then_some(e.hostname),
+                            vip,
+                            ready: e.ready,
+                        });
+                    }
+                    Some(Headless { endpoints })
+                }
+            };
             services.push(MeshService {
                 name: s.name,
                 namespace: s.namespace,
@@ -160,6 +201,7 @@ impl TryFrom<mesh::MeshConfigSnapshot> for MeshConfig {
                 local_endpoints,
                 remote,
                 exported: s.exported,
+                headless,
             });
         }
         let mut clusters = Vec::new();
@@ -235,6 +277,24 @@ mod tests {
                     lease_expired_at_ms: Some(1_700_000_000_000),
                 }],
                 exported: true,
+                headless: Some(Headless {
+                    endpoints: vec![
+                        HeadlessEndpoint {
+                            cluster: "central".into(),
+                            id: "ratings-0".into(),
+                            hostname: Some("ratings-0".into()),
+                            vip: "127.10.0.2".parse().unwrap(),
+                            ready: true,
+                        },
+                        HeadlessEndpoint {
+                            cluster: "east".into(),
+                            id: "ep.0123456789abcdef".into(),
+                            hostname: None,
+                            vip: "127.10.0.3".parse().unwrap(),
+                            ready: false,
+                        },
+                    ],
+                }),
             }],
             clusters: vec![ClusterInfo {
                 name: "east".into(),
@@ -280,6 +340,26 @@ mod tests {
         assert_eq!(
             MeshConfig::try_from(wire).unwrap_err().field,
             "services[0].vip"
+        );
+        let mut wire: mesh::MeshConfigSnapshot = (&sample()).into();
+        if let Some(h) = wire.services[0].headless.as_mut() {
+            h.endpoints[1].vip = "nowhere".into();
+        }
+        assert_eq!(
+            MeshConfig::try_from(wire).unwrap_err().field,
+            "services[0].headless.endpoints[1].vip"
+        );
+    }
+
+    #[test]
+    fn a_clusterset_ip_service_stays_without_headless_endpoints_on_the_wire() {
+        let mut c = sample();
+        c.services[0].headless = None;
+        let wire: mesh::MeshConfigSnapshot = (&c).into();
+        assert!(wire.services[0].headless.is_none());
+        assert_eq!(
+            MeshConfig::try_from(wire).unwrap().services[0].headless,
+            None
         );
     }
 }

@@ -291,12 +291,12 @@ fn add_node_records(
         }
     }
     if any || qtype == RecordType::A {
-        if let Some(ip) = node.a {
+        for &ip in &node.a {
             msg.add_answer(Record::from_rdata(qname.clone(), ttl, RData::A(A(ip))));
         }
     }
     if any || qtype == RecordType::AAAA {
-        if let Some(ip) = node.aaaa {
+        for &ip in &node.aaaa {
             msg.add_answer(Record::from_rdata(
                 qname.clone(),
                 ttl,

@@ -25,5 +25,6 @@ pub(crate) fn service(
         local_endpoints: Vec::new(),
         remote: Vec::new(),
         exported: false,
+        headless: None,
     }
 }

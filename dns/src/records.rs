@@ -9,9 +9,16 @@
 //! nodes without records, so they answer NODATA instead of NXDOMAIN, as RFC 8020 asks.
 //! Reverse names of the virtual IPs live in a second map.
 //!
+//! A headless service has no ClusterSetIP: its name holds one address per ready endpoint,
+//! and each ready endpoint with a hostname has a name of its own,
+//! `<hostname>.<cluster>.<svc>.<ns>.svc.clusterset.local.`, which its SRV records point at
+//! and its PTR record names (see `headless`).
+//!
 //! Nothing here does I/O; [`MeshTable::build`] is cheap enough to run on every snapshot.
 
-use std::collections::HashMap;
+mod headless;
+
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hickory_proto::rr::Name;
@@ -39,10 +46,10 @@ const CLUSTER_LOCAL: [&str; 2] = ["cluster", "local"];
 /// Records at one mesh name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Node {
-    /// The service VIP, when it is IPv4.
-    pub a: Option<Ipv4Addr>,
-    /// The service VIP, when it is IPv6.
-    pub aaaa: Option<Ipv6Addr>,
+    /// IPv4 addresses: the service VIP, or a headless service's ready endpoints.
+    pub a: Vec<Ipv4Addr>,
+    /// IPv6 addresses, as `a`.
+    pub aaaa: Vec<Ipv6Addr>,
     /// SRV targets, for `_<port>._<proto>` names.
     pub srv: Vec<SrvTarget>,
     /// A TXT string (the schema version at `dns-version`).
@@ -55,8 +62,8 @@ impl Node {
     /// Whether the name holds records (a service or a port), rather than only existing because
     /// names below it do.
     pub fn has_records(&self) -> bool {
-        self.a.is_some()
-            || self.aaaa.is_some()
+        !self.a.is_empty()
+            || !self.aaaa.is_empty()
             || !self.srv.is_empty()
             || self.txt.is_some()
             || self.apex
@@ -67,9 +74,9 @@ impl Node {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SrvTarget {
     pub port: u16,
-    /// `<svc>.<ns>.svc.clusterset.local.`
+    /// `<svc>.<ns>.svc.clusterset.local.`, or a headless endpoint's own name.
     pub target: Name,
-    /// The target's VIP, for the additional section.
+    /// The target's address, for the additional section.
     pub vip: IpAddr,
 }
 
@@ -99,6 +106,8 @@ pub struct MeshTable {
     version: u64,
     nodes: HashMap<String, Node>,
     reverse: HashMap<String, Name>,
+    /// The services in the table, by owner key.
+    services: HashSet<String>,
 }
 
 impl MeshTable {
@@ -110,6 +119,7 @@ impl MeshTable {
             version: config.version,
             nodes: HashMap::new(),
             reverse: HashMap::new(),
+            services: HashSet::new(),
         };
         // The zone apex, the schema version and the services' parent exist even when no
         // service does.
@@ -139,12 +149,9 @@ impl MeshTable {
         self.version
     }
 
-    /// How many services answer A or AAAA questions.
+    /// How many services have names in the table.
     pub fn service_count(&self) -> usize {
-        self.nodes
-            .values()
-            .filter(|n| n.a.is_some() || n.aaaa.is_some())
-            .count()
+        self.services.len()
     }
 
     /// Classifies a question's name (compared case-insensitively).
@@ -211,18 +218,23 @@ impl MeshTable {
                 return;
             }
         };
-        let key = key_of(&owner);
-        let node = self.nodes.entry(key).or_default();
-        if node.a.is_some() || node.aaaa.is_some() {
-            warn!(service = %service.key(), "service listed twice; keeping the first VIP");
+        if !self.services.insert(key_of(&owner)) {
+            warn!(service = %service.key(), "service listed twice; keeping the first");
             return;
         }
-        match service.vip {
-            IpAddr::V4(ip) => node.a = Some(ip),
-            IpAddr::V6(ip) => node.aaaa = Some(ip),
+        if let Some(headless) = &service.headless {
+            self.add_headless(service, headless, &owner);
+            return;
         }
+        push_address(self.nodes.entry(key_of(&owner)).or_default(), service.vip);
         self.add_empty(&owner[1..]);
+        self.add_srv(service, &owner, &[(target.clone(), service.vip)]);
+        self.add_reverse(service.vip, target, service);
+    }
 
+    /// The SRV names of `service`'s named ports (under `owner`), each answering every one of
+    /// `targets` (name, address). Unnamed ports have no SRV name, as in Kubernetes.
+    fn add_srv(&mut self, service: &MeshService, owner: &[&str; 5], targets: &[(Name, IpAddr)]) {
         for port in &service.ports {
             if port.name.is_empty() {
                 continue;
@@ -234,22 +246,25 @@ impl MeshTable {
                 continue;
             }
             let mut srv_owner = vec![port_label.as_str(), proto_label.as_str()];
-            srv_owner.extend_from_slice(&owner);
+            srv_owner.extend_from_slice(owner);
             self.nodes
                 .entry(key_of(&srv_owner))
                 .or_default()
                 .srv
-                .push(SrvTarget {
+                .extend(targets.iter().map(|(target, vip)| SrvTarget {
                     port: port.port,
                     target: target.clone(),
-                    vip: service.vip,
-                });
+                    vip: *vip,
+                }));
             self.add_empty(&srv_owner[1..]);
         }
+    }
 
-        let reverse_key = key_of(&lower_labels(&Name::from(service.vip)));
+    /// Makes `ip`'s reverse name answer `target`, unless another name has it already.
+    fn add_reverse(&mut self, ip: IpAddr, target: Name, service: &MeshService) {
+        let reverse_key = key_of(&lower_labels(&Name::from(ip)));
         if let Some(existing) = self.reverse.get(&reverse_key) {
-            warn!(vip = %service.vip, service = %service.key(), existing = %existing, "VIP shared by two services; PTR answers the first");
+            warn!(vip = %ip, service = %service.key(), existing = %existing, "VIP shared by two names; PTR answers the first");
         } else {
             self.reverse.insert(reverse_key, target);
         }
@@ -300,6 +315,14 @@ fn ends_with<L: AsRef<str>>(labels: &[L], tail: &[&str]) -> bool {
             .all(|(label, want)| label.as_ref() == *want)
 }
 
+/// Adds `ip` to the node's A or AAAA records.
+fn push_address(node: &mut Node, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(ip) => node.a.push(ip),
+        IpAddr::V6(ip) => node.aaaa.push(ip),
+    }
+}
+
 /// A label we are willing to publish: 1–63 characters of letters, digits, `-` and `_`.
 fn is_dns_label(label: &str) -> bool {
     !label.is_empty()
@@ -342,8 +365,8 @@ mod tests {
         let t = table();
         match t.lookup(&name("web.shop.svc.clusterset.local.")) {
             Lookup::Found(node) => {
-                assert_eq!(node.a, Some(Ipv4Addr::new(240, 240, 0, 1)));
-                assert_eq!(node.aaaa, None);
+                assert_eq!(node.a, [Ipv4Addr::new(240, 240, 0, 1)]);
+                assert!(node.aaaa.is_empty());
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -356,7 +379,7 @@ mod tests {
         let t = table();
         assert!(matches!(
             t.lookup(&name("WeB.ShOp.SVC.ClusterSet.LOCAL.")),
-            Lookup::Found(n) if n.a.is_some()
+            Lookup::Found(n) if !n.a.is_empty()
         ));
     }
 
@@ -365,8 +388,8 @@ mod tests {
         let t = table();
         match t.lookup(&name("db.shop.svc.clusterset.local.")) {
             Lookup::Found(node) => {
-                assert_eq!(node.a, None);
-                assert_eq!(node.aaaa, Some("fd00::5".parse().unwrap()));
+                assert!(node.a.is_empty());
+                assert_eq!(node.aaaa, ["fd00::5".parse::<Ipv6Addr>().unwrap()]);
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -564,7 +587,7 @@ mod tests {
         let Lookup::Found(node) = t.lookup(&name("web.shop.svc.clusterset.local.")) else {
             panic!("missing");
         };
-        assert_eq!(node.a, Some(Ipv4Addr::new(240, 240, 0, 1)));
+        assert_eq!(node.a, [Ipv4Addr::new(240, 240, 0, 1)]);
     }
 
     #[test]

@@ -162,6 +162,7 @@ async fn pair(transport: Transport, sink: SocketAddr) -> Res<Pair> {
         }],
         remote: vec![],
         exported: true,
+        headless: None,
     };
     let config = |cluster: &str, services| MeshConfig {
         version: 1,

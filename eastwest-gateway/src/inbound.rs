@@ -421,6 +421,7 @@ mod tests {
             local_endpoints: endpoints,
             remote: vec![],
             exported,
+            headless: None,
         };
         let cluster = |name: &str| ClusterInfo {
             name: name.into(),

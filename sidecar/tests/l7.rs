@@ -203,6 +203,7 @@ async fn mesh_with_log(
             local_endpoints: eps,
             remote: vec![],
             exported: false,
+            headless: None,
         }],
         clusters: vec![ClusterInfo {
             name: "test".into(),

@@ -242,6 +242,7 @@ async fn mesh(octet: u8, services: Vec<(&str, Protocol, SocketAddr)>, policies: 
             }],
             remote: vec![],
             exported: false,
+            headless: None,
         });
         sidecars.push(sc);
     }

@@ -15,12 +15,14 @@ fn local(name: &str, export: bool, sa: &str) -> LocalService {
         name: name.into(),
         namespace: "default".into(),
         export,
+        headless: false,
         ports: http(),
         endpoints: vec![LocalEndpoint {
             address: "127.1.0.1:15006".parse().unwrap(),
             service_account: sa.into(),
             labels: [("version".to_string(), "v1".to_string())].into(),
             healthy: true,
+            hostname: None,
         }],
     }
 }
@@ -49,6 +51,7 @@ fn export(cluster: &str, name: &str) -> ExportRecord {
         endpoints: 1,
         healthy_endpoints: 1,
         subsets: BTreeMap::new(),
+        headless: None,
         lease_expired_at_ms: None,
     }
 }
@@ -200,4 +203,197 @@ fn an_exhausted_vip_range_skips_services_instead_of_failing() {
     };
     let cfg = c.rebuild(&d, &[], &[], &[]).unwrap();
     assert_eq!(cfg.services.len(), 2);
+}
+
+/// A headless `web` with two endpoints here: `web-0` (ready) and one without a hostname.
+fn headless_web(export: bool) -> LocalService {
+    let mut s = local("web", export, "web");
+    s.headless = true;
+    s.endpoints[0].hostname = Some("web-0".into());
+    let mut other = s.endpoints[0].clone();
+    other.address = "127.1.0.2:15006".parse().unwrap();
+    other.hostname = None;
+    other.healthy = false;
+    s.endpoints.push(other);
+    s
+}
+
+fn headless_export(cluster: &str, endpoints: &[(&str, Option<&str>, bool)]) -> ExportRecord {
+    let mut x = export(cluster, "web");
+    x.headless = Some(HeadlessExport {
+        endpoints: endpoints
+            .iter()
+            .map(|(id, hostname, ready)| ExportedEndpoint {
+                id: (*id).into(),
+                hostname: hostname.map(Into::into),
+                ready: *ready,
+            })
+            .collect(),
+    });
+    x
+}
+
+#[test]
+fn headless_endpoints_get_vips_of_their_own_here_and_from_other_clusters() {
+    let mut c = catalog();
+    let d = Discovery {
+        services: vec![headless_web(true)],
+    };
+    let clusters = [
+        cluster("east", None),
+        cluster("west", Some("127.0.0.2:15443")),
+    ];
+    let exports = [headless_export("west", &[("web-0", Some("web-0"), true)])];
+    let cfg = c.rebuild(&d, &clusters, &exports, &[]).unwrap();
+    let web = cfg.service("default", "web").unwrap();
+    let headless = web.headless.as_ref().expect("web is headless");
+    let got: Vec<(&str, &str, Option<&str>, bool)> = headless
+        .endpoints
+        .iter()
+        .map(|e| {
+            (
+                e.cluster.as_str(),
+                e.id.as_str(),
+                e.hostname.as_deref(),
+                e.ready,
+            )
+        })
+        .collect();
+    let generated = d.services[0].endpoints[1].headless_id();
+    assert_eq!(
+        got,
+        [
+            ("east", generated.as_str(), None, false),
+            ("east", "web-0", Some("web-0"), true),
+            ("west", "web-0", Some("web-0"), true),
+        ]
+    );
+    // Every endpoint its own VIP, none the service's.
+    let mut vips: Vec<IpAddr> = headless.endpoints.iter().map(|e| e.vip).collect();
+    vips.push(web.vip);
+    vips.sort();
+    vips.dedup();
+    assert_eq!(vips.len(), 4);
+    // The local endpoints carry the label that selects them at the gateway.
+    for e in headless.endpoints.iter().filter(|e| e.cluster == "east") {
+        let local = web.local_endpoint(e).expect("labelled");
+        assert_eq!(local.labels["version"], "v1");
+    }
+    assert_eq!(
+        cfg.endpoint_by_vip(headless.endpoints[2].vip)
+            .unwrap()
+            .1
+            .cluster,
+        "west"
+    );
+}
+
+#[test]
+fn headless_endpoint_vips_stay_stable_while_endpoints_come_and_go() {
+    let mut c = catalog();
+    let d = Discovery {
+        services: vec![headless_web(false)],
+    };
+    let clusters = [
+        cluster("east", None),
+        cluster("west", Some("127.0.0.2:15443")),
+    ];
+    let two = [headless_export(
+        "west",
+        &[
+            ("web-0", Some("web-0"), true),
+            ("web-1", Some("web-1"), true),
+        ],
+    )];
+    let vip_of = |cfg: &MeshConfig, cluster: &str, id: &str| {
+        let web = cfg.service("default", "web").unwrap();
+        web.headless
+            .as_ref()
+            .unwrap()
+            .endpoints
+            .iter()
+            .find(|e| e.cluster == cluster && e.id == id)
+            .map(|e| e.vip)
+    };
+    let cfg = c.rebuild(&d, &clusters, &two, &[]).unwrap();
+    let web1 = vip_of(&cfg, "west", "web-1").unwrap();
+    let local0 = vip_of(&cfg, "east", "web-0").unwrap();
+    let one = [headless_export("west", &[("web-1", Some("web-1"), false)])];
+    let cfg = c.rebuild(&d, &clusters, &one, &[]).unwrap();
+    assert_eq!(vip_of(&cfg, "west", "web-0"), None);
+    assert_eq!(vip_of(&cfg, "west", "web-1"), Some(web1));
+    let cfg = c.rebuild(&d, &clusters, &two, &[]).unwrap();
+    assert_eq!(vip_of(&cfg, "west", "web-1"), Some(web1));
+    assert_eq!(vip_of(&cfg, "east", "web-0"), Some(local0));
+}
+
+#[test]
+fn headless_exports_list_endpoints_by_id_without_addresses() {
+    let c = catalog();
+    let d = Discovery {
+        services: vec![headless_web(true), local("plain", true, "plain")],
+    };
+    let exports = c.exports(&d);
+    let web = exports.iter().find(|x| x.name == "web").unwrap();
+    let endpoints = &web.headless.as_ref().unwrap().endpoints;
+    assert_eq!(endpoints[0].id, "web-0");
+    assert_eq!(endpoints[0].hostname.as_deref(), Some("web-0"));
+    assert!(endpoints[0].ready);
+    assert!(endpoints[1].id.starts_with("ep.") && !endpoints[1].ready);
+    let json = serde_json::to_string(web).unwrap();
+    assert!(!json.contains("127.1.0"), "{json}");
+    // A ClusterSetIP service's record has no headless field at all.
+    let plain = exports.iter().find(|x| x.name == "plain").unwrap();
+    assert!(!serde_json::to_string(plain).unwrap().contains("headless"));
+}
+
+#[test]
+fn a_service_headless_in_only_some_clusters_is_a_clusterset_ip_service() {
+    let mut c = catalog();
+    let clusters = [
+        cluster("east", None),
+        cluster("west", Some("127.0.0.2:15443")),
+        cluster("central", Some("127.0.0.3:15443")),
+    ];
+    let exports = [
+        headless_export("west", &[("web-0", Some("web-0"), true)]),
+        export("central", "web"),
+    ];
+    let cfg = c
+        .rebuild(&Discovery::default(), &clusters, &exports, &[])
+        .unwrap();
+    let web = cfg.service("default", "web").unwrap();
+    assert_eq!(web.headless, None);
+    assert_eq!(web.remote.len(), 2);
+}
+
+#[test]
+fn imported_headless_endpoints_with_unusable_ids_are_skipped() {
+    let mut c = catalog();
+    let clusters = [
+        cluster("east", None),
+        cluster("west", Some("127.0.0.2:15443")),
+    ];
+    let exports = [headless_export(
+        "west",
+        &[
+            ("web-0", Some("web-0"), true),
+            ("a,b=c", None, true),
+            ("Bad_Host", Some("Bad_Host"), true),
+            ("other", Some("web-9"), true),
+        ],
+    )];
+    let cfg = c
+        .rebuild(&Discovery::default(), &clusters, &exports, &[])
+        .unwrap();
+    let web = cfg.service("default", "web").unwrap();
+    let ids: Vec<&str> = web
+        .headless
+        .as_ref()
+        .unwrap()
+        .endpoints
+        .iter()
+        .map(|e| e.id.as_str())
+        .collect();
+    assert_eq!(ids, ["web-0"]);
 }

@@ -31,6 +31,7 @@ fn service(name: &str, vip: &str, ports: &[(&str, u16, Protocol)]) -> MeshServic
         local_endpoints: Vec::new(),
         remote: Vec::new(),
         exported: true,
+        headless: None,
     }
 }
 

@@ -42,6 +42,7 @@ pub fn service(name: &str, vip: &str, ports: &[(&str, u16, Protocol)]) -> MeshSe
         local_endpoints: Vec::new(),
         remote: Vec::new(),
         exported: true,
+        headless: None,
     }
 }
 

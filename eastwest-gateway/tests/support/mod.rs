@@ -101,6 +101,7 @@ pub fn service(name: &str, exported: bool, endpoints: Vec<Endpoint>) -> MeshServ
         local_endpoints: endpoints,
         remote: vec![],
         exported,
+        headless: None,
     }
 }
 
