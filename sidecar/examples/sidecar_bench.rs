@@ -40,7 +40,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use isthmus_core::ca::CertificateAuthority;
 use isthmus_core::identity::SpiffeId;
-use isthmus_core::mesh::{ClusterInfo, Endpoint, MeshConfig, MeshService, Protocol, ServicePort};
+use isthmus_core::mesh::{ClusterInfo, MeshConfig, MeshService, Protocol};
 use isthmus_core::tls::{Identity, TrustBundles};
 use isthmus_sidecar::{InboundPort, SidecarOptions};
 use tokio::net::{TcpListener, TcpStream};
@@ -216,26 +216,25 @@ fn cluster_info(ca_pem: &str) -> ClusterInfo {
 }
 
 /// An HTTP service `name` on `vip`:8080 served by one endpoint (a sidecar's inbound port).
-fn service(name: String, vip: IpAddr, endpoint: SocketAddr, server: &SpiffeId) -> MeshService {
-    MeshService {
-        name,
-        namespace: "default".into(),
-        vip,
-        ports: vec![ServicePort {
-            name: "http".into(),
-            port: SERVICE_PORT,
-            protocol: Protocol::Http,
+///
+/// Built through serde rather than a struct literal so that fields added to `MeshService`
+/// later with a serde default (as optional ones are) do not break this benchmark.
+fn service(name: String, vip: IpAddr, endpoint: SocketAddr, server: &SpiffeId) -> Res<MeshService> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "name": name,
+        "namespace": "default",
+        "vip": vip,
+        "ports": [{"name": "http", "port": SERVICE_PORT, "protocol": Protocol::Http}],
+        "identities": [server.to_string()],
+        "local_endpoints": [{
+            "address": endpoint,
+            "labels": {},
+            "identity": server.to_string(),
+            "healthy": true,
         }],
-        identities: vec![server.to_string()],
-        local_endpoints: vec![Endpoint {
-            address: endpoint,
-            labels: BTreeMap::new(),
-            identity: server.to_string(),
-            healthy: true,
-        }],
-        remote: vec![],
-        exported: false,
-    }
+        "remote": [],
+        "exported": false,
+    }))?)
 }
 
 fn options(identity: Arc<Identity>, trust: Arc<TrustBundles>) -> SidecarOptions {
@@ -349,7 +348,7 @@ fn sidecars(
     config.send_replace(Arc::new(MeshConfig {
         version: 1,
         cluster: CLUSTER.into(),
-        services: vec![service("backend".into(), vip.ip(), inbound, &server_id)],
+        services: vec![service("backend".into(), vip.ip(), inbound, &server_id)?],
         clusters: vec![cluster_info(ca.cert_pem())],
         policies: vec![],
     }));
@@ -405,7 +404,7 @@ async fn memory(pem_dir: PathBuf, endpoint: SocketAddr, services: usize) -> Res<
             .iter()
             .enumerate()
             .map(|(i, vip)| service(format!("svc-{i}"), *vip, endpoint, &server))
-            .collect(),
+            .collect::<Res<_>>()?,
         clusters: vec![cluster_info(&ca_pem)],
         policies: vec![],
     }));
