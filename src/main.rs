@@ -18,6 +18,13 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum SidecarAction {
+    /// Redirect this network namespace's TCP to the sidecar (the injected init container):
+    /// nftables, or iptables where nft is missing.
+    Init(isthmus::daemon::redirect::InitArgs),
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run a whole three-cluster federation on loopback, in one process, and narrate it.
     Demo {
@@ -43,10 +50,13 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Run a sidecar proxy.
+    /// Run a sidecar proxy (`--config FILE`), or install a pod's traffic redirect (`init`).
+    #[command(args_conflicts_with_subcommands = true)]
     Sidecar {
+        #[command(subcommand)]
+        action: Option<SidecarAction>,
         #[arg(long)]
-        config: PathBuf,
+        config: Option<PathBuf>,
     },
     /// Apply mesh-wide policies (Istio VirtualService, DestinationRule, AuthorizationPolicy,
     /// PeerAuthentication) from a multi-document YAML file.
@@ -182,7 +192,17 @@ fn main() -> ExitCode {
             Command::Control { config } => isthmus::daemon::control::run(&config).await,
             Command::Gateway { config } => isthmus::daemon::gateway::run(&config).await,
             Command::Dns { config } => isthmus::daemon::dns::run(&config).await,
-            Command::Sidecar { config } => isthmus::daemon::sidecar::run(&config).await,
+            Command::Sidecar {
+                action: Some(SidecarAction::Init(args)),
+                ..
+            } => isthmus::daemon::redirect::init(&args),
+            Command::Sidecar {
+                config: Some(config),
+                ..
+            } => isthmus::daemon::sidecar::run(&config).await,
+            Command::Sidecar { .. } => {
+                anyhow::bail!("isthmus sidecar needs --config FILE, or the init subcommand")
+            }
             Command::Apply {
                 file,
                 dry_run,

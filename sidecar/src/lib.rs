@@ -23,6 +23,7 @@ mod pool;
 pub mod protocol;
 pub mod proxy;
 pub mod ratelimit;
+pub mod redirect;
 mod replay;
 pub mod routing;
 pub mod upstream;
@@ -49,6 +50,8 @@ pub enum SidecarError {
     Tls(#[source] isthmus_core::tls::TlsError),
     #[error("opening the access log failed")]
     AccessLog(#[source] std::io::Error),
+    #[error("redirected outbound traffic needs a sidecar started with outbound listeners")]
+    NoOutbound,
 }
 
 /// One inbound port: mTLS accepted on `listen`, plaintext forwarded to the application.
@@ -85,6 +88,8 @@ pub struct SidecarOptions {
 pub struct SidecarHandle {
     inbound: Vec<SocketAddr>,
     outbound: outbound::Listeners,
+    /// What serves outbound connections (None when `outbound` was off).
+    serving: Option<outbound::Outbound>,
     health: Arc<failover::Health>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -111,6 +116,28 @@ impl SidecarHandle {
     /// This sidecar's view of upstream health and its failover tables (shared).
     pub fn failover_health(&self) -> Arc<failover::Health> {
         self.health.clone()
+    }
+
+    /// Serves connections redirected to `listener` (the outbound port, 15001 in Kubernetes;
+    /// see [`redirect`]), each to its original destination; returns the bound address.
+    /// Needs a sidecar started with `outbound`.
+    pub fn serve_redirected(
+        &mut self,
+        listener: tokio::net::TcpListener,
+    ) -> Result<SocketAddr, SidecarError> {
+        let addr = listener
+            .local_addr()
+            .map_err(|source| SidecarError::BindInbound {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                source,
+            })?;
+        let serving = self.serving.clone().ok_or(SidecarError::NoOutbound)?;
+        self.tasks.push(tokio::spawn(outbound::accept_redirected(
+            listener,
+            serving,
+            self.stop.subscribe(),
+        )));
+        Ok(addr)
     }
 
     /// Stops all listeners and connection tasks.
@@ -180,6 +207,7 @@ pub async fn start(
         )));
     }
     let outbound = outbound::Listeners::default();
+    let mut serving = None;
     let health = upstream.health().clone();
     if opts.outbound {
         tasks.push(tokio::spawn(failover::probe(
@@ -205,6 +233,11 @@ pub async fn start(
             opts.metrics.clone(),
             access_log,
         ));
+        serving = Some(outbound::Outbound {
+            config: config.clone(),
+            upstream: upstream.clone(),
+            proxy: proxy.clone(),
+        });
         tasks.push(tokio::spawn(outbound::reconcile(
             outbound.clone(),
             config,
@@ -216,6 +249,7 @@ pub async fn start(
     Ok(SidecarHandle {
         inbound,
         outbound,
+        serving,
         health,
         stop,
         tasks,

@@ -62,6 +62,7 @@ pub(crate) async fn reconcile(
                     .iter()
                     .map(move |p| (SocketAddr::new(s.vip, p.port), p.protocol))
             })
+            .chain(endpoint_listeners(&current))
             .collect();
         {
             let mut bound = listeners.lock();
@@ -106,6 +107,32 @@ pub(crate) async fn reconcile(
 /// connection as opaque TCP (server-first protocols send nothing until the server speaks).
 pub const DETECTION_TIMEOUT: Duration = Duration::from_millis(100);
 
+/// What serving an outbound connection needs.
+#[derive(Clone)]
+pub(crate) struct Outbound {
+    pub config: watch::Receiver<Arc<MeshConfig>>,
+    pub upstream: Arc<Connector>,
+    pub proxy: Arc<HttpProxy>,
+}
+
+impl Outbound {
+    /// Serves one application connection meant for `vip` (a service's VIP and port) by the
+    /// port's declared protocol.
+    async fn serve(&self, app: TcpStream, vip: SocketAddr, client: SocketAddr, protocol: Protocol) {
+        let http = match protocol {
+            Protocol::Auto => detect_http(&app).await,
+            p => p.is_http(),
+        };
+        if http {
+            serve_http(app, vip, client, self.proxy.clone()).await;
+        } else if let Err(e) =
+            forward(app, vip, &self.config, &self.upstream, self.proxy.metrics()).await
+        {
+            tracing::warn!(%vip, %client, error = %e, "outbound connection failed");
+        }
+    }
+}
+
 async fn accept(
     listener: TcpListener,
     vip: SocketAddr,
@@ -114,23 +141,70 @@ async fn accept(
     upstream: Arc<Connector>,
     proxy: Arc<HttpProxy>,
 ) {
+    let outbound = Outbound {
+        config,
+        upstream,
+        proxy,
+    };
     loop {
         let Ok((app, client)) = listener.accept().await else {
             continue;
         };
         let _ = app.set_nodelay(true);
-        let (config, upstream, proxy) = (config.clone(), upstream.clone(), proxy.clone());
+        let outbound = outbound.clone();
+        tokio::spawn(async move { outbound.serve(app, vip, client, protocol).await });
+    }
+}
+
+/// Serves connections redirected to the outbound port (Kubernetes mode, `crate::redirect`):
+/// each goes where the application sent it — a mesh service's VIP (or ClusterIP) and port
+/// through the mesh, anything else straight to its original destination (passthrough).
+pub(crate) async fn accept_redirected(
+    listener: TcpListener,
+    outbound: Outbound,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((app, client)) = accepted else {
+            continue;
+        };
+        let _ = app.set_nodelay(true);
+        let outbound = outbound.clone();
         tokio::spawn(async move {
-            let http = match protocol {
-                Protocol::Auto => detect_http(&app).await,
-                p => p.is_http(),
+            let dst = match crate::redirect::original_destination(&app) {
+                Ok(dst) => dst,
+                Err(e) => {
+                    tracing::info!(%client, error = %e, "connection to the outbound port was not redirected; closed");
+                    return;
+                }
             };
-            if http {
-                serve_http(app, vip, client, proxy).await;
-            } else if let Err(e) = forward(app, vip, &config, &upstream, proxy.metrics()).await {
-                tracing::warn!(%vip, %client, error = %e, "outbound connection failed");
+            let protocol = {
+                let config = outbound.config.borrow();
+                config
+                    .service_by_vip(dst.ip())
+                    .and_then(|s| s.port(dst.port()))
+                    .map(|p| p.protocol)
+            };
+            match protocol {
+                Some(protocol) => outbound.serve(app, dst, client, protocol).await,
+                None => passthrough(app, dst).await,
             }
         });
+    }
+}
+
+/// Relays a connection to a destination outside the mesh, untouched.
+async fn passthrough(mut app: TcpStream, dst: SocketAddr) {
+    match TcpStream::connect(dst).await {
+        Ok(mut out) => {
+            let _ = out.set_nodelay(true);
+            let _ = tokio::io::copy_bidirectional(&mut app, &mut out).await;
+        }
+        Err(e) => tracing::debug!(%dst, error = %e, "passthrough connection failed"),
     }
 }
 
@@ -191,11 +265,23 @@ async fn forward(
     metrics: &crate::metrics::TcpReporter,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let current = config.borrow().clone();
-    let service = current
-        .service_by_vip(vip.ip())
-        .cloned()
-        .ok_or_else(|| format!("no service has VIP {}", vip.ip()))?;
-    let (mut tls, route) = upstream.connect(&current, &service, vip.port()).await?;
+    let (service, connected) = match current.endpoint_by_vip(vip.ip()) {
+        Some((service, endpoint)) => (
+            service.clone(),
+            upstream
+                .connect_endpoint(&current, service, endpoint, vip.port())
+                .await,
+        ),
+        None => {
+            let service = current
+                .service_by_vip(vip.ip())
+                .cloned()
+                .ok_or_else(|| format!("no service has VIP {}", vip.ip()))?;
+            let connected = upstream.connect(&current, &service, vip.port()).await;
+            (service, connected)
+        }
+    };
+    let (mut tls, route) = connected?;
     tracing::debug!(service = %service.key(), ?route, "outbound connection routed");
     let destination_cluster = match &route {
         crate::upstream::Route::Local(_) => current.cluster.clone(),
@@ -209,4 +295,22 @@ async fn forward(
     metrics.closed(&labels, sent, received);
     copied?;
     Ok(())
+}
+
+/// A listener for every headless endpoint's VIP on each of its service's ports. Always relayed
+/// as TCP: the application chose one endpoint, so there is nothing to route at L7, and the
+/// destination sidecar serves HTTP ports as HTTP all the same (docs/dns.md).
+fn endpoint_listeners(config: &MeshConfig) -> Vec<(SocketAddr, Protocol)> {
+    config
+        .services
+        .iter()
+        .filter_map(|s| Some((s, s.headless.as_ref()?)))
+        .flat_map(|(s, headless)| {
+            headless.endpoints.iter().flat_map(move |e| {
+                s.ports
+                    .iter()
+                    .map(move |p| (SocketAddr::new(e.vip, p.port), Protocol::Tcp))
+            })
+        })
+        .collect()
 }

@@ -10,6 +10,7 @@ mod common;
 pub mod control;
 pub mod dns;
 pub mod gateway;
+pub mod redirect;
 pub mod sidecar;
 
 pub use common::{attach, report_failover, wait_for_shutdown_signal, Attached};

@@ -12,12 +12,14 @@
 //! inbound:
 //!   - {listen: 127.0.0.1:15006, forwardTo: 127.0.0.1:9080, protocol: http}
 //! listen: {admin: 127.0.0.1:15020}
+//! redirectOutbound: 0.0.0.0:15001  # Kubernetes: the port `isthmus sidecar init` redirects to
 //! ```
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use anyhow::Context;
 use isthmus_core::config::{socket_addr, FieldError};
 use isthmus_core::identity::{validate_label, SpiffeId};
 use isthmus_core::mesh::Protocol;
@@ -50,6 +52,9 @@ pub struct RawSidecarConfig {
     /// `off` (default), `stdout`, or a file path (appended to).
     #[serde(default)]
     pub access_log: Option<String>,
+    /// Where connections redirected by `isthmus sidecar init` arrive (needs `outbound`).
+    #[serde(default)]
+    pub redirect_outbound: Option<String>,
 }
 
 fn default_namespace() -> String {
@@ -99,6 +104,7 @@ pub struct SidecarConfig {
     pub inbound: Vec<isthmus_sidecar::InboundPort>,
     pub admin: SocketAddr,
     pub access_log: isthmus_sidecar::observe::AccessLogTarget,
+    pub redirect_outbound: Option<SocketAddr>,
 }
 
 impl TryFrom<RawSidecarConfig> for SidecarConfig {
@@ -139,7 +145,20 @@ impl TryFrom<RawSidecarConfig> for SidecarConfig {
             }
             Some(path) => isthmus_sidecar::observe::AccessLogTarget::File(path.into()),
         };
+        let redirect_outbound = raw
+            .redirect_outbound
+            .as_deref()
+            .map(|a| socket_addr("redirectOutbound", a))
+            .transpose()?;
+        if let (Some(addr), false) = (redirect_outbound, raw.outbound) {
+            return Err(FieldError::new(
+                "redirectOutbound",
+                addr.to_string(),
+                "redirected outbound traffic needs outbound: true",
+            ));
+        }
         Ok(SidecarConfig {
+            redirect_outbound,
             identity: SpiffeId::new(&trust_domain, &raw.namespace, &raw.service_account),
             cluster: raw.cluster,
             control: socket_addr("control", &raw.control)?,
@@ -173,7 +192,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         .clone()
         .ok_or_else(|| anyhow::anyhow!("no workload identity"))?;
     let metrics = isthmus_sidecar::metrics::Metrics::default();
-    let sidecar = isthmus_sidecar::start(
+    let mut sidecar = isthmus_sidecar::start(
         isthmus_sidecar::SidecarOptions {
             cluster: config.cluster.clone(),
             identity,
@@ -189,6 +208,13 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         att.config.clone(),
     )
     .await?;
+    if let Some(addr) = config.redirect_outbound {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding redirectOutbound {addr}"))?;
+        let bound = sidecar.serve_redirected(listener)?;
+        tracing::info!(%bound, "serving redirected outbound connections");
+    }
     let reporter = super::common::report_failover(
         &config.control.to_string(),
         &format!("sidecar/{}", config.identity.service_account()),
