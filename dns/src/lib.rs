@@ -7,7 +7,12 @@
 //!   family gets NODATA);
 //! - `_<port>._<tcp|udp>.<svc>.<ns>.svc.clusterset.local` SRV → the named port, with the
 //!   service's address in the additional section;
-//! - `<reversed VIP>.in-addr.arpa` / `.ip6.arpa` PTR → the service's name;
+//! - headless services: `<svc>.<ns>.svc.clusterset.local` A → one address per ready endpoint
+//!   in every cluster, `<hostname>.<cluster>.<svc>.<ns>.svc.clusterset.local` A → that
+//!   endpoint's, SRV → one record per ready endpoint with a hostname (each address being the
+//!   endpoint's own VIP, allocated by the control plane);
+//! - `<reversed VIP>.in-addr.arpa` / `.ip6.arpa` PTR → the service's name (or a named
+//!   headless endpoint's);
 //! - unknown names under `svc.clusterset.local` → authoritative NXDOMAIN, known names with
 //!   other types → NODATA;
 //! - Kubernetes search-path expansions of a mesh name (`<mesh name>.<anything>.cluster.local`)

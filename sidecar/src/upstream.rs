@@ -5,6 +5,9 @@
 //! answers with a reason code at once when it cannot serve. Every failure is reported to
 //! [`Health`], so the next attempt already goes elsewhere. The server's SPIFFE ID must be one
 //! of the service's identities; the gateway's is never involved.
+//!
+//! One endpoint of a headless service (behind its own VIP) is reached by
+//! [`Connector::connect_endpoint`]: that endpoint or nothing, never a failover.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use isthmus_core::identity::SpiffeId;
-use isthmus_core::mesh::{MeshConfig, MeshService};
+use isthmus_core::mesh::{HeadlessEndpoint, MeshConfig, MeshService};
 use isthmus_core::tls::{Identity, TrustBundles};
 use isthmus_core::tunnel::{self, OpenRequest, ReasonCode};
 use tokio::net::TcpStream;
@@ -28,6 +31,8 @@ pub enum UpstreamError {
     NoRoute(String),
     #[error("connecting to {addr} failed: {reason}")]
     Connect { addr: SocketAddr, reason: String },
+    #[error("endpoint {endpoint} of headless service {service} in this cluster is not ready")]
+    EndpointNotReady { service: String, endpoint: String },
     #[error("the gateway refused the stream to {cluster}: {code:?} {message}")]
     Refused {
         cluster: String,
@@ -123,6 +128,40 @@ impl Connector {
             }
         }
         Err(last_error.unwrap_or_else(|| UpstreamError::NoRoute(service.key())))
+    }
+
+    /// Opens an mTLS session to one endpoint of a headless service: a local one directly, a
+    /// remote one through the gateway with the subset that selects it
+    /// ([`HeadlessEndpoint::selector`]). The application chose that endpoint, so nothing else
+    /// is tried, and a failure says nothing about the rest of the service's health.
+    pub async fn connect_endpoint(
+        &self,
+        config: &MeshConfig,
+        service: &MeshService,
+        endpoint: &HeadlessEndpoint,
+        port: u16,
+    ) -> Result<(TlsStream<TcpStream>, Route), UpstreamError> {
+        if endpoint.cluster == config.cluster {
+            let local = service
+                .local_endpoint(endpoint)
+                .filter(|e| e.healthy)
+                .ok_or_else(|| UpstreamError::EndpointNotReady {
+                    service: service.key(),
+                    endpoint: endpoint.id.clone(),
+                })?;
+            let upstream = Upstream::Local(local.address);
+            let tls = self
+                .connect_to(service, port, &upstream, None, None)
+                .await?;
+            Ok((tls, Route::Local(local.address)))
+        } else {
+            let upstream = Upstream::Remote(endpoint.cluster.clone());
+            let subset = Some(endpoint.selector());
+            let tls = self
+                .connect_to(service, port, &upstream, subset, None)
+                .await?;
+            Ok((tls, Route::Remote(endpoint.cluster.clone())))
+        }
     }
 
     /// Tells [`Health`] about a failure that means the upstream cannot serve now; returns
