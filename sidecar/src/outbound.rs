@@ -182,13 +182,7 @@ pub(crate) async fn accept_redirected(
                     return;
                 }
             };
-            let protocol = {
-                let config = outbound.config.borrow();
-                config
-                    .service_by_vip(dst.ip())
-                    .and_then(|s| s.port(dst.port()))
-                    .map(|p| p.protocol)
-            };
+            let protocol = mesh_protocol(&outbound.config.borrow(), dst);
             match protocol {
                 Some(protocol) => outbound.serve(app, dst, client, protocol).await,
                 None => passthrough(app, dst).await,
@@ -297,6 +291,19 @@ async fn forward(
     Ok(())
 }
 
+/// How a redirected connection to `dst` is served: by its port's protocol when `dst` is a
+/// service VIP and port, as TCP when it is a headless endpoint's VIP and one of its service's
+/// ports (exactly that endpoint, as its listener does), `None` outside the mesh.
+fn mesh_protocol(config: &MeshConfig, dst: SocketAddr) -> Option<Protocol> {
+    match config.endpoint_by_vip(dst.ip()) {
+        Some((service, _)) => service.port(dst.port()).map(|_| Protocol::Tcp),
+        None => config
+            .service_by_vip(dst.ip())
+            .and_then(|s| s.port(dst.port()))
+            .map(|p| p.protocol),
+    }
+}
+
 /// A listener for every headless endpoint's VIP on each of its service's ports. Always relayed
 /// as TCP: the application chose one endpoint, so there is nothing to route at L7, and the
 /// destination sidecar serves HTTP ports as HTTP all the same (docs/dns.md).
@@ -313,4 +320,60 @@ fn endpoint_listeners(config: &MeshConfig) -> Vec<(SocketAddr, Protocol)> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use isthmus_core::mesh::{Headless, HeadlessEndpoint, MeshService, ServicePort};
+
+    use super::*;
+
+    fn config() -> MeshConfig {
+        let web = MeshService {
+            name: "web".into(),
+            namespace: "default".into(),
+            vip: "127.10.0.1".parse().unwrap(),
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 8080,
+                protocol: Protocol::Http,
+            }],
+            identities: Vec::new(),
+            local_endpoints: Vec::new(),
+            remote: Vec::new(),
+            exported: false,
+            headless: Some(Headless {
+                endpoints: vec![HeadlessEndpoint {
+                    cluster: "west".into(),
+                    id: "web-0".into(),
+                    hostname: Some("web-0".into()),
+                    vip: "127.10.0.2".parse().unwrap(),
+                    ready: true,
+                }],
+            }),
+        };
+        MeshConfig {
+            cluster: "east".into(),
+            services: vec![web],
+            ..MeshConfig::default()
+        }
+    }
+
+    #[test]
+    fn headless_endpoint_vips_get_a_tcp_listener_per_service_port() {
+        assert_eq!(
+            endpoint_listeners(&config()),
+            [("127.10.0.2:8080".parse().unwrap(), Protocol::Tcp)]
+        );
+    }
+
+    #[test]
+    fn redirected_connections_to_an_endpoint_vip_are_relayed_as_tcp_and_others_by_port() {
+        let c = config();
+        let at = |s: &str| mesh_protocol(&c, s.parse().unwrap());
+        assert_eq!(at("127.10.0.2:8080"), Some(Protocol::Tcp));
+        assert_eq!(at("127.10.0.1:8080"), Some(Protocol::Http));
+        assert_eq!(at("127.10.0.2:9999"), None);
+        assert_eq!(at("192.0.2.1:8080"), None);
+    }
 }
