@@ -22,6 +22,12 @@
 //!   #                # members (and this one); it starts empty and catches up from the
 //!   #                # leader once `isthmus cluster join` has added it
 //!   # tick: 100ms    # raft tick; elections after 10-20 ticks, heartbeats every 2
+//! webhook:                             # optional: the sidecar injection webhook (Kubernetes)
+//!   listen: 0.0.0.0:15018
+//!   image: isthmus/isthmus:0.1.0       # injected init and sidecar containers
+//!   dnsNames: [isthmus-control.isthmus-system.svc]   # its certificate, from the cluster CA
+//!   control: isthmus-control.isthmus-system.svc:15012 # as pods reach the control plane
+//!   gateway: isthmus-gateway.isthmus-system.svc:15444
 //! ```
 //! Relative paths are relative to the config file's directory.
 
@@ -63,6 +69,31 @@ pub struct RawControlConfig {
     #[serde(default)]
     pub bootstrap_tokens: Vec<RawToken>,
     pub federation: RawFederation,
+    #[serde(default)]
+    pub webhook: Option<RawWebhook>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawWebhook {
+    #[serde(default = "default_webhook_listen")]
+    pub listen: String,
+    pub image: String,
+    pub dns_names: Vec<String>,
+    pub control: String,
+    pub gateway: String,
+}
+
+fn default_webhook_listen() -> String {
+    "0.0.0.0:15018".into()
+}
+
+/// The injection webhook, validated.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    pub listen: SocketAddr,
+    pub dns_names: Vec<String>,
+    pub inject: crate::webhook::InjectConfig,
 }
 
 fn default_vip_range() -> String {
@@ -151,6 +182,7 @@ pub struct ControlConfig {
     pub join: bool,
     /// The raft tick, when not the default.
     pub tick: Option<Duration>,
+    pub webhook: Option<WebhookConfig>,
 }
 
 impl TryFrom<RawControlConfig> for ControlConfig {
@@ -224,7 +256,33 @@ impl TryFrom<RawControlConfig> for ControlConfig {
                 "this member's id must be one of federation.peers (or set federation.join)",
             ));
         }
+        let webhook = match raw.webhook {
+            None => None,
+            Some(w) => {
+                if w.image.trim().is_empty() {
+                    return Err(FieldError::new("webhook.image", "", "an image is required"));
+                }
+                if w.dns_names.is_empty() {
+                    return Err(FieldError::new(
+                        "webhook.dnsNames",
+                        "[]",
+                        "the webhook Service's DNS name is required (the API server checks it)",
+                    ));
+                }
+                Some(WebhookConfig {
+                    listen: socket_addr("webhook.listen", &w.listen)?,
+                    dns_names: w.dns_names,
+                    inject: crate::webhook::InjectConfig {
+                        image: w.image,
+                        cluster: raw.cluster.clone(),
+                        control: w.control,
+                        gateway: w.gateway,
+                    },
+                })
+            }
+        };
         Ok(ControlConfig {
+            webhook,
             cluster: raw.cluster,
             trust_domain,
             locality: raw.locality,
@@ -349,6 +407,16 @@ mod tests {
                 format!("{GOOD}vipRange: 10.0.0.0/33\n"),
                 "vipRange",
                 "10.0.0.0/33",
+            ),
+            (
+                format!("{GOOD}webhook: {{image: i, dnsNames: [], control: c, gateway: g}}\n"),
+                "webhook.dnsNames",
+                "[]",
+            ),
+            (
+                format!("{GOOD}webhook: {{listen: here, image: i, dnsNames: [a.svc], control: c, gateway: g}}\n"),
+                "webhook.listen",
+                "here",
             ),
             (
                 format!("{GOOD}certLifetime: forever\n"),

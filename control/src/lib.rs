@@ -16,6 +16,7 @@ pub mod config;
 pub mod discovery;
 pub mod records;
 pub mod tokens;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

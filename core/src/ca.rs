@@ -145,6 +145,45 @@ impl CertificateAuthority {
         })
     }
 
+    /// Issues a server certificate for DNS names (the admission webhook's Service name, which
+    /// the Kubernetes API server checks), with a fresh key.
+    pub fn issue_server(
+        &self,
+        dns_names: &[String],
+        lifetime: Duration,
+    ) -> Result<IssuedCert, CaError> {
+        let key = KeyPair::generate().map_err(CaError::GenerateKey)?;
+        let mut params = CertificateParams::new(dns_names.to_vec())
+            .map_err(|_| CaError::BadIdentity(dns_names.join(",")))?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "isthmus");
+        if let Some(first) = dns_names.first() {
+            dn.push(DnType::CommonName, first.as_str());
+        }
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + lifetime;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|source| CaError::Build {
+                subject: dns_names.join(","),
+                source,
+            })?;
+        Ok(IssuedCert {
+            cert_chain_pem: format!("{}{}", cert.pem(), self.cert_pem),
+            key_pem: key.serialize_pem(),
+            not_after_unix: params.not_after.unix_timestamp(),
+        })
+    }
+
     /// Signs a CSR for `id`, the identity the caller was authorised for. Whatever names the
     /// CSR asks for are ignored; only its public key is used. Returns the chain, leaf first.
     pub fn sign_csr(

@@ -2,6 +2,9 @@
 //! The config format is documented in `isthmus_control::config`.
 
 use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
 
 use isthmus_control::config::{load_or_create_ca, ControlConfig};
 
@@ -12,6 +15,12 @@ use super::common::{print_ready, wait_for_shutdown_signal};
 pub async fn run(path: &Path) -> anyhow::Result<()> {
     let config = ControlConfig::load(path)?;
     let ca = load_or_create_ca(&config.data_dir, &config.trust_domain)?;
+    // The webhook's serving certificate, for its Service's DNS names, from the cluster CA.
+    let webhook_cert = config
+        .webhook
+        .as_ref()
+        .map(|w| ca.issue_server(&w.dns_names, Duration::from_secs(365 * 24 * 3600)))
+        .transpose()?;
     let binding = isthmus_federation::bind(config.peer_listen).await?;
     let federation = binding.local_addr();
     let mut options = isthmus_federation::StoreOptions::new(config.node_id, config.peers.clone());
@@ -41,6 +50,22 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     )
     .await?;
     let admin = ComponentAdmin::start("control", config.admin_listen, control.config()).await?;
+    let (webhook_stop, webhook_stopped) = tokio::sync::watch::channel(false);
+    let mut webhook_addr = None;
+    if let (Some(w), Some(cert)) = (&config.webhook, &webhook_cert) {
+        let tls = isthmus_control::webhook::tls_config(&cert.cert_chain_pem, &cert.key_pem)
+            .map_err(|e| anyhow::anyhow!("the webhook's TLS configuration: {e}"))?;
+        let listener = tokio::net::TcpListener::bind(w.listen)
+            .await
+            .with_context(|| format!("binding webhook.listen {}", w.listen))?;
+        webhook_addr = Some(listener.local_addr()?.to_string());
+        tokio::spawn(isthmus_control::webhook::serve(
+            listener,
+            std::sync::Arc::new(tls),
+            w.inject.clone(),
+            webhook_stopped,
+        ));
+    }
     print_ready(
         "control",
         serde_json::json!({
@@ -49,9 +74,11 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             "federation": federation.to_string(),
             "member": config.node_id,
             "admin": admin.addr().to_string(),
+            "webhook": webhook_addr,
         }),
     );
     wait_for_shutdown_signal().await?;
+    let _ = webhook_stop.send(true);
     control.shutdown().await;
     admin.shutdown().await;
     store.shutdown().await;

@@ -1,0 +1,112 @@
+//! The injection webhook over HTTPS, as the Kubernetes API server calls it: a certificate for
+//! the webhook Service's DNS name from the cluster CA, `POST /inject` with an AdmissionReview.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use isthmus_control::webhook::{serve, tls_config, InjectConfig};
+use isthmus_core::ca::CertificateAuthority;
+use rustls::pki_types::pem::PemObject;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const NAME: &str = "isthmus-control.isthmus-system.svc";
+
+/// POSTs `body` to `path` over TLS (checking the server's name against the CA); returns
+/// (status, body).
+async fn post(addr: std::net::SocketAddr, ca_pem: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(NAME.try_into().unwrap(), tcp)
+        .await
+        .expect("the webhook's certificate verifies for its Service name");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {NAME}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.write_all(body).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}
+
+#[tokio::test]
+async fn the_webhook_answers_reviews_over_https_and_rejects_malformed_ones() {
+    let ca = CertificateAuthority::generate("east.isthmus.local").unwrap();
+    let cert = ca
+        .issue_server(&[NAME.to_string()], Duration::from_secs(3600))
+        .unwrap();
+    let tls = Arc::new(tls_config(&cert.cert_chain_pem, &cert.key_pem).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let config = InjectConfig {
+        image: "isthmus/isthmus:0.1.0".into(),
+        cluster: "east".into(),
+        control: format!("{NAME}:15012"),
+        gateway: "isthmus-gateway.isthmus-system.svc:15444".into(),
+    };
+    let server = tokio::spawn(serve(listener, tls, config, stop));
+
+    let review = serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "b7e1",
+            "namespace": "default",
+            "object": {"kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [{"name": "app", "image": "app"}]}},
+        }
+    });
+    let (status, body) = post(
+        addr,
+        ca.cert_pem(),
+        "/inject",
+        review.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["response"]["uid"], "b7e1");
+    assert_eq!(answer["response"]["allowed"], true);
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(answer["response"]["patch"].as_str().unwrap())
+        .unwrap();
+    let patch: serde_json::Value = serde_json::from_slice(&patch).unwrap();
+    assert_eq!(patch[1]["value"]["name"], "isthmus-proxy");
+
+    let (status, body) = post(
+        addr,
+        ca.cert_pem(),
+        "/inject",
+        br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"object":{}}}"#,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(body.contains("request.uid"), "{body}");
+    let (status, _) = post(addr, ca.cert_pem(), "/other", b"{}").await;
+    assert_eq!(status, 404);
+
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap();
+}
