@@ -8,7 +8,9 @@
 use std::sync::LazyLock;
 
 use hickory_proto::op::Message;
-use isthmus_core::mesh::{MeshConfig, MeshService, Protocol, ServicePort};
+use isthmus_core::mesh::{
+    Headless, HeadlessEndpoint, MeshConfig, MeshService, Protocol, ServicePort,
+};
 use isthmus_dns::answer::{answer, encode_limited, handle_packet, Outcome, Transport};
 use isthmus_dns::records::{lower_labels, MeshTable};
 use isthmus_dns::wire::{QueryView, Template};
@@ -35,6 +37,28 @@ fn service(name: &str, vip: &str, ports: &[(&str, u16, Protocol)]) -> MeshServic
     }
 }
 
+/// A headless service: per-endpoint names in two clusters, one endpoint without a hostname
+/// and one not ready.
+fn peers() -> MeshService {
+    let mut peers = service("peers", "240.240.0.20", &[("http", 80, Protocol::Http)]);
+    let endpoint = |cluster: &str, hostname: Option<&str>, last: u8, ready| HeadlessEndpoint {
+        cluster: cluster.into(),
+        id: hostname.unwrap_or("ep.00000000000000aa").into(),
+        hostname: hostname.map(Into::into),
+        vip: std::net::Ipv4Addr::new(240, 240, 0, last).into(),
+        ready,
+    };
+    peers.headless = Some(Headless {
+        endpoints: vec![
+            endpoint("east", Some("p-0"), 21, true),
+            endpoint("east", None, 22, true),
+            endpoint("west", Some("p-0"), 23, true),
+            endpoint("west", Some("p-1"), 24, false),
+        ],
+    });
+    peers
+}
+
 static TABLE: LazyLock<MeshTable> = LazyLock::new(|| {
     let many: Vec<(&str, u16, Protocol)> =
         (0..40).map(|p| ("big", 9000 + p, Protocol::Tcp)).collect();
@@ -49,6 +73,7 @@ static TABLE: LazyLock<MeshTable> = LazyLock::new(|| {
             ),
             service("db", "fd00::5", &[("pg", 5432, Protocol::Tcp)]),
             service("wide", "240.240.0.9", &many),
+            peers(),
         ],
         ..MeshConfig::default()
     })
