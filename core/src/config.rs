@@ -127,6 +127,33 @@ pub fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, FieldError> {
     })
 }
 
+/// Checks a `host:port` field (an IP address or a DNS name such as a Kubernetes Service's,
+/// and a port) and returns it as given.
+pub fn host_port(field: &str, value: &str) -> Result<String, FieldError> {
+    if value.parse::<SocketAddr>().is_ok() {
+        return Ok(value.to_string());
+    }
+    let bad = |why: &str| FieldError::new(field, value, why.to_string());
+    let (host, port) = value.rsplit_once(':').ok_or_else(|| {
+        bad("expected host:port, e.g. 127.0.0.1:15012 or isthmus-control.isthmus-system.svc:15012")
+    })?;
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| bad("the port must be a number from 1 to 65535"))?;
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+        return Err(bad("the host must be an IP address or a DNS name"));
+    }
+    Ok(value.to_string())
+}
+
 /// Parses a duration field written as `250ms`, `5s`, `2m` or `1h`.
 pub fn duration(field: &str, value: &str) -> Result<Duration, FieldError> {
     parse_duration(value).ok_or_else(|| {
@@ -157,6 +184,29 @@ pub fn parse_duration(value: &str) -> Option<Duration> {
 mod tests {
     use super::*;
     use serde::Deserialize;
+
+    #[test]
+    fn host_port_takes_ips_and_dns_names_and_names_what_is_wrong() {
+        for good in [
+            "127.0.0.1:15012",
+            "[::1]:15012",
+            "isthmus-control.isthmus-system.svc:15012",
+            "control:1",
+        ] {
+            assert_eq!(host_port("control", good).unwrap(), good);
+        }
+        for (bad, why) in [
+            ("isthmus-control", "host:port"),
+            ("control:0", "port"),
+            ("control:http", "port"),
+            (":15012", "host"),
+            ("bad_name.svc:15012", "host"),
+            ("-x.svc:15012", "host"),
+        ] {
+            let e = host_port("control", bad).unwrap_err().to_string();
+            assert!(e.contains("control") && e.contains(bad) && e.contains(why), "{e}");
+        }
+    }
 
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields, rename_all = "camelCase")]

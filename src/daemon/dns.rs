@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use isthmus_core::config::{socket_addr, FieldError};
+use isthmus_core::config::{host_port, socket_addr, FieldError};
 use serde::Deserialize;
 
 use super::admin::ComponentAdmin;
@@ -62,7 +62,8 @@ fn default_admin() -> String {
 #[derive(Debug)]
 pub struct DnsConfig {
     pub cluster: String,
-    pub control: SocketAddr,
+    /// `host:port` of the control plane's gRPC API (an IP or a DNS name).
+    pub control: String,
     pub dns: SocketAddr,
     pub admin: SocketAddr,
     /// None: read /etc/resolv.conf.
@@ -88,7 +89,7 @@ impl TryFrom<RawDnsConfig> for DnsConfig {
         }
         Ok(DnsConfig {
             cluster: raw.cluster,
-            control: socket_addr("control", &raw.control)?,
+            control: host_port("control", &raw.control)?,
             dns: socket_addr("listen.dns", &raw.listen.dns)?,
             admin: socket_addr("listen.admin", &raw.listen.admin)?,
             upstreams,
@@ -100,7 +101,7 @@ impl TryFrom<RawDnsConfig> for DnsConfig {
 /// Runs the DNS proxy until a shutdown signal.
 pub async fn run(path: &Path) -> anyhow::Result<()> {
     let config: DnsConfig = isthmus_core::config::load_file::<RawDnsConfig, DnsConfig>(path)?;
-    let att = attach(&config.control.to_string(), "dns", None).await?;
+    let att = attach(&config.control, "dns", None).await?;
     let upstreams = match config.upstreams {
         Some(u) => u,
         None => std::fs::read_to_string("/etc/resolv.conf")

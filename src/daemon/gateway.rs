@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use isthmus_core::config::{duration, socket_addr, FieldError};
+use isthmus_core::config::{duration, host_port, socket_addr, FieldError};
 use isthmus_core::identity::SpiffeId;
 use serde::Deserialize;
 
@@ -84,7 +84,8 @@ fn default_admin() -> String {
 pub struct GatewayConfig {
     pub cluster: String,
     pub trust_domain: String,
-    pub control: SocketAddr,
+    /// `host:port` of the control plane's gRPC API (an IP or a DNS name).
+    pub control: String,
     pub token: String,
     pub quic: SocketAddr,
     pub local: SocketAddr,
@@ -108,7 +109,7 @@ impl TryFrom<RawGatewayConfig> for GatewayConfig {
         Ok(GatewayConfig {
             cluster: raw.cluster,
             trust_domain,
-            control: socket_addr("control", &raw.control)?,
+            control: host_port("control", &raw.control)?,
             token: raw.token,
             quic: socket_addr("listen.quic", &raw.listen.quic)?,
             local: socket_addr("listen.local", &raw.listen.local)?,
@@ -139,12 +140,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         Some(path) => Some(read_replica_secret(path)?),
     };
     let id = SpiffeId::gateway(&config.trust_domain);
-    let att = attach(
-        &config.control.to_string(),
-        "gateway",
-        Some((&id, &config.token)),
-    )
-    .await?;
+    let att = attach(&config.control, "gateway", Some((&id, &config.token))).await?;
     let identity = att
         .identity
         .clone()

@@ -20,7 +20,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use isthmus_core::config::{socket_addr, FieldError};
+use isthmus_core::config::{host_port, socket_addr, FieldError};
 use isthmus_core::identity::{validate_label, SpiffeId};
 use isthmus_core::mesh::Protocol;
 use serde::Deserialize;
@@ -96,7 +96,8 @@ fn default_admin() -> String {
 pub struct SidecarConfig {
     pub cluster: String,
     pub identity: SpiffeId,
-    pub control: SocketAddr,
+    /// `host:port` of the control plane's gRPC API (an IP or a DNS name).
+    pub control: String,
     pub token: String,
     pub gateway: Option<SocketAddr>,
     pub labels: std::collections::BTreeMap<String, String>,
@@ -161,7 +162,7 @@ impl TryFrom<RawSidecarConfig> for SidecarConfig {
             redirect_outbound,
             identity: SpiffeId::new(&trust_domain, &raw.namespace, &raw.service_account),
             cluster: raw.cluster,
-            control: socket_addr("control", &raw.control)?,
+            control: host_port("control", &raw.control)?,
             token: raw.token,
             gateway: raw
                 .gateway
@@ -182,7 +183,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     let config: SidecarConfig =
         isthmus_core::config::load_file::<RawSidecarConfig, SidecarConfig>(path)?;
     let att = attach(
-        &config.control.to_string(),
+        &config.control,
         &format!("sidecar/{}", config.identity.service_account()),
         Some((&config.identity, &config.token)),
     )
@@ -216,7 +217,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         tracing::info!(%bound, "serving redirected outbound connections");
     }
     let reporter = super::common::report_failover(
-        &config.control.to_string(),
+        &config.control,
         &format!("sidecar/{}", config.identity.service_account()),
         sidecar.failover_health(),
     )?;
