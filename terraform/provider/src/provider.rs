@@ -1,0 +1,550 @@
+//! The `tfplugin6.Provider` service: decodes Terraform's requests with the schemas, hands
+//! them to the resource or data source they name, and encodes the answers.
+//!
+//! Terraform calls, per run: `GetProviderSchema`, the `Validate*` calls (before the provider
+//! is configured: checks there are offline), `ConfigureProvider`, then per resource
+//! `UpgradeResourceState` + `ReadResource` (refresh), `PlanResourceChange`, and on apply
+//! `ApplyResourceChange`. `ImportResourceState` is followed by a `ReadResource`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use isthmus_core::client::ControlClient;
+use isthmus_federation::KvClient;
+use tonic::{Request, Response, Status};
+
+use crate::cty::{self, Type, Value};
+use crate::diag::{self, Diag, Diags};
+use crate::proto::tfplugin6 as pb;
+use crate::schema::{Attr, Block};
+
+/// The connections a configured provider uses.
+#[derive(Clone)]
+pub struct Conn {
+    /// The control plane's gRPC API (policies), as `isthmus apply/get/delete` use it.
+    pub control: ControlClient,
+    pub control_addr: String,
+    /// A federation member's `Kv` API (membership, records), as `isthmus status/cluster` use it.
+    pub federation: SocketAddr,
+}
+
+impl Conn {
+    /// A connection to the federation member.
+    pub async fn kv(&self) -> Result<KvClient, Diags> {
+        KvClient::connect(self.federation).await.map_err(|e| {
+            vec![Diag::error(
+                "Cannot reach the Isthmus federation",
+                format!(
+                    "connecting to the federation member at {}: {e}",
+                    self.federation
+                ),
+            )]
+        })
+    }
+}
+
+/// What a plan decided.
+pub struct Planned {
+    pub state: Value,
+    /// Top-level attributes whose change replaces the resource.
+    pub requires_replace: Vec<&'static str>,
+}
+
+/// A failed create or update: the errors, and the state to record if something was made.
+pub struct Failure {
+    pub state: Option<Value>,
+    pub diags: Diags,
+}
+
+impl From<Diags> for Failure {
+    fn from(diags: Diags) -> Failure {
+        Failure { state: None, diags }
+    }
+}
+
+impl From<Diag> for Failure {
+    fn from(d: Diag) -> Failure {
+        Failure {
+            state: None,
+            diags: vec![d],
+        }
+    }
+}
+
+/// A managed resource type.
+#[tonic::async_trait]
+pub trait Resource: Send + Sync {
+    fn type_name(&self) -> &'static str;
+    fn schema(&self) -> Block;
+    /// Offline checks of a configuration, whose values may still be unknown.
+    fn validate(&self, config: &Value) -> Diags;
+    /// The planned state from Terraform's proposed one (`prior` None: a create).
+    fn plan(&self, prior: Option<&Value>, proposed: Value) -> Result<Planned, Diags>;
+    async fn create(&self, conn: &Conn, planned: &Value) -> Result<Value, Failure>;
+    async fn update(&self, conn: &Conn, prior: &Value, planned: &Value) -> Result<Value, Failure>;
+    async fn delete(&self, conn: &Conn, prior: &Value) -> Result<(), Diags>;
+    /// The resource as it is now; None when it no longer exists.
+    async fn read(&self, conn: &Conn, state: &Value) -> Result<Option<Value>, Diags>;
+    /// The state of an existing object named by an import ID.
+    async fn import(&self, conn: &Conn, id: &str) -> Result<Value, Diags>;
+}
+
+/// A data source type.
+#[tonic::async_trait]
+pub trait DataSource: Send + Sync {
+    fn type_name(&self) -> &'static str;
+    fn schema(&self) -> Block;
+    fn validate(&self, config: &Value) -> Diags;
+    async fn read(&self, conn: &Conn, config: &Value) -> Result<Value, Diags>;
+}
+
+/// The provider: its resources, data sources and, once configured, its connections.
+pub struct IsthmusProvider {
+    resources: BTreeMap<&'static str, Arc<dyn Resource>>,
+    data_sources: BTreeMap<&'static str, Arc<dyn DataSource>>,
+    conn: RwLock<Option<Conn>>,
+}
+
+/// The control plane the provider uses when neither `control` nor `$ISTHMUS_CONTROL` is set.
+pub const DEFAULT_CONTROL: &str = "127.0.0.1:15012";
+/// The federation member used when neither `federation` nor `$ISTHMUS_FEDERATION` is set.
+pub const DEFAULT_FEDERATION: &str = "127.0.0.1:15017";
+
+fn provider_block() -> Block {
+    Block::new(
+        "Isthmus: a multi-cluster service mesh. The provider talks to one cluster's control \
+         plane (policies) and one federation member (membership, records).",
+        vec![
+            Attr::optional(
+                "control",
+                Type::String,
+                "A control plane's gRPC address, host:port (default $ISTHMUS_CONTROL, else 127.0.0.1:15012).",
+            ),
+            Attr::optional(
+                "federation",
+                Type::String,
+                "A federation member's peer address, host:port (default $ISTHMUS_FEDERATION, else 127.0.0.1:15017).",
+            ),
+        ],
+    )
+}
+
+impl IsthmusProvider {
+    pub fn new(resources: Vec<Arc<dyn Resource>>, data_sources: Vec<Arc<dyn DataSource>>) -> Self {
+        IsthmusProvider {
+            resources: resources.into_iter().map(|r| (r.type_name(), r)).collect(),
+            data_sources: data_sources
+                .into_iter()
+                .map(|d| (d.type_name(), d))
+                .collect(),
+            conn: RwLock::new(None),
+        }
+    }
+
+    /// Every resource and data source of Isthmus.
+    pub fn standard() -> Self {
+        IsthmusProvider::new(
+            vec![
+                Arc::new(crate::resources::cluster::ClusterResource),
+                Arc::new(crate::resources::failover::FailoverPolicyResource),
+                Arc::new(crate::resources::policy::PolicyResource),
+            ],
+            vec![
+                Arc::new(crate::data::federation::FederationData),
+                Arc::new(crate::data::services::ServicesData),
+            ],
+        )
+    }
+
+    fn resource(&self, name: &str) -> Result<&Arc<dyn Resource>, Status> {
+        self.resources
+            .get(name)
+            .ok_or_else(|| Status::not_found(format!("no resource type {name:?}")))
+    }
+
+    fn data_source(&self, name: &str) -> Result<&Arc<dyn DataSource>, Status> {
+        self.data_sources
+            .get(name)
+            .ok_or_else(|| Status::not_found(format!("no data source {name:?}")))
+    }
+
+    fn conn(&self) -> Result<Conn, Diags> {
+        self.conn
+            .read()
+            .ok()
+            .and_then(|c| c.clone())
+            .ok_or_else(|| {
+                vec![Diag::error(
+                    "The provider is not configured",
+                    "Terraform did not call ConfigureProvider before using it",
+                )]
+            })
+    }
+}
+
+/// Checks the provider's own attributes (offline).
+fn validate_provider(config: &Value) -> Diags {
+    let mut diags = Vec::new();
+    for attr in ["control", "federation"] {
+        if let Some(addr) = config.get(attr).as_str() {
+            if let Err(message) = check_host_port(addr) {
+                diags.push(Diag::error(format!("Invalid {attr} address"), message).at(attr));
+            }
+        }
+    }
+    diags
+}
+
+fn check_host_port(addr: &str) -> Result<(), String> {
+    if addr.contains("://") {
+        return Err(format!(
+            "{addr:?}: give host:port without a scheme. The Isthmus control-plane and federation \
+             APIs are plaintext gRPC today (see docs/terraform.md), so there is no https:// to ask for"
+        ));
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(format!("{addr:?} is not host:port, e.g. 127.0.0.1:15012")),
+    }
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = addr.parse() {
+        return Ok(a);
+    }
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| format!("resolving {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr} resolves to no address"))
+}
+
+/// Decodes a `DynamicValue` (MessagePack, or JSON) of type `ty`.
+pub fn decode(dv: Option<&pb::DynamicValue>, ty: &Type) -> Result<Value, Status> {
+    let Some(dv) = dv else {
+        return Ok(Value::Null);
+    };
+    let decoded = if !dv.msgpack.is_empty() {
+        cty::from_msgpack(&dv.msgpack, ty)
+    } else if !dv.json.is_empty() {
+        cty::from_json(&dv.json, ty)
+    } else {
+        return Ok(Value::Null);
+    };
+    decoded.map_err(|e| Status::invalid_argument(format!("undecodable value: {e}")))
+}
+
+/// Encodes a value of type `ty` as a MessagePack `DynamicValue`.
+pub fn encode(value: &Value, ty: &Type) -> Result<pb::DynamicValue, Status> {
+    let msgpack = cty::to_msgpack(value, ty)
+        .map_err(|e| Status::internal(format!("the provider built an invalid value: {e}")))?;
+    Ok(pb::DynamicValue {
+        msgpack,
+        json: Vec::new(),
+    })
+}
+
+type Answer<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl pb::provider_server::Provider for IsthmusProvider {
+    async fn get_provider_schema(
+        &self,
+        _request: Request<pb::GetProviderSchemaRequest>,
+    ) -> Answer<pb::GetProviderSchemaResponse> {
+        Ok(Response::new(pb::GetProviderSchemaResponse {
+            provider: Some(provider_block().schema()),
+            resource_schemas: self
+                .resources
+                .iter()
+                .map(|(name, r)| (name.to_string(), r.schema().schema()))
+                .collect(),
+            data_source_schemas: self
+                .data_sources
+                .iter()
+                .map(|(name, d)| (name.to_string(), d.schema().schema()))
+                .collect(),
+            diagnostics: Vec::new(),
+            provider_meta: None,
+        }))
+    }
+
+    async fn validate_provider_config(
+        &self,
+        request: Request<pb::ValidateProviderConfigRequest>,
+    ) -> Answer<pb::ValidateProviderConfigResponse> {
+        let config = decode(request.get_ref().config.as_ref(), &provider_block().ty())?;
+        Ok(Response::new(pb::ValidateProviderConfigResponse {
+            diagnostics: diag::to_proto(&validate_provider(&config)),
+        }))
+    }
+
+    async fn validate_resource_config(
+        &self,
+        request: Request<pb::ValidateResourceConfigRequest>,
+    ) -> Answer<pb::ValidateResourceConfigResponse> {
+        let r = request.get_ref();
+        let resource = self.resource(&r.type_name)?;
+        let config = decode(r.config.as_ref(), &resource.schema().ty())?;
+        Ok(Response::new(pb::ValidateResourceConfigResponse {
+            diagnostics: diag::to_proto(&resource.validate(&config)),
+        }))
+    }
+
+    async fn validate_data_resource_config(
+        &self,
+        request: Request<pb::ValidateDataResourceConfigRequest>,
+    ) -> Answer<pb::ValidateDataResourceConfigResponse> {
+        let r = request.get_ref();
+        let data = self.data_source(&r.type_name)?;
+        let config = decode(r.config.as_ref(), &data.schema().ty())?;
+        Ok(Response::new(pb::ValidateDataResourceConfigResponse {
+            diagnostics: diag::to_proto(&data.validate(&config)),
+        }))
+    }
+
+    async fn upgrade_resource_state(
+        &self,
+        request: Request<pb::UpgradeResourceStateRequest>,
+    ) -> Answer<pb::UpgradeResourceStateResponse> {
+        let r = request.get_ref();
+        let ty = self.resource(&r.type_name)?.schema().ty();
+        // Schema version 0 is the only one so far: the stored JSON is read with the current
+        // schema (attributes it lacks are null).
+        let json = r
+            .raw_state
+            .as_ref()
+            .map(|s| s.json.as_slice())
+            .unwrap_or_default();
+        let (state, diagnostics) = if json.is_empty() {
+            (Value::Null, Vec::new())
+        } else {
+            match cty::from_json(json, &ty) {
+                Ok(v) => (v, Vec::new()),
+                Err(e) => (
+                    Value::Null,
+                    vec![Diag::error("Unreadable stored state", e.to_string())],
+                ),
+            }
+        };
+        Ok(Response::new(pb::UpgradeResourceStateResponse {
+            upgraded_state: Some(encode(&state, &ty)?),
+            diagnostics: diag::to_proto(&diagnostics),
+        }))
+    }
+
+    async fn configure_provider(
+        &self,
+        request: Request<pb::ConfigureProviderRequest>,
+    ) -> Answer<pb::ConfigureProviderResponse> {
+        let config = decode(request.get_ref().config.as_ref(), &provider_block().ty())?;
+        let mut diags = validate_provider(&config);
+        let pick = |attr: &str, env: &str, default: &str| {
+            config
+                .get(attr)
+                .as_str()
+                .map(str::to_string)
+                .or_else(|| std::env::var(env).ok())
+                .unwrap_or_else(|| default.to_string())
+        };
+        let control_addr = pick("control", "ISTHMUS_CONTROL", DEFAULT_CONTROL);
+        let federation_addr = pick("federation", "ISTHMUS_FEDERATION", DEFAULT_FEDERATION);
+        if diags.is_empty() {
+            let control = ControlClient::new(&control_addr)
+                .map_err(|e| Diag::error("Invalid control address", e.to_string()).at("control"));
+            let federation = resolve(&federation_addr)
+                .await
+                .map_err(|e| Diag::error("Invalid federation address", e).at("federation"));
+            match (control, federation) {
+                (Ok(control), Ok(federation)) => {
+                    if let Ok(mut slot) = self.conn.write() {
+                        *slot = Some(Conn {
+                            control,
+                            control_addr,
+                            federation,
+                        });
+                    }
+                }
+                (control, federation) => {
+                    diags.extend(control.err());
+                    diags.extend(federation.err());
+                }
+            }
+        }
+        Ok(Response::new(pb::ConfigureProviderResponse {
+            diagnostics: diag::to_proto(&diags),
+        }))
+    }
+
+    async fn read_resource(
+        &self,
+        request: Request<pb::ReadResourceRequest>,
+    ) -> Answer<pb::ReadResourceResponse> {
+        let r = request.get_ref();
+        let resource = self.resource(&r.type_name)?;
+        let ty = resource.schema().ty();
+        let state = decode(r.current_state.as_ref(), &ty)?;
+        let (new_state, diags) = if state.is_null() {
+            (Value::Null, Vec::new())
+        } else {
+            match self.conn() {
+                Ok(conn) => match resource.read(&conn, &state).await {
+                    Ok(Some(v)) => (v, Vec::new()),
+                    Ok(None) => (Value::Null, Vec::new()),
+                    Err(diags) => (state, diags),
+                },
+                Err(diags) => (state, diags),
+            }
+        };
+        Ok(Response::new(pb::ReadResourceResponse {
+            new_state: Some(encode(&new_state, &ty)?),
+            diagnostics: diag::to_proto(&diags),
+            private: r.private.clone(),
+        }))
+    }
+
+    async fn plan_resource_change(
+        &self,
+        request: Request<pb::PlanResourceChangeRequest>,
+    ) -> Answer<pb::PlanResourceChangeResponse> {
+        let r = request.get_ref();
+        let resource = self.resource(&r.type_name)?;
+        let ty = resource.schema().ty();
+        let prior = decode(r.prior_state.as_ref(), &ty)?;
+        let proposed = decode(r.proposed_new_state.as_ref(), &ty)?;
+        if proposed.is_null() {
+            // A destroy: nothing to plan.
+            return Ok(Response::new(pb::PlanResourceChangeResponse {
+                planned_state: Some(encode(&Value::Null, &ty)?),
+                requires_replace: Vec::new(),
+                planned_private: r.prior_private.clone(),
+                diagnostics: Vec::new(),
+            }));
+        }
+        let prior = (!prior.is_null()).then_some(prior);
+        let (planned, replace, diags) = match resource.plan(prior.as_ref(), proposed.clone()) {
+            Ok(p) => (p.state, p.requires_replace, Vec::new()),
+            Err(diags) => (proposed, Vec::new(), diags),
+        };
+        Ok(Response::new(pb::PlanResourceChangeResponse {
+            planned_state: Some(encode(&planned, &ty)?),
+            requires_replace: replace.into_iter().map(diag::attr_path).collect(),
+            planned_private: r.prior_private.clone(),
+            diagnostics: diag::to_proto(&diags),
+        }))
+    }
+
+    async fn apply_resource_change(
+        &self,
+        request: Request<pb::ApplyResourceChangeRequest>,
+    ) -> Answer<pb::ApplyResourceChangeResponse> {
+        let r = request.get_ref();
+        let resource = self.resource(&r.type_name)?;
+        let ty = resource.schema().ty();
+        let prior = decode(r.prior_state.as_ref(), &ty)?;
+        let planned = decode(r.planned_state.as_ref(), &ty)?;
+        let (new_state, diags) = match self.conn() {
+            Err(diags) => (prior, diags),
+            Ok(conn) => match (prior.is_null(), planned.is_null()) {
+                (_, true) => match resource.delete(&conn, &prior).await {
+                    Ok(()) => (Value::Null, Vec::new()),
+                    Err(diags) => (prior, diags),
+                },
+                (true, false) => match resource.create(&conn, &planned).await {
+                    Ok(v) => (v, Vec::new()),
+                    Err(f) => (f.state.unwrap_or(Value::Null), f.diags),
+                },
+                (false, false) => match resource.update(&conn, &prior, &planned).await {
+                    Ok(v) => (v, Vec::new()),
+                    Err(f) => (f.state.unwrap_or(prior), f.diags),
+                },
+            },
+        };
+        Ok(Response::new(pb::ApplyResourceChangeResponse {
+            new_state: Some(encode(&new_state, &ty)?),
+            private: Vec::new(),
+            diagnostics: diag::to_proto(&diags),
+        }))
+    }
+
+    async fn import_resource_state(
+        &self,
+        request: Request<pb::ImportResourceStateRequest>,
+    ) -> Answer<pb::ImportResourceStateResponse> {
+        let r = request.get_ref();
+        let resource = self.resource(&r.type_name)?;
+        let ty = resource.schema().ty();
+        let result = match self.conn() {
+            Ok(conn) => resource.import(&conn, &r.id).await,
+            Err(diags) => Err(diags),
+        };
+        let (imported, diags) = match result {
+            Ok(state) => (
+                vec![pb::ImportedResource {
+                    type_name: r.type_name.clone(),
+                    state: Some(encode(&state, &ty)?),
+                    private: Vec::new(),
+                }],
+                Vec::new(),
+            ),
+            Err(diags) => (Vec::new(), diags),
+        };
+        Ok(Response::new(pb::ImportResourceStateResponse {
+            imported_resources: imported,
+            diagnostics: diag::to_proto(&diags),
+        }))
+    }
+
+    async fn read_data_source(
+        &self,
+        request: Request<pb::ReadDataSourceRequest>,
+    ) -> Answer<pb::ReadDataSourceResponse> {
+        let r = request.get_ref();
+        let data = self.data_source(&r.type_name)?;
+        let ty = data.schema().ty();
+        let config = decode(r.config.as_ref(), &ty)?;
+        let (state, diags) = match self.conn() {
+            Ok(conn) => match data.read(&conn, &config).await {
+                Ok(v) => (v, Vec::new()),
+                Err(diags) => (Value::Null, diags),
+            },
+            Err(diags) => (Value::Null, diags),
+        };
+        Ok(Response::new(pb::ReadDataSourceResponse {
+            state: Some(encode(&state, &ty)?),
+            diagnostics: diag::to_proto(&diags),
+        }))
+    }
+
+    async fn stop_provider(
+        &self,
+        _request: Request<pb::StopProviderRequest>,
+    ) -> Answer<pb::StopProviderResponse> {
+        // Every operation is a bounded request to the mesh; there is nothing long-running
+        // to interrupt.
+        Ok(Response::new(pb::StopProviderResponse {
+            error: String::new(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_addresses_must_be_host_port_without_a_scheme() {
+        let mut config = Value::Object(BTreeMap::new());
+        config.set("control", Value::str("https://10.0.0.1:15012"));
+        config.set("federation", Value::str("nowhere"));
+        let diags = validate_provider(&config);
+        assert_eq!(diags.len(), 2);
+        assert_eq!(diags[0].path_string(), "control");
+        assert!(diags[0].detail.contains("plaintext"), "{}", diags[0].detail);
+        assert_eq!(diags[1].path_string(), "federation");
+        config.set("control", Value::str("isthmus.example:15012"));
+        config.set("federation", Value::str("127.0.0.1:15017"));
+        assert!(validate_provider(&config).is_empty());
+    }
+}
