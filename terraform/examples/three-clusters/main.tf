@@ -1,0 +1,129 @@
+# Three clusters, each installed with the isthmus-cluster module, joined into one federation
+# (east founds it) with Bookinfo's reviews routing and a failover policy for details.
+
+locals {
+  peers = { for name, c in var.clusters : tostring(c.member_id) => c.federation_address }
+}
+
+provider "kubernetes" {
+  alias          = "east"
+  config_path    = var.kubeconfig
+  config_context = var.clusters["east"].context
+}
+
+provider "helm" {
+  alias = "east"
+  kubernetes {
+    config_path    = var.kubeconfig
+    config_context = var.clusters["east"].context
+  }
+}
+
+provider "kubernetes" {
+  alias          = "west"
+  config_path    = var.kubeconfig
+  config_context = var.clusters["west"].context
+}
+
+provider "helm" {
+  alias = "west"
+  kubernetes {
+    config_path    = var.kubeconfig
+    config_context = var.clusters["west"].context
+  }
+}
+
+provider "kubernetes" {
+  alias          = "central"
+  config_path    = var.kubeconfig
+  config_context = var.clusters["central"].context
+}
+
+provider "helm" {
+  alias = "central"
+  kubernetes {
+    config_path    = var.kubeconfig
+    config_context = var.clusters["central"].context
+  }
+}
+
+module "east" {
+  source = "../../modules/isthmus-cluster"
+  providers = {
+    helm       = helm.east
+    kubernetes = kubernetes.east
+  }
+
+  cluster          = "east"
+  locality         = var.clusters["east"].locality
+  member_id        = var.clusters["east"].member_id
+  federation_peers = local.peers
+  join             = false
+  gateway_address  = var.clusters["east"].gateway_address
+}
+
+module "west" {
+  source = "../../modules/isthmus-cluster"
+  providers = {
+    helm       = helm.west
+    kubernetes = kubernetes.west
+  }
+
+  cluster          = "west"
+  locality         = var.clusters["west"].locality
+  member_id        = var.clusters["west"].member_id
+  federation_peers = local.peers
+  join             = true
+  gateway_address  = var.clusters["west"].gateway_address
+}
+
+module "central" {
+  source = "../../modules/isthmus-cluster"
+  providers = {
+    helm       = helm.central
+    kubernetes = kubernetes.central
+  }
+
+  cluster          = "central"
+  locality         = var.clusters["central"].locality
+  member_id        = var.clusters["central"].member_id
+  federation_peers = local.peers
+  join             = true
+  gateway_address  = var.clusters["central"].gateway_address
+}
+
+# The isthmus provider talks to the founder's control plane and federation member.
+provider "isthmus" {
+  control    = var.control_address
+  federation = module.east.federation_address
+}
+
+module "federation" {
+  source = "../../modules/isthmus-federation"
+
+  founder = "east"
+  members = {
+    for m in [module.east, module.west, module.central] : m.cluster => {
+      member_id       = m.member_id
+      peer_address    = m.federation_address
+      locality        = m.locality == null ? "" : m.locality
+      gateway_address = m.gateway_address == null ? "" : m.gateway_address
+    }
+  }
+
+  policies = {
+    reviews-subsets = file("${path.module}/policies/reviews-destination-rule.yaml")
+    reviews-canary  = file("${path.module}/policies/reviews-canary.yaml")
+  }
+
+  failover = {
+    details = {
+      service             = "details"
+      namespace           = "default"
+      priorities          = [["central"], ["west"]]
+      then_by_locality    = false
+      min_healthy_percent = 50
+      hysteresis          = "10s"
+    }
+  }
+}

@@ -1,0 +1,16 @@
+terraform {
+  required_version = ">= 1.0"
+  required_providers {
+    helm = {
+      source  = "hashicorp/helm"
+      version = ">= 2.5, < 3.0"
+    }
+    kubernetes = {
+      source  = "hashicorp/kubernetes"
+      version = ">= 2.10"
+    }
+    isthmus = {
+      source = "isthmus.io/isthmus/isthmus"
+    }
+  }
+}
