@@ -17,12 +17,15 @@
 //!   `MEMORY services=.. idle_kb=.. traffic_kb=.. all_kb=.. hwm_kb=..`: VmRSS once every
 //!   listener is bound, after 20 requests to each of 10 services, and after one request to
 //!   every service, then the peak (VmHWM).
-//! - `load --target ADDR [--rate R] [--seconds S] [--warmup S] [--conns C] [--body BYTES]`:
-//!   an open-loop client: `R` requests per second (POST with a body of `--body` bytes) over
-//!   `C` keep-alive connections, for `S` seconds after `--warmup` seconds that are not
-//!   counted. A request's latency runs from just before its request is written until its
-//!   whole response body has arrived. Prints
-//!   `LATENCY n=.. errors=.. rate=.. p50_ms=.. p90_ms=.. p99_ms=.. max_ms=..`.
+//! - `load --target ADDR[,ADDR..] [--rate R] [--seconds S] [--warmup S] [--conns C]
+//!   [--body BYTES]`: an open-loop client: `R` requests per second to each target (POST with
+//!   a body of `--body` bytes), over `C` keep-alive connections per target, for `S` seconds
+//!   after `--warmup` seconds that are not counted. One pacer interleaves the targets (the
+//!   second's requests half a period after the first's), so a proxied path and the direct
+//!   one measured together share the machine's noisy moments. A
+//!   request's latency runs from just before its request is written until its whole
+//!   response body has arrived. Prints one line per target:
+//!   `LATENCY target=.. n=.. errors=.. rate=.. p50_ms=.. p90_ms=.. p99_ms=.. max_ms=..`.
 //!
 //! `--workers 1` (the default) runs each sidecar on a current-thread runtime: one worker per
 //! proxy, as the Envoys get with `--concurrency 1`; above 1, a multi-thread runtime with that
@@ -31,7 +34,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -125,8 +127,12 @@ fn main() -> Res<()> {
                 args,
                 &["target", "rate", "seconds", "warmup", "conns", "body"],
             )?;
+            let targets: String = f.get("target", None)?;
             let load = Load {
-                target: f.get("target", None)?,
+                targets: targets
+                    .split(',')
+                    .map(|t| t.parse().map_err(|e| format!("--target {t:?}: {e}")))
+                    .collect::<Result<_, _>>()?,
                 rate: f.get("rate", Some(1000.0))?,
                 seconds: f.get("seconds", Some(5.0))?,
                 warmup: f.get("warmup", Some(0.5))?,
@@ -471,7 +477,8 @@ async fn post(conn: &mut Conn, body: Bytes) -> Res<usize> {
 }
 
 struct Load {
-    target: SocketAddr,
+    /// Every target gets `rate` requests per second, paced by the same ticks.
+    targets: Vec<SocketAddr>,
     rate: f64,
     seconds: f64,
     warmup: f64,
@@ -484,30 +491,34 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted.get(i).copied().unwrap_or(f64::NAN)
 }
 
-async fn run_load(a: Load) -> Res<()> {
-    let total = (a.rate * (a.warmup + a.seconds)).round() as u64;
+/// What one target's requests recorded.
+#[derive(Default)]
+struct Record {
+    latencies: Vec<f64>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+/// Starts `conns` connections to `target`, each taking request numbers from `ticks` and
+/// sending one request per number.
+async fn workers(
+    a: &Load,
+    target: SocketAddr,
+    ticks: tokio::sync::mpsc::Receiver<u64>,
+    record: &Arc<Mutex<Record>>,
+    set: &mut tokio::task::JoinSet<()>,
+) -> Res<()> {
     let counted_from = (a.rate * a.warmup).round() as u64;
     let body = Bytes::from(vec![b'x'; a.body]);
-    // Ticks are request numbers; an idle connection takes the next one when it comes.
-    let (ticks, rx) = tokio::sync::mpsc::channel::<u64>(total as usize + 1);
-    let rx = Arc::new(tokio::sync::Mutex::new(rx));
-    let latencies = Arc::new(Mutex::new(Vec::with_capacity(total as usize)));
-    let errors = Arc::new(AtomicU64::new(0));
-    let first_error = Arc::new(Mutex::new(None::<String>));
-    let mut workers = tokio::task::JoinSet::new();
+    let size = a.body;
+    // An idle connection takes the next number when it comes.
+    let ticks = Arc::new(tokio::sync::Mutex::new(ticks));
     for _ in 0..a.conns {
-        let mut conn = connect(a.target).await?;
-        let (rx, latencies, errors, first_error, body) = (
-            rx.clone(),
-            latencies.clone(),
-            errors.clone(),
-            first_error.clone(),
-            body.clone(),
-        );
-        let (target, size) = (a.target, a.body);
-        workers.spawn(async move {
+        let mut conn = connect(target).await?;
+        let (ticks, record, body) = (ticks.clone(), record.clone(), body.clone());
+        set.spawn(async move {
             loop {
-                let Some(n) = rx.lock().await.recv().await else {
+                let Some(n) = ticks.lock().await.recv().await else {
                     break;
                 };
                 let sent = std::time::Instant::now();
@@ -516,16 +527,19 @@ async fn run_load(a: Load) -> Res<()> {
                 match outcome {
                     Ok(len) if len == size || size == 0 => {
                         if n >= counted_from {
-                            lock(&latencies).push(took);
+                            lock(&record).latencies.push(took);
                         }
                     }
                     other => {
-                        errors.fetch_add(1, Ordering::Relaxed);
                         let what = match other {
                             Ok(len) => format!("a {len}-byte body"),
                             Err(e) => e.to_string(),
                         };
-                        lock(&first_error).get_or_insert(what);
+                        {
+                            let mut r = lock(&record);
+                            r.errors += 1;
+                            r.first_error.get_or_insert(what);
+                        }
                         // A broken connection is replaced; a fresh one may fail too.
                         if let Ok(fresh) = connect(target).await {
                             conn = fresh;
@@ -535,41 +549,79 @@ async fn run_load(a: Load) -> Res<()> {
             }
         });
     }
-    let started = Instant::now();
-    let mut every = tokio::time::interval(Duration::from_secs_f64(1.0 / a.rate));
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    for n in 0..total {
-        every.tick().await;
-        if ticks.send(n).await.is_err() {
-            break;
-        }
+    Ok(())
+}
+
+/// Paces requests to every target with one pacer, so that targets measured together see
+/// the same moments of the machine (other processes' bursts land on all of them alike).
+async fn run_load(a: Load) -> Res<()> {
+    let total = (a.rate * (a.warmup + a.seconds)).round() as u64;
+    let mut set = tokio::task::JoinSet::new();
+    let mut senders = Vec::new();
+    let mut records = Vec::new();
+    for target in &a.targets {
+        let (tx, rx) = tokio::sync::mpsc::channel::<u64>(total as usize + 1);
+        let record = Arc::new(Mutex::new(Record::default()));
+        workers(&a, *target, rx, &record, &mut set).await?;
+        senders.push(tx);
+        records.push(record);
     }
-    drop(ticks);
+    let started = Instant::now();
+    // tokio's timers tick in whole milliseconds, so the pacing runs on a thread of its own
+    // with the OS's sleep: request n to target j is due at (n + j / targets) / rate, which
+    // interleaves the targets instead of sending to all of them at the same instant (where
+    // they would queue behind each other for the two cores).
+    let rate = a.rate;
+    let pacer = std::thread::Builder::new()
+        .name("pacer".into())
+        .spawn(move || {
+            let origin = std::time::Instant::now();
+            let slots = senders.len() as f64;
+            for n in 0..total {
+                for (j, tx) in senders.iter().enumerate() {
+                    let due =
+                        origin + Duration::from_secs_f64((n as f64 + j as f64 / slots) / rate);
+                    if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    if tx.blocking_send(n).is_err() {
+                        return;
+                    }
+                }
+            }
+        })?;
     let limit = Duration::from_secs_f64(a.warmup + a.seconds + 10.0);
     let drained = tokio::time::timeout_at(started + limit, async {
-        while workers.join_next().await.is_some() {}
+        while set.join_next().await.is_some() {}
     })
     .await;
     if drained.is_err() {
-        workers.abort_all();
+        set.abort_all();
         return Err("requests were still outstanding 10 s after the last was due".into());
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let mut v = std::mem::take(&mut *lock(&latencies));
-    v.sort_by(|x, y| x.total_cmp(y));
-    let errors = errors.load(Ordering::Relaxed);
-    if let Some(e) = lock(&first_error).as_ref() {
-        eprintln!("load: {errors} failed requests, the first: {e}");
+    pacer.join().map_err(|_| "the pacer thread panicked")?;
+    for (target, record) in a.targets.iter().zip(&records) {
+        let mut r = std::mem::take(&mut *lock(record));
+        r.latencies.sort_by(|x, y| x.total_cmp(y));
+        if let Some(e) = &r.first_error {
+            eprintln!(
+                "load: {target}: {} failed requests, the first: {e}",
+                r.errors
+            );
+        }
+        let v = &r.latencies;
+        println!(
+            "LATENCY target={target} n={} errors={} rate={:.0} p50_ms={:.4} p90_ms={:.4} p99_ms={:.4} max_ms={:.4}",
+            v.len(),
+            r.errors,
+            total as f64 / elapsed,
+            percentile(v, 0.5),
+            percentile(v, 0.9),
+            percentile(v, 0.99),
+            v.last().copied().unwrap_or(f64::NAN),
+        );
     }
-    println!(
-        "LATENCY n={} errors={errors} rate={:.0} p50_ms={:.4} p90_ms={:.4} p99_ms={:.4} max_ms={:.4}",
-        v.len(),
-        total as f64 / elapsed,
-        percentile(&v, 0.5),
-        percentile(&v, 0.9),
-        percentile(&v, 0.99),
-        v.last().copied().unwrap_or(f64::NAN),
-    );
     Ok(())
 }
 
