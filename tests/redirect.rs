@@ -41,8 +41,8 @@ fn run(args: &[&str]) {
 struct Netns(String);
 
 impl Netns {
-    fn create() -> Netns {
-        let name = format!("isthmus-redir-{}", std::process::id());
+    fn create(suffix: &str) -> Netns {
+        let name = format!("isthmus-{suffix}-{}", std::process::id());
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         run(&["ip", "netns", "add", &name]);
         let ns = Netns(name);
@@ -114,9 +114,12 @@ async fn app(listen: &str, name: &'static str) -> SocketAddr {
 
 /// Inside the namespace: the app, its sidecar (inbound), and the caller's sidecar with the
 /// redirected outbound port on 127.0.0.1:15001. Returns once all listen; runs until `stop`.
+type Ready = (u16, tokio::sync::watch::Sender<Arc<MeshConfig>>);
+
 fn start_pod(
     ns: &str,
-    ready: std::sync::mpsc::Sender<u16>,
+    server_metrics: isthmus_sidecar::metrics::Metrics,
+    ready: std::sync::mpsc::Sender<Ready>,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let file = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
@@ -135,7 +138,9 @@ fn start_pod(
         let (tx, rx) = tokio::sync::watch::channel(Arc::new(MeshConfig::default()));
         let web = app("127.0.0.1:0", "web").await;
         let outside = app(&format!("{OUTSIDE}:0"), "outside").await;
-        let options = |id, inbound, outbound| isthmus_sidecar::SidecarOptions {
+        // What callers from outside the pod reach on the pod's address (redirected inbound).
+        app("0.0.0.0:9090", "podapp").await;
+        let options = |id, inbound, outbound, metrics| isthmus_sidecar::SidecarOptions {
             cluster: "pod".into(),
             identity: id,
             trust: trust.clone(),
@@ -144,10 +149,10 @@ fn start_pod(
             inbound,
             gateway: None,
             connect_timeout: Duration::from_secs(2),
-            metrics: Default::default(),
+            metrics,
             access_log: Default::default(),
         };
-        let server = isthmus_sidecar::start(
+        let mut server = isthmus_sidecar::start(
             options(
                 identity(&ca, "web"),
                 vec![isthmus_sidecar::InboundPort {
@@ -156,14 +161,22 @@ fn start_pod(
                     protocol: Protocol::Http,
                 }],
                 false,
+                server_metrics,
             ),
             rx.clone(),
         )
         .await
         .unwrap();
-        let mut client = isthmus_sidecar::start(options(identity(&ca, "sleep"), vec![], true), rx)
+        let inbound = tokio::net::TcpListener::bind("0.0.0.0:15006")
             .await
             .unwrap();
+        server.serve_redirected_inbound(inbound).unwrap();
+        let mut client = isthmus_sidecar::start(
+            options(identity(&ca, "sleep"), vec![], true, Default::default()),
+            rx,
+        )
+        .await
+        .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:15001")
             .await
             .unwrap();
@@ -200,7 +213,7 @@ fn start_pod(
             }],
             policies: vec![],
         }));
-        ready.send(outside.port()).unwrap();
+        ready.send((outside.port(), tx)).unwrap();
         let _ = stop.await;
         client.shutdown().await;
         server.shutdown().await;
@@ -213,7 +226,7 @@ fn init_redirects_the_pods_tcp_to_the_sidecar_which_finds_the_original_destinati
         eprintln!("skipped: network namespaces and nftables need root (CI runs as root)");
         return;
     }
-    let ns = Netns::create();
+    let ns = Netns::create("out");
     // The init container's job, with the real binary; the test's sidecars run as root, so
     // root is the exempt proxy user and the application runs as nobody.
     let init = Command::new("ip")
@@ -239,9 +252,9 @@ fn init_redirects_the_pods_tcp_to_the_sidecar_which_finds_the_original_destinati
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let pod = {
         let name = ns.0.clone();
-        std::thread::spawn(move || start_pod(&name, ready_tx, stop_rx))
+        std::thread::spawn(move || start_pod(&name, Default::default(), ready_tx, stop_rx))
     };
-    let outside_port = ready_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    let (outside_port, _config) = ready_rx.recv_timeout(Duration::from_secs(20)).unwrap();
 
     // The app dials the ClusterIP with plain HTTP: redirected, recovered, carried over mTLS.
     let url = format!("http://{VIP}:9080/");
@@ -305,6 +318,141 @@ fn init_redirects_the_pods_tcp_to_the_sidecar_which_finds_the_original_destinati
     let rules = String::from_utf8_lossy(&rules.stdout);
     assert_eq!(rules.matches("redirect to :15001").count(), 1, "{rules}");
 
+    let _ = stop_tx.send(());
+    pod.join().unwrap();
+}
+
+const PERMISSIVE: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: default}
+spec:
+  mtls: {mode: PERMISSIVE}
+"#;
+
+#[test]
+fn init_redirects_inbound_tcp_to_the_sidecar_which_enforces_mtls_and_forwards_to_the_original_port()
+{
+    if !is_root() {
+        eprintln!("skipped: network namespaces and nftables need root (CI runs as root)");
+        return;
+    }
+    let pod_ns = Netns::create("in");
+    let client_ns = Netns::create("cl");
+    // A link between the pod and a caller outside it (test hosts of our own, in reserved
+    // address space that never leaves these namespaces).
+    run(&[
+        "ip",
+        "-n",
+        &pod_ns.0,
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &client_ns.0,
+    ]);
+    run(&[
+        "ip",
+        "-n",
+        &pod_ns.0,
+        "addr",
+        "add",
+        "240.241.0.1/24",
+        "dev",
+        "eth0",
+    ]);
+    run(&[
+        "ip",
+        "-n",
+        &client_ns.0,
+        "addr",
+        "add",
+        "240.241.0.2/24",
+        "dev",
+        "eth0",
+    ]);
+    run(&["ip", "-n", &pod_ns.0, "link", "set", "eth0", "up"]);
+    run(&["ip", "-n", &client_ns.0, "link", "set", "eth0", "up"]);
+    let init = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pod_ns.0,
+            env!("CARGO_BIN_EXE_isthmus"),
+            "sidecar",
+            "init",
+        ])
+        .args(["--proxy-uid", "0", "--proxy-gid", "none"])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+
+    let metrics = isthmus_sidecar::metrics::Metrics::default();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+    let pod = {
+        let (name, metrics) = (pod_ns.0.clone(), metrics.clone());
+        std::thread::spawn(move || start_pod(&name, metrics, ready_tx, stop_rx))
+    };
+    let (_, config) = ready_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    let curl = |ns: &Netns| {
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0, "curl", "-sS", "--max-time", "3"])
+            .arg("http://240.241.0.1:9090/")
+            .output()
+            .unwrap()
+    };
+
+    // STRICT (the default): plaintext from outside the mesh is refused by the sidecar. The
+    // application itself would have answered, so a refusal shows the redirect took it.
+    let refused = curl(&client_ns);
+    assert!(
+        !refused.status.success(),
+        "plaintext got through: {}",
+        String::from_utf8_lossy(&refused.stdout)
+    );
+
+    // PERMISSIVE: served, through the sidecar (its destination-side metrics count it), to the
+    // port the caller dialled.
+    config.send_modify(|c| {
+        Arc::make_mut(c).policies =
+            isthmus_core::policy::parse_documents("pa.yaml", PERMISSIVE).unwrap();
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let out = curl(&client_ns);
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never served: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(body, "podapp none");
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let mut scraped = String::new();
+    prometheus_client::encoding::text::encode(&mut scraped, &registry).unwrap();
+    assert!(
+        scraped.lines().any(
+            |l| l.starts_with("istio_requests_total{reporter=\"destination\"")
+                && l.contains("response_code=\"200\"")
+                && l.contains("connection_security_policy=\"none\"")
+        ),
+        "{scraped}"
+    );
     let _ = stop_tx.send(());
     pod.join().unwrap();
 }

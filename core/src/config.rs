@@ -204,7 +204,10 @@ mod tests {
             ("-x.svc:15012", "host"),
         ] {
             let e = host_port("control", bad).unwrap_err().to_string();
-            assert!(e.contains("control") && e.contains(bad) && e.contains(why), "{e}");
+            assert!(
+                e.contains("control") && e.contains(bad) && e.contains(why),
+                "{e}"
+            );
         }
     }
 

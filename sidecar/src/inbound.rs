@@ -63,16 +63,27 @@ impl Guard {
     }
 }
 
+/// How an inbound listener learns where the application is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// The port's `forward_to`, with its declared protocol (local mode).
+    Declared,
+    /// Each connection's original destination (`SO_ORIGINAL_DST`: the pod's IP and the port
+    /// the caller dialled, before `isthmus sidecar init`'s redirect), protocol detected.
+    Redirected,
+}
+
 pub(crate) async fn serve(
     listener: TcpListener,
     port: InboundPort,
+    target: Target,
     tls: Arc<rustls::ServerConfig>,
     identity: Arc<Identity>,
     guard: Guard,
     mut stop: watch::Receiver<bool>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let apps: Arc<Pool<bool>> = Arc::default();
+    let apps: Arc<Pool<(SocketAddr, bool)>> = Arc::default();
     // The bound address, which discovery lists among the service's endpoints.
     let mut port = port;
     if let Ok(bound) = listener.local_addr() {
@@ -94,6 +105,21 @@ pub(crate) async fn serve(
             apps.clone(),
         );
         connections.spawn(async move {
+            let port = match target {
+                Target::Declared => port,
+                Target::Redirected => match crate::redirect::original_destination(&tcp) {
+                    // Listed among the service's endpoints as pod IP and inbound port.
+                    Ok(dst) => InboundPort {
+                        listen: SocketAddr::new(dst.ip(), port.listen.port()),
+                        forward_to: dst,
+                        protocol: Protocol::Auto,
+                    },
+                    Err(e) => {
+                        tracing::info!(%peer, error = %e, "connection to the inbound port was not redirected; closed");
+                        return;
+                    }
+                },
+            };
             let mut first = [0u8; 1];
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
                 Ok(Ok(1)) => {}
@@ -152,7 +178,7 @@ async fn serve_stream<S>(
     conn: Connection,
     port: &InboundPort,
     guard: Guard,
-    apps: Arc<Pool<bool>>,
+    apps: Arc<Pool<(SocketAddr, bool)>>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -244,7 +270,7 @@ async fn serve_http<S>(
     conn: Connection,
     port: InboundPort,
     guard: Guard,
-    apps: Arc<Pool<bool>>,
+    apps: Arc<Pool<(SocketAddr, bool)>>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -335,7 +361,7 @@ async fn serve_http<S>(
 /// Sends one authorized request to the application, over a shared connection of the version
 /// the port calls for; an accepted upgrade (101) joins the two upgraded connections.
 async fn forward_request(
-    apps: &Pool<bool>,
+    apps: &Pool<(SocketAddr, bool)>,
     port: &InboundPort,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
@@ -351,7 +377,11 @@ async fn forward_request(
     };
     protocol::for_version(&mut parts, version, &app.to_string());
     let req = Request::from_parts(parts, body.boxed());
-    let pooled = if upgrade { None } else { apps.take(&h2, h2) };
+    let pooled = if upgrade {
+        None
+    } else {
+        apps.take(&(app, h2), h2)
+    };
     let mut conn = match pooled {
         Some(c) => c,
         None => match connect_app(app, h2).await {
@@ -370,7 +400,7 @@ async fn forward_request(
                 Some(down) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                     crate::pool::join_upgrades(down, hyper::upgrade::on(&mut resp));
                 }
-                _ => apps.put(h2, conn),
+                _ => apps.put((app, h2), conn),
             }
             resp.map(|b| b.boxed())
         }

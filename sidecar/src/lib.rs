@@ -90,6 +90,8 @@ pub struct SidecarHandle {
     outbound: outbound::Listeners,
     /// What serves outbound connections (None when `outbound` was off).
     serving: Option<outbound::Outbound>,
+    /// What inbound listeners need: TLS, identity, policy.
+    inbound_ctx: (Arc<rustls::ServerConfig>, Arc<Identity>, inbound::Guard),
     health: Arc<failover::Health>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -140,6 +142,38 @@ impl SidecarHandle {
         Ok(addr)
     }
 
+    /// Serves connections redirected to `listener` (the inbound port, 15006 in Kubernetes):
+    /// each is mTLS-terminated and authorized as on any inbound port, then forwarded to its
+    /// original destination (the pod's IP and the port the caller dialled), its protocol
+    /// detected. Returns the bound address.
+    pub fn serve_redirected_inbound(
+        &mut self,
+        listener: tokio::net::TcpListener,
+    ) -> Result<SocketAddr, SidecarError> {
+        let addr = listener
+            .local_addr()
+            .map_err(|source| SidecarError::BindInbound {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                source,
+            })?;
+        let (tls, identity, guard) = self.inbound_ctx.clone();
+        let port = InboundPort {
+            listen: addr,
+            forward_to: addr,
+            protocol: Protocol::Auto,
+        };
+        self.tasks.push(tokio::spawn(inbound::serve(
+            listener,
+            port,
+            inbound::Target::Redirected,
+            tls,
+            identity,
+            guard,
+            self.stop.subscribe(),
+        )));
+        Ok(addr)
+    }
+
     /// Stops all listeners and connection tasks.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
@@ -175,6 +209,15 @@ pub async fn start(
         )
         .map_err(SidecarError::Tls)?,
     );
+    let guard = inbound::Guard {
+        config: config.clone(),
+        workload: authz::Workload {
+            namespace: opts.identity.id().namespace().to_string(),
+            labels: opts.labels.clone(),
+        },
+        cluster: opts.cluster.clone(),
+        metrics: opts.metrics.clone(),
+    };
     for port in &opts.inbound {
         let listener = tokio::net::TcpListener::bind(port.listen)
             .await
@@ -192,17 +235,10 @@ pub async fn start(
         tasks.push(tokio::spawn(inbound::serve(
             listener,
             port.clone(),
+            inbound::Target::Declared,
             server_tls.clone(),
             opts.identity.clone(),
-            inbound::Guard {
-                config: config.clone(),
-                workload: authz::Workload {
-                    namespace: opts.identity.id().namespace().to_string(),
-                    labels: opts.labels.clone(),
-                },
-                cluster: opts.cluster.clone(),
-                metrics: opts.metrics.clone(),
-            },
+            guard.clone(),
             stopped.clone(),
         )));
     }
@@ -250,6 +286,7 @@ pub async fn start(
         inbound,
         outbound,
         serving,
+        inbound_ctx: (server_tls, opts.identity.clone(), guard),
         health,
         stop,
         tasks,

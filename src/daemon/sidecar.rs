@@ -12,7 +12,8 @@
 //! inbound:
 //!   - {listen: 127.0.0.1:15006, forwardTo: 127.0.0.1:9080, protocol: http}
 //! listen: {admin: 127.0.0.1:15020}
-//! redirectOutbound: 0.0.0.0:15001  # Kubernetes: the port `isthmus sidecar init` redirects to
+//! redirectOutbound: 0.0.0.0:15001  # Kubernetes: where `isthmus sidecar init` sends the
+//! redirectInbound: 0.0.0.0:15006   # pod's outbound and inbound TCP
 //! ```
 
 use std::net::SocketAddr;
@@ -55,6 +56,9 @@ pub struct RawSidecarConfig {
     /// Where connections redirected by `isthmus sidecar init` arrive (needs `outbound`).
     #[serde(default)]
     pub redirect_outbound: Option<String>,
+    /// Where inbound connections redirected by `isthmus sidecar init` arrive.
+    #[serde(default)]
+    pub redirect_inbound: Option<String>,
 }
 
 fn default_namespace() -> String {
@@ -106,6 +110,7 @@ pub struct SidecarConfig {
     pub admin: SocketAddr,
     pub access_log: isthmus_sidecar::observe::AccessLogTarget,
     pub redirect_outbound: Option<SocketAddr>,
+    pub redirect_inbound: Option<SocketAddr>,
 }
 
 impl TryFrom<RawSidecarConfig> for SidecarConfig {
@@ -127,7 +132,12 @@ impl TryFrom<RawSidecarConfig> for SidecarConfig {
                 protocol,
             });
         }
-        if !raw.outbound && inbound.is_empty() {
+        let redirect_inbound = raw
+            .redirect_inbound
+            .as_deref()
+            .map(|a| socket_addr("redirectInbound", a))
+            .transpose()?;
+        if !raw.outbound && inbound.is_empty() && redirect_inbound.is_none() {
             return Err(FieldError::new(
                 "inbound",
                 "[]",
@@ -160,6 +170,7 @@ impl TryFrom<RawSidecarConfig> for SidecarConfig {
         }
         Ok(SidecarConfig {
             redirect_outbound,
+            redirect_inbound,
             identity: SpiffeId::new(&trust_domain, &raw.namespace, &raw.service_account),
             cluster: raw.cluster,
             control: host_port("control", &raw.control)?,
@@ -215,6 +226,13 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("binding redirectOutbound {addr}"))?;
         let bound = sidecar.serve_redirected(listener)?;
         tracing::info!(%bound, "serving redirected outbound connections");
+    }
+    if let Some(addr) = config.redirect_inbound {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding redirectInbound {addr}"))?;
+        let bound = sidecar.serve_redirected_inbound(listener)?;
+        tracing::info!(%bound, "serving redirected inbound connections");
     }
     let reporter = super::common::report_failover(
         &config.control,
