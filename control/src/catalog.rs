@@ -158,6 +158,7 @@ impl Catalog {
                             })
                             .collect(),
                     }),
+                    exported_at_ms: s.exported_at_ms,
                     lease_expired_at_ms: None,
                 }
             })

@@ -8,6 +8,13 @@
 //!                                      # and the federation member's raft log (raft/)
 //! listen: {grpc: 0.0.0.0:15012, admin: 0.0.0.0:15020}
 //! discovery: {file: services.yaml, pollInterval: 500ms}
+//! # or, in Kubernetes (see docs/kubernetes.md, "Discovery"):
+//! # discovery:
+//! #   kubernetes:
+//! #     inCluster: true                 # the pod's service account; or:
+//! #     # kubeconfig: ~/.kube/config    # with its current context unless
+//! #     # context: east                 # one is named
+//! #     inboundPort: 15006              # the sidecar's inbound port on each pod
 //! vipRange: 240.240.0.0/16
 //! gatewayAddress: 203.0.113.7:15443    # how other clusters reach this cluster's gateway
 //! certLifetime: 1h
@@ -133,9 +140,105 @@ fn default_admin() -> String {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawDiscoverySource {
-    pub file: String,
+    #[serde(default)]
+    pub file: Option<String>,
     #[serde(default = "default_poll")]
     pub poll_interval: String,
+    #[serde(default)]
+    pub kubernetes: Option<RawKubernetes>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawKubernetes {
+    #[serde(default)]
+    pub in_cluster: bool,
+    #[serde(default)]
+    pub kubeconfig: Option<String>,
+    #[serde(default)]
+    pub context: Option<String>,
+    #[serde(default = "default_inbound_port")]
+    pub inbound_port: u16,
+}
+fn default_inbound_port() -> u16 {
+    crate::kubernetes::DEFAULT_INBOUND_PORT
+}
+
+/// Where the daemon's services come from, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiscoveryConfig {
+    File {
+        path: PathBuf,
+        poll: Duration,
+    },
+    Kubernetes {
+        connection: crate::kubernetes::Connection,
+        inbound_port: u16,
+    },
+}
+
+impl DiscoveryConfig {
+    fn from_raw(raw: RawDiscoverySource) -> Result<Self, FieldError> {
+        match (raw.file, raw.kubernetes) {
+            (Some(file), None) => Ok(DiscoveryConfig::File {
+                path: PathBuf::from(file),
+                poll: duration("discovery.pollInterval", &raw.poll_interval)?,
+            }),
+            (None, Some(k)) => {
+                let connection = match (k.in_cluster, k.kubeconfig) {
+                    (true, None) => {
+                        if let Some(context) = k.context {
+                            return Err(FieldError::new(
+                                "discovery.kubernetes.context",
+                                context,
+                                "a context needs a kubeconfig",
+                            ));
+                        }
+                        crate::kubernetes::Connection::InCluster
+                    }
+                    (false, Some(path)) => crate::kubernetes::Connection::Kubeconfig {
+                        path: PathBuf::from(path),
+                        context: k.context,
+                    },
+                    (true, Some(path)) => {
+                        return Err(FieldError::new(
+                            "discovery.kubernetes.kubeconfig",
+                            path,
+                            "give inCluster: true or a kubeconfig, not both",
+                        ))
+                    }
+                    (false, None) => {
+                        return Err(FieldError::new(
+                            "discovery.kubernetes",
+                            "{}",
+                            "say how to reach the API server: inCluster: true or a kubeconfig",
+                        ))
+                    }
+                };
+                if k.inbound_port == 0 {
+                    return Err(FieldError::new(
+                        "discovery.kubernetes.inboundPort",
+                        0,
+                        "a port is 1 to 65535",
+                    ));
+                }
+                Ok(DiscoveryConfig::Kubernetes {
+                    connection,
+                    inbound_port: k.inbound_port,
+                })
+            }
+            (Some(file), Some(_)) => Err(FieldError::new(
+                "discovery.file",
+                file,
+                "give a discovery file or kubernetes, not both",
+            )),
+            (None, None) => Err(FieldError::new(
+                "discovery",
+                "{}",
+                "a discovery source is required: file or kubernetes",
+            )),
+        }
+    }
 }
 fn default_poll() -> String {
     "500ms".into()
@@ -167,8 +270,7 @@ pub struct ControlConfig {
     pub data_dir: PathBuf,
     pub grpc_listen: SocketAddr,
     pub admin_listen: SocketAddr,
-    pub discovery_file: PathBuf,
-    pub discovery_poll: Duration,
+    pub discovery: DiscoveryConfig,
     pub vip_range: Ipv4Net,
     pub gateway_address: Option<SocketAddr>,
     pub cert_lifetime: Duration,
@@ -289,8 +391,7 @@ impl TryFrom<RawControlConfig> for ControlConfig {
             data_dir: PathBuf::from(raw.data_dir),
             grpc_listen: socket_addr("listen.grpc", &raw.listen.grpc)?,
             admin_listen: socket_addr("listen.admin", &raw.listen.admin)?,
-            discovery_file: PathBuf::from(raw.discovery.file),
-            discovery_poll: duration("discovery.pollInterval", &raw.discovery.poll_interval)?,
+            discovery: DiscoveryConfig::from_raw(raw.discovery)?,
             vip_range,
             gateway_address,
             cert_lifetime: duration("certLifetime", &raw.cert_lifetime)?,
@@ -326,7 +427,14 @@ impl ControlConfig {
             isthmus_core::config::load_file::<RawControlConfig, ControlConfig>(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.data_dir = base.join(&config.data_dir);
-        config.discovery_file = base.join(&config.discovery_file);
+        match &mut config.discovery {
+            DiscoveryConfig::File { path, .. } => *path = base.join(&*path),
+            DiscoveryConfig::Kubernetes {
+                connection: crate::kubernetes::Connection::Kubeconfig { path, .. },
+                ..
+            } => *path = base.join(&*path),
+            DiscoveryConfig::Kubernetes { .. } => {}
+        }
         Ok(config)
     }
 }
@@ -393,6 +501,63 @@ mod tests {
         assert_eq!(c.grpc_listen.port(), 15012);
         assert_eq!(c.vip_range.to_string(), "240.240.0.0/16");
         assert_eq!(c.cert_lifetime, Duration::from_secs(3600));
+        assert!(
+            matches!(c.discovery, DiscoveryConfig::File { poll, .. } if poll == Duration::from_millis(500))
+        );
+    }
+
+    #[test]
+    fn kubernetes_discovery_takes_in_cluster_or_a_kubeconfig() {
+        let k = |s: &str| GOOD.replace("discovery: {file: services.yaml}", s);
+        let c = load(&k("discovery: {kubernetes: {inCluster: true}}")).unwrap();
+        assert_eq!(
+            c.discovery,
+            DiscoveryConfig::Kubernetes {
+                connection: crate::kubernetes::Connection::InCluster,
+                inbound_port: 15006
+            }
+        );
+        let c = load(&k(
+            "discovery: {kubernetes: {kubeconfig: kc.yaml, context: east, inboundPort: 16006}}",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.discovery,
+            DiscoveryConfig::Kubernetes {
+                connection: crate::kubernetes::Connection::Kubeconfig {
+                    path: "kc.yaml".into(),
+                    context: Some("east".into())
+                },
+                inbound_port: 16006
+            }
+        );
+        let cases = [
+            (
+                "discovery: {kubernetes: {}}",
+                "discovery.kubernetes",
+                "inCluster",
+            ),
+            (
+                "discovery: {kubernetes: {inCluster: true, kubeconfig: kc}}",
+                "discovery.kubernetes.kubeconfig",
+                "not both",
+            ),
+            (
+                "discovery: {file: s.yaml, kubernetes: {inCluster: true}}",
+                "discovery.file",
+                "not both",
+            ),
+            ("discovery: {}", "discovery", "required"),
+            (
+                "discovery: {kubernetes: {inCluster: true, inboundPort: 0}}",
+                "discovery.kubernetes.inboundPort",
+                "0",
+            ),
+        ];
+        for (text, field, needle) in cases {
+            let err = load(&k(text)).unwrap_err();
+            assert!(err.contains(field) && err.contains(needle), "{err}");
+        }
     }
 
     #[test]

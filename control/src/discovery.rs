@@ -104,6 +104,9 @@ pub struct LocalService {
     pub headless: bool,
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<LocalEndpoint>,
+    /// When the service was exported (unix ms; Kubernetes: the ServiceExport's creation),
+    /// so the oldest export wins a conflict. `None` in file mode.
+    pub exported_at_ms: Option<u64>,
 }
 
 /// An endpoint discovered in this cluster.
@@ -272,6 +275,7 @@ impl TryFrom<RawDiscovery> for Discovery {
                 headless: s.headless,
                 ports,
                 endpoints,
+                exported_at_ms: None,
             });
         }
         services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));

@@ -1,6 +1,7 @@
 //! isthmus-control: one cluster's control plane.
 //!
-//! It discovers the cluster's services (from a YAML file in local mode), publishes this
+//! It discovers the cluster's services (from a YAML file in local mode, or from the
+//! Kubernetes API through kube-rs, see [`kubernetes`]), publishes this
 //! cluster's membership record and exports to the federation store, imports the other
 //! clusters' exports, and streams one merged [`MeshConfig`] over gRPC to the cluster's
 //! sidecars, DNS proxies and gateway. It runs the cluster's certificate authority and signs
@@ -8,12 +9,15 @@
 //!
 //! Tasks: the catalog loop (polls discovery, follows the store's revision, rebuilds the
 //! config), the publisher (writes this cluster's records to the store, retrying while the
-//! store has no quorum, so local changes never wait on the federation), and the gRPC server.
+//! store has no quorum, so local changes never wait on the federation), and the gRPC server;
+//! in Kubernetes mode also the watch loop and the ServiceImport and ServiceExport-status
+//! writers (see [`kubernetes`]).
 
 pub mod api;
 pub mod catalog;
 pub mod config;
 pub mod discovery;
+pub mod kubernetes;
 pub mod records;
 pub mod tokens;
 pub mod webhook;
@@ -62,8 +66,7 @@ pub struct ControlOptions {
     pub locality: Option<String>,
     /// gRPC API for the data plane (port 0 picks one).
     pub grpc_listen: SocketAddr,
-    pub discovery_file: PathBuf,
-    pub discovery_poll: Duration,
+    pub discovery: DiscoverySource,
     pub vip_range: Ipv4Net,
     /// The gateway's QUIC address as the other clusters reach it, when known at start.
     pub gateway_address: Option<SocketAddr>,
@@ -74,6 +77,15 @@ pub struct ControlOptions {
     /// it; if this control plane stops renewing (it is down, or cut off from the
     /// federation), the others see the lease lapse and apply their failover policies.
     pub export_lease: Duration,
+}
+
+/// Where this cluster's services come from.
+#[derive(Clone)]
+pub enum DiscoverySource {
+    /// A YAML file (see [`discovery`]), re-read every `poll`.
+    File { path: PathBuf, poll: Duration },
+    /// The Kubernetes API (see [`kubernetes`]).
+    Kubernetes(kubernetes::KubeSource),
 }
 
 /// A running control plane.
@@ -120,12 +132,28 @@ impl ControlHandle {
 #[derive(Debug, Clone, PartialEq)]
 struct Desired {
     cluster: ClusterRecord,
-    exports: Vec<ExportRecord>,
+    /// `None` while discovery has not listed the cluster once (Kubernetes): this cluster's
+    /// exports in the store are then left as they are, never withdrawn for lack of news.
+    exports: Option<Vec<ExportRecord>>,
 }
 
 /// Starts the control plane over an already running federation store member.
 pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, ControlError> {
-    let discovery = discovery::load(&opts.discovery_file).map_err(ControlError::Discovery)?;
+    let (stop, stopped) = watch::channel(false);
+    let (discovery, synced, file, mut kube) = match &opts.discovery {
+        DiscoverySource::File { path, poll } => (
+            discovery::load(path).map_err(ControlError::Discovery)?,
+            true,
+            Some((path.clone(), *poll)),
+            None,
+        ),
+        DiscoverySource::Kubernetes(source) => (
+            Discovery::default(),
+            false,
+            None,
+            Some(kubernetes::start(source.clone(), stopped.clone())),
+        ),
+    };
     let listener = tokio::net::TcpListener::bind(opts.grpc_listen)
         .await
         .map_err(|source| ControlError::Bind {
@@ -138,7 +166,6 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
     })?;
 
     let mut catalog = Catalog::new(&opts.cluster, &opts.trust_domain, opts.vip_range);
-    let (stop, stopped) = watch::channel(false);
     let (gateway_tx, gateway_rx) = watch::channel(opts.gateway_address);
     let cluster_record = ClusterRecord {
         name: opts.cluster.clone(),
@@ -151,7 +178,7 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
     };
     let desired0 = Desired {
         cluster: cluster_record.clone(),
-        exports: catalog.exports(&discovery),
+        exports: synced.then(|| catalog.exports(&discovery)),
     };
     let (desired_tx, desired_rx) = watch::channel(desired0);
     rebuild(&mut catalog, &discovery, &store, &cluster_record);
@@ -159,6 +186,16 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
 
     let policy_store = store.clone();
     let mut tasks = Vec::new();
+    let kube_discovery = kube.as_ref().map(|k| k.discovery.clone());
+    if let Some(k) = kube.as_mut() {
+        k.start_writers(
+            &opts.cluster,
+            config_rx.clone(),
+            store.clone(),
+            stopped.clone(),
+        );
+        tasks.append(&mut k.tasks);
+    }
     tasks.push(tokio::spawn(publisher(
         store.clone(),
         desired_rx,
@@ -168,8 +205,9 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
     tasks.push(tokio::spawn(catalog_loop(CatalogLoop {
         catalog,
         discovery,
-        discovery_file: opts.discovery_file.clone(),
-        poll: opts.discovery_poll,
+        synced,
+        file,
+        kube: kube_discovery,
         store,
         cluster_record,
         gateway: gateway_rx,
@@ -280,8 +318,12 @@ fn decode_all<T: serde::de::DeserializeOwned>(store: &Store, prefix: &str) -> Ve
 struct CatalogLoop {
     catalog: Catalog,
     discovery: Discovery,
-    discovery_file: PathBuf,
-    poll: Duration,
+    /// Whether `discovery` is a complete listing (always, for a file).
+    synced: bool,
+    /// The discovery file and its poll interval (file mode).
+    file: Option<(PathBuf, Duration)>,
+    /// Kubernetes discovery's output (Kubernetes mode).
+    kube: Option<watch::Receiver<Option<Discovery>>>,
     store: Store,
     cluster_record: ClusterRecord,
     gateway: watch::Receiver<Option<SocketAddr>>,
@@ -292,7 +334,11 @@ struct CatalogLoop {
 
 async fn catalog_loop(mut l: CatalogLoop) {
     let mut revision = l.store.revision();
-    let mut poll = tokio::time::interval(l.poll);
+    let period = l
+        .file
+        .as_ref()
+        .map_or(Duration::from_secs(3600), |(_, p)| *p);
+    let mut poll = tokio::time::interval(period);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_error: Option<String> = None;
     loop {
@@ -300,8 +346,16 @@ async fn catalog_loop(mut l: CatalogLoop) {
             _ = l.stop.changed() => return,
             changed = revision.changed() => if changed.is_err() { return },
             changed = l.gateway.changed() => if changed.is_err() { return },
-            _ = poll.tick() => {
-                match discovery::load(&l.discovery_file) {
+            changed = kube_changed(&mut l.kube) => {
+                if changed.is_err() { return }
+                if let Some(d) = l.kube.as_mut().and_then(|k| k.borrow_and_update().clone()) {
+                    l.discovery = d;
+                    l.synced = true;
+                }
+            }
+            _ = poll.tick(), if l.file.is_some() => {
+                let Some((path, _)) = &l.file else { continue };
+                match discovery::load(path) {
                     Ok(d) => { last_error = None; l.discovery = d; }
                     Err(e) => {
                         // Keep the last good discovery; say so once per distinct error.
@@ -318,7 +372,7 @@ async fn catalog_loop(mut l: CatalogLoop) {
         l.desired.send_if_modified(|d| {
             let next = Desired {
                 cluster: l.cluster_record.clone(),
-                exports: l.catalog.exports(&l.discovery),
+                exports: l.synced.then(|| l.catalog.exports(&l.discovery)),
             };
             if *d == next {
                 false
@@ -335,6 +389,16 @@ async fn catalog_loop(mut l: CatalogLoop) {
             );
             l.config.send_replace(config);
         }
+    }
+}
+
+/// Waits for Kubernetes discovery to change; never, in file mode.
+async fn kube_changed(
+    kube: &mut Option<watch::Receiver<Option<Discovery>>>,
+) -> Result<(), watch::error::RecvError> {
+    match kube {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -376,7 +440,7 @@ async fn publisher(
 async fn renew_exports(store: &Store, want: &Desired) -> bool {
     let own = &want.cluster.name;
     let mut ok = true;
-    for x in &want.exports {
+    for x in want.exports.iter().flatten() {
         let key = records::export_key(&x.namespace, &x.name, own);
         if let Err(e) = store.renew(&key).await {
             tracing::debug!(%key, error = %e, "renewing an export's lease failed");
@@ -393,7 +457,7 @@ async fn publish(store: &Store, want: &Desired, lease: Duration) -> bool {
     if let Ok(bytes) = serde_json::to_vec(&want.cluster) {
         puts.push((cluster_key, bytes));
     }
-    for x in &want.exports {
+    for x in want.exports.iter().flatten() {
         if let Ok(bytes) = serde_json::to_vec(x) {
             puts.push((records::export_key(&x.namespace, &x.name, own), bytes));
         }
@@ -417,7 +481,10 @@ async fn publish(store: &Store, want: &Desired, lease: Duration) -> bool {
             ok = false;
         }
     }
-    // Withdraw exports of ours that are no longer desired.
+    // Withdraw exports of ours that are no longer desired (once discovery knows).
+    if want.exports.is_none() {
+        return ok;
+    }
     for (key, _) in store.list(records::EXPORTS_PREFIX) {
         let ours = key.rsplit('/').next() == Some(own.as_str());
         if ours && !puts.iter().any(|(k, _)| *k == key) {

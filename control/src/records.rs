@@ -52,6 +52,10 @@ pub struct ExportRecord {
     /// Present when the service is headless: its endpoints, named but without addresses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headless: Option<HeadlessExport>,
+    /// When the owning cluster exported the service (unix ms), where it knows (Kubernetes:
+    /// the ServiceExport's creation time). The oldest export wins a conflict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exported_at_ms: Option<u64>,
     /// Not part of the stored value: when the record's lease in the store lapsed (unix ms),
     /// filled in by the reader from the store's record.
     #[serde(skip)]

@@ -42,8 +42,10 @@ async fn start(services_yaml: &str) -> Running {
             trust_domain: "east.isthmus.local".into(),
             locality: None,
             grpc_listen: "127.0.0.1:0".parse().unwrap(),
-            discovery_file: discovery.clone(),
-            discovery_poll: Duration::from_millis(20),
+            discovery: isthmus_control::DiscoverySource::File {
+                path: discovery.clone(),
+                poll: Duration::from_millis(20),
+            },
             vip_range: "127.10.0.0/16".parse().unwrap(),
             gateway_address: Some("127.0.0.1:15443".parse().unwrap()),
             tokens: TokenPolicy::single(TOKEN, &["default"]),

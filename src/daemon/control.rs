@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use isthmus_control::config::{load_or_create_ca, ControlConfig};
+use isthmus_control::config::{load_or_create_ca, ControlConfig, DiscoveryConfig};
 
 use super::admin::ComponentAdmin;
 use super::common::{print_ready, wait_for_shutdown_signal};
@@ -31,14 +31,30 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         options.tick = tick;
     }
     let store = binding.start(options).await?;
+    let discovery = match &config.discovery {
+        DiscoveryConfig::File { path, poll } => isthmus_control::DiscoverySource::File {
+            path: path.clone(),
+            poll: *poll,
+        },
+        DiscoveryConfig::Kubernetes {
+            connection,
+            inbound_port,
+        } => {
+            let client = isthmus_control::kubernetes::client(connection)
+                .await
+                .context("connecting to the Kubernetes API")?;
+            let mut source = isthmus_control::kubernetes::KubeSource::new(client);
+            source.inbound_port = *inbound_port;
+            isthmus_control::DiscoverySource::Kubernetes(source)
+        }
+    };
     let control = isthmus_control::start(
         isthmus_control::ControlOptions {
             cluster: config.cluster.clone(),
             trust_domain: config.trust_domain.clone(),
             locality: config.locality.clone(),
             grpc_listen: config.grpc_listen,
-            discovery_file: config.discovery_file.clone(),
-            discovery_poll: config.discovery_poll,
+            discovery,
             vip_range: config.vip_range,
             gateway_address: config.gateway_address,
             tokens: config.tokens.clone(),

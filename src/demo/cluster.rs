@@ -283,8 +283,10 @@ impl DemoCluster {
             trust_domain: trust_domain.clone(),
             locality: super::locality_of(name),
             grpc_listen: loopback,
-            discovery_file: discovery_file.clone(),
-            discovery_poll: opts.discovery_poll,
+            discovery: isthmus_control::DiscoverySource::File {
+                path: discovery_file.clone(),
+                poll: opts.discovery_poll,
+            },
             vip_range,
             gateway_address: None,
             tokens: TokenPolicy::single(DEMO_TOKEN, &[SAMPLE_NAMESPACE, SYSTEM_NAMESPACE]),

@@ -24,6 +24,7 @@ fn local(name: &str, export: bool, sa: &str) -> LocalService {
             healthy: true,
             hostname: None,
         }],
+        exported_at_ms: None,
     }
 }
 
@@ -52,6 +53,7 @@ fn export(cluster: &str, name: &str) -> ExportRecord {
         healthy_endpoints: 1,
         subsets: BTreeMap::new(),
         headless: None,
+        exported_at_ms: None,
         lease_expired_at_ms: None,
     }
 }
