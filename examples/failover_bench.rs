@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use isthmus::demo::probe::http_get;
 use isthmus::demo::{vip_of, Demo, DemoOptions, SAMPLE_PORT};
 use isthmus::sample::SampleReply;
-use isthmus_core::client::ControlClient;
 use isthmus_core::policy::parse_documents;
 
 const RATE_PER_SECOND: u64 = 500;
@@ -41,9 +40,7 @@ fn policies(retries: bool) -> String {
 async fn apply(demo: &Demo, yaml: &str) -> anyhow::Result<()> {
     let docs = parse_documents("bench.yaml", yaml)?;
     let east = demo.cluster("east")?;
-    ControlClient::new(&east.control.grpc_addr().to_string())?
-        .apply(&docs, false)
-        .await?;
+    east.control.client().apply(&docs, false).await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !docs
         .iter()

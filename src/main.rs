@@ -66,9 +66,8 @@ enum Command {
         /// Validate and show what would change, without storing anything.
         #[arg(long)]
         dry_run: bool,
-        /// Control plane gRPC address (default $ISTHMUS_CONTROL or 127.0.0.1:15012).
-        #[arg(long)]
-        control: Option<String>,
+        #[command(flatten)]
+        control: isthmus::policy_cmd::ControlArgs,
     },
     /// Show applied policies: KIND is a policy kind or `all`.
     Get {
@@ -78,8 +77,8 @@ enum Command {
         namespace: Option<String>,
         #[arg(short = 'o', long, value_enum, default_value = "yaml")]
         output: isthmus::policy_cmd::Output,
-        #[arg(long)]
-        control: Option<String>,
+        #[command(flatten)]
+        control: isthmus::policy_cmd::ControlArgs,
     },
     /// Delete an applied policy.
     Delete {
@@ -87,8 +86,8 @@ enum Command {
         name: String,
         #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
-        #[arg(long)]
-        control: Option<String>,
+        #[command(flatten)]
+        control: isthmus::policy_cmd::ControlArgs,
     },
     /// Why a service's traffic goes where it goes: the failover priority table the sidecars
     /// of a cluster use right now, with each cluster's health.
@@ -102,8 +101,8 @@ enum Command {
         /// `yaml` prints the tables as text; `json` for scripts.
         #[arg(short = 'o', long, value_enum, default_value = "yaml")]
         output: isthmus::policy_cmd::Output,
-        #[arg(long)]
-        control: Option<String>,
+        #[command(flatten)]
+        control: isthmus::policy_cmd::ControlArgs,
     },
     /// The federation store: members, roles, leader, term, commit and applied index, lag,
     /// lease states.
@@ -207,14 +206,7 @@ fn main() -> ExitCode {
                 file,
                 dry_run,
                 control,
-            } => {
-                isthmus::policy_cmd::apply(
-                    &isthmus::policy_cmd::control_addr(control),
-                    &file,
-                    dry_run,
-                )
-                .await
-            }
+            } => isthmus::policy_cmd::apply(&control, &file, dry_run).await,
             Command::Get {
                 kind,
                 name,
@@ -222,7 +214,6 @@ fn main() -> ExitCode {
                 output,
                 control,
             } => {
-                let control = isthmus::policy_cmd::control_addr(control);
                 isthmus::policy_cmd::get(
                     &control,
                     &kind,
@@ -237,10 +228,7 @@ fn main() -> ExitCode {
                 name,
                 namespace,
                 control,
-            } => {
-                let control = isthmus::policy_cmd::control_addr(control);
-                isthmus::policy_cmd::delete(&control, &kind, &name, &namespace).await
-            }
+            } => isthmus::policy_cmd::delete(&control, &kind, &name, &namespace).await,
             Command::Explain {
                 service,
                 namespace,
@@ -248,7 +236,6 @@ fn main() -> ExitCode {
                 output,
                 control,
             } => {
-                let control = isthmus::policy_cmd::control_addr(control);
                 isthmus::policy_cmd::explain(
                     &control,
                     &service,

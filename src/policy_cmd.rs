@@ -4,7 +4,7 @@
 //! path), then the control plane validates again and stores every document in the federation
 //! store, from where every cluster's control plane streams it to its sidecars.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use isthmus_core::client::ControlClient;
@@ -19,15 +19,49 @@ pub fn control_addr(flag: Option<String>) -> String {
         .unwrap_or_else(|| DEFAULT_CONTROL.to_string())
 }
 
+/// How the CLI reaches a control plane's API (TLS only, docs/control-api.md).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ControlArgs {
+    /// Control-plane API address, host:port (default $ISTHMUS_CONTROL or 127.0.0.1:15012).
+    #[arg(long)]
+    pub control: Option<String>,
+    /// The cluster CA's PEM file (the control plane's <dataDir>/ca.pem), which the API's
+    /// certificate must chain to (default $ISTHMUS_CA_FILE).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl ControlArgs {
+    /// A client of the control plane these arguments (or the environment) name.
+    pub fn client(&self) -> anyhow::Result<ControlClient> {
+        let addr = control_addr(self.control.clone());
+        let ca_file = self
+            .ca_file
+            .clone()
+            .or_else(|| std::env::var_os("ISTHMUS_CA_FILE").map(PathBuf::from))
+            .with_context(|| {
+                format!(
+                    "the control-plane API at {addr} is TLS only: give --ca-file (or \
+                     $ISTHMUS_CA_FILE), the cluster CA's PEM file (the control plane's \
+                     <dataDir>/ca.pem)"
+                )
+            })?;
+        let ca_pem = std::fs::read_to_string(&ca_file)
+            .with_context(|| format!("--ca-file: reading {}", ca_file.display()))?;
+        ControlClient::new(&addr, &ca_pem)
+            .with_context(|| format!("--ca-file {}", ca_file.display()))
+    }
+}
+
 /// `isthmus apply -f FILE [--dry-run]`: prints one line per document.
-pub async fn apply(control: &str, file: &Path, dry_run: bool) -> anyhow::Result<()> {
+pub async fn apply(control: &ControlArgs, file: &Path, dry_run: bool) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let policies = parse_documents(&file.display().to_string(), &text)?;
     if policies.is_empty() {
         bail!("{}: no documents to apply", file.display());
     }
-    let client = ControlClient::new(control)?;
+    let client = control.client()?;
     let results = client.apply(&policies, dry_run).await?;
     let suffix = if dry_run { " (dry run)" } else { "" };
     for (resource, action) in results {
@@ -45,7 +79,7 @@ pub enum Output {
 
 /// `isthmus get KIND [NAME] [-n NS] [-o yaml|json]`.
 pub async fn get(
-    control: &str,
+    control: &ControlArgs,
     kind: &str,
     name: Option<&str>,
     namespace: Option<&str>,
@@ -56,7 +90,7 @@ pub async fn get(
     } else {
         Some(parse_kind(kind)?)
     };
-    let client = ControlClient::new(control)?;
+    let client = control.client()?;
     let policies = client.get_policies(kind, namespace, name).await?;
     if let (Some(name), true) = (name, policies.is_empty()) {
         bail!(
@@ -80,9 +114,14 @@ pub async fn get(
 }
 
 /// `isthmus delete KIND NAME [-n NS]`.
-pub async fn delete(control: &str, kind: &str, name: &str, namespace: &str) -> anyhow::Result<()> {
+pub async fn delete(
+    control: &ControlArgs,
+    kind: &str,
+    name: &str,
+    namespace: &str,
+) -> anyhow::Result<()> {
     let kind = parse_kind(kind)?;
-    let client = ControlClient::new(control)?;
+    let client = control.client()?;
     if client.delete_policy(kind, namespace, name).await? {
         println!("{kind} {namespace}/{name} deleted");
         Ok(())
@@ -100,17 +139,17 @@ fn parse_kind(kind: &str) -> anyhow::Result<Kind> {
 /// `isthmus explain SERVICE [-n NS] [--from CLUSTER] [-o table|json]`: the failover priority
 /// tables the sidecars of a cluster use for a service right now, and why.
 pub async fn explain(
-    control: &str,
+    control: &ControlArgs,
     service: &str,
     namespace: &str,
     from: Option<&str>,
     output: Output,
 ) -> anyhow::Result<()> {
-    let client = ControlClient::new(control)?;
+    let client = control.client()?;
     let (cluster, tables) = client
         .explain(service, namespace, from.unwrap_or(""))
         .await
-        .with_context(|| format!("asking the control plane at {control}"))?;
+        .with_context(|| format!("asking the control plane at {}", client.addr()))?;
     if tables.is_empty() {
         bail!("cluster {cluster} does not know service {service}.{namespace}");
     }

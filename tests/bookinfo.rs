@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use isthmus::demo::probe::{call_sample, http_get};
 use isthmus::demo::{vip_of, Demo, DemoCluster, DemoOptions, SAMPLE_PORT};
 use isthmus::sample::SampleReply;
-use isthmus_core::client::ControlClient;
 use isthmus_core::policy::parse_documents;
 
 fn options(vip_octet: u8) -> DemoOptions {
@@ -30,7 +29,7 @@ async fn apply(demo: &Demo, via: &DemoCluster, file: &str) {
         .join(file);
     let text = std::fs::read_to_string(&path).unwrap();
     let policies = parse_documents(file, &text).unwrap();
-    let client = ControlClient::new(&via.control.grpc_addr().to_string()).unwrap();
+    let client = via.control.client();
     client.apply(&policies, false).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     for c in &demo.clusters {
@@ -149,7 +148,7 @@ async fn an_invalid_document_changes_nothing_already_stored() {
     let demo = Demo::start(options(160)).await.expect("the demo starts");
     let east = demo.cluster("east").unwrap();
     apply(&demo, east, "virtual-service-all-v1.yaml").await;
-    let client = ControlClient::new(&east.control.grpc_addr().to_string()).unwrap();
+    let client = east.control.client();
     let before = client.get_policies(None, None, None).await.unwrap();
     // A valid document followed by an invalid one (bad weights): the valid one must not land
     // either. The server validates on its own, whatever the client did.

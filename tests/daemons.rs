@@ -55,7 +55,7 @@ async fn one_cluster_of_daemons_serves_dns_and_an_mtls_call_with_the_callers_ide
         "gateway",
         "gateway",
         &format!(
-            "cluster: solo\ncontrol: \"{}\"\ntoken: {TOKEN}\nlisten: {{quic: \"127.0.0.1:0\", local: \"127.0.0.1:0\", admin: \"127.0.0.1:0\"}}\n",
+            "cluster: solo\ncontrol: \"{}\"\ncontrolCa: data/ca.pem\ntoken: {TOKEN}\nlisten: {{quic: \"127.0.0.1:0\", local: \"127.0.0.1:0\", admin: \"127.0.0.1:0\"}}\n",
             addr(grpc)
         ),
     )
@@ -65,7 +65,7 @@ async fn one_cluster_of_daemons_serves_dns_and_an_mtls_call_with_the_callers_ide
         "sidecar-echo",
         "sidecar",
         &format!(
-            "cluster: solo\ncontrol: \"{}\"\ntoken: {TOKEN}\nserviceAccount: echo\n\
+            "cluster: solo\ncontrol: \"{}\"\ncontrolCa: data/ca.pem\ntoken: {TOKEN}\nserviceAccount: echo\n\
              inbound: [{{listen: \"{}\", forwardTo: \"{}\", protocol: http}}]\nlisten: {{admin: \"127.0.0.1:0\"}}\n",
             addr(grpc),
             addr(inbound),
@@ -86,7 +86,7 @@ async fn one_cluster_of_daemons_serves_dns_and_an_mtls_call_with_the_callers_ide
         "sidecar-sleep",
         "sidecar",
         &format!(
-            "cluster: solo\ncontrol: \"{}\"\ntoken: {TOKEN}\nserviceAccount: sleep\noutbound: true\ngateway: {}\nlisten: {{admin: \"127.0.0.1:0\"}}\n",
+            "cluster: solo\ncontrol: \"{}\"\ncontrolCa: data/ca.pem\ntoken: {TOKEN}\nserviceAccount: sleep\noutbound: true\ngateway: {}\nlisten: {{admin: \"127.0.0.1:0\"}}\n",
             addr(grpc),
             gw_ready["local"]
         ),
@@ -96,7 +96,7 @@ async fn one_cluster_of_daemons_serves_dns_and_an_mtls_call_with_the_callers_ide
         dir.path(),
         "dns",
         "dns",
-        &format!("cluster: solo\ncontrol: \"{}\"\nupstreams: []\nlisten: {{dns: \"127.0.0.1:0\", admin: \"127.0.0.1:0\"}}\n", addr(grpc)),
+        &format!("cluster: solo\ncontrol: \"{}\"\ncontrolCa: data/ca.pem\nupstreams: []\nlisten: {{dns: \"127.0.0.1:0\", admin: \"127.0.0.1:0\"}}\n", addr(grpc)),
     )
     .await;
     let dns_addr: SocketAddr = dns_ready["udp"].as_str().unwrap().parse().unwrap();

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use isthmus::demo::probe::http_get;
 use isthmus::demo::{vip_of, Demo, DemoCluster, DemoOptions, SAMPLE_PORT};
 use isthmus::sample::SampleReply;
-use isthmus_core::client::ControlClient;
 use isthmus_core::policy::parse_documents;
 use tokio::sync::watch;
 
@@ -32,8 +31,7 @@ async fn apply(demo: &Demo, via: &str, yaml: &str) {
 /// Applies `yaml` through `via` and waits until the clients of `clusters` have it.
 async fn apply_to(demo: &Demo, via: &str, yaml: &str, clusters: &[&str]) {
     let policies = parse_documents("test.yaml", yaml).unwrap();
-    let client =
-        ControlClient::new(&demo.cluster(via).unwrap().control.grpc_addr().to_string()).unwrap();
+    let client = demo.cluster(via).unwrap().control.client();
     client.apply(&policies, false).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     for c in demo
@@ -257,15 +255,12 @@ async fn local_endpoints_die_traffic_fails_over_and_comes_home_after_the_hystere
 
     // The same through the CLI, asked of central's control plane about east's sidecars (it
     // forwards to east's): as soon as the client sidecar has reported.
-    let central_control = demo
-        .cluster("central")
-        .unwrap()
-        .control
-        .grpc_addr()
-        .to_string();
+    let central = demo.cluster("central").unwrap();
+    let central_control = central.control.grpc_addr().to_string();
+    let central_ca = central.ca_file.display().to_string();
     let deadline = Instant::now() + Duration::from_secs(10);
     let out = loop {
-        let control = central_control.clone();
+        let (control, ca) = (central_control.clone(), central_ca.clone());
         let out = tokio::task::spawn_blocking(move || {
             std::process::Command::new(env!("CARGO_BIN_EXE_isthmus"))
                 .args([
@@ -275,6 +270,8 @@ async fn local_endpoints_die_traffic_fails_over_and_comes_home_after_the_hystere
                     "east",
                     "--control",
                     &control,
+                    "--ca-file",
+                    &ca,
                 ])
                 .output()
                 .unwrap()
@@ -305,6 +302,8 @@ async fn local_endpoints_die_traffic_fails_over_and_comes_home_after_the_hystere
             "nowhere",
             "--control",
             &central_control,
+            "--ca-file",
+            &central_ca,
         ])
         .output()
         .unwrap();

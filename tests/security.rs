@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use isthmus::demo::probe::{call_sample, http_get};
 use isthmus::demo::{vip_of, Demo, DemoCluster, DemoOptions, SAMPLE_PORT};
-use isthmus_core::client::ControlClient;
 use isthmus_core::policy::parse_documents;
 
 fn options(vip_octet: u8) -> DemoOptions {
@@ -23,11 +22,7 @@ fn options(vip_octet: u8) -> DemoOptions {
 async fn apply(demo: &Demo, yaml: &str) {
     let policies = parse_documents("security.yaml", yaml).unwrap();
     let east = demo.cluster("east").unwrap();
-    ControlClient::new(&east.control.grpc_addr().to_string())
-        .unwrap()
-        .apply(&policies, false)
-        .await
-        .unwrap();
+    east.control.client().apply(&policies, false).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     // The policies must reach central's ratings sidecar, which reads the same config stream as
     // central's client sidecar.

@@ -209,8 +209,12 @@ impl MeshConfigService for ConfigApi {
                     req.from_cluster
                 ))
             })?;
-            let client = isthmus_core::client::ControlClient::new(&control.to_string())
-                .map_err(|e| Status::internal(e.to_string()))?;
+            // Its API presents a certificate from its own CA, published with its record.
+            let client = isthmus_core::client::ControlClient::new(
+                &control.to_string(),
+                &record.ca_bundle_pem,
+            )
+            .map_err(|e| Status::internal(e.to_string()))?;
             let (cluster, tables) = client
                 .explain_raw(&req.service, &namespace, &req.from_cluster)
                 .await

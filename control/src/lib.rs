@@ -29,11 +29,13 @@ use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use isthmus_core::ca::CertificateAuthority;
+use isthmus_core::identity::SpiffeId;
 use isthmus_core::mesh::MeshConfig;
 use isthmus_core::policy::Policy;
 use isthmus_core::proto::mesh::certificate_service_server::CertificateServiceServer;
 use isthmus_core::proto::mesh::mesh_config_service_server::MeshConfigServiceServer;
 use isthmus_core::proto::mesh::policy_service_server::PolicyServiceServer;
+use isthmus_core::tls::Identity;
 use isthmus_federation::Store;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -56,6 +58,8 @@ pub enum ControlError {
     Discovery(#[source] isthmus_core::config::ConfigError),
     #[error("loading or creating the cluster CA in {dir} failed: {reason}")]
     Ca { dir: PathBuf, reason: String },
+    #[error("setting up TLS on the control-plane API failed: {0}")]
+    Tls(String),
 }
 
 /// Everything a control plane needs, validated.
@@ -91,6 +95,7 @@ pub enum DiscoverySource {
 /// A running control plane.
 pub struct ControlHandle {
     grpc_addr: SocketAddr,
+    ca_pem: String,
     config: watch::Receiver<Arc<MeshConfig>>,
     gateway: watch::Sender<Option<SocketAddr>>,
     stop: watch::Sender<bool>,
@@ -101,6 +106,17 @@ impl ControlHandle {
     /// The bound gRPC address.
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
+    }
+
+    /// The cluster CA (PEM): what clients of the API port trust.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// A client of this control plane's API (TLS, trusting its CA).
+    pub fn client(&self) -> isthmus_core::client::ControlClient {
+        isthmus_core::client::ControlClient::new(&self.grpc_addr.to_string(), &self.ca_pem)
+            .expect("the control plane's own address and CA make a valid client")
     }
 
     /// The merged configuration, as streamed to the data plane.
@@ -185,6 +201,7 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
     let (config_tx, config_rx) = watch::channel(catalog.current());
 
     let policy_store = store.clone();
+    let kv = store.kv_service();
     let mut tasks = Vec::new();
     let kube_discovery = kube.as_ref().map(|k| k.discovery.clone());
     if let Some(k) = kube.as_mut() {
@@ -232,13 +249,19 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
     let policy_api = api::PolicyApi {
         store: policy_store,
     };
+    let (api_identity, rotation) =
+        api_identity(opts.ca.clone(), opts.cert_lifetime, stopped.clone())?;
+    tasks.push(rotation);
+    let tls = isthmus_core::api_tls::server_config(api_identity)
+        .map_err(|e| ControlError::Tls(e.to_string()))?;
     let mut grpc_stop = stopped.clone();
+    let incoming = isthmus_core::api_tls::incoming(listener, Arc::new(tls), stopped.clone());
     tasks.push(tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let result = tonic::transport::Server::builder()
             .add_service(MeshConfigServiceServer::new(config_api))
             .add_service(CertificateServiceServer::new(cert_api))
             .add_service(PolicyServiceServer::new(policy_api))
+            .add_service(kv)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = grpc_stop.changed().await;
             })
@@ -250,11 +273,49 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
     tracing::info!(cluster = %opts.cluster, grpc = %grpc_addr, "control plane started");
     Ok(ControlHandle {
         grpc_addr,
+        ca_pem: opts.ca.cert_pem().to_string(),
         config: config_rx,
         gateway: gateway_tx,
         stop,
         tasks,
     })
+}
+
+/// The certificate the API port presents: the control plane's SPIFFE identity, issued by the
+/// cluster CA for `lifetime` and re-issued at half of it until `stop`.
+fn api_identity(
+    ca: Arc<CertificateAuthority>,
+    lifetime: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(Arc<Identity>, JoinHandle<()>), ControlError> {
+    let id = SpiffeId::control(ca.trust_domain());
+    let issue_id = id.clone();
+    let issue = move |ca: &CertificateAuthority| {
+        let id = &issue_id;
+        ca.issue(id, lifetime)
+            .map_err(|e| ControlError::Tls(format!("issuing the API certificate for {id}: {e}")))
+    };
+    let first = issue(&ca)?;
+    let identity = Identity::from_pem(id.clone(), &first.cert_chain_pem, &first.key_pem)
+        .map_err(|e| ControlError::Tls(e.to_string()))?;
+    let rotating = identity.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(lifetime / 2) => {}
+                _ = stop.changed() => return,
+            }
+            let rotated = issue(&ca).and_then(|c| {
+                rotating
+                    .rotate(&c.cert_chain_pem, &c.key_pem)
+                    .map_err(|e| ControlError::Tls(e.to_string()))
+            });
+            if let Err(e) = rotated {
+                tracing::warn!(error = %e, "API certificate rotation failed; keeping the current one");
+            }
+        }
+    });
+    Ok((identity, task))
 }
 
 /// Reads the other clusters' records from the local replica and rebuilds the catalog.

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use isthmus_control::tokens::TokenPolicy;
 use isthmus_core::ca::CertificateAuthority;
-use isthmus_core::client::ControlClient;
 use isthmus_core::identity::SpiffeId;
 use isthmus_core::mesh::MeshConfig;
 use tokio::sync::watch;
@@ -98,7 +97,7 @@ async fn wait_for_key(store: &isthmus_federation::Store, key: &str) {
 #[tokio::test]
 async fn config_stream_carries_discovered_services_and_follows_file_changes() {
     let r = start(ONE_SERVICE).await;
-    let client = ControlClient::new(&r.control.grpc_addr().to_string()).unwrap();
+    let client = r.control.client();
     let (mut rx, _task) = client
         .watch_config("test", Duration::from_secs(10))
         .await
@@ -227,7 +226,7 @@ async fn an_invalid_hostname_keeps_the_last_good_headless_service() {
 #[tokio::test]
 async fn certificates_are_signed_only_for_identities_the_token_allows() {
     let r = start(ONE_SERVICE).await;
-    let client = ControlClient::new(&r.control.grpc_addr().to_string()).unwrap();
+    let client = r.control.client();
     let ok = SpiffeId::new("east.isthmus.local", "default", "ratings");
     let (identity, bundles, not_after) = client.request_identity(&ok, TOKEN).await.unwrap();
     assert_eq!(identity.id(), &ok);
@@ -254,6 +253,58 @@ async fn certificates_are_signed_only_for_identities_the_token_allows() {
         .expect_err("refused")
         .to_string();
     assert!(err.contains("does not allow"), "{err}");
+    r.control.shutdown().await;
+    r.store.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_api_is_tls_only_and_trusted_only_through_the_cluster_ca() {
+    let r = start(ONE_SERVICE).await;
+    // Trusting the cluster CA: policies, and the federation's Kv API on the same TLS port.
+    let client = r.control.client();
+    assert!(client
+        .get_policies(None, None, None)
+        .await
+        .unwrap()
+        .is_empty());
+    let mut kv = isthmus_federation::KvClient::from_channel(client.channel());
+    let status = kv
+        .status()
+        .await
+        .expect("Kv over the control plane's TLS port");
+    assert_eq!(status.id, 1);
+
+    // Trusting some other CA: the handshake fails, nothing is answered.
+    let other = CertificateAuthority::generate("east.isthmus.local").unwrap();
+    let stranger = isthmus_core::client::ControlClient::new(
+        &r.control.grpc_addr().to_string(),
+        other.cert_pem(),
+    )
+    .unwrap();
+    let err = stranger
+        .get_policies(None, None, None)
+        .await
+        .expect_err("a server certificate from another CA is refused");
+    assert!(err.to_string().contains("get failed"), "{err}");
+
+    // Plaintext gRPC gets no answer either.
+    let plain =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", r.control.grpc_addr()))
+            .unwrap()
+            .connect_lazy();
+    let mut policies =
+        isthmus_core::proto::mesh::policy_service_client::PolicyServiceClient::new(plain);
+    let refused = policies
+        .get(isthmus_core::proto::mesh::GetPoliciesRequest::default())
+        .await;
+    assert!(refused.is_err(), "plaintext was answered: {refused:?}");
+
+    // A CA that is not PEM is refused before any connection.
+    let bad = isthmus_core::client::ControlClient::new("127.0.0.1:1", "not a certificate")
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(bad.contains("CA"), "{bad}");
     r.control.shutdown().await;
     r.store.shutdown().await;
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::ca::generate_csr;
 use crate::identity::SpiffeId;
@@ -31,8 +31,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Errors talking to the control plane.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("control plane address {0:?} is not a valid URI")]
+    #[error("control plane address {0}: not a valid address")]
     Address(String),
+    #[error("the CA given to trust the control plane at {addr} is unusable: {reason}")]
+    Ca { addr: String, reason: String },
     #[error("the control plane refused to sign a certificate for {identity}: {status}")]
     Sign { identity: String, status: String },
     #[error("no configuration arrived from the control plane at {addr} within {waited:?}")]
@@ -46,7 +48,8 @@ pub enum ClientError {
     },
 }
 
-/// A lazily connected client of one control plane's gRPC API.
+/// A lazily connected client of one control plane's gRPC API, over TLS (see
+/// [`crate::api_tls`]: the server must prove a control-plane identity under the given CA).
 #[derive(Clone)]
 pub struct ControlClient {
     addr: String,
@@ -54,16 +57,41 @@ pub struct ControlClient {
 }
 
 impl ControlClient {
-    /// A client for the control plane at `addr` (`ip:port`). Connects lazily.
-    pub fn new(addr: &str) -> Result<Self, ClientError> {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|_| ClientError::Address(addr.to_string()))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true);
-        Ok(ControlClient {
+    /// A client for the control plane at `addr` (`host:port`; an `https://` prefix is
+    /// accepted), trusting the cluster CA `ca_pem`. Connects lazily.
+    pub fn new(addr: &str, ca_pem: &str) -> Result<Self, ClientError> {
+        let config = crate::api_tls::client_config(ca_pem).map_err(|e| ClientError::Ca {
             addr: addr.to_string(),
-            channel: endpoint.connect_lazy(),
+            reason: e.to_string(),
+        })?;
+        Self::with_tls(addr, Arc::new(config))
+    }
+
+    /// Like [`ControlClient::new`], with a prepared TLS client configuration (to share one
+    /// between many clients).
+    pub fn with_tls(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Self, ClientError> {
+        let bare = addr.strip_prefix("https://").unwrap_or(addr);
+        if bare.contains("://") {
+            return Err(ClientError::Address(format!(
+                "{addr} (the control-plane API is TLS only: give host:port or https://host:port)"
+            )));
+        }
+        let channel = crate::api_tls::channel(bare, tls).map_err(ClientError::Address)?;
+        Ok(ControlClient {
+            addr: bare.to_string(),
+            channel,
         })
+    }
+
+    /// The control plane's address, `host:port`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The TLS channel, for other services the control plane serves on the same port (the
+    /// federation store's `Kv` API).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
     }
 
     /// Subscribes to the configuration stream. Waits up to `first_within` for the first

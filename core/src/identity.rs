@@ -87,6 +87,11 @@ impl SpiffeId {
         &self.service_account
     }
 
+    /// Whether this is the control-plane identity of some trust domain.
+    pub fn is_control(&self) -> bool {
+        self.namespace == SYSTEM_NAMESPACE && self.service_account == CONTROL_SERVICE_ACCOUNT
+    }
+
     /// Whether this is the gateway identity of some trust domain.
     pub fn is_gateway(&self) -> bool {
         self.namespace == SYSTEM_NAMESPACE && self.service_account == GATEWAY_SERVICE_ACCOUNT

@@ -19,6 +19,7 @@
 //! none of raft, quinn, kube or hickory.
 
 pub mod admin;
+pub mod api_tls;
 pub mod ca;
 pub mod client;
 pub mod config;

@@ -26,6 +26,9 @@ use crate::identity::SpiffeId;
 /// so the verifier ignores it.
 pub const MESH_SERVER_NAME: &str = "mesh.isthmus";
 
+/// The key of [`TrustBundles::any_domain`]'s anchors (no trust domain can be `*`).
+const ANY_DOMAIN: &str = "*";
+
 /// Errors from loading certificates, keys and bundles.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -147,6 +150,15 @@ impl TrustBundles {
         Ok(())
     }
 
+    /// Bundles that vouch for identities of *any* trust domain: for a client that was handed
+    /// one cluster's CA (the control-plane API's clients), where the CA itself is the trust
+    /// decision. Never used for workload mTLS, where each domain has its own bundle.
+    pub fn any_domain(pem: &str) -> Result<Arc<Self>, TlsError> {
+        let bundles = Self::new();
+        bundles.replace([(ANY_DOMAIN, pem)])?;
+        Ok(bundles)
+    }
+
     /// The trust domains currently trusted, sorted.
     pub fn trust_domains(&self) -> Vec<String> {
         let map = self.snapshot();
@@ -184,6 +196,7 @@ impl TrustBundles {
         let bundles = self.snapshot();
         let anchors = bundles
             .get(id.trust_domain())
+            .or_else(|| bundles.get(ANY_DOMAIN))
             .ok_or(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::UnknownIssuer,
             ))?;
@@ -279,7 +292,7 @@ fn certified_key(chain_pem: &str, key_pem: &str) -> Result<CertifiedKey, TlsErro
 }
 
 #[derive(Debug)]
-struct IdentityResolver(Arc<Identity>);
+pub struct IdentityResolver(Arc<Identity>);
 
 impl rustls::server::ResolvesServerCert for IdentityResolver {
     fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
@@ -309,7 +322,7 @@ pub fn accept_gateways() -> AcceptPeer {
     Arc::new(|id| id.is_gateway())
 }
 
-struct SpiffeVerifier {
+pub struct SpiffeVerifier {
     trust: Arc<TrustBundles>,
     accept: AcceptPeer,
     algorithms: WebPkiSupportedAlgorithms,
@@ -433,6 +446,17 @@ impl ClientCertVerifier for SpiffeVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
     }
+}
+
+/// A certificate resolver (server or client side) presenting `identity`'s current certificate.
+pub fn identity_resolver(identity: Arc<Identity>) -> Arc<IdentityResolver> {
+    Arc::new(IdentityResolver(identity))
+}
+
+/// A verifier (server or client side) of SPIFFE peers: chain against `trust`, identity
+/// admitted by `accept`.
+pub fn spiffe_verifier(trust: Arc<TrustBundles>, accept: AcceptPeer) -> Arc<SpiffeVerifier> {
+    SpiffeVerifier::new(trust, accept)
 }
 
 /// A server configuration that presents `identity` and requires a client certificate

@@ -23,7 +23,7 @@ const WATCH_BUFFER: usize = 256;
 const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 
 /// Serves `Kv` for one member.
-pub(crate) struct KvService {
+pub struct KvService {
     store: Weak<Inner>,
 }
 

@@ -94,6 +94,14 @@ impl KvClient {
         })
     }
 
+    /// A client over an existing channel: the `Kv` API as a control plane serves it on its
+    /// TLS API port (docs/control-api.md), next to its own services.
+    pub fn from_channel(channel: Channel) -> Self {
+        KvClient {
+            grpc: Grpc::new(channel).max_decoding_message_size(usize::MAX),
+        }
+    }
+
     /// The record at `key`: from the member's replica, or linearizable.
     pub async fn get(
         &mut self,

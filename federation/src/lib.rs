@@ -61,6 +61,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
+pub use api::KvService;
 pub use client::{KvClient, KvWatch, RemoteStatus};
 pub use error::StoreError;
 pub use replica::{MemberStatus, Role, Watch};
@@ -410,6 +411,13 @@ impl Store {
     /// The address of this member's peer listener (which also serves the `Kv` client API).
     pub fn peer_addr(&self) -> SocketAddr {
         self.inner.peer_addr
+    }
+
+    /// The `Kv` client API of this member as a gRPC service, for a server other than the
+    /// peer listener to carry it (the control plane's TLS API port). It does not keep the
+    /// member running.
+    pub fn kv_service(&self) -> proto::v1::kv_server::KvServer<KvService> {
+        api::KvService::new(self.downgrade())
     }
 
     /// A handle that does not keep the member running (for the servers it runs).

@@ -1,5 +1,6 @@
 //! Pieces every data-plane daemon shares: its connection to the control plane.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +26,55 @@ pub fn cluster_and_trust_domain(
     Ok(trust_domain.unwrap_or_else(|| default_trust_domain(cluster)))
 }
 
+/// The control plane a daemon talks to: its API address and the cluster CA that the API's
+/// certificate chains to (docs/control-api.md).
+#[derive(Debug, Clone)]
+pub struct ControlTarget {
+    pub addr: String,
+    pub ca_pem: String,
+}
+
+impl ControlTarget {
+    /// Reads the config's `controlCa` (a PEM file, relative to the config file's directory)
+    /// and checks that it holds usable CA certificates.
+    pub fn load(config_path: &Path, addr: &str, ca_file: Option<&str>) -> anyhow::Result<Self> {
+        let file = ca_file.ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: field controlCa is missing: the control-plane API is TLS only; give the \
+                 PEM file of the cluster CA (the control plane's <dataDir>/ca.pem)",
+                config_path.display()
+            )
+        })?;
+        let path = config_path
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join(file);
+        let ca_pem = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "{}: field controlCa: reading {}",
+                config_path.display(),
+                path.display()
+            )
+        })?;
+        isthmus_core::api_tls::client_config(&ca_pem).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: field controlCa: {} holds no usable CA certificate: {e}",
+                config_path.display(),
+                path.display()
+            )
+        })?;
+        Ok(ControlTarget {
+            addr: addr.to_string(),
+            ca_pem,
+        })
+    }
+
+    /// A client of the control plane's API.
+    pub fn client(&self) -> anyhow::Result<ControlClient> {
+        Ok(ControlClient::new(&self.addr, &self.ca_pem)?)
+    }
+}
+
 /// What a component gets from its control plane.
 pub struct Attached {
     pub identity: Option<Arc<Identity>>,
@@ -35,11 +85,11 @@ pub struct Attached {
 
 /// Connects to the control plane: a certificate for `id` (when given) and the config stream.
 pub async fn attach(
-    control: &str,
+    control: &ControlTarget,
     node: &str,
     id: Option<(&SpiffeId, &str)>,
 ) -> anyhow::Result<Attached> {
-    let client = ControlClient::new(control)?;
+    let client = control.client()?;
     let trust = TrustBundles::new();
     let mut tasks = Vec::new();
     let identity = match id {
@@ -48,7 +98,10 @@ pub async fn attach(
                 .workload_identity(id, token, trust.clone())
                 .await
                 .with_context(|| {
-                    format!("getting a certificate for {id} from the control plane at {control}")
+                    format!(
+                        "getting a certificate for {id} from the control plane at {}",
+                        control.addr
+                    )
                 })?;
             tasks.push(rotation);
             Some(identity)
@@ -89,11 +142,11 @@ pub fn print_ready(component: &str, addrs: serde_json::Value) {
 /// Reports a sidecar's failover tables to its control plane (for `isthmus explain`): on
 /// change, checked every second, and at least every five seconds so the report stays fresh.
 pub fn report_failover(
-    control: &str,
+    control: &ControlTarget,
     node: &str,
     health: Arc<isthmus_sidecar::failover::Health>,
 ) -> anyhow::Result<JoinHandle<()>> {
-    let client = ControlClient::new(control)?;
+    let client = control.client()?;
     let node = node.to_string();
     Ok(tokio::spawn(async move {
         let mut last = String::new();

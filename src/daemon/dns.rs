@@ -3,6 +3,7 @@
 //! ```yaml
 //! cluster: east
 //! control: 127.0.0.1:15012
+//! controlCa: ca.pem                # the cluster CA (the control plane's <dataDir>/ca.pem)
 //! listen: {dns: 0.0.0.0:15053, admin: 0.0.0.0:15020}
 //! upstreams: [192.0.2.53:53]    # default: the nameservers of /etc/resolv.conf
 //! ttl: 5
@@ -16,13 +17,19 @@ use isthmus_core::config::{host_port, socket_addr, FieldError};
 use serde::Deserialize;
 
 use super::admin::ComponentAdmin;
-use super::common::{attach, cluster_and_trust_domain, print_ready, wait_for_shutdown_signal};
+use super::common::{
+    attach, cluster_and_trust_domain, print_ready, wait_for_shutdown_signal, ControlTarget,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawDnsConfig {
     pub cluster: String,
     pub control: String,
+    /// The cluster CA's PEM file (relative to this file): what the control-plane API's
+    /// certificate must chain to.
+    #[serde(default)]
+    pub control_ca: Option<String>,
     #[serde(default)]
     pub listen: RawListen,
     #[serde(default)]
@@ -64,6 +71,8 @@ pub struct DnsConfig {
     pub cluster: String,
     /// `host:port` of the control plane's gRPC API (an IP or a DNS name).
     pub control: String,
+    /// `controlCa` as written (read at start, relative to the config file).
+    pub control_ca: Option<String>,
     pub dns: SocketAddr,
     pub admin: SocketAddr,
     /// None: read /etc/resolv.conf.
@@ -90,6 +99,7 @@ impl TryFrom<RawDnsConfig> for DnsConfig {
         Ok(DnsConfig {
             cluster: raw.cluster,
             control: host_port("control", &raw.control)?,
+            control_ca: raw.control_ca,
             dns: socket_addr("listen.dns", &raw.listen.dns)?,
             admin: socket_addr("listen.admin", &raw.listen.admin)?,
             upstreams,
@@ -101,7 +111,8 @@ impl TryFrom<RawDnsConfig> for DnsConfig {
 /// Runs the DNS proxy until a shutdown signal.
 pub async fn run(path: &Path) -> anyhow::Result<()> {
     let config: DnsConfig = isthmus_core::config::load_file::<RawDnsConfig, DnsConfig>(path)?;
-    let att = attach(&config.control, "dns", None).await?;
+    let control = ControlTarget::load(path, &config.control, config.control_ca.as_deref())?;
+    let att = attach(&control, "dns", None).await?;
     let upstreams = match config.upstreams {
         Some(u) => u,
         None => std::fs::read_to_string("/etc/resolv.conf")

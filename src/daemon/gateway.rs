@@ -2,7 +2,8 @@
 //!
 //! ```yaml
 //! cluster: east
-//! control: 127.0.0.1:15012           # the cluster's control plane gRPC API
+//! control: 127.0.0.1:15012
+//! controlCa: ca.pem                # the cluster CA (the control plane's <dataDir>/ca.pem)           # the cluster's control plane gRPC API
 //! token: "bootstrap-token"           # allowed isthmus-system/eastwest-gateway
 //! listen: {quic: 0.0.0.0:15443, local: 0.0.0.0:15444, admin: 0.0.0.0:15020}
 //! keepAlive: 250ms
@@ -23,7 +24,9 @@ use isthmus_core::identity::SpiffeId;
 use serde::Deserialize;
 
 use super::admin::ComponentAdmin;
-use super::common::{attach, cluster_and_trust_domain, print_ready, wait_for_shutdown_signal};
+use super::common::{
+    attach, cluster_and_trust_domain, print_ready, wait_for_shutdown_signal, ControlTarget,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -32,6 +35,10 @@ pub struct RawGatewayConfig {
     #[serde(default)]
     pub trust_domain: Option<String>,
     pub control: String,
+    /// The cluster CA's PEM file (relative to this file): what the control-plane API's
+    /// certificate must chain to.
+    #[serde(default)]
+    pub control_ca: Option<String>,
     pub token: String,
     #[serde(default)]
     pub listen: RawListen,
@@ -86,6 +93,8 @@ pub struct GatewayConfig {
     pub trust_domain: String,
     /// `host:port` of the control plane's gRPC API (an IP or a DNS name).
     pub control: String,
+    /// `controlCa` as written (read at start, relative to the config file).
+    pub control_ca: Option<String>,
     pub token: String,
     pub quic: SocketAddr,
     pub local: SocketAddr,
@@ -110,6 +119,7 @@ impl TryFrom<RawGatewayConfig> for GatewayConfig {
             cluster: raw.cluster,
             trust_domain,
             control: host_port("control", &raw.control)?,
+            control_ca: raw.control_ca,
             token: raw.token,
             quic: socket_addr("listen.quic", &raw.listen.quic)?,
             local: socket_addr("listen.local", &raw.listen.local)?,
@@ -134,13 +144,14 @@ impl TryFrom<RawGatewayConfig> for GatewayConfig {
 pub async fn run(path: &Path) -> anyhow::Result<()> {
     let config: GatewayConfig =
         isthmus_core::config::load_file::<RawGatewayConfig, GatewayConfig>(path)?;
+    let control = ControlTarget::load(path, &config.control, config.control_ca.as_deref())?;
     // A bad secret file fails start-up before anything connects anywhere.
     let replicas = match &config.replica_secret_file {
         None => None,
         Some(path) => Some(read_replica_secret(path)?),
     };
     let id = SpiffeId::gateway(&config.trust_domain);
-    let att = attach(&config.control, "gateway", Some((&id, &config.token))).await?;
+    let att = attach(&control, "gateway", Some((&id, &config.token))).await?;
     let identity = att
         .identity
         .clone()

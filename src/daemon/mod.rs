@@ -13,4 +13,4 @@ pub mod gateway;
 pub mod redirect;
 pub mod sidecar;
 
-pub use common::{attach, report_failover, wait_for_shutdown_signal, Attached};
+pub use common::{attach, report_failover, wait_for_shutdown_signal, Attached, ControlTarget};

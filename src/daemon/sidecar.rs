@@ -3,6 +3,7 @@
 //! ```yaml
 //! cluster: east
 //! control: 127.0.0.1:15012
+//! controlCa: ca.pem                # the cluster CA (the control plane's <dataDir>/ca.pem)
 //! token: "bootstrap-token"
 //! namespace: default
 //! serviceAccount: sleep
@@ -27,7 +28,9 @@ use isthmus_core::mesh::Protocol;
 use serde::Deserialize;
 
 use super::admin::ComponentAdmin;
-use super::common::{attach, cluster_and_trust_domain, print_ready, wait_for_shutdown_signal};
+use super::common::{
+    attach, cluster_and_trust_domain, print_ready, wait_for_shutdown_signal, ControlTarget,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -36,6 +39,10 @@ pub struct RawSidecarConfig {
     #[serde(default)]
     pub trust_domain: Option<String>,
     pub control: String,
+    /// The cluster CA's PEM file (relative to this file): what the control-plane API's
+    /// certificate must chain to.
+    #[serde(default)]
+    pub control_ca: Option<String>,
     pub token: String,
     #[serde(default = "default_namespace")]
     pub namespace: String,
@@ -102,6 +109,8 @@ pub struct SidecarConfig {
     pub identity: SpiffeId,
     /// `host:port` of the control plane's gRPC API (an IP or a DNS name).
     pub control: String,
+    /// `controlCa` as written (read at start, relative to the config file).
+    pub control_ca: Option<String>,
     pub token: String,
     pub gateway: Option<SocketAddr>,
     pub labels: std::collections::BTreeMap<String, String>,
@@ -174,6 +183,7 @@ impl TryFrom<RawSidecarConfig> for SidecarConfig {
             identity: SpiffeId::new(&trust_domain, &raw.namespace, &raw.service_account),
             cluster: raw.cluster,
             control: host_port("control", &raw.control)?,
+            control_ca: raw.control_ca,
             token: raw.token,
             gateway: raw
                 .gateway
@@ -193,8 +203,9 @@ impl TryFrom<RawSidecarConfig> for SidecarConfig {
 pub async fn run(path: &Path) -> anyhow::Result<()> {
     let config: SidecarConfig =
         isthmus_core::config::load_file::<RawSidecarConfig, SidecarConfig>(path)?;
+    let control = ControlTarget::load(path, &config.control, config.control_ca.as_deref())?;
     let att = attach(
-        &config.control,
+        &control,
         &format!("sidecar/{}", config.identity.service_account()),
         Some((&config.identity, &config.token)),
     )
@@ -235,7 +246,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         tracing::info!(%bound, "serving redirected inbound connections");
     }
     let reporter = super::common::report_failover(
-        &config.control,
+        &control,
         &format!("sidecar/{}", config.identity.service_account()),
         sidecar.failover_health(),
     )?;

@@ -15,7 +15,7 @@ use isthmus_core::tls::Identity;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::daemon::Attached;
+use crate::daemon::{Attached, ControlTarget};
 
 use super::{
     ClusterPorts, DemoOptions, CLIENT_ACCOUNT, SAMPLE_NAMESPACE, SAMPLE_PORT, SAMPLE_SERVICES,
@@ -42,6 +42,9 @@ pub struct DemoCluster {
     pub trust_domain: String,
     pub federation: SocketAddr,
     pub control: isthmus_control::ControlHandle,
+    /// The cluster CA's certificate file, which the control-plane API's certificate chains
+    /// to (what `isthmus --ca-file` takes).
+    pub ca_file: std::path::PathBuf,
     /// The east-west gateway; `None` once [`DemoCluster::kill_gateway`] stopped it.
     pub gateway: Option<isthmus_gateway::GatewayHandle>,
     /// The gateway's address for local sidecars (kept after it is killed).
@@ -63,10 +66,18 @@ pub struct DemoCluster {
     store: isthmus_federation::Store,
 }
 
+/// How this process's components reach a control plane's API.
+fn target(control: &isthmus_control::ControlHandle) -> ControlTarget {
+    ControlTarget {
+        addr: control.grpc_addr().to_string(),
+        ca_pem: control.ca_pem().to_string(),
+    }
+}
+
 /// Attaches a component to its control plane the way the daemons do: a certificate for `id`
 /// and the config stream.
 async fn attach(
-    control: &str,
+    control: &ControlTarget,
     node: &str,
     id: SpiffeId,
 ) -> anyhow::Result<(Arc<Identity>, Attached)> {
@@ -80,7 +91,7 @@ async fn attach(
 
 /// Starts the cluster's east-west gateway on `quic` and `local` (port 0 picks).
 async fn start_gateway(
-    control: &str,
+    control: &ControlTarget,
     cluster: &str,
     trust_domain: &str,
     quic: SocketAddr,
@@ -109,7 +120,7 @@ async fn start_gateway(
 /// `inbound_listen`) with its own identity, attached to the control plane at `control`.
 #[allow(clippy::too_many_arguments)]
 async fn start_workload(
-    control: &str,
+    control: &ControlTarget,
     cluster: &str,
     trust_domain: &str,
     service: &str,
@@ -216,7 +227,7 @@ impl DemoCluster {
             return Ok(());
         }
         let (gateway, att) = start_gateway(
-            &self.control.grpc_addr().to_string(),
+            &target(&self.control),
             &self.name,
             &self.trust_domain,
             self.gateway_quic,
@@ -249,7 +260,7 @@ impl DemoCluster {
     pub async fn revive_workloads(&mut self, stopped: &[StoppedWorkload]) -> anyhow::Result<()> {
         for s in stopped {
             let (workload, tasks) = start_workload(
-                &self.control.grpc_addr().to_string(),
+                &target(&self.control),
                 &self.name,
                 &self.trust_domain,
                 &s.service,
@@ -296,7 +307,7 @@ impl DemoCluster {
         };
         let control = isthmus_control::start(control_options.clone(), store.clone()).await?;
 
-        let control_addr = control.grpc_addr().to_string();
+        let control_addr = target(&control);
         let mut background = Vec::new();
         let mut admins = BTreeMap::new();
         admins.insert(
@@ -422,6 +433,7 @@ impl DemoCluster {
             background,
             control_options,
             store,
+            ca_file: dir.join("data").join("ca.pem"),
         })
     }
 
@@ -455,6 +467,7 @@ impl DemoCluster {
             name: self.name.clone(),
             dns: self.dns.udp_addr().to_string(),
             control: self.control.grpc_addr().to_string(),
+            ca_file: self.ca_file.display().to_string(),
             gateway: self.gateway_quic.to_string(),
             federation: self.federation.to_string(),
             admin: self

@@ -92,8 +92,10 @@ pub struct ClusterPorts {
     pub name: String,
     /// DNS proxy (UDP and TCP).
     pub dns: String,
-    /// Control plane gRPC API.
+    /// Control plane gRPC API (TLS).
     pub control: String,
+    /// The cluster CA's PEM file: `isthmus --ca-file`, daemons' `controlCa`.
+    pub ca_file: String,
     /// East-west gateway, QUIC (UDP).
     pub gateway: String,
     /// Federation peer port.

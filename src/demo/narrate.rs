@@ -158,7 +158,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             east.dns.rsplit_once(':'),
             east.vips.get(&format!("ratings.{SAMPLE_NAMESPACE}")),
         ) {
-            println!("Try it (east):\n    dig @{dns_ip} -p {dns_port} {name}\n    curl http://{vip}:{SAMPLE_PORT}/");
+            println!(
+                "Try it (east):\n    dig @{dns_ip} -p {dns_port} {name}\n    curl http://{vip}:{SAMPLE_PORT}/\n    \
+                 isthmus get virtualservice -n {SAMPLE_NAMESPACE} --control {} --ca-file {}",
+                east.control, east.ca_file
+            );
         }
     }
 
@@ -195,7 +199,7 @@ const DETAILS_FAILOVER: &str = "apiVersion: isthmus.io/v1alpha1\nkind: FailoverP
 async fn failover(demo: &mut Demo) -> anyhow::Result<()> {
     let policies = isthmus_core::policy::parse_documents("failover.yaml", DETAILS_FAILOVER)?;
     let east = demo.cluster("east")?;
-    let client = isthmus_core::client::ControlClient::new(&east.control.grpc_addr().to_string())?;
+    let client = east.control.client();
     client.apply(&policies, false).await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !policies
@@ -282,7 +286,7 @@ async fn canary(demo: &Demo) -> anyhow::Result<()> {
         "virtual-service-reviews-v2-v3.yaml",
         REVIEWS_SPLIT,
     )?);
-    let client = isthmus_core::client::ControlClient::new(&east.control.grpc_addr().to_string())?;
+    let client = east.control.client();
     for (resource, action) in client.apply(&policies, false).await? {
         println!("    {resource} {action}");
     }

@@ -92,10 +92,11 @@ module "central" {
   gateway_address  = var.clusters["central"].gateway_address
 }
 
-# The isthmus provider talks to the founder's control plane and federation member.
+# The isthmus provider talks to the founder's control plane, over TLS: the API's certificate
+# chains to east's CA.
 provider "isthmus" {
-  control    = var.control_address
-  federation = module.east.federation_address
+  control        = var.control_address
+  ca_certificate = module.east.trust_bundle
 }
 
 module "federation" {

@@ -7,7 +7,6 @@
 //! `ApplyResourceChange`. `ImportResourceState` is followed by a `ReadResource`.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 use isthmus_core::client::ControlClient;
@@ -19,28 +18,19 @@ use crate::diag::{self, Diag, Diags};
 use crate::proto::tfplugin6 as pb;
 use crate::schema::{Attr, Block};
 
-/// The connections a configured provider uses.
+/// The connection a configured provider uses: one control plane's API, over TLS
+/// (docs/control-api.md). It carries the policy services `isthmus apply/get/delete` use and
+/// the federation store's `Kv` API (membership, records) of the member the control plane runs.
 #[derive(Clone)]
 pub struct Conn {
-    /// The control plane's gRPC API (policies), as `isthmus apply/get/delete` use it.
     pub control: ControlClient,
     pub control_addr: String,
-    /// A federation member's `Kv` API (membership, records), as `isthmus status/cluster` use it.
-    pub federation: SocketAddr,
 }
 
 impl Conn {
-    /// A connection to the federation member.
+    /// The federation store's `Kv` API, through the control plane's TLS port.
     pub async fn kv(&self) -> Result<KvClient, Diags> {
-        KvClient::connect(self.federation).await.map_err(|e| {
-            vec![Diag::error(
-                "Cannot reach the Isthmus federation",
-                format!(
-                    "connecting to the federation member at {}: {e}",
-                    self.federation
-                ),
-            )]
-        })
+        Ok(KvClient::from_channel(self.control.channel()))
     }
 }
 
@@ -108,23 +98,21 @@ pub struct IsthmusProvider {
 
 /// The control plane the provider uses when neither `control` nor `$ISTHMUS_CONTROL` is set.
 pub const DEFAULT_CONTROL: &str = "127.0.0.1:15012";
-/// The federation member used when neither `federation` nor `$ISTHMUS_FEDERATION` is set.
-pub const DEFAULT_FEDERATION: &str = "127.0.0.1:15017";
 
 fn provider_block() -> Block {
     Block::new(
         "Isthmus: a multi-cluster service mesh. The provider talks to one cluster's control \
-         plane (policies) and one federation member (membership, records).",
+         plane over TLS: policies, and the federation's membership and records.",
         vec![
             Attr::optional(
                 "control",
                 Type::String,
-                "A control plane's gRPC address, host:port (default $ISTHMUS_CONTROL, else 127.0.0.1:15012).",
+                "A control plane's API address, host:port or https://host:port (default $ISTHMUS_CONTROL, else 127.0.0.1:15012).",
             ),
             Attr::optional(
-                "federation",
+                "ca_certificate",
                 Type::String,
-                "A federation member's peer address, host:port (default $ISTHMUS_FEDERATION, else 127.0.0.1:15017).",
+                "PEM of the cluster CA that the control plane's API certificate chains to (its <dataDir>/ca.pem, or the isthmus-cluster module's trust_bundle output). Default: the file $ISTHMUS_CA_FILE names.",
             ),
         ],
     )
@@ -186,21 +174,30 @@ impl IsthmusProvider {
 /// Checks the provider's own attributes (offline).
 fn validate_provider(config: &Value) -> Diags {
     let mut diags = Vec::new();
-    for attr in ["control", "federation"] {
-        if let Some(addr) = config.get(attr).as_str() {
-            if let Err(message) = check_host_port(addr) {
-                diags.push(Diag::error(format!("Invalid {attr} address"), message).at(attr));
-            }
+    if let Some(addr) = config.get("control").as_str() {
+        if let Err(message) = check_host_port(addr) {
+            diags.push(Diag::error("Invalid control address", message).at("control"));
+        }
+    }
+    if let Some(pem) = config.get("ca_certificate").as_str() {
+        if let Err(e) = isthmus_core::api_tls::client_config(pem) {
+            diags.push(
+                Diag::error(
+                    "Invalid ca_certificate",
+                    format!("expected the PEM of one or more CA certificates: {e}"),
+                )
+                .at("ca_certificate"),
+            );
         }
     }
     diags
 }
 
 fn check_host_port(addr: &str) -> Result<(), String> {
+    let addr = addr.strip_prefix("https://").unwrap_or(addr);
     if addr.contains("://") {
         return Err(format!(
-            "{addr:?}: give host:port without a scheme. The Isthmus control-plane and federation \
-             APIs are plaintext gRPC today (see docs/terraform.md), so there is no https:// to ask for"
+            "{addr:?}: the Isthmus control-plane API is TLS only; give host:port or https://host:port"
         ));
     }
     match addr.rsplit_once(':') {
@@ -209,15 +206,35 @@ fn check_host_port(addr: &str) -> Result<(), String> {
     }
 }
 
-async fn resolve(addr: &str) -> Result<SocketAddr, String> {
-    if let Ok(a) = addr.parse() {
-        return Ok(a);
+/// The CA to trust: `ca_certificate`, else the file `$ISTHMUS_CA_FILE` names.
+fn ca_pem(config: &Value) -> Result<String, Diag> {
+    if let Some(pem) = config.get("ca_certificate").as_str() {
+        return Ok(pem.to_string());
     }
-    tokio::net::lookup_host(addr)
-        .await
-        .map_err(|e| format!("resolving {addr}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{addr} resolves to no address"))
+    let Some(file) = std::env::var_os("ISTHMUS_CA_FILE") else {
+        return Err(Diag::error(
+            "Missing ca_certificate",
+            "The Isthmus control-plane API is TLS only: set ca_certificate to the cluster CA's \
+             PEM (e.g. file(\"<dataDir>/ca.pem\")), or $ISTHMUS_CA_FILE to its path",
+        )
+        .at("ca_certificate"));
+    };
+    let pem = std::fs::read_to_string(&file).map_err(|e| {
+        Diag::error(
+            "Unreadable $ISTHMUS_CA_FILE",
+            format!("reading {}: {e}", std::path::Path::new(&file).display()),
+        )
+    })?;
+    isthmus_core::api_tls::client_config(&pem).map_err(|e| {
+        Diag::error(
+            "Invalid $ISTHMUS_CA_FILE",
+            format!(
+                "{} holds no usable CA certificate: {e}",
+                std::path::Path::new(&file).display()
+            ),
+        )
+    })?;
+    Ok(pem)
 }
 
 /// Decodes a `DynamicValue` (MessagePack, or JSON) of type `ty`.
@@ -349,27 +366,21 @@ impl pb::provider_server::Provider for IsthmusProvider {
                 .unwrap_or_else(|| default.to_string())
         };
         let control_addr = pick("control", "ISTHMUS_CONTROL", DEFAULT_CONTROL);
-        let federation_addr = pick("federation", "ISTHMUS_FEDERATION", DEFAULT_FEDERATION);
         if diags.is_empty() {
-            let control = ControlClient::new(&control_addr)
-                .map_err(|e| Diag::error("Invalid control address", e.to_string()).at("control"));
-            let federation = resolve(&federation_addr)
-                .await
-                .map_err(|e| Diag::error("Invalid federation address", e).at("federation"));
-            match (control, federation) {
-                (Ok(control), Ok(federation)) => {
+            match ca_pem(&config).and_then(|pem| {
+                ControlClient::new(&control_addr, &pem).map_err(|e| {
+                    Diag::error("Invalid control address", e.to_string()).at("control")
+                })
+            }) {
+                Ok(control) => {
                     if let Ok(mut slot) = self.conn.write() {
                         *slot = Some(Conn {
                             control,
                             control_addr,
-                            federation,
                         });
                     }
                 }
-                (control, federation) => {
-                    diags.extend(control.err());
-                    diags.extend(federation.err());
-                }
+                Err(diag) => diags.push(diag),
             }
         }
         Ok(Response::new(pb::ConfigureProviderResponse {
@@ -534,17 +545,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn provider_addresses_must_be_host_port_without_a_scheme() {
+    fn provider_attributes_are_checked_offline_and_named() {
         let mut config = Value::Object(BTreeMap::new());
-        config.set("control", Value::str("https://10.0.0.1:15012"));
-        config.set("federation", Value::str("nowhere"));
+        config.set("control", Value::str("http://10.0.0.1:15012"));
+        config.set("ca_certificate", Value::str("not a certificate"));
         let diags = validate_provider(&config);
         assert_eq!(diags.len(), 2);
         assert_eq!(diags[0].path_string(), "control");
-        assert!(diags[0].detail.contains("plaintext"), "{}", diags[0].detail);
-        assert_eq!(diags[1].path_string(), "federation");
-        config.set("control", Value::str("isthmus.example:15012"));
-        config.set("federation", Value::str("127.0.0.1:15017"));
-        assert!(validate_provider(&config).is_empty());
+        assert!(diags[0].detail.contains("TLS only"), "{}", diags[0].detail);
+        assert_eq!(diags[1].path_string(), "ca_certificate");
+        let ca = isthmus_core::ca::CertificateAuthority::generate("east.isthmus.local").unwrap();
+        for good in ["isthmus.example:15012", "https://10.0.0.1:15012"] {
+            config.set("control", Value::str(good));
+            config.set("ca_certificate", Value::str(ca.cert_pem()));
+            assert!(validate_provider(&config).is_empty(), "{good}");
+        }
     }
 }

@@ -135,10 +135,7 @@ data "isthmus_services" "default" {{
 }}
 
 "#,
-        header = header(
-            &east.control.grpc_addr().to_string(),
-            &east.federation.to_string()
-        ),
+        header = header(&east.control.grpc_addr().to_string(), &east.ca_file),
         vs = virtual_service(v1, v3),
     )
 }
@@ -210,7 +207,7 @@ async fn terraform_joins_a_cluster_and_manages_policies_that_traffic_follows_wit
     let east = demo.cluster("east").unwrap();
     let west = demo.cluster("west").unwrap();
     let central = demo.cluster("central").unwrap();
-    let control = ControlClient::new(&east.control.grpc_addr().to_string()).unwrap();
+    let control = east.control.client();
     let north_dir = tempfile::tempdir().unwrap();
     let north_peer = free_port();
     let north = start_north(&demo, north_dir.path(), north_peer);
@@ -422,10 +419,7 @@ resource "isthmus_policy" "fine" {{
 {DESTINATION_RULE}EOT
 }}
 "#,
-        header = header(
-            &east.control.grpc_addr().to_string(),
-            &east.federation.to_string()
-        ),
+        header = header(&east.control.grpc_addr().to_string(), &east.ca_file),
         bad_vs = virtual_service(100, 0).replace("  - route:", "  - corsPolicy: {}\n    route:"),
     ));
     let run = ws

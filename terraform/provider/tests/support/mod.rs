@@ -132,10 +132,12 @@ impl Workspace {
     }
 }
 
-/// The `terraform { required_providers }` block and the provider block for a cluster.
-pub fn header(control: &str, federation: &str) -> String {
+/// The `terraform { required_providers }` block and the provider block for a cluster: its
+/// control plane's API and the cluster CA file its certificate chains to.
+pub fn header(control: &str, ca_file: &std::path::Path) -> String {
+    let ca_file = ca_file.display();
     format!(
         "terraform {{\n  required_providers {{\n    isthmus = {{ source = \"{SOURCE}\" }}\n  }}\n}}\n\n\
-         provider \"isthmus\" {{\n  control    = \"{control}\"\n  federation = \"{federation}\"\n}}\n"
+         provider \"isthmus\" {{\n  control        = \"https://{control}\"\n  ca_certificate = file(\"{ca_file}\")\n}}\n"
     )
 }

@@ -1,0 +1,255 @@
+//! TLS on the control plane's gRPC API (docs/control-api.md).
+//!
+//! The API is served over TLS 1.3 with ALPN `h2`, presenting a certificate the cluster CA
+//! issues to the control plane's own identity, `spiffe://<td>/ns/isthmus-system/sa/isthmus-control`.
+//! Clients (the data-plane daemons, the CLI, the Terraform provider, other control planes) are
+//! given the cluster CA and accept a server whose chain verifies against it and whose SPIFFE
+//! ID is a control plane's: the name dialled does not matter, so a pod IP, a Service name or a
+//! port-forward all verify the same way. Clients do not present certificates here; what a
+//! caller may do is decided per request (bootstrap or service-account tokens for
+//! certificates).
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::tls::{self, Identity, TlsError, TrustBundles};
+
+/// How long a client has to finish its TLS handshake before the server drops it.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The ALPN protocol the API speaks (gRPC is HTTP/2).
+const ALPN_H2: &[u8] = b"h2";
+
+/// The server side: presents `identity` (rotatable), asks for no client certificate.
+pub fn server_config(identity: Arc<Identity>) -> Result<rustls::ServerConfig, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(TlsError::Config)?
+    .with_no_client_auth()
+    .with_cert_resolver(tls::identity_resolver(identity));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
+}
+
+/// The client side: trusts a control plane whose chain verifies against `ca_pem` (one or
+/// more CA certificates) and whose SPIFFE ID is a control plane's.
+pub fn client_config(ca_pem: &str) -> Result<rustls::ClientConfig, TlsError> {
+    let trust = TrustBundles::any_domain(ca_pem)?;
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(TlsError::Config)?
+    .dangerous()
+    .with_custom_certificate_verifier(tls::spiffe_verifier(trust, Arc::new(|id| id.is_control())))
+    .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
+}
+
+/// A lazily connecting gRPC channel to the control plane at `addr` (`host:port`) over TLS.
+pub fn channel(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<Channel, String> {
+    let uri: Uri = format!("https://{addr}")
+        .parse()
+        .map_err(|e| format!("{addr:?} is not host:port: {e}"))?;
+    if uri.port_u16().is_none() {
+        return Err(format!("{addr:?} has no port"));
+    }
+    let endpoint = Endpoint::from(uri)
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true);
+    let connector = tokio_rustls::TlsConnector::from(config);
+    Ok(
+        endpoint.connect_with_connector_lazy(tower::service_fn(move |uri: Uri| {
+            let connector = connector.clone();
+            async move {
+                let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+                let port = uri.port_u16().unwrap_or(443);
+                let tcp = TcpStream::connect((host, port)).await?;
+                tcp.set_nodelay(true)?;
+                let tls = connector.connect(tls::mesh_server_name(), tcp).await?;
+                Ok::<_, io::Error>(TokioIo::new(tls))
+            }
+        })),
+    )
+}
+
+/// One accepted, handshaken API connection.
+pub struct TlsConn {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    remote: SocketAddr,
+    local: SocketAddr,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        TcpConnectInfo {
+            local_addr: Some(self.local),
+            remote_addr: Some(self.remote),
+        }
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections on `listener` and hands out those that complete a TLS handshake
+/// (each handshake runs on its own task, so a slow or silent client holds up no one).
+/// Ends when `stop` turns true.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    mut stop: watch::Receiver<bool>,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>> {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control API accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = until_stopped(&mut stop) => return,
+            };
+            let Ok(local) = tcp.local_addr() else {
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(inner)) => {
+                        let _ = tx
+                            .send(Ok(TlsConn {
+                                inner,
+                                remote,
+                                local,
+                            }))
+                            .await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%remote, error = %e, "control API TLS handshake failed")
+                    }
+                    Err(_) => tracing::debug!(%remote, "control API TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+async fn until_stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await.map(|_| ());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::CertificateAuthority;
+    use crate::identity::SpiffeId;
+
+    /// Runs one handshake: a server presenting `server_id` (issued by `ca`), a client
+    /// trusting `trusted_pem`.
+    async fn handshake(
+        ca: &CertificateAuthority,
+        server_id: SpiffeId,
+        trusted_pem: &str,
+    ) -> Result<Option<Vec<u8>>, String> {
+        let issued = ca.issue(&server_id, Duration::from_secs(60)).unwrap();
+        let identity =
+            Identity::from_pem(server_id, &issued.cert_chain_pem, &issued.key_pem).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config(identity).unwrap()));
+        let connector =
+            tokio_rustls::TlsConnector::from(Arc::new(client_config(trusted_pem).unwrap()));
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move { acceptor.accept(a).await.map(|_| ()) });
+        let client = connector.connect(tls::mesh_server_name(), b).await;
+        let _ = server.await;
+        client
+            .map(|c| c.get_ref().1.alpn_protocol().map(<[u8]>::to_vec))
+            .map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn clients_accept_only_a_control_plane_identity_under_the_given_ca() {
+        crate::install_crypto_provider();
+        let ca = CertificateAuthority::generate("east.isthmus.local").unwrap();
+        let control = SpiffeId::control("east.isthmus.local");
+        let alpn = handshake(&ca, control.clone(), ca.cert_pem()).await;
+        assert_eq!(alpn, Ok(Some(b"h2".to_vec())));
+
+        // A workload of the same CA is not a control plane.
+        let workload = SpiffeId::new("east.isthmus.local", "default", "ratings");
+        let err = handshake(&ca, workload, ca.cert_pem()).await.unwrap_err();
+        assert!(err.contains("certificate"), "{err}");
+
+        // A control plane under a CA the client was not given.
+        let other = CertificateAuthority::generate("east.isthmus.local").unwrap();
+        let err = handshake(&ca, control, other.cert_pem()).await.unwrap_err();
+        assert!(err.contains("certificate"), "{err}");
+    }
+
+    #[test]
+    fn a_ca_that_is_not_pem_is_refused() {
+        assert!(client_config("not a certificate").is_err());
+        assert!(client_config("").is_err());
+    }
+}
