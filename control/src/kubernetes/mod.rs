@@ -12,12 +12,15 @@
 //!   reflectors keep the previous objects, so nothing is withdrawn on a restart.
 //! - the import writer ([`imports`]): applies a ServiceImport per imported service.
 //! - the status writer ([`status`]): keeps `Valid` and `Conflict` on each ServiceExport.
+//! - the policy writer ([`policies`]): Isthmus's and Istio's policy resources (the latter
+//!   once their CRDs are installed) into the federation store's policies.
 //!
 //! The resource mapping is in [`mapping`] and docs/kubernetes.md.
 
 pub mod conditions;
 mod imports;
 pub mod mapping;
+pub mod policies;
 pub mod resources;
 mod status;
 
@@ -108,6 +111,9 @@ pub struct KubeSource {
     /// long they wait before retrying a failed write.
     pub resync: Duration,
     pub retry: Duration,
+    /// How often API discovery is asked again about policy kinds it did not serve yet
+    /// (CRDs not installed), so installing them later starts their watches.
+    pub api_recheck: Duration,
 }
 
 impl KubeSource {
@@ -117,6 +123,7 @@ impl KubeSource {
             inbound_port: DEFAULT_INBOUND_PORT,
             resync: Duration::from_secs(30),
             retry: Duration::from_secs(1),
+            api_recheck: Duration::from_secs(30),
         }
     }
 }
@@ -214,8 +221,8 @@ pub(crate) fn start(source: KubeSource, stop: watch::Receiver<bool>) -> Running 
 }
 
 impl Running {
-    /// Starts the import and status writers, which follow the merged configuration and the
-    /// federation store.
+    /// Starts the import, status and policy writers, which follow the merged configuration,
+    /// the federation store and the cluster's policy resources.
     pub fn start_writers(
         &mut self,
         cluster: &str,
@@ -232,10 +239,17 @@ impl Running {
             .push(tokio::spawn(status::run(status::StatusWriter {
                 source: self.source.clone(),
                 cluster: cluster.to_string(),
-                store,
+                store: store.clone(),
                 discovery: self.discovery.clone(),
                 exports: self.stores.exports.clone(),
                 services: self.stores.services.clone(),
+                stop: stop.clone(),
+            })));
+        self.tasks
+            .push(tokio::spawn(policies::run(policies::PolicyWriter {
+                source: self.source.clone(),
+                cluster: cluster.to_string(),
+                store,
                 stop,
             })));
     }

@@ -122,7 +122,7 @@ async fn reconcile(w: &StatusWriter) -> bool {
 
 /// The conditions to write, or `None` when `current` already says what is wanted. Other
 /// condition types (someone else's) are kept.
-fn merge(
+pub(super) fn merge(
     current: &[Condition],
     wanted: &[Wanted],
     generation: Option<i64>,
