@@ -1,7 +1,10 @@
 //! Kubernetes discovery through kube-rs against the test API server
 //! (`support/kube_api.rs`): two clusters' control planes in one process over one federation
-//! store, each watching its own fake API server exactly as it would a real one.
+//! store, each watching its own fake API server exactly as it would a real one. Policies
+//! as Kubernetes resources are in `kubernetes/policies.rs`.
 
+#[path = "kubernetes/policies.rs"]
+mod policies;
 mod support;
 
 use std::collections::BTreeMap;
@@ -40,11 +43,24 @@ async fn store() -> isthmus_federation::Store {
 async fn cluster(name: &str, n: u8, store: &isthmus_federation::Store) -> Cluster {
     let api = KubeApi::start().await;
     api.put(namespace("default"));
+    let control = control(name, n, store, &api).await;
+    Cluster { api, control }
+}
+
+/// Cluster `name`'s control plane over `api` (a fresh one, or the same one again after a
+/// restart).
+async fn control(
+    name: &str,
+    n: u8,
+    store: &isthmus_federation::Store,
+    api: &KubeApi,
+) -> isthmus_control::ControlHandle {
     let mut source = KubeSource::new(api.client());
     source.retry = Duration::from_millis(100);
     source.resync = Duration::from_secs(2);
+    source.api_recheck = Duration::from_millis(200);
     let td = format!("{name}.isthmus.local");
-    let control = isthmus_control::start(
+    isthmus_control::start(
         isthmus_control::ControlOptions {
             cluster: name.into(),
             trust_domain: td.clone(),
@@ -61,8 +77,7 @@ async fn cluster(name: &str, n: u8, store: &isthmus_federation::Store) -> Cluste
         store.clone(),
     )
     .await
-    .unwrap();
-    Cluster { api, control }
+    .unwrap()
 }
 
 fn namespace(name: &str) -> Value {

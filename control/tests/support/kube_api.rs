@@ -1,7 +1,9 @@
 //! A small Kubernetes-API-compatible server for tests: list and watch with resource
 //! versions, bookmarks and `410 Gone`, get, server-side apply / merge patch (objects and the
-//! `status` subresource) and delete, for the resources Isthmus's discovery uses. Objects are
-//! JSON values kept in memory; every write moves one global resource version, as etcd does.
+//! `status` subresource) and delete, for the resources Isthmus's discovery uses and the
+//! policy kinds as custom resources; and API discovery (`/apis`, `/apis/<group>/<version>`)
+//! saying which groups are served. Objects are JSON values kept in memory; every write moves
+//! one global resource version, as etcd does.
 //!
 //! It serves exactly what kube-rs asks of a real API server over plain HTTP, so the
 //! production code under test does not know it is not one. What it does not model: auth,
@@ -12,7 +14,11 @@
 //! would, [`KubeApi::bookmark`] sends a BOOKMARK on every open watch, [`KubeApi::compact`]
 //! drops the event history and closes every watch (the clients' next watch gets a 410
 //! ERROR event, so they relist), and [`KubeApi::stop`] / [`KubeApi::restart`] take the
-//! server down and up on the same port with its objects kept (an API server restart).
+//! server down and up on the same port with its objects kept (an API server restart), and
+//! [`KubeApi::fail_lists`] makes one resource's lists fail.
+//! Custom resources: Isthmus's `isthmus.io/v1alpha1` kinds are served from the start (the
+//! chart installs their CRDs); Istio's groups only after [`KubeApi::install`] (installing
+//! Istio's CRDs), at the version given.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -63,6 +69,12 @@ struct State {
     watches: BTreeMap<String, usize>,
     bookmarks_sent: usize,
     gone_sent: usize,
+    /// Custom resource groups served, with the version each is served at.
+    installed: BTreeMap<String, String>,
+    /// API discovery requests (`/apis`).
+    discoveries: usize,
+    /// Resources (plural) whose list requests fail with 500 for now.
+    failing_lists: std::collections::BTreeSet<String>,
 }
 
 struct Shared {
@@ -77,7 +89,8 @@ pub struct KubeApi {
     server: Option<JoinHandle<()>>,
 }
 
-/// The API path of each resource the tests serve: (prefix, plural, kind, namespaced).
+/// The API path of each built-in resource the tests serve: (prefix, plural, kind,
+/// namespaced).
 const RESOURCES: &[(&str, &str, &str, bool)] = &[
     ("/api/v1", "namespaces", "Namespace", false),
     ("/api/v1", "services", "Service", true),
@@ -102,10 +115,61 @@ const RESOURCES: &[(&str, &str, &str, bool)] = &[
     ),
 ];
 
-fn resource_of_kind(
-    kind: &str,
-) -> Option<&'static (&'static str, &'static str, &'static str, bool)> {
-    RESOURCES.iter().find(|r| r.2 == kind)
+/// Custom resources (namespaced, with a `status` subresource) served once their group is
+/// installed: (group, plural, kind).
+const CUSTOM: &[(&str, &str, &str)] = &[
+    ("isthmus.io", "ratelimitpolicies", "RateLimitPolicy"),
+    ("isthmus.io", "failoverpolicies", "FailoverPolicy"),
+    ("networking.istio.io", "virtualservices", "VirtualService"),
+    ("networking.istio.io", "destinationrules", "DestinationRule"),
+    (
+        "security.istio.io",
+        "authorizationpolicies",
+        "AuthorizationPolicy",
+    ),
+    (
+        "security.istio.io",
+        "peerauthentications",
+        "PeerAuthentication",
+    ),
+];
+
+/// A resource being served.
+#[derive(Clone)]
+struct Resource {
+    prefix: String,
+    plural: &'static str,
+    kind: &'static str,
+    namespaced: bool,
+    status: bool,
+}
+
+/// Every resource served now: the built-in ones and the installed custom ones.
+fn served(state: &State) -> Vec<Resource> {
+    let builtin = RESOURCES
+        .iter()
+        .map(|&(prefix, plural, kind, namespaced)| Resource {
+            prefix: prefix.to_string(),
+            plural,
+            kind,
+            namespaced,
+            status: false,
+        });
+    let custom = CUSTOM.iter().filter_map(|&(group, plural, kind)| {
+        let version = state.installed.get(group)?;
+        Some(Resource {
+            prefix: format!("/apis/{group}/{version}"),
+            plural,
+            kind,
+            namespaced: true,
+            status: true,
+        })
+    });
+    builtin.chain(custom).collect()
+}
+
+fn resource_of_kind(state: &State, kind: &str) -> Option<Resource> {
+    served(state).into_iter().find(|r| r.kind == kind)
 }
 
 impl KubeApi {
@@ -115,6 +179,7 @@ impl KubeApi {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 rv: 1,
+                installed: BTreeMap::from([("isthmus.io".to_string(), "v1alpha1".to_string())]),
                 ..State::default()
             }),
             events,
@@ -164,28 +229,36 @@ impl KubeApi {
         self.server = Some(tokio::spawn(serve(listener, self.shared.clone())));
     }
 
-    /// Creates or replaces an object (its `kind` and `metadata` say where it goes).
+    /// Creates or replaces an object (its `kind` and `metadata` say where it goes). A
+    /// custom resource's group must be installed, as its CRD must be in a real cluster.
     pub fn put(&self, object: Value) {
         let kind = object["kind"].as_str().unwrap().to_string();
-        let (_, plural, _, _) = resource_of_kind(&kind).expect("a served kind");
         let namespace = object["metadata"]["namespace"]
             .as_str()
             .unwrap_or("")
             .to_string();
         let name = object["metadata"]["name"].as_str().unwrap().to_string();
         let mut state = self.shared.state.lock().unwrap();
-        write(
-            &self.shared,
-            &mut state,
-            (plural.to_string(), namespace, name),
-            object,
-        );
+        let resource = resource_of_kind(&state, &kind)
+            .unwrap_or_else(|| panic!("{kind} is not served (its CRD is not installed)"));
+        let key = (resource.plural.to_string(), namespace, name);
+        let mut object = object;
+        // With a status subresource, writing the object leaves its status alone.
+        if let Some(before) = state.objects.get(&key).filter(|_| resource.status) {
+            object["status"] = before.get("status").cloned().unwrap_or(Value::Null);
+            if object["status"].is_null() {
+                object.as_object_mut().unwrap().remove("status");
+            }
+        }
+        write(&self.shared, &mut state, key, object);
     }
 
     /// Deletes an object; false if there was none.
     pub fn remove(&self, kind: &str, namespace: &str, name: &str) -> bool {
-        let (_, plural, _, _) = resource_of_kind(kind).expect("a served kind");
         let mut state = self.shared.state.lock().unwrap();
+        let plural = resource_of_kind(&state, kind)
+            .expect("a served kind")
+            .plural;
         delete(
             &self.shared,
             &mut state,
@@ -196,12 +269,44 @@ impl KubeApi {
 
     /// The stored object, if any.
     pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
-        let (_, plural, _, _) = resource_of_kind(kind).expect("a served kind");
         let state = self.shared.state.lock().unwrap();
+        let plural = resource_of_kind(&state, kind)
+            .expect("a served kind")
+            .plural;
         state
             .objects
             .get(&(plural.to_string(), namespace.to_string(), name.to_string()))
             .cloned()
+    }
+
+    /// Installs the CRDs of a custom resource group (e.g. `networking.istio.io/v1beta1`):
+    /// from now on API discovery lists the group at that version, and its kinds are served.
+    pub fn install(&self, api_version: &str) {
+        let (group, version) = api_version.split_once('/').expect("group/version");
+        assert!(
+            CUSTOM.iter().any(|c| c.0 == group),
+            "no custom resources of {group}"
+        );
+        let mut state = self.shared.state.lock().unwrap();
+        state
+            .installed
+            .insert(group.to_string(), version.to_string());
+    }
+
+    /// Makes list requests for a resource (plural) fail with `500` (`failing`), or work
+    /// again: a client can then discover and start watching it but not finish its list.
+    pub fn fail_lists(&self, plural: &str, failing: bool) {
+        let mut state = self.shared.state.lock().unwrap();
+        if failing {
+            state.failing_lists.insert(plural.to_string());
+        } else {
+            state.failing_lists.remove(plural);
+        }
+    }
+
+    /// How many API discovery requests (`/apis`) the server has had.
+    pub fn discoveries(&self) -> usize {
+        self.shared.state.lock().unwrap().discoveries
     }
 
     /// Sends a BOOKMARK with the current resource version on every open watch.
@@ -299,7 +404,7 @@ fn status(code: StatusCode, reason: &str, message: String) -> Response<Body> {
 
 /// What a request path names.
 struct Target {
-    prefix: &'static str,
+    prefix: String,
     plural: &'static str,
     kind: &'static str,
     namespace: Option<String>,
@@ -307,29 +412,102 @@ struct Target {
     subresource: Option<String>,
 }
 
-fn parse_path(path: &str) -> Option<Target> {
-    for &(prefix, plural, kind, namespaced) in RESOURCES {
-        let Some(rest) = path.strip_prefix(prefix) else {
+fn parse_path(shared: &Shared, path: &str) -> Option<Target> {
+    let resources = served(&shared.state.lock().unwrap());
+    for r in resources {
+        let Some(rest) = path.strip_prefix(r.prefix.as_str()) else {
             continue;
         };
+        if !rest.starts_with('/') {
+            continue;
+        }
         let parts: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
         let (namespace, tail) = match parts.as_slice() {
-            ["namespaces", ns, p, tail @ ..] if namespaced && *p == plural => {
+            ["namespaces", ns, p, tail @ ..] if r.namespaced && *p == r.plural => {
                 (Some(ns.to_string()), tail)
             }
-            [p, tail @ ..] if *p == plural => (None, tail),
+            [p, tail @ ..] if *p == r.plural => (None, tail),
             _ => continue,
         };
         return Some(Target {
-            prefix,
-            plural,
-            kind,
+            prefix: r.prefix,
+            plural: r.plural,
+            kind: r.kind,
             namespace,
             name: tail.first().map(|s| s.to_string()),
             subresource: tail.get(1).map(|s| s.to_string()),
         });
     }
     None
+}
+
+/// API discovery: the groups served (`/apis`) and the resources of one group version
+/// (`/apis/<group>/<version>`), as the API server's legacy (unaggregated) discovery answers.
+fn discovery(shared: &Shared, path: &str) -> Option<Response<Body>> {
+    let mut state = shared.state.lock().unwrap();
+    let resources = served(&state);
+    // group -> (version, resources at it)
+    let mut groups: BTreeMap<String, (String, Vec<Resource>)> = BTreeMap::new();
+    for r in resources {
+        let Some(gv) = r.prefix.strip_prefix("/apis/") else {
+            continue;
+        };
+        let (group, version) = gv.split_once('/').unwrap();
+        groups
+            .entry(group.to_string())
+            .or_insert_with(|| (version.to_string(), Vec::new()))
+            .1
+            .push(r.clone());
+    }
+    if path == "/apis" || path == "/apis/" {
+        state.discoveries += 1;
+        let groups: Vec<Value> = groups
+            .iter()
+            .map(|(group, (version, _))| {
+                let v = json!({"groupVersion": format!("{group}/{version}"), "version": version});
+                json!({"name": group, "versions": [v.clone()], "preferredVersion": v})
+            })
+            .collect();
+        return Some(full(
+            StatusCode::OK,
+            json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}),
+        ));
+    }
+    let parts: Vec<&str> = path
+        .strip_prefix("/apis/")?
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let [group, version] = parts.as_slice() else {
+        return None;
+    };
+    let Some((served_version, resources)) = groups.get(*group).filter(|(v, _)| v == version) else {
+        return Some(status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("the server could not find the requested resource {path}"),
+        ));
+    };
+    let verbs = json!(["create", "delete", "get", "list", "patch", "update", "watch"]);
+    let mut list = Vec::new();
+    for r in resources {
+        list.push(
+            json!({"name": r.plural, "singularName": "", "namespaced": r.namespaced,
+                         "kind": r.kind, "verbs": verbs}),
+        );
+        if r.status {
+            list.push(
+                json!({"name": format!("{}/status", r.plural), "singularName": "",
+                             "namespaced": r.namespaced, "kind": r.kind,
+                             "verbs": ["get", "patch", "update"]}),
+            );
+        }
+    }
+    Some(full(
+        StatusCode::OK,
+        json!({"kind": "APIResourceList", "apiVersion": "v1",
+               "groupVersion": format!("{group}/{served_version}"), "resources": list}),
+    ))
 }
 
 fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
@@ -346,7 +524,12 @@ fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
 
 async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
-    let Some(t) = parse_path(&path) else {
+    if req.method() == Method::GET {
+        if let Some(answer) = discovery(shared, &path) {
+            return answer;
+        }
+    }
+    let Some(t) = parse_path(shared, &path) else {
         return status(
             StatusCode::NOT_FOUND,
             "NotFound",
@@ -454,6 +637,13 @@ fn api_version(prefix: &str) -> &str {
 fn list(shared: &Shared, t: &Target) -> Response<Body> {
     let mut state = shared.state.lock().unwrap();
     *state.lists.entry(t.plural.to_string()).or_default() += 1;
+    if state.failing_lists.contains(t.plural) {
+        return status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            format!("listing {} failed (test)", t.plural),
+        );
+    }
     let items: Vec<Value> = state
         .objects
         .iter()
@@ -464,7 +654,7 @@ fn list(shared: &Shared, t: &Target) -> Response<Body> {
         .collect();
     full(
         StatusCode::OK,
-        json!({"apiVersion": api_version(t.prefix), "kind": format!("{}List", t.kind),
+        json!({"apiVersion": api_version(&t.prefix), "kind": format!("{}List", t.kind),
                "metadata": {"resourceVersion": state.rv.to_string()}, "items": items}),
     )
 }
@@ -506,7 +696,7 @@ fn watch(shared: &Arc<Shared>, t: &Target, q: &BTreeMap<String, String>) -> Resp
     }
     let mut live = shared.events.subscribe();
     drop(state);
-    let (kind, version) = (t.kind, api_version(t.prefix).to_string());
+    let (kind, version) = (t.kind, api_version(&t.prefix).to_string());
     let shared = shared.clone();
     tokio::spawn(async move {
         loop {
@@ -542,7 +732,14 @@ fn watch(shared: &Arc<Shared>, t: &Target, q: &BTreeMap<String, String>) -> Resp
 /// time unless it has them), and tells the watches. Returns what was stored.
 fn write(shared: &Shared, state: &mut State, key: Key, mut object: Value) -> Value {
     state.rv += 1;
-    let existed = state.objects.contains_key(&key);
+    let before = state.objects.get(&key).cloned();
+    let existed = before.is_some();
+    // As the API server does: `generation` moves when the spec changes.
+    if let Some(before) = &before {
+        let generation = before["metadata"]["generation"].as_i64().unwrap_or(1);
+        let changed = before.get("spec") != object.get("spec");
+        object["metadata"]["generation"] = json!(generation + i64::from(changed));
+    }
     let meta = &mut object["metadata"];
     meta["resourceVersion"] = json!(state.rv.to_string());
     if meta.get("uid").is_none() {
