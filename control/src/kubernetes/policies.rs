@@ -300,6 +300,8 @@ pub(super) async fn run(mut w: PolicyWriter) {
 #[derive(Default)]
 struct Log {
     problems: BTreeSet<String>,
+    /// Objects (`Kind namespace/name`) whose status could not be written.
+    failing_status: BTreeSet<String>,
     failing_groups: BTreeSet<&'static str>,
     failing_watches: BTreeSet<Kind>,
 }
@@ -444,26 +446,28 @@ async fn reconcile(w: &PolicyWriter, watched: &BTreeMap<Kind, Watched>, log: &mu
                 ok = false;
             }
         }
+        // A status that cannot be written (no RBAC for it, say) is tried again on the next
+        // change or resync, not at the retry pace: it changes nothing in the mesh.
         for (object, verdict) in verdicts {
-            if !write_condition(w, &x.resource, &object, &verdict).await {
-                ok = false;
-            }
+            write_condition(w, &x.resource, &object, &verdict, log).await;
         }
     }
     log.problems = problems;
     ok
 }
 
-/// Sets `wanted` on the object's status unless it already says so; false if that failed.
+/// Sets `wanted` on the object's status unless it already says so.
 async fn write_condition(
     w: &PolicyWriter,
     resource: &ApiResource,
     object: &DynamicObject,
     wanted: &Wanted,
-) -> bool {
+    log: &mut Log,
+) {
     let (Some(namespace), Some(name)) = (&object.metadata.namespace, &object.metadata.name) else {
-        return true;
+        return;
     };
+    let what = format!("{} {namespace}/{name}", resource.kind);
     let current: Vec<Condition> = object
         .data
         .get("status")
@@ -475,7 +479,8 @@ async fn write_condition(
         std::slice::from_ref(wanted),
         object.metadata.generation,
     ) else {
-        return true;
+        log.failing_status.remove(&what);
+        return;
     };
     let api = Api::<DynamicObject>::namespaced_with(w.source.client.clone(), namespace, resource);
     let patch = json!({"status": {"conditions": next}});
@@ -483,12 +488,17 @@ async fn write_condition(
         .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
     {
-        Ok(_) => true,
+        Ok(_) => {
+            if log.failing_status.remove(&what) {
+                tracing::info!(object = %what, "policy status written again");
+            }
+        }
         // Deleted meanwhile: nothing to say any more.
-        Err(kube::Error::Api(e)) if e.code == 404 => true,
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
         Err(e) => {
-            tracing::warn!(%namespace, %name, kind = %resource.kind, error = %e, "writing the policy's status failed; will retry");
-            false
+            if log.failing_status.insert(what.clone()) {
+                tracing::warn!(object = %what, error = %e, "writing the policy's status failed; will retry on the next change or resync");
+            }
         }
     }
 }
