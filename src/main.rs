@@ -57,6 +57,10 @@ enum Command {
         action: Option<SidecarAction>,
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Configure from the pod the injection webhook prepared (environment, projected
+        /// service-account token, downward-API labels) instead of a file.
+        #[arg(long, conflicts_with = "config")]
+        kubernetes: bool,
     },
     /// Apply mesh-wide policies (Istio VirtualService, DestinationRule, AuthorizationPolicy,
     /// PeerAuthentication) from a multi-document YAML file.
@@ -199,8 +203,13 @@ fn main() -> ExitCode {
                 config: Some(config),
                 ..
             } => isthmus::daemon::sidecar::run(&config).await,
+            Command::Sidecar {
+                kubernetes: true, ..
+            } => isthmus::daemon::sidecar::run_kubernetes().await,
             Command::Sidecar { .. } => {
-                anyhow::bail!("isthmus sidecar needs --config FILE, or the init subcommand")
+                anyhow::bail!(
+                    "isthmus sidecar needs --config FILE, --kubernetes, or the init subcommand"
+                )
             }
             Command::Apply {
                 file,

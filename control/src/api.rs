@@ -228,10 +228,12 @@ impl MeshConfigService for ConfigApi {
     }
 }
 
-/// Signs workload certificates for identities a bootstrap token allows.
+/// Signs workload certificates for identities a bootstrap token allows, or (Kubernetes) the
+/// service account whose token the API server's TokenReview vouches for.
 pub struct CertificateApi {
     pub ca: Arc<CertificateAuthority>,
     pub tokens: TokenPolicy,
+    pub reviewer: Option<crate::kubernetes::tokenreview::TokenReviewer>,
     pub lifetime: Duration,
     pub config: watch::Receiver<Arc<MeshConfig>>,
 }
@@ -252,9 +254,18 @@ impl CertificateService for CertificateApi {
             )));
         }
         if !self.tokens.allows(&req.token, &id) {
-            return Err(Status::permission_denied(format!(
-                "the token does not allow identity {id}"
-            )));
+            match &self.reviewer {
+                None => {
+                    return Err(Status::permission_denied(format!(
+                        "the token does not allow identity {id}"
+                    )))
+                }
+                Some(reviewer) => reviewer.allows(&req.token, &id).await.map_err(|why| {
+                    Status::permission_denied(format!(
+                        "the token does not allow identity {id}: {why}"
+                    ))
+                })?,
+            }
         }
         let issued = self
             .ca

@@ -6,6 +6,7 @@
 //! locality: us-east-1/a                # optional, region/zone
 //! dataDir: /var/lib/isthmus            # CA key and certificate (created on first start),
 //!                                      # and the federation member's raft log (raft/)
+//! # caDir: /etc/isthmus-ca             # or an operator-supplied CA: ca.pem + ca-key.pem
 //! listen: {grpc: 0.0.0.0:15012, admin: 0.0.0.0:15020}
 //! discovery: {file: services.yaml, pollInterval: 500ms}
 //! # or, in Kubernetes (see docs/kubernetes.md, "Discovery"):
@@ -62,6 +63,9 @@ pub struct RawControlConfig {
     #[serde(default)]
     pub locality: Option<String>,
     pub data_dir: String,
+    /// An operator-supplied CA: a directory with `ca.pem` and `ca-key.pem` (a mounted Secret).
+    #[serde(default)]
+    pub ca_dir: Option<String>,
     #[serde(default)]
     pub listen: RawListen,
     pub discovery: RawDiscoverySource,
@@ -78,6 +82,24 @@ pub struct RawControlConfig {
     pub federation: RawFederation,
     #[serde(default)]
     pub webhook: Option<RawWebhook>,
+    /// Publish the cluster CA's certificate as a ConfigMap (Kubernetes discovery only).
+    #[serde(default)]
+    pub ca_root: Option<RawCaRoot>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawCaRoot {
+    pub namespace: String,
+    pub config_map: String,
+}
+
+/// Where the control plane publishes the cluster CA's certificate (`ca.pem`) for the pods that
+/// must trust its API (the gateway, the DNS proxy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaRoot {
+    pub namespace: String,
+    pub config_map: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,6 +111,10 @@ pub struct RawWebhook {
     pub dns_names: Vec<String>,
     pub control: String,
     pub gateway: String,
+    /// The MutatingWebhookConfiguration whose caBundle the control plane keeps equal to the
+    /// cluster CA (when the chart could not render it).
+    #[serde(default)]
+    pub configuration: Option<String>,
 }
 
 fn default_webhook_listen() -> String {
@@ -101,6 +127,7 @@ pub struct WebhookConfig {
     pub listen: SocketAddr,
     pub dns_names: Vec<String>,
     pub inject: crate::webhook::InjectConfig,
+    pub configuration: Option<String>,
 }
 
 fn default_vip_range() -> String {
@@ -268,6 +295,8 @@ pub struct ControlConfig {
     pub trust_domain: String,
     pub locality: Option<String>,
     pub data_dir: PathBuf,
+    /// Where an operator-supplied CA is read from; `None`: created in `data_dir`.
+    pub ca_dir: Option<PathBuf>,
     pub grpc_listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub discovery: DiscoveryConfig,
@@ -285,6 +314,7 @@ pub struct ControlConfig {
     /// The raft tick, when not the default.
     pub tick: Option<Duration>,
     pub webhook: Option<WebhookConfig>,
+    pub ca_root: Option<CaRoot>,
 }
 
 impl TryFrom<RawControlConfig> for ControlConfig {
@@ -377,21 +407,50 @@ impl TryFrom<RawControlConfig> for ControlConfig {
                     inject: crate::webhook::InjectConfig {
                         image: w.image,
                         cluster: raw.cluster.clone(),
+                        trust_domain: trust_domain.clone(),
                         control: w.control,
                         gateway: w.gateway,
+                        // Filled in once the CA is loaded (ControlConfig::load_ca).
+                        ca_pem: String::new(),
                     },
+                    configuration: w.configuration,
+                })
+            }
+        };
+        let discovery = DiscoveryConfig::from_raw(raw.discovery)?;
+        let ca_root = match raw.ca_root {
+            None => None,
+            Some(r) => {
+                if !matches!(discovery, DiscoveryConfig::Kubernetes { .. }) {
+                    return Err(FieldError::new(
+                        "caRoot",
+                        r.config_map,
+                        "publishing a ConfigMap needs discovery: {kubernetes: ...}",
+                    ));
+                }
+                validate_label("namespace", &r.namespace).map_err(|e| {
+                    FieldError::new("caRoot.namespace", &r.namespace, e.to_string())
+                })?;
+                validate_label("ConfigMap name", &r.config_map).map_err(|e| {
+                    FieldError::new("caRoot.configMap", &r.config_map, e.to_string())
+                })?;
+                Some(CaRoot {
+                    namespace: r.namespace,
+                    config_map: r.config_map,
                 })
             }
         };
         Ok(ControlConfig {
             webhook,
+            ca_root,
             cluster: raw.cluster,
             trust_domain,
             locality: raw.locality,
             data_dir: PathBuf::from(raw.data_dir),
+            ca_dir: raw.ca_dir.map(PathBuf::from),
             grpc_listen: socket_addr("listen.grpc", &raw.listen.grpc)?,
             admin_listen: socket_addr("listen.admin", &raw.listen.admin)?,
-            discovery: DiscoveryConfig::from_raw(raw.discovery)?,
+            discovery,
             vip_range,
             gateway_address,
             cert_lifetime: duration("certLifetime", &raw.cert_lifetime)?,
@@ -427,6 +486,7 @@ impl ControlConfig {
             isthmus_core::config::load_file::<RawControlConfig, ControlConfig>(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.data_dir = base.join(&config.data_dir);
+        config.ca_dir = config.ca_dir.as_ref().map(|d| base.join(d));
         match &mut config.discovery {
             DiscoveryConfig::File { path, .. } => *path = base.join(&*path),
             DiscoveryConfig::Kubernetes {
@@ -437,6 +497,29 @@ impl ControlConfig {
         }
         Ok(config)
     }
+}
+
+/// The cluster CA: the operator's from `ca_dir` when configured (both files must be there;
+/// nothing is created), else [`load_or_create_ca`] in `data_dir`.
+pub fn load_ca(config: &ControlConfig) -> Result<Arc<CertificateAuthority>, ControlError> {
+    let Some(dir) = &config.ca_dir else {
+        return load_or_create_ca(&config.data_dir, &config.trust_domain);
+    };
+    let err = |reason: String| ControlError::Ca {
+        dir: dir.clone(),
+        reason: format!("caDir: {reason}"),
+    };
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read_to_string(&path).map_err(|e| err(format!("reading {}: {e}", path.display())))
+    };
+    let ca = CertificateAuthority::from_pem(
+        &config.trust_domain,
+        &read("ca.pem")?,
+        &read("ca-key.pem")?,
+    )
+    .map_err(|e| err(e.to_string()))?;
+    Ok(Arc::new(ca))
 }
 
 /// Loads the cluster CA from `dir` (`ca.pem`, `ca-key.pem`), creating and saving a new one on
@@ -635,5 +718,35 @@ mod tests {
         let first = load_or_create_ca(dir.path(), "east.isthmus.local").unwrap();
         let again = load_or_create_ca(dir.path(), "east.isthmus.local").unwrap();
         assert_eq!(first.cert_pem(), again.cert_pem());
+    }
+
+    #[test]
+    fn an_operator_ca_is_read_from_ca_dir_and_never_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = load(&format!("{GOOD}caDir: ca\n")).unwrap();
+        c.data_dir = dir.path().join("data");
+        c.ca_dir = Some(dir.path().join("ca"));
+        let Err(err) = load_ca(&c) else {
+            panic!("missing files are an error")
+        };
+        let err = err.to_string();
+        assert!(err.contains("caDir") && err.contains("ca.pem"), "{err}");
+        assert!(
+            !dir.path().join("data/ca.pem").exists(),
+            "no CA was created instead"
+        );
+
+        let operator = CertificateAuthority::generate("east.isthmus.local").unwrap();
+        std::fs::create_dir_all(dir.path().join("ca")).unwrap();
+        std::fs::write(dir.path().join("ca/ca.pem"), operator.cert_pem()).unwrap();
+        std::fs::write(dir.path().join("ca/ca-key.pem"), operator.key_pem()).unwrap();
+        assert_eq!(load_ca(&c).unwrap().cert_pem(), operator.cert_pem());
+
+        std::fs::write(dir.path().join("ca/ca-key.pem"), "garbage").unwrap();
+        let Err(err) = load_ca(&c) else {
+            panic!("a bad key is an error")
+        };
+        let err = err.to_string();
+        assert!(err.contains("caDir"), "{err}");
     }
 }

@@ -243,6 +243,12 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
     let cert_api = api::CertificateApi {
         ca: opts.ca.clone(),
         tokens: opts.tokens,
+        reviewer: match &opts.discovery {
+            DiscoverySource::Kubernetes(source) => Some(
+                kubernetes::tokenreview::TokenReviewer::new(source.client.clone()),
+            ),
+            DiscoverySource::File { .. } => None,
+        },
         lifetime: opts.cert_lifetime,
         config: config_rx.clone(),
     };

@@ -27,18 +27,29 @@ pub const INJECT_ANNOTATION: &str = "sidecar.isthmus.io/inject";
 pub const STATUS_ANNOTATION: &str = "sidecar.isthmus.io/status";
 /// The user (and group) the sidecar runs as, exempt from the redirect.
 pub const PROXY_UID: u32 = 1337;
+/// The audience of the service-account token the sidecar presents for its certificate.
+pub const TOKEN_AUDIENCE: &str = "isthmus";
+/// Where the injected sidecar finds its projected service-account token and its pod's labels.
+pub const TOKEN_DIR: &str = "/var/run/secrets/isthmus";
+pub const PODINFO_DIR: &str = "/etc/isthmus-pod";
+const TOKEN_VOLUME: &str = "isthmus-token";
+const PODINFO_VOLUME: &str = "isthmus-podinfo";
 
 /// What injected containers are made of.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InjectConfig {
     /// The image carrying the `isthmus` binary.
     pub image: String,
-    /// This cluster's name.
+    /// This cluster's name and trust domain.
     pub cluster: String,
+    pub trust_domain: String,
     /// The control plane's gRPC address as pods reach it (its Service).
     pub control: String,
     /// The east-west gateway's address for sidecars.
     pub gateway: String,
+    /// The cluster CA's certificate (PEM), which the control plane's API certificate chains
+    /// to: injected as `ISTHMUS_CONTROL_CA`.
+    pub ca_pem: String,
 }
 
 /// Why an admission review was not answered with a patch.
@@ -155,6 +166,14 @@ pub fn patch(
         ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": [init]}));
     }
     ops.push(json!({"op": "add", "path": "/spec/containers/-", "value": proxy_container(namespace, config)}));
+    let volumes = proxy_volumes();
+    if spec.get("volumes").and_then(Value::as_array).is_some() {
+        for volume in volumes {
+            ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
+        }
+    } else {
+        ops.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes}));
+    }
     if annotations.is_some_and(Value::is_object) {
         // '/' in a key is written '~1' in a JSON pointer (RFC 6901).
         ops.push(json!({"op": "add", "path": "/metadata/annotations/sidecar.isthmus.io~1status", "value": "injected"}));
@@ -183,10 +202,12 @@ fn proxy_container(namespace: &str, config: &InjectConfig) -> Value {
     json!({
         "name": PROXY_CONTAINER,
         "image": config.image,
-        "args": ["sidecar", "--config", "/etc/isthmus/sidecar.yaml"],
+        "args": ["sidecar", "--kubernetes"],
         "env": [
             env("ISTHMUS_CLUSTER", &config.cluster),
+            env("ISTHMUS_TRUST_DOMAIN", &config.trust_domain),
             env("ISTHMUS_CONTROL", &config.control),
+            env("ISTHMUS_CONTROL_CA", &config.ca_pem),
             env("ISTHMUS_GATEWAY", &config.gateway),
             env("POD_NAMESPACE", namespace),
             from_field("POD_NAME", "metadata.name"),
@@ -195,6 +216,10 @@ fn proxy_container(namespace: &str, config: &InjectConfig) -> Value {
         ],
         "ports": [
             {"name": "isthmus-admin", "containerPort": 15020, "protocol": "TCP"},
+        ],
+        "volumeMounts": [
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true},
+            {"name": PODINFO_VOLUME, "mountPath": PODINFO_DIR, "readOnly": true},
         ],
         "readinessProbe": {"httpGet": {"path": "/ready", "port": 15020}, "periodSeconds": 2},
         "securityContext": {
@@ -206,6 +231,19 @@ fn proxy_container(namespace: &str, config: &InjectConfig) -> Value {
             "capabilities": {"drop": ["ALL"]},
         },
     })
+}
+
+/// The sidecar's volumes: a service-account token for the audience `isthmus` (the kubelet
+/// rotates it; the control plane verifies it with a TokenReview) and the pod's labels.
+fn proxy_volumes() -> Vec<Value> {
+    vec![
+        json!({"name": TOKEN_VOLUME, "projected": {"sources": [
+            {"serviceAccountToken": {"audience": TOKEN_AUDIENCE, "expirationSeconds": 3600, "path": "token"}},
+        ]}}),
+        json!({"name": PODINFO_VOLUME, "downwardAPI": {"items": [
+            {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+        ]}}),
+    ]
 }
 
 /// The webhook's HTTP answer to a POSTed body: 200 with the AdmissionReview response, or 400

@@ -61,8 +61,10 @@ async fn the_webhook_answers_reviews_over_https_and_rejects_malformed_ones() {
     let config = InjectConfig {
         image: "isthmus/isthmus:0.1.0".into(),
         cluster: "east".into(),
+        trust_domain: "east.isthmus.local".into(),
         control: format!("{NAME}:15012"),
         gateway: "isthmus-gateway.isthmus-system.svc:15444".into(),
+        ca_pem: ca.cert_pem().to_string(),
     };
     let server = tokio::spawn(serve(listener, tls, config, stop));
 

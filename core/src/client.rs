@@ -39,6 +39,8 @@ pub enum ClientError {
     Sign { identity: String, status: String },
     #[error("no configuration arrived from the control plane at {addr} within {waited:?}")]
     NoConfig { addr: String, waited: Duration },
+    #[error("the token for the certificate request: {0}")]
+    Token(String),
     #[error("certificate handling failed: {0}")]
     Certificate(String),
     #[error("{operation} failed: {message}")]
@@ -46,6 +48,33 @@ pub enum ClientError {
         operation: &'static str,
         message: String,
     },
+}
+
+/// What a client presents to have a certificate signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Token {
+    /// A bootstrap token from the control plane's config.
+    Static(String),
+    /// A file read afresh for every request: a Kubernetes service-account token, which the
+    /// kubelet rotates (the control plane verifies it with a TokenReview).
+    File(std::path::PathBuf),
+}
+
+impl Token {
+    fn read(&self) -> Result<String, ClientError> {
+        match self {
+            Token::Static(t) => Ok(t.clone()),
+            Token::File(path) => std::fs::read_to_string(path)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| ClientError::Token(format!("reading {}: {e}", path.display()))),
+        }
+    }
+}
+
+impl From<&str> for Token {
+    fn from(t: &str) -> Self {
+        Token::Static(t.to_string())
+    }
 }
 
 /// A lazily connected client of one control plane's gRPC API, over TLS (see
@@ -174,9 +203,9 @@ impl ControlClient {
     pub async fn request_identity(
         &self,
         id: &SpiffeId,
-        token: &str,
+        token: impl Into<Token>,
     ) -> Result<(Arc<Identity>, Vec<(String, String)>, i64), ClientError> {
-        let (chain, key, bundles, not_after) = self.sign(id, token).await?;
+        let (chain, key, bundles, not_after) = self.sign(id, &token.into()).await?;
         let identity = Identity::from_pem(id.clone(), &chain, &key)
             .map_err(|e| ClientError::Certificate(e.to_string()))?;
         Ok((identity, bundles, not_after))
@@ -185,8 +214,9 @@ impl ControlClient {
     async fn sign(
         &self,
         id: &SpiffeId,
-        token: &str,
+        token: &Token,
     ) -> Result<(String, String, Vec<(String, String)>, i64), ClientError> {
+        let token = token.read()?;
         let (csr_pem, key_pem) =
             generate_csr(id).map_err(|e| ClientError::Certificate(e.to_string()))?;
         let mut client = CertificateServiceClient::new(self.channel.clone());
@@ -194,7 +224,7 @@ impl ControlClient {
             .sign(SignRequest {
                 csr_pem,
                 identity: id.to_string(),
-                token: token.to_string(),
+                token,
             })
             .await
             .map_err(|status| ClientError::Sign {
@@ -220,15 +250,15 @@ impl ControlClient {
     pub async fn workload_identity(
         &self,
         id: &SpiffeId,
-        token: &str,
+        token: impl Into<Token>,
         trust: Arc<TrustBundles>,
     ) -> Result<(Arc<Identity>, JoinHandle<()>), ClientError> {
-        let (identity, bundles, not_after) = self.request_identity(id, token).await?;
+        let token = token.into();
+        let (identity, bundles, not_after) = self.request_identity(id, token.clone()).await?;
         install_bundles(&trust, &bundles);
         let client = self.clone();
         let rotating = identity.clone();
         let id = id.clone();
-        let token = token.to_string();
         let task = tokio::spawn(async move {
             let mut not_after = not_after;
             loop {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use isthmus_core::client::{follow_trust_bundles, ControlClient};
+use isthmus_core::client::{follow_trust_bundles, ControlClient, Token};
 use isthmus_core::config::FieldError;
 use isthmus_core::identity::{default_trust_domain, validate_label, SpiffeId};
 use isthmus_core::mesh::MeshConfig;
@@ -87,7 +87,7 @@ pub struct Attached {
 pub async fn attach(
     control: &ControlTarget,
     node: &str,
-    id: Option<(&SpiffeId, &str)>,
+    id: Option<(&SpiffeId, Token)>,
 ) -> anyhow::Result<Attached> {
     let client = control.client()?;
     let trust = TrustBundles::new();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use isthmus_control::config::{load_or_create_ca, ControlConfig, DiscoveryConfig};
+use isthmus_control::config::{load_ca, ControlConfig, DiscoveryConfig};
 
 use super::admin::ComponentAdmin;
 use super::common::{print_ready, wait_for_shutdown_signal};
@@ -14,7 +14,7 @@ use super::common::{print_ready, wait_for_shutdown_signal};
 /// Runs the control plane until a shutdown signal.
 pub async fn run(path: &Path) -> anyhow::Result<()> {
     let config = ControlConfig::load(path)?;
-    let ca = load_or_create_ca(&config.data_dir, &config.trust_domain)?;
+    let ca = load_ca(&config)?;
     // The webhook's serving certificate, for its Service's DNS names, from the cluster CA.
     let webhook_cert = config
         .webhook
@@ -31,6 +31,8 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         options.tick = tick;
     }
     let store = binding.start(options).await?;
+    let (publish_stop, publish_stopped) = tokio::sync::watch::channel(false);
+    let mut publishing = None;
     let discovery = match &config.discovery {
         DiscoveryConfig::File { path, poll } => isthmus_control::DiscoverySource::File {
             path: path.clone(),
@@ -45,6 +47,24 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
                 .context("connecting to the Kubernetes API")?;
             let mut source = isthmus_control::kubernetes::KubeSource::new(client);
             source.inbound_port = *inbound_port;
+            let publish = isthmus_control::kubernetes::publish::Publish {
+                ca_root: config
+                    .ca_root
+                    .as_ref()
+                    .map(|r| (r.namespace.clone(), r.config_map.clone())),
+                webhook_configuration: config
+                    .webhook
+                    .as_ref()
+                    .and_then(|w| w.configuration.clone()),
+                ca_pem: ca.cert_pem().to_string(),
+            };
+            if publish.ca_root.is_some() || publish.webhook_configuration.is_some() {
+                publishing = Some(tokio::spawn(isthmus_control::kubernetes::publish::run(
+                    source.clone(),
+                    publish,
+                    publish_stopped.clone(),
+                )));
+            }
             isthmus_control::DiscoverySource::Kubernetes(source)
         }
     };
@@ -60,7 +80,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             tokens: config.tokens.clone(),
             cert_lifetime: config.cert_lifetime,
             export_lease: config.export_lease,
-            ca,
+            ca: ca.clone(),
         },
         store.clone(),
     )
@@ -75,10 +95,15 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding webhook.listen {}", w.listen))?;
         webhook_addr = Some(listener.local_addr()?.to_string());
+        // Injected sidecars are given the CA that the API's certificate chains to.
+        let inject = isthmus_control::webhook::InjectConfig {
+            ca_pem: ca.cert_pem().to_string(),
+            ..w.inject.clone()
+        };
         tokio::spawn(isthmus_control::webhook::serve(
             listener,
             std::sync::Arc::new(tls),
-            w.inject.clone(),
+            inject,
             webhook_stopped,
         ));
     }
@@ -95,6 +120,10 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     );
     wait_for_shutdown_signal().await?;
     let _ = webhook_stop.send(true);
+    let _ = publish_stop.send(true);
+    if let Some(task) = publishing {
+        let _ = task.await;
+    }
     control.shutdown().await;
     admin.shutdown().await;
     store.shutdown().await;

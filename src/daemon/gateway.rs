@@ -151,7 +151,12 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         Some(path) => Some(read_replica_secret(path)?),
     };
     let id = SpiffeId::gateway(&config.trust_domain);
-    let att = attach(&control, "gateway", Some((&id, &config.token))).await?;
+    let att = attach(
+        &control,
+        "gateway",
+        Some((&id, config.token.as_str().into())),
+    )
+    .await?;
     let identity = att
         .identity
         .clone()

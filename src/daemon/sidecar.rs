@@ -43,7 +43,12 @@ pub struct RawSidecarConfig {
     /// certificate must chain to.
     #[serde(default)]
     pub control_ca: Option<String>,
-    pub token: String,
+    /// A bootstrap token; or `tokenFile`, read for every certificate request (a projected
+    /// Kubernetes service-account token the control plane verifies with a TokenReview).
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub token_file: Option<String>,
     #[serde(default = "default_namespace")]
     pub namespace: String,
     pub service_account: String,
@@ -111,7 +116,7 @@ pub struct SidecarConfig {
     pub control: String,
     /// `controlCa` as written (read at start, relative to the config file).
     pub control_ca: Option<String>,
-    pub token: String,
+    pub token: isthmus_core::client::Token,
     pub gateway: Option<SocketAddr>,
     pub labels: std::collections::BTreeMap<String, String>,
     pub outbound: bool,
@@ -184,7 +189,20 @@ impl TryFrom<RawSidecarConfig> for SidecarConfig {
             cluster: raw.cluster,
             control: host_port("control", &raw.control)?,
             control_ca: raw.control_ca,
-            token: raw.token,
+            token: match (raw.token, raw.token_file) {
+                (Some(t), None) => isthmus_core::client::Token::Static(t),
+                (None, Some(f)) => isthmus_core::client::Token::File(f.into()),
+                (Some(_), Some(f)) => {
+                    return Err(FieldError::new("tokenFile", f, "give token or tokenFile, not both"))
+                }
+                (None, None) => {
+                    return Err(FieldError::new(
+                        "token",
+                        "",
+                        "a bootstrap token (token) or a service-account token file (tokenFile) is required",
+                    ))
+                }
+            },
             gateway: raw
                 .gateway
                 .as_deref()
@@ -201,13 +219,118 @@ impl TryFrom<RawSidecarConfig> for SidecarConfig {
 
 /// Runs the sidecar until a shutdown signal.
 pub async fn run(path: &Path) -> anyhow::Result<()> {
-    let config: SidecarConfig =
+    let mut config: SidecarConfig =
         isthmus_core::config::load_file::<RawSidecarConfig, SidecarConfig>(path)?;
+    if let isthmus_core::client::Token::File(file) = &mut config.token {
+        *file = path.parent().unwrap_or(Path::new(".")).join(&*file);
+    }
     let control = ControlTarget::load(path, &config.control, config.control_ca.as_deref())?;
+    serve(config, control).await
+}
+
+/// The sidecar's settings in a pod the webhook injected, from its environment (`env`), its
+/// labels as the downward API writes them (`labels`: `key="value"` lines) and the gateway
+/// address once resolved: outbound and inbound traffic redirected by `isthmus sidecar
+/// init` (15001, 15006), admin on 15020, and the projected service-account token as the
+/// credential for its certificate. Returns the config and the control plane's CA (PEM).
+pub fn kubernetes_config(
+    env: &dyn Fn(&str) -> Option<String>,
+    labels: &str,
+    gateway: Option<SocketAddr>,
+) -> Result<(SidecarConfig, String), FieldError> {
+    let need = |name: &str| {
+        env(name).filter(|v| !v.trim().is_empty()).ok_or_else(|| {
+            FieldError::new(
+                name,
+                "",
+                "required in the environment (the injection webhook sets it)",
+            )
+        })
+    };
+    let raw = RawSidecarConfig {
+        cluster: need("ISTHMUS_CLUSTER")?,
+        trust_domain: env("ISTHMUS_TRUST_DOMAIN").filter(|t| !t.is_empty()),
+        control: need("ISTHMUS_CONTROL")?,
+        control_ca: None,
+        token: None,
+        token_file: Some(format!("{}/token", isthmus_control::webhook::TOKEN_DIR)),
+        namespace: need("POD_NAMESPACE")?,
+        service_account: need("SERVICE_ACCOUNT")?,
+        gateway: gateway.map(|g| g.to_string()),
+        labels: parse_downward_labels(labels).map_err(|reason| {
+            FieldError::new(
+                format!("{}/labels", isthmus_control::webhook::PODINFO_DIR),
+                labels,
+                reason,
+            )
+        })?,
+        outbound: true,
+        inbound: Vec::new(),
+        listen: RawListen {
+            admin: "0.0.0.0:15020".into(),
+        },
+        access_log: None,
+        redirect_outbound: Some("0.0.0.0:15001".into()),
+        redirect_inbound: Some("0.0.0.0:15006".into()),
+    };
+    let ca_pem = need("ISTHMUS_CONTROL_CA")?;
+    isthmus_core::api_tls::client_config(&ca_pem)
+        .map_err(|e| FieldError::new("ISTHMUS_CONTROL_CA", "(PEM)", e.to_string()))?;
+    Ok((SidecarConfig::try_from(raw)?, ca_pem))
+}
+
+/// Parses the downward API's `metadata.labels` file: one `key="value"` per line, the value
+/// quoted as Go's `%q` does (which JSON string syntax reads for every label value).
+pub fn parse_downward_labels(
+    text: &str,
+) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut labels = std::collections::BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let (key, quoted) = line
+            .split_once('=')
+            .ok_or_else(|| format!("line {}: expected key=\"value\"", i + 1))?;
+        let value: String = serde_json::from_str(quoted).map_err(|e| {
+            format!(
+                "line {}: the value of {key} is not a quoted string: {e}",
+                i + 1
+            )
+        })?;
+        labels.insert(key.to_string(), value);
+    }
+    Ok(labels)
+}
+
+/// `isthmus sidecar --kubernetes`: the injected sidecar, configured from its pod.
+pub async fn run_kubernetes() -> anyhow::Result<()> {
+    let env = |name: &str| std::env::var(name).ok();
+    let gateway = match env("ISTHMUS_GATEWAY").filter(|g| !g.is_empty()) {
+        None => None,
+        Some(g) => Some(
+            tokio::net::lookup_host(g.as_str())
+                .await
+                .with_context(|| format!("ISTHMUS_GATEWAY: resolving {g}"))?
+                .next()
+                .with_context(|| format!("ISTHMUS_GATEWAY: {g} resolves to no address"))?,
+        ),
+    };
+    let labels_file = format!("{}/labels", isthmus_control::webhook::PODINFO_DIR);
+    let labels = std::fs::read_to_string(&labels_file).unwrap_or_default();
+    let (config, ca_pem) = kubernetes_config(&env, &labels, gateway)?;
+    let control = ControlTarget {
+        addr: config.control.clone(),
+        ca_pem,
+    };
+    serve(config, control).await
+}
+
+async fn serve(config: SidecarConfig, control: ControlTarget) -> anyhow::Result<()> {
     let att = attach(
         &control,
         &format!("sidecar/{}", config.identity.service_account()),
-        Some((&config.identity, &config.token)),
+        Some((&config.identity, config.token.clone())),
     )
     .await?;
     let identity = att
@@ -275,4 +398,94 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         t.abort();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod kubernetes_tests {
+    use super::*;
+
+    fn env_of<'a>(pairs: &'a [(&'a str, String)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.clone())
+        }
+    }
+
+    #[test]
+    fn downward_api_labels_are_read_with_their_quoting() {
+        let labels = parse_downward_labels(
+            "app=\"ratings\"\nversion=\"v1\"\nexample.com/note=\"a \\\"quoted\\\" word\"\n",
+        )
+        .unwrap();
+        assert_eq!(labels["app"], "ratings");
+        assert_eq!(labels["version"], "v1");
+        assert_eq!(labels["example.com/note"], "a \"quoted\" word");
+        assert!(parse_downward_labels("").unwrap().is_empty());
+        let err = parse_downward_labels("app=ratings\n").unwrap_err();
+        assert!(err.contains("line 1") && err.contains("app"), "{err}");
+    }
+
+    #[test]
+    fn an_injected_sidecar_is_configured_from_its_pod() {
+        let ca = isthmus_core::ca::CertificateAuthority::generate("east.isthmus.local").unwrap();
+        let pairs = [
+            ("ISTHMUS_CLUSTER", "east".to_string()),
+            ("ISTHMUS_TRUST_DOMAIN", "east.isthmus.local".to_string()),
+            (
+                "ISTHMUS_CONTROL",
+                "isthmus-control.isthmus-system.svc:15012".to_string(),
+            ),
+            ("ISTHMUS_CONTROL_CA", ca.cert_pem().to_string()),
+            ("POD_NAMESPACE", "bookinfo".to_string()),
+            ("SERVICE_ACCOUNT", "ratings".to_string()),
+        ];
+        let gateway: SocketAddr = "10.96.0.20:15444".parse().unwrap();
+        let (config, ca_pem) =
+            kubernetes_config(&env_of(&pairs), "app=\"ratings\"\n", Some(gateway)).unwrap();
+        assert_eq!(ca_pem, ca.cert_pem());
+        assert_eq!(
+            config.identity.to_string(),
+            "spiffe://east.isthmus.local/ns/bookinfo/sa/ratings"
+        );
+        assert_eq!(config.control, "isthmus-control.isthmus-system.svc:15012");
+        assert_eq!(
+            config.token,
+            isthmus_core::client::Token::File("/var/run/secrets/isthmus/token".into())
+        );
+        assert_eq!(config.gateway, Some(gateway));
+        assert_eq!(config.labels["app"], "ratings");
+        assert!(config.outbound);
+        assert_eq!(
+            config.redirect_outbound,
+            Some("0.0.0.0:15001".parse().unwrap())
+        );
+        assert_eq!(
+            config.redirect_inbound,
+            Some("0.0.0.0:15006".parse().unwrap())
+        );
+
+        // Each missing or bad variable is named.
+        for (drop, named) in [
+            ("ISTHMUS_CLUSTER", "ISTHMUS_CLUSTER"),
+            ("SERVICE_ACCOUNT", "SERVICE_ACCOUNT"),
+            ("ISTHMUS_CONTROL_CA", "ISTHMUS_CONTROL_CA"),
+        ] {
+            let fewer: Vec<(&str, String)> =
+                pairs.iter().filter(|(k, _)| *k != drop).cloned().collect();
+            let err = kubernetes_config(&env_of(&fewer), "", None)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains(named), "{err}");
+        }
+        let mut bad = pairs.to_vec();
+        bad[3].1 = "not a certificate".into();
+        let err = kubernetes_config(&env_of(&bad), "", None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("ISTHMUS_CONTROL_CA"), "{err}");
+    }
 }

@@ -81,7 +81,7 @@ async fn attach(
     node: &str,
     id: SpiffeId,
 ) -> anyhow::Result<(Arc<Identity>, Attached)> {
-    let att = crate::daemon::attach(control, node, Some((&id, DEMO_TOKEN))).await?;
+    let att = crate::daemon::attach(control, node, Some((&id, DEMO_TOKEN.into()))).await?;
     let identity = att
         .identity
         .clone()

@@ -21,8 +21,10 @@ pub mod conditions;
 mod imports;
 pub mod mapping;
 pub mod policies;
+pub mod publish;
 pub mod resources;
 mod status;
+pub mod tokenreview;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

@@ -4,8 +4,10 @@ fn config() -> InjectConfig {
     InjectConfig {
         image: "isthmus/isthmus:0.1.0".into(),
         cluster: "east".into(),
+        trust_domain: "east.isthmus.local".into(),
         control: "isthmus-control.isthmus-system.svc:15012".into(),
         gateway: "isthmus-gateway.isthmus-system.svc:15444".into(),
+        ca_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
     }
 }
 
@@ -70,10 +72,12 @@ fn a_sample_pod_gets_exactly_the_init_container_the_sidecar_and_the_status() {
         {"op": "add", "path": "/spec/containers/-", "value": {
             "name": "isthmus-proxy",
             "image": "isthmus/isthmus:0.1.0",
-            "args": ["sidecar", "--config", "/etc/isthmus/sidecar.yaml"],
+            "args": ["sidecar", "--kubernetes"],
             "env": [
                 {"name": "ISTHMUS_CLUSTER", "value": "east"},
+                {"name": "ISTHMUS_TRUST_DOMAIN", "value": "east.isthmus.local"},
                 {"name": "ISTHMUS_CONTROL", "value": "isthmus-control.isthmus-system.svc:15012"},
+                {"name": "ISTHMUS_CONTROL_CA", "value": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"},
                 {"name": "ISTHMUS_GATEWAY", "value": "isthmus-gateway.isthmus-system.svc:15444"},
                 {"name": "POD_NAMESPACE", "value": "default"},
                 {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -81,6 +85,10 @@ fn a_sample_pod_gets_exactly_the_init_container_the_sidecar_and_the_status() {
                 {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             ],
             "ports": [{"name": "isthmus-admin", "containerPort": 15020, "protocol": "TCP"}],
+            "volumeMounts": [
+                {"name": "isthmus-token", "mountPath": "/var/run/secrets/isthmus", "readOnly": true},
+                {"name": "isthmus-podinfo", "mountPath": "/etc/isthmus-pod", "readOnly": true},
+            ],
             "readinessProbe": {"httpGet": {"path": "/ready", "port": 15020}, "periodSeconds": 2},
             "securityContext": {
                 "runAsUser": 1337,
@@ -91,6 +99,14 @@ fn a_sample_pod_gets_exactly_the_init_container_the_sidecar_and_the_status() {
                 "capabilities": {"drop": ["ALL"]},
             },
         }},
+        {"op": "add", "path": "/spec/volumes", "value": [
+            {"name": "isthmus-token", "projected": {"sources": [
+                {"serviceAccountToken": {"audience": "isthmus", "expirationSeconds": 3600, "path": "token"}},
+            ]}},
+            {"name": "isthmus-podinfo", "downwardAPI": {"items": [
+                {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+            ]}},
+        ]},
         {"op": "add", "path": "/metadata/annotations", "value": {"sidecar.isthmus.io/status": "injected"}},
     ]);
     assert_eq!(decoded_patch(&answer), expected);
@@ -101,15 +117,20 @@ fn existing_init_containers_and_annotations_are_appended_to_not_replaced() {
     let mut pod = sample_pod();
     pod["spec"]["initContainers"] = json!([{"name": "migrate", "image": "db:1"}]);
     pod["metadata"]["annotations"] = json!({"team": "ratings"});
+    pod["spec"]["volumes"] = json!([{"name": "data", "emptyDir": {}}]);
     let answer = review(&review_of(pod), &config()).unwrap();
     let patch = decoded_patch(&answer);
     assert_eq!(patch[0]["path"], "/spec/initContainers/-");
     assert_eq!(patch[0]["value"]["name"], "isthmus-init");
+    assert_eq!(patch[2]["path"], "/spec/volumes/-");
+    assert_eq!(patch[2]["value"]["name"], "isthmus-token");
+    assert_eq!(patch[3]["path"], "/spec/volumes/-");
+    assert_eq!(patch[3]["value"]["name"], "isthmus-podinfo");
     assert_eq!(
-        patch[2]["path"],
+        patch[4]["path"],
         "/metadata/annotations/sidecar.isthmus.io~1status"
     );
-    assert_eq!(patch[2]["value"], "injected");
+    assert_eq!(patch[4]["value"], "injected");
 }
 
 #[test]
