@@ -5,6 +5,8 @@
 
 #[path = "kubernetes/policies.rs"]
 mod policies;
+#[path = "kubernetes/publish.rs"]
+mod publish;
 mod support;
 
 use std::collections::BTreeMap;

@@ -95,6 +95,13 @@ const RESOURCES: &[(&str, &str, &str, bool)] = &[
     ("/api/v1", "namespaces", "Namespace", false),
     ("/api/v1", "services", "Service", true),
     ("/api/v1", "pods", "Pod", true),
+    ("/api/v1", "configmaps", "ConfigMap", true),
+    (
+        "/apis/admissionregistration.k8s.io/v1",
+        "mutatingwebhookconfigurations",
+        "MutatingWebhookConfiguration",
+        false,
+    ),
     (
         "/apis/discovery.k8s.io/v1",
         "endpointslices",
@@ -414,29 +421,33 @@ struct Target {
 
 fn parse_path(shared: &Shared, path: &str) -> Option<Target> {
     let resources = served(&shared.state.lock().unwrap());
-    for r in resources {
-        let Some(rest) = path.strip_prefix(r.prefix.as_str()) else {
-            continue;
-        };
-        if !rest.starts_with('/') {
-            continue;
-        }
-        let parts: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
-        let (namespace, tail) = match parts.as_slice() {
-            ["namespaces", ns, p, tail @ ..] if r.namespaced && *p == r.plural => {
-                (Some(ns.to_string()), tail)
+    // Namespaced paths first: /api/v1/namespaces/<ns>/configmaps/<name> is a ConfigMap, not
+    // a subresource of Namespace <ns>.
+    for namespaced in [true, false] {
+        for r in &resources {
+            let Some(rest) = path.strip_prefix(r.prefix.as_str()) else {
+                continue;
+            };
+            if !rest.starts_with('/') {
+                continue;
             }
-            [p, tail @ ..] if *p == r.plural => (None, tail),
-            _ => continue,
-        };
-        return Some(Target {
-            prefix: r.prefix,
-            plural: r.plural,
-            kind: r.kind,
-            namespace,
-            name: tail.first().map(|s| s.to_string()),
-            subresource: tail.get(1).map(|s| s.to_string()),
-        });
+            let parts: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+            let (namespace, tail) = match (namespaced, parts.as_slice()) {
+                (true, ["namespaces", ns, p, tail @ ..]) if r.namespaced && *p == r.plural => {
+                    (Some(ns.to_string()), tail)
+                }
+                (false, [p, tail @ ..]) if *p == r.plural => (None, tail),
+                _ => continue,
+            };
+            return Some(Target {
+                prefix: r.prefix.clone(),
+                plural: r.plural,
+                kind: r.kind,
+                namespace,
+                name: tail.first().map(|s| s.to_string()),
+                subresource: tail.get(1).map(|s| s.to_string()),
+            });
+        }
     }
     None
 }
@@ -584,6 +595,20 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
                         "NotFound",
                         format!("{} {name} not found", t.plural),
                     )
+                }
+                (Some(o), "application/json-patch+json", None) => {
+                    // RFC 6902, `test` operations included: a failed test changes nothing.
+                    let ops: json_patch::Patch = match serde_json::from_value(patch) {
+                        Ok(ops) => ops,
+                        Err(e) => {
+                            return status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string())
+                        }
+                    };
+                    let mut next = o;
+                    if let Err(e) = json_patch::patch(&mut next, &ops) {
+                        return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", e.to_string());
+                    }
+                    next
                 }
                 (Some(mut o), _, _) => {
                     merge(&mut o, &patch);
