@@ -39,6 +39,7 @@
 //!   condition `Accepted=False` (reason `Invalid`) on the object. Istio's status is left to
 //!   Istio.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 
 use futures::stream::{BoxStream, SelectAll, StreamExt};
@@ -307,54 +308,63 @@ struct Log {
 }
 
 /// The kinds not watched yet that the API server now serves: (kind, its resource at the
-/// preferred served version, whether it has a status subresource Isthmus writes).
+/// preferred served version, whether it has a status subresource Isthmus writes). One
+/// request for the groups (`/apis`), then one per group version that could serve a kind.
 async fn discover(
     client: &kube::Client,
     watched: &BTreeMap<Kind, Watched>,
     log: &mut Log,
 ) -> Vec<(Kind, ApiResource, bool)> {
-    let mut groups: BTreeMap<&'static str, Vec<Kind>> = BTreeMap::new();
-    for kind in Kind::ALL.into_iter().filter(|k| !watched.contains_key(k)) {
-        groups
-            .entry(group_and_versions(kind).0)
-            .or_default()
-            .push(kind);
-    }
+    let served = match client.list_api_groups().await {
+        Ok(list) => {
+            if log.failing_groups.remove("") {
+                tracing::info!("API discovery recovered");
+            }
+            list.groups
+        }
+        Err(e) => {
+            if log.failing_groups.insert("") {
+                tracing::warn!(error = %e, "API discovery failed; asking again later");
+            }
+            return Vec::new();
+        }
+    };
+    let mut resources: BTreeMap<(&'static str, &'static str), Vec<(ApiResource, _)>> =
+        BTreeMap::new();
     let mut found = Vec::new();
-    for (group, kinds) in groups {
-        let served = match kube::discovery::group(client, group).await {
-            Ok(g) => {
-                if log.failing_groups.remove(group) {
-                    tracing::info!(group, "API discovery recovered");
-                }
-                g
-            }
-            Err(kube::Error::Discovery(kube::error::DiscoveryError::MissingApiGroup(_))) => {
-                tracing::debug!(
-                    group,
-                    "API group not served (CRDs not installed); asking again later"
-                );
-                continue;
-            }
-            Err(e) => {
-                if log.failing_groups.insert(group) {
-                    tracing::warn!(group, error = %e, "API discovery failed; asking again later");
-                }
-                continue;
-            }
+    for kind in Kind::ALL.into_iter().filter(|k| !watched.contains_key(k)) {
+        let (group, versions) = group_and_versions(kind);
+        let Some(offered) = served.iter().find(|g| g.name == group) else {
+            tracing::debug!(%kind, group, "API group not served (CRDs not installed); asking again later");
+            continue;
         };
-        for kind in kinds {
-            let (_, versions) = group_and_versions(kind);
-            let hit = versions.iter().find_map(|v| {
-                served
-                    .versioned_resources(v)
-                    .into_iter()
-                    .find(|(r, _)| r.kind == kind.as_str())
-            });
+        for version in versions {
+            if !offered.versions.iter().any(|v| v.version == version) {
+                continue;
+            }
+            if let Entry::Vacant(slot) = resources.entry((group, version)) {
+                let gv = kube::core::GroupVersion::gv(group, version);
+                match kube::discovery::pinned_group(client, &gv).await {
+                    Ok(g) => {
+                        log.failing_groups.remove(group);
+                        slot.insert(g.versioned_resources(version));
+                    }
+                    Err(e) => {
+                        if log.failing_groups.insert(group) {
+                            tracing::warn!(group, version, error = %e, "API discovery failed; asking again later");
+                        }
+                        break;
+                    }
+                }
+            }
+            let hit = resources[&(group, version)]
+                .iter()
+                .find(|(r, _)| r.kind == kind.as_str());
             if let Some((resource, caps)) = hit {
                 let status = group == "isthmus.io"
                     && caps.subresources.iter().any(|(s, _)| s.plural == "status");
-                found.push((kind, resource, status));
+                found.push((kind, resource.clone(), status));
+                break;
             }
         }
     }
