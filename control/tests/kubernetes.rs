@@ -183,7 +183,7 @@ async fn a_service_export_reaches_the_other_clusters_service_import_and_leaves_w
     })
     .await;
     let local = &c.service("default", "ratings").unwrap().local_endpoints[0];
-    assert_eq!(local.address.to_string(), "10.1.0.5:15006");
+    assert_eq!(local.address.to_string(), "10.1.0.5:9080");
     assert_eq!(
         local.identity,
         "spiffe://east.isthmus.local/ns/default/sa/ratings"
@@ -289,10 +289,7 @@ async fn endpoint_churn_converges_on_the_last_state() {
         }
     }
     let want: Vec<String> = {
-        let mut v: Vec<String> = live
-            .iter()
-            .map(|(_, ip, _)| format!("{ip}:15006"))
-            .collect();
+        let mut v: Vec<String> = live.iter().map(|(_, ip, _)| format!("{ip}:9080")).collect();
         v.sort();
         v
     };

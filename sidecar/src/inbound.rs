@@ -108,9 +108,9 @@ pub(crate) async fn serve(
             let port = match target {
                 Target::Declared => port,
                 Target::Redirected => match crate::redirect::original_destination(&tcp) {
-                    // Listed among the service's endpoints as pod IP and inbound port.
+                    // Listed among the service's endpoints as pod IP and target port.
                     Ok(dst) => InboundPort {
-                        listen: SocketAddr::new(dst.ip(), port.listen.port()),
+                        listen: dst,
                         forward_to: dst,
                         protocol: Protocol::Auto,
                     },

@@ -154,7 +154,14 @@ pub fn discovery(snapshot: &Snapshot, inbound_port: u16) -> (Discovery, Vec<Stri
             &pods,
             &namespace,
             headless,
-            inbound_port,
+            (
+                &ports
+                    .iter()
+                    .find(|p| p.protocol != Protocol::Udp)
+                    .unwrap_or(&ports[0])
+                    .name,
+                inbound_port,
+            ),
         );
         let export = exports.get(&k);
         services.push(LocalService {
@@ -190,13 +197,28 @@ fn endpoints(
     pods: &BTreeMap<(String, String), &Pod>,
     namespace: &str,
     headless: bool,
-    inbound_port: u16,
+    (port_name, fallback_port): (&str, u16),
 ) -> Vec<LocalEndpoint> {
-    let mut by_address: BTreeMap<SocketAddr, LocalEndpoint> = BTreeMap::new();
+    // By pod IP: a pod in two slices (being rebalanced, or while its ports change) is one
+    // endpoint.
+    let mut by_address: BTreeMap<IpAddr, LocalEndpoint> = BTreeMap::new();
     for slice in slices {
         if slice.address_type == "FQDN" {
             continue;
         }
+        // Callers dial the pod's target port of the service's first port; the pod's redirect
+        // (`isthmus sidecar init`) hands the connection to its sidecar, which forwards it to
+        // that original destination after mTLS. A slice that lists no such port gets the
+        // sidecar's inbound port.
+        let target_port = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref().unwrap_or_default() == port_name)
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+            .unwrap_or(fallback_port);
         for e in &slice.endpoints {
             let Some(ip) = e.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
                 continue;
@@ -225,7 +247,7 @@ fn endpoints(
                 .hostname
                 .clone()
                 .filter(|h| headless && validate_label("hostname", h).is_ok());
-            let address = SocketAddr::new(ip, inbound_port);
+            let address = SocketAddr::new(ip, target_port);
             let endpoint = LocalEndpoint {
                 address,
                 service_account,
@@ -235,10 +257,10 @@ fn endpoints(
             };
             // The same pod can sit in two slices for a moment while they are rebalanced:
             // keep one, preferring the ready copy.
-            match by_address.get(&address) {
+            match by_address.get(&ip) {
                 Some(old) if old.healthy || !endpoint.healthy => {}
                 _ => {
-                    by_address.insert(address, endpoint);
+                    by_address.insert(ip, endpoint);
                 }
             }
         }

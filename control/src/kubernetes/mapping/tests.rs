@@ -114,3 +114,35 @@ fn endpoints_take_pod_identity_and_the_sidecar_port() {
     assert_eq!(web[0].hostname.as_deref(), Some("web-0"));
     assert_eq!(web[1].hostname, None, "an invalid hostname is dropped");
 }
+
+#[test]
+fn endpoints_are_dialled_at_the_target_port_of_the_first_tcp_port() {
+    let mut snap = snapshot();
+    // ratings' slices list the target ports by service port name: 8080 behind `web`.
+    for slice in snap.slices.iter_mut() {
+        if slice.metadata.name.as_deref() == Some("ratings-a") {
+            std::sync::Arc::make_mut(slice).ports = Some(vec![
+                k8s_openapi::api::discovery::v1::EndpointPort {
+                    name: Some("dns".into()),
+                    port: Some(5353),
+                    protocol: Some("UDP".into()),
+                    ..Default::default()
+                },
+                k8s_openapi::api::discovery::v1::EndpointPort {
+                    name: Some("web".into()),
+                    port: Some(8080),
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                },
+            ]);
+        }
+    }
+    let (d, _) = discovery(&snap, 15006);
+    let addrs: Vec<String> = d.services[0]
+        .endpoints
+        .iter()
+        .map(|e| e.address.to_string())
+        .collect();
+    // 10.0.0.1 is in ratings-a (ports listed); 10.0.0.2's ready copy is in ratings-b (none).
+    assert_eq!(addrs, ["10.0.0.1:8080", "10.0.0.2:15006"]);
+}
