@@ -199,6 +199,7 @@ fn start_pod(
                     labels: BTreeMap::new(),
                     identity: SpiffeId::new(TD, "default", "web").to_string(),
                     healthy: true,
+                    ports: Default::default(),
                 }],
                 remote: vec![],
                 exported: false,

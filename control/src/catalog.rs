@@ -199,6 +199,7 @@ impl Catalog {
                     identity: SpiffeId::new(&self.trust_domain, &s.namespace, &e.service_account)
                         .to_string(),
                     healthy: e.healthy,
+                    ports: e.ports.clone(),
                 })
                 .collect();
             services.insert(

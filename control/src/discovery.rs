@@ -118,6 +118,9 @@ pub struct LocalEndpoint {
     pub healthy: bool,
     /// Names the endpoint of a headless service (`<hostname>.<cluster>.<svc>...`).
     pub hostname: Option<String>,
+    /// Service port -> port to dial at `address`'s IP, where it differs (Kubernetes target
+    /// ports); see [`isthmus_core::mesh::Endpoint::ports`].
+    pub ports: BTreeMap<u16, u16>,
 }
 
 impl LocalEndpoint {
@@ -266,6 +269,7 @@ impl TryFrom<RawDiscovery> for Discovery {
                     labels: e.labels,
                     healthy: e.healthy,
                     hostname: e.hostname,
+                    ports: BTreeMap::new(),
                 });
             }
             services.push(LocalService {

@@ -228,6 +228,20 @@ pub struct Endpoint {
     /// The endpoint's SPIFFE ID.
     pub identity: String,
     pub healthy: bool,
+    /// Service port -> the port to dial at this endpoint's IP, where it differs from
+    /// `address`'s (a Kubernetes service's target ports). Empty: every port dials `address`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<u16, u16>,
+}
+
+impl Endpoint {
+    /// Where to connect for `service_port`.
+    pub fn dial(&self, service_port: u16) -> SocketAddr {
+        match self.ports.get(&service_port) {
+            Some(p) => SocketAddr::new(self.address.ip(), *p),
+            None => self.address,
+        }
+    }
 }
 
 /// A remote cluster exporting a service.

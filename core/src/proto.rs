@@ -67,6 +67,11 @@ impl From<&MeshConfig> for mesh::MeshConfigSnapshot {
                             labels: e.labels.clone().into_iter().collect(),
                             identity: e.identity.clone(),
                             healthy: e.healthy,
+                            ports: e
+                                .ports
+                                .iter()
+                                .map(|(k, v)| (u32::from(*k), u32::from(*v)))
+                                .collect(),
                         })
                         .collect(),
                     remote: s
@@ -143,11 +148,28 @@ impl TryFrom<mesh::MeshConfigSnapshot> for MeshConfig {
                     &e.address,
                     e.address.parse(),
                 )?;
+                let mut ports = BTreeMap::new();
+                for (service_port, port) in e.ports {
+                    let field = format!("{at}.local_endpoints[{j}].ports[{service_port}]");
+                    match (u16::try_from(service_port), u16::try_from(port)) {
+                        (Ok(s), Ok(p)) if s != 0 && p != 0 => {
+                            ports.insert(s, p);
+                        }
+                        _ => {
+                            return Err(WireError {
+                                field,
+                                value: port.to_string(),
+                                reason: "ports are 1 to 65535".to_string(),
+                            })
+                        }
+                    }
+                }
                 local_endpoints.push(Endpoint {
                     address,
                     labels: e.labels.into_iter().collect::<BTreeMap<_, _>>(),
                     identity: e.identity,
                     healthy: e.healthy,
+                    ports,
                 });
             }
             let mut remote = Vec::new();
@@ -267,6 +289,7 @@ mod tests {
                     labels: [("version".to_string(), "v1".to_string())].into(),
                     identity: "spiffe://east.isthmus.local/ns/default/sa/ratings".into(),
                     healthy: true,
+                    ports: [(9090, 8443)].into(),
                 }],
                 remote: vec![RemoteExport {
                     cluster: "central".into(),
@@ -310,6 +333,14 @@ mod tests {
             )
             .unwrap(),
         }
+    }
+
+    #[test]
+    fn an_endpoint_port_out_of_range_refuses_the_snapshot_naming_it() {
+        let mut wire: mesh::MeshConfigSnapshot = (&sample()).into();
+        wire.services[0].local_endpoints[0].ports.insert(9090, 70_000);
+        let err = MeshConfig::try_from(wire).unwrap_err();
+        assert_eq!(err.field, "services[0].local_endpoints[0].ports[9090]");
     }
 
     #[test]

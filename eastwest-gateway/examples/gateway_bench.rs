@@ -159,6 +159,7 @@ async fn pair(transport: Transport, sink: SocketAddr) -> Res<Pair> {
             labels: Default::default(),
             identity: String::new(),
             healthy: true,
+            ports: Default::default(),
         }],
         remote: vec![],
         exported: true,

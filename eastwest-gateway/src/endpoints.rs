@@ -25,12 +25,16 @@ pub(crate) fn subset_matches(subset: Option<&str>, labels: &BTreeMap<String, Str
     })
 }
 
-/// The addresses of `endpoints` that are healthy and in `subset`.
-pub(crate) fn candidates(endpoints: &[Endpoint], subset: Option<&str>) -> Vec<SocketAddr> {
+/// Where to dial `port` on each endpoint of `endpoints` that is healthy and in `subset`.
+pub(crate) fn candidates(
+    endpoints: &[Endpoint],
+    subset: Option<&str>,
+    port: u16,
+) -> Vec<SocketAddr> {
     endpoints
         .iter()
         .filter(|e| e.healthy && subset_matches(subset, &e.labels))
-        .map(|e| e.address)
+        .map(|e| e.dial(port))
         .collect()
 }
 
@@ -217,10 +221,32 @@ mod tests {
             labels: labels(&[("version", version)]),
             identity: String::new(),
             healthy,
+            ports: Default::default(),
         };
         let eps = [ep(1, "v1", true), ep(2, "v2", true), ep(3, "v1", false)];
-        assert_eq!(candidates(&eps, None), vec![addr(1), addr(2)]);
-        assert_eq!(candidates(&eps, Some("v1")), vec![addr(1)]);
-        assert!(candidates(&eps, Some("v3")).is_empty());
+        assert_eq!(candidates(&eps, None, 80), vec![addr(1), addr(2)]);
+        assert_eq!(candidates(&eps, Some("v1"), 80), vec![addr(1)]);
+        assert!(candidates(&eps, Some("v3"), 80).is_empty());
+    }
+
+    #[test]
+    fn a_port_with_its_own_target_is_dialled_there() {
+        let mut ep = Endpoint {
+            address: "10.1.0.5:9080".parse().unwrap(),
+            labels: labels(&[]),
+            identity: String::new(),
+            healthy: true,
+            ports: Default::default(),
+        };
+        ep.ports.insert(9090, 8443);
+        let eps = [ep];
+        assert_eq!(
+            candidates(&eps, None, 9080),
+            vec!["10.1.0.5:9080".parse().unwrap()]
+        );
+        assert_eq!(
+            candidates(&eps, None, 9090),
+            vec!["10.1.0.5:8443".parse().unwrap()]
+        );
     }
 }

@@ -372,7 +372,8 @@ fn route(
             format!("service {} has no port {}", req.service, req.port),
         ));
     }
-    let candidates = endpoints::candidates(&service.local_endpoints, req.subset.as_deref());
+    let candidates =
+        endpoints::candidates(&service.local_endpoints, req.subset.as_deref(), req.port);
     if candidates.is_empty() {
         let subset = req
             .subset
@@ -407,6 +408,7 @@ mod tests {
             labels: BTreeMap::from([("version".to_string(), "v1".to_string())]),
             identity: String::new(),
             healthy,
+            ports: Default::default(),
         };
         let service = |name: &str, exported, endpoints| MeshService {
             name: name.into(),

@@ -237,7 +237,9 @@ impl Connector {
         alpn: Option<&'static [u8]>,
     ) -> Result<TlsStream<TcpStream>, UpstreamError> {
         match upstream {
-            crate::balance::Upstream::Local(addr) => self.dial_direct(service, *addr, alpn).await,
+            crate::balance::Upstream::Local(addr) => {
+                self.dial_direct(service, port, *addr, alpn).await
+            }
             crate::balance::Upstream::Remote(cluster) => {
                 let gateway = self
                     .gateway
@@ -251,10 +253,19 @@ impl Connector {
     async fn dial_direct(
         &self,
         service: &MeshService,
+        port: u16,
         addr: SocketAddr,
         alpn: Option<&'static [u8]>,
     ) -> Result<TlsStream<TcpStream>, UpstreamError> {
-        let tcp = self.tcp(addr).await?;
+        // The endpoint is known by its address; the port called may be served elsewhere on
+        // its IP (a Kubernetes service's target port).
+        let target = service
+            .local_endpoints
+            .iter()
+            .find(|e| e.address == addr)
+            .map(|e| e.dial(port))
+            .unwrap_or(addr);
+        let tcp = self.tcp(target).await?;
         let tls = self.handshake(service, tcp, addr, alpn).await?;
         self.health.endpoint_ok(addr);
         Ok(tls)

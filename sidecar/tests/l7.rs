@@ -166,6 +166,7 @@ async fn mesh_with_log(
             labels: BTreeMap::from([("version".to_string(), version.to_string())]),
             identity: SpiffeId::new(TD, "default", "reviews").to_string(),
             healthy: true,
+            ports: Default::default(),
         });
         sidecars.push(sc);
     }

@@ -239,6 +239,7 @@ async fn mesh(octet: u8, services: Vec<(&str, Protocol, SocketAddr)>, policies: 
                 labels: BTreeMap::new(),
                 identity: SpiffeId::new(TD, "default", name).to_string(),
                 healthy: true,
+                ports: Default::default(),
             }],
             remote: vec![],
             exported: false,

@@ -23,6 +23,7 @@ fn local(name: &str, export: bool, sa: &str) -> LocalService {
             labels: [("version".to_string(), "v1".to_string())].into(),
             healthy: true,
             hostname: None,
+            ports: Default::default(),
         }],
         exported_at_ms: None,
     }

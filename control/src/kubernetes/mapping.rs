@@ -154,14 +154,8 @@ pub fn discovery(snapshot: &Snapshot, inbound_port: u16) -> (Discovery, Vec<Stri
             &pods,
             &namespace,
             headless,
-            (
-                &ports
-                    .iter()
-                    .find(|p| p.protocol != Protocol::Udp)
-                    .unwrap_or(&ports[0])
-                    .name,
-                inbound_port,
-            ),
+            &ports,
+            inbound_port,
         );
         let export = exports.get(&k);
         services.push(LocalService {
@@ -197,8 +191,15 @@ fn endpoints(
     pods: &BTreeMap<(String, String), &Pod>,
     namespace: &str,
     headless: bool,
-    (port_name, fallback_port): (&str, u16),
+    service_ports: &[ServicePort],
+    fallback_port: u16,
 ) -> Vec<LocalEndpoint> {
+    // The address's port is the first TCP port's target; other ports whose targets differ
+    // are listed in `ports`.
+    let first = service_ports
+        .iter()
+        .find(|p| p.protocol != Protocol::Udp)
+        .unwrap_or(&service_ports[0]);
     // By pod IP: a pod in two slices (being rebalanced, or while its ports change) is one
     // endpoint.
     let mut by_address: BTreeMap<IpAddr, LocalEndpoint> = BTreeMap::new();
@@ -206,19 +207,27 @@ fn endpoints(
         if slice.address_type == "FQDN" {
             continue;
         }
-        // Callers dial the pod's target port of the service's first port; the pod's redirect
-        // (`isthmus sidecar init`) hands the connection to its sidecar, which forwards it to
-        // that original destination after mTLS. A slice that lists no such port gets the
-        // sidecar's inbound port.
-        let target_port = slice
-            .ports
+        // Callers dial the pod's target port of the service port they call; the pod's
+        // redirect (`isthmus sidecar init`) hands the connection to its sidecar, which
+        // forwards it to that original destination after mTLS. A slice lists target ports by
+        // service port name; one that lists none for the first port gets the sidecar's
+        // inbound port.
+        let target = |name: &str| {
+            slice
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref().unwrap_or_default() == name)
+                .and_then(|p| p.port)
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p != 0)
+        };
+        let target_port = target(&first.name).unwrap_or(fallback_port);
+        let other_ports: BTreeMap<u16, u16> = service_ports
             .iter()
-            .flatten()
-            .find(|p| p.name.as_deref().unwrap_or_default() == port_name)
-            .and_then(|p| p.port)
-            .and_then(|p| u16::try_from(p).ok())
-            .filter(|p| *p != 0)
-            .unwrap_or(fallback_port);
+            .filter_map(|p| Some((p.port, target(&p.name)?)))
+            .filter(|(_, t)| *t != target_port)
+            .collect();
         for e in &slice.endpoints {
             let Some(ip) = e.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
                 continue;
@@ -254,6 +263,7 @@ fn endpoints(
                 labels,
                 healthy,
                 hostname,
+                ports: other_ports.clone(),
             };
             // The same pod can sit in two slices for a moment while they are rebalanced:
             // keep one, preferring the ready copy.

@@ -84,6 +84,7 @@ pub fn endpoint(address: SocketAddr, version: &str, healthy: bool) -> Endpoint {
         labels: BTreeMap::from([("version".to_string(), version.to_string())]),
         identity: "spiffe://west.isthmus.local/ns/default/sa/ratings".into(),
         healthy,
+        ports: Default::default(),
     }
 }
 

@@ -145,4 +145,9 @@ fn endpoints_are_dialled_at_the_target_port_of_the_first_tcp_port() {
         .collect();
     // 10.0.0.1 is in ratings-a (ports listed); 10.0.0.2's ready copy is in ratings-b (none).
     assert_eq!(addrs, ["10.0.0.1:8080", "10.0.0.2:15006"]);
+    // The other ports with a target of their own: UDP dns 53 -> 5353 (grpc-api 9090 is not
+    // listed by the slice, so it dials the address).
+    let ep = &d.services[0].endpoints[0];
+    assert_eq!(ep.ports, [(53, 5353)].into());
+    assert!(d.services[0].endpoints[1].ports.is_empty());
 }
