@@ -221,7 +221,15 @@ impl Catalog {
                 },
             );
         }
-        for x in exports.iter().filter(|x| x.cluster != self.cluster) {
+        // Oldest export first (then by cluster), so where clusters declare a port number
+        // differently the oldest export's declaration is the one merged, as KEP-1645 says;
+        // a local service keeps its own declarations.
+        let mut remote_exports: Vec<&ExportRecord> = exports
+            .iter()
+            .filter(|x| x.cluster != self.cluster)
+            .collect();
+        remote_exports.sort_by_key(|x| (x.exported_at_ms.unwrap_or(u64::MAX), x.cluster.clone()));
+        for x in remote_exports {
             // A remote export is usable only through that cluster's gateway.
             let Some(gateway) = gateways.get(x.cluster.as_str()).and_then(|c| c.gateway) else {
                 continue;
@@ -432,7 +440,8 @@ fn identities<'a>(
     set.into_iter().collect()
 }
 
-/// Adds the ports of `from` that `into` does not declare yet (first declaration wins).
+/// Adds the ports of `from` that `into` does not declare yet (the first declaration of a
+/// port number wins: the caller merges the oldest export first).
 fn merge_ports(into: &mut Vec<ServicePort>, from: &[ServicePort]) {
     for p in from {
         if !into.iter().any(|q| q.port == p.port) {

@@ -400,3 +400,32 @@ fn imported_headless_endpoints_with_unusable_ids_are_skipped() {
         .collect();
     assert_eq!(ids, ["web-0"]);
 }
+
+#[test]
+fn a_port_declared_differently_takes_the_oldest_exports_declaration() {
+    let clusters = [
+        cluster("east", None),
+        cluster("west", Some("127.0.0.2:15443")),
+        cluster("central", Some("127.0.0.3:15443")),
+    ];
+    let mut newer = export("central", "ratings");
+    newer.exported_at_ms = Some(2_000);
+    let mut older = export("west", "ratings");
+    older.exported_at_ms = Some(1_000);
+    older.ports = vec![ServicePort {
+        name: "tcp-legacy".into(),
+        port: 9080,
+        protocol: Protocol::Tcp,
+    }];
+    // Whatever order the store lists them in.
+    for exports in [
+        [newer.clone(), older.clone()],
+        [older.clone(), newer.clone()],
+    ] {
+        let cfg = catalog()
+            .rebuild(&Discovery::default(), &clusters, &exports, &[])
+            .unwrap();
+        let ratings = cfg.service("default", "ratings").unwrap();
+        assert_eq!(ratings.ports, older.ports, "west exported first");
+    }
+}
