@@ -451,4 +451,45 @@ resource "isthmus_policy" "fine" {{
             .map(|p| format!("{} {}", p.kind(), p.name))
             .collect::<Vec<_>>()
     );
+
+    // The provider talks to the control plane over TLS, trusting only the CA it is given:
+    // a CA that is not PEM is a diagnostic on ca_certificate, and a control plane whose
+    // certificate does not chain to the given CA is not talked to at all.
+    let stranger = tempfile::tempdir().unwrap();
+    let stranger_ca = stranger.path().join("ca.pem");
+    std::fs::write(
+        &stranger_ca,
+        isthmus_core::ca::CertificateAuthority::generate("east.isthmus.local")
+            .unwrap()
+            .cert_pem(),
+    )
+    .unwrap();
+    let control_addr = east.control.grpc_addr().to_string();
+    let fine = format!(
+        "resource \"isthmus_policy\" \"fine\" {{\n  yaml = <<EOT\n{DESTINATION_RULE}EOT\n}}\n"
+    );
+    for (provider, expect) in [
+        (
+            header(&control_addr, &east.ca_file).replace(
+                &format!("file(\"{}\")", east.ca_file.display()),
+                "\"not a certificate\"",
+            ),
+            "Invalid ca_certificate",
+        ),
+        (header(&control_addr, &stranger_ca), "invalid peer certificate"),
+    ] {
+        let ws = Workspace::new();
+        ws.write(&format!("{provider}\n{fine}"));
+        let run = ws
+            .run(&["apply", "-auto-approve", "-input=false", "-no-color"])
+            .await;
+        let text = run.text();
+        assert_ne!(run.code, 0, "applied despite a bad CA:\n{text}");
+        assert!(text.contains(expect), "expected {expect:?} in:\n{text}");
+        assert!(control
+            .get_policies(None, None, None)
+            .await
+            .unwrap()
+            .is_empty());
+    }
 }
