@@ -338,7 +338,9 @@ mod tests {
     #[test]
     fn an_endpoint_port_out_of_range_refuses_the_snapshot_naming_it() {
         let mut wire: mesh::MeshConfigSnapshot = (&sample()).into();
-        wire.services[0].local_endpoints[0].ports.insert(9090, 70_000);
+        wire.services[0].local_endpoints[0]
+            .ports
+            .insert(9090, 70_000);
         let err = MeshConfig::try_from(wire).unwrap_err();
         assert_eq!(err.field, "services[0].local_endpoints[0].ports[9090]");
     }

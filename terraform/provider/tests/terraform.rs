@@ -476,7 +476,10 @@ resource "isthmus_policy" "fine" {{
             ),
             "Invalid ca_certificate",
         ),
-        (header(&control_addr, &stranger_ca), "invalid peer certificate"),
+        (
+            header(&control_addr, &stranger_ca),
+            "invalid peer certificate",
+        ),
     ] {
         let ws = Workspace::new();
         ws.write(&format!("{provider}\n{fine}"));
