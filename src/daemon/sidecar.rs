@@ -253,7 +253,11 @@ pub fn kubernetes_config(
         control: need("ISTHMUS_CONTROL")?,
         control_ca: None,
         token: None,
-        token_file: Some(format!("{}/token", isthmus_control::webhook::TOKEN_DIR)),
+        // The webhook's projected token; ISTHMUS_TOKEN_FILE moves it (tests, other layouts).
+        token_file: Some(
+            env("ISTHMUS_TOKEN_FILE")
+                .unwrap_or_else(|| format!("{}/token", isthmus_control::webhook::TOKEN_DIR)),
+        ),
         namespace: need("POD_NAMESPACE")?,
         service_account: need("SERVICE_ACCOUNT")?,
         gateway: gateway.map(|g| g.to_string()),
@@ -316,7 +320,9 @@ pub async fn run_kubernetes() -> anyhow::Result<()> {
                 .with_context(|| format!("ISTHMUS_GATEWAY: {g} resolves to no address"))?,
         ),
     };
-    let labels_file = format!("{}/labels", isthmus_control::webhook::PODINFO_DIR);
+    let podinfo = env("ISTHMUS_PODINFO_DIR")
+        .unwrap_or_else(|| isthmus_control::webhook::PODINFO_DIR.to_string());
+    let labels_file = format!("{podinfo}/labels");
     let labels = std::fs::read_to_string(&labels_file).unwrap_or_default();
     let (config, ca_pem) = kubernetes_config(&env, &labels, gateway)?;
     let control = ControlTarget {

@@ -75,6 +75,10 @@ struct State {
     discoveries: usize,
     /// Resources (plural) whose list requests fail with 500 for now.
     failing_lists: std::collections::BTreeSet<String>,
+    /// Service-account tokens TokenReviews authenticate, with their user names.
+    tokens: BTreeMap<String, String>,
+    /// The TokenReview requests received.
+    token_reviews: Vec<Value>,
 }
 
 struct Shared {
@@ -199,6 +203,20 @@ impl KubeApi {
             addr,
             server,
         }
+    }
+
+    /// Makes TokenReviews authenticate `token` as `username` (e.g.
+    /// `system:serviceaccount:<ns>:<sa>`), as the API server does for a pod's token.
+    #[allow(dead_code)] // not every test binary that includes this server reviews tokens
+    pub fn allow_token(&self, token: &str, username: &str) {
+        let mut state = self.shared.state.lock().unwrap();
+        state.tokens.insert(token.to_string(), username.to_string());
+    }
+
+    /// The TokenReview requests received so far.
+    #[allow(dead_code)]
+    pub fn token_reviews(&self) -> Vec<Value> {
+        self.shared.state.lock().unwrap().token_reviews.clone()
     }
 
     pub fn url(&self) -> String {
@@ -535,6 +553,9 @@ fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
 
 async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
+    if req.method() == Method::POST && path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+        return token_review(shared, req).await;
+    }
     if req.method() == Method::GET {
         if let Some(answer) = discovery(shared, &path) {
             return answer;
@@ -651,6 +672,33 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
             format!("{m} {path} is not served by the test API server"),
         ),
     }
+}
+
+/// `POST tokenreviews`: authenticated with the user name when the token is one of
+/// [`KubeApi::allow_token`]'s, echoing the requested audiences, as the API server answers.
+async fn token_review(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
+    };
+    let review: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e.to_string()),
+    };
+    let mut state = shared.state.lock().unwrap();
+    state.token_reviews.push(review.clone());
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let answer = match state.tokens.get(token) {
+        Some(user) => json!({"authenticated": true,
+                             "user": {"username": user, "groups": ["system:serviceaccounts"]},
+                             "audiences": review["spec"]["audiences"]}),
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
+    };
+    full(
+        StatusCode::CREATED,
+        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+               "metadata": {}, "spec": review["spec"], "status": answer}),
+    )
 }
 
 fn api_version(prefix: &str) -> &str {
