@@ -36,6 +36,9 @@
 //!   dnsNames: [isthmus-control.isthmus-system.svc]   # its certificate, from the cluster CA
 //!   control: isthmus-control.isthmus-system.svc:15012 # as pods reach the control plane
 //!   gateway: isthmus-gateway.isthmus-system.svc:15444
+//!   configuration: isthmus-sidecar-injector # optional: keep its caBundle equal to the CA
+//! caRoot: {namespace: isthmus-system, configMap: isthmus-ca-root}  # optional (Kubernetes):
+//!                                      # publish the CA certificate for the API's clients
 //! ```
 //! Relative paths are relative to the config file's directory.
 
