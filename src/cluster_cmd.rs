@@ -1,5 +1,6 @@
 //! `isthmus status` and `isthmus cluster token|join|remove`: the federation store's members,
-//! through the `Kv` API every member serves on its federation (peer) port.
+//! through the `Kv` API every member serves on its federation (peer) port, or (with
+//! `--control`) on its control plane's TLS API port (docs/control-api.md).
 //!
 //! `status` asks the member it is pointed at for the member table, then asks every member
 //! for its own view, so one unreachable member shows up as such instead of failing the
@@ -19,6 +20,20 @@ pub const DEFAULT_FEDERATION: &str = "127.0.0.1:15017";
 /// How long one member may take to answer `status`.
 const MEMBER_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// `--control` (with its CA) when given, else the federation peer address.
+pub fn via(
+    federation: Option<String>,
+    control: &crate::policy_cmd::ControlArgs,
+) -> anyhow::Result<Via> {
+    if control.control.is_some() {
+        if federation.is_some() {
+            bail!("give --control or --federation, not both");
+        }
+        return Ok(Via::Control(control.client()?));
+    }
+    Ok(Via::Peer(federation_addr(federation)?))
+}
+
 /// `--federation`, else `$ISTHMUS_FEDERATION`, else the default.
 pub fn federation_addr(flag: Option<String>) -> anyhow::Result<SocketAddr> {
     let addr = flag
@@ -27,6 +42,32 @@ pub fn federation_addr(flag: Option<String>) -> anyhow::Result<SocketAddr> {
     addr.parse().with_context(|| {
         format!("--federation: {addr:?} is not an address such as 127.0.0.1:15017")
     })
+}
+
+/// Where the CLI reaches the federation's `Kv` API.
+#[derive(Clone)]
+pub enum Via {
+    /// A member's peer port (plaintext).
+    Peer(SocketAddr),
+    /// A control plane's TLS API port, which serves its member's `Kv`. `status` then asks
+    /// the other members through the control-plane addresses and CAs their clusters publish.
+    Control(isthmus_core::client::ControlClient),
+}
+
+impl Via {
+    async fn kv(&self) -> anyhow::Result<KvClient> {
+        match self {
+            Via::Peer(addr) => connect(*addr).await,
+            Via::Control(c) => Ok(KvClient::from_channel(c.channel())),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Via::Peer(addr) => addr.to_string(),
+            Via::Control(c) => format!("the control plane at {}", c.addr()),
+        }
+    }
 }
 
 async fn connect(addr: SocketAddr) -> anyhow::Result<KvClient> {
@@ -85,7 +126,13 @@ pub struct FederationStatus {
 
 /// Gathers the federation's status through the member at `addr`.
 pub async fn gather_status(addr: SocketAddr) -> anyhow::Result<FederationStatus> {
-    let mut client = connect(addr).await?;
+    gather_status_via(&Via::Peer(addr)).await
+}
+
+/// Gathers the federation's status through `via`.
+pub async fn gather_status_via(via: &Via) -> anyhow::Result<FederationStatus> {
+    let addr = via.describe();
+    let mut client = via.kv().await?;
     let own = client
         .status()
         .await
@@ -95,15 +142,27 @@ pub async fn gather_status(addr: SocketAddr) -> anyhow::Result<FederationStatus>
         .await
         .with_context(|| format!("listing the records of {addr}"))?;
     let mut names = BTreeMap::new();
+    // Member id -> its cluster's control-plane API and CA, as published (for Via::Control).
+    let mut controls: BTreeMap<u64, (String, String)> = BTreeMap::new();
     let mut leases = Vec::new();
     let now_ms = unix_ms();
     for (key, record) in &records {
         if let Some(name) = key.strip_prefix("clusters/") {
-            let member = serde_json::from_slice::<serde_json::Value>(&record.value)
-                .ok()
+            let value = serde_json::from_slice::<serde_json::Value>(&record.value).ok();
+            let member = value
+                .as_ref()
                 .and_then(|v| v.get("memberId").and_then(|m| m.as_u64()));
             if let Some(id) = member {
                 names.insert(id, name.to_string());
+                let control = value.as_ref().and_then(|v| {
+                    Some((
+                        v.get("control")?.as_str()?.to_string(),
+                        v.get("caBundlePem")?.as_str()?.to_string(),
+                    ))
+                });
+                if let Some(c) = control {
+                    controls.insert(id, c);
+                }
             }
         }
         if let Some(lease) = &record.lease {
@@ -120,15 +179,27 @@ pub async fn gather_status(addr: SocketAddr) -> anyhow::Result<FederationStatus>
     let asks = own.members.iter().map(|(id, peer)| {
         let (id, peer) = (*id, peer.clone());
         let own = own.clone();
+        let control = controls.get(&id).cloned();
         async move {
             if id == own.id {
                 return (id, peer, Ok(own));
             }
             let asked = async {
-                let addr: SocketAddr = peer
-                    .parse()
-                    .with_context(|| format!("member {id} has peer address {peer:?}"))?;
-                let mut c = connect(addr).await?;
+                let mut c = match via {
+                    Via::Peer(_) => {
+                        let addr: SocketAddr = peer
+                            .parse()
+                            .with_context(|| format!("member {id} has peer address {peer:?}"))?;
+                        connect(addr).await?
+                    }
+                    Via::Control(_) => {
+                        let (addr, ca) = control.with_context(|| {
+                            format!("member {id}'s cluster has not published its control plane")
+                        })?;
+                        let client = isthmus_core::client::ControlClient::new(&addr, &ca)?;
+                        KvClient::from_channel(client.channel())
+                    }
+                };
                 c.status().await.map_err(anyhow::Error::from)
             };
             let result = match tokio::time::timeout(MEMBER_TIMEOUT, asked).await {
@@ -303,8 +374,8 @@ fn columns<const N: usize>(rows: &[[String; N]]) -> String {
 }
 
 /// `isthmus status [-o table|json]`.
-pub async fn status(addr: SocketAddr, output: StatusOutput) -> anyhow::Result<()> {
-    let report = gather_status(addr).await?;
+pub async fn status(via: &Via, output: StatusOutput) -> anyhow::Result<()> {
+    let report = gather_status_via(via).await?;
     match output {
         StatusOutput::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         StatusOutput::Table => print!("{}", render_table(&report)),
@@ -313,11 +384,12 @@ pub async fn status(addr: SocketAddr, output: StatusOutput) -> anyhow::Result<()
 }
 
 /// `isthmus cluster token [--ttl D]`: prints a one-time join token.
-pub async fn token(addr: SocketAddr, ttl: Duration) -> anyhow::Result<()> {
+pub async fn token(via: &Via, ttl: Duration) -> anyhow::Result<()> {
     if ttl.is_zero() {
         bail!("--ttl: a join token must be valid for longer than zero");
     }
-    let token = connect(addr)
+    let token = via
+        .kv()
         .await?
         .mint_join_token(ttl)
         .await
@@ -343,11 +415,12 @@ fn humanize(d: Duration) -> String {
 
 /// `isthmus cluster join --token T --id N --peer-addr A`: adds a member (start its control
 /// plane with `federation.join: true`; it catches up from the leader).
-pub async fn join(addr: SocketAddr, token: &str, id: u64, peer: SocketAddr) -> anyhow::Result<()> {
+pub async fn join(via: &Via, token: &str, id: u64, peer: SocketAddr) -> anyhow::Result<()> {
     if id == 0 {
         bail!("--id: 0 is not a valid member id (ids start at 1)");
     }
-    let (revision, voter) = connect(addr)
+    let (revision, voter) = via
+        .kv()
         .await?
         .join(token, id, peer)
         .await
@@ -363,8 +436,8 @@ pub async fn join(addr: SocketAddr, token: &str, id: u64, peer: SocketAddr) -> a
 
 /// `isthmus cluster remove NAME`: NAME is a cluster name (found through its published
 /// record) or a member id.
-pub async fn remove(addr: SocketAddr, name: &str) -> anyhow::Result<()> {
-    let mut client = connect(addr).await?;
+pub async fn remove(via: &Via, name: &str) -> anyhow::Result<()> {
+    let mut client = via.kv().await?;
     let id = match name.parse::<u64>() {
         Ok(id) => id,
         Err(_) => {

@@ -117,6 +117,9 @@ enum Command {
         /// 127.0.0.1:15017).
         #[arg(long)]
         federation: Option<String>,
+        /// Or reach the federation through a control plane's TLS API (with --ca-file).
+        #[command(flatten)]
+        api: isthmus::policy_cmd::ControlArgs,
     },
     /// Federation membership: join tokens, joining and removing clusters.
     Cluster {
@@ -134,6 +137,9 @@ enum ClusterCommand {
         ttl: Duration,
         #[arg(long)]
         federation: Option<String>,
+        /// Or reach the federation through a control plane's TLS API (with --ca-file).
+        #[command(flatten)]
+        api: isthmus::policy_cmd::ControlArgs,
     },
     /// Add a cluster's federation member (voter while fewer than five vote, else learner).
     /// Start its control plane with `federation.join: true`.
@@ -149,12 +155,18 @@ enum ClusterCommand {
         /// An existing member's federation address.
         #[arg(long)]
         federation: Option<String>,
+        /// Or reach the federation through a control plane's TLS API (with --ca-file).
+        #[command(flatten)]
+        api: isthmus::policy_cmd::ControlArgs,
     },
     /// Remove a cluster's member (by cluster name or member id), with joint consensus.
     Remove {
         name: String,
         #[arg(long)]
         federation: Option<String>,
+        /// Or reach the federation through a control plane's TLS API (with --ca-file).
+        #[command(flatten)]
+        api: isthmus::policy_cmd::ControlArgs,
     },
 }
 
@@ -254,27 +266,40 @@ fn main() -> ExitCode {
                 )
                 .await
             }
-            Command::Status { output, federation } => {
-                let addr = isthmus::cluster_cmd::federation_addr(federation)?;
-                isthmus::cluster_cmd::status(addr, output).await
+            Command::Status {
+                output,
+                federation,
+                api,
+            } => {
+                let via = isthmus::cluster_cmd::via(federation, &api)?;
+                isthmus::cluster_cmd::status(&via, output).await
             }
             Command::Cluster { command } => match command {
-                ClusterCommand::Token { ttl, federation } => {
-                    let addr = isthmus::cluster_cmd::federation_addr(federation)?;
-                    isthmus::cluster_cmd::token(addr, ttl).await
+                ClusterCommand::Token {
+                    ttl,
+                    federation,
+                    api,
+                } => {
+                    let via = isthmus::cluster_cmd::via(federation, &api)?;
+                    isthmus::cluster_cmd::token(&via, ttl).await
                 }
                 ClusterCommand::Join {
                     token,
                     id,
                     peer_addr,
                     federation,
+                    api,
                 } => {
-                    let addr = isthmus::cluster_cmd::federation_addr(federation)?;
-                    isthmus::cluster_cmd::join(addr, &token, id, peer_addr).await
+                    let via = isthmus::cluster_cmd::via(federation, &api)?;
+                    isthmus::cluster_cmd::join(&via, &token, id, peer_addr).await
                 }
-                ClusterCommand::Remove { name, federation } => {
-                    let addr = isthmus::cluster_cmd::federation_addr(federation)?;
-                    isthmus::cluster_cmd::remove(addr, &name).await
+                ClusterCommand::Remove {
+                    name,
+                    federation,
+                    api,
+                } => {
+                    let via = isthmus::cluster_cmd::via(federation, &api)?;
+                    isthmus::cluster_cmd::remove(&via, &name).await
                 }
             },
         }

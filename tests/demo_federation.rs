@@ -198,3 +198,87 @@ async fn sidecar_metrics_use_istio_names_with_source_and_destination_clusters() 
     );
     demo.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_reads_federation_status_through_the_control_planes_tls_api() {
+    let demo = Demo::start(fast(195))
+        .await
+        .expect("the demo federation starts");
+    let east = demo.cluster("east").unwrap();
+    let (control, ca) = (
+        east.control.grpc_addr().to_string(),
+        east.ca_file.display().to_string(),
+    );
+    let run = |args: Vec<String>| async move {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_isthmus"))
+                .args(&args)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    let args = |extra: &[&str]| -> Vec<String> { extra.iter().map(|s| s.to_string()).collect() };
+    // Every member answers through its own cluster's control plane (the address and CA its
+    // cluster published), none through a peer port.
+    let out = run(args(&[
+        "status",
+        "-o",
+        "json",
+        "--control",
+        &control,
+        "--ca-file",
+        &ca,
+    ]))
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let members = report["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    for m in members {
+        assert_ne!(m["role"], "unreachable", "{m}");
+        assert!(m["cluster"].is_string(), "{m}");
+    }
+    assert!(report["leader"].is_u64());
+    // A join token minted the same way.
+    let out = run(args(&[
+        "cluster",
+        "token",
+        "--ttl",
+        "1m",
+        "--control",
+        &control,
+        "--ca-file",
+        &ca,
+    ]))
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).trim().contains('.'));
+    // Without the CA the CLI says what is missing; with both --control and --federation it
+    // refuses to guess.
+    let out = run(args(&["status", "--control", &control])).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ca-file"));
+    let out = run(args(&[
+        "status",
+        "--control",
+        &control,
+        "--ca-file",
+        &ca,
+        "--federation",
+        "127.0.0.1:1",
+    ]))
+    .await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not both"));
+    demo.shutdown().await;
+}
