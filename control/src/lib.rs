@@ -261,7 +261,9 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
     let tls = isthmus_core::api_tls::server_config(api_identity)
         .map_err(|e| ControlError::Tls(e.to_string()))?;
     let mut grpc_stop = stopped.clone();
-    let incoming = isthmus_core::api_tls::incoming(listener, Arc::new(tls), stopped.clone());
+    let (incoming, accepting) =
+        isthmus_core::api_tls::incoming(listener, Arc::new(tls), stopped.clone());
+    tasks.push(accepting);
     tasks.push(tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .add_service(MeshConfigServiceServer::new(config_api))

@@ -305,6 +305,9 @@ async fn the_api_is_tls_only_and_trusted_only_through_the_cluster_ca() {
         .expect("refused")
         .to_string();
     assert!(bad.contains("CA"), "{bad}");
+    let addr = r.control.grpc_addr();
     r.control.shutdown().await;
+    // Once shut down, the TLS port is closed (its accept loop owns the listener).
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
     r.store.shutdown().await;
 }

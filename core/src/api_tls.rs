@@ -147,15 +147,19 @@ impl AsyncWrite for TlsConn {
 
 /// Accepts TCP connections on `listener` and hands out those that complete a TLS handshake
 /// (each handshake runs on its own task, so a slow or silent client holds up no one).
-/// Ends when `stop` turns true.
+/// Ends when `stop` turns true; the returned task owns the listener, so the port is closed
+/// once it has finished (await it before saying the server is down).
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
     mut stop: watch::Receiver<bool>,
-) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>> {
+) -> (
+    tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>>,
+    tokio::task::JoinHandle<()>,
+) {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    tokio::spawn(async move {
+    let accepting = tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -193,7 +197,7 @@ pub fn incoming(
             });
         }
     });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    (tokio_stream::wrappers::ReceiverStream::new(rx), accepting)
 }
 
 async fn until_stopped(stop: &mut watch::Receiver<bool>) {
