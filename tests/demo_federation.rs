@@ -209,35 +209,40 @@ async fn the_cli_reads_federation_status_through_the_control_planes_tls_api() {
         east.control.grpc_addr().to_string(),
         east.ca_file.display().to_string(),
     );
-    let run = |args: Vec<String>| async move {
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_isthmus"))
-                .args(&args)
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap()
+    // The CLI with `args`; `tls` appends `--control` and `--ca-file` for east.
+    let run = |args: &[&str], tls: bool| {
+        let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        if tls {
+            args.extend([
+                "--control".into(),
+                control.clone(),
+                "--ca-file".into(),
+                ca.clone(),
+            ]);
+        }
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_isthmus"))
+                    .args(&args)
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
     };
-    let args = |extra: &[&str]| -> Vec<String> { extra.iter().map(|s| s.to_string()).collect() };
+    let succeeded = |out: &std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
     // Every member answers through its own cluster's control plane (the address and CA its
     // cluster published), none through a peer port.
-    let out = run(args(&[
-        "status",
-        "-o",
-        "json",
-        "--control",
-        &control,
-        "--ca-file",
-        &ca,
-    ]))
-    .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = succeeded(&run(&["status", "-o", "json"], true).await);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     let members = report["members"].as_array().unwrap();
     assert_eq!(members.len(), 3);
     for m in members {
@@ -246,38 +251,14 @@ async fn the_cli_reads_federation_status_through_the_control_planes_tls_api() {
     }
     assert!(report["leader"].is_u64());
     // A join token minted the same way.
-    let out = run(args(&[
-        "cluster",
-        "token",
-        "--ttl",
-        "1m",
-        "--control",
-        &control,
-        "--ca-file",
-        &ca,
-    ]))
-    .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).trim().contains('.'));
+    let out = succeeded(&run(&["cluster", "token", "--ttl", "1m"], true).await);
+    assert!(out.trim().contains('.'));
     // Without the CA the CLI says what is missing; with both --control and --federation it
     // refuses to guess.
-    let out = run(args(&["status", "--control", &control])).await;
+    let out = run(&["status", "--control", &control], false).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--ca-file"));
-    let out = run(args(&[
-        "status",
-        "--control",
-        &control,
-        "--ca-file",
-        &ca,
-        "--federation",
-        "127.0.0.1:1",
-    ]))
-    .await;
+    let out = run(&["status", "--federation", "127.0.0.1:1"], true).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not both"));
     demo.shutdown().await;

@@ -151,7 +151,18 @@ fn config(c: &Cluster) -> Arc<MeshConfig> {
 
 /// The condition `type_` of ServiceExport `name` in `api`: (status, reason, message).
 fn condition(api: &KubeApi, name: &str, type_: &str) -> Option<(String, String, String)> {
-    let x = api.get("ServiceExport", "default", name)?;
+    condition_of(api, "ServiceExport", name, type_)
+}
+
+/// The condition `type_` of the `kind` object `default/name` in `api`: (status, reason,
+/// message).
+fn condition_of(
+    api: &KubeApi,
+    kind: &str,
+    name: &str,
+    type_: &str,
+) -> Option<(String, String, String)> {
+    let x = api.get(kind, "default", name)?;
     let c = x["status"]["conditions"]
         .as_array()?
         .iter()

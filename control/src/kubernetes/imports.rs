@@ -17,9 +17,7 @@ use kube::Api;
 use tokio::sync::watch;
 
 use super::resources::{ServiceImport, ServiceImportPort, ServiceImportSpec, API_VERSION};
-use super::KubeSource;
-
-const FIELD_MANAGER: &str = "isthmus-control";
+use super::{KubeSource, FIELD_MANAGER};
 
 /// The ServiceImports this cluster should hold, by (namespace, name).
 pub fn wanted(config: &MeshConfig) -> BTreeMap<(String, String), ServiceImportSpec> {

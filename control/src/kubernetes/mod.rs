@@ -50,6 +50,9 @@ use resources::ServiceExport;
 /// The sidecar's inbound port: what callers' sidecars dial on a pod's IP.
 pub const DEFAULT_INBOUND_PORT: u16 = 15006;
 
+/// The field manager of everything the control plane writes by server-side apply.
+pub(crate) const FIELD_MANAGER: &str = "isthmus-control";
+
 /// Errors connecting to the Kubernetes API.
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
@@ -257,6 +260,18 @@ impl Running {
     }
 }
 
+/// `first` and every event of `events` that is ready now, to be handled as one batch.
+pub(crate) fn with_ready<S: futures::Stream + Unpin>(
+    first: S::Item,
+    events: &mut S,
+) -> Vec<S::Item> {
+    let mut batch = vec![first];
+    while let Some(Some(e)) = events.next().now_or_never() {
+        batch.push(e);
+    }
+    batch
+}
+
 async fn watch_loop(
     streams: Vec<Events>,
     stores: Stores,
@@ -275,11 +290,7 @@ async fn watch_loop(
         };
         let Some(first) = first else { return };
         // Fold everything already waiting into this rebuild (a burst of pod churn).
-        let mut batch = vec![first];
-        while let Some(Some(e)) = events.next().now_or_never() {
-            batch.push(e);
-        }
-        for (kind, result) in batch {
+        for (kind, result) in with_ready(first, &mut events) {
             match result {
                 Ok(init_done) => {
                     if failing.remove(kind) {

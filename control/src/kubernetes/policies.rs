@@ -43,7 +43,6 @@ use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 
 use futures::stream::{BoxStream, SelectAll, StreamExt};
-use futures::FutureExt;
 use isthmus_core::policy::{Kind, Policy, PolicyError, STORE_PREFIX};
 use isthmus_federation::{Store, StoreError};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -266,11 +265,7 @@ pub(super) async fn run(mut w: PolicyWriter) {
             first = events.next(), if !events.is_empty() => {
                 let Some(first) = first else { continue };
                 // Fold everything already waiting into one reconcile.
-                let mut batch = vec![first];
-                while let Some(Some(e)) = events.next().now_or_never() {
-                    batch.push(e);
-                }
-                for (kind, result) in batch {
+                for (kind, result) in super::with_ready(first, &mut events) {
                     match result {
                         Ok(init_done) => {
                             if log.failing_watches.remove(&kind) {

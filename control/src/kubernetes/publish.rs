@@ -18,9 +18,7 @@ use kube::Api;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use super::KubeSource;
-
-const FIELD_MANAGER: &str = "isthmus-control";
+use super::{KubeSource, FIELD_MANAGER};
 
 /// What to publish.
 #[derive(Debug, Clone)]
@@ -69,30 +67,18 @@ pub fn ca_bundle_patch(existing: &Value, ca_pem: &str) -> Option<Value> {
     (!ops.is_empty()).then_some(Value::Array(ops))
 }
 
-/// Keeps both published until `stop`.
+/// Keeps both published until `stop`: every resync when all is well, at the retry pace
+/// after a failure (the ConfigMap apply is idempotent, so it is simply applied each round).
 pub async fn run(source: KubeSource, publish: Publish, mut stop: watch::Receiver<bool>) {
-    let mut root_done = publish.ca_root.is_none();
     loop {
         let mut ok = true;
-        if let (Some((ns, name)), false) = (&publish.ca_root, root_done) {
+        if let Some((ns, name)) = &publish.ca_root {
             let api: Api<ConfigMap> = Api::namespaced(source.client.clone(), ns);
             let doc = ca_root_document(ns, name, &publish.ca_pem);
-            match api
-                .patch(
-                    name,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(doc),
-                )
-                .await
-            {
-                Ok(_) => {
-                    tracing::info!(namespace = %ns, configmap = %name, "published the cluster CA certificate");
-                    root_done = true;
-                }
-                Err(e) => {
-                    tracing::warn!(namespace = %ns, configmap = %name, error = %e, "publishing the cluster CA certificate failed; will retry");
-                    ok = false;
-                }
+            let params = PatchParams::apply(FIELD_MANAGER).force();
+            if let Err(e) = api.patch(name, &params, &Patch::Apply(doc)).await {
+                tracing::warn!(namespace = %ns, configmap = %name, error = %e, "publishing the cluster CA certificate failed; will retry");
+                ok = false;
             }
         }
         if let Some(name) = &publish.webhook_configuration {
@@ -105,10 +91,6 @@ pub async fn run(source: KubeSource, publish: Publish, mut stop: watch::Receiver
         tokio::select! {
             _ = stop.changed() => return,
             _ = tokio::time::sleep(wait) => {}
-        }
-        // Re-check the ConfigMap on every resync too (someone may have deleted it).
-        if ok {
-            root_done = publish.ca_root.is_none();
         }
     }
 }

@@ -67,17 +67,7 @@ async fn cli_apply(store: &isthmus_federation::Store, documents: &[Value]) {
 
 /// The Accepted condition of RateLimitPolicy `name`: (status, reason, message).
 fn accepted(api: &KubeApi, name: &str) -> Option<(String, String, String)> {
-    let o = api.get("RateLimitPolicy", "default", name)?;
-    let c = o["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == "Accepted")?
-        .clone();
-    Some((
-        c["status"].as_str()?.into(),
-        c["reason"].as_str()?.into(),
-        c["message"].as_str()?.into(),
-    ))
+    condition_of(api, "RateLimitPolicy", name, "Accepted")
 }
 
 #[tokio::test]

@@ -53,28 +53,25 @@ async fn the_ca_root_configmap_and_the_webhook_ca_bundle_are_published_and_kept(
     ));
     let bundle = base64::engine::general_purpose::STANDARD.encode(ca.cert_pem());
 
+    let webhook = || {
+        api.get(
+            "MutatingWebhookConfiguration",
+            "",
+            "isthmus-sidecar-injector",
+        )
+    };
     let published = eventually("the CA root ConfigMap", || {
         api.get("ConfigMap", "isthmus-system", "isthmus-ca-root")
     })
     .await;
     assert_eq!(published["data"]["ca.pem"], ca.cert_pem());
     eventually("the webhook's caBundle", || {
-        let w = api.get(
-            "MutatingWebhookConfiguration",
-            "",
-            "isthmus-sidecar-injector",
-        )?;
+        let w = webhook()?;
         (w["webhooks"][0]["clientConfig"]["caBundle"] == bundle).then_some(())
     })
     .await;
     // The rest of the webhook is untouched.
-    let w = api
-        .get(
-            "MutatingWebhookConfiguration",
-            "",
-            "isthmus-sidecar-injector",
-        )
-        .unwrap();
+    let w = webhook().unwrap();
     assert_eq!(
         w["webhooks"][0]["clientConfig"]["service"]["path"],
         "/inject"
@@ -84,11 +81,7 @@ async fn the_ca_root_configmap_and_the_webhook_ca_bundle_are_published_and_kept(
     api.put(webhook_configuration(None));
     assert!(api.remove("ConfigMap", "isthmus-system", "isthmus-ca-root"));
     eventually("the caBundle restored", || {
-        let w = api.get(
-            "MutatingWebhookConfiguration",
-            "",
-            "isthmus-sidecar-injector",
-        )?;
+        let w = webhook()?;
         (w["webhooks"][0]["clientConfig"]["caBundle"] == bundle).then_some(())
     })
     .await;
