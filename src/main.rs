@@ -198,7 +198,7 @@ fn main() -> ExitCode {
                 ports_file,
                 exit_after,
             } => {
-                isthmus::demo::run(isthmus::demo::DemoArgs {
+                isthmus_demo::run(isthmus_demo::DemoArgs {
                     ports_file,
                     exit_after,
                 })

@@ -6,8 +6,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use isthmus::demo::probe::{call_sample, resolve_a};
-use isthmus::sample::{self, SampleApp};
+use isthmus_demo::probe::{call_sample, resolve_a};
+use isthmus_demo::sample::{self, SampleApp};
 use support::{addr, daemon, free_port, stop};
 
 mod support;

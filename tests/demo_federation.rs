@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use hickory_proto::op::ResponseCode;
-use isthmus::demo::probe::{call_sample, http2_get, query_a, resolve_a};
-use isthmus::demo::{vip_of, Demo, DemoOptions, SAMPLE_PORT};
+use isthmus_demo::probe::{call_sample, http2_get, query_a, resolve_a};
+use isthmus_demo::{vip_of, Demo, DemoOptions, SAMPLE_PORT};
 
 /// Fast timing, and VIP ranges of its own so tests running at once do not collide.
 fn fast(vip_octet: u8) -> DemoOptions {
@@ -63,7 +63,7 @@ async fn every_cluster_resolves_and_calls_ratings_served_by_central_with_its_own
             .await
             .expect("the HTTP/2 call succeeds");
         assert_eq!(status, 200, "{body}");
-        let reply: isthmus::sample::SampleReply = serde_json::from_str(&body).unwrap();
+        let reply: isthmus_demo::sample::SampleReply = serde_json::from_str(&body).unwrap();
         assert_eq!(reply.cluster, "central");
         assert_eq!(reply.caller, c.client_identity().to_string());
         assert_eq!(reply.protocol, "HTTP/1.1");
@@ -171,7 +171,7 @@ async fn sidecar_metrics_use_istio_names_with_source_and_destination_clusters() 
             .unwrap();
     }
     let admin: SocketAddr = demo.ports().clusters[0].admin["sidecar"].parse().unwrap();
-    let (status, text) = isthmus::demo::probe::http_get(admin, "/metrics")
+    let (status, text) = isthmus_demo::probe::http_get(admin, "/metrics")
         .await
         .unwrap();
     assert_eq!(status, 200);

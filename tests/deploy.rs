@@ -38,17 +38,12 @@ fn the_charts_daemon_configs_load_with_the_daemons_loaders() {
         "isthmus-control.isthmus-system.svc:15012"
     );
 
-    let gateway = isthmus_core::config::load_file::<
-        isthmus::daemon::gateway::RawGatewayConfig,
-        isthmus::daemon::gateway::GatewayConfig,
-    >(&file(&configs, "gateway.yaml", dir.path()))
-    .unwrap_or_else(|e| panic!("gateway.yaml from the chart: {e}"));
+    let gateway =
+        isthmus_gateway::config::GatewayConfig::load(&file(&configs, "gateway.yaml", dir.path()))
+            .unwrap_or_else(|e| panic!("gateway.yaml from the chart: {e}"));
     assert_eq!(gateway.control, "isthmus-control.isthmus-system.svc:15012");
 
-    let dns = isthmus_core::config::load_file::<
-        isthmus::daemon::dns::RawDnsConfig,
-        isthmus::daemon::dns::DnsConfig,
-    >(&file(&configs, "dns.yaml", dir.path()))
-    .unwrap_or_else(|e| panic!("dns.yaml from the chart: {e}"));
+    let dns = isthmus_dns::config::DnsConfig::load(&file(&configs, "dns.yaml", dir.path()))
+        .unwrap_or_else(|e| panic!("dns.yaml from the chart: {e}"));
     assert_eq!(dns.control, "isthmus-control.isthmus-system.svc:15012");
 }

@@ -7,10 +7,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use isthmus::demo::probe::http_get;
-use isthmus::demo::{vip_of, Demo, DemoCluster, DemoOptions, SAMPLE_PORT};
-use isthmus::sample::SampleReply;
 use isthmus_core::policy::parse_documents;
+use isthmus_demo::probe::http_get;
+use isthmus_demo::sample::SampleReply;
+use isthmus_demo::{vip_of, Demo, DemoCluster, DemoOptions, SAMPLE_PORT};
 use tokio::sync::watch;
 
 fn options(vip_octet: u8) -> DemoOptions {

@@ -11,9 +11,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use hickory_proto::op::ResponseCode;
-use isthmus::demo::probe::{call_sample, query_a, resolve_a};
-use isthmus::demo::{Demo, DemoCluster, DemoOptions, SAMPLE_NAMESPACE, SAMPLE_PORT};
 use isthmus_core::mesh::HeadlessEndpoint;
+use isthmus_demo::probe::{call_sample, query_a, resolve_a};
+use isthmus_demo::{Demo, DemoCluster, DemoOptions, SAMPLE_NAMESPACE, SAMPLE_PORT};
 
 const SERVICE: &str = "peers.default.svc.clusterset.local";
 

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use isthmus::demo::probe::call_sample;
-use isthmus::demo::{vip_of, Demo, DemoOptions, SAMPLE_PORT};
+use isthmus_demo::probe::call_sample;
+use isthmus_demo::{vip_of, Demo, DemoOptions, SAMPLE_PORT};
 
 const LIFETIME: Duration = Duration::from_secs(3);
 

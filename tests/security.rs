@@ -5,9 +5,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use isthmus::demo::probe::{call_sample, http_get};
-use isthmus::demo::{vip_of, Demo, DemoCluster, DemoOptions, SAMPLE_PORT};
 use isthmus_core::policy::parse_documents;
+use isthmus_demo::probe::{call_sample, http_get};
+use isthmus_demo::{vip_of, Demo, DemoCluster, DemoOptions, SAMPLE_PORT};
 
 fn options(vip_octet: u8) -> DemoOptions {
     DemoOptions {

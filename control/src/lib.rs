@@ -12,10 +12,15 @@
 //! store has no quorum, so local changes never wait on the federation), and the gRPC server;
 //! in Kubernetes mode also the watch loop and the ServiceImport and ServiceExport-status
 //! writers (see [`kubernetes`]).
+//!
+//! [`daemon::Daemon`] is the `isthmus control` daemon: [`config`] read from its file, its
+//! federation member, the control plane, its admin server, and (when configured) the
+//! sidecar-injection [`webhook`] and the Kubernetes CA-root and caBundle publisher.
 
 pub mod api;
 pub mod catalog;
 pub mod config;
+pub mod daemon;
 pub mod discovery;
 pub mod kubernetes;
 pub mod records;

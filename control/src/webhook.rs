@@ -29,9 +29,7 @@ pub const STATUS_ANNOTATION: &str = "sidecar.isthmus.io/status";
 pub const PROXY_UID: u32 = 1337;
 /// The audience of the service-account token the sidecar presents for its certificate.
 pub const TOKEN_AUDIENCE: &str = "isthmus";
-/// Where the injected sidecar finds its projected service-account token and its pod's labels.
-pub const TOKEN_DIR: &str = "/var/run/secrets/isthmus";
-pub const PODINFO_DIR: &str = "/etc/isthmus-pod";
+pub use isthmus_core::attach::{PODINFO_DIR, TOKEN_DIR};
 const TOKEN_VOLUME: &str = "isthmus-token";
 const PODINFO_VOLUME: &str = "isthmus-podinfo";
 

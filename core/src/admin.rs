@@ -20,6 +20,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+mod component;
+pub use component::ComponentAdmin;
+
 /// Produces the JSON served at `/debug/config`.
 pub type DebugConfig = Arc<dyn Fn() -> String + Send + Sync>;
 

@@ -1,7 +1,7 @@
 //! TLS on the control plane's gRPC API (docs/control-api.md).
 //!
 //! The API is served over TLS 1.3 with ALPN `h2`, presenting a certificate the cluster CA
-//! issues to the control plane's own identity, `spiffe://<td>/ns/isthmus-system/sa/isthmus-control`.
+//! issues to the control plane's own identity, `spiffe://<td>/ns/isthmus-system/sa/control`.
 //! Clients (the data-plane daemons, the CLI, the Terraform provider, other control planes) are
 //! given the cluster CA and accept a server whose chain verifies against it and whose SPIFFE
 //! ID is a control plane's: the name dialled does not matter, so a pod IP, a Service name or a

@@ -11,17 +11,24 @@
 //!   with the pure-Rust `protox` compiler, so no system `protoc` is needed.
 //! - [`tunnel`]: the stream header spoken by sidecars and gateways on tunnelled connections.
 //! - [`client`]: the data plane's client of its control plane (config stream, certificates).
+//! - [`clock`]: wall-clock milliseconds since the Unix epoch, as records carry them.
 //! - [`config`]: loading YAML config files into validated structs with errors that name the
 //!   file, the field and the bad value.
-//! - [`admin`]: the admin HTTP server (`/metrics`, `/ready`, `/debug/config`).
+//! - [`admin`]: the admin HTTP server (`/metrics`, `/ready`, `/debug/config`), and
+//!   [`admin::ComponentAdmin`], the one every daemon runs with the metrics they all share.
+//! - [`attach`]: how a data-plane daemon joins its control plane at start (certificate,
+//!   config stream, trust bundles).
 //!
-//! This crate runs no tasks of its own except the admin server's accept loop, and depends on
-//! none of raft, quinn, kube or hickory.
+//! This crate runs no tasks of its own except the admin server's accept loop and the tasks
+//! [`attach::attach`] starts (certificate rotation, config stream, trust bundles), and depends
+//! on none of raft, quinn, kube or hickory.
 
 pub mod admin;
 pub mod api_tls;
+pub mod attach;
 pub mod ca;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod failover;
 pub mod identity;

@@ -40,9 +40,14 @@
 //!   snapshot. Queries also check for a newer snapshot themselves, so an answer never uses a
 //!   stale table. When the control plane goes away the proxy keeps answering from the last
 //!   table it had (static stability).
+//!
+//! [`daemon::Daemon`] is the `isthmus dns` daemon: [`config`] read from its file, attached to
+//! its control plane for the config stream, plus its admin server.
 
 pub mod answer;
 pub mod cache;
+pub mod config;
+pub mod daemon;
 #[cfg(test)]
 mod fixtures;
 mod forward;

@@ -36,6 +36,9 @@
 //!
 //! Tunnel refusals use the reason codes of [`isthmus_core::tunnel::ReasonCode`], so callers
 //! can retry elsewhere at once instead of waiting for a timeout.
+//!
+//! [`daemon::Daemon`] is the `isthmus gateway` daemon: [`config`] read from its file, attached
+//! to its control plane for its identity and the config stream, plus its admin server.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -48,6 +51,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::info;
 
+pub mod config;
+pub mod daemon;
 mod endpoints;
 mod error;
 mod inbound;

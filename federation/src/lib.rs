@@ -44,6 +44,7 @@ pub mod proto;
 mod replica;
 mod server;
 mod state;
+pub mod status;
 mod storage;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -400,13 +401,6 @@ impl Drop for Inner {
     }
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 impl Store {
     /// The address of this member's peer listener (which also serves the `Kv` client API).
     pub fn peer_addr(&self) -> SocketAddr {
@@ -460,7 +454,7 @@ impl Store {
                 key: key.to_string(),
                 value,
                 lease_ttl_ms,
-                at_ms: unix_ms(),
+                at_ms: isthmus_core::clock::unix_ms(),
             })
             .await?;
         done(outcome, key)
@@ -473,7 +467,7 @@ impl Store {
         let outcome = self
             .write(Command::Renew {
                 key: key.to_string(),
-                at_ms: unix_ms(),
+                at_ms: isthmus_core::clock::unix_ms(),
             })
             .await?;
         done(outcome, key)
@@ -653,7 +647,7 @@ impl Store {
             .propose(Proposal::Write(Command::MintToken {
                 id: id.clone(),
                 digest: tokens::digest(&secret),
-                expires_at_ms: unix_ms().saturating_add(ttl_ms),
+                expires_at_ms: isthmus_core::clock::unix_ms().saturating_add(ttl_ms),
             }))
             .await?;
         done(outcome, "")?;
@@ -668,7 +662,7 @@ impl Store {
             .propose(Proposal::Write(Command::ConsumeToken {
                 id,
                 digest: tokens::digest(secret),
-                at_ms: unix_ms(),
+                at_ms: isthmus_core::clock::unix_ms(),
             }))
             .await?;
         done(outcome, "")

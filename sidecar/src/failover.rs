@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use isthmus_core::failover::{health_from_config, plan, Hysteresis, Settings, Table};
 use isthmus_core::mesh::{MeshConfig, MeshService};
@@ -52,13 +52,6 @@ struct State {
 #[derive(Default)]
 pub struct Health {
     state: Mutex<State>,
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn matches(labels: Option<&BTreeMap<String, String>>, have: &BTreeMap<String, String>) -> bool {
@@ -129,7 +122,7 @@ impl Health {
         gateway: bool,
     ) -> (Vec<Upstream>, Table) {
         let now = Instant::now();
-        let now_ms = unix_ms();
+        let now_ms = isthmus_core::clock::unix_ms();
         let mut s = self.lock();
         let local_locality = config
             .cluster_info(&config.cluster)

@@ -11,9 +11,15 @@
 //!
 //! Tasks: one outbound reconciler (binds and unbinds VIP listeners as the config changes) with
 //! one accept task per listener, one accept task per inbound port, and one task per connection.
+//!
+//! [`daemon::Daemon`] is the `isthmus sidecar` daemon: [`config`] read from its file (or from
+//! its pod, when injected), attached to its control plane, its admin server, and the task that
+//! reports its failover tables.
 
 pub mod authz;
 pub mod balance;
+pub mod config;
+pub mod daemon;
 pub mod failover;
 pub mod inbound;
 pub mod metrics;

@@ -14,10 +14,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use isthmus::demo::probe::call_sample;
-use isthmus::demo::{vip_of, Demo, DemoCluster, DemoOptions, SAMPLE_PORT};
 use isthmus_core::client::ControlClient;
 use isthmus_core::policy::{parse_documents, Kind};
+use isthmus_demo::probe::call_sample;
+use isthmus_demo::{vip_of, Demo, DemoCluster, DemoOptions, SAMPLE_PORT};
 use support::{header, Workspace};
 
 mod support;
@@ -62,9 +62,11 @@ fn start_north(demo: &Demo, dir: &Path, peer_port: u16) -> tokio::task::JoinHand
     let path = dir.join("north.yaml");
     std::fs::write(&path, config).unwrap();
     tokio::spawn(async move {
-        if let Err(e) = isthmus::daemon::control::run(&path).await {
-            panic!("north's control plane failed: {e:#}");
-        }
+        let _daemon = isthmus_control::daemon::Daemon::start_from_file(&path)
+            .await
+            .unwrap_or_else(|e| panic!("north's control plane failed: {e:#}"));
+        // Serves until the test's runtime ends, as `isthmus control` does until a signal.
+        std::future::pending::<()>().await
     })
 }
 
@@ -182,10 +184,10 @@ async fn state_values(ws: &Workspace, address: &str) -> serde_json::Value {
 
 /// `isthmus status`, as the CLI renders it.
 async fn status_table(federation: SocketAddr) -> String {
-    let report = isthmus::cluster_cmd::gather_status(federation)
+    let report = isthmus_federation::status::gather_status(federation)
         .await
         .expect("isthmus status");
-    isthmus::cluster_cmd::render_table(&report)
+    isthmus_federation::status::render_table(&report)
 }
 
 /// `isthmus get KIND NAME -o yaml`, or None when there is no such policy.

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use isthmus_federation::Role;
 
-use super::probe::{call_sample, resolve_a};
-use super::{Demo, DemoOptions, SAMPLE_NAMESPACE, SAMPLE_PORT};
+use crate::probe::{call_sample, resolve_a};
+use crate::{Demo, DemoOptions, SAMPLE_NAMESPACE, SAMPLE_PORT};
 
 /// What `isthmus demo` was asked to do.
 #[derive(Debug, Clone, Default)]
@@ -114,7 +114,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     if let Some((c, vip)) = vips.iter().find(|(c, _)| c.name == "east") {
         let addr = SocketAddr::new((*vip).into(), SAMPLE_PORT);
-        let (status, body) = crate::demo::probe::http2_get(addr, "/").await?;
+        let (status, body) = crate::probe::http2_get(addr, "/").await?;
         let reply: crate::sample::SampleReply = serde_json::from_str(&body)
             .with_context(|| format!("HTTP {status}, not a sample reply: {body}"))?;
         println!(
@@ -131,7 +131,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     for c in &demo.clusters {
         let config = c.config.borrow().clone();
-        let Some(vip) = super::vip_of(&config, "reviews") else {
+        let Some(vip) = crate::vip_of(&config, "reviews") else {
             continue;
         };
         let reply = call_sample(SocketAddr::new(vip, SAMPLE_PORT)).await?;
@@ -214,7 +214,7 @@ async fn failover(demo: &mut Demo) -> anyhow::Result<()> {
     }
     println!("    FailoverPolicy default/details applied (hysteresis 2s; priorities by locality)");
     let addr = SocketAddr::new(
-        super::vip_of(&east.config.borrow(), "details").context("details has no VIP in east")?,
+        crate::vip_of(&east.config.borrow(), "details").context("details has no VIP in east")?,
         SAMPLE_PORT,
     );
     let before = call_sample(addr).await?;
@@ -310,7 +310,7 @@ async fn canary(demo: &Demo) -> anyhow::Result<()> {
         t.elapsed()
     );
     let vip =
-        super::vip_of(&east.config.borrow(), "reviews").context("reviews has no VIP in east")?;
+        crate::vip_of(&east.config.borrow(), "reviews").context("reviews has no VIP in east")?;
     let mut counts = std::collections::BTreeMap::new();
     for _ in 0..40 {
         let reply = call_sample(SocketAddr::new(vip, SAMPLE_PORT)).await?;

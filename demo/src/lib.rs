@@ -1,13 +1,19 @@
-//! `isthmus demo`: a whole federation in one process, on loopback only.
+//! isthmus-demo: `isthmus demo`, a whole federation in one process, on loopback only.
 //!
 //! Three clusters (`east`, `west`, `central`), each with its federation member, control
 //! plane, east-west gateway, DNS proxy and a client sidecar, and Bookinfo-like sample
 //! services with their own sidecars. Every component reaches its control plane over the real
 //! gRPC API (config stream and certificate signing), exactly as the daemons do.
 
+//!
+//! The CLI runs it ([`run`]), and the end-to-end tests (the Terraform provider's included)
+//! start the same federation ([`Demo::start`]) to test against. [`sample`] is the sample
+//! application it serves; [`probe`] the clients it (and the tests) call it with.
+
 mod cluster;
 mod narrate;
 pub mod probe;
+pub mod sample;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};

@@ -5,8 +5,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use isthmus_core::admin::{AdminHandle, AdminState};
-use isthmus_core::mesh::MeshConfig;
+use super::{AdminHandle, AdminState};
+use crate::mesh::MeshConfig;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
@@ -90,7 +90,7 @@ impl ComponentAdmin {
                 }
             }
         });
-        let handle = isthmus_core::admin::serve(
+        let handle = super::serve(
             listen,
             AdminState {
                 registry: Arc::new(root),

@@ -15,13 +15,13 @@ use isthmus_core::tls::Identity;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::daemon::{Attached, ControlTarget};
+use isthmus_core::attach::{Attached, ControlTarget};
 
-use super::{
+use crate::sample::{self, SampleApp, SampleHandle};
+use crate::{
     ClusterPorts, DemoOptions, CLIENT_ACCOUNT, SAMPLE_NAMESPACE, SAMPLE_PORT, SAMPLE_SERVICES,
 };
-use crate::daemon::admin::ComponentAdmin;
-use crate::sample::{self, SampleApp, SampleHandle};
+use isthmus_core::admin::ComponentAdmin;
 
 /// The bootstrap token every demo component uses to get its certificate.
 const DEMO_TOKEN: &str = "isthmus-demo-bootstrap-token";
@@ -81,7 +81,7 @@ async fn attach(
     node: &str,
     id: SpiffeId,
 ) -> anyhow::Result<(Arc<Identity>, Attached)> {
-    let att = crate::daemon::attach(control, node, Some((&id, DEMO_TOKEN.into()))).await?;
+    let att = isthmus_core::attach::attach(control, node, Some((&id, DEMO_TOKEN.into()))).await?;
     let identity = att
         .identity
         .clone()
@@ -292,7 +292,7 @@ impl DemoCluster {
         let control_options = isthmus_control::ControlOptions {
             cluster: name.to_string(),
             trust_domain: trust_domain.clone(),
-            locality: super::locality_of(name),
+            locality: crate::locality_of(name),
             grpc_listen: loopback,
             discovery: isthmus_control::DiscoverySource::File {
                 path: discovery_file.clone(),
@@ -384,14 +384,14 @@ impl DemoCluster {
             .await?,
         );
         background.extend(att.tasks);
-        background.push(crate::daemon::report_failover(
-            &control_addr,
+        background.push(isthmus_sidecar::daemon::report_failover(
+            control_addr.client()?,
             "sidecar/sleep",
             client_sidecar.failover_health(),
-        )?);
+        ));
         let config = att.config;
 
-        let dns_att = crate::daemon::attach(&control_addr, "dns", None).await?;
+        let dns_att = isthmus_core::attach::attach(&control_addr, "dns", None).await?;
         let dns_config = dns_att.config.clone();
         background.extend(dns_att.tasks);
         let upstreams = std::fs::read_to_string("/etc/resolv.conf")

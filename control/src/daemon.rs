@@ -1,0 +1,175 @@
+//! The control plane as the `isthmus control` daemon runs it: its federation member, the
+//! control plane itself, its admin server, and — when configured — the sidecar-injection
+//! webhook and the Kubernetes publisher of the CA root and the webhook's caBundle.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use isthmus_core::admin::ComponentAdmin;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{load_ca, ControlConfig, DiscoveryConfig};
+
+/// How long the webhook's serving certificate is valid.
+const WEBHOOK_CERT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A running control-plane daemon.
+pub struct Daemon {
+    cluster: String,
+    member: u64,
+    federation: std::net::SocketAddr,
+    store: isthmus_federation::Store,
+    control: crate::ControlHandle,
+    admin: ComponentAdmin,
+    webhook_addr: Option<std::net::SocketAddr>,
+    /// Stops the webhook and the publisher.
+    stop: watch::Sender<bool>,
+    webhook: Option<JoinHandle<()>>,
+    publishing: Option<JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// Loads the config at `path` and starts the daemon.
+    pub async fn start_from_file(path: &Path) -> anyhow::Result<Self> {
+        Self::start(ControlConfig::load(path)?).await
+    }
+
+    /// Starts the federation member (on `<dataDir>/raft/`), the control plane, its admin
+    /// server, and the webhook and publisher its config asks for.
+    pub async fn start(config: ControlConfig) -> anyhow::Result<Self> {
+        let ca = load_ca(&config)?;
+        // The webhook's serving certificate, for its Service's DNS names, from the cluster CA.
+        let webhook_cert = config
+            .webhook
+            .as_ref()
+            .map(|w| ca.issue_server(&w.dns_names, WEBHOOK_CERT_LIFETIME))
+            .transpose()?;
+        let binding = isthmus_federation::bind(config.peer_listen).await?;
+        let federation = binding.local_addr();
+        let mut options =
+            isthmus_federation::StoreOptions::new(config.node_id, config.peers.clone());
+        // The raft log, hard state and snapshots live beside the CA, under <dataDir>/raft/.
+        options.data_dir = Some(config.data_dir.clone());
+        options.join = config.join;
+        if let Some(tick) = config.tick {
+            options.tick = tick;
+        }
+        let store = binding.start(options).await?;
+        let (stop, stopped) = watch::channel(false);
+        let mut publishing = None;
+        let discovery = match &config.discovery {
+            DiscoveryConfig::File { path, poll } => crate::DiscoverySource::File {
+                path: path.clone(),
+                poll: *poll,
+            },
+            DiscoveryConfig::Kubernetes {
+                connection,
+                inbound_port,
+            } => {
+                let client = crate::kubernetes::client(connection)
+                    .await
+                    .context("connecting to the Kubernetes API")?;
+                let mut source = crate::kubernetes::KubeSource::new(client);
+                source.inbound_port = *inbound_port;
+                let publish = crate::kubernetes::publish::Publish {
+                    ca_root: config
+                        .ca_root
+                        .as_ref()
+                        .map(|r| (r.namespace.clone(), r.config_map.clone())),
+                    webhook_configuration: config
+                        .webhook
+                        .as_ref()
+                        .and_then(|w| w.configuration.clone()),
+                    ca_pem: ca.cert_pem().to_string(),
+                };
+                if publish.ca_root.is_some() || publish.webhook_configuration.is_some() {
+                    publishing = Some(tokio::spawn(crate::kubernetes::publish::run(
+                        source.clone(),
+                        publish,
+                        stopped.clone(),
+                    )));
+                }
+                crate::DiscoverySource::Kubernetes(source)
+            }
+        };
+        let control = crate::start(
+            crate::ControlOptions {
+                cluster: config.cluster.clone(),
+                trust_domain: config.trust_domain.clone(),
+                locality: config.locality.clone(),
+                grpc_listen: config.grpc_listen,
+                discovery,
+                vip_range: config.vip_range,
+                gateway_address: config.gateway_address,
+                tokens: config.tokens.clone(),
+                cert_lifetime: config.cert_lifetime,
+                export_lease: config.export_lease,
+                ca: ca.clone(),
+            },
+            store.clone(),
+        )
+        .await?;
+        let admin = ComponentAdmin::start("control", config.admin_listen, control.config())
+            .await
+            .with_context(|| format!("binding admin {}", config.admin_listen))?;
+        let mut webhook = None;
+        let mut webhook_addr = None;
+        if let (Some(w), Some(cert)) = (&config.webhook, &webhook_cert) {
+            let tls = crate::webhook::tls_config(&cert.cert_chain_pem, &cert.key_pem)
+                .map_err(|e| anyhow::anyhow!("the webhook's TLS configuration: {e}"))?;
+            let listener = tokio::net::TcpListener::bind(w.listen)
+                .await
+                .with_context(|| format!("binding webhook.listen {}", w.listen))?;
+            webhook_addr = Some(listener.local_addr()?);
+            // Injected sidecars are given the CA that the API's certificate chains to.
+            let inject = crate::webhook::InjectConfig {
+                ca_pem: ca.cert_pem().to_string(),
+                ..w.inject.clone()
+            };
+            webhook = Some(tokio::spawn(crate::webhook::serve(
+                listener,
+                Arc::new(tls),
+                inject,
+                stopped,
+            )));
+        }
+        Ok(Daemon {
+            cluster: config.cluster,
+            member: config.node_id,
+            federation,
+            store,
+            control,
+            admin,
+            webhook_addr,
+            stop,
+            webhook,
+            publishing,
+        })
+    }
+
+    /// The addresses it serves, as the daemon's `ready` line prints them.
+    pub fn ready(&self) -> serde_json::Value {
+        serde_json::json!({
+            "cluster": self.cluster,
+            "grpc": self.control.grpc_addr().to_string(),
+            "federation": self.federation.to_string(),
+            "member": self.member,
+            "admin": self.admin.addr().to_string(),
+            "webhook": self.webhook_addr.map(|a| a.to_string()),
+        })
+    }
+
+    /// Stops everything it started and closes every port.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for task in [self.publishing, self.webhook].into_iter().flatten() {
+            let _ = task.await;
+        }
+        self.control.shutdown().await;
+        self.admin.shutdown().await;
+        self.store.shutdown().await;
+    }
+}

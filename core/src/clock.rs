@@ -1,0 +1,13 @@
+//! Wall-clock time as the federation store and the data plane record it: milliseconds since
+//! the Unix epoch (lease expiries, token expiries, report times). Durations and timers use
+//! `tokio::time` instead, so tests can pause and advance them.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch; 0 for a clock set before 1970.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

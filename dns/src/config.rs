@@ -1,0 +1,114 @@
+//! The `isthmus dns` daemon's config file (YAML), validated into [`DnsConfig`]; errors name
+//! the file, the field and the bad value.
+//!
+//! ```yaml
+//! cluster: east
+//! control: 127.0.0.1:15012
+//! controlCa: ca.pem                # the cluster CA (the control plane's <dataDir>/ca.pem)
+//! listen: {dns: 0.0.0.0:15053, admin: 0.0.0.0:15020}
+//! upstreams: [192.0.2.53:53]    # default: the nameservers of /etc/resolv.conf
+//! ttl: 5
+//! ```
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use isthmus_core::attach::cluster_and_trust_domain;
+use isthmus_core::config::{host_port, socket_addr, ConfigError, FieldError};
+use serde::Deserialize;
+
+/// The config file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawDnsConfig {
+    pub cluster: String,
+    pub control: String,
+    /// The cluster CA's PEM file (relative to this file): what the control-plane API's
+    /// certificate must chain to.
+    #[serde(default)]
+    pub control_ca: Option<String>,
+    #[serde(default)]
+    pub listen: RawListen,
+    #[serde(default)]
+    pub upstreams: Option<Vec<String>>,
+    #[serde(default = "default_ttl")]
+    pub ttl: u32,
+}
+
+fn default_ttl() -> u32 {
+    5
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawListen {
+    #[serde(default = "default_dns")]
+    pub dns: String,
+    #[serde(default = "default_admin")]
+    pub admin: String,
+}
+
+impl Default for RawListen {
+    fn default() -> Self {
+        RawListen {
+            dns: default_dns(),
+            admin: default_admin(),
+        }
+    }
+}
+fn default_dns() -> String {
+    "0.0.0.0:15053".into()
+}
+fn default_admin() -> String {
+    "0.0.0.0:15020".into()
+}
+
+/// The validated config.
+#[derive(Debug)]
+pub struct DnsConfig {
+    pub cluster: String,
+    /// `host:port` of the control plane's gRPC API (an IP or a DNS name).
+    pub control: String,
+    /// `controlCa` as written (read at start, relative to the config file).
+    pub control_ca: Option<String>,
+    pub dns: SocketAddr,
+    pub admin: SocketAddr,
+    /// None: read /etc/resolv.conf.
+    pub upstreams: Option<Vec<SocketAddr>>,
+    pub ttl: u32,
+}
+
+impl TryFrom<RawDnsConfig> for DnsConfig {
+    type Error = FieldError;
+    fn try_from(raw: RawDnsConfig) -> Result<Self, FieldError> {
+        cluster_and_trust_domain(&raw.cluster, None)?;
+        let upstreams = match raw.upstreams {
+            None => None,
+            Some(list) => Some(
+                list.iter()
+                    .enumerate()
+                    .map(|(i, u)| socket_addr(&format!("upstreams[{i}]"), u))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        if raw.ttl > 86_400 {
+            return Err(FieldError::new("ttl", raw.ttl, "at most 86400 seconds"));
+        }
+        Ok(DnsConfig {
+            cluster: raw.cluster,
+            control: host_port("control", &raw.control)?,
+            control_ca: raw.control_ca,
+            dns: socket_addr("listen.dns", &raw.listen.dns)?,
+            admin: socket_addr("listen.admin", &raw.listen.admin)?,
+            upstreams,
+            ttl: raw.ttl,
+        })
+    }
+}
+
+impl DnsConfig {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        isthmus_core::config::load_file::<RawDnsConfig, DnsConfig>(path)
+    }
+}
