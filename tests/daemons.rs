@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use isthmus_demo::probe::{call_sample, resolve_a};
 use isthmus_demo::sample::{self, SampleApp};
+use isthmus_testkit::discovery::{Discovery, Service};
 use support::{addr, daemon, free_port, stop};
 
 mod support;
@@ -28,7 +29,7 @@ async fn one_cluster_of_daemons_serves_dns_and_an_mtls_call_with_the_callers_ide
     .await
     .unwrap();
     let (grpc, peer, inbound) = (free_port(), free_port(), free_port());
-    std::fs::write(dir.path().join("services.yaml"), "services: []\n").unwrap();
+    Discovery::new().write(&dir.path().join("services.yaml"));
     let (control, ready) = daemon(
         dir.path(),
         "control",
@@ -73,14 +74,13 @@ async fn one_cluster_of_daemons_serves_dns_and_an_mtls_call_with_the_callers_ide
         ),
     )
     .await;
-    std::fs::write(
-        dir.path().join("services.yaml"),
-        format!(
-            "services:\n- name: echo\n  ports: [{{name: http, port: 9080}}]\n  endpoints: [{{address: \"{}\", serviceAccount: echo}}]\n",
-            addr(inbound)
-        ),
-    )
-    .unwrap();
+    Discovery::new()
+        .service(
+            Service::new("echo")
+                .port("http", 9080)
+                .endpoint(&addr(inbound).to_string(), "echo"),
+        )
+        .write(&dir.path().join("services.yaml"));
     let (client, _) = daemon(
         dir.path(),
         "sidecar-sleep",

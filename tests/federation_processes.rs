@@ -204,7 +204,7 @@ async fn assert_all_present(port: u16, acked: &[(String, Vec<u8>)], who: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_members_restart_from_disk_without_losing_an_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("services.yaml"), "services: []\n").unwrap();
+    isthmus_testkit::discovery::Discovery::new().write(&dir.path().join("services.yaml"));
     let peers: BTreeMap<u64, u16> = (1..=3).map(|id| (id, free_port())).collect();
     let ports: Vec<u16> = peers.values().copied().collect();
     let mut members = BTreeMap::new();
@@ -300,7 +300,7 @@ async fn status_until(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clusters_join_with_a_one_time_token_and_leave_by_name() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("services.yaml"), "services: []\n").unwrap();
+    isthmus_testkit::discovery::Discovery::new().write(&dir.path().join("services.yaml"));
     let mut peers: BTreeMap<u64, u16> = (1..=3).map(|id| (id, free_port())).collect();
     let mut members = Vec::new();
     for id in 1..=3 {

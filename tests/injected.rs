@@ -4,13 +4,6 @@
 //! Kubernetes-API-compatible test server. It reaches the control plane's TLS API with the CA
 //! from `ISTHMUS_CONTROL_CA` and gets its certificate for its token's service account only.
 
-// The control plane's Kubernetes-API-compatible test server; this test uses a few of its
-// resources.
-#[allow(dead_code)]
-#[path = "../control/tests/support/kube_api.rs"]
-mod kube_api;
-
-use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +11,7 @@ use std::time::Duration;
 use isthmus_control::kubernetes::KubeSource;
 use isthmus_control::tokens::TokenPolicy;
 use isthmus_core::ca::CertificateAuthority;
-use kube_api::KubeApi;
+use isthmus_testkit::kube_api::KubeApi;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
@@ -34,17 +27,7 @@ async fn an_injected_sidecar_starts_from_its_pod_and_gets_its_certificate_by_tok
     api.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bookinfo"}}));
     api.allow_token(TOKEN, "system:serviceaccount:bookinfo:ratings");
 
-    let binding = isthmus_federation::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let peers = BTreeMap::from([(1, binding.local_addr())]);
-    let store = binding
-        .start(isthmus_federation::StoreOptions {
-            tick: Duration::from_millis(20),
-            ..isthmus_federation::StoreOptions::new(1, peers)
-        })
-        .await
-        .unwrap();
+    let store = isthmus_testkit::store::one_member_store().await;
     let ca = Arc::new(CertificateAuthority::generate(TD).unwrap());
     let control = isthmus_control::start(
         isthmus_control::ControlOptions {

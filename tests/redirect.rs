@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use isthmus_core::ca::CertificateAuthority;
 use isthmus_core::identity::SpiffeId;
-use isthmus_core::mesh::{ClusterInfo, Endpoint, MeshConfig, MeshService, Protocol, ServicePort};
+use isthmus_core::mesh::{MeshConfig, Protocol};
 use isthmus_core::tls::{Identity, TrustBundles};
+use isthmus_testkit::mesh;
 
 const TD: &str = "pod.isthmus.local";
 /// The service's virtual IP (the default VIP range), routed inside the namespace.
@@ -184,34 +185,14 @@ fn start_pod(
         tx.send_replace(Arc::new(MeshConfig {
             version: 1,
             cluster: "pod".into(),
-            services: vec![MeshService {
-                name: "web".into(),
-                namespace: "default".into(),
-                vip: VIP.parse().unwrap(),
-                ports: vec![ServicePort {
-                    name: "http".into(),
-                    port: 9080,
-                    protocol: Protocol::Http,
-                }],
-                identities: vec![SpiffeId::new(TD, "default", "web").to_string()],
-                local_endpoints: vec![Endpoint {
-                    address: server.inbound_addrs()[0],
-                    labels: BTreeMap::new(),
-                    identity: SpiffeId::new(TD, "default", "web").to_string(),
-                    healthy: true,
-                    ports: Default::default(),
-                }],
-                remote: vec![],
-                exported: false,
-                headless: None,
-            }],
-            clusters: vec![ClusterInfo {
-                name: "pod".into(),
-                trust_domain: TD.into(),
-                gateway: None,
-                ca_bundle_pem: ca.cert_pem().into(),
-                locality: None,
-            }],
+            services: vec![mesh::served(
+                TD,
+                "web",
+                VIP.parse().unwrap(),
+                &[("http", 9080, Protocol::Http)],
+                &[server.inbound_addrs()[0]],
+            )],
+            clusters: vec![mesh::member("pod", TD, ca.cert_pem())],
             policies: vec![],
         }));
         ready.send((outside.port(), tx)).unwrap();

@@ -1,6 +1,5 @@
 //! The control plane over a real (one-member) federation store and its real gRPC API.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,17 +23,7 @@ async fn start(services_yaml: &str) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let discovery = dir.path().join("services.yaml");
     std::fs::write(&discovery, services_yaml).unwrap();
-    let binding = isthmus_federation::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let peers = BTreeMap::from([(1, binding.local_addr())]);
-    let store = binding
-        .start(isthmus_federation::StoreOptions {
-            tick: Duration::from_millis(20),
-            ..isthmus_federation::StoreOptions::new(1, peers)
-        })
-        .await
-        .unwrap();
+    let store = isthmus_testkit::store::one_member_store().await;
     let control = isthmus_control::start(
         isthmus_control::ControlOptions {
             cluster: "east".into(),

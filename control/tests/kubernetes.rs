@@ -7,9 +7,7 @@
 mod policies;
 #[path = "kubernetes/publish.rs"]
 mod publish;
-mod support;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,29 +15,14 @@ use isthmus_control::kubernetes::KubeSource;
 use isthmus_control::tokens::TokenPolicy;
 use isthmus_core::ca::CertificateAuthority;
 use isthmus_core::mesh::MeshConfig;
+use isthmus_testkit::kube_api::KubeApi;
 use serde_json::{json, Value};
-use support::kube_api::KubeApi;
 
 const WAIT: Duration = Duration::from_secs(20);
 
 struct Cluster {
     api: KubeApi,
     control: isthmus_control::ControlHandle,
-}
-
-async fn store() -> isthmus_federation::Store {
-    isthmus_core::install_crypto_provider();
-    let binding = isthmus_federation::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let peers = BTreeMap::from([(1, binding.local_addr())]);
-    binding
-        .start(isthmus_federation::StoreOptions {
-            tick: Duration::from_millis(20),
-            ..isthmus_federation::StoreOptions::new(1, peers)
-        })
-        .await
-        .unwrap()
 }
 
 async fn cluster(name: &str, n: u8, store: &isthmus_federation::Store) -> Cluster {
@@ -177,7 +160,7 @@ fn condition_of(
 
 #[tokio::test]
 async fn a_service_export_reaches_the_other_clusters_service_import_and_leaves_with_it() {
-    let store = store().await;
+    let store = isthmus_testkit::store::one_member_store().await;
     let east = cluster("east", 1, &store).await;
     let west = cluster("west", 2, &store).await;
     ratings(&east.api, 9080, "2025-01-01T00:00:00Z");
@@ -272,7 +255,7 @@ async fn a_service_export_reaches_the_other_clusters_service_import_and_leaves_w
 
 #[tokio::test]
 async fn endpoint_churn_converges_on_the_last_state() {
-    let store = store().await;
+    let store = isthmus_testkit::store::one_member_store().await;
     let east = cluster("east", 1, &store).await;
     ratings(&east.api, 9080, "2025-01-01T00:00:00Z");
     // Pods come and go faster than anything settles: each round adds two pods to the
@@ -333,7 +316,7 @@ async fn endpoint_churn_converges_on_the_last_state() {
 
 #[tokio::test]
 async fn a_port_conflict_sets_conflict_and_the_oldest_export_wins() {
-    let store = store().await;
+    let store = isthmus_testkit::store::one_member_store().await;
     let east = cluster("east", 1, &store).await;
     let west = cluster("west", 2, &store).await;
     // East exported first, on 9080; west later, on 9090.
@@ -376,7 +359,7 @@ async fn a_port_conflict_sets_conflict_and_the_oldest_export_wins() {
 
 #[tokio::test]
 async fn watches_survive_api_server_restarts_410_gone_and_bookmarks() {
-    let store = store().await;
+    let store = isthmus_testkit::store::one_member_store().await;
     let mut east = cluster("east", 1, &store).await;
     ratings(&east.api, 9080, "2025-01-01T00:00:00Z");
     let exported = |name: &str| store.get(&format!("exports/default/{name}/east")).is_some();

@@ -4,8 +4,6 @@
 //! service-account identity.
 
 #[allow(dead_code)]
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +34,7 @@ async fn sign(api: &CertificateApi, id: &SpiffeId, token: &str) -> Result<String
 #[tokio::test]
 async fn a_service_account_token_gets_exactly_its_own_identity() {
     isthmus_core::install_crypto_provider();
-    let kube_api = support::kube_api::KubeApi::start().await;
+    let kube_api = isthmus_testkit::kube_api::KubeApi::start().await;
     // Projected tokens are JWTs; these stand in with the same shape.
     let ratings = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJyYXRpbmdzIn0.c2lnbmF0dXJl";
     kube_api.allow_token(ratings, "system:serviceaccount:bookinfo:ratings");

@@ -48,8 +48,6 @@ pub mod answer;
 pub mod cache;
 pub mod config;
 pub mod daemon;
-#[cfg(test)]
-mod fixtures;
 mod forward;
 mod handler;
 mod inflight;

@@ -97,8 +97,8 @@ mod tests {
     use super::*;
     use hickory_proto::rr::Name;
 
-    use crate::fixtures::service;
     use crate::records::Lookup;
+    use isthmus_testkit::mesh::service;
 
     fn config(version: u64, services: &[(&str, &str)]) -> Arc<MeshConfig> {
         Arc::new(MeshConfig {

@@ -335,8 +335,8 @@ fn is_dns_label(label: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::service;
     use isthmus_core::mesh::Protocol;
+    use isthmus_testkit::mesh::service;
 
     fn table() -> MeshTable {
         MeshTable::build(&MeshConfig {

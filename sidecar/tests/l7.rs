@@ -13,8 +13,9 @@ use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use isthmus_core::ca::CertificateAuthority;
 use isthmus_core::identity::SpiffeId;
-use isthmus_core::mesh::{ClusterInfo, Endpoint, MeshConfig, MeshService, Protocol, ServicePort};
+use isthmus_core::mesh::{Endpoint, MeshConfig, MeshService, Protocol};
 use isthmus_core::tls::{Identity, TrustBundles};
+use isthmus_testkit::mesh;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -192,27 +193,10 @@ async fn mesh_with_log(
         version: 1,
         cluster: "test".into(),
         services: vec![MeshService {
-            name: "reviews".into(),
-            namespace: "default".into(),
-            vip,
-            ports: vec![ServicePort {
-                name: "http".into(),
-                port: 9080,
-                protocol: Protocol::Http,
-            }],
-            identities: vec![SpiffeId::new(TD, "default", "reviews").to_string()],
             local_endpoints: eps,
-            remote: vec![],
-            exported: false,
-            headless: None,
+            ..mesh::served(TD, "reviews", vip, &[("http", 9080, Protocol::Http)], &[])
         }],
-        clusters: vec![ClusterInfo {
-            name: "test".into(),
-            trust_domain: TD.into(),
-            gateway: None,
-            ca_bundle_pem: ca.cert_pem().into(),
-            locality: None,
-        }],
+        clusters: vec![mesh::member("test", TD, ca.cert_pem())],
         policies: isthmus_core::policy::parse_documents("test.yaml", policies).unwrap(),
     };
     tx.send_replace(Arc::new(config));

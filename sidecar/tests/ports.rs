@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use isthmus_core::ca::CertificateAuthority;
 use isthmus_core::identity::SpiffeId;
-use isthmus_core::mesh::{ClusterInfo, Endpoint, MeshConfig, MeshService, Protocol, ServicePort};
+use isthmus_core::mesh::{Endpoint, MeshConfig, MeshService, Protocol};
 use isthmus_core::tls::{Identity, TrustBundles};
 use isthmus_sidecar::metrics::Metrics;
+use isthmus_testkit::mesh;
 use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -87,38 +88,26 @@ async fn each_service_port_reaches_its_own_target_port() {
         .await
         .unwrap();
     let vip: IpAddr = "127.61.0.1".parse().unwrap();
-    let port = |name: &str, port| ServicePort {
-        name: name.into(),
-        port,
-        protocol: Protocol::Tcp,
-    };
     tx.send_replace(Arc::new(MeshConfig {
         version: 1,
         cluster: "test".into(),
         services: vec![MeshService {
-            name: "multi".into(),
-            namespace: "default".into(),
-            vip,
-            ports: vec![port("tcp-one", 7070), port("tcp-two", 7071)],
-            identities: vec![SpiffeId::new(TD, "default", "multi").to_string()],
             local_endpoints: vec![Endpoint {
-                address: first,
-                labels: BTreeMap::new(),
-                identity: SpiffeId::new(TD, "default", "multi").to_string(),
-                healthy: true,
                 ports: [(7071, second.port())].into(),
+                ..mesh::endpoint(first, &SpiffeId::new(TD, "default", "multi").to_string())
             }],
-            remote: vec![],
-            exported: false,
-            headless: None,
+            ..mesh::served(
+                TD,
+                "multi",
+                vip,
+                &[
+                    ("tcp-one", 7070, Protocol::Tcp),
+                    ("tcp-two", 7071, Protocol::Tcp),
+                ],
+                &[],
+            )
         }],
-        clusters: vec![ClusterInfo {
-            name: "test".into(),
-            trust_domain: TD.into(),
-            gateway: None,
-            ca_bundle_pem: ca.cert_pem().into(),
-            locality: None,
-        }],
+        clusters: vec![mesh::member("test", TD, ca.cert_pem())],
         policies: vec![],
     }));
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -16,9 +16,10 @@ use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use isthmus_core::ca::CertificateAuthority;
 use isthmus_core::identity::SpiffeId;
-use isthmus_core::mesh::{ClusterInfo, Endpoint, MeshConfig, MeshService, Protocol, ServicePort};
+use isthmus_core::mesh::{MeshConfig, Protocol};
 use isthmus_core::tls::{Identity, TrustBundles};
 use isthmus_sidecar::metrics::Metrics;
+use isthmus_testkit::mesh;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -224,27 +225,13 @@ async fn mesh(octet: u8, services: Vec<(&str, Protocol, SocketAddr)>, policies: 
         .unwrap();
         let vip: IpAddr = format!("127.{octet}.0.{}", i + 1).parse().unwrap();
         vips.push(vip);
-        mesh_services.push(MeshService {
-            name: name.into(),
-            namespace: "default".into(),
+        mesh_services.push(mesh::served(
+            TD,
+            name,
             vip,
-            ports: vec![ServicePort {
-                name: "p".into(),
-                port: PORT,
-                protocol,
-            }],
-            identities: vec![SpiffeId::new(TD, "default", name).to_string()],
-            local_endpoints: vec![Endpoint {
-                address: sc.inbound_addrs()[0],
-                labels: BTreeMap::new(),
-                identity: SpiffeId::new(TD, "default", name).to_string(),
-                healthy: true,
-                ports: Default::default(),
-            }],
-            remote: vec![],
-            exported: false,
-            headless: None,
-        });
+            &[("p", PORT, protocol)],
+            &[sc.inbound_addrs()[0]],
+        ));
         sidecars.push(sc);
     }
     let client = isthmus_sidecar::start(
@@ -258,13 +245,7 @@ async fn mesh(octet: u8, services: Vec<(&str, Protocol, SocketAddr)>, policies: 
         version: 1,
         cluster: "test".into(),
         services: mesh_services,
-        clusters: vec![ClusterInfo {
-            name: "test".into(),
-            trust_domain: TD.into(),
-            gateway: None,
-            ca_bundle_pem: ca.cert_pem().into(),
-            locality: None,
-        }],
+        clusters: vec![mesh::member("test", TD, ca.cert_pem())],
         policies: isthmus_core::policy::parse_documents("test.yaml", policies).unwrap(),
     }));
     let deadline = Instant::now() + Duration::from_secs(5);

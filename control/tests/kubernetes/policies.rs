@@ -72,7 +72,7 @@ fn accepted(api: &KubeApi, name: &str) -> Option<(String, String, String)> {
 
 #[tokio::test]
 async fn a_virtual_service_in_kubernetes_routes_every_cluster_and_follows_updates_and_deletion() {
-    let store = store().await;
+    let store = isthmus_testkit::store::one_member_store().await;
     let east = cluster("east", 1, &store).await;
     let west = cluster("west", 2, &store).await;
     east.api.install("networking.istio.io/v1");
@@ -151,7 +151,7 @@ async fn a_virtual_service_in_kubernetes_routes_every_cluster_and_follows_update
 
 #[tokio::test]
 async fn istio_kinds_wait_for_their_crds_and_are_picked_up_once_installed() {
-    let store = store().await;
+    let store = isthmus_testkit::store::one_member_store().await;
     let east = cluster("east", 1, &store).await;
     // Isthmus's own kinds are watched from the start; Istio's groups are not served, so
     // discovery is asked again and again, and nothing of Istio's is listed or watched.
@@ -219,7 +219,7 @@ async fn istio_kinds_wait_for_their_crds_and_are_picked_up_once_installed() {
 
 #[tokio::test]
 async fn an_invalid_isthmus_policy_keeps_its_last_valid_version_and_says_why_on_its_status() {
-    let store = store().await;
+    let store = isthmus_testkit::store::one_member_store().await;
     let east = cluster("east", 1, &store).await;
     let key = "policies/ratelimitpolicy/default/ratings";
     east.api.put(rate_limit("ratings", 100));
@@ -284,7 +284,7 @@ async fn an_invalid_isthmus_policy_keeps_its_last_valid_version_and_says_why_on_
 
 #[tokio::test]
 async fn cli_applied_policies_survive_kubernetes_deletions_resyncs_and_restarts() {
-    let store = store().await;
+    let store = isthmus_testkit::store::one_member_store().await;
     let api = KubeApi::start().await;
     api.put(namespace("default"));
     api.install("networking.istio.io/v1");
@@ -363,7 +363,7 @@ async fn cli_applied_policies_survive_kubernetes_deletions_resyncs_and_restarts(
 
 #[tokio::test]
 async fn two_clusters_holding_the_same_policy_do_not_fight_and_it_lasts_while_either_holds_it() {
-    let store = store().await;
+    let store = isthmus_testkit::store::one_member_store().await;
     let east = cluster("east", 1, &store).await;
     let west = cluster("west", 2, &store).await;
     for c in [&east, &west] {

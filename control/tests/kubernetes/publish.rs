@@ -9,7 +9,7 @@ use isthmus_control::kubernetes::KubeSource;
 use serde_json::json;
 
 use super::eventually;
-use super::support::kube_api::KubeApi;
+use isthmus_testkit::kube_api::KubeApi;
 
 fn webhook_configuration(bundle: Option<&str>) -> serde_json::Value {
     let mut client = json!({"service": {"name": "isthmus-control", "namespace": "isthmus-system", "path": "/inject", "port": 443}});

@@ -10,7 +10,7 @@ use super::*;
 const TTL: u32 = 5;
 
 fn service(name: &str, vip: &str, ports: &[(&str, u16, Protocol)]) -> MeshService {
-    crate::fixtures::service(name, "shop", vip, ports)
+    isthmus_testkit::mesh::service(name, "shop", vip, ports)
 }
 
 fn table() -> MeshTable {

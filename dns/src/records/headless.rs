@@ -91,8 +91,8 @@ mod tests {
     use isthmus_core::mesh::{HeadlessEndpoint, MeshConfig, Protocol};
 
     use super::*;
-    use crate::fixtures::service;
     use crate::records::Lookup;
+    use isthmus_testkit::mesh::service;
 
     fn endpoint(cluster: &str, hostname: Option<&str>, vip: &str, ready: bool) -> HeadlessEndpoint {
         HeadlessEndpoint {

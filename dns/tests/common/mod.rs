@@ -11,7 +11,7 @@ use std::time::Duration;
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use isthmus_core::mesh::{MeshConfig, MeshService, Protocol, ServicePort};
+use isthmus_core::mesh::{MeshConfig, MeshService, Protocol};
 use isthmus_dns::{start, DnsHandle, DnsOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -27,33 +27,13 @@ pub const UPSTREAM_ANSWER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
 
 pub fn service(name: &str, vip: &str, ports: &[(&str, u16, Protocol)]) -> MeshService {
     MeshService {
-        name: name.into(),
-        namespace: "shop".into(),
-        vip: vip.parse().unwrap(),
-        ports: ports
-            .iter()
-            .map(|(name, port, protocol)| ServicePort {
-                name: (*name).into(),
-                port: *port,
-                protocol: *protocol,
-            })
-            .collect(),
-        identities: Vec::new(),
-        local_endpoints: Vec::new(),
-        remote: Vec::new(),
         exported: true,
-        headless: None,
+        ..isthmus_testkit::mesh::service(name, "shop", vip, ports)
     }
 }
 
 pub fn config(version: u64, services: Vec<MeshService>) -> Arc<MeshConfig> {
-    Arc::new(MeshConfig {
-        version,
-        cluster: "east".into(),
-        services,
-        clusters: Vec::new(),
-        policies: Vec::new(),
-    })
+    isthmus_testkit::mesh::config(version, "east", services)
 }
 
 /// The mesh most tests use: `web.shop` (IPv4, two named ports) and `db.shop` (IPv6).

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use isthmus_core::ca::CertificateAuthority;
 use isthmus_core::identity::SpiffeId;
-use isthmus_core::mesh::{ClusterInfo, Endpoint, MeshConfig, MeshService, ServicePort};
+use isthmus_core::mesh::{ClusterInfo, Endpoint, MeshConfig, MeshService, Protocol};
 use isthmus_core::tls::{Identity, TrustBundles};
 use isthmus_core::tunnel::{self, OpenRequest, OpenResponse};
 use isthmus_gateway::{GatewayHandle, GatewayOptions};
@@ -90,19 +90,14 @@ pub fn endpoint(address: SocketAddr, version: &str, healthy: bool) -> Endpoint {
 
 pub fn service(name: &str, exported: bool, endpoints: Vec<Endpoint>) -> MeshService {
     MeshService {
-        name: name.into(),
-        namespace: "default".into(),
-        vip: [240, 240, 0, 1].into(),
-        ports: vec![ServicePort {
-            name: "tcp".into(),
-            port: SERVICE_PORT,
-            ..ServicePort::default()
-        }],
-        identities: vec![],
         local_endpoints: endpoints,
-        remote: vec![],
         exported,
-        headless: None,
+        ..isthmus_testkit::mesh::service(
+            name,
+            "default",
+            "240.240.0.1",
+            &[("tcp", SERVICE_PORT, Protocol::Tcp)],
+        )
     }
 }
 

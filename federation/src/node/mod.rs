@@ -557,6 +557,8 @@ impl<S: LogStore> RaftNode<S> {
 }
 
 #[cfg(test)]
+mod outbox;
+#[cfg(test)]
 mod sim_tests;
 #[cfg(test)]
 mod tests;

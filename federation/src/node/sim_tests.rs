@@ -8,12 +8,13 @@
 //! default (the bench script runs thousands).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::oneshot;
 
+use super::outbox::Outbox;
 use super::*;
 use crate::checker::{check, Op, OpKind, OpResult};
 use crate::replica::Role;
@@ -23,18 +24,6 @@ use crate::storage::RaftLog;
 const TICK: Duration = Duration::from_millis(10);
 const KEYS: [&str; 2] = ["a", "b"];
 const MEMBERS: [u64; 3] = [1, 2, 3];
-
-#[derive(Default)]
-struct Outbox(Mutex<Vec<Message>>);
-
-impl Transport for Outbox {
-    fn send(&self, message: Message) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(message);
-    }
-}
 
 enum Waiting {
     Write(oneshot::Receiver<Result<Outcome, StoreError>>),
@@ -130,12 +119,7 @@ impl Sim {
             // Everything raft was promised is synced at the end of each ready; the rest
             // (the node's memory, its replica, queued messages) is lost.
             member.down = Some(node.raw.store().durable_copy());
-            member
-                .outbox
-                .0
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
+            member.outbox.take();
         }
     }
 
@@ -172,8 +156,7 @@ impl Sim {
         for member in self.members.values_mut() {
             if let Some(node) = member.node.as_mut() {
                 node.handle_ready().expect("ready");
-                let sent =
-                    std::mem::take(&mut *member.outbox.0.lock().unwrap_or_else(|p| p.into_inner()));
+                let sent = member.outbox.take();
                 self.network.extend(sent);
             }
         }

@@ -2,35 +2,16 @@
 //! advanced by the test, no gRPC and no tasks.
 
 use std::collections::BTreeSet;
-use std::sync::Mutex;
 
 use tokio::sync::oneshot::error::TryRecvError;
 
+use super::outbox::Outbox;
 use super::*;
 use crate::replica::Role;
 use crate::state::Command;
 use crate::storage::RaftLog;
 
 const TICK: Duration = Duration::from_millis(100);
-
-/// Collects what a node sends; the test network delivers it.
-#[derive(Default)]
-struct Outbox(Mutex<Vec<Message>>);
-
-impl Transport for Outbox {
-    fn send(&self, message: Message) {
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push(message);
-    }
-}
-
-impl Outbox {
-    fn take(&self) -> Vec<Message> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-}
 
 struct Net {
     nodes: BTreeMap<u64, RaftNode<RaftLog>>,

@@ -44,7 +44,7 @@ fn free_port() -> u16 {
 /// Starts cluster `north`'s control plane (as `isthmus control` does, from a config file)
 /// as a new, empty federation member that the demo's members will hear from once joined.
 fn start_north(demo: &Demo, dir: &Path, peer_port: u16) -> tokio::task::JoinHandle<()> {
-    std::fs::write(dir.join("services.yaml"), "services: []\n").unwrap();
+    isthmus_testkit::discovery::Discovery::new().write(&dir.join("services.yaml"));
     let mut peers: Vec<String> = demo
         .clusters
         .iter()

@@ -1,5 +1,4 @@
 use super::*;
-use std::time::Duration;
 
 fn resource(api_version: &str, kind: &str, plural: &str) -> ApiResource {
     let (group, version) = api_version.split_once('/').unwrap();
@@ -177,24 +176,9 @@ fn plan_writes_what_changed_in_kubernetes_and_withdraws_what_went() {
     );
 }
 
-async fn store() -> Store {
-    isthmus_core::install_crypto_provider();
-    let binding = isthmus_federation::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let peers = BTreeMap::from([(1, binding.local_addr())]);
-    binding
-        .start(isthmus_federation::StoreOptions {
-            tick: Duration::from_millis(20),
-            ..isthmus_federation::StoreOptions::new(1, peers)
-        })
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn withdrawing_leaves_a_replaced_policy_and_hands_over_to_another_holder() {
-    let store = store().await;
+    let store = isthmus_testkit::store::one_member_store().await;
     let a = policy_of(CLI_REVIEWS);
     let key = a.store_key();
     let withdraw = |wrote: &Policy| Step::Withdraw {

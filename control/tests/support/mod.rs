@@ -1,1 +1,0 @@
-pub mod kube_api;
