@@ -44,7 +44,7 @@ pub enum AttachError {
         config: PathBuf,
         file: PathBuf,
         #[source]
-        source: crate::tls::TlsError,
+        source: Box<crate::tls::TlsError>,
     },
     #[error("getting a certificate for {id} from the control plane at {addr}: {source}")]
     Certificate {
@@ -98,7 +98,7 @@ impl ControlTarget {
         crate::api_tls::client_config(&ca_pem).map_err(|source| AttachError::BadCa {
             config: config_path.to_path_buf(),
             file: path.clone(),
-            source,
+            source: Box::new(source),
         })?;
         Ok(ControlTarget {
             addr: addr.to_string(),

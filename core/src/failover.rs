@@ -19,22 +19,12 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::isthmus::{FailoverPolicySpec, OnPartitionSpec, PriorityEntry};
+pub use crate::policy::isthmus::{parse_on_partition, OnPartition};
+use crate::policy::isthmus::{FailoverPolicySpec, PriorityEntry};
 use crate::policy::{parse_duration_istio, resolve_host, Policy, Spec};
 
 /// Default time a nearer priority must stay eligible before traffic returns to it.
 pub const DEFAULT_HYSTERESIS: Duration = Duration::from_secs(5);
-
-/// What a lapsed export lease means for traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnPartition {
-    /// Keep routing as if the lease were live (gateway liveness still protects callers).
-    KeepLastKnown,
-    /// Move the cluster behind every other priority: used only when nothing else can serve.
-    DrainToNext,
-    /// Keep routing for this long after the lease lapsed, then stop.
-    WithdrawAfter(Duration),
-}
 
 impl OnPartition {
     fn describe(self) -> String {
@@ -226,28 +216,6 @@ fn from_locality_lb_setting(
         }
     }
     Some(settings)
-}
-
-/// Parses `onPartition`; `Err` names what is wrong (used by validation).
-pub fn parse_on_partition(spec: Option<&OnPartitionSpec>) -> Result<OnPartition, String> {
-    match spec {
-        None => Ok(OnPartition::DrainToNext),
-        Some(OnPartitionSpec::Mode(m)) => match m.as_str() {
-            "keepLastKnown" => Ok(OnPartition::KeepLastKnown),
-            "drainToNext" => Ok(OnPartition::DrainToNext),
-            other => Err(format!(
-                "unknown mode {other:?} (keepLastKnown, drainToNext or {{withdrawAfter: 30s}})"
-            )),
-        },
-        Some(OnPartitionSpec::WithdrawAfter(w)) => parse_duration_istio(&w.withdraw_after)
-            .map(OnPartition::WithdrawAfter)
-            .ok_or_else(|| {
-                format!(
-                    "withdrawAfter: invalid duration {:?} (e.g. 30s)",
-                    w.withdraw_after
-                )
-            }),
-    }
 }
 
 /// What one caller knows about one cluster that serves the service.

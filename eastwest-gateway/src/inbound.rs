@@ -24,12 +24,12 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::endpoints::{self, Active, Balancer};
+use crate::header::reject_bad_header;
 use crate::log_limit::LogLimiter;
 use crate::metrics::{Direction, Metrics, Rejection, Role, Source, UNKNOWN_PEER};
-use crate::outbound::reject_bad_header;
 use crate::peers::{Established, Peers};
 use crate::quic::{self, codes};
-use crate::relay::{relay, PeerRead, PeerWrite};
+use crate::relay::{relay_and_log, PeerRead, PeerWrite};
 use crate::{log_panic, GatewayError, Stop};
 
 /// How many endpoints one stream tries before answering `NoHealthyEndpoint`.
@@ -238,14 +238,7 @@ impl Inbound {
             debug!(endpoint = %active.addr(), "tunnel open");
             let _open = self.metrics.open_stream(cluster, Direction::Inbound);
             let counters = self.metrics.byte_counters(cluster);
-            match relay(tcp, send, recv, &counters).await {
-                Ok(carried) => debug!(
-                    sent = carried.sent,
-                    received = carried.received,
-                    "tunnel closed"
-                ),
-                Err(e) => debug!(error = %GatewayError::Relay(e).chain(), "tunnel aborted"),
-            }
+            relay_and_log(tcp, send, recv, &counters).await;
             drop(active);
         }
         .instrument(span)

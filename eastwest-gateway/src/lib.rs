@@ -51,10 +51,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::info;
 
+mod accept;
 pub mod config;
 pub mod daemon;
 mod endpoints;
 mod error;
+mod header;
 mod inbound;
 mod log_limit;
 pub mod metrics;

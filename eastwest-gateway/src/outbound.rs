@@ -13,18 +13,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use isthmus_core::tunnel::{self, OpenRequest, OpenResponse, ReasonCode, TunnelError};
+use isthmus_core::tunnel::{self, OpenRequest, OpenResponse, ReasonCode};
 use quinn::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::header::reject_bad_header;
 use crate::log_limit::LogLimiter;
-use crate::metrics::{Direction, Metrics, Rejection, Source, UNKNOWN_PEER};
+use crate::metrics::{Direction, Metrics, Source, UNKNOWN_PEER};
 use crate::peers::{PeerTarget, Peers};
-use crate::relay::{relay, PeerRead, PeerWrite};
-use crate::{log_panic, tls_tcp, GatewayError, Stop, Transport};
+use crate::relay::{relay_and_log, PeerRead, PeerWrite};
+use crate::{accept, tls_tcp, GatewayError, Stop, Transport};
 
 pub(crate) struct Outbound {
     pub cluster: String,
@@ -39,29 +39,12 @@ pub(crate) struct Outbound {
 impl Outbound {
     /// Accepts sidecar connections until `stop` fires; each is served by a task owned by this
     /// loop, and all of them have ended when it returns (the listener is closed with it).
-    pub(crate) async fn run(self: Arc<Self>, listener: TcpListener, mut stop: Stop) {
-        let mut tasks = JoinSet::new();
-        loop {
-            tokio::select! {
-                _ = stop.fired() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((tcp, from)) => {
-                        let this = self.clone();
-                        let span = tracing::info_span!("outbound", %from);
-                        tasks.spawn(async move { this.serve(tcp, from).await }.instrument(span));
-                    }
-                    Err(e) => {
-                        // Usually out of file descriptors: back off instead of spinning.
-                        warn!(error = %e, "accepting a local connection failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-                Some(done) = tasks.join_next(), if !tasks.is_empty() => log_panic(done),
-            }
-        }
-        drop(listener);
-        tasks.shutdown().await;
-        debug!("outbound role stopped");
+    pub(crate) async fn run(self: Arc<Self>, listener: TcpListener, stop: Stop) {
+        accept::serve_tcp(listener, stop, "outbound", |tcp, from| {
+            let this = self.clone();
+            async move { this.serve(tcp, from).await }
+        })
+        .await;
     }
 
     async fn serve(&self, mut tcp: TcpStream, from: SocketAddr) {
@@ -168,14 +151,7 @@ impl Outbound {
         debug!("tunnel open");
         let _open = self.metrics.open_stream(peer, Direction::Outbound);
         let counters = self.metrics.byte_counters(peer);
-        match relay(tcp, send, recv, &counters).await {
-            Ok(carried) => debug!(
-                sent = carried.sent,
-                received = carried.received,
-                "tunnel closed"
-            ),
-            Err(e) => debug!(error = %GatewayError::Relay(e).chain(), "tunnel aborted"),
-        }
+        relay_and_log(tcp, send, recv, &counters).await;
     }
 
     /// Writes the request and waits for the remote gateway's response.
@@ -268,35 +244,4 @@ impl Outbound {
 fn refuse(code: ReasonCode, message: String) -> OpenResponse {
     warn!(%code, %message, "refusing a tunnel");
     OpenResponse::new(code, message)
-}
-
-/// Answers a malformed header with `BadRequest` (when the other side can still hear it),
-/// counts it, and logs it at most once per `who` and interval.
-pub(crate) async fn reject_bad_header<W>(
-    w: &mut W,
-    e: TunnelError,
-    metrics: &Metrics,
-    log: &LogLimiter,
-    source: Source,
-    who: &str,
-) where
-    W: AsyncWrite + Unpin,
-{
-    let reason = match e {
-        TunnelError::Read(_) | TunnelError::UnexpectedEof { .. } => {
-            debug!(error = %GatewayError::ReadRequest(e).chain(), "connection ended before its request");
-            return;
-        }
-        TunnelError::UnsupportedVersion { .. } => Rejection::UnsupportedHeaderVersion,
-        _ => Rejection::MalformedHeader,
-    };
-    metrics.reject(source, reason);
-    let e = GatewayError::ReadRequest(e);
-    if let Some(suppressed) = log.admit(&format!("header {who} {}", reason.as_str())) {
-        warn!(from = %who, error = %e.chain(), suppressed, "rejecting a malformed open request");
-    }
-    let response = OpenResponse::new(ReasonCode::BadRequest, e.chain());
-    if tunnel::write_response(w, &response).await.is_ok() {
-        let _ = w.shutdown().await;
-    }
 }

@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 
 use crate::metrics::ByteCounters;
 use crate::quic::codes;
+use crate::GatewayError;
 
 /// The most one direction of one tunnel reads before writing it out (two per tunnel).
 pub(crate) const RELAY_BUFFER: usize = 64 * 1024;
@@ -112,6 +113,27 @@ async fn read_into<R: AsyncRead + Unpin>(
     match r.read_buf(scratch).await? {
         0 => Ok(None),
         _ => Ok(Some(scratch.split().freeze())),
+    }
+}
+
+/// [`relay`], then logs (at debug) what it carried or why it aborted: the end of every
+/// tunnel, on either role.
+pub(crate) async fn relay_and_log<W, R>(
+    tcp: TcpStream,
+    to_peer: W,
+    from_peer: R,
+    counters: &ByteCounters,
+) where
+    W: PeerWrite + Unpin,
+    R: PeerRead + Unpin,
+{
+    match relay(tcp, to_peer, from_peer, counters).await {
+        Ok(carried) => tracing::debug!(
+            sent = carried.sent,
+            received = carried.received,
+            "tunnel closed"
+        ),
+        Err(e) => tracing::debug!(error = %GatewayError::Relay(e).chain(), "tunnel aborted"),
     }
 }
 

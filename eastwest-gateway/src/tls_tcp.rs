@@ -14,46 +14,26 @@ use std::time::Duration;
 use isthmus_core::tls;
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
-use tracing::{debug, warn, Instrument};
 
 use crate::inbound::Inbound;
 use crate::metrics::{Metrics, PeerLabels, Rejection, Role};
 use crate::peers::PeerTarget;
 use crate::quic;
-use crate::{log_panic, GatewayError, Stop};
+use crate::{accept, GatewayError, Stop};
 
 /// Accepts TLS-over-TCP tunnels from peer gateways until `stop` fires.
 pub(crate) async fn serve(
     inbound: Arc<Inbound>,
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
-    mut stop: Stop,
+    stop: Stop,
 ) {
     let acceptor = TlsAcceptor::from(config);
-    let mut tasks = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = stop.fired() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, from)) => {
-                    let inbound = inbound.clone();
-                    let acceptor = acceptor.clone();
-                    let span = tracing::info_span!("inbound-tls", %from);
-                    tasks.spawn(async move { accept(inbound, acceptor, tcp, from).await }.instrument(span));
-                }
-                Err(e) => {
-                    warn!(error = %e, "accepting a TLS-over-TCP connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => log_panic(done),
-        }
-    }
-    drop(listener);
-    tasks.shutdown().await;
-    debug!("TLS-over-TCP listener stopped");
+    accept::serve_tcp(listener, stop, "inbound-tls", |tcp, from| {
+        accept(inbound.clone(), acceptor.clone(), tcp, from)
+    })
+    .await;
 }
 
 async fn accept(inbound: Arc<Inbound>, acceptor: TlsAcceptor, tcp: TcpStream, from: SocketAddr) {

@@ -294,7 +294,7 @@ async fn serve_http<S>(
         async move {
             let started = tokio::time::Instant::now();
             let grpc = protocol::is_grpc(req.headers());
-            let request_bytes = content_length(req.headers());
+            let request_bytes = protocol::content_length(req.headers());
             let verdict = guard.check(&Inbound {
                 caller: caller.as_ref().as_ref(),
                 port: port.forward_to.port(),
@@ -343,7 +343,7 @@ async fn serve_http<S>(
                 &labels,
                 started.elapsed().as_secs_f64() * 1000.0,
                 request_bytes,
-                content_length(resp.headers()),
+                protocol::content_length(resp.headers()),
             );
             Ok::<_, hyper::Error>(resp)
         }
@@ -418,14 +418,6 @@ async fn connect_app(app: SocketAddr, h2: bool) -> Result<Conn, String> {
     }
     let _ = tcp.set_nodelay(true);
     Conn::handshake(tcp, h2).await.map_err(|e| e.to_string())
-}
-
-fn content_length(headers: &http::HeaderMap) -> u64 {
-    headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 fn error_response(status: StatusCode, text: String) -> Response<Body> {

@@ -188,6 +188,16 @@ pub fn for_version(parts: &mut http::request::Parts, version: Version, default_a
     parts.version = version;
 }
 
+/// The message's declared body size (its `content-length`), as the request metrics count it;
+/// 0 when absent or unreadable (chunked bodies are not counted).
+pub(crate) fn content_length(headers: &http::HeaderMap) -> u64 {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

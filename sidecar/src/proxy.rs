@@ -172,7 +172,7 @@ impl HttpProxy {
     ) -> Response<Body> {
         let started = Instant::now();
         let wall = std::time::SystemTime::now();
-        let request_bytes = content_length(req.headers());
+        let request_bytes = protocol::content_length(req.headers());
         let request_protocol = if protocol::is_grpc(req.headers()) {
             "grpc"
         } else {
@@ -221,7 +221,7 @@ impl HttpProxy {
             &labels,
             millis,
             request_bytes,
-            content_length(resp.headers()),
+            protocol::content_length(resp.headers()),
         );
         if let Some((method, path, authority, protocol)) = logged {
             self.access_log.log(&crate::observe::AccessRecord {
@@ -232,7 +232,7 @@ impl HttpProxy {
                 response_code: resp.status().as_u16(),
                 response_flags: report.flags.to_string(),
                 bytes_received: request_bytes,
-                bytes_sent: content_length(resp.headers()),
+                bytes_sent: protocol::content_length(resp.headers()),
                 duration: millis as u64,
                 authority,
                 downstream_remote_address: client.to_string(),
@@ -740,14 +740,6 @@ impl HttpProxy {
             }
         });
     }
-}
-
-fn content_length(headers: &http::HeaderMap) -> u64 {
-    headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 fn hash_key(

@@ -1,7 +1,11 @@
 //! Isthmus's own policy kinds (`isthmus.io/v1alpha1`), for what Istio's resources do not
 //! express. Unknown fields are rejected by name.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
+
+use super::parse_duration_istio;
 
 /// `RateLimitPolicy.spec`: a local token bucket, enforced by every calling sidecar for its own
 /// requests to `host` (optionally only on the VirtualService http route named `route`).
@@ -80,4 +84,37 @@ pub enum OnPartitionSpec {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct WithdrawAfter {
     pub withdraw_after: String,
+}
+
+/// What a lapsed export lease means for traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnPartition {
+    /// Keep routing as if the lease were live (gateway liveness still protects callers).
+    KeepLastKnown,
+    /// Move the cluster behind every other priority: used only when nothing else can serve.
+    DrainToNext,
+    /// Keep routing for this long after the lease lapsed, then stop.
+    WithdrawAfter(Duration),
+}
+
+/// Parses `onPartition`; `Err` names what is wrong (validation reports it).
+pub fn parse_on_partition(spec: Option<&OnPartitionSpec>) -> Result<OnPartition, String> {
+    match spec {
+        None => Ok(OnPartition::DrainToNext),
+        Some(OnPartitionSpec::Mode(m)) => match m.as_str() {
+            "keepLastKnown" => Ok(OnPartition::KeepLastKnown),
+            "drainToNext" => Ok(OnPartition::DrainToNext),
+            other => Err(format!(
+                "unknown mode {other:?} (keepLastKnown, drainToNext or {{withdrawAfter: 30s}})"
+            )),
+        },
+        Some(OnPartitionSpec::WithdrawAfter(w)) => parse_duration_istio(&w.withdraw_after)
+            .map(OnPartition::WithdrawAfter)
+            .ok_or_else(|| {
+                format!(
+                    "withdrawAfter: invalid duration {:?} (e.g. 30s)",
+                    w.withdraw_after
+                )
+            }),
+    }
 }

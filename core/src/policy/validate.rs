@@ -504,7 +504,7 @@ pub(super) fn validate(policy: &Policy) -> Check {
             if let Some(h) = &fp.hysteresis {
                 duration("spec.hysteresis", h)?;
             }
-            crate::failover::parse_on_partition(fp.on_partition.as_ref())
+            super::isthmus::parse_on_partition(fp.on_partition.as_ref())
                 .map(|_| ())
                 .map_err(|e| ("spec.onPartition".to_string(), e))
         }
