@@ -1,5 +1,14 @@
 //! The `isthmus` command line.
 
+// Code that ships: no unwrap on what input or the network can make fail, no silent lossy
+// casts (see [workspace.lints] in the root Cargo.toml).
+#![warn(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;

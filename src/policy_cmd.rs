@@ -158,7 +158,7 @@ pub async fn explain(
             let json: Vec<serde_json::Value> = tables
                 .iter()
                 .map(|(node, age, table)| {
-                    serde_json::json!({"cluster": cluster, "node": node, "ageMs": age.as_millis() as u64, "table": table})
+                    serde_json::json!({"cluster": cluster, "node": node, "ageMs": isthmus_core::clock::millis(*age), "table": table})
                 })
                 .collect();
             println!("{}", serde_json::to_string_pretty(&json)?);

@@ -124,7 +124,9 @@ fn start_pod(
     stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let file = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
-    // SAFETY: setns on this thread only, with a valid namespace file descriptor.
+    // SAFETY: setns(2) takes a file descriptor that `file` keeps open for the call, and
+    // changes only this thread's network namespace (the test runs it on a thread of its own).
+    #[allow(unsafe_code)]
     let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
     assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -67,7 +67,7 @@ impl ConfigApi {
                 if *k == key || k.starts_with(&format!("{key}/")) {
                     out.push(SidecarTable {
                         node_id: node.clone(),
-                        age_ms: age.as_millis() as u64,
+                        age_ms: isthmus_core::clock::millis(age),
                         table_json: serde_json::to_string(table).unwrap_or_default(),
                     });
                 }
@@ -91,7 +91,7 @@ impl ConfigApi {
                     &health_from_config(&config, s, None),
                     std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_millis() as u64)
+                        .map(isthmus_core::clock::millis)
                         .unwrap_or(0),
                 );
                 Hysteresis::default().decide(

@@ -144,8 +144,10 @@ impl Catalog {
                         &s.namespace,
                         s.endpoints.iter().map(|e| e.service_account.as_str()),
                     ),
-                    endpoints: s.endpoints.len() as u32,
-                    healthy_endpoints: s.endpoints.iter().filter(|e| e.healthy).count() as u32,
+                    endpoints: isthmus_core::clock::count_u32(s.endpoints.len()),
+                    healthy_endpoints: isthmus_core::clock::count_u32(
+                        s.endpoints.iter().filter(|e| e.healthy).count(),
+                    ),
                     subsets,
                     headless: s.headless.then(|| HeadlessExport {
                         endpoints: s

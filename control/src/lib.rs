@@ -17,6 +17,15 @@
 //! federation member, the control plane, its admin server, and (when configured) the
 //! sidecar-injection [`webhook`] and the Kubernetes CA-root and caBundle publisher.
 
+// Code that ships: no unwrap on what input or the network can make fail, no silent lossy
+// casts (see [workspace.lints] in the root Cargo.toml).
+#![warn(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 pub mod api;
 pub mod catalog;
 pub mod config;

@@ -435,11 +435,8 @@ fn install_bundles(trust: &TrustBundles, bundles: &[(String, String)]) {
 /// How long until a certificate expiring at `not_after_unix` should be renewed: half of the
 /// remaining lifetime, at least one second.
 fn half_life(not_after_unix: i64) -> Duration {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let remaining = (not_after_unix - now).max(2) as u64;
+    let now = i64::try_from(crate::clock::unix_ms() / 1000).unwrap_or(i64::MAX);
+    let remaining = not_after_unix.saturating_sub(now).max(2).unsigned_abs();
     Duration::from_secs(remaining / 2)
 }
 

@@ -2,7 +2,7 @@
 //! the Unix epoch (lease expiries, token expiries, report times). Durations and timers use
 //! `tokio::time` instead, so tests can pause and advance them.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch; 0 for a clock set before 1970.
 pub fn unix_ms() -> u64 {
@@ -10,4 +10,14 @@ pub fn unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+/// Whole milliseconds in `d`, saturating at `u64::MAX` (half a billion years).
+pub fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A count or size as a `u32` field (endpoint counts, ...), saturating at `u32::MAX`.
+pub fn count_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }

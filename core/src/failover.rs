@@ -258,8 +258,8 @@ pub fn health_from_config(
         out.push(ClusterHealth {
             cluster: config.cluster.clone(),
             locality: locality(&config.cluster),
-            endpoints: local.len() as u32,
-            healthy: local.iter().filter(|e| e.healthy).count() as u32,
+            endpoints: crate::clock::count_u32(local.len()),
+            healthy: crate::clock::count_u32(local.iter().filter(|e| e.healthy).count()),
             lease_expired_at_ms: None,
             gateway_down: None,
         });
@@ -531,9 +531,12 @@ pub fn plan(
                 .collect();
             let healthy: u32 = clusters.iter().map(|c| c.healthy).sum();
             let endpoints: u32 = clusters.iter().map(|c| c.endpoints).sum();
-            let healthy_percent = (u64::from(healthy) * 100)
-                .checked_div(u64::from(endpoints))
-                .unwrap_or(0) as u32;
+            let healthy_percent = u32::try_from(
+                (u64::from(healthy) * 100)
+                    .checked_div(u64::from(endpoints))
+                    .unwrap_or(0),
+            )
+            .unwrap_or(u32::MAX);
             let eligible = healthy > 0 && healthy_percent >= settings.min_healthy_percent;
             let state = if eligible {
                 "standby".to_string()
@@ -560,7 +563,7 @@ pub fn plan(
         service: service.to_string(),
         source: settings.source.clone(),
         min_healthy_percent: settings.min_healthy_percent,
-        hysteresis_ms: settings.hysteresis.as_millis() as u64,
+        hysteresis_ms: crate::clock::millis(settings.hysteresis),
         on_partition: settings.on_partition.describe(),
         tiers,
         active: None,

@@ -23,6 +23,15 @@
 //! [`attach::attach`] starts (certificate rotation, config stream, trust bundles), and depends
 //! on none of raft, quinn, kube or hickory.
 
+// Code that ships: no unwrap on what input or the network can make fail, no silent lossy
+// casts (see [workspace.lints] in the root Cargo.toml).
+#![warn(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 pub mod admin;
 pub mod api_tls;
 pub mod attach;

@@ -673,4 +673,8 @@ pub async fn read_response<R: AsyncRead + Unpin>(r: &mut R) -> Result<OpenRespon
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "the tests build headers and noise byte by byte: truncating is the point"
+)]
 mod tests;

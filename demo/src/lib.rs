@@ -5,6 +5,15 @@
 //! services with their own sidecars. Every component reaches its control plane over the real
 //! gRPC API (config stream and certificate signing), exactly as the daemons do.
 
+// Code that ships: no unwrap on what input or the network can make fail, no silent lossy
+// casts (see [workspace.lints] in the root Cargo.toml).
+#![warn(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 //!
 //! The CLI runs it ([`run`]), and the end-to-end tests (the Terraform provider's included)
 //! start the same federation ([`Demo::start`]) to test against. [`sample`] is the sample

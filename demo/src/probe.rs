@@ -59,7 +59,12 @@ fn rand_id() -> u16 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    (nanos >> 8) as u16
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "any 16 bits of the clock make a query id"
+    )]
+    let id = (nanos >> 8) as u16;
+    id
 }
 
 /// `GET path` on `addr` with HTTP/1.1 (`connection: close`); returns status and body.

@@ -250,6 +250,10 @@ pub fn soa_record(table: &MeshTable, ttl: u32) -> Option<Record> {
     let apex = Name::from_labels(ZONE).ok()?;
     let mname = Name::from_labels(["ns", "dns", ZONE[0], ZONE[1]]).ok()?;
     let rname = Name::from_labels(["hostmaster", ZONE[0], ZONE[1]]).ok()?;
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "the serial is the version modulo 2^32 (RFC 1982 serial arithmetic)"
+    )]
     let serial = (table.version() & u64::from(u32::MAX)) as u32;
     Some(Record::from_rdata(
         apex,
@@ -329,4 +333,8 @@ fn add_node_records(
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "the tests make noise and small numbers: truncating is the point"
+)]
 mod tests;

@@ -51,7 +51,12 @@ impl<V: Clone> ShardedLru<V> {
     }
 
     fn shard_of(&self, key: &[u8]) -> usize {
-        (self.hasher.hash_one(key) as usize) % self.shards.len()
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "any bits of the hash pick a shard equally well"
+        )]
+        let hash = self.hasher.hash_one(key) as usize;
+        hash % self.shards.len()
     }
 
     fn shard(&self, key: &[u8]) -> std::sync::MutexGuard<'_, LruCache<Box<[u8]>, V>> {

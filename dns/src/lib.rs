@@ -44,6 +44,15 @@
 //! [`daemon::Daemon`] is the `isthmus dns` daemon: [`config`] read from its file, attached to
 //! its control plane for the config stream, plus its admin server.
 
+// Code that ships: no unwrap on what input or the network can make fail, no silent lossy
+// casts (see [workspace.lints] in the root Cargo.toml).
+#![warn(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 pub mod answer;
 pub mod cache;
 pub mod config;

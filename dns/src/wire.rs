@@ -503,4 +503,8 @@ impl Template {
 
 #[cfg(test)]
 #[path = "wire/tests.rs"]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "the tests make small numbers from loop counters: truncating is the point"
+)]
 mod tests;

@@ -32,6 +32,15 @@
 //!   `RaftPeer.Send` batches, dropping messages rather than ever blocking the raft loop;
 //!   the set of peers follows the replicated member table.
 
+// Code that ships: no unwrap on what input or the network can make fail, no silent lossy
+// casts (see [workspace.lints] in the root Cargo.toml).
+#![warn(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 mod api;
 #[cfg(test)]
 mod checker;

@@ -128,13 +128,10 @@ impl Balancer {
         }
         let index = match (algorithm, hash_key) {
             (Algorithm::ConsistentHash, Some(key)) => jump_hash(hash64(key), pool.len()),
-            (Algorithm::Random, _) => {
-                ((roll.clamp(0.0, 0.999_999) * pool.len() as f64) as usize).min(pool.len() - 1)
-            }
+            (Algorithm::Random, _) => scale_roll(roll, pool.len()),
             (Algorithm::LeastRequest, _) if pool.len() > 1 => {
                 // Power of two choices.
-                let a =
-                    ((roll.clamp(0.0, 0.999_999) * pool.len() as f64) as usize).min(pool.len() - 1);
+                let a = scale_roll(roll, pool.len());
                 let b = (a + 1 + self.cursor % (pool.len() - 1)) % pool.len();
                 self.cursor = self.cursor.wrapping_add(1);
                 let load = |i: usize| self.upstreams.get(pool[i]).map_or(0, |s| s.active);
@@ -220,7 +217,23 @@ fn hash64(key: &str) -> u64 {
     h.finish()
 }
 
+/// A uniform `roll` in [0, 1) as an index into `len` (> 0) choices.
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "the product is clamped to [0, len) before the cast"
+)]
+fn scale_roll(roll: f64, len: usize) -> usize {
+    ((roll.clamp(0.0, 0.999_999) * len as f64) as usize).min(len - 1)
+}
+
 /// Lamping and Veach's jump consistent hash: few keys move when the pool changes size.
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "the published algorithm's arithmetic: every value stays in [-1, buckets)"
+)]
 fn jump_hash(mut key: u64, buckets: usize) -> usize {
     let (mut b, mut j): (i64, i64) = (-1, 0);
     while j < buckets as i64 {

@@ -136,10 +136,12 @@ impl Health {
         for c in &mut clusters {
             if c.cluster == config.cluster {
                 // Minus the endpoints this sidecar found dead.
-                c.healthy = local
-                    .iter()
-                    .filter(|e| e.healthy && !s.endpoints.contains_key(&e.address))
-                    .count() as u32;
+                c.healthy = isthmus_core::clock::count_u32(
+                    local
+                        .iter()
+                        .filter(|e| e.healthy && !s.endpoints.contains_key(&e.address))
+                        .count(),
+                );
             } else if !gateway {
                 c.gateway_down = Some("this sidecar has no gateway configured".to_string());
             } else {

@@ -16,6 +16,15 @@
 //! its pod, when injected), attached to its control plane, its admin server, and the task that
 //! reports its failover tables.
 
+// Code that ships: no unwrap on what input or the network can make fail, no silent lossy
+// casts (see [workspace.lints] in the root Cargo.toml).
+#![warn(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 pub mod authz;
 pub mod balance;
 pub mod config;

@@ -216,7 +216,8 @@ impl HttpProxy {
             response_flags: report.flags.to_string(),
             connection_security_policy: "mutual_tls".into(),
         };
-        let millis = started.elapsed().as_secs_f64() * 1000.0;
+        let elapsed = started.elapsed();
+        let millis = elapsed.as_secs_f64() * 1000.0;
         self.metrics.request(
             &labels,
             millis,
@@ -233,7 +234,7 @@ impl HttpProxy {
                 response_flags: report.flags.to_string(),
                 bytes_received: request_bytes,
                 bytes_sent: protocol::content_length(resp.headers()),
-                duration: millis as u64,
+                duration: isthmus_core::clock::millis(elapsed),
                 authority,
                 downstream_remote_address: client.to_string(),
                 upstream_service: labels.destination_service.clone(),

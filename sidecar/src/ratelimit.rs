@@ -35,12 +35,15 @@ impl Bucket {
     /// Takes one token if there is one.
     pub fn try_take(&mut self, now: Instant) -> bool {
         if !self.interval.is_zero() {
-            let fills = (now.saturating_duration_since(self.last_fill).as_nanos()
-                / self.interval.as_nanos()) as u64;
+            let fills = u64::try_from(
+                now.saturating_duration_since(self.last_fill).as_nanos() / self.interval.as_nanos(),
+            )
+            .unwrap_or(u64::MAX);
             if fills > 0 {
                 let added = fills.saturating_mul(u64::from(self.per_fill));
-                self.tokens = (u64::from(self.tokens) + added).min(u64::from(self.max)) as u32;
-                self.last_fill += self.interval * fills.min(u64::from(u32::MAX)) as u32;
+                let tokens = u64::from(self.tokens).saturating_add(added);
+                self.tokens = u32::try_from(tokens).map_or(self.max, |t| t.min(self.max));
+                self.last_fill += self.interval * u32::try_from(fills).unwrap_or(u32::MAX);
             }
         }
         if self.tokens > 0 {

@@ -248,6 +248,11 @@ impl HttpRoute {
         if total == 0 {
             return dests.first();
         }
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "the product is clamped to [0, total) before the cast"
+        )]
         let mut target = (roll.clamp(0.0, 0.999_999_999) * f64::from(total)) as u32;
         for d in dests {
             if target < d.weight {

@@ -81,9 +81,9 @@ impl ComponentAdmin {
         let follower = tokio::spawn(async move {
             loop {
                 let current = follow.borrow_and_update().clone();
-                version.set(current.version as i64);
-                services.set(current.services.len() as i64);
-                clusters.set(current.clusters.len() as i64);
+                version.set(i64::try_from(current.version).unwrap_or(i64::MAX));
+                services.set(i64::try_from(current.services.len()).unwrap_or(i64::MAX));
+                clusters.set(i64::try_from(current.clusters.len()).unwrap_or(i64::MAX));
                 ready_tx.send_replace(current.version > 0);
                 if follow.changed().await.is_err() {
                     return;

@@ -211,8 +211,8 @@ impl raft::Storage for RaftLog {
         if high > self.last() + 1 || low > high {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        let from = (low - self.offset_index - 1) as usize;
-        let to = (high - self.offset_index - 1) as usize;
+        let from = slot(low - self.offset_index - 1);
+        let to = slot(high - self.offset_index - 1);
         let mut entries = self.entries[from..to].to_vec();
         raft::util::limit_size(&mut entries, max_size.into());
         Ok(entries)
@@ -228,7 +228,7 @@ impl raft::Storage for RaftLog {
         if idx > self.last() {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        Ok(self.entries[(idx - self.offset_index - 1) as usize].term)
+        Ok(self.entries[slot(idx - self.offset_index - 1)].term)
     }
 
     fn first_index(&self) -> raft::Result<u64> {
@@ -277,7 +277,7 @@ impl LogStore for RaftLog {
             }));
         }
         self.entries
-            .truncate((first.index - self.offset_index - 1) as usize);
+            .truncate(slot(first.index - self.offset_index - 1));
         self.entries.extend_from_slice(entries);
         if let Some(wal) = self.wal.as_mut() {
             wal.append(entries);
@@ -325,8 +325,7 @@ impl LogStore for RaftLog {
         if compact_to > self.offset_index + 1 {
             let new_offset = compact_to - 1;
             let term = raft::Storage::term(self, new_offset)?;
-            self.entries
-                .drain(..(new_offset - self.offset_index) as usize);
+            self.entries.drain(..slot(new_offset - self.offset_index));
             self.offset_index = new_offset;
             self.offset_term = term;
         }
@@ -352,6 +351,12 @@ impl LogStore for RaftLog {
     fn take_snapshot_request(&mut self) -> bool {
         self.snapshot_requested.replace(false)
     }
+}
+
+/// A distance in the log as an index into the in-memory entries: every entry it can index
+/// is in memory, so it fits a `usize`.
+pub(crate) fn slot(distance: u64) -> usize {
+    usize::try_from(distance).unwrap_or(usize::MAX)
 }
 
 #[cfg(test)]

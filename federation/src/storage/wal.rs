@@ -432,7 +432,7 @@ fn append_entries(state: &mut Recovered, entries: Vec<Entry>) -> Result<(), Stri
     }
     state
         .entries
-        .truncate((first.index - state.offset_index - 1) as usize);
+        .truncate(super::slot(first.index - state.offset_index - 1));
     state.entries.extend(entries);
     Ok(())
 }

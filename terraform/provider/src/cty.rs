@@ -197,7 +197,12 @@ fn encode(value: &Value, ty: &Type, path: &str) -> Result<rmpv::Value, CodecErro
         (Value::Bool(b), Type::Bool) => M::Boolean(*b),
         (Value::Number(n), Type::Number) => {
             if n.fract() == 0.0 && n.abs() < 9.0e15 {
-                M::from(*n as i64)
+                #[allow(
+                    clippy::cast_possible_truncation,
+                    reason = "a whole number below 2^53 in magnitude is exact as an i64"
+                )]
+                let whole = *n as i64;
+                M::from(whole)
             } else {
                 M::F64(*n)
             }

@@ -49,7 +49,7 @@ impl Diag {
     pub fn at_nested(mut self, block: &str, index: usize, attr: &str) -> Diag {
         self.path = vec![
             Step::Attr(block.to_string()),
-            Step::Index(index as i64),
+            Step::Index(i64::try_from(index).unwrap_or(i64::MAX)),
             Step::Attr(attr.to_string()),
         ];
         self

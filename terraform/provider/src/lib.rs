@@ -13,6 +13,15 @@
 //! answered by one or a few requests to the mesh's control plane or federation member. The
 //! design (attributes, import IDs, drift) is in docs/terraform.md.
 
+// Code that ships: no unwrap on what input or the network can make fail, no silent lossy
+// casts (see [workspace.lints] in the root Cargo.toml).
+#![warn(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 pub mod cty;
 pub mod data;
 pub mod diag;

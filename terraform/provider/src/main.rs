@@ -1,6 +1,15 @@
 //! `terraform-provider-isthmus`: Terraform launches it; it serves the plugin protocol until
 //! Terraform shuts it down. Logs go to stderr (Terraform shows them with TF_LOG).
 
+// Code that ships: no unwrap on what input or the network can make fail, no silent lossy
+// casts (see [workspace.lints] in the root Cargo.toml).
+#![warn(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 use terraform_provider_isthmus::plugin::{serve, LaunchEnv};
 use terraform_provider_isthmus::provider::IsthmusProvider;
 

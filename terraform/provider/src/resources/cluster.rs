@@ -102,7 +102,20 @@ fn check(config: &Value) -> Diags {
 }
 
 fn member_id(v: &Value) -> u64 {
-    v.get("member_id").as_f64().map_or(0, |n| n as u64)
+    // Terraform numbers are f64; a member id is a whole number (anything else reads as 0,
+    // which is no member).
+    v.get("member_id")
+        .as_f64()
+        .filter(|n| n.fract() == 0.0 && (0.0..=9.0e15).contains(n))
+        .map_or(0, |n| {
+            #[allow(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "checked above: a whole number in [0, 2^53)"
+            )]
+            let id = n as u64;
+            id
+        })
 }
 
 async fn record(kv: &mut KvClient, name: &str) -> Result<Option<ClusterRecord>, Diags> {

@@ -100,7 +100,15 @@ pub fn to_policy(v: &Value) -> Result<Policy, Diags> {
     }
     let min_healthy_percent = match v.get("min_healthy_percent").as_f64() {
         None => None,
-        Some(n) if n.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&n) => Some(n as u32),
+        Some(n) if n.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&n) => {
+            #[allow(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "checked above: a whole number in u32's range"
+            )]
+            let whole = n as u32;
+            Some(whole)
+        }
         Some(n) => {
             diags.push(invalid(
                 "min_healthy_percent",
@@ -189,7 +197,10 @@ fn translate(e: &PolicyError, on_partition_is_mode: bool) -> Diag {
                         .at_nested("priority", i, attr),
                     None => {
                         let mut d = Diag::error("Invalid priority", detail);
-                        d.path = vec![Step::Attr("priority".into()), Step::Index(i as i64)];
+                        d.path = vec![
+                            Step::Attr("priority".into()),
+                            Step::Index(i64::try_from(i).unwrap_or(i64::MAX)),
+                        ];
                         d
                     }
                 };
