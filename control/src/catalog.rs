@@ -144,8 +144,8 @@ impl Catalog {
                         &s.namespace,
                         s.endpoints.iter().map(|e| e.service_account.as_str()),
                     ),
-                    endpoints: isthmus_core::clock::count_u32(s.endpoints.len()),
-                    healthy_endpoints: isthmus_core::clock::count_u32(
+                    endpoints: isthmus_core::mesh::count_u32(s.endpoints.len()),
+                    healthy_endpoints: isthmus_core::mesh::count_u32(
                         s.endpoints.iter().filter(|e| e.healthy).count(),
                     ),
                     subsets,

@@ -17,7 +17,3 @@ pub fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// A count or size as a `u32` field (endpoint counts, ...), saturating at `u32::MAX`.
-pub fn count_u32(n: usize) -> u32 {
-    u32::try_from(n).unwrap_or(u32::MAX)
-}

@@ -258,8 +258,8 @@ pub fn health_from_config(
         out.push(ClusterHealth {
             cluster: config.cluster.clone(),
             locality: locality(&config.cluster),
-            endpoints: crate::clock::count_u32(local.len()),
-            healthy: crate::clock::count_u32(local.iter().filter(|e| e.healthy).count()),
+            endpoints: crate::mesh::count_u32(local.len()),
+            healthy: crate::mesh::count_u32(local.iter().filter(|e| e.healthy).count()),
             lease_expired_at_ms: None,
             gateway_down: None,
         });

@@ -278,6 +278,11 @@ impl RemoteExport {
     }
 }
 
+/// An endpoint count as the records carry it (`u32`), saturating at `u32::MAX`.
+pub fn count_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 /// A member cluster of the federation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterInfo {

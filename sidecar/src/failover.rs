@@ -136,7 +136,7 @@ impl Health {
         for c in &mut clusters {
             if c.cluster == config.cluster {
                 // Minus the endpoints this sidecar found dead.
-                c.healthy = isthmus_core::clock::count_u32(
+                c.healthy = isthmus_core::mesh::count_u32(
                     local
                         .iter()
                         .filter(|e| e.healthy && !s.endpoints.contains_key(&e.address))
