@@ -16,4 +16,3 @@ pub fn unix_ms() -> u64 {
 pub fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
-

@@ -2,8 +2,8 @@
 //! protocol 6 over gRPC with go-plugin's handshake (no Go, no `protoc`: see build.rs).
 //!
 //! - [`plugin`]: the launch handshake, AutoMTLS and go-plugin's side services.
-//! - [`provider`]: the `tfplugin6.Provider` service and the [`provider::Resource`] /
-//!   [`provider::DataSource`] traits the types implement.
+//! - [`provider`]: the `tfplugin6.Provider` service; [`contract`]: the [`contract::Resource`]
+//!   / [`contract::DataSource`] traits the types implement and the connection they get.
 //! - [`cty`]: Terraform's values in MessagePack and JSON; [`schema`]: schemas;
 //!   [`diag`]: diagnostics pinned to attributes.
 //! - [`resources`]: `isthmus_cluster`, `isthmus_failover_policy`, `isthmus_policy`;
@@ -22,6 +22,7 @@
     clippy::cast_sign_loss
 )]
 
+pub mod contract;
 pub mod cty;
 pub mod data;
 pub mod diag;

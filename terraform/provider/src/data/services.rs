@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 
 use isthmus_control::records::{ExportRecord, EXPORTS_PREFIX};
 
+use crate::contract::{Conn, DataSource};
 use crate::cty::{Type, Value};
 use crate::diag::{Diag, Diags};
-use crate::provider::{Conn, DataSource};
 use crate::schema::{Attr, Block};
 
 pub struct ServicesData;

@@ -17,9 +17,9 @@ use std::time::Duration;
 use isthmus_control::records::{cluster_key, ClusterRecord};
 use isthmus_federation::{KvClient, RemoteStatus};
 
+use crate::contract::{Conn, Failure, Planned, Resource};
 use crate::cty::{Type, Value};
 use crate::diag::{Diag, Diags};
-use crate::provider::{Conn, Failure, Planned, Resource};
 use crate::resources::{changed, known_str};
 use crate::schema::{Attr, Block};
 

@@ -26,9 +26,9 @@ use isthmus_core::policy::isthmus::{
 };
 use isthmus_core::policy::{Kind, Policy, PolicyError, Spec};
 
+use crate::contract::{Conn, Failure, Planned, Resource};
 use crate::cty::{Type, Value};
 use crate::diag::{Diag, Diags, Step};
-use crate::provider::{Conn, Failure, Planned, Resource};
 use crate::resources::changed;
 use crate::schema::{Attr, Block};
 

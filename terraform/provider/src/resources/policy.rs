@@ -12,9 +12,9 @@ use std::collections::BTreeMap;
 
 use isthmus_core::policy::{parse_documents, Kind, Policy};
 
+use crate::contract::{Conn, Failure, Planned, Resource};
 use crate::cty::{Type, Value};
 use crate::diag::{Diag, Diags};
-use crate::provider::{Conn, Failure, Planned, Resource};
 use crate::resources::changed;
 use crate::schema::{Attr, Block};
 
