@@ -11,16 +11,6 @@ use isthmus_demo::probe::{call_sample, http_get};
 use isthmus_demo::sample::SampleReply;
 use isthmus_demo::{vip_of, Demo, DemoCluster, DemoOptions, SAMPLE_PORT};
 
-fn options(vip_octet: u8) -> DemoOptions {
-    DemoOptions {
-        tick: Duration::from_millis(20),
-        discovery_poll: Duration::from_millis(50),
-        work_dir: None,
-        vip_octets: [vip_octet, vip_octet + 1, vip_octet + 2],
-        ..DemoOptions::default()
-    }
-}
-
 /// Applies a file from examples/bookinfo through `via`'s control plane and waits until every
 /// cluster's client sidecar has the resulting policies.
 async fn apply(demo: &Demo, via: &DemoCluster, file: &str) {
@@ -74,7 +64,9 @@ async fn call(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bookinfo_routing_documents_take_effect_across_the_federation() {
-    let demo = Demo::start(options(150)).await.expect("the demo starts");
+    let demo = Demo::start(DemoOptions::fast(150))
+        .await
+        .expect("the demo starts");
     let east = demo.cluster("east").unwrap();
     let west = demo.cluster("west").unwrap();
 
@@ -145,7 +137,9 @@ async fn bookinfo_routing_documents_take_effect_across_the_federation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_document_changes_nothing_already_stored() {
-    let demo = Demo::start(options(160)).await.expect("the demo starts");
+    let demo = Demo::start(DemoOptions::fast(160))
+        .await
+        .expect("the demo starts");
     let east = demo.cluster("east").unwrap();
     apply(&demo, east, "virtual-service-all-v1.yaml").await;
     let client = east.control.client();

@@ -1,26 +1,14 @@
 //! End to end: the demo federation in one process, used as a user would use it.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use hickory_proto::op::ResponseCode;
 use isthmus_demo::probe::{call_sample, http2_get, query_a, resolve_a};
 use isthmus_demo::{vip_of, Demo, DemoOptions, SAMPLE_PORT};
 
-/// Fast timing, and VIP ranges of its own so tests running at once do not collide.
-fn fast(vip_octet: u8) -> DemoOptions {
-    DemoOptions {
-        tick: Duration::from_millis(20),
-        discovery_poll: Duration::from_millis(50),
-        work_dir: None,
-        vip_octets: [vip_octet, vip_octet + 1, vip_octet + 2],
-        ..DemoOptions::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_cluster_resolves_and_calls_ratings_served_by_central_with_its_own_identity() {
-    let demo = Demo::start(fast(110))
+    let demo = Demo::start(DemoOptions::fast(110))
         .await
         .expect("the demo federation starts");
     let name = "ratings.default.svc.clusterset.local";
@@ -77,7 +65,7 @@ async fn every_cluster_resolves_and_calls_ratings_served_by_central_with_its_own
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_stay_local_when_the_service_runs_locally_and_cross_when_it_does_not() {
-    let demo = Demo::start(fast(120))
+    let demo = Demo::start(DemoOptions::fast(120))
         .await
         .expect("the demo federation starts");
     let east = demo.cluster("east").unwrap();
@@ -109,7 +97,7 @@ async fn calls_stay_local_when_the_service_runs_locally_and_cross_when_it_does_n
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn names_outside_the_mesh_under_clusterset_local_are_nxdomain() {
-    let demo = Demo::start(fast(130))
+    let demo = Demo::start(DemoOptions::fast(130))
         .await
         .expect("the demo federation starts");
     let east = demo.cluster("east").unwrap();
@@ -123,7 +111,7 @@ async fn names_outside_the_mesh_under_clusterset_local_are_nxdomain() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_leaves_no_listener_behind() {
-    let demo = Demo::start(fast(140))
+    let demo = Demo::start(DemoOptions::fast(140))
         .await
         .expect("the demo federation starts");
     let ports = demo.ports();
@@ -160,7 +148,7 @@ async fn shutdown_leaves_no_listener_behind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecar_metrics_use_istio_names_with_source_and_destination_clusters() {
-    let demo = Demo::start(fast(190))
+    let demo = Demo::start(DemoOptions::fast(190))
         .await
         .expect("the demo federation starts");
     let east = demo.cluster("east").unwrap();
@@ -201,7 +189,7 @@ async fn sidecar_metrics_use_istio_names_with_source_and_destination_clusters() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_reads_federation_status_through_the_control_planes_tls_api() {
-    let demo = Demo::start(fast(195))
+    let demo = Demo::start(DemoOptions::fast(195))
         .await
         .expect("the demo federation starts");
     let east = demo.cluster("east").unwrap();

@@ -15,11 +15,8 @@ use tokio::sync::watch;
 
 fn options(vip_octet: u8) -> DemoOptions {
     DemoOptions {
-        tick: Duration::from_millis(20),
-        discovery_poll: Duration::from_millis(50),
-        vip_octets: [vip_octet, vip_octet + 1, vip_octet + 2],
         export_lease: Duration::from_secs(1),
-        ..DemoOptions::default()
+        ..DemoOptions::fast(vip_octet)
     }
 }
 

@@ -19,11 +19,8 @@ const SERVICE: &str = "peers.default.svc.clusterset.local";
 
 fn options(vip_octet: u8, work_dir: &Path) -> DemoOptions {
     DemoOptions {
-        tick: Duration::from_millis(20),
-        discovery_poll: Duration::from_millis(50),
         work_dir: Some(work_dir.to_path_buf()),
-        vip_octets: [vip_octet, vip_octet + 1, vip_octet + 2],
-        ..DemoOptions::default()
+        ..DemoOptions::fast(vip_octet)
     }
 }
 

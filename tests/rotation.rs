@@ -16,11 +16,8 @@ const LIFETIME: Duration = Duration::from_secs(3);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_rotate_at_half_life_without_failing_requests() {
     let demo = Demo::start(DemoOptions {
-        tick: Duration::from_millis(20),
-        discovery_poll: Duration::from_millis(50),
-        vip_octets: [100, 101, 102],
         cert_lifetime: LIFETIME,
-        ..DemoOptions::default()
+        ..DemoOptions::fast(100)
     })
     .await
     .unwrap();

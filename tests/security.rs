@@ -9,16 +9,6 @@ use isthmus_core::policy::parse_documents;
 use isthmus_demo::probe::{call_sample, http_get};
 use isthmus_demo::{vip_of, Demo, DemoCluster, DemoOptions, SAMPLE_PORT};
 
-fn options(vip_octet: u8) -> DemoOptions {
-    DemoOptions {
-        tick: Duration::from_millis(20),
-        discovery_poll: Duration::from_millis(50),
-        work_dir: None,
-        vip_octets: [vip_octet, vip_octet + 1, vip_octet + 2],
-        ..DemoOptions::default()
-    }
-}
-
 async fn apply(demo: &Demo, yaml: &str) {
     let policies = parse_documents("security.yaml", yaml).unwrap();
     let east = demo.cluster("east").unwrap();
@@ -61,7 +51,9 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authorization_sees_the_real_caller_across_clusters() {
-    let demo = Demo::start(options(170)).await.expect("the demo starts");
+    let demo = Demo::start(DemoOptions::fast(170))
+        .await
+        .expect("the demo starts");
     let (east, west, central) = (
         demo.cluster("east").unwrap(),
         demo.cluster("west").unwrap(),
@@ -100,7 +92,9 @@ async fn authorization_sees_the_real_caller_across_clusters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_refuses_plaintext_and_permissive_accepts_it_without_an_identity() {
-    let demo = Demo::start(options(180)).await.expect("the demo starts");
+    let demo = Demo::start(DemoOptions::fast(180))
+        .await
+        .expect("the demo starts");
     let central = demo.cluster("central").unwrap();
     let ratings = central
         .workloads

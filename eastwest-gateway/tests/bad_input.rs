@@ -27,23 +27,10 @@ async fn counted(metrics: &Arc<Metrics>, source: Source, reason: Rejection, at_l
     .await;
 }
 
-async fn still_serving(c: &TwoClusters) {
-    let (mut tcp, resp) = open(
-        c.east.handle.local_addr(),
-        &request("ratings.default", "west"),
-    )
-    .await;
-    assert!(resp.is_ok(), "{resp:?}");
-    assert_eq!(
-        echo_round_trip(&mut tcp, b"still here").await,
-        b"still here"
-    );
-}
-
 #[tokio::test]
 async fn garbage_datagrams_on_the_quic_port_are_counted_by_kind() {
     let c = TwoClusters::start().await;
-    still_serving(&c).await;
+    assert_tunnel_carries(&c, b"still here").await;
     let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let west = c.west.handle.quic_addr();
     let m = c.west.handle.metrics();
@@ -94,7 +81,7 @@ async fn garbage_datagrams_on_the_quic_port_are_counted_by_kind() {
     counted(&m, Source::Peer, Rejection::GarbageDatagram, 100).await;
     counted(&m, Source::Peer, Rejection::UnknownQuicVersion, 100).await;
     counted(&m, Source::Peer, Rejection::UnknownConnectionId, 100).await;
-    still_serving(&c).await;
+    assert_tunnel_carries(&c, b"still here").await;
     // Real traffic is never counted as garbage.
     assert_eq!(
         m.rejected_count(Source::Peer, Rejection::GarbageDatagram),
@@ -135,7 +122,7 @@ async fn malformed_and_unknown_version_headers_from_sidecars_are_counted() {
         m.rejected_count(Source::Local, Rejection::UnsupportedHeaderVersion),
         1
     );
-    still_serving(&c).await;
+    assert_tunnel_carries(&c, b"still here").await;
 }
 
 async fn raw_quic_client(
@@ -202,7 +189,7 @@ async fn unauthorized_certificates_are_counted_as_failed_handshakes() {
     }
     let m = c.west.handle.metrics();
     counted(&m, Source::Peer, Rejection::HandshakeFailed, 3).await;
-    still_serving(&c).await;
+    assert_tunnel_carries(&c, b"still here").await;
 }
 
 #[tokio::test]

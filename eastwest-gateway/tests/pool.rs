@@ -30,16 +30,7 @@ async fn one_connection_carries_tunnels_both_ways() {
             vec![endpoint(c.echo.addr, "v1", true)],
         )],
     );
-    let (mut tcp, resp) = open(
-        c.east.handle.local_addr(),
-        &request("ratings.default", "west"),
-    )
-    .await;
-    assert!(resp.is_ok(), "{resp:?}");
-    assert_eq!(
-        echo_round_trip(&mut tcp, b"east to west").await,
-        b"east to west"
-    );
+    assert_tunnel_carries(&c, b"east to west").await;
 
     // West calls east on the connection east dialled (west adopts it once it is accepted).
     let west_local = c.west.handle.local_addr();

@@ -227,6 +227,18 @@ where
 
 /// East and west gateways on loopback, each with its own CA, trusting each other; west
 /// exports `ratings.default` backed by an echo server.
+/// Opens a tunnel from east to `ratings.default` in west and checks `payload` makes the round
+/// trip through the echo server.
+pub async fn assert_tunnel_carries(c: &TwoClusters, payload: &[u8]) {
+    let (mut tcp, resp) = open(
+        c.east.handle.local_addr(),
+        &request("ratings.default", "west"),
+    )
+    .await;
+    assert!(resp.is_ok(), "{resp:?}");
+    assert_eq!(echo_round_trip(&mut tcp, payload).await, payload);
+}
+
 pub struct TwoClusters {
     pub east_ca: ClusterCa,
     pub west_ca: ClusterCa,

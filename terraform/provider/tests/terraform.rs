@@ -25,13 +25,7 @@ mod support;
 const NORTH_ID: u64 = 4;
 
 fn options() -> DemoOptions {
-    DemoOptions {
-        tick: Duration::from_millis(20),
-        discovery_poll: Duration::from_millis(50),
-        work_dir: None,
-        vip_octets: [222, 223, 224],
-        ..DemoOptions::default()
-    }
+    DemoOptions::fast(222)
 }
 
 fn free_port() -> u16 {
