@@ -403,3 +403,157 @@ async fn clusters_join_with_a_one_time_token_and_leave_by_name() {
     drop(fourth);
     drop(members);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_on_a_data_directory_is_refused_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    isthmus_testkit::discovery::Discovery::new().write(&dir.path().join("services.yaml"));
+    let peers = BTreeMap::from([(1, free_port())]);
+    let mut first = start_member(dir.path(), 1, &peers, false).await;
+    let holder = first.id().expect("running");
+
+    // The same member (same data directory) started again on other ports.
+    let again = BTreeMap::from([(1, free_port())]);
+    let path = dir.path().join("control-again.yaml");
+    std::fs::write(&path, control_config(1, &again, false)).unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_isthmus"))
+            .args(["control", "--config", path.to_str().unwrap()])
+            .current_dir(dir.path())
+            .output(),
+    )
+    .await
+    .expect("the second process exits")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second member started: {stderr}");
+    assert!(
+        stderr.contains("held by another process") && stderr.contains(&format!("pid {holder}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("data-1"), "names the directory: {stderr}");
+
+    // The first member is untouched and still serves.
+    let mut c = client(peers[&1]).await;
+    c.put("clusters/still", b"here".to_vec()).await.unwrap();
+    sigkill(&mut first).await;
+    // Its lock died with it: the directory can be used again at once.
+    let mut restarted = start_member(dir.path(), 1, &again, false).await;
+    sigkill(&mut restarted).await;
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// A small tmpfs mounted on a directory for the test, unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mounting a tmpfs on {}", dir.display());
+        SmallDisk(dir.to_path_buf())
+    }
+
+    fn resize(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "resizing the tmpfs on {}", self.0.display());
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_disk_fills_exits_loudly_and_restarts_cleanly_once_space_returns() {
+    if !is_root() {
+        eprintln!("skipped: mounting a small tmpfs needs root (CI runs as root)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    isthmus_testkit::discovery::Discovery::new().write(&dir.path().join("services.yaml"));
+    // The member's data directory is a 2 MiB disk of its own.
+    let disk = SmallDisk::mount(&dir.path().join("data-1"), "2m");
+    let peers = BTreeMap::from([(1, free_port())]);
+    let path = dir.path().join("control-1.yaml");
+    std::fs::write(&path, control_config(1, &peers, false)).unwrap();
+    let mut member = tokio::process::Command::new(env!("CARGO_BIN_EXE_isthmus"))
+        .args(["control", "--config", path.to_str().unwrap()])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let _ = leader(&[peers[&1]]).await;
+
+    // Write 64 KiB values until the disk is full and a write is refused.
+    let mut c = client(peers[&1]).await;
+    let mut acked = Vec::new();
+    for i in 0..200 {
+        let key = format!("fill/{i:03}");
+        match c.put(&key, vec![b'x'; 64 * 1024]).await {
+            Ok(_) => acked.push(key),
+            Err(_) => break,
+        }
+    }
+    assert!(
+        !acked.is_empty() && acked.len() < 200,
+        "{} writes",
+        acked.len()
+    );
+
+    // The member exits non-zero, naming the log file and the error.
+    let exit = tokio::time::timeout(Duration::from_secs(20), member.wait())
+        .await
+        .expect("the member exits once its log cannot be written")
+        .unwrap();
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(member.stderr.as_mut().unwrap(), &mut stderr)
+        .await
+        .unwrap();
+    assert!(!exit.success(), "exited with {exit}: {stderr}");
+    assert!(
+        stderr.contains("the federation member stopped")
+            && (stderr.contains("wal-") || stderr.contains("snapshot-"))
+            && stderr.contains("No space left on device"),
+        "{stderr}"
+    );
+
+    // Space returns: it starts again on the same directory with every acknowledged write.
+    disk.resize("64m");
+    let mut restarted = start_member(dir.path(), 1, &peers, false).await;
+    let _ = leader(&[peers[&1]]).await;
+    let mut c = client(peers[&1]).await;
+    for key in &acked {
+        let got = c
+            .get(key, false)
+            .await
+            .unwrap()
+            .expect("acknowledged write kept");
+        assert_eq!(got.value.len(), 64 * 1024);
+    }
+    c.put("after/refill", b"ok".to_vec()).await.unwrap();
+    drop(c);
+    // Gone before the disk is unmounted.
+    sigkill(&mut restarted).await;
+}

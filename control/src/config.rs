@@ -51,6 +51,7 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 use isthmus_core::ca::CertificateAuthority;
 use isthmus_core::config::{duration, socket_addr, FieldError};
+use isthmus_core::durable::{write_atomic, Access};
 use isthmus_core::identity::{default_trust_domain, validate_label};
 use serde::Deserialize;
 
@@ -526,7 +527,9 @@ pub fn load_ca(config: &ControlConfig) -> Result<Arc<CertificateAuthority>, Cont
 }
 
 /// Loads the cluster CA from `dir` (`ca.pem`, `ca-key.pem`), creating and saving a new one on
-/// first start. The key file is written with mode 0600.
+/// first start. Both files are written atomically and fsynced, the key (mode 0600) first: a
+/// `ca.pem` means the CA is whole. A key without a certificate is what a crash during the
+/// first start leaves; that CA never served, so a new one replaces it.
 pub fn load_or_create_ca(
     dir: &Path,
     trust_domain: &str,
@@ -537,7 +540,7 @@ pub fn load_or_create_ca(
     };
     let cert_path = dir.join("ca.pem");
     let key_path = dir.join("ca-key.pem");
-    if cert_path.exists() || key_path.exists() {
+    if cert_path.exists() {
         let cert = std::fs::read_to_string(&cert_path)
             .map_err(|e| err(format!("reading {}: {e}", cert_path.display())))?;
         let key = std::fs::read_to_string(&key_path)
@@ -548,22 +551,11 @@ pub fn load_or_create_ca(
     }
     std::fs::create_dir_all(dir).map_err(|e| err(format!("creating the directory: {e}")))?;
     let ca = CertificateAuthority::generate(trust_domain).map_err(|e| err(e.to_string()))?;
-    write_private(&key_path, ca.key_pem())
-        .map_err(|e| err(format!("writing {}: {e}", key_path.display())))?;
-    std::fs::write(&cert_path, ca.cert_pem())
-        .map_err(|e| err(format!("writing {}: {e}", cert_path.display())))?;
+    write_atomic(&key_path, ca.key_pem().as_bytes(), Access::Private)
+        .map_err(|e| err(e.to_string()))?;
+    write_atomic(&cert_path, ca.cert_pem().as_bytes(), Access::Default)
+        .map_err(|e| err(e.to_string()))?;
     Ok(Arc::new(ca))
-}
-
-fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    options.mode(0o600);
-    options.open(path)?.write_all(contents.as_bytes())
 }
 
 #[cfg(test)]

@@ -162,6 +162,16 @@ impl Daemon {
         })
     }
 
+    /// Resolves only if the federation member stops on its own because its log could not be
+    /// written or fsynced (a full disk, a failing device), with the reason naming the file.
+    /// The daemon must then exit: it can no longer promise durability.
+    pub async fn store_failure(&self) -> String {
+        match self.store.stopped().await {
+            Some(reason) => reason,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Stops everything it started and closes every port.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);

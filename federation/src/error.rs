@@ -90,6 +90,9 @@ pub enum StoreError {
     /// Another member of this process is still using the data directory.
     #[error("data directory {0} is in use by another running member")]
     DataDirInUse(PathBuf),
+    /// Another process holds the data directory's lock.
+    #[error("data directory lock {path} is held by another process (pid {holder}): one member per data directory")]
+    DataDirLocked { path: PathBuf, holder: String },
     /// A stored snapshot does not decode into a state machine.
     #[error("snapshot at index {index} does not decode: {reason}")]
     BadSnapshot {

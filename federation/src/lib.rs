@@ -609,6 +609,13 @@ impl Store {
         self.inner.replica.subscribe()
     }
 
+    /// Resolves once this member's raft loop has stopped: `None` after [`Store::shutdown`],
+    /// `Some(reason)` when it stopped on its own because its log could not be written or
+    /// fsynced (the reason names the file and the error). A daemon exits on the latter.
+    pub async fn stopped(&self) -> Option<String> {
+        self.inner.replica.stopped().await
+    }
+
     /// This member's raft state, as of its last loop iteration.
     pub fn status(&self) -> MemberStatus {
         self.inner.replica.status()

@@ -101,6 +101,8 @@ pub(crate) struct Replica {
     status: watch::Sender<MemberStatus>,
     /// Turns true when the raft loop stops.
     stopped: watch::Sender<bool>,
+    /// Why the raft loop stopped, when it stopped on a failure rather than a shutdown.
+    failure: std::sync::Mutex<Option<String>>,
     /// Members other than this one that may send raft traffic here.
     known_peers: RwLock<std::collections::BTreeSet<u64>>,
     /// Counted by the peer server, reported in the status.
@@ -119,6 +121,7 @@ impl Replica {
             events: broadcast::Sender::new(EVENT_BUFFER),
             status: watch::Sender::new(MemberStatus::starting(id)),
             stopped: watch::Sender::new(false),
+            failure: std::sync::Mutex::new(None),
             known_peers: RwLock::new(Default::default()),
             rejected_peer_batches: AtomicU64::new(0),
         }
@@ -219,6 +222,21 @@ impl Replica {
     /// Marks the member stopped: watches end with [`StoreError::Stopped`].
     pub(crate) fn set_stopped(&self) {
         self.stopped.send_replace(true);
+    }
+
+    /// Records why the raft loop is stopping on a failure (before it marks itself stopped).
+    pub(crate) fn set_failure(&self, reason: String) {
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+    }
+
+    /// Waits until the raft loop has stopped; returns why, when it was a failure.
+    pub(crate) async fn stopped(&self) -> Option<String> {
+        let mut stopped = self.stopped.subscribe();
+        let _ = stopped.wait_for(|stopped| *stopped).await;
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub(crate) fn get(&self, key: &str) -> Option<Record> {

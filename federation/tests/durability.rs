@@ -1,5 +1,6 @@
 //! Durable members: acknowledged writes survive restarts (clean and crash-like), lagging
-//! members catch up from snapshots, and a damaged log stops a member from starting.
+//! members catch up from snapshots, a torn final record is cut at start, and a damaged log
+//! stops a member from starting.
 
 mod support;
 
@@ -155,17 +156,16 @@ async fn damaged_log_is_refused_at_start_naming_the_file_and_offset() {
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|e| e == "log"))
         .expect("segment");
-    let len = std::fs::metadata(&segment).expect("meta").len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&segment)
-        .and_then(|f| f.set_len(len - 3))
-        .expect("truncate");
+    // A flipped bit in the first record (the checkpoint), which a crash cannot cause.
+    let mut bytes = std::fs::read(&segment).expect("read");
+    let damaged = bytes.len();
+    bytes[8 + 8 + 2] ^= 0x10;
+    std::fs::write(&segment, &bytes).expect("write");
 
     match fed.restart(3).await {
         Err(StoreError::CorruptLog { file, offset, .. }) => {
             assert_eq!(file, segment);
-            assert!(offset < len);
+            assert_eq!(offset, 8);
             let message = StoreError::CorruptLog {
                 file: file.clone(),
                 offset,
@@ -175,10 +175,51 @@ async fn damaged_log_is_refused_at_start_naming_the_file_and_offset() {
             assert!(message.contains(&segment.display().to_string()));
         }
         Err(other) => panic!("expected CorruptLog, got {other}"),
-        Ok(()) => panic!("a truncated log must not start"),
+        Ok(()) => panic!("a damaged log must not start"),
     }
     // The file is untouched: nothing was silently reset.
-    assert_eq!(std::fs::metadata(&segment).expect("meta").len(), len - 3);
+    assert_eq!(std::fs::read(&segment).expect("read"), bytes);
+    assert_eq!(bytes.len(), damaged);
     let _ = Duration::ZERO;
+    fed.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_torn_final_record_is_cut_at_start_and_the_member_catches_up() {
+    let mut fed = DurableFederation::start(3, no_change).await;
+    agreed_leader(&fed.stores).await;
+    for i in 0..5 {
+        fed.stores[&1]
+            .put(&format!("clusters/t{i}"), b"1".to_vec())
+            .await
+            .expect("put");
+    }
+    visible_everywhere(&fed.stores, "clusters/t4", b"1").await;
+    fed.stores.remove(&3).expect("member").shutdown().await;
+
+    // A crash in the middle of writing the last record: its bytes stop short.
+    let segment = std::fs::read_dir(fed.dir(3).join("raft"))
+        .expect("list")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "log"))
+        .expect("segment");
+    let len = std::fs::metadata(&segment).expect("meta").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .and_then(|f| f.set_len(len - 3))
+        .expect("truncate");
+
+    fed.restart(3).await.expect("a torn tail is cut, not fatal");
+    // What the cut took, the leader sends again; new writes reach it too.
+    for i in 0..5 {
+        visible_everywhere(&fed.stores, &format!("clusters/t{i}"), b"1").await;
+    }
+    fed.stores[&2]
+        .put("clusters/after", b"2".to_vec())
+        .await
+        .expect("put");
+    visible_everywhere(&fed.stores, "clusters/after", b"2").await;
     fed.shutdown().await;
 }

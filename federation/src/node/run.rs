@@ -65,11 +65,11 @@ pub(crate) async fn run<S: LogStore>(mut node: RaftNode<S>, mut inputs: NodeInpu
             _ = ticker.tick() => node.handle_tick(Instant::now()),
         }
         if let Err(err) = node.handle_ready() {
-            tracing::error!(
-                member = node.config.id,
-                error = &err as &dyn std::error::Error,
-                "stopping the raft loop"
-            );
+            // A log write or fsync that failed: nothing more can be made durable, so the
+            // member stops, loudly (the daemon exits non-zero with this reason).
+            let reason = error_chain(&err);
+            tracing::error!(member = node.config.id, error = %reason, "stopping the raft loop");
+            node.replica.set_failure(reason);
             break;
         }
         node.replica.publish_status(node.status());
@@ -78,4 +78,20 @@ pub(crate) async fn run<S: LogStore>(mut node: RaftNode<S>, mut inputs: NodeInpu
     node.replica.set_stopped();
     // Dropping the node answers every waiting write with `Stopped` and releases the data
     // directory.
+}
+
+/// An error with its causes, `: `-separated (the message names the file that failed).
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        // Some errors print their cause in their own message already.
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }

@@ -27,8 +27,17 @@ const SEGMENT_SOFT_LIMIT: u64 = 64 * 1024 * 1024;
 /// corrupt it.
 static OPEN_DIRS: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
 
-/// Holds a data directory for one member until dropped.
-struct DirGuard(PathBuf);
+/// The lock file in a data directory: an exclusive `flock` held while a member uses the
+/// directory, and the holder's process id as its content (for the refusal message).
+const LOCK_FILE: &str = "LOCK";
+
+/// Holds a data directory for one member until dropped: against other members of this
+/// process (a set of open directories) and against other processes (an exclusive `flock` on
+/// `LOCK`, which the kernel releases when the process dies, so a crash leaves no stale lock).
+struct DirGuard {
+    dir: PathBuf,
+    _lock: std::fs::File,
+}
 
 impl DirGuard {
     fn acquire(dir: &Path) -> Result<Self, StoreError> {
@@ -42,12 +51,61 @@ impl DirGuard {
             path: dir.to_path_buf(),
             source,
         })?;
-        let mut open = OPEN_DIRS.lock().unwrap_or_else(|p| p.into_inner());
-        if !open.insert(dir.clone()) {
+        if !OPEN_DIRS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(dir.clone())
+        {
             return Err(StoreError::DataDirInUse(dir));
         }
-        Ok(DirGuard(dir))
+        match lock_across_processes(&dir) {
+            Ok(lock) => Ok(DirGuard { dir, _lock: lock }),
+            Err(e) => {
+                OPEN_DIRS
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&dir);
+                Err(e)
+            }
+        }
     }
+}
+
+/// Takes the exclusive lock on `dir/LOCK` without waiting, and writes this process's id
+/// into it; refuses, naming the holder, when another process has it.
+fn lock_across_processes(dir: &Path) -> Result<std::fs::File, StoreError> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join(LOCK_FILE);
+    let data_dir = |op: &'static str, source: std::io::Error| StoreError::DataDir {
+        op,
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| data_dir("opening", e))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(StoreError::DataDirLocked {
+                path,
+                holder: holder.trim().to_string(),
+            });
+        }
+        Err(e) => return Err(data_dir("locking", e.into())),
+    }
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .and_then(|()| file.sync_all())
+        .map_err(|e| data_dir("writing", e))?;
+    Ok(file)
 }
 
 impl Drop for DirGuard {
@@ -55,7 +113,7 @@ impl Drop for DirGuard {
         OPEN_DIRS
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.0);
+            .remove(&self.dir);
     }
 }
 

@@ -18,6 +18,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use isthmus_core::durable::{write_atomic, Access};
 use prost::Message as _;
 use raft::eraftpb::{Entry, HardState, Snapshot};
 
@@ -84,19 +85,8 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 
 /// Writes `bytes` to `dir/name` atomically and durably (tmp file, fsync, rename, dir fsync).
 fn write_file_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
-    let tmp = dir.join(format!("{name}.tmp"));
     let path = dir.join(name);
-    let mut file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(&tmp)
-        .map_err(|e| io_err("creating", &tmp, e))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| io_err("writing", &tmp, e))?;
-    fs::rename(&tmp, &path).map_err(|e| io_err("renaming", &tmp, e))?;
-    sync_dir(dir)
+    write_atomic(&path, bytes, Access::Default).map_err(|e| io_err("writing", &path, e))
 }
 
 fn encode_frame(out: &mut Vec<u8>, record: &pb::WalRecord) {
@@ -167,7 +157,29 @@ impl Wal {
             return Ok((wal, fresh));
         };
         let path = dir.join(segment_name(last));
-        let mut state = read_segment(&path)?;
+        let SegmentRead {
+            mut state,
+            valid_len,
+            torn,
+        } = read_segment(&path)?;
+        if let Some(reason) = torn {
+            // A record cut short by a crash mid-write was never fsynced, so never
+            // acknowledged: cutting it loses nothing any member was promised (as etcd repairs
+            // its WAL tail). Damage anywhere else stays fatal.
+            tracing::warn!(
+                file = %path.display(),
+                offset = valid_len,
+                reason,
+                "cutting a torn final record from the raft log"
+            );
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| io_err("opening", &path, e))?;
+            file.set_len(valid_len)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| io_err("truncating", &path, e))?;
+        }
         let meta_index = state.snapshot.get_metadata().index;
         let meta_term = state.snapshot.get_metadata().term;
         if meta_index > 0 {
@@ -243,12 +255,19 @@ impl Wal {
     }
 
     /// Writes the queued records and fsyncs them: one write and one `fdatasync` per call.
+    /// A failure names the segment file (the member stops: see `node/run.rs`).
     pub(crate) fn sync(&mut self) -> std::io::Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        self.file.write_all(&self.pending)?;
-        self.file.sync_data()?;
+        let path = self.dir.join(segment_name(self.seq));
+        let named = |op: &str, e: std::io::Error| {
+            std::io::Error::new(e.kind(), format!("{op} {}: {e}", path.display()))
+        };
+        self.file
+            .write_all(&self.pending)
+            .map_err(|e| named("writing", e))?;
+        self.file.sync_data().map_err(|e| named("fsyncing", e))?;
         self.size += self.pending.len() as u64;
         self.pending.clear();
         Ok(())
@@ -305,8 +324,19 @@ fn write_snapshot(dir: &Path, snapshot: &Snapshot) -> Result<(), StoreError> {
     write_file_atomic(dir, &snapshot_name(meta.index, meta.term), &bytes)
 }
 
-/// Reads a whole segment: its checkpoint, then every record after it.
-fn read_segment(path: &Path) -> Result<Recovered, StoreError> {
+/// What a segment held, and where its valid records end.
+struct SegmentRead {
+    state: Recovered,
+    /// Bytes of the file up to the end of its last whole record.
+    valid_len: u64,
+    /// Why the bytes after `valid_len`, if any, are a torn final record.
+    torn: Option<String>,
+}
+
+/// Reads a whole segment: its checkpoint, then every record after it. A final record that a
+/// crash cut short (an incomplete header or payload at the end of the file, or a zero-filled
+/// remainder) is reported as torn; any other damage is an error naming the file and offset.
+fn read_segment(path: &Path) -> Result<SegmentRead, StoreError> {
     let mut bytes = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
@@ -320,15 +350,23 @@ fn read_segment(path: &Path) -> Result<Recovered, StoreError> {
     }
     let mut offset = WAL_MAGIC.len();
     let mut state: Option<Recovered> = None;
+    let mut torn = None;
     while offset < bytes.len() {
         let at = offset as u64;
         let rest = &bytes[offset..];
-        if rest.len() < 8 {
-            return Err(corrupt(
-                path,
-                at,
-                format!("truncated record header ({} of 8 bytes)", rest.len()),
+        if rest.iter().all(|&b| b == 0) {
+            torn = Some(format!(
+                "{} zero bytes where a record should start",
+                rest.len()
             ));
+            break;
+        }
+        if rest.len() < 8 {
+            torn = Some(format!(
+                "record header cut short ({} of 8 bytes)",
+                rest.len()
+            ));
+            break;
         }
         let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
         let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
@@ -341,14 +379,11 @@ fn read_segment(path: &Path) -> Result<Recovered, StoreError> {
         }
         let len = len as usize;
         if rest.len() - 8 < len {
-            return Err(corrupt(
-                path,
-                at,
-                format!(
-                    "truncated record: {len} bytes announced, {} present",
-                    rest.len() - 8
-                ),
+            torn = Some(format!(
+                "record cut short: {len} bytes announced, {} present",
+                rest.len() - 8
             ));
+            break;
         }
         let payload = &rest[8..8 + len];
         if crc32fast::hash(payload) != crc {
@@ -359,7 +394,13 @@ fn read_segment(path: &Path) -> Result<Recovered, StoreError> {
         apply_record(&mut state, record).map_err(|reason| corrupt(path, at, reason))?;
         offset += 8 + len;
     }
-    state.ok_or_else(|| corrupt(path, offset as u64, "log segment has no checkpoint"))
+    let state =
+        state.ok_or_else(|| corrupt(path, offset as u64, "log segment has no checkpoint"))?;
+    Ok(SegmentRead {
+        state,
+        valid_len: offset as u64,
+        torn,
+    })
 }
 
 fn parse_raft<M: protobuf::Message>(bytes: &[u8], what: &str) -> Result<M, String> {
