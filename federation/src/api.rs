@@ -43,7 +43,9 @@ impl KvService {
 pub(crate) fn status(err: StoreError) -> Status {
     let message = err.to_string();
     match err {
-        StoreError::InvalidKey { .. } => Status::invalid_argument(message),
+        StoreError::InvalidKey { .. }
+        | StoreError::ValueTooLarge { .. }
+        | StoreError::TokenTtl { .. } => Status::invalid_argument(message),
         StoreError::Compacted { requested, oldest } => {
             let mut status = Status::failed_precondition(message);
             // So the client can rebuild the error exactly.

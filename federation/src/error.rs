@@ -90,6 +90,16 @@ pub enum StoreError {
     /// Another member of this process is still using the data directory.
     #[error("data directory {0} is in use by another running member")]
     DataDirInUse(PathBuf),
+    /// A value larger than [`crate::MAX_VALUE_BYTES`] was given to a write.
+    #[error("the value for {key:?} is {size} bytes; the federation store takes at most {limit} bytes per record")]
+    ValueTooLarge {
+        key: String,
+        size: usize,
+        limit: usize,
+    },
+    /// A join token was asked for with a validity of zero or above [`crate::MAX_JOIN_TOKEN_TTL`].
+    #[error("a join token must be valid for longer than zero and at most {max:?}, not {ttl:?}")]
+    TokenTtl { ttl: Duration, max: Duration },
     /// Another process holds the data directory's lock.
     #[error("data directory lock {path} is held by another process (pid {holder}): one member per data directory")]
     DataDirLocked { path: PathBuf, holder: String },

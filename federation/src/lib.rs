@@ -71,6 +71,14 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
+/// The largest value one record may hold. The records Isthmus writes are a few kilobytes (an
+/// export with thousands of identities stays far below); the limit keeps one writer from
+/// making every replica hold, log and snapshot megabytes.
+pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
+
+/// The longest a join token may be valid.
+pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
 pub use api::KvService;
 pub use client::{KvClient, KvWatch, RemoteStatus};
 pub use error::StoreError;
@@ -520,6 +528,17 @@ impl Store {
             key: command.key().to_string(),
             reason,
         })?;
+        if let Command::Put { key, value, .. } | Command::CompareAndSet { key, value, .. } =
+            &command
+        {
+            if value.len() > MAX_VALUE_BYTES {
+                return Err(StoreError::ValueTooLarge {
+                    key: key.clone(),
+                    size: value.len(),
+                    limit: MAX_VALUE_BYTES,
+                });
+            }
+        }
         self.propose(Proposal::Write(command)).await
     }
 
@@ -657,13 +676,20 @@ impl Store {
     /// map so that any member can check it. The token is `<id>.<secret>`; show it once to
     /// the operator (`isthmus cluster token`).
     pub async fn mint_join_token(&self, ttl: Duration) -> Result<String, StoreError> {
+        if ttl.is_zero() || ttl > MAX_JOIN_TOKEN_TTL {
+            return Err(StoreError::TokenTtl {
+                ttl,
+                max: MAX_JOIN_TOKEN_TTL,
+            });
+        }
         let (id, secret) = tokens::generate()?;
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let now = isthmus_core::clock::unix_ms();
         let outcome = self
             .propose(Proposal::Write(Command::MintToken {
                 id: id.clone(),
                 digest: tokens::digest(&secret),
-                expires_at_ms: isthmus_core::clock::unix_ms().saturating_add(ttl_ms),
+                expires_at_ms: now.saturating_add(isthmus_core::clock::millis(ttl)),
+                at_ms: now,
             }))
             .await?;
         done(outcome, "")?;

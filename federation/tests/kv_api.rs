@@ -128,3 +128,37 @@ async fn watch_over_grpc_resumes_after_a_reconnect_and_old_revisions_are_refused
     );
     shutdown_all(stores).await;
 }
+
+#[tokio::test]
+async fn an_oversized_value_is_refused_naming_the_limit_and_nothing_changes() {
+    let stores = start_federation(1).await;
+    agreed_leader(&stores).await;
+    let mut c = client(&stores[&1]).await;
+    c.put("clusters/east", b"small".to_vec())
+        .await
+        .expect("put");
+    let before = c.list("", true).await.expect("list");
+
+    let too_big = vec![b'x'; isthmus_federation::MAX_VALUE_BYTES + 1];
+    for refused in [
+        c.put("clusters/east", too_big.clone()).await.map(|_| ()),
+        c.compare_and_set("clusters/east", None, too_big.clone())
+            .await
+            .map(|_| ()),
+    ] {
+        let message = refused.expect_err("refused").to_string();
+        assert!(
+            message.contains("InvalidArgument")
+                && message.contains(&isthmus_federation::MAX_VALUE_BYTES.to_string()),
+            "{message}"
+        );
+    }
+    // Exactly the limit is fine, on another key; the refused key is untouched.
+    let limit = vec![b'y'; isthmus_federation::MAX_VALUE_BYTES];
+    c.put("clusters/big", limit).await.expect("at the limit");
+    let after = c.list("", true).await.expect("list");
+    assert_eq!(
+        after.1.iter().find(|(k, _)| k == "clusters/east"),
+        before.1.iter().find(|(k, _)| k == "clusters/east")
+    );
+}

@@ -97,10 +97,25 @@ async fn join_token_admits_one_member_once_and_expires() {
 
     let reused = stores[&3].consume_join_token(&token).await;
     assert!(matches!(reused, Err(StoreError::Token(_))), "{reused:?}");
+    // A validity of zero, or above the maximum, is refused naming the limit.
+    for ttl in [Duration::ZERO, Duration::from_secs(25 * 3600)] {
+        let refused = stores[&3].mint_join_token(ttl).await;
+        assert!(
+            matches!(&refused, Err(e @ StoreError::TokenTtl { .. }) if e.to_string().contains("24h")
+                || e.to_string().contains("86400")),
+            "{refused:?}"
+        );
+    }
     let expired = stores[&3]
-        .mint_join_token(Duration::ZERO)
+        .mint_join_token(Duration::from_millis(1))
         .await
         .expect("mint");
+    // The wall clock the token is checked against moves past its expiry (at most 1 ms after
+    // the mint returned).
+    let minted = isthmus_core::clock::unix_ms();
+    while isthmus_core::clock::unix_ms() <= minted + 1 {
+        tokio::task::yield_now().await;
+    }
     let late = stores[&1].consume_join_token(&expired).await;
     assert!(matches!(late, Err(StoreError::Token(_))), "{late:?}");
     let forged = format!("{}.{}", &token[..16], "00".repeat(16));

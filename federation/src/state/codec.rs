@@ -75,11 +75,12 @@ pub(crate) fn encode_entry(id: ProposalId, command: &Command) -> Vec<u8> {
             id,
             digest,
             expires_at_ms,
+            at_ms,
         } => C::MintToken(pb::MintTokenCommand {
             token_id: id,
             digest,
             expires_at_unix_ms: expires_at_ms,
-            proposed_at_unix_ms: 0,
+            proposed_at_unix_ms: at_ms,
         }),
         Command::ConsumeToken { id, digest, at_ms } => C::ConsumeToken(pb::ConsumeTokenCommand {
             token_id: id,
@@ -124,6 +125,7 @@ pub(crate) fn decode_entry(data: &[u8]) -> Result<(ProposalId, Command), DecodeE
             id: c.token_id,
             digest: c.digest,
             expires_at_ms: c.expires_at_unix_ms,
+            at_ms: c.proposed_at_unix_ms,
         },
         C::ConsumeToken(c) => Command::ConsumeToken {
             id: c.token_id,

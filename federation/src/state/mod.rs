@@ -116,6 +116,8 @@ pub(crate) enum Command {
         id: String,
         digest: Vec<u8>,
         expires_at_ms: u64,
+        /// When it was proposed (0 in entries written before this was recorded).
+        at_ms: u64,
     },
     ConsumeToken {
         id: String,
@@ -220,6 +222,10 @@ pub(crate) struct MemberInfo {
     /// Raft index of the change that added it (0 for the initial members).
     pub(crate) added_at: u64,
 }
+
+/// Join tokens that may be outstanding at once (minted, not used, not expired): a bound on
+/// what an operator mistake or a loop can make every replica keep.
+pub(crate) const MAX_OUTSTANDING_TOKENS: usize = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Token {
@@ -353,9 +359,20 @@ impl StateMachine {
                 id,
                 digest,
                 expires_at_ms,
+                at_ms,
             } => {
+                // Expired tokens are dropped whenever one is minted or consumed.
+                self.tokens.retain(|_, t| t.expires_at_ms > at_ms);
                 if self.tokens.contains_key(&id) {
                     return (None, Outcome::TokenRefused("a token with this id exists"));
+                }
+                if self.tokens.len() >= MAX_OUTSTANDING_TOKENS {
+                    return (
+                        None,
+                        Outcome::TokenRefused(
+                            "too many unused join tokens (1000): let some expire or use them",
+                        ),
+                    );
                 }
                 self.tokens.insert(
                     id,

@@ -64,6 +64,7 @@ fn entry_encoding_round_trips_every_command() {
             id: "t".to_string(),
             digest: vec![1, 2],
             expires_at_ms: 9,
+            at_ms: 2,
         },
         Command::ConsumeToken {
             id: "t".to_string(),
@@ -272,6 +273,7 @@ fn join_token_is_consumed_once_and_not_after_expiry() {
         id: id.to_string(),
         digest: vec![7],
         expires_at_ms: exp,
+        at_ms: 1,
     };
     let consume = |id: &str, digest: u8, at| Command::ConsumeToken {
         id: id.to_string(),
@@ -317,6 +319,7 @@ fn snapshot_round_trips_the_whole_state() {
             id: "t".to_string(),
             digest: vec![1],
             expires_at_ms: 10,
+            at_ms: 1,
         },
     );
     sm.members.insert(
@@ -360,4 +363,48 @@ fn dedup_window_stays_bounded() {
 fn empty_key_is_refused() {
     assert!(validate_key("").is_err());
     assert!(validate_key("clusters/east").is_ok());
+}
+
+#[test]
+fn expired_join_tokens_are_purged_when_one_is_minted_and_outstanding_ones_are_bounded() {
+    let mut sm = StateMachine::default();
+    let mint = |id: String, exp, at| Command::MintToken {
+        id,
+        digest: vec![7],
+        expires_at_ms: exp,
+        at_ms: at,
+    };
+    let mut index = 1;
+    let mut apply = |sm: &mut StateMachine, command| {
+        index += 1;
+        outcome(sm.apply(index, id(index), command))
+    };
+    assert!(matches!(
+        apply(&mut sm, mint("old".into(), 100, 10)),
+        Outcome::Done(_)
+    ));
+    // Minted after "old" expired: "old" is gone from every replica.
+    assert!(matches!(
+        apply(&mut sm, mint("new".into(), 1_000, 200)),
+        Outcome::Done(_)
+    ));
+    assert_eq!(sm.tokens.keys().collect::<Vec<_>>(), vec!["new"]);
+    for n in 1..MAX_OUTSTANDING_TOKENS {
+        assert!(matches!(
+            apply(&mut sm, mint(format!("t{n}"), 1_000, 300)),
+            Outcome::Done(_)
+        ));
+    }
+    assert_eq!(sm.tokens.len(), MAX_OUTSTANDING_TOKENS);
+    assert!(matches!(
+        apply(&mut sm, mint("one-too-many".into(), 1_000, 300)),
+        Outcome::TokenRefused(reason) if reason.contains("too many")
+    ));
+    assert_eq!(sm.tokens.len(), MAX_OUTSTANDING_TOKENS);
+    // Once they expire, minting works again.
+    assert!(matches!(
+        apply(&mut sm, mint("later".into(), 5_000, 2_000)),
+        Outcome::Done(_)
+    ));
+    assert_eq!(sm.tokens.len(), 1);
 }
