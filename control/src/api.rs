@@ -44,10 +44,42 @@ pub type Reports = std::collections::HashMap<
     ),
 >;
 
+/// Keeps `tables` as `node`'s latest report. At [`MAX_REPORTERS`] nodes, reports that are no
+/// longer fresh are dropped first, then the stalest, so a flood of node ids cannot grow the
+/// map without bound.
+pub fn remember_report(
+    reports: &mut Reports,
+    node: String,
+    tables: BTreeMap<String, isthmus_core::failover::Table>,
+    now: std::time::Instant,
+) {
+    if reports.len() >= MAX_REPORTERS && !reports.contains_key(&node) {
+        reports.retain(|_, (at, _)| now.saturating_duration_since(*at) < REPORT_FRESH);
+        if reports.len() >= MAX_REPORTERS {
+            if let Some(stalest) = reports
+                .iter()
+                .min_by_key(|(_, (at, _))| *at)
+                .map(|(node, _)| node.clone())
+            {
+                reports.remove(&stalest);
+            }
+        }
+    }
+    reports.insert(node, (now, tables));
+}
+
 /// Reports older than this are not shown (the sidecar is gone or cut off).
 const REPORT_FRESH: Duration = Duration::from_secs(30);
 /// Largest report accepted.
 const MAX_REPORT_BYTES: usize = 1024 * 1024;
+/// Largest request `MeshConfigService` decodes: a failover report and its envelope.
+pub const MAX_CONFIG_REQUEST_BYTES: usize = MAX_REPORT_BYTES + 64 * 1024;
+/// Largest `CertificateService.Sign` request: a CSR and a token are a few kilobytes.
+pub const MAX_SIGN_REQUEST_BYTES: usize = 64 * 1024;
+/// Largest `PolicyService` request: the documents of one `isthmus apply -f`.
+pub const MAX_POLICY_REQUEST_BYTES: usize = 8 * 1024 * 1024;
+/// Sidecars whose reports are kept at once; the stalest is dropped for a new one.
+pub const MAX_REPORTERS: usize = 10_000;
 
 impl ConfigApi {
     /// The tables for `<svc>.<ns>` (and its subsets) from fresh reports, or, when no sidecar
@@ -170,10 +202,13 @@ impl MeshConfigService for ConfigApi {
             serde_json::from_str(&report.tables_json).map_err(|e| {
                 Status::invalid_argument(format!("tables_json: not a map of failover tables: {e}"))
             })?;
-        self.reports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(report.node_id, (std::time::Instant::now(), tables));
+        let mut reports = self.reports.lock().unwrap_or_else(|e| e.into_inner());
+        remember_report(
+            &mut reports,
+            report.node_id,
+            tables,
+            std::time::Instant::now(),
+        );
         Ok(Response::new(FailoverReportAck {}))
     }
 
@@ -396,5 +431,33 @@ impl PolicyService for PolicyApi {
             Status::unavailable(format!("deleting {key} in the federation failed: {e}"))
         })?;
         Ok(Response::new(DeletePolicyResponse { deleted: true }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failover_reports_are_bounded_and_the_stale_go_first() {
+        let mut reports = Reports::new();
+        let start = std::time::Instant::now();
+        for n in 0..MAX_REPORTERS {
+            remember_report(&mut reports, format!("node-{n}"), BTreeMap::new(), start);
+        }
+        // A node that reports again keeps its slot.
+        let later = start + Duration::from_secs(1);
+        remember_report(&mut reports, "node-7".into(), BTreeMap::new(), later);
+        assert_eq!(reports.len(), MAX_REPORTERS);
+        // A new node while all are fresh: the stalest one goes.
+        remember_report(&mut reports, "new".into(), BTreeMap::new(), later);
+        assert_eq!(reports.len(), MAX_REPORTERS);
+        assert!(reports.contains_key("new") && reports.contains_key("node-7"));
+        // Once the old ones are no longer fresh, all of them go at once.
+        let much_later = start + REPORT_FRESH + Duration::from_millis(500);
+        remember_report(&mut reports, "newer".into(), BTreeMap::new(), much_later);
+        let mut left: Vec<&str> = reports.keys().map(String::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, vec!["new", "newer", "node-7"]);
     }
 }

@@ -279,10 +279,25 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
         isthmus_core::api_tls::incoming(listener, Arc::new(tls), stopped.clone());
     tasks.push(accepting);
     tasks.push(tokio::spawn(async move {
+        // Bounds (docs/control-api.md): streams per connection, keep-alives that find dead
+        // clients, and per-service message sizes sized to what each method carries.
         let result = tonic::transport::Server::builder()
-            .add_service(MeshConfigServiceServer::new(config_api))
-            .add_service(CertificateServiceServer::new(cert_api))
-            .add_service(PolicyServiceServer::new(policy_api))
+            .max_concurrent_streams(Some(isthmus_core::api_tls::MAX_STREAMS_PER_CONNECTION))
+            .http2_keepalive_interval(Some(isthmus_core::api_tls::KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(isthmus_core::api_tls::KEEPALIVE_TIMEOUT))
+            .add_service(
+                MeshConfigServiceServer::new(config_api)
+                    .max_decoding_message_size(api::MAX_CONFIG_REQUEST_BYTES)
+                    .max_encoding_message_size(isthmus_core::api_tls::MAX_CLIENT_DECODE_BYTES),
+            )
+            .add_service(
+                CertificateServiceServer::new(cert_api)
+                    .max_decoding_message_size(api::MAX_SIGN_REQUEST_BYTES),
+            )
+            .add_service(
+                PolicyServiceServer::new(policy_api)
+                    .max_decoding_message_size(api::MAX_POLICY_REQUEST_BYTES),
+            )
             .add_service(kv)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = grpc_stop.changed().await;

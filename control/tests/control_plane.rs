@@ -300,3 +300,32 @@ async fn the_api_is_tls_only_and_trusted_only_through_the_cluster_ca() {
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
     r.store.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_config_stream_larger_than_grpcs_default_4_mib_reaches_its_client() {
+    use isthmus_testkit::discovery::{Discovery, Service};
+    // 1 000 services with 60 endpoints each: about 6 MiB of configuration.
+    let mut discovery = Discovery::new();
+    for s in 0..1000 {
+        let mut service = Service::new(&format!("service-{s:04}")).port("http", 8080);
+        for e in 0..60 {
+            service = service.endpoint(
+                &format!("10.{}.{}.{}:8080", s / 250, s % 250, e + 1),
+                &format!("a-rather-long-service-account-name-{s:04}"),
+            );
+        }
+        discovery = discovery.service(service);
+    }
+    let r = start(&discovery.yaml()).await;
+    let (mut rx, _task) = r
+        .control
+        .client()
+        .watch_config("test", Duration::from_secs(60))
+        .await
+        .expect("the first snapshot arrives whole");
+    let c = wait_for(&mut rx, "every service", |c| c.services.len() == 1000).await;
+    let endpoints: usize = c.services.iter().map(|s| s.local_endpoints.len()).sum();
+    assert_eq!(endpoints, 60_000);
+    let encoded = serde_json::to_vec(&*c).unwrap().len();
+    assert!(encoded > 4 * 1024 * 1024, "only {encoded} bytes");
+}

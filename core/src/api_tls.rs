@@ -19,7 +19,7 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -27,6 +27,20 @@ use crate::tls::{self, Identity, TlsError, TrustBundles};
 
 /// How long a client has to finish its TLS handshake before the server drops it.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections one control-plane API port holds at once (handshaking or established): a
+/// cluster's daemons need a few each; more are closed as they are accepted.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// HTTP/2 streams one connection may have open at once (each daemon holds one config stream
+/// and a few unary calls).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+/// HTTP/2 pings that find a dead peer (both ways): every 20 s, answered within 10 s.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client waits for the answer to one call (for streams: for their headers).
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest message a client decodes: a whole cluster's configuration snapshot, which in
+/// a big mesh is well over gRPC's default 4 MiB.
+pub const MAX_CLIENT_DECODE_BYTES: usize = 64 * 1024 * 1024;
 
 /// The ALPN protocol the API speaks (gRPC is HTTP/2).
 const ALPN_H2: &[u8] = b"h2";
@@ -70,6 +84,10 @@ pub fn channel(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<Channel,
     }
     let endpoint = Endpoint::from(uri)
         .connect_timeout(Duration::from_secs(2))
+        .timeout(RPC_TIMEOUT)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
         .tcp_nodelay(true);
     let connector = tokio_rustls::TlsConnector::from(config);
     Ok(
@@ -92,6 +110,8 @@ pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     remote: SocketAddr,
     local: SocketAddr,
+    /// One of the port's [`MAX_CONNECTIONS`], given back when the connection closes.
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Connected for TlsConn {
@@ -159,6 +179,7 @@ pub fn incoming(
 ) {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let accepting = tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -175,6 +196,10 @@ pub fn incoming(
             let Ok(local) = tcp.local_addr() else {
                 continue;
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::debug!(%remote, "control API at its connection limit; closing");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
@@ -186,6 +211,7 @@ pub fn incoming(
                                 inner,
                                 remote,
                                 local,
+                                _slot: slot,
                             }))
                             .await;
                     }

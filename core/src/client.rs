@@ -157,7 +157,8 @@ impl ControlClient {
     async fn follow(self, node_id: String, tx: watch::Sender<Arc<MeshConfig>>) {
         let mut backoff = Duration::from_millis(50);
         loop {
-            let mut client = MeshConfigServiceClient::new(self.channel.clone());
+            let mut client = MeshConfigServiceClient::new(self.channel.clone())
+                .max_decoding_message_size(crate::api_tls::MAX_CLIENT_DECODE_BYTES);
             match client
                 .stream_config(StreamConfigRequest {
                     node_id: node_id.clone(),
@@ -367,7 +368,8 @@ impl ControlClient {
         node: &str,
         tables_json: String,
     ) -> Result<(), ClientError> {
-        let mut client = MeshConfigServiceClient::new(self.channel.clone());
+        let mut client = MeshConfigServiceClient::new(self.channel.clone())
+            .max_decoding_message_size(crate::api_tls::MAX_CLIENT_DECODE_BYTES);
         client
             .report_failover(crate::proto::mesh::FailoverReport {
                 node_id: node.to_string(),
@@ -386,7 +388,8 @@ impl ControlClient {
         namespace: &str,
         from_cluster: &str,
     ) -> Result<(String, Vec<crate::proto::mesh::SidecarTable>), ClientError> {
-        let mut client = MeshConfigServiceClient::new(self.channel.clone());
+        let mut client = MeshConfigServiceClient::new(self.channel.clone())
+            .max_decoding_message_size(crate::api_tls::MAX_CLIENT_DECODE_BYTES);
         let r = client
             .explain(crate::proto::mesh::ExplainRequest {
                 service: service.to_string(),

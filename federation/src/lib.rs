@@ -76,6 +76,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 /// making every replica hold, log and snapshot megabytes.
 pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
 
+/// HTTP/2 streams one connection to the peer port may have open at once.
+const PEER_MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
 /// The longest a join token may be valid.
 pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -368,7 +371,12 @@ impl Binding {
             let signal = async move {
                 let _ = server_shutdown.wait_for(|stopped| *stopped).await;
             };
+            // Streams per connection (a peer's sender and watches need a few) and HTTP/2
+            // keep-alives that find a dead peer.
             if let Err(err) = tonic::transport::Server::builder()
+                .max_concurrent_streams(Some(PEER_MAX_STREAMS_PER_CONNECTION))
+                .http2_keepalive_interval(Some(Duration::from_secs(20)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
                 .add_service(peer)
                 .add_service(kv)
                 .serve_with_incoming_shutdown(incoming, signal)
