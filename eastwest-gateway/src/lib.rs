@@ -74,6 +74,7 @@ mod peers;
 mod quic;
 mod relay;
 mod replica;
+mod tls_only;
 mod tls_tcp;
 mod udp_screen;
 

@@ -89,6 +89,8 @@ pub enum Rejection {
     MalformedHeader,
     /// A tunnel header of a version this gateway does not speak.
     UnsupportedHeaderVersion,
+    /// A tunnel whose first bytes are not a TLS ClientHello: plaintext never leaves a cluster.
+    NotTls,
 }
 
 impl Rejection {
@@ -102,6 +104,7 @@ impl Rejection {
             Rejection::UnauthorizedPeer => "unauthorized_peer",
             Rejection::MalformedHeader => "malformed_header",
             Rejection::UnsupportedHeaderVersion => "unsupported_header_version",
+            Rejection::NotTls => "not_tls",
         }
     }
 }
@@ -158,6 +161,7 @@ snake_case_label!(Rejection {
     UnauthorizedPeer => "unauthorized_peer",
     MalformedHeader => "malformed_header",
     UnsupportedHeaderVersion => "unsupported_header_version",
+    NotTls => "not_tls",
 });
 snake_case_label!(Source {
     Peer => "peer",

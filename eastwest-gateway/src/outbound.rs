@@ -21,10 +21,13 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::header::reject_bad_header;
 use crate::log_limit::LogLimiter;
-use crate::metrics::{Direction, Metrics, Source, UNKNOWN_PEER};
+use crate::metrics::{Direction, Metrics, Rejection, Source, UNKNOWN_PEER};
 use crate::peers::{PeerTarget, Peers};
 use crate::relay::{relay_and_log, PeerRead, PeerWrite};
-use crate::{accept, tls_tcp, GatewayError, Stop, Transport};
+use crate::{accept, tls_only, tls_tcp, GatewayError, Stop, Transport};
+
+/// [`tls_only::PREFIX_LEN`] as the byte counters count.
+const PREFIX_LEN_U64: u64 = tls_only::PREFIX_LEN as u64;
 
 pub(crate) struct Outbound {
     pub cluster: String,
@@ -148,9 +151,38 @@ impl Outbound {
             recv.abort();
             return;
         }
+        // Only TLS crosses clusters: nothing is forwarded until the caller's first bytes are
+        // a ClientHello. Refused, the caller's connection is reset and the peer stream
+        // aborted (the Ok above was the remote's; nothing reached the endpoint).
+        let prefix = match tls_only::read_client_hello(&mut tcp, self.connect_timeout).await {
+            Ok(prefix) => prefix,
+            Err(reason) => {
+                self.metrics.reject(Source::Local, Rejection::NotTls);
+                let who = tcp
+                    .peer_addr()
+                    .map_or_else(|_| "?".into(), |a| a.ip().to_string());
+                if let Some(suppressed) = self.log.admit(&format!("not_tls {who}")) {
+                    warn!(from = %who, %reason, suppressed, "refusing a tunnel that is not TLS");
+                }
+                send.abort();
+                recv.abort();
+                // Closed with a reset, so the caller sees a refusal rather than an end of stream.
+                let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                return;
+            }
+        };
         debug!("tunnel open");
         let _open = self.metrics.open_stream(peer, Direction::Outbound);
         let counters = self.metrics.byte_counters(peer);
+        if let Err(e) = send
+            .write_bytes(bytes::Bytes::copy_from_slice(&prefix))
+            .await
+        {
+            debug!(error = %e, "peer stream closed before the ClientHello");
+            recv.abort();
+            return;
+        }
+        counters.sent.inc_by(PREFIX_LEN_U64);
         relay_and_log(tcp, send, recv, &counters).await;
     }
 

@@ -29,7 +29,7 @@ async fn a_stalled_reader_blocks_the_sender_and_gateway_memory_stays_bounded() {
         true,
         vec![endpoint(stalled_addr, "v1", true)],
     )]);
-    let (mut tcp, resp) = open(
+    let (mut tcp, resp) = open_to_sink(
         c.east.handle.local_addr(),
         &request("ratings.default", "west"),
     )

@@ -222,3 +222,39 @@ async fn a_verified_gateway_of_no_member_cluster_is_counted_as_unauthorized() {
         1
     );
 }
+
+#[tokio::test]
+async fn a_tunnel_that_does_not_start_with_a_tls_client_hello_never_leaves_the_cluster() {
+    let c = TwoClusters::start().await;
+    let m = c.east.handle.metrics();
+    for plaintext in [
+        &b"GET / HTTP/1.1\r\nHost: ratings\r\n\r\n"[..],
+        b"PRI * HTTP/2.0\r\n",
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(c.east.handle.local_addr())
+            .await
+            .unwrap();
+        tunnel::write_request(&mut tcp, &request("ratings.default", "west"))
+            .await
+            .unwrap();
+        let resp = tunnel::read_response(&mut tcp).await.unwrap();
+        assert!(resp.is_ok(), "{resp:?}");
+        tcp.write_all(plaintext).await.unwrap();
+        // Refused with a reset: nothing comes back, not even the echo of what was sent.
+        let mut back = Vec::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut back),
+        )
+        .await
+        .expect("the gateway closes the connection");
+        assert!(
+            read.is_err() || back.is_empty(),
+            "plaintext crossed: {:?}",
+            String::from_utf8_lossy(&back)
+        );
+    }
+    assert_eq!(m.rejected_count(Source::Local, Rejection::NotTls), 2);
+    // A tunnel that starts as TLS does is carried as before.
+    assert_tunnel_carries(&c, b"still here").await;
+}

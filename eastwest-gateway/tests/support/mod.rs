@@ -183,11 +183,35 @@ pub fn rss_bytes() -> u64 {
     kb * 1024
 }
 
-/// What a sidecar does: connect to the local gateway, send the request, read the response.
+/// The first bytes of a TLS ClientHello (record header and handshake type): gateways carry
+/// only tunnels that start with them, so tests that relay plain bytes send these first.
+pub const CLIENT_HELLO_PREFIX: [u8; 6] = [22, 3, 1, 0, 64, 1];
+
+/// What a sidecar does: connect to the local gateway, send the request, read the response;
+/// then, on Ok, start as a TLS client would (the [`CLIENT_HELLO_PREFIX`], which the echo
+/// endpoints send back and this reads), so the rest of the stream is the test's own.
 pub async fn open(local: SocketAddr, req: &OpenRequest) -> (TcpStream, OpenResponse) {
+    let (mut tcp, resp) = open_to_sink(local, req).await;
+    if resp.is_ok() {
+        // A tunnel that breaks here (the failure tests break them on purpose) fails the
+        // caller's own round trip next, as it would have without the prefix.
+        let mut back = [0u8; 6];
+        let echoed = tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut back)).await;
+        if matches!(echoed, Ok(Ok(_))) {
+            assert_eq!(back, CLIENT_HELLO_PREFIX);
+        }
+    }
+    (tcp, resp)
+}
+
+/// Like [`open`], for an endpoint that does not echo: the prefix is sent, not read back.
+pub async fn open_to_sink(local: SocketAddr, req: &OpenRequest) -> (TcpStream, OpenResponse) {
     let mut tcp = TcpStream::connect(local).await.unwrap();
     tunnel::write_request(&mut tcp, req).await.unwrap();
     let resp = tunnel::read_response(&mut tcp).await.unwrap();
+    if resp.is_ok() {
+        let _ = tcp.write_all(&CLIENT_HELLO_PREFIX).await;
+    }
     (tcp, resp)
 }
 
