@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use isthmus_core::ca::CertificateAuthority;
-use isthmus_core::identity::SpiffeId;
+use isthmus_core::identity::{SpiffeId, SYSTEM_NAMESPACE};
 use isthmus_core::mesh::MeshConfig;
 use isthmus_core::policy::{Kind, Policy};
 use isthmus_core::proto::mesh::certificate_service_server::CertificateService;
@@ -281,6 +281,8 @@ impl CertificateService for CertificateApi {
             .identity
             .parse()
             .map_err(|e| Status::invalid_argument(format!("field identity: {e}")))?;
+        id.check_kubernetes_names()
+            .map_err(|e| Status::invalid_argument(format!("field identity: {e}")))?;
         if id.trust_domain() != self.ca.trust_domain() {
             return Err(Status::permission_denied(format!(
                 "this control plane signs only for trust domain {}, not {}",
@@ -288,8 +290,20 @@ impl CertificateService for CertificateApi {
                 id.trust_domain()
             )));
         }
+        if id.is_control() {
+            return Err(Status::permission_denied(format!(
+                "{id} is a control plane's identity, which Sign never issues"
+            )));
+        }
         if !self.tokens.allows(&req.token, &id) {
             match &self.reviewer {
+                // A service-account token never yields an isthmus-system identity.
+                _ if id.namespace() == SYSTEM_NAMESPACE => {
+                    return Err(Status::permission_denied(format!(
+                        "the token does not allow identity {id} (isthmus-system identities \
+                         need a bootstrap token that names them)"
+                    )))
+                }
                 None => {
                     return Err(Status::permission_denied(format!(
                         "the token does not allow identity {id}"

@@ -8,7 +8,7 @@
 //! ```
 
 use isthmus_core::config::FieldError;
-use isthmus_core::identity::SpiffeId;
+use isthmus_core::identity::{SpiffeId, CONTROL_SERVICE_ACCOUNT, SYSTEM_NAMESPACE};
 use serde::Deserialize;
 
 /// The shortest token accepted, so a guessable token is refused at load time.
@@ -50,6 +50,15 @@ impl TokenPolicy {
             let mut allow = Vec::new();
             for (j, a) in t.allow.iter().enumerate() {
                 match a.split_once('/') {
+                    Some((SYSTEM_NAMESPACE, sa)) if sa == "*" || sa == CONTROL_SERVICE_ACCOUNT => {
+                        return Err(FieldError::new(
+                            format!("{at}.allow[{j}]"),
+                            a,
+                            "isthmus-system identities are granted by exact name \
+                             (isthmus-system/eastwest-gateway), and a control plane's identity \
+                             is never issued to a token",
+                        ))
+                    }
                     Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {
                         allow.push((ns.to_string(), sa.to_string()))
                     }
@@ -84,12 +93,18 @@ impl TokenPolicy {
     }
 
     /// Whether `token` may obtain a certificate for `id` (already known to be in this
-    /// cluster's trust domain). Tokens are compared in constant time.
+    /// cluster's trust domain). Tokens are compared in constant time. A control plane's
+    /// identity is never allowed, and `isthmus-system` identities only by exact name: a
+    /// wildcard there matches nothing (docs/security.md, §3).
     pub fn allows(&self, token: &str, id: &SpiffeId) -> bool {
+        if id.is_control() {
+            return false;
+        }
+        let system = id.namespace() == SYSTEM_NAMESPACE;
         self.grants.iter().any(|g| {
             constant_time_eq(g.token.as_bytes(), token.as_bytes())
                 && g.allow.iter().any(|(ns, sa)| {
-                    ns == id.namespace() && (sa == "*" || sa == id.service_account())
+                    ns == id.namespace() && ((sa == "*" && !system) || sa == id.service_account())
                 })
         })
     }
@@ -152,5 +167,27 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.field, "t[0].allow[0]");
         assert_eq!(err.value, "default");
+    }
+
+    #[test]
+    fn system_identities_need_an_exact_grant_and_a_control_planes_is_never_granted() {
+        let td = "east.isthmus.local";
+        for grant in ["isthmus-system/*", "isthmus-system/control"] {
+            let err = TokenPolicy::from_raw(
+                "bootstrapTokens",
+                vec![RawToken {
+                    token: "0123456789abcdef".into(),
+                    allow: vec![grant.into()],
+                }],
+            )
+            .unwrap_err();
+            assert_eq!(err.field, "bootstrapTokens[0].allow[0]");
+            assert!(err.reason.contains("exact name"), "{err}");
+        }
+        // Built in code, a wildcard over isthmus-system still matches nothing there.
+        let wide = TokenPolicy::single("0123456789abcdef", &["isthmus-system", "default"]);
+        assert!(!wide.allows("0123456789abcdef", &SpiffeId::gateway(td)));
+        assert!(!wide.allows("0123456789abcdef", &SpiffeId::control(td)));
+        assert!(wide.allows("0123456789abcdef", &SpiffeId::new(td, "default", "web")));
     }
 }

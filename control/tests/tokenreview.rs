@@ -42,7 +42,14 @@ async fn a_service_account_token_gets_exactly_its_own_identity() {
     let (_tx, config) = tokio::sync::watch::channel(Arc::new(MeshConfig::default()));
     let api = CertificateApi {
         ca: Arc::new(CertificateAuthority::generate("east.isthmus.local").unwrap()),
-        tokens: TokenPolicy::single(BOOTSTRAP, &["isthmus-system"]),
+        tokens: TokenPolicy::from_raw(
+            "bootstrapTokens",
+            vec![isthmus_control::tokens::RawToken {
+                token: BOOTSTRAP.into(),
+                allow: vec!["isthmus-system/eastwest-gateway".into()],
+            }],
+        )
+        .unwrap(),
         reviewer: Some(TokenReviewer::new(client)),
         lifetime: Duration::from_secs(600),
         config,
@@ -89,5 +96,22 @@ async fn a_service_account_token_gets_exactly_its_own_identity() {
     sign(&api, &gateway, BOOTSTRAP)
         .await
         .expect("the bootstrap token still works");
+    assert_eq!(kube_api.token_reviews().len(), asked);
+
+    // A control plane's identity is never signed, whatever the token.
+    let control = SpiffeId::control("east.isthmus.local");
+    for token in [BOOTSTRAP, ratings] {
+        let err = sign(&api, &control, token).await.unwrap_err();
+        assert!(err.contains("control plane's identity"), "{err}");
+    }
+    // A service-account token never yields an isthmus-system identity (no TokenReview asked).
+    let err = sign(&api, &gateway, ratings).await.unwrap_err();
+    assert!(err.contains("isthmus-system identities"), "{err}");
+    // Names that are not Kubernetes names are refused, naming the field.
+    for bad in ["Bookinfo", "book_info"] {
+        let id = SpiffeId::new("east.isthmus.local", bad, "ratings");
+        let err = sign(&api, &id, ratings).await.unwrap_err();
+        assert!(err.contains("field identity") && err.contains(bad), "{err}");
+    }
     assert_eq!(kube_api.token_reviews().len(), asked);
 }

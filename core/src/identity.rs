@@ -87,6 +87,27 @@ impl SpiffeId {
         &self.service_account
     }
 
+    /// Checks that the namespace is a Kubernetes namespace name (an RFC 1123 label) and the
+    /// service account a Kubernetes service-account name (an RFC 1123 subdomain: lowercase
+    /// letters, digits, '-' and '.', at most 253 characters), as the identities `Sign` issues
+    /// must be.
+    pub fn check_kubernetes_names(&self) -> Result<(), IdentityError> {
+        validate_label("namespace", &self.namespace)?;
+        let sa = &self.service_account;
+        let ok = sa.len() <= 253
+            && sa
+                .split('.')
+                .all(|part| validate_label("service account", part).is_ok());
+        if ok {
+            Ok(())
+        } else {
+            Err(IdentityError::InvalidLabel {
+                what: "service account",
+                value: sa.clone(),
+            })
+        }
+    }
+
     /// Whether this is the control-plane identity of some trust domain.
     pub fn is_control(&self) -> bool {
         self.namespace == SYSTEM_NAMESPACE && self.service_account == CONTROL_SERVICE_ACCOUNT

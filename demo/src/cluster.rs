@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::Context;
 use ipnet::Ipv4Net;
 use isthmus_control::tokens::TokenPolicy;
-use isthmus_core::identity::{default_trust_domain, SpiffeId, SYSTEM_NAMESPACE};
+use isthmus_core::identity::{
+    default_trust_domain, SpiffeId, GATEWAY_SERVICE_ACCOUNT, SYSTEM_NAMESPACE,
+};
 use isthmus_core::mesh::{MeshConfig, Protocol};
 use isthmus_core::tls::Identity;
 use tokio::sync::watch;
@@ -25,6 +27,20 @@ use isthmus_core::admin::ComponentAdmin;
 
 /// The bootstrap token every demo component uses to get its certificate.
 const DEMO_TOKEN: &str = "isthmus-demo-bootstrap-token";
+
+/// What the demo token may obtain: any sample workload's identity, and the gateway's by name.
+fn demo_tokens() -> anyhow::Result<TokenPolicy> {
+    Ok(TokenPolicy::from_raw(
+        "demo",
+        vec![isthmus_control::tokens::RawToken {
+            token: DEMO_TOKEN.into(),
+            allow: vec![
+                format!("{SAMPLE_NAMESPACE}/*"),
+                format!("{SYSTEM_NAMESPACE}/{GATEWAY_SERVICE_ACCOUNT}"),
+            ],
+        }],
+    )?)
+}
 
 /// A sample workload: the app and its sidecar.
 pub struct Workload {
@@ -300,7 +316,7 @@ impl DemoCluster {
             },
             vip_range,
             gateway_address: None,
-            tokens: TokenPolicy::single(DEMO_TOKEN, &[SAMPLE_NAMESPACE, SYSTEM_NAMESPACE]),
+            tokens: demo_tokens()?,
             cert_lifetime: opts.cert_lifetime,
             ca,
             export_lease: opts.export_lease,
