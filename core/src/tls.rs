@@ -111,6 +111,9 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
 #[derive(Default)]
 pub struct TrustBundles {
     anchors: RwLock<Arc<HashMap<String, Vec<rustls::pki_types::TrustAnchor<'static>>>>>,
+    /// Bumped by every [`TrustBundles::replace`], so dialers waiting for a peer's bundle can
+    /// try again as soon as it arrives ([`TrustBundles::changes`]).
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl fmt::Debug for TrustBundles {
@@ -147,7 +150,13 @@ impl TrustBundles {
             next.insert(trust_domain.to_ascii_lowercase(), anchors);
         }
         *self.anchors.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        self.generation.send_modify(|g| *g = g.wrapping_add(1));
         Ok(())
+    }
+
+    /// Resolves on each later [`TrustBundles::replace`]: wait on `changed()`.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// Bundles that vouch for identities of *any* trust domain: for a client that was handed

@@ -350,6 +350,7 @@ async fn start_with(
     let peers = Arc::new(peers::Peers::new(
         dial,
         config.clone(),
+        opts.trust.clone(),
         opts.connect_timeout,
         metrics.clone(),
         serve_tx,

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use isthmus_core::mesh::MeshConfig;
+use isthmus_core::tls::TrustBundles;
 use quinn::{Connection, Endpoint};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -71,6 +72,9 @@ pub(crate) struct Established {
 pub(crate) struct Peers {
     endpoint: Endpoint,
     config: watch::Receiver<Arc<MeshConfig>>,
+    /// The member bundles the handshakes verify against: a peer refused for want of its
+    /// bundle is dialled again as soon as they change, not after the backoff.
+    trust: Arc<TrustBundles>,
     connect_timeout: Duration,
     metrics: Arc<Metrics>,
     /// Connections we dialled, for the inbound role to serve the peer's streams on.
@@ -111,6 +115,7 @@ impl Peers {
     pub(crate) fn new(
         endpoint: Endpoint,
         config: watch::Receiver<Arc<MeshConfig>>,
+        trust: Arc<TrustBundles>,
         connect_timeout: Duration,
         metrics: Arc<Metrics>,
         serve: mpsc::UnboundedSender<Established>,
@@ -119,6 +124,7 @@ impl Peers {
         Peers {
             endpoint,
             config,
+            trust,
             connect_timeout,
             metrics,
             serve,
@@ -303,6 +309,8 @@ impl Peers {
     /// until the gateway stops. Runs without holding the slot, so callers keep failing fast.
     async fn reconnect(self: Arc<Self>, cluster: String, slot: Arc<Slot>) {
         let mut stop = self.stop.clone();
+        let mut bundles = self.trust.changes();
+        bundles.mark_unchanged();
         loop {
             let failures = slot
                 .state
@@ -314,6 +322,10 @@ impl Peers {
             tokio::select! {
                 _ = stop.fired() => return,
                 _ = tokio::time::sleep(backoff(failures)) => {}
+                // New bundles (the peer's may have just arrived): dial now.
+                Ok(()) = bundles.changed() => {
+                    debug!(%cluster, "trust bundles changed; dialling the peer gateway again");
+                }
             }
             let target = match self.target(&cluster) {
                 Ok(target) => target,

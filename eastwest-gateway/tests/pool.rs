@@ -278,3 +278,54 @@ async fn the_tls_over_tcp_transport_carries_tunnels_and_refusals() {
     );
     assert_eq!(c.echo.accepted.load(Ordering::SeqCst), 3);
 }
+
+#[tokio::test]
+async fn a_peer_refused_for_want_of_its_bundle_is_dialled_again_as_soon_as_the_bundle_arrives() {
+    let c = TwoClusters::start().await;
+    // East does not trust west's CA yet: the handshake fails and east backs off.
+    let east_td = isthmus_core::identity::default_trust_domain("east");
+    c.trust
+        .replace([(east_td.as_str(), c.east_ca.ca.cert_pem())])
+        .unwrap();
+    let (_, resp) = open(
+        c.east.handle.local_addr(),
+        &request("ratings.default", "west"),
+    )
+    .await;
+    assert!(!resp.is_ok(), "{resp:?}");
+    let failures = || {
+        c.east
+            .handle
+            .metrics()
+            .connect_failures
+            .get_or_create(&isthmus_gateway::metrics::PeerLabels {
+                peer: "west".into(),
+            })
+            .get()
+    };
+    // Six failed dials: the next one is 3.2 s to 4.8 s away by the backoff.
+    eventually(Duration::from_secs(15), "six failed dials", || async {
+        (failures() >= 6).then_some(())
+    })
+    .await;
+
+    // West's bundle arrives: the tunnel works well before the backoff would have retried.
+    c.trust
+        .replace([
+            (east_td.as_str(), c.east_ca.ca.cert_pem()),
+            (
+                isthmus_core::identity::default_trust_domain("west").as_str(),
+                c.west_ca.ca.cert_pem(),
+            ),
+        ])
+        .unwrap();
+    eventually(Duration::from_millis(1500), "a tunnel to west", || async {
+        let (_, resp) = open(
+            c.east.handle.local_addr(),
+            &request("ratings.default", "west"),
+        )
+        .await;
+        resp.is_ok().then_some(())
+    })
+    .await;
+}
