@@ -17,13 +17,20 @@ pub fn via(
     federation: Option<String>,
     control: &crate::policy_cmd::ControlArgs,
 ) -> anyhow::Result<Via> {
-    if control.control.is_some() {
+    if control.control.is_some() || control.context.is_some() {
         if federation.is_some() {
-            bail!("give --control or --federation, not both");
+            bail!("give --control (or --context) or --federation, not both");
         }
         return Ok(Via::Control(control.client()?));
     }
-    Ok(Via::Peer(federation_addr(federation)?))
+    if federation.is_some() || std::env::var_os("ISTHMUS_FEDERATION").is_some() {
+        return Ok(Via::Peer(federation_addr(federation)?));
+    }
+    // No address given: the environment's control plane, or the current context's.
+    if control.target()?.is_some() {
+        return Ok(Via::Control(control.client()?));
+    }
+    Ok(Via::Peer(federation_addr(None)?))
 }
 
 /// `--federation`, else `$ISTHMUS_FEDERATION`, else the default.

@@ -135,6 +135,19 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// The operator's contexts ($ISTHMUS_CONFIG, default ~/.config/isthmus/config.yaml).
+    Context {
+        #[command(subcommand)]
+        command: ContextCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ContextCommand {
+    /// Lists the contexts; `*` marks the current one.
+    List,
+    /// Makes NAME the context commands use when none is named.
+    Use { name: String },
 }
 
 #[derive(Subcommand)]
@@ -310,6 +323,10 @@ fn main() -> ExitCode {
                     let via = isthmus::cluster_cmd::via(federation, &api)?;
                     isthmus::cluster_cmd::remove(&via, &name).await
                 }
+            },
+            Command::Context { command } => match command {
+                ContextCommand::List => isthmus::context_cmd::list(),
+                ContextCommand::Use { name } => isthmus::context_cmd::use_context(&name),
             },
         }
     });

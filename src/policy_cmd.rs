@@ -8,44 +8,73 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use isthmus_core::client::ControlClient;
+use isthmus_core::contexts;
 use isthmus_core::policy::{parse_documents, Kind};
 
 /// The control plane the CLI talks to when `--control` is not given.
 pub const DEFAULT_CONTROL: &str = "127.0.0.1:15012";
 
-/// `--control`, else `$ISTHMUS_CONTROL`, else the default.
-pub fn control_addr(flag: Option<String>) -> String {
-    flag.or_else(|| std::env::var("ISTHMUS_CONTROL").ok())
-        .unwrap_or_else(|| DEFAULT_CONTROL.to_string())
-}
-
-/// How the CLI reaches a control plane's API (TLS only, docs/control-api.md).
+/// How the CLI reaches a control plane's API (TLS only, docs/control-api.md): `--control`
+/// (or `$ISTHMUS_CONTROL`) with `--ca-file` (or `$ISTHMUS_CA_FILE`); else a context from the
+/// operator's contexts file (`--context NAME`, or its current context, as `isthmus demo`
+/// writes them); else 127.0.0.1:15012 with `--ca-file`.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ControlArgs {
-    /// Control-plane API address, host:port (default $ISTHMUS_CONTROL or 127.0.0.1:15012).
+    /// Control-plane API address, host:port (default $ISTHMUS_CONTROL, the context's, or
+    /// 127.0.0.1:15012).
     #[arg(long)]
     pub control: Option<String>,
     /// The cluster CA's PEM file (the control plane's <dataDir>/ca.pem), which the API's
-    /// certificate must chain to (default $ISTHMUS_CA_FILE).
+    /// certificate must chain to (default $ISTHMUS_CA_FILE, or the context's).
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
+    /// A context of the contexts file ($ISTHMUS_CONFIG, default ~/.config/isthmus/config.yaml);
+    /// default: its current context.
+    #[arg(long)]
+    pub context: Option<String>,
 }
 
 impl ControlArgs {
-    /// A client of the control plane these arguments (or the environment) name.
-    pub fn client(&self) -> anyhow::Result<ControlClient> {
-        let addr = control_addr(self.control.clone());
-        let ca_file = self
-            .ca_file
+    /// The address and CA file these arguments, the environment or the context name: `None`
+    /// when nothing names a control plane (no flag, no variable, no context).
+    pub fn target(&self) -> anyhow::Result<Option<(String, Option<PathBuf>)>> {
+        let env_ca = || std::env::var_os("ISTHMUS_CA_FILE").map(PathBuf::from);
+        if let Some(addr) = self
+            .control
             .clone()
-            .or_else(|| std::env::var_os("ISTHMUS_CA_FILE").map(PathBuf::from))
-            .with_context(|| {
-                format!(
-                    "the control-plane API at {addr} is TLS only: give --ca-file (or \
-                     $ISTHMUS_CA_FILE), the cluster CA's PEM file (the control plane's \
-                     <dataDir>/ca.pem)"
-                )
-            })?;
+            .or_else(|| std::env::var("ISTHMUS_CONTROL").ok())
+        {
+            return Ok(Some((addr, self.ca_file.clone().or_else(env_ca))));
+        }
+        let path = contexts::config_path(&|name| std::env::var(name).ok())?;
+        let all = contexts::Contexts::load(&path)?;
+        Ok(all.select(&path, self.context.as_deref())?.map(|c| {
+            (
+                c.control.clone(),
+                Some(self.ca_file.clone().unwrap_or_else(|| c.ca_file.clone())),
+            )
+        }))
+    }
+
+    /// A client of the control plane these arguments (or the environment, or the context)
+    /// name.
+    pub fn client(&self) -> anyhow::Result<ControlClient> {
+        let (addr, ca_file) = match self.target()? {
+            Some(target) => target,
+            None => (
+                DEFAULT_CONTROL.to_string(),
+                self.ca_file
+                    .clone()
+                    .or_else(|| std::env::var_os("ISTHMUS_CA_FILE").map(PathBuf::from)),
+            ),
+        };
+        let ca_file = ca_file.with_context(|| {
+            format!(
+                "the control-plane API at {addr} is TLS only: give --ca-file (or \
+                 $ISTHMUS_CA_FILE), the cluster CA's PEM file (the control plane's \
+                 <dataDir>/ca.pem), or use a context (isthmus context list)"
+            )
+        })?;
         let ca_pem = std::fs::read_to_string(&ca_file)
             .with_context(|| format!("--ca-file: reading {}", ca_file.display()))?;
         ControlClient::new(&addr, &ca_pem)

@@ -79,16 +79,70 @@ fn unknown_fields_and_missing_files_are_refused() {
 }
 
 #[test]
-fn demo_runs_writes_its_ports_file_and_exits_cleanly() {
+fn demo_runs_writes_its_ports_file_and_contexts_that_the_cli_uses_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let ports = dir.path().join("ports.json");
-    let out = isthmus(&[
-        "demo",
-        "--exit-after",
-        "1s",
-        "--ports-file",
-        ports.to_str().unwrap(),
-    ]);
+    // The operator's contexts file, with a context of their own that the demo must keep.
+    let contexts = dir.path().join("config.yaml");
+    std::fs::write(
+        &contexts,
+        "currentContext: prod\ncontexts:\n  prod: {control: \"10.0.0.1:15012\", caFile: /etc/prod-ca.pem}\n",
+    )
+    .unwrap();
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_isthmus"))
+            .args(args)
+            .env("ISTHMUS_CONFIG", &contexts)
+            .env_remove("ISTHMUS_CONTROL")
+            .env_remove("ISTHMUS_CA_FILE")
+            .env_remove("ISTHMUS_FEDERATION")
+            .output()
+            .expect("the binary runs")
+    };
+    let demo = Command::new(env!("CARGO_BIN_EXE_isthmus"))
+        .args(["demo", "--exit-after", "20s", "--ports-file"])
+        .arg(&ports)
+        .env("ISTHMUS_CONFIG", &contexts)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !ports.exists() {
+        assert!(std::time::Instant::now() < deadline, "no ports file");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    // With the demo's contexts, the CLI needs no address flags.
+    let status = cli(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success() && text.contains("leader:"),
+        "isthmus status: {text}{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let west = cli(&["status", "-o", "json", "--context", "demo-west"]);
+    assert!(
+        west.status.success(),
+        "{}",
+        String::from_utf8_lossy(&west.stderr)
+    );
+    let get = cli(&["get", "virtualservice", "-n", "default"]);
+    assert!(
+        get.status.success(),
+        "{}",
+        String::from_utf8_lossy(&get.stderr)
+    );
+    let list = String::from_utf8_lossy(&cli(&["context", "list"]).stdout).to_string();
+    assert!(
+        list.contains("* demo-east") && list.contains("demo-west") && list.contains("prod"),
+        "{list}"
+    );
+    let unknown = cli(&["status", "--context", "nope"]);
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no context named \"nope\""));
+
+    let out = demo.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -13,6 +13,7 @@
 //! - [`client`]: the data plane's client of its control plane (config stream, certificates).
 //! - [`clock`]: wall-clock milliseconds since the Unix epoch, as records carry them.
 //! - [`durable`]: files written atomically and fsynced (CA files, the raft log's files).
+//! - [`contexts`]: the operator's named contexts (control plane and CA), as kubectl keeps them.
 //! - [`config`]: loading YAML config files into validated structs with errors that name the
 //!   file, the field and the bad value.
 //! - [`admin`]: the admin HTTP server (`/metrics`, `/ready`, `/debug/config`), and
@@ -40,6 +41,7 @@ pub mod ca;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod contexts;
 pub mod durable;
 pub mod failover;
 pub mod identity;

@@ -17,6 +17,27 @@ pub struct DemoArgs {
     pub exit_after: Option<Duration>,
 }
 
+/// Writes one context per demo cluster (`demo-<cluster>`: its control plane and CA) into the
+/// operator's contexts file and makes `demo-east` current; other contexts are kept as they
+/// are. Returns the file's path.
+fn write_contexts(ports: &crate::PortsFile) -> anyhow::Result<PathBuf> {
+    use isthmus_core::contexts::{config_path, Context, Contexts};
+    let path = config_path(&|name| std::env::var(name).ok())?;
+    let mut all = Contexts::load(&path)?;
+    for c in &ports.clusters {
+        all.contexts.insert(
+            format!("demo-{}", c.name),
+            Context {
+                control: c.control.clone(),
+                ca_file: PathBuf::from(&c.ca_file),
+            },
+        );
+    }
+    all.current_context = Some("demo-east".to_string());
+    all.save(&path)?;
+    Ok(path)
+}
+
 fn step(n: usize, text: &str) {
     println!("\n[{n}] {text}");
 }
@@ -153,6 +174,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .with_context(|| format!("writing the ports file {}", path.display()))?;
         println!("\nAddresses written to {}", path.display());
     }
+    let contexts = write_contexts(&ports)?;
+    println!(
+        "Contexts {} written to {} (current: demo-east); `isthmus context use demo-west` switches",
+        ports
+            .clusters
+            .iter()
+            .map(|c| format!("demo-{}", c.name))
+            .collect::<Vec<_>>()
+            .join(", "),
+        contexts.display()
+    );
     if let Some(east) = ports.clusters.first() {
         if let (Some((dns_ip, dns_port)), Some(vip)) = (
             east.dns.rsplit_once(':'),
@@ -160,8 +192,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ) {
             println!(
                 "Try it (east):\n    dig @{dns_ip} -p {dns_port} {name}\n    curl http://{vip}:{SAMPLE_PORT}/\n    \
-                 isthmus get virtualservice -n {SAMPLE_NAMESPACE} --control {} --ca-file {}",
-                east.control, east.ca_file
+                 isthmus get virtualservice -n {SAMPLE_NAMESPACE}\n    isthmus status\n    \
+                 isthmus explain reviews --context demo-west"
             );
         }
     }
