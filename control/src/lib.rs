@@ -362,29 +362,11 @@ fn rebuild(
     store: &Store,
     own: &ClusterRecord,
 ) -> Option<Arc<MeshConfig>> {
-    let mut clusters: Vec<ClusterRecord> = decode_all(store, records::CLUSTERS_PREFIX);
+    let mut clusters = records::decode_clusters(store.list(records::CLUSTERS_PREFIX));
     // Our own record is known locally even before the store has it (no quorum yet).
     clusters.retain(|c| c.name != own.name);
     clusters.push(own.clone());
-    let exports: Vec<ExportRecord> = store
-        .list(records::EXPORTS_PREFIX)
-        .into_iter()
-        .filter_map(
-            |(key, record)| match serde_json::from_slice::<ExportRecord>(&record.value) {
-                Ok(mut x) => {
-                    x.lease_expired_at_ms = record
-                        .lease
-                        .filter(|l| l.expired)
-                        .map(|l| l.expires_at_unix_ms);
-                    Some(x)
-                }
-                Err(e) => {
-                    tracing::warn!(%key, error = %e, "skipping an export that does not decode");
-                    None
-                }
-            },
-        )
-        .collect();
+    let exports = records::decode_exports(store.list(records::EXPORTS_PREFIX));
     let policies: Vec<Policy> = store
         .list(isthmus_core::policy::STORE_PREFIX)
         .into_iter()
@@ -397,20 +379,6 @@ fn rebuild(
         })
         .collect();
     catalog.rebuild(discovery, &clusters, &exports, &policies)
-}
-
-fn decode_all<T: serde::de::DeserializeOwned>(store: &Store, prefix: &str) -> Vec<T> {
-    store
-        .list(prefix)
-        .into_iter()
-        .filter_map(|(key, record)| match serde_json::from_slice(&record.value) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                tracing::warn!(%key, error = %e, "skipping a store record that does not decode");
-                None
-            }
-        })
-        .collect()
 }
 
 struct CatalogLoop {

@@ -91,3 +91,107 @@ pub struct ExportedEndpoint {
     pub hostname: Option<String>,
     pub ready: bool,
 }
+
+/// Decodes the records listed under [`CLUSTERS_PREFIX`], keeping those that decode and whose
+/// value names the cluster of its key: `clusters/east` holding `"name": "west"` is refused,
+/// so no record can pose as another cluster's (each refusal is logged).
+pub fn decode_clusters(listed: Vec<(String, isthmus_federation::Record)>) -> Vec<ClusterRecord> {
+    listed
+        .into_iter()
+        .filter_map(|(key, record)| {
+            let c: ClusterRecord = decode_logged(&key, &record.value)?;
+            keyed(&key, &cluster_key(&c.name)).then_some(c)
+        })
+        .collect()
+}
+
+/// Decodes the records listed under [`EXPORTS_PREFIX`] like [`decode_clusters`]: an export
+/// counts only at its own key, `exports/<namespace>/<name>/<cluster>`; the lease state comes
+/// from the store's record.
+pub fn decode_exports(listed: Vec<(String, isthmus_federation::Record)>) -> Vec<ExportRecord> {
+    listed
+        .into_iter()
+        .filter_map(|(key, record)| {
+            let mut x: ExportRecord = decode_logged(&key, &record.value)?;
+            if !keyed(&key, &export_key(&x.namespace, &x.name, &x.cluster)) {
+                return None;
+            }
+            x.lease_expired_at_ms = record
+                .lease
+                .filter(|l| l.expired)
+                .map(|l| l.expires_at_unix_ms);
+            Some(x)
+        })
+        .collect()
+}
+
+fn decode_logged<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Option<T> {
+    match serde_json::from_slice(value) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(%key, error = %e, "skipping a store record that does not decode");
+            None
+        }
+    }
+}
+
+fn keyed(key: &str, expected: &str) -> bool {
+    if key == expected {
+        return true;
+    }
+    tracing::warn!(%key, names = %expected, "skipping a store record whose value names another key");
+    false
+}
+
+#[cfg(test)]
+mod keyed_tests {
+    use super::*;
+
+    fn record(value: serde_json::Value) -> isthmus_federation::Record {
+        isthmus_federation::Record {
+            value: serde_json::to_vec(&value).unwrap(),
+            revision: 1,
+            lease: None,
+        }
+    }
+
+    #[test]
+    fn a_record_counts_only_at_the_key_its_value_names() {
+        let export = |cluster: &str| {
+            record(serde_json::json!({
+                "cluster": cluster, "namespace": "default", "name": "ratings", "ports": [],
+                "identities": [], "endpoints": 1, "healthyEndpoints": 1
+            }))
+        };
+        let exports = decode_exports(vec![
+            ("exports/default/ratings/central".into(), export("central")),
+            // A record at another cluster's key claiming to be central's export.
+            ("exports/default/ratings/zzz".into(), export("central")),
+            ("exports/default/reviews/central".into(), export("central")),
+            (
+                "exports/default/ratings/west".into(),
+                record(serde_json::json!("garbage")),
+            ),
+        ]);
+        assert_eq!(exports.len(), 1);
+        assert_eq!(
+            export_key(&exports[0].namespace, &exports[0].name, &exports[0].cluster),
+            "exports/default/ratings/central"
+        );
+
+        let cluster = |name: &str| {
+            record(serde_json::json!({
+                "name": name, "trustDomain": format!("{name}.isthmus.local"),
+                "gateway": null, "caBundlePem": ""
+            }))
+        };
+        let clusters = decode_clusters(vec![
+            ("clusters/east".into(), cluster("east")),
+            ("clusters/zzz".into(), cluster("west")),
+        ]);
+        assert_eq!(
+            clusters.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            vec!["east"]
+        );
+    }
+}

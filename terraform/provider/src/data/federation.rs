@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use isthmus_control::records::{ClusterRecord, CLUSTERS_PREFIX};
+use isthmus_control::records::{decode_clusters, ClusterRecord, CLUSTERS_PREFIX};
 
 use crate::contract::{Conn, DataSource};
 use crate::cty::{Type, Value};
@@ -128,10 +128,7 @@ impl DataSource for FederationData {
             .list(CLUSTERS_PREFIX, linearizable)
             .await
             .map_err(|e| fail("Listing the cluster records", e))?;
-        let clusters: Vec<ClusterRecord> = records
-            .iter()
-            .filter_map(|(_, r)| serde_json::from_slice(&r.value).ok())
-            .collect();
+        let clusters: Vec<ClusterRecord> = decode_clusters(records);
         let members = status
             .members
             .iter()
