@@ -38,13 +38,12 @@ impl ControlArgs {
     /// The address and CA file these arguments, the environment or the context name: `None`
     /// when nothing names a control plane (no flag, no variable, no context).
     pub fn target(&self) -> anyhow::Result<Option<(String, Option<PathBuf>)>> {
-        let env_ca = || std::env::var_os("ISTHMUS_CA_FILE").map(PathBuf::from);
         if let Some(addr) = self
             .control
             .clone()
             .or_else(|| std::env::var("ISTHMUS_CONTROL").ok())
         {
-            return Ok(Some((addr, self.ca_file.clone().or_else(env_ca))));
+            return Ok(Some((addr, self.ca_file_flag_or_env())));
         }
         let path = contexts::config_path(&|name| std::env::var(name).ok())?;
         let all = contexts::Contexts::load(&path)?;
@@ -56,17 +55,19 @@ impl ControlArgs {
         }))
     }
 
+    /// `--ca-file`, else `$ISTHMUS_CA_FILE`.
+    fn ca_file_flag_or_env(&self) -> Option<PathBuf> {
+        self.ca_file
+            .clone()
+            .or_else(|| std::env::var_os("ISTHMUS_CA_FILE").map(PathBuf::from))
+    }
+
     /// A client of the control plane these arguments (or the environment, or the context)
     /// name.
     pub fn client(&self) -> anyhow::Result<ControlClient> {
         let (addr, ca_file) = match self.target()? {
             Some(target) => target,
-            None => (
-                DEFAULT_CONTROL.to_string(),
-                self.ca_file
-                    .clone()
-                    .or_else(|| std::env::var_os("ISTHMUS_CA_FILE").map(PathBuf::from)),
-            ),
+            None => (DEFAULT_CONTROL.to_string(), self.ca_file_flag_or_env()),
         };
         let ca_file = ca_file.with_context(|| {
             format!(
