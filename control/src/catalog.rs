@@ -175,8 +175,14 @@ impl Catalog {
         exports: &[ExportRecord],
         policies: &[Policy],
     ) -> Option<Arc<MeshConfig>> {
+        let (clusters, problems) = admit_trust_domains(&self.cluster, &self.trust_domain, clusters);
+        for problem in problems {
+            if self.reported.insert(problem.clone()) {
+                tracing::warn!("{problem}");
+            }
+        }
         let gateways: BTreeMap<&str, &ClusterRecord> =
-            clusters.iter().map(|c| (c.name.as_str(), c)).collect();
+            clusters.iter().map(|c| (c.name.as_str(), *c)).collect();
         // (namespace, name) → service under construction.
         let mut services: BTreeMap<(String, String), MeshService> = BTreeMap::new();
         // (namespace, name) → each imported export's cluster and headless endpoints.
@@ -262,7 +268,24 @@ impl Catalog {
             };
             merge_ports(&mut service.ports, &x.ports);
             let mut ids: BTreeSet<String> = service.identities.drain(..).collect();
-            ids.extend(x.identities.iter().cloned());
+            // A cluster vouches only for identities of its own trust domain.
+            let exporter_td = gateways
+                .get(x.cluster.as_str())
+                .map(|c| c.trust_domain.as_str());
+            for id in &x.identities {
+                let parsed = id.parse::<SpiffeId>().ok();
+                if parsed.as_ref().map(SpiffeId::trust_domain) == exporter_td {
+                    ids.insert(id.clone());
+                } else {
+                    let problem = format!(
+                        "ignoring identity {id} in cluster {}'s export of {}/{}: it is not in {}'s trust domain",
+                        x.cluster, x.namespace, x.name, x.cluster
+                    );
+                    if self.reported.insert(problem.clone()) {
+                        tracing::warn!("{problem}");
+                    }
+                }
+            }
             service.identities = ids.into_iter().collect();
             service.remote.push(RemoteExport {
                 cluster: x.cluster.clone(),
@@ -429,6 +452,47 @@ fn check_exported(e: &ExportedEndpoint) -> Result<(), String> {
     } else {
         Err("an endpoint without a hostname needs an id of the form ep.<16 hex digits>".into())
     }
+}
+
+/// The member clusters whose trust bundles count: a trust domain belongs to one cluster.
+/// This cluster's own trust domain is always its own (another record claiming it is left
+/// out); two other clusters claiming one trust domain are both left out, as neither can be
+/// told from an impostor here. Returns the clusters kept and one message per one left out.
+pub fn admit_trust_domains<'a>(
+    own_cluster: &str,
+    own_trust_domain: &str,
+    clusters: &'a [ClusterRecord],
+) -> (Vec<&'a ClusterRecord>, Vec<String>) {
+    let mut claims: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for c in clusters {
+        claims
+            .entry(c.trust_domain.to_ascii_lowercase())
+            .or_default()
+            .push(c.name.as_str());
+    }
+    let mut kept = Vec::new();
+    let mut problems = Vec::new();
+    for c in clusters {
+        let td = c.trust_domain.to_ascii_lowercase();
+        let claimants = &claims[&td];
+        if c.name == own_cluster {
+            kept.push(c);
+        } else if td == own_trust_domain {
+            problems.push(format!(
+                "trust domain {td} belongs to cluster {own_cluster}; leaving out cluster {}, which claims it",
+                c.name
+            ));
+        } else if claimants.len() > 1 {
+            problems.push(format!(
+                "clusters {} all claim trust domain {td}; leaving out cluster {}",
+                claimants.join(", "),
+                c.name
+            ));
+        } else {
+            kept.push(c);
+        }
+    }
+    (kept, problems)
 }
 
 fn identities<'a>(

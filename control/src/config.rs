@@ -321,6 +321,15 @@ pub struct ControlConfig {
     pub ca_root: Option<CaRoot>,
 }
 
+impl ControlConfig {
+    /// Whether this member starts the federation: not joining, and the lowest id among the
+    /// initial members. Its control plane writes the first mesh-admin grant
+    /// (docs/security.md §6).
+    pub fn is_first_member(&self) -> bool {
+        !self.join && self.peers.keys().all(|id| *id >= self.node_id)
+    }
+}
+
 impl TryFrom<RawControlConfig> for ControlConfig {
     type Error = FieldError;
 

@@ -108,6 +108,9 @@ impl Daemon {
                 cert_lifetime: config.cert_lifetime,
                 export_lease: config.export_lease,
                 ca: ca.clone(),
+                bootstrap_admin: config
+                    .is_first_member()
+                    .then(|| crate::BOOTSTRAP_ADMIN.to_string()),
             },
             store.clone(),
         )

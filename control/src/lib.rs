@@ -27,6 +27,7 @@
 )]
 
 pub mod api;
+pub mod authz;
 pub mod catalog;
 pub mod config;
 pub mod daemon;
@@ -95,7 +96,14 @@ pub struct ControlOptions {
     /// it; if this control plane stops renewing (it is down, or cut off from the
     /// federation), the others see the lease lapse and apply their failover policies.
     pub export_lease: Duration,
+    /// On the federation's first member: the operator name (`spiffe://<td>/operator/admin/
+    /// <name>`) that is mesh admin while the store holds no mesh-admin grant, and to whom this
+    /// control plane writes the first grant (docs/security.md §6).
+    pub bootstrap_admin: Option<String>,
 }
+
+/// The name of the first mesh admin on a federation's first member.
+pub const BOOTSTRAP_ADMIN: &str = "admin";
 
 /// Where this cluster's services come from.
 #[derive(Clone)]
@@ -109,6 +117,7 @@ pub enum DiscoverySource {
 /// A running control plane.
 pub struct ControlHandle {
     grpc_addr: SocketAddr,
+    ca: Arc<CertificateAuthority>,
     ca_pem: String,
     config: watch::Receiver<Arc<MeshConfig>>,
     gateway: watch::Sender<Option<SocketAddr>>,
@@ -127,8 +136,38 @@ impl ControlHandle {
         &self.ca_pem
     }
 
-    /// A client of this control plane's API (TLS, trusting its CA).
+    /// A client of this control plane's API as this cluster's operator `admin` (a
+    /// credential minted from its CA; a mesh admin on the federation's first member).
     pub fn client(&self) -> isthmus_core::client::ControlClient {
+        self.operator_client(isthmus_core::identity::Role::Admin, BOOTSTRAP_ADMIN)
+    }
+
+    /// A client of this control plane's API as the operator `spiffe://<td>/operator/<role>/
+    /// <name>`, with a credential minted from this cluster's CA.
+    pub fn operator_client(
+        &self,
+        role: isthmus_core::identity::Role,
+        name: &str,
+    ) -> isthmus_core::client::ControlClient {
+        let id = isthmus_core::identity::OperatorId::new(self.ca.trust_domain(), role, name)
+            .expect("an operator name is a DNS label");
+        let issued = self
+            .ca
+            .issue_operator(&id, Duration::from_secs(3600))
+            .expect("the cluster CA issues operator credentials");
+        let credential =
+            isthmus_core::tls::StaticClientCert::from_pem(&issued.cert_chain_pem, &issued.key_pem)
+                .expect("a freshly issued credential is usable");
+        isthmus_core::client::ControlClient::authenticated(
+            &self.grpc_addr.to_string(),
+            &self.ca_pem,
+            credential,
+        )
+        .expect("the control plane's own address and CA make a valid client")
+    }
+
+    /// An anonymous client of this control plane's API (it may call `Sign` only).
+    pub fn anonymous_client(&self) -> isthmus_core::client::ControlClient {
         isthmus_core::client::ControlClient::new(&self.grpc_addr.to_string(), &self.ca_pem)
             .expect("the control plane's own address and CA make a valid client")
     }
@@ -215,8 +254,26 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
     let (config_tx, config_rx) = watch::channel(catalog.current());
 
     let policy_store = store.clone();
-    let kv = store.kv_service();
+    let authorizer = authz::Authorizer::new(
+        &opts.cluster,
+        &opts.trust_domain,
+        store.clone(),
+        opts.bootstrap_admin.clone(),
+    );
+    let kv = store.guarded_kv_service(authorizer.write_guard());
     let mut tasks = Vec::new();
+    if let Some(name) = &opts.bootstrap_admin {
+        tasks.push(tokio::spawn(bootstrap_grant(
+            store.clone(),
+            isthmus_core::identity::OperatorId::new(
+                &opts.trust_domain,
+                isthmus_core::identity::Role::Admin,
+                name,
+            )
+            .map_err(|e| ControlError::Tls(format!("bootstrap admin: {e}")))?,
+            stopped.clone(),
+        )));
+    }
     let kube_discovery = kube.as_ref().map(|k| k.discovery.clone());
     if let Some(k) = kube.as_mut() {
         k.start_writers(
@@ -272,7 +329,17 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
     let (api_identity, rotation) =
         api_identity(opts.ca.clone(), opts.cert_lifetime, stopped.clone())?;
     tasks.push(rotation);
-    let tls = isthmus_core::api_tls::server_config(api_identity)
+    // Client certificates verify against the member bundles as the catalog admits them
+    // (this cluster's trust domain is always its own CA), starting with our own.
+    let api_clients = isthmus_core::tls::TrustBundles::new();
+    api_clients
+        .replace([(opts.trust_domain.as_str(), opts.ca.cert_pem())])
+        .map_err(|e| ControlError::Tls(e.to_string()))?;
+    tasks.push(isthmus_core::client::follow_trust_bundles(
+        api_clients.clone(),
+        config_rx.clone(),
+    ));
+    let tls = isthmus_core::api_tls::server_config(api_identity, api_clients)
         .map_err(|e| ControlError::Tls(e.to_string()))?;
     let mut grpc_stop = stopped.clone();
     let (incoming, accepting) =
@@ -285,6 +352,7 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
             .max_concurrent_streams(Some(isthmus_core::api_tls::MAX_STREAMS_PER_CONNECTION))
             .http2_keepalive_interval(Some(isthmus_core::api_tls::KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(isthmus_core::api_tls::KEEPALIVE_TIMEOUT))
+            .layer(authz::AuthorizeLayer(authorizer))
             .add_service(
                 MeshConfigServiceServer::new(config_api)
                     .max_decoding_message_size(api::MAX_CONFIG_REQUEST_BYTES)
@@ -310,6 +378,7 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
     tracing::info!(cluster = %opts.cluster, grpc = %grpc_addr, "control plane started");
     Ok(ControlHandle {
         grpc_addr,
+        ca: opts.ca.clone(),
         ca_pem: opts.ca.cert_pem().to_string(),
         config: config_rx,
         gateway: gateway_tx,
@@ -353,6 +422,41 @@ fn api_identity(
         }
     });
     Ok((identity, task))
+}
+
+/// On the federation's first member: writes the first mesh-admin grant, to `admin`, unless
+/// some grant exists (retrying while the store has no quorum). Compare-and-set on an absent
+/// key, so two writers cannot both win.
+async fn bootstrap_grant(
+    store: Store,
+    admin: isthmus_core::identity::OperatorId,
+    mut stop: watch::Receiver<bool>,
+) {
+    let key = records::mesh_admin_grant_key(admin.trust_domain(), admin.name());
+    let record = records::GrantRecord {
+        identity: admin.to_string(),
+        granted_by: format!("member:{}", store.status().id),
+        granted_at_ms: isthmus_core::clock::unix_ms(),
+    };
+    let Ok(value) = serde_json::to_vec(&record) else {
+        return;
+    };
+    loop {
+        if !store.list(records::MESH_ADMIN_GRANTS_PREFIX).is_empty() {
+            return;
+        }
+        match store.compare_and_set(&key, None, value.clone()).await {
+            Ok(_) => {
+                tracing::info!(identity = %admin, "wrote the first mesh-admin grant");
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "writing the first mesh-admin grant; will retry"),
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+        }
+    }
 }
 
 /// Reads the other clusters' records from the local replica and rebuilds the catalog.

@@ -2,6 +2,8 @@
 //!
 //! - `clusters/<name>` → [`ClusterRecord`]: membership, trust bundle, gateway address.
 //! - `exports/<ns>/<svc>/<cluster>` → [`ExportRecord`]: one cluster's export of one service.
+//! - `grants/mesh-admin/<trust-domain>/<name>` → [`GrantRecord`]: the operator
+//!   `spiffe://<trust-domain>/operator/admin/<name>` is a mesh admin (docs/security.md §6).
 //!
 //! Values are JSON. Each cluster writes only its own records.
 
@@ -71,6 +73,36 @@ pub fn export_key(namespace: &str, name: &str, cluster: &str) -> String {
 }
 
 pub const CLUSTERS_PREFIX: &str = "clusters/";
+/// Where mesh-admin grants live.
+pub const MESH_ADMIN_GRANTS_PREFIX: &str = "grants/mesh-admin/";
+
+/// The key of the grant that makes `spiffe://<trust_domain>/operator/admin/<name>` a mesh
+/// admin.
+pub fn mesh_admin_grant_key(trust_domain: &str, name: &str) -> String {
+    format!("{MESH_ADMIN_GRANTS_PREFIX}{trust_domain}/{name}")
+}
+
+/// A mesh-admin grant: who holds it, who granted it, when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantRecord {
+    pub identity: String,
+    pub granted_by: String,
+    pub granted_at_ms: u64,
+}
+
+/// Whether `key` is one of `cluster`'s own records (`clusters/<cluster>` or
+/// `exports/<ns>/<svc>/<cluster>`), which that cluster's admins may write.
+pub fn owned_by(key: &str, cluster: &str) -> bool {
+    if let Some(name) = key.strip_prefix(CLUSTERS_PREFIX) {
+        return name == cluster;
+    }
+    if let Some(rest) = key.strip_prefix(EXPORTS_PREFIX) {
+        let parts: Vec<&str> = rest.split('/').collect();
+        return matches!(parts.as_slice(), [ns, svc, c] if !ns.is_empty() && !svc.is_empty() && *c == cluster);
+    }
+    false
+}
 pub const EXPORTS_PREFIX: &str = "exports/";
 
 /// The endpoints of an exported headless service.

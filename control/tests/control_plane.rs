@@ -45,6 +45,7 @@ async fn start_polling(services_yaml: &str, poll: Duration) -> Running {
             cert_lifetime: Duration::from_secs(600),
             export_lease: Duration::from_secs(10),
             ca: Arc::new(CertificateAuthority::generate("east.isthmus.local").unwrap()),
+            bootstrap_admin: Some(isthmus_control::BOOTSTRAP_ADMIN.to_string()),
         },
         store.clone(),
     )

@@ -58,6 +58,7 @@ async fn control(
             cert_lifetime: Duration::from_secs(600),
             export_lease: Duration::from_secs(10),
             ca: Arc::new(CertificateAuthority::generate(&td).unwrap()),
+            bootstrap_admin: Some(isthmus_control::BOOTSTRAP_ADMIN.to_string()),
         },
         store.clone(),
     )

@@ -5,9 +5,15 @@
 //! Clients (the data-plane daemons, the CLI, the Terraform provider, other control planes) are
 //! given the cluster CA and accept a server whose chain verifies against it and whose SPIFFE
 //! ID is a control plane's: the name dialled does not matter, so a pod IP, a Service name or a
-//! port-forward all verify the same way. Clients do not present certificates here; what a
-//! caller may do is decided per request (bootstrap or service-account tokens for
-//! certificates).
+//! port-forward all verify the same way.
+//!
+//! The server asks every client for a certificate but does not require one: `Sign` is
+//! reached with a token alone. A certificate that is presented must chain to the bundle of
+//! the trust domain it names (the member bundles the control plane follows), else the
+//! handshake fails; the verified [`Principal`] travels with every request of the connection
+//! ([`ApiConnInfo`]) and the control plane decides per method what it may do
+//! (docs/security.md §6). Data-plane daemons present their own certificate, operators their
+//! credential ([`client_config_as`]).
 
 use std::io;
 use std::net::SocketAddr;
@@ -17,12 +23,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
+use rustls::client::ResolvesClientCert;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::identity::Principal;
 use crate::tls::{self, Identity, TlsError, TrustBundles};
 
 /// How long a client has to finish its TLS handshake before the server drops it.
@@ -45,31 +53,56 @@ pub const MAX_CLIENT_DECODE_BYTES: usize = 64 * 1024 * 1024;
 /// The ALPN protocol the API speaks (gRPC is HTTP/2).
 const ALPN_H2: &[u8] = b"h2";
 
-/// The server side: presents `identity` (rotatable), asks for no client certificate.
-pub fn server_config(identity: Arc<Identity>) -> Result<rustls::ServerConfig, TlsError> {
+/// The server side: presents `identity` (rotatable); asks for a client certificate, which
+/// must verify against `clients` (the member bundles, per trust domain) when presented.
+pub fn server_config(
+    identity: Arc<Identity>,
+    clients: Arc<TrustBundles>,
+) -> Result<rustls::ServerConfig, TlsError> {
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13])
     .map_err(TlsError::Config)?
-    .with_no_client_auth()
+    .with_client_cert_verifier(tls::OptionalClientVerifier::new(clients))
     .with_cert_resolver(tls::identity_resolver(identity));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(config)
 }
 
-/// The client side: trusts a control plane whose chain verifies against `ca_pem` (one or
-/// more CA certificates) and whose SPIFFE ID is a control plane's.
+/// The client side, anonymous: trusts a control plane whose chain verifies against `ca_pem`
+/// (one or more CA certificates) and whose SPIFFE ID is a control plane's. Enough for
+/// `Sign`; every other method needs [`client_config_as`].
 pub fn client_config(ca_pem: &str) -> Result<rustls::ClientConfig, TlsError> {
+    client_config_with(ca_pem, None)
+}
+
+/// Like [`client_config`], presenting the certificate `credential` resolves to (a daemon's
+/// rotating [`Identity`] through [`tls::identity_resolver`], an operator's
+/// [`tls::StaticClientCert`]).
+pub fn client_config_as(
+    ca_pem: &str,
+    credential: Arc<dyn ResolvesClientCert>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    client_config_with(ca_pem, Some(credential))
+}
+
+fn client_config_with(
+    ca_pem: &str,
+    credential: Option<Arc<dyn ResolvesClientCert>>,
+) -> Result<rustls::ClientConfig, TlsError> {
     let trust = TrustBundles::any_domain(ca_pem)?;
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13])
     .map_err(TlsError::Config)?
     .dangerous()
-    .with_custom_certificate_verifier(tls::spiffe_verifier(trust, Arc::new(|id| id.is_control())))
-    .with_no_client_auth();
+    .with_custom_certificate_verifier(tls::spiffe_verifier(trust, Arc::new(|id| id.is_control())));
+    let mut config = match credential {
+        Some(credential) => builder.with_client_cert_resolver(credential),
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(config)
 }
@@ -105,23 +138,29 @@ pub fn channel(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<Channel,
     )
 }
 
+/// Who is at the other end of an API connection, attached to each of its requests (tonic puts
+/// it in the request's extensions).
+#[derive(Debug, Clone)]
+pub struct ApiConnInfo {
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    /// The verified client certificate's identity; `None` when the client presented none.
+    pub caller: Option<Principal>,
+}
+
 /// One accepted, handshaken API connection.
 pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
-    remote: SocketAddr,
-    local: SocketAddr,
+    info: ApiConnInfo,
     /// One of the port's [`MAX_CONNECTIONS`], given back when the connection closes.
     _slot: OwnedSemaphorePermit,
 }
 
 impl Connected for TlsConn {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ApiConnInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        TcpConnectInfo {
-            local_addr: Some(self.local),
-            remote_addr: Some(self.remote),
-        }
+        self.info.clone()
     }
 }
 
@@ -206,11 +245,22 @@ pub fn incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(inner)) => {
+                        // The verifier accepted the chain; the leaf names the principal.
+                        let caller = inner
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|certs| certs.first())
+                            .and_then(|leaf| tls::principal_in_der(leaf).ok());
+                        let info = ApiConnInfo {
+                            remote,
+                            local,
+                            caller,
+                        };
                         let _ = tx
                             .send(Ok(TlsConn {
                                 inner,
-                                remote,
-                                local,
+                                info,
                                 _slot: slot,
                             }))
                             .await;
@@ -246,7 +296,9 @@ mod tests {
         let issued = ca.issue(&server_id, Duration::from_secs(60)).unwrap();
         let identity =
             Identity::from_pem(server_id, &issued.cert_chain_pem, &issued.key_pem).unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config(identity).unwrap()));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
+            server_config(identity, TrustBundles::new()).unwrap(),
+        ));
         let connector =
             tokio_rustls::TlsConnector::from(Arc::new(client_config(trusted_pem).unwrap()));
         let (a, b) = tokio::io::duplex(64 * 1024);

@@ -106,15 +106,26 @@ impl ControlTarget {
         })
     }
 
-    /// A client of the control plane's API.
+    /// An anonymous client of the control plane's API (enough for `Sign`).
     pub fn client(&self) -> Result<ControlClient, ClientError> {
         ControlClient::new(&self.addr, &self.ca_pem)
+    }
+
+    /// A client presenting `identity` (rotations apply to new connections).
+    pub fn client_as(&self, identity: &Arc<Identity>) -> Result<ControlClient, ClientError> {
+        ControlClient::authenticated(
+            &self.addr,
+            &self.ca_pem,
+            crate::tls::identity_resolver(identity.clone()),
+        )
     }
 }
 
 /// What a component gets from its control plane.
 pub struct Attached {
     pub identity: Option<Arc<Identity>>,
+    /// The client the attachment uses: presenting `identity` when there is one.
+    pub client: ControlClient,
     pub trust: Arc<TrustBundles>,
     pub config: watch::Receiver<Arc<MeshConfig>>,
     /// Certificate rotation, the config stream and the trust-bundle follower: abort them when
@@ -131,18 +142,19 @@ impl Attached {
     }
 }
 
-/// Connects to the control plane: a certificate for `id` (when given) and the config stream.
+/// Connects to the control plane: a certificate for `id` (when given, obtained with the
+/// token) and the config stream, on a connection that presents that certificate.
 pub async fn attach(
     control: &ControlTarget,
     node: &str,
     id: Option<(&SpiffeId, Token)>,
 ) -> Result<Attached, AttachError> {
-    let client = control.client()?;
+    let anonymous = control.client()?;
     let trust = TrustBundles::new();
     let mut tasks = Vec::new();
     let identity = match id {
         Some((id, token)) => {
-            let (identity, rotation) = client
+            let (identity, rotation) = anonymous
                 .workload_identity(id, token, trust.clone())
                 .await
                 .map_err(|source| AttachError::Certificate {
@@ -155,11 +167,16 @@ pub async fn attach(
         }
         None => None,
     };
+    let client = match &identity {
+        Some(identity) => control.client_as(identity)?,
+        None => anonymous,
+    };
     let (config, stream) = client.watch_config(node, FIRST_CONFIG_WAIT).await?;
     tasks.push(stream);
     tasks.push(follow_trust_bundles(trust.clone(), config.clone()));
     Ok(Attached {
         identity,
+        client,
         trust,
         config,
         tasks,

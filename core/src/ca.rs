@@ -145,6 +145,32 @@ impl CertificateAuthority {
         })
     }
 
+    /// Issues an operator credential (client authentication only) with a fresh key: what
+    /// `isthmus credentials issue` writes for a person or a tool.
+    pub fn issue_operator(
+        &self,
+        id: &crate::identity::OperatorId,
+        lifetime: Duration,
+    ) -> Result<IssuedCert, CaError> {
+        let key = KeyPair::generate().map_err(CaError::GenerateKey)?;
+        let mut params = uri_params(&id.to_string())?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + lifetime;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|source| CaError::Build {
+                subject: id.to_string(),
+                source,
+            })?;
+        Ok(IssuedCert {
+            cert_chain_pem: format!("{}{}", cert.pem(), self.cert_pem),
+            key_pem: key.serialize_pem(),
+            not_after_unix: params.not_after.unix_timestamp(),
+        })
+    }
+
     /// Issues a server certificate for DNS names (the admission webhook's Service name, which
     /// the Kubernetes API server checks), with a fresh key.
     pub fn issue_server(
@@ -223,10 +249,15 @@ impl CertificateAuthority {
 }
 
 fn workload_params(id: &SpiffeId) -> Result<CertificateParams, CaError> {
-    let uri = id
+    uri_params(&id.to_string())
+}
+
+/// A leaf whose only name is the URI SAN `uri`, for server and client authentication.
+fn uri_params(uri: &str) -> Result<CertificateParams, CaError> {
+    let uri = uri
         .to_string()
         .try_into()
-        .map_err(|_| CaError::BadIdentity(id.to_string()))?;
+        .map_err(|_| CaError::BadIdentity(uri.to_string()))?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "isthmus");

@@ -86,13 +86,30 @@ pub struct ControlClient {
 }
 
 impl ControlClient {
-    /// A client for the control plane at `addr` (`host:port`; an `https://` prefix is
-    /// accepted), trusting the cluster CA `ca_pem`. Connects lazily.
+    /// An anonymous client for the control plane at `addr` (`host:port`; an `https://`
+    /// prefix is accepted), trusting the cluster CA `ca_pem`. Connects lazily. Anonymous
+    /// callers reach `Sign` only (docs/security.md §6).
     pub fn new(addr: &str, ca_pem: &str) -> Result<Self, ClientError> {
         let config = crate::api_tls::client_config(ca_pem).map_err(|e| ClientError::Ca {
             addr: addr.to_string(),
             reason: e.to_string(),
         })?;
+        Self::with_tls(addr, Arc::new(config))
+    }
+
+    /// Like [`ControlClient::new`], presenting a client certificate: a daemon's own
+    /// [`Identity`] (through [`crate::tls::identity_resolver`], so rotations apply to new
+    /// connections) or an operator credential ([`crate::tls::StaticClientCert`]).
+    pub fn authenticated(
+        addr: &str,
+        ca_pem: &str,
+        credential: Arc<dyn rustls::client::ResolvesClientCert>,
+    ) -> Result<Self, ClientError> {
+        let config =
+            crate::api_tls::client_config_as(ca_pem, credential).map_err(|e| ClientError::Ca {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
         Self::with_tls(addr, Arc::new(config))
     }
 
@@ -430,8 +447,9 @@ fn policy_error(operation: &'static str, status: &tonic::Status) -> ClientError 
 }
 
 fn install_bundles(trust: &TrustBundles, bundles: &[(String, String)]) {
-    if let Err(e) = trust.replace(bundles.iter().map(|(td, pem)| (td.as_str(), pem.as_str()))) {
-        tracing::warn!(error = %e, "ignoring unusable trust bundles");
+    let bundles = bundles.iter().map(|(td, pem)| (td.as_str(), pem.as_str()));
+    for (trust_domain, e) in trust.replace_each(bundles) {
+        tracing::warn!(%trust_domain, error = %e, "leaving out an unusable trust bundle");
     }
 }
 
@@ -456,8 +474,9 @@ pub fn follow_trust_bundles(
                     .clusters
                     .iter()
                     .map(|c| (c.trust_domain.as_str(), c.ca_bundle_pem.as_str()));
-                if let Err(e) = trust.replace(bundles) {
-                    tracing::warn!(error = %e, "ignoring unusable trust bundles in config");
+                // One unusable bundle leaves out only its own trust domain.
+                for (trust_domain, e) in trust.replace_each(bundles) {
+                    tracing::warn!(%trust_domain, error = %e, "leaving out an unusable trust bundle");
                 }
             }
             if config.changed().await.is_err() {

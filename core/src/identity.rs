@@ -72,6 +72,11 @@ impl SpiffeId {
         Self::new(trust_domain, SYSTEM_NAMESPACE, GATEWAY_SERVICE_ACCOUNT)
     }
 
+    /// The identity of a cluster's DNS proxies.
+    pub fn dns(trust_domain: &str) -> Self {
+        Self::new(trust_domain, SYSTEM_NAMESPACE, DNS_SERVICE_ACCOUNT)
+    }
+
     /// The identity of a cluster's control plane.
     pub fn control(trust_domain: &str) -> Self {
         Self::new(trust_domain, SYSTEM_NAMESPACE, CONTROL_SERVICE_ACCOUNT)
@@ -116,6 +121,11 @@ impl SpiffeId {
     /// Whether this is the gateway identity of some trust domain.
     pub fn is_gateway(&self) -> bool {
         self.namespace == SYSTEM_NAMESPACE && self.service_account == GATEWAY_SERVICE_ACCOUNT
+    }
+
+    /// Whether this is the DNS-proxy identity of some trust domain.
+    pub fn is_dns(&self) -> bool {
+        self.namespace == SYSTEM_NAMESPACE && self.service_account == DNS_SERVICE_ACCOUNT
     }
 }
 
@@ -172,6 +182,143 @@ impl From<SpiffeId> for String {
     }
 }
 
+/// The service account of DNS proxies.
+pub const DNS_SERVICE_ACCOUNT: &str = "dns";
+
+/// An operator's role, certified by the CA that issued the operator's credential
+/// (docs/security.md §3, §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// Reads: `get`, `status`, `explain`.
+    Viewer,
+    /// Reads and writes of this cluster's own records; with a mesh-admin grant, the mesh.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = IdentityError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "viewer" => Ok(Role::Viewer),
+            "admin" => Ok(Role::Admin),
+            _ => Err(IdentityError::InvalidSpiffeId {
+                value: s.to_string(),
+                reason: "an operator role is viewer or admin",
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An operator identity, `spiffe://<trust-domain>/operator/<role>/<name>`: a person or a
+/// tool using the CLI or the Terraform provider. It can never be a workload identity (whose
+/// path is `/ns/<ns>/sa/<sa>`), so `Sign` cannot issue one and the data plane never accepts
+/// one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OperatorId {
+    trust_domain: String,
+    role: Role,
+    name: String,
+}
+
+impl OperatorId {
+    /// An operator identity; `name` must be a DNS label.
+    pub fn new(trust_domain: &str, role: Role, name: &str) -> Result<Self, IdentityError> {
+        validate_label("operator name", name)?;
+        Ok(OperatorId {
+            trust_domain: trust_domain.to_ascii_lowercase(),
+            role,
+            name: name.to_string(),
+        })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl fmt::Display for OperatorId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/operator/{}/{}",
+            self.trust_domain, self.role, self.name
+        )
+    }
+}
+
+/// Whoever presented a verified certificate to the control-plane API: a workload-form
+/// identity (workloads, gateways, DNS proxies, control planes) or an operator.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Principal {
+    Workload(SpiffeId),
+    Operator(OperatorId),
+}
+
+impl Principal {
+    pub fn trust_domain(&self) -> &str {
+        match self {
+            Principal::Workload(id) => id.trust_domain(),
+            Principal::Operator(op) => op.trust_domain(),
+        }
+    }
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Principal::Workload(id) => id.fmt(f),
+            Principal::Operator(op) => op.fmt(f),
+        }
+    }
+}
+
+impl FromStr for Principal {
+    type Err = IdentityError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |reason| IdentityError::InvalidSpiffeId {
+            value: s.to_string(),
+            reason,
+        };
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| bad("it must start with spiffe://"))?;
+        let (td, path) = rest.split_once('/').ok_or_else(|| bad("it has no path"))?;
+        match path.split('/').collect::<Vec<_>>().as_slice() {
+            ["operator", role, name] => {
+                // Same trust-domain rule as a workload identity.
+                SpiffeId::from_str(&format!("spiffe://{td}/ns/x/sa/x"))?;
+                Ok(Principal::Operator(OperatorId::new(
+                    td,
+                    role.parse()?,
+                    name,
+                )?))
+            }
+            _ => s.parse().map(Principal::Workload),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,6 +363,40 @@ mod tests {
         assert!(validate_label("cluster", "east-1").is_ok());
         for bad in ["", "East", "-a", "a-", "a_b", &"a".repeat(64)] {
             assert!(validate_label("cluster", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn principals_parse_operators_and_workloads_apart() {
+        let op: Principal = "spiffe://east.isthmus.local/operator/admin/alice"
+            .parse()
+            .unwrap();
+        let Principal::Operator(op) = op else {
+            panic!("not an operator")
+        };
+        assert_eq!(op.trust_domain(), "east.isthmus.local");
+        assert_eq!(op.role(), Role::Admin);
+        assert_eq!(op.name(), "alice");
+        assert_eq!(
+            op.to_string(),
+            "spiffe://east.isthmus.local/operator/admin/alice"
+        );
+        let w: Principal = "spiffe://east.isthmus.local/ns/default/sa/ratings"
+            .parse()
+            .unwrap();
+        assert!(matches!(w, Principal::Workload(_)));
+        // An operator path is never a workload identity, and odd roles or names are refused.
+        assert!("spiffe://east.isthmus.local/operator/admin/alice"
+            .parse::<SpiffeId>()
+            .is_err());
+        for bad in [
+            "spiffe://east.isthmus.local/operator/root/alice",
+            "spiffe://east.isthmus.local/operator/admin/Alice",
+            "spiffe://east.isthmus.local/operator/admin",
+            "spiffe://East/operator/admin/alice",
+            "spiffe://east.isthmus.local/operator/admin/alice/x",
+        ] {
+            assert!(bad.parse::<Principal>().is_err(), "{bad}");
         }
     }
 }

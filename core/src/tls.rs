@@ -20,7 +20,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
-use crate::identity::SpiffeId;
+use crate::identity::{Principal, SpiffeId};
 
 /// The server name clients put in SNI. Peers are identified by SPIFFE ID, not by DNS name,
 /// so the verifier ignores it.
@@ -90,6 +90,33 @@ pub fn spiffe_ids_in_der(der: &[u8]) -> Result<Vec<SpiffeId>, TlsError> {
     Ok(ids)
 }
 
+/// The one identity (workload-form or operator) a leaf certificate names: exactly one
+/// `spiffe://` URI SAN, which must parse as a [`Principal`].
+pub fn principal_in_der(der: &[u8]) -> Result<Principal, TlsError> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| TlsError::X509(e.to_string()))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| TlsError::X509(e.to_string()))?;
+    let uris: Vec<&str> = san
+        .iter()
+        .flat_map(|san| san.value.general_names.iter())
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) if uri.starts_with("spiffe://") => Some(*uri),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [one] => one
+            .parse()
+            .map_err(|e: crate::identity::IdentityError| TlsError::X509(e.to_string())),
+        _ => Err(TlsError::X509(format!(
+            "the certificate names {} SPIFFE IDs; exactly one is required",
+            uris.len()
+        ))),
+    }
+}
+
 /// The SPIFFE IDs of the first (leaf) certificate in a PEM chain.
 pub fn spiffe_ids_in_pem(pem: &str) -> Result<Vec<SpiffeId>, TlsError> {
     let certs = certs_from_pem("certificate", pem)?;
@@ -137,6 +164,13 @@ impl TrustBundles {
     ) -> Result<(), TlsError> {
         let mut next = HashMap::new();
         for (trust_domain, pem) in bundles {
+            if trust_domain == ANY_DOMAIN {
+                // Only [`TrustBundles::any_domain`] may install anchors for every domain; a
+                // record claiming "*" vouches for nothing.
+                return Err(TlsError::X509(format!(
+                    "{ANY_DOMAIN:?} is not a trust domain"
+                )));
+            }
             let mut anchors = Vec::new();
             for der in certs_from_pem("trust bundle", pem)? {
                 let anchor = webpki::anchor_from_trusted_cert(&der)
@@ -154,6 +188,28 @@ impl TrustBundles {
         Ok(())
     }
 
+    /// Like [`TrustBundles::replace`], but a bundle that does not parse (or claims `*`)
+    /// leaves out only its own trust domain: every other one is installed. Returns the ones
+    /// left out, with the reason, for the caller to log.
+    pub fn replace_each<'a>(
+        &self,
+        bundles: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Vec<(String, TlsError)> {
+        let mut good = Vec::new();
+        let mut excluded = Vec::new();
+        for (trust_domain, pem) in bundles {
+            match Self::new().replace([(trust_domain, pem)]) {
+                Ok(()) => good.push((trust_domain, pem)),
+                Err(e) => excluded.push((trust_domain.to_string(), e)),
+            }
+        }
+        if let Err(e) = self.replace(good) {
+            // Each one parsed alone, so together they do too.
+            tracing::error!(error = %e, "installing checked trust bundles failed");
+        }
+        excluded
+    }
+
     /// Resolves on each later [`TrustBundles::replace`]: wait on `changed()`.
     pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.generation.subscribe()
@@ -163,8 +219,19 @@ impl TrustBundles {
     /// one cluster's CA (the control-plane API's clients), where the CA itself is the trust
     /// decision. Never used for workload mTLS, where each domain has its own bundle.
     pub fn any_domain(pem: &str) -> Result<Arc<Self>, TlsError> {
+        let mut anchors = Vec::new();
+        for der in certs_from_pem("trust bundle", pem)? {
+            let anchor = webpki::anchor_from_trusted_cert(&der)
+                .map_err(|source| TlsError::Anchor {
+                    trust_domain: ANY_DOMAIN.to_string(),
+                    source,
+                })?
+                .to_owned();
+            anchors.push(anchor);
+        }
         let bundles = Self::new();
-        bundles.replace([(ANY_DOMAIN, pem)])?;
+        *bundles.anchors.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(HashMap::from([(ANY_DOMAIN.to_string(), anchors)]));
         Ok(bundles)
     }
 
@@ -202,10 +269,55 @@ impl TrustBundles {
             ));
         }
         let id = ids.remove(0);
+        self.verify_chain(
+            id.trust_domain(),
+            true,
+            end_entity,
+            intermediates,
+            now,
+            usage,
+        )?;
+        Ok(id)
+    }
+
+    /// Verifies a client chain whose leaf names a [`Principal`] (a workload-form or an
+    /// operator identity) against the bundle of exactly that principal's trust domain (never
+    /// [`TrustBundles::any_domain`]'s anchors): the control-plane API's client check.
+    pub fn verify_principal(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<Principal, rustls::Error> {
+        let principal = principal_in_der(end_entity).map_err(|e| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
+        })?;
+        self.verify_chain(
+            principal.trust_domain(),
+            false,
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+        )?;
+        Ok(principal)
+    }
+
+    fn verify_chain(
+        &self,
+        trust_domain: &str,
+        any_domain: bool,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<(), rustls::Error> {
         let bundles = self.snapshot();
         let anchors = bundles
-            .get(id.trust_domain())
-            .or_else(|| bundles.get(ANY_DOMAIN))
+            .get(trust_domain)
+            .or_else(|| any_domain.then(|| bundles.get(ANY_DOMAIN)).flatten())
             .ok_or(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::UnknownIssuer,
             ))?;
@@ -221,8 +333,8 @@ impl TrustBundles {
             None,
             None,
         )
-        .map_err(webpki_error)?;
-        Ok(id)
+        .map(|_| ())
+        .map_err(webpki_error)
     }
 }
 
@@ -454,6 +566,101 @@ impl ClientCertVerifier for SpiffeVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+/// The control-plane API's client check: a client certificate is asked for but not required
+/// (`Sign` is reached with a token alone); one that is presented must verify as a
+/// [`Principal`] of a member trust domain ([`TrustBundles::verify_principal`]), else the
+/// handshake fails. What each principal may call is decided per request.
+pub struct OptionalClientVerifier {
+    trust: Arc<TrustBundles>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl fmt::Debug for OptionalClientVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OptionalClientVerifier")
+            .field("trust", &self.trust)
+            .finish()
+    }
+}
+
+impl OptionalClientVerifier {
+    pub fn new(trust: Arc<TrustBundles>) -> Arc<Self> {
+        Arc::new(OptionalClientVerifier {
+            trust,
+            algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        })
+    }
+}
+
+impl ClientCertVerifier for OptionalClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.trust
+            .verify_principal(end_entity, intermediates, now)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// A client-certificate resolver presenting a fixed chain and key (an operator credential
+/// read from files).
+#[derive(Debug)]
+pub struct StaticClientCert(Arc<CertifiedKey>);
+
+impl StaticClientCert {
+    pub fn from_pem(chain_pem: &str, key_pem: &str) -> Result<Arc<Self>, TlsError> {
+        Ok(Arc::new(StaticClientCert(Arc::new(certified_key(
+            chain_pem, key_pem,
+        )?))))
+    }
+}
+
+impl rustls::client::ResolvesClientCert for StaticClientCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 

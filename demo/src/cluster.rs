@@ -320,6 +320,12 @@ impl DemoCluster {
             cert_lifetime: opts.cert_lifetime,
             ca,
             export_lease: opts.export_lease,
+            // The federation's first member (the lowest id) writes the first mesh-admin grant.
+            bootstrap_admin: {
+                let id = store.status().id;
+                (store.members().keys().min() == Some(&id))
+                    .then(|| isthmus_control::BOOTSTRAP_ADMIN.to_string())
+            },
         };
         let control = isthmus_control::start(control_options.clone(), store.clone()).await?;
 

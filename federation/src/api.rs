@@ -22,16 +22,38 @@ const WATCH_BUFFER: usize = 256;
 /// Largest request accepted (a value plus its key).
 const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 
+/// One write a [`WriteGuard`] is asked about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvWrite<'a> {
+    pub key: &'a str,
+    /// A `Delete` (else a `Put` or `CompareAndSet`).
+    pub delete: bool,
+}
+
+/// Decides, per request, whether its caller may make one write: the server that carries
+/// the `Kv` service knows who the caller is (its TLS layer puts that in the request's
+/// extensions) and what the caller may touch; the store does not.
+pub type WriteGuard =
+    std::sync::Arc<dyn Fn(&tonic::Extensions, KvWrite<'_>) -> Result<(), Status> + Send + Sync>;
+
 /// Serves `Kv` for one member.
 pub struct KvService {
     store: Weak<Inner>,
+    guard: Option<WriteGuard>,
 }
 
 impl KvService {
-    pub(crate) fn new(store: Weak<Inner>) -> KvServer<Self> {
-        KvServer::new(KvService { store })
+    pub(crate) fn new(store: Weak<Inner>, guard: Option<WriteGuard>) -> KvServer<Self> {
+        KvServer::new(KvService { store, guard })
             .max_decoding_message_size(MAX_REQUEST_BYTES)
             .max_encoding_message_size(usize::MAX)
+    }
+
+    fn check_write<T>(&self, request: &Request<T>, key: &str, delete: bool) -> Result<(), Status> {
+        match &self.guard {
+            Some(guard) => guard(request.extensions(), KvWrite { key, delete }),
+            None => Ok(()),
+        }
     }
 
     fn store(&self) -> Result<Store, Status> {
@@ -147,6 +169,7 @@ impl Kv for KvService {
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
         let store = self.store()?;
+        self.check_write(&request, &request.get_ref().key, false)?;
         let request = request.into_inner();
         let revision = if request.lease_ttl_ms > 0 {
             let lease = std::time::Duration::from_millis(request.lease_ttl_ms);
@@ -165,6 +188,7 @@ impl Kv for KvService {
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
         let store = self.store()?;
+        self.check_write(&request, &request.get_ref().key, true)?;
         let revision = store
             .delete(&request.into_inner().key)
             .await
@@ -177,6 +201,7 @@ impl Kv for KvService {
         request: Request<pb::CompareAndSetRequest>,
     ) -> Result<Response<pb::CompareAndSetResponse>, Status> {
         let store = self.store()?;
+        self.check_write(&request, &request.get_ref().key, false)?;
         let request = request.into_inner();
         let result = store
             .compare_and_set(&request.key, request.expected_revision, request.value)

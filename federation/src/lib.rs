@@ -82,7 +82,7 @@ const PEER_MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// The longest a join token may be valid.
 pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 
-pub use api::KvService;
+pub use api::{KvService, KvWrite, WriteGuard};
 pub use client::{KvClient, KvWatch, RemoteStatus};
 pub use error::StoreError;
 pub use replica::{MemberStatus, Role, Watch};
@@ -364,7 +364,7 @@ impl Binding {
             }),
         };
         let peer = server::PeerService::new(node_id, replica, inbound_tx);
-        let kv = api::KvService::new(store.downgrade());
+        let kv = api::KvService::new(store.downgrade(), None);
         let incoming = TcpListenerStream::new(self.listener);
         let mut server_shutdown = shutdown_rx;
         tasks.push(tokio::spawn(async move {
@@ -436,7 +436,16 @@ impl Store {
     /// peer listener to carry it (the control plane's TLS API port). It does not keep the
     /// member running.
     pub fn kv_service(&self) -> proto::v1::kv_server::KvServer<KvService> {
-        api::KvService::new(self.downgrade())
+        api::KvService::new(self.downgrade(), None)
+    }
+
+    /// Like [`Store::kv_service`], asking `guard` about every `Put`, `Delete` and
+    /// `CompareAndSet` before it is proposed.
+    pub fn guarded_kv_service(
+        &self,
+        guard: api::WriteGuard,
+    ) -> proto::v1::kv_server::KvServer<KvService> {
+        api::KvService::new(self.downgrade(), Some(guard))
     }
 
     /// A handle that does not keep the member running (for the servers it runs).

@@ -101,7 +101,7 @@ impl Daemon {
             let bound = sidecar.serve_redirected_inbound(listener)?;
             tracing::info!(%bound, "serving redirected inbound connections");
         }
-        let reporter = report_failover(control.client()?, &node, sidecar.failover_health());
+        let reporter = report_failover(attached.client.clone(), &node, sidecar.failover_health());
         let admin = ComponentAdmin::start_full(
             "sidecar",
             config.admin,
