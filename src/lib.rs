@@ -16,5 +16,6 @@
 
 pub mod cluster_cmd;
 pub mod context_cmd;
+pub mod credentials_cmd;
 pub mod daemon;
 pub mod policy_cmd;

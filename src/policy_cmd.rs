@@ -17,7 +17,8 @@ pub const DEFAULT_CONTROL: &str = "127.0.0.1:15012";
 /// How the CLI reaches a control plane's API (TLS only, docs/control-api.md): `--control`
 /// (or `$ISTHMUS_CONTROL`) with `--ca-file` (or `$ISTHMUS_CA_FILE`); else a context from the
 /// operator's contexts file (`--context NAME`, or its current context, as `isthmus demo`
-/// writes them); else 127.0.0.1:15012 with `--ca-file`.
+/// writes them); else 127.0.0.1:15012 with `--ca-file`. The operator credential presented
+/// is `--cert`/`--key` (or `$ISTHMUS_CERT`/`$ISTHMUS_KEY`), else the context's.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ControlArgs {
     /// Control-plane API address, host:port (default $ISTHMUS_CONTROL, the context's, or
@@ -32,44 +33,64 @@ pub struct ControlArgs {
     /// default: its current context.
     #[arg(long)]
     pub context: Option<String>,
+    /// An operator credential's certificate (PEM, from `isthmus credentials issue`;
+    /// default $ISTHMUS_CERT, or the context's).
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// The credential's private key (PEM; default $ISTHMUS_KEY, or the context's).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+}
+
+/// A control plane to call and what to present to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub addr: String,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 impl ControlArgs {
-    /// The address and CA file these arguments, the environment or the context name: `None`
-    /// when nothing names a control plane (no flag, no variable, no context).
-    pub fn target(&self) -> anyhow::Result<Option<(String, Option<PathBuf>)>> {
+    /// The control plane these arguments, the environment or the context name: `None` when
+    /// nothing names one (no flag, no variable, no context).
+    pub fn target(&self) -> anyhow::Result<Option<Target>> {
         if let Some(addr) = self
             .control
             .clone()
             .or_else(|| std::env::var("ISTHMUS_CONTROL").ok())
         {
-            return Ok(Some((addr, self.ca_file_flag_or_env())));
+            return Ok(Some(Target {
+                addr,
+                ca_file: flag_or_env(&self.ca_file, "ISTHMUS_CA_FILE"),
+                cert_file: flag_or_env(&self.cert, "ISTHMUS_CERT"),
+                key_file: flag_or_env(&self.key, "ISTHMUS_KEY"),
+            }));
         }
         let path = contexts::config_path(&|name| std::env::var(name).ok())?;
         let all = contexts::Contexts::load(&path)?;
-        Ok(all.select(&path, self.context.as_deref())?.map(|c| {
-            (
-                c.control.clone(),
-                Some(self.ca_file.clone().unwrap_or_else(|| c.ca_file.clone())),
-            )
+        Ok(all.select(&path, self.context.as_deref())?.map(|c| Target {
+            addr: c.control.clone(),
+            ca_file: Some(self.ca_file.clone().unwrap_or_else(|| c.ca_file.clone())),
+            cert_file: flag_or_env(&self.cert, "ISTHMUS_CERT").or_else(|| c.cert_file.clone()),
+            key_file: flag_or_env(&self.key, "ISTHMUS_KEY").or_else(|| c.key_file.clone()),
         }))
     }
 
-    /// `--ca-file`, else `$ISTHMUS_CA_FILE`.
-    fn ca_file_flag_or_env(&self) -> Option<PathBuf> {
-        self.ca_file
-            .clone()
-            .or_else(|| std::env::var_os("ISTHMUS_CA_FILE").map(PathBuf::from))
-    }
-
     /// A client of the control plane these arguments (or the environment, or the context)
-    /// name.
+    /// name, presenting the operator credential when one is given.
     pub fn client(&self) -> anyhow::Result<ControlClient> {
-        let (addr, ca_file) = match self.target()? {
+        let target = match self.target()? {
             Some(target) => target,
-            None => (DEFAULT_CONTROL.to_string(), self.ca_file_flag_or_env()),
+            None => Target {
+                addr: DEFAULT_CONTROL.to_string(),
+                ca_file: flag_or_env(&self.ca_file, "ISTHMUS_CA_FILE"),
+                cert_file: flag_or_env(&self.cert, "ISTHMUS_CERT"),
+                key_file: flag_or_env(&self.key, "ISTHMUS_KEY"),
+            },
         };
-        let ca_file = ca_file.with_context(|| {
+        let addr = &target.addr;
+        let ca_file = target.ca_file.with_context(|| {
             format!(
                 "the control-plane API at {addr} is TLS only: give --ca-file (or \
                  $ISTHMUS_CA_FILE), the cluster CA's PEM file (the control plane's \
@@ -78,9 +99,39 @@ impl ControlArgs {
         })?;
         let ca_pem = std::fs::read_to_string(&ca_file)
             .with_context(|| format!("--ca-file: reading {}", ca_file.display()))?;
-        ControlClient::new(&addr, &ca_pem)
-            .with_context(|| format!("--ca-file {}", ca_file.display()))
+        let credential = match (target.cert_file, target.key_file) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                let cert_pem = std::fs::read_to_string(&cert)
+                    .with_context(|| format!("--cert: reading {}", cert.display()))?;
+                let key_pem = std::fs::read_to_string(&key)
+                    .with_context(|| format!("--key: reading {}", key.display()))?;
+                Some(
+                    isthmus_core::tls::StaticClientCert::from_pem(&cert_pem, &key_pem)
+                        .with_context(|| {
+                            format!(
+                                "the credential {} / {} is not a usable certificate and key",
+                                cert.display(),
+                                key.display()
+                            )
+                        })?,
+                )
+            }
+            (Some(_), None) => bail!("--cert is given without --key (or $ISTHMUS_KEY)"),
+            (None, Some(_)) => bail!("--key is given without --cert (or $ISTHMUS_CERT)"),
+        };
+        match credential {
+            Some(credential) => ControlClient::authenticated(addr, &ca_pem, credential),
+            None => ControlClient::new(addr, &ca_pem),
+        }
+        .with_context(|| format!("--ca-file {}", ca_file.display()))
     }
+}
+
+/// A flag's value, else the environment variable's.
+fn flag_or_env(flag: &Option<PathBuf>, var: &str) -> Option<PathBuf> {
+    flag.clone()
+        .or_else(|| std::env::var_os(var).map(PathBuf::from))
 }
 
 /// `isthmus apply -f FILE [--dry-run]`: prints one line per document.

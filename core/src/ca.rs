@@ -276,6 +276,16 @@ fn uri_params(uri: &str) -> Result<CertificateParams, CaError> {
     Ok(params)
 }
 
+/// The trust domain a CA that Isthmus generated names in its common name
+/// (`Isthmus CA <trust-domain>`); `None` for any other certificate.
+pub fn trust_domain_named_by(ca_pem: &str) -> Option<String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let der = crate::tls::certs_from_pem("CA", ca_pem).ok()?;
+    let (_, cert) = X509Certificate::from_der(der.first()?).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    cn.strip_prefix("Isthmus CA ").map(str::to_string)
+}
+
 /// A fresh key and a CSR for it, both PEM, as a workload asks for its certificate.
 pub fn generate_csr(id: &SpiffeId) -> Result<(String, String), CaError> {
     let key = KeyPair::generate().map_err(CaError::GenerateKey)?;

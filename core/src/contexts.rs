@@ -1,12 +1,16 @@
 //! Operator contexts, as kubectl keeps them: one YAML file (`$ISTHMUS_CONFIG`, else
 //! `$XDG_CONFIG_HOME/isthmus/config.yaml`, else `~/.config/isthmus/config.yaml`) with named
-//! contexts — each a control plane's API address and the CA its certificate chains to — and
-//! the one in use.
+//! contexts — each a control plane's API address, the CA its certificate chains to, and the
+//! operator credential presented to it — and the one in use.
 //!
 //! ```yaml
 //! currentContext: demo-east
 //! contexts:
-//!   demo-east: {control: "127.0.0.1:40123", caFile: /tmp/.../east/ca.pem}
+//!   demo-east:
+//!     control: "127.0.0.1:40123"
+//!     caFile: /tmp/.../east/ca.pem
+//!     certFile: /tmp/.../east/admin.pem      # isthmus credentials issue
+//!     keyFile: /tmp/.../east/admin-key.pem
 //! ```
 //!
 //! The CLI's `--context NAME` picks one for a command; `isthmus context use NAME` changes the
@@ -68,6 +72,12 @@ pub struct Context {
     pub control: String,
     /// The cluster CA's PEM file, which the API's certificate chains to.
     pub ca_file: PathBuf,
+    /// The operator credential (certificate chain, PEM) presented to the API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
 }
 
 /// Where the contexts file is, from the environment (`env` reads a variable).
@@ -189,6 +199,8 @@ mod tests {
             Context {
                 control: "127.0.0.1:1".into(),
                 ca_file: "/ca.pem".into(),
+                cert_file: Some("/admin.pem".into()),
+                key_file: Some("/admin-key.pem".into()),
             },
         );
         c.current_context = Some("east".into());

@@ -61,6 +61,9 @@ pub struct DemoCluster {
     /// The cluster CA's certificate file, which the control-plane API's certificate chains
     /// to (what `isthmus --ca-file` takes).
     pub ca_file: std::path::PathBuf,
+    /// The credential of this cluster's operator `admin` (certificate chain and key files):
+    /// what the demo's contexts present. East's is the federation's first mesh admin.
+    pub admin_credential: (std::path::PathBuf, std::path::PathBuf),
     /// The east-west gateway; `None` once [`DemoCluster::kill_gateway`] stopped it.
     pub gateway: Option<isthmus_gateway::GatewayHandle>,
     /// The gateway's address for local sidecars (kept after it is killed).
@@ -328,6 +331,7 @@ impl DemoCluster {
             },
         };
         let control = isthmus_control::start(control_options.clone(), store.clone()).await?;
+        let admin_credential = write_admin_credential(&control_options.ca, dir)?;
 
         let control_addr = target(&control);
         let mut background = Vec::new();
@@ -456,6 +460,7 @@ impl DemoCluster {
             control_options,
             store,
             ca_file: dir.join("data").join("ca.pem"),
+            admin_credential,
         })
     }
 
@@ -490,6 +495,8 @@ impl DemoCluster {
             dns: self.dns.udp_addr().to_string(),
             control: self.control.grpc_addr().to_string(),
             ca_file: self.ca_file.display().to_string(),
+            cert_file: self.admin_credential.0.display().to_string(),
+            key_file: self.admin_credential.1.display().to_string(),
             gateway: self.gateway_quic.to_string(),
             federation: self.federation.to_string(),
             admin: self
@@ -546,4 +553,23 @@ fn discovery_yaml(workloads: &[Workload]) -> String {
         }
     }
     out
+}
+
+/// Issues this cluster's operator `admin` credential (as `isthmus credentials issue` does)
+/// into `dir`: `admin.pem` and `admin-key.pem` (owner-only).
+fn write_admin_credential(
+    ca: &isthmus_core::ca::CertificateAuthority,
+    dir: &Path,
+) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    use isthmus_core::durable::{write_atomic, Access};
+    use isthmus_core::identity::{OperatorId, Role};
+    let id = OperatorId::new(ca.trust_domain(), Role::Admin, isthmus_control::BOOTSTRAP_ADMIN)?;
+    let issued = ca.issue_operator(&id, Duration::from_secs(24 * 3600))?;
+    let cert = dir.join("admin.pem");
+    let key = dir.join("admin-key.pem");
+    write_atomic(&key, issued.key_pem.as_bytes(), Access::Private)
+        .with_context(|| format!("writing {}", key.display()))?;
+    write_atomic(&cert, issued.cert_chain_pem.as_bytes(), Access::Default)
+        .with_context(|| format!("writing {}", cert.display()))?;
+    Ok((cert, key))
 }

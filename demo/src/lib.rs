@@ -125,6 +125,10 @@ pub struct ClusterPorts {
     pub control: String,
     /// The cluster CA's PEM file: `isthmus --ca-file`, daemons' `controlCa`.
     pub ca_file: String,
+    /// The cluster's operator `admin` credential (certificate chain, key): `isthmus --cert
+    /// --key`. East's admin is the federation's first mesh admin.
+    pub cert_file: String,
+    pub key_file: String,
     /// East-west gateway, QUIC (UDP).
     pub gateway: String,
     /// Federation peer port.

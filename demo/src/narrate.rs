@@ -17,7 +17,8 @@ pub struct DemoArgs {
     pub exit_after: Option<Duration>,
 }
 
-/// Writes one context per demo cluster (`demo-<cluster>`: its control plane and CA) into the
+/// Writes one context per demo cluster (`demo-<cluster>`: its control plane, its CA and its
+/// operator `admin` credential) into the
 /// operator's contexts file and makes `demo-east` current; other contexts are kept as they
 /// are. Returns the file's path.
 fn write_contexts(ports: &crate::PortsFile) -> anyhow::Result<PathBuf> {
@@ -30,6 +31,8 @@ fn write_contexts(ports: &crate::PortsFile) -> anyhow::Result<PathBuf> {
             Context {
                 control: c.control.clone(),
                 ca_file: PathBuf::from(&c.ca_file),
+                cert_file: Some(PathBuf::from(&c.cert_file)),
+                key_file: Some(PathBuf::from(&c.key_file)),
             },
         );
     }

@@ -1,0 +1,91 @@
+//! `isthmus credentials issue`: an operator credential, a client certificate for
+//! `spiffe://<trust-domain>/operator/<role>/<name>` from a cluster's CA (docs/security.md §3,
+//! §6), written beside an optional context that presents it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use isthmus_core::ca::CertificateAuthority;
+use isthmus_core::contexts::{config_path, Contexts};
+use isthmus_core::durable::{write_atomic, Access};
+use isthmus_core::identity::{OperatorId, Role};
+
+/// The longest an operator credential may live.
+pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// What `isthmus credentials issue` was asked for.
+#[derive(Debug, Clone)]
+pub struct Issue {
+    pub name: String,
+    pub role: Role,
+    /// The control plane's data directory (or its caDir): `ca.pem` and `ca-key.pem`.
+    pub data_dir: PathBuf,
+    /// Default: read from the CA certificate's name (`Isthmus CA <trust-domain>`).
+    pub trust_domain: Option<String>,
+    pub ttl: Duration,
+    /// Where to write `<name>.pem` and `<name>-key.pem` (default: the current directory).
+    pub out: PathBuf,
+    /// Also write a context of this name presenting the credential (needs `control`).
+    pub add_context: Option<String>,
+    pub control: Option<String>,
+}
+
+/// Issues the credential; returns the certificate and key paths.
+pub fn issue(req: &Issue) -> anyhow::Result<(PathBuf, PathBuf)> {
+    if req.ttl.is_zero() || req.ttl > MAX_TTL {
+        bail!("--ttl: an operator credential lives longer than zero and at most 365 days");
+    }
+    if req.add_context.is_some() && req.control.is_none() {
+        bail!("--add-context needs --control, the control-plane API address the context names");
+    }
+    let cert_path = req.data_dir.join("ca.pem");
+    let key_path = req.data_dir.join("ca-key.pem");
+    let ca_pem = std::fs::read_to_string(&cert_path)
+        .with_context(|| format!("--data-dir: reading {}", cert_path.display()))?;
+    let ca_key = std::fs::read_to_string(&key_path)
+        .with_context(|| format!("--data-dir: reading {}", key_path.display()))?;
+    let trust_domain = match &req.trust_domain {
+        Some(td) => td.clone(),
+        None => isthmus_core::ca::trust_domain_named_by(&ca_pem).with_context(|| {
+            format!(
+                "{} does not name its trust domain (an operator-supplied CA): give --trust-domain",
+                cert_path.display()
+            )
+        })?,
+    };
+    let ca = CertificateAuthority::from_pem(&trust_domain, &ca_pem, &ca_key)
+        .with_context(|| format!("loading the CA in {}", req.data_dir.display()))?;
+    let id = OperatorId::new(&trust_domain, req.role, &req.name).context("--name")?;
+    let issued = ca
+        .issue_operator(&id, req.ttl)
+        .with_context(|| format!("issuing {id}"))?;
+    std::fs::create_dir_all(&req.out)
+        .with_context(|| format!("--out: creating {}", req.out.display()))?;
+    let cert_file = absolute(&req.out.join(format!("{}.pem", req.name)))?;
+    let key_file = absolute(&req.out.join(format!("{}-key.pem", req.name)))?;
+    // Key first, owner-only; then the certificate.
+    write_atomic(&key_file, issued.key_pem.as_bytes(), Access::Private)
+        .with_context(|| format!("writing {}", key_file.display()))?;
+    write_atomic(&cert_file, issued.cert_chain_pem.as_bytes(), Access::Default)
+        .with_context(|| format!("writing {}", cert_file.display()))?;
+    if let (Some(name), Some(control)) = (&req.add_context, &req.control) {
+        let path = config_path(&|v| std::env::var(v).ok())?;
+        let mut all = Contexts::load(&path)?;
+        all.contexts.insert(
+            name.clone(),
+            isthmus_core::contexts::Context {
+                control: control.clone(),
+                ca_file: absolute(&cert_path)?,
+                cert_file: Some(cert_file.clone()),
+                key_file: Some(key_file.clone()),
+            },
+        );
+        all.save(&path)?;
+    }
+    Ok((cert_file, key_file))
+}
+
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))
+}
