@@ -67,8 +67,12 @@ pub fn issue(req: &Issue) -> anyhow::Result<(PathBuf, PathBuf)> {
     // Key first, owner-only; then the certificate.
     write_atomic(&key_file, issued.key_pem.as_bytes(), Access::Private)
         .with_context(|| format!("writing {}", key_file.display()))?;
-    write_atomic(&cert_file, issued.cert_chain_pem.as_bytes(), Access::Default)
-        .with_context(|| format!("writing {}", cert_file.display()))?;
+    write_atomic(
+        &cert_file,
+        issued.cert_chain_pem.as_bytes(),
+        Access::Default,
+    )
+    .with_context(|| format!("writing {}", cert_file.display()))?;
     if let (Some(name), Some(control)) = (&req.add_context, &req.control) {
         let path = config_path(&|v| std::env::var(v).ok())?;
         let mut all = Contexts::load(&path)?;

@@ -83,7 +83,9 @@ async fn bookinfo_routing_documents_take_effect_across_the_federation() {
         assert_eq!(reply.caller, west.client_identity().to_string());
     }
 
-    // 50/50 between v2 (west) and v3 (central), applied through west's control plane.
+    // 50/50 between v2 (west) and v3 (central), applied through west's control plane by
+    // west's admin, once east's mesh admin has made it a mesh admin too.
+    demo.grant_mesh_admin("west").await.unwrap();
     apply(&demo, west, "virtual-service-reviews-v2-v3.yaml").await;
     let (mut v2, mut v3) = (0, 0);
     for _ in 0..200 {

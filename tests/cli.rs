@@ -142,6 +142,83 @@ fn demo_runs_writes_its_ports_file_and_contexts_that_the_cli_uses_and_exits_clea
     assert!(!unknown.status.success());
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no context named \"nope\""));
 
+    // Who may change the mesh: the demo's context presents east's admin, the first mesh
+    // admin; without a credential, and with a viewer's, the control plane refuses.
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: cli-check, namespace: default}\nspec: {host: nowhere.default.svc.cluster.local}\n",
+    )
+    .unwrap();
+    let policy = policy.to_str().unwrap();
+    let ok = |out: &Output, what: &str| {
+        assert!(
+            out.status.success(),
+            "{what}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let refused = |out: &Output, why: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(why),
+            "expected {why:?}: {stderr}"
+        );
+    };
+    ok(
+        &cli(&["apply", "-f", policy, "--dry-run"]),
+        "mesh admin apply",
+    );
+    let east: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ports).unwrap()).unwrap();
+    let east = &east["clusters"][0];
+    let (east_control, east_ca) = (
+        east["control"].as_str().unwrap(),
+        east["ca_file"].as_str().unwrap(),
+    );
+    refused(
+        &cli(&[
+            "apply",
+            "-f",
+            policy,
+            "--control",
+            east_control,
+            "--ca-file",
+            east_ca,
+        ]),
+        "needs a client certificate",
+    );
+    let data_dir = std::path::Path::new(east_ca).parent().unwrap();
+    let creds = dir.path().join("creds");
+    ok(
+        &cli(&[
+            "credentials",
+            "issue",
+            "--name",
+            "ann",
+            "--role",
+            "viewer",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--out",
+            creds.to_str().unwrap(),
+            "--add-context",
+            "east-viewer",
+            "--control",
+            east_control,
+        ]),
+        "credentials issue",
+    );
+    ok(
+        &cli(&["get", "all", "--context", "east-viewer"]),
+        "viewer get",
+    );
+    refused(
+        &cli(&["apply", "-f", policy, "--context", "east-viewer"]),
+        "the viewer role reads only",
+    );
+
     let out = demo.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -197,7 +197,12 @@ async fn the_cli_reads_federation_status_through_the_control_planes_tls_api() {
         east.control.grpc_addr().to_string(),
         east.ca_file.display().to_string(),
     );
-    // The CLI with `args`; `tls` appends `--control` and `--ca-file` for east.
+    let (cert, key) = (
+        east.admin_credential.0.display().to_string(),
+        east.admin_credential.1.display().to_string(),
+    );
+    // The CLI with `args`; `tls` appends `--control` and `--ca-file` for east, and east's
+    // admin credential (the first mesh admin).
     let run = |args: &[&str], tls: bool| {
         let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         if tls {
@@ -206,6 +211,10 @@ async fn the_cli_reads_federation_status_through_the_control_planes_tls_api() {
                 control.clone(),
                 "--ca-file".into(),
                 ca.clone(),
+                "--cert".into(),
+                cert.clone(),
+                "--key".into(),
+                key.clone(),
             ]);
         }
         async move {

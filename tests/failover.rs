@@ -255,9 +255,15 @@ async fn local_endpoints_die_traffic_fails_over_and_comes_home_after_the_hystere
     let central = demo.cluster("central").unwrap();
     let central_control = central.control.grpc_addr().to_string();
     let central_ca = central.ca_file.display().to_string();
+    // Central's operator admin reads; its control plane asks east's as itself.
+    let (cert, key) = (
+        central.admin_credential.0.display().to_string(),
+        central.admin_credential.1.display().to_string(),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     let out = loop {
         let (control, ca) = (central_control.clone(), central_ca.clone());
+        let (cert, key) = (cert.clone(), key.clone());
         let out = tokio::task::spawn_blocking(move || {
             std::process::Command::new(env!("CARGO_BIN_EXE_isthmus"))
                 .args([
@@ -269,6 +275,10 @@ async fn local_endpoints_die_traffic_fails_over_and_comes_home_after_the_hystere
                     &control,
                     "--ca-file",
                     &ca,
+                    "--cert",
+                    &cert,
+                    "--key",
+                    &key,
                 ])
                 .output()
                 .unwrap()
@@ -301,6 +311,10 @@ async fn local_endpoints_die_traffic_fails_over_and_comes_home_after_the_hystere
             &central_control,
             "--ca-file",
             &central_ca,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
         ])
         .output()
         .unwrap();

@@ -33,6 +33,9 @@ pub struct ConfigApi {
     pub cluster: String,
     pub store: isthmus_federation::Store,
     pub reports: Arc<std::sync::Mutex<Reports>>,
+    /// This control plane's own identity, presented when it asks another member's control
+    /// plane (`explain --from`), which lets control planes of member clusters `Explain`.
+    pub identity: Arc<isthmus_core::tls::Identity>,
 }
 
 /// The failover tables each sidecar reported last, by node id, with when.
@@ -245,9 +248,10 @@ impl MeshConfigService for ConfigApi {
                 ))
             })?;
             // Its API presents a certificate from its own CA, published with its record.
-            let client = isthmus_core::client::ControlClient::new(
+            let client = isthmus_core::client::ControlClient::authenticated(
                 &control.to_string(),
                 &record.ca_bundle_pem,
+                isthmus_core::tls::identity_resolver(self.identity.clone()),
             )
             .map_err(|e| Status::internal(e.to_string()))?;
             let (cluster, tables) = client

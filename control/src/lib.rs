@@ -304,12 +304,16 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
         stop: stopped.clone(),
     })));
 
+    let (api_identity, rotation) =
+        api_identity(opts.ca.clone(), opts.cert_lifetime, stopped.clone())?;
+    tasks.push(rotation);
     let config_api = api::ConfigApi {
         config: config_rx.clone(),
         stop: stopped.clone(),
         cluster: opts.cluster.clone(),
         store: policy_store.clone(),
         reports: Default::default(),
+        identity: api_identity.clone(),
     };
     let cert_api = api::CertificateApi {
         ca: opts.ca.clone(),
@@ -326,9 +330,6 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
     let policy_api = api::PolicyApi {
         store: policy_store,
     };
-    let (api_identity, rotation) =
-        api_identity(opts.ca.clone(), opts.cert_lifetime, stopped.clone())?;
-    tasks.push(rotation);
     // Client certificates verify against the member bundles as the catalog admits them
     // (this cluster's trust domain is always its own CA), starting with our own.
     let api_clients = isthmus_core::tls::TrustBundles::new();

@@ -83,6 +83,8 @@ impl From<&str> for Token {
 pub struct ControlClient {
     addr: String,
     channel: Channel,
+    /// What this client presents (`None`: anonymous), for [`ControlClient::elsewhere`].
+    credential: Option<Arc<dyn rustls::client::ResolvesClientCert>>,
 }
 
 impl ControlClient {
@@ -105,12 +107,24 @@ impl ControlClient {
         ca_pem: &str,
         credential: Arc<dyn rustls::client::ResolvesClientCert>,
     ) -> Result<Self, ClientError> {
-        let config =
-            crate::api_tls::client_config_as(ca_pem, credential).map_err(|e| ClientError::Ca {
+        let config = crate::api_tls::client_config_as(ca_pem, credential.clone()).map_err(|e| {
+            ClientError::Ca {
                 addr: addr.to_string(),
                 reason: e.to_string(),
-            })?;
-        Self::with_tls(addr, Arc::new(config))
+            }
+        })?;
+        let mut client = Self::with_tls(addr, Arc::new(config))?;
+        client.credential = Some(credential);
+        Ok(client)
+    }
+
+    /// A client of another control plane (`addr`, trusting `ca_pem`) presenting what this one
+    /// presents: `isthmus status` asks every member's control plane as the same operator.
+    pub fn elsewhere(&self, addr: &str, ca_pem: &str) -> Result<Self, ClientError> {
+        match &self.credential {
+            Some(credential) => Self::authenticated(addr, ca_pem, credential.clone()),
+            None => Self::new(addr, ca_pem),
+        }
     }
 
     /// Like [`ControlClient::new`], with a prepared TLS client configuration (to share one
@@ -126,6 +140,7 @@ impl ControlClient {
         Ok(ControlClient {
             addr: bare.to_string(),
             channel,
+            credential: None,
         })
     }
 

@@ -410,8 +410,9 @@ impl DemoCluster {
             .await?,
         );
         background.extend(att.tasks);
+        // Reports go out under the sidecar's own certificate (the API refuses anonymous ones).
         background.push(isthmus_sidecar::daemon::report_failover(
-            control_addr.client()?,
+            att.client.clone(),
             "sidecar/sleep",
             client_sidecar.failover_health(),
         ));
@@ -481,6 +482,11 @@ impl DemoCluster {
             }
         }
         missing
+    }
+
+    /// This cluster's federation member.
+    pub fn store(&self) -> &isthmus_federation::Store {
+        &self.store
     }
 
     /// The identity of this cluster's client sidecar.
@@ -563,7 +569,11 @@ fn write_admin_credential(
 ) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
     use isthmus_core::durable::{write_atomic, Access};
     use isthmus_core::identity::{OperatorId, Role};
-    let id = OperatorId::new(ca.trust_domain(), Role::Admin, isthmus_control::BOOTSTRAP_ADMIN)?;
+    let id = OperatorId::new(
+        ca.trust_domain(),
+        Role::Admin,
+        isthmus_control::BOOTSTRAP_ADMIN,
+    )?;
     let issued = ca.issue_operator(&id, Duration::from_secs(24 * 3600))?;
     let cert = dir.join("admin.pem");
     let key = dir.join("admin-key.pem");

@@ -243,6 +243,42 @@ impl Demo {
         &self.stores
     }
 
+    /// Makes `cluster`'s operator `admin` a mesh admin, as an operator would: east's admin
+    /// (the first mesh admin) writes the grant through east's control-plane API; returns once
+    /// `cluster`'s own replica holds it (so its control plane honours it).
+    pub async fn grant_mesh_admin(&self, cluster: &str) -> anyhow::Result<()> {
+        let east = self.cluster("east")?;
+        let target = self.cluster(cluster)?;
+        let id = isthmus_core::identity::OperatorId::new(
+            &target.trust_domain,
+            isthmus_core::identity::Role::Admin,
+            isthmus_control::BOOTSTRAP_ADMIN,
+        )?;
+        let key = isthmus_control::records::mesh_admin_grant_key(id.trust_domain(), id.name());
+        let record = isthmus_control::records::GrantRecord {
+            identity: id.to_string(),
+            granted_by: format!(
+                "spiffe://{}/operator/admin/{}",
+                east.trust_domain,
+                isthmus_control::BOOTSTRAP_ADMIN
+            ),
+            granted_at_ms: isthmus_core::clock::unix_ms(),
+        };
+        let mut kv = isthmus_federation::KvClient::from_channel(east.control.client().channel());
+        kv.put(&key, serde_json::to_vec(&record)?)
+            .await
+            .with_context(|| format!("granting {id} mesh admin through east"))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while target.store().get(&key).is_none() {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{cluster}'s replica never received the grant {key}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
     /// Every bound address, as `--ports-file` writes it.
     pub fn ports(&self) -> PortsFile {
         PortsFile {

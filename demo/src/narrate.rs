@@ -172,12 +172,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     failover(&mut demo).await?;
 
     let ports = demo.ports();
+    // The contexts first: whoever waits for the ports file may use them at once.
+    let contexts = write_contexts(&ports)?;
     if let Some(path) = &args.ports_file {
         std::fs::write(path, serde_json::to_string_pretty(&ports)?)
             .with_context(|| format!("writing the ports file {}", path.display()))?;
         println!("\nAddresses written to {}", path.display());
     }
-    let contexts = write_contexts(&ports)?;
     println!(
         "Contexts {} written to {} (current: demo-east); `isthmus context use demo-west` switches",
         ports
@@ -187,6 +188,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", "),
         contexts.display()
+    );
+    println!(
+        "    each presents its cluster's operator `admin` credential (the API refuses callers without one); \
+         east's admin is the federation's first mesh admin, so `isthmus apply` works through demo-east"
     );
     if let Some(east) = ports.clusters.first() {
         if let (Some((dns_ip, dns_port)), Some(vip)) = (

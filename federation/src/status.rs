@@ -159,11 +159,12 @@ pub async fn gather_status_via(via: &Via) -> anyhow::Result<FederationStatus> {
                             .with_context(|| format!("member {id} has peer address {peer:?}"))?;
                         connect(addr).await?
                     }
-                    Via::Control(_) => {
+                    Via::Control(asked) => {
                         let (addr, ca) = control.with_context(|| {
                             format!("member {id}'s cluster has not published its control plane")
                         })?;
-                        let client = isthmus_core::client::ControlClient::new(&addr, &ca)?;
+                        // As the same operator (reads are allowed at every member's API).
+                        let client = asked.elsewhere(&addr, &ca)?;
                         KvClient::from_channel(client.channel())
                     }
                 };

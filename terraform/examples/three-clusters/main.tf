@@ -93,10 +93,12 @@ module "central" {
 }
 
 # The isthmus provider talks to the founder's control plane, over TLS: the API's certificate
-# chains to east's CA.
+# chains to east's CA, and the provider presents east's mesh admin's operator credential.
 provider "isthmus" {
-  control        = var.control_address
-  ca_certificate = module.east.trust_bundle
+  control            = var.control_address
+  ca_certificate     = module.east.trust_bundle
+  client_certificate = file(var.operator_certificate_file)
+  client_key         = file(var.operator_key_file)
 }
 
 module "federation" {

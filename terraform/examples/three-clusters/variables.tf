@@ -43,3 +43,15 @@ variable "control_address" {
   type        = string
   default     = "127.0.0.1:15012"
 }
+
+variable "operator_certificate_file" {
+  description = "An operator credential of the founding cluster with mesh-admin rights (isthmus credentials issue --name admin --role admin --data-dir <east's dataDir>): the certificate file."
+  type        = string
+  default     = "admin.pem"
+}
+
+variable "operator_key_file" {
+  description = "The operator credential's private key file."
+  type        = string
+  default     = "admin-key.pem"
+}

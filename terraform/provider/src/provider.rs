@@ -43,6 +43,17 @@ fn provider_block() -> Block {
                 Type::String,
                 "PEM of the cluster CA that the control plane's API certificate chains to (its <dataDir>/ca.pem, or the isthmus-cluster module's trust_bundle output). Default: the file $ISTHMUS_CA_FILE names.",
             ),
+            Attr::optional(
+                "client_certificate",
+                Type::String,
+                "PEM of an operator credential's certificate (`isthmus credentials issue --role admin`), presented to the control plane: reads need a viewer, policies and membership a mesh admin. Default: the file $ISTHMUS_CERT names.",
+            ),
+            Attr::optional(
+                "client_key",
+                Type::String,
+                "PEM of the credential's private key. Default: the file $ISTHMUS_KEY names.",
+            )
+            .sensitive(),
         ],
     )
 }
@@ -164,6 +175,51 @@ fn ca_pem(config: &Value) -> Result<String, Diag> {
         )
     })?;
     Ok(pem)
+}
+
+/// The operator credential to present: `client_certificate` and `client_key`, else the files
+/// `$ISTHMUS_CERT` and `$ISTHMUS_KEY` name; `None` when neither is given (the control plane
+/// then refuses everything but reads of nothing: UNAUTHENTICATED).
+fn credential(config: &Value) -> Result<Option<Arc<isthmus_core::tls::StaticClientCert>>, Diag> {
+    let from = |attr: &'static str, env: &str| -> Result<Option<String>, Diag> {
+        if let Some(pem) = config.get(attr).as_str() {
+            return Ok(Some(pem.to_string()));
+        }
+        let Some(file) = std::env::var_os(env) else {
+            return Ok(None);
+        };
+        std::fs::read_to_string(&file).map(Some).map_err(|e| {
+            Diag::error(
+                format!("Unreadable ${env}"),
+                format!("reading {}: {e}", std::path::Path::new(&file).display()),
+            )
+        })
+    };
+    match (
+        from("client_certificate", "ISTHMUS_CERT")?,
+        from("client_key", "ISTHMUS_KEY")?,
+    ) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => isthmus_core::tls::StaticClientCert::from_pem(&cert, &key)
+            .map(Some)
+            .map_err(|e| {
+                Diag::error(
+                    "Invalid client_certificate or client_key",
+                    format!("expected an operator credential's certificate and key PEM: {e}"),
+                )
+                .at("client_certificate")
+            }),
+        (Some(_), None) => Err(Diag::error(
+            "Missing client_key",
+            "client_certificate is set; client_key (or $ISTHMUS_KEY) must be too",
+        )
+        .at("client_key")),
+        (None, Some(_)) => Err(Diag::error(
+            "Missing client_certificate",
+            "client_key is set; client_certificate (or $ISTHMUS_CERT) must be too",
+        )
+        .at("client_certificate")),
+    }
 }
 
 /// Decodes a `DynamicValue` (MessagePack, or JSON) of type `ty`.
@@ -297,7 +353,13 @@ impl pb::provider_server::Provider for IsthmusProvider {
         let control_addr = pick("control", "ISTHMUS_CONTROL", DEFAULT_CONTROL);
         if diags.is_empty() {
             match ca_pem(&config).and_then(|pem| {
-                ControlClient::new(&control_addr, &pem).map_err(|e| {
+                let client = match credential(&config)? {
+                    Some(credential) => {
+                        ControlClient::authenticated(&control_addr, &pem, credential)
+                    }
+                    None => ControlClient::new(&control_addr, &pem),
+                };
+                client.map_err(|e| {
                     Diag::error("Invalid control address", e.to_string()).at("control")
                 })
             }) {

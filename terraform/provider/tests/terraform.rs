@@ -18,7 +18,7 @@ use isthmus_core::client::ControlClient;
 use isthmus_core::policy::{parse_documents, Kind};
 use isthmus_demo::probe::call_sample;
 use isthmus_demo::{vip_of, Demo, DemoCluster, DemoOptions, SAMPLE_PORT};
-use support::{header, Workspace};
+use support::{header, header_as, Workspace};
 
 mod support;
 
@@ -131,7 +131,11 @@ data "isthmus_services" "default" {{
 }}
 
 "#,
-        header = header(&east.control.grpc_addr().to_string(), &east.ca_file),
+        header = header_as(
+            &east.control.grpc_addr().to_string(),
+            &east.ca_file,
+            &east.admin_credential
+        ),
         vs = virtual_service(v1, v3),
     )
 }
@@ -415,7 +419,11 @@ resource "isthmus_policy" "fine" {{
 {DESTINATION_RULE}EOT
 }}
 "#,
-        header = header(&east.control.grpc_addr().to_string(), &east.ca_file),
+        header = header_as(
+            &east.control.grpc_addr().to_string(),
+            &east.ca_file,
+            &east.admin_credential
+        ),
         bad_vs = virtual_service(100, 0).replace("  - route:", "  - corsPolicy: {}\n    route:"),
     ));
     let run = ws
@@ -475,6 +483,11 @@ resource "isthmus_policy" "fine" {{
         (
             header(&control_addr, &stranger_ca),
             "invalid peer certificate",
+        ),
+        // The right CA but no operator credential: the control plane refuses the call.
+        (
+            header(&control_addr, &east.ca_file),
+            "this method needs a client",
         ),
     ] {
         let ws = Workspace::new();

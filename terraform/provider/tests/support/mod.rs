@@ -141,3 +141,17 @@ pub fn header(control: &str, ca_file: &std::path::Path) -> String {
          provider \"isthmus\" {{\n  control        = \"https://{control}\"\n  ca_certificate = file(\"{ca_file}\")\n}}\n"
     )
 }
+
+/// Like [`header`], presenting an operator credential (certificate and key files).
+pub fn header_as(
+    control: &str,
+    ca_file: &std::path::Path,
+    (cert_file, key_file): &(std::path::PathBuf, std::path::PathBuf),
+) -> String {
+    let (ca_file, cert_file, key_file) =
+        (ca_file.display(), cert_file.display(), key_file.display());
+    format!(
+        "terraform {{\n  required_providers {{\n    isthmus = {{ source = \"{SOURCE}\" }}\n  }}\n}}\n\n\
+         provider \"isthmus\" {{\n  control            = \"https://{control}\"\n  ca_certificate     = file(\"{ca_file}\")\n  client_certificate = file(\"{cert_file}\")\n  client_key         = file(\"{key_file}\")\n}}\n"
+    )
+}
