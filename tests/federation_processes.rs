@@ -1,5 +1,6 @@
 //! The federation store as operators run it: three `isthmus control` processes, each with
-//! its raft log on disk, written to through the `Kv` API on their federation ports.
+//! its raft log on disk, written to through the `Kv` API of their control-plane API ports by
+//! operators with credentials (the federation ports refuse writes; reads stay there).
 //!
 //! - The leader is SIGKILLed under load and restarted on its data directory; then all three
 //!   are SIGKILLed at once and restarted. Every write that was acknowledged is present on
@@ -15,6 +16,8 @@ use std::process::Output;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use isthmus_core::client::ControlClient;
+use isthmus_core::identity::{OperatorId, Role};
 use isthmus_federation::KvClient;
 use support::{addr, daemon, free_port};
 use tokio::process::Child;
@@ -30,12 +33,73 @@ fn control_config(id: u64, peers: &BTreeMap<u64, u16>, join: bool) -> String {
         .collect();
     format!(
         "cluster: c{id}\ndataDir: data-{id}\ndiscovery: {{file: services.yaml, pollInterval: 100ms}}\n\
-         vipRange: 127.{}.0.0/16\nlisten: {{grpc: \"127.0.0.1:0\", admin: \"127.0.0.1:0\"}}\n\
+         vipRange: 127.{}.0.0/16\nlisten: {{grpc: \"{}\", admin: \"127.0.0.1:0\"}}\n\
          federation: {{nodeId: {id}, listen: \"{}\", join: {join}, tick: 20ms, peers: {{{}}}}}\n",
         60 + id,
+        addr(api_port(peers[&id])),
         addr(peers[&id]),
         peer_list.join(", "),
     )
+}
+
+/// The control-plane API port of the member whose federation port is `peer`: picked once,
+/// kept across restarts.
+fn api_port(peer: u16) -> u16 {
+    static PORTS: Mutex<BTreeMap<u16, u16>> = Mutex::new(BTreeMap::new());
+    *PORTS.lock().unwrap().entry(peer).or_insert_with(free_port)
+}
+
+/// Member `id`'s operator `admin` credential, issued from its CA files (as `isthmus credentials
+/// issue` does): (CA file, certificate PEM, key PEM).
+fn admin_credential(dir: &Path, id: u64) -> (String, String, String) {
+    let data = dir.join(format!("data-{id}"));
+    let ca_pem = std::fs::read_to_string(data.join("ca.pem")).unwrap();
+    let key_pem = std::fs::read_to_string(data.join("ca-key.pem")).unwrap();
+    let td = format!("c{id}.isthmus.local");
+    let ca = isthmus_core::ca::CertificateAuthority::from_pem(&td, &ca_pem, &key_pem).unwrap();
+    let op = OperatorId::new(&td, Role::Admin, "admin").unwrap();
+    let issued = ca.issue_operator(&op, Duration::from_secs(3600)).unwrap();
+    (ca_pem, issued.cert_chain_pem, issued.key_pem)
+}
+
+/// The `Kv` API of member `id` (federation port `peer`) through its control plane's TLS
+/// port, as that cluster's operator `admin`.
+fn api_client(dir: &Path, id: u64, peer: u16) -> KvClient {
+    let (ca, cert, key) = admin_credential(dir, id);
+    let credential = isthmus_core::tls::StaticClientCert::from_pem(&cert, &key).unwrap();
+    let control = ControlClient::authenticated(&addr(api_port(peer)), &ca, credential).unwrap();
+    KvClient::from_channel(control.channel())
+}
+
+/// Makes every member's operator `admin` a mesh admin (member 1's admin, the first one,
+/// writes the grants), so writers may go through any member; returns once every member's
+/// replica holds every grant.
+async fn grant_every_admin(dir: &Path, peers: &BTreeMap<u64, u16>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut first = api_client(dir, 1, peers[&1]);
+    for &id in peers.keys().filter(|id| **id != 1) {
+        let key = format!("grants/mesh-admin/c{id}.isthmus.local/admin");
+        let value = serde_json::to_vec(&serde_json::json!({
+            "identity": format!("spiffe://c{id}.isthmus.local/operator/admin/admin"),
+            "grantedBy": "spiffe://c1.isthmus.local/operator/admin/admin",
+            "grantedAtMs": 1,
+        }))
+        .unwrap();
+        while let Err(e) = first.put(&key, value.clone()).await {
+            assert!(Instant::now() < deadline, "granting {key}: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for &port in peers.values() {
+            let mut c = client(port).await;
+            while !matches!(c.get(&key, false).await, Ok(Some(_))) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{key} never reached every member"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
 }
 
 async fn start_member(dir: &Path, id: u64, peers: &BTreeMap<u64, u16>, join: bool) -> Child {
@@ -95,12 +159,16 @@ struct Load {
 }
 
 impl Load {
-    fn start(ports: Vec<u16>, writers: usize, max_per_writer: usize) -> Load {
+    /// `writers` writers through the members' control-plane APIs (member ids `1..`, whose
+    /// federation ports are `ports`).
+    fn start(dir: &Path, ports: Vec<u16>, writers: usize, max_per_writer: usize) -> Load {
+        let dir = dir.to_path_buf();
         let acked = Arc::new(Mutex::new(Vec::new()));
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let tasks = (0..writers)
             .map(|w| {
                 let (acked, ports, stopped) = (acked.clone(), ports.clone(), stopped.clone());
+                let dir = dir.clone();
                 tokio::spawn(async move {
                     let mut target = w % ports.len();
                     let mut conn: Option<KvClient> = None;
@@ -112,15 +180,10 @@ impl Load {
                         let value = format!("value of {key}").into_bytes();
                         let c = match conn.as_mut() {
                             Some(c) => c,
-                            None => match KvClient::connect(addr(ports[target]).parse().unwrap())
-                                .await
-                            {
-                                Ok(c) => conn.insert(c),
-                                Err(_) => {
-                                    target = (target + 1) % ports.len();
-                                    continue;
-                                }
-                            },
+                            None => {
+                                let id = u64::try_from(target).unwrap() + 1;
+                                conn.insert(api_client(&dir, id, ports[target]))
+                            }
                         };
                         let put = tokio::time::timeout(
                             Duration::from_secs(2),
@@ -212,9 +275,10 @@ async fn sigkilled_members_restart_from_disk_without_losing_an_acknowledged_writ
         members.insert(id, start_member(dir.path(), id, &peers, false).await);
     }
     let first_leader = leader(&ports).await;
+    grant_every_admin(dir.path(), &peers).await;
 
     // The leader dies mid-load (SIGKILL: no shutdown, no flush) and comes back from disk.
-    let load = Load::start(ports.clone(), 8, 2_000);
+    let load = Load::start(dir.path(), ports.clone(), 8, 2_000);
     load.wait_for(150, "before the kill").await;
     sigkill(members.get_mut(&first_leader).unwrap()).await;
     let at_kill = load.acked();
@@ -243,8 +307,7 @@ async fn sigkilled_members_restart_from_disk_without_losing_an_acknowledged_writ
         assert_all_present(port, &acked, &format!("member {id} after a full restart")).await;
     }
     // And it still takes writes.
-    client(ports[0])
-        .await
+    api_client(dir.path(), 1, ports[0])
         .put("after/restart", b"yes".to_vec())
         .await
         .unwrap();
@@ -319,10 +382,55 @@ async fn clusters_join_with_a_one_time_token_and_leave_by_name() {
     .await;
     assert_eq!(initial["members"].as_array().unwrap().len(), 3);
 
+    // Minting and removing are a mesh admin's, on a control plane's API: member 1's admin,
+    // with a credential from `isthmus credentials issue`. The federation port refuses them.
+    let c1_data = dir.path().join("data-1");
+    let creds = dir.path().join("creds");
+    cli_ok(&[
+        "credentials",
+        "issue",
+        "--name",
+        "admin",
+        "--role",
+        "admin",
+        "--data-dir",
+        c1_data.to_str().unwrap(),
+        "--out",
+        creds.to_str().unwrap(),
+    ]);
+    let api1 = addr(api_port(peers[&1]));
+    let ca1 = c1_data.join("ca.pem").display().to_string();
+    let cert1 = creds.join("admin.pem").display().to_string();
+    let key1 = creds.join("admin-key.pem").display().to_string();
+    let as_admin = |args: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        for extra in [
+            "--control",
+            &api1,
+            "--ca-file",
+            &ca1,
+            "--cert",
+            &cert1,
+            "--key",
+            &key1,
+        ] {
+            args.push(extra.to_string());
+        }
+        args
+    };
+    let refused = cli(&["cluster", "token", "--ttl", "5m", "--federation", &fed]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("not served on the federation peer port"),
+        "{err}"
+    );
+
     // A fourth cluster: start its control plane empty, then join it with a token.
     peers.insert(4, free_port());
     let fourth = start_member(dir.path(), 4, &peers, true).await;
-    let token = cli_ok(&["cluster", "token", "--ttl", "5m", "--federation", &fed]);
+    let args = as_admin(&["cluster", "token", "--ttl", "5m"]);
+    let token = cli_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let token = token.trim().to_string();
     assert!(token.contains('.'), "{token}");
     let p4 = addr(peers[&4]);
@@ -386,7 +494,8 @@ async fn clusters_join_with_a_one_time_token_and_leave_by_name() {
     assert!(table.contains("c4") && table.contains("LAG"), "{table}");
 
     // Leaving by name.
-    let removed = cli_ok(&["cluster", "remove", "c4", "--federation", &fed]);
+    let args = as_admin(&["cluster", "remove", "c4"]);
+    let removed = cli_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(removed.contains("member 4"), "{removed}");
     status_until(&fed, "member 4 gone", |s| {
         s["members"]
@@ -397,7 +506,8 @@ async fn clusters_join_with_a_one_time_token_and_leave_by_name() {
     })
     .await;
     // Unknown names get a clear error.
-    let unknown = cli(&["cluster", "remove", "nowhere", "--federation", &fed]);
+    let args = as_admin(&["cluster", "remove", "nowhere"]);
+    let unknown = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no cluster named \"nowhere\""));
 
     drop(fourth);
@@ -434,9 +544,22 @@ async fn a_second_process_on_a_data_directory_is_refused_naming_the_holder() {
     );
     assert!(stderr.contains("data-1"), "names the directory: {stderr}");
 
-    // The first member is untouched and still serves.
-    let mut c = client(peers[&1]).await;
-    c.put("clusters/still", b"here".to_vec()).await.unwrap();
+    // The first member is untouched and still serves (writes through its API; its
+    // federation port refuses them).
+    let err = client(peers[&1])
+        .await
+        .put("clusters/still", b"here".to_vec())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("not served on the federation peer port"),
+        "{err}"
+    );
+    api_client(dir.path(), 1, peers[&1])
+        .put("clusters/still", b"here".to_vec())
+        .await
+        .unwrap();
     sigkill(&mut first).await;
     // Its lock died with it: the directory can be used again at once.
     let mut restarted = start_member(dir.path(), 1, &again, false).await;
@@ -507,7 +630,7 @@ async fn a_member_whose_disk_fills_exits_loudly_and_restarts_cleanly_once_space_
     let _ = leader(&[peers[&1]]).await;
 
     // Write 64 KiB values until the disk is full and a write is refused.
-    let mut c = client(peers[&1]).await;
+    let mut c = api_client(dir.path(), 1, peers[&1]);
     let mut acked = Vec::new();
     for i in 0..200 {
         let key = format!("fill/{i:03}");
@@ -552,8 +675,11 @@ async fn a_member_whose_disk_fills_exits_loudly_and_restarts_cleanly_once_space_
             .expect("acknowledged write kept");
         assert_eq!(got.value.len(), 64 * 1024);
     }
-    c.put("after/refill", b"ok".to_vec()).await.unwrap();
     drop(c);
+    api_client(dir.path(), 1, peers[&1])
+        .put("after/refill", b"ok".to_vec())
+        .await
+        .unwrap();
     // Gone before the disk is unmounted.
     sigkill(&mut restarted).await;
 }

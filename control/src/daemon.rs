@@ -47,7 +47,10 @@ impl Daemon {
             .as_ref()
             .map(|w| ca.issue_server(&w.dns_names, WEBHOOK_CERT_LIFETIME))
             .transpose()?;
-        let binding = isthmus_federation::bind(config.peer_listen).await?;
+        // Operators write through the authenticated API port, never the peer port.
+        let binding = isthmus_federation::bind(config.peer_listen)
+            .await?
+            .refuse_client_writes();
         let federation = binding.local_addr();
         let mut options =
             isthmus_federation::StoreOptions::new(config.node_id, config.peers.clone());

@@ -164,10 +164,12 @@ impl Demo {
         // Federation: bind every member first so each knows the others' addresses.
         let mut bindings = Vec::new();
         for _ in CLUSTERS {
+            // As `isthmus control` runs it: writes only through the authenticated API port.
             bindings.push(
                 isthmus_federation::bind("127.0.0.1:0".parse()?)
                     .await
-                    .context("binding a federation member")?,
+                    .context("binding a federation member")?
+                    .refuse_client_writes(),
             );
         }
         let peers: BTreeMap<u64, SocketAddr> = bindings

@@ -40,13 +40,44 @@ pub type WriteGuard =
 pub struct KvService {
     store: Weak<Inner>,
     guard: Option<WriteGuard>,
+    /// False on the peer port of a member run by a control plane.
+    writes: bool,
 }
 
 impl KvService {
     pub(crate) fn new(store: Weak<Inner>, guard: Option<WriteGuard>) -> KvServer<Self> {
-        KvServer::new(KvService { store, guard })
-            .max_decoding_message_size(MAX_REQUEST_BYTES)
-            .max_encoding_message_size(usize::MAX)
+        KvServer::new(KvService {
+            store,
+            guard,
+            writes: true,
+        })
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(usize::MAX)
+    }
+
+    /// The peer port's `Kv` of a member whose control plane serves the authenticated one:
+    /// every write is refused.
+    pub(crate) fn peer_port_without_writes(store: Weak<Inner>) -> KvServer<Self> {
+        KvServer::new(KvService {
+            store,
+            guard: None,
+            writes: false,
+        })
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(usize::MAX)
+    }
+
+    /// Refuses `method` when this port takes no writes.
+    fn writable(&self, method: &str) -> Result<(), Status> {
+        if self.writes {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated(format!(
+                "Kv.{method} is not served on the federation peer port: call it on a control \
+                 plane's API (port 15012) with an operator credential (isthmus --context, or \
+                 --control with --ca-file, --cert and --key)"
+            )))
+        }
     }
 
     fn check_write<T>(&self, request: &Request<T>, key: &str, delete: bool) -> Result<(), Status> {
@@ -168,6 +199,7 @@ impl Kv for KvService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
+        self.writable("Put")?;
         let store = self.store()?;
         self.check_write(&request, &request.get_ref().key, false)?;
         let request = request.into_inner();
@@ -187,6 +219,7 @@ impl Kv for KvService {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
+        self.writable("Delete")?;
         let store = self.store()?;
         self.check_write(&request, &request.get_ref().key, true)?;
         let revision = store
@@ -200,6 +233,7 @@ impl Kv for KvService {
         &self,
         request: Request<pb::CompareAndSetRequest>,
     ) -> Result<Response<pb::CompareAndSetResponse>, Status> {
+        self.writable("CompareAndSet")?;
         let store = self.store()?;
         self.check_write(&request, &request.get_ref().key, false)?;
         let request = request.into_inner();
@@ -311,6 +345,7 @@ impl Kv for KvService {
         &self,
         request: Request<pb::MintJoinTokenRequest>,
     ) -> Result<Response<pb::MintJoinTokenResponse>, Status> {
+        self.writable("MintJoinToken")?;
         let ttl_ms = request.into_inner().ttl_ms;
         if ttl_ms == 0 {
             return Err(Status::invalid_argument(
@@ -358,6 +393,7 @@ impl Kv for KvService {
         &self,
         request: Request<pb::RemoveMemberRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
+        self.writable("RemoveMember")?;
         let id = request.into_inner().id;
         let store = self.store()?;
         if !store.members().contains_key(&id) {

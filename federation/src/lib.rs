@@ -273,6 +273,7 @@ pub async fn bind(listen: SocketAddr) -> Result<Binding, StoreError> {
     Ok(Binding {
         listener,
         local_addr,
+        client_writes: true,
     })
 }
 
@@ -281,9 +282,20 @@ pub async fn bind(listen: SocketAddr) -> Result<Binding, StoreError> {
 pub struct Binding {
     listener: TcpListener,
     local_addr: SocketAddr,
+    /// Whether the peer port's `Kv` takes writes (Put, Delete, CompareAndSet, MintJoinToken,
+    /// RemoveMember). A member run by a control plane refuses them there: its authenticated
+    /// API port serves `Kv` to operators (docs/security.md §6).
+    client_writes: bool,
 }
 
 impl Binding {
+    /// Refuses `Kv` writes on the peer port (`UNAUTHENTICATED`, pointing at the control-plane
+    /// API); reads, `Status` and `Join` (authorized by its token) stay served there.
+    pub fn refuse_client_writes(mut self) -> Self {
+        self.client_writes = false;
+        self
+    }
+
     /// The address the peer listener is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -364,7 +376,11 @@ impl Binding {
             }),
         };
         let peer = server::PeerService::new(node_id, replica, inbound_tx);
-        let kv = api::KvService::new(store.downgrade(), None);
+        let kv = if self.client_writes {
+            api::KvService::new(store.downgrade(), None)
+        } else {
+            api::KvService::peer_port_without_writes(store.downgrade())
+        };
         let incoming = TcpListenerStream::new(self.listener);
         let mut server_shutdown = shutdown_rx;
         tasks.push(tokio::spawn(async move {
