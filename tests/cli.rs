@@ -40,8 +40,9 @@ fn bad_config_files_name_file_field_and_value_and_exit_non_zero() {
         ),
         ("gateway", "cluster: east\ncontrol: 127.0.0.1:1\ntoken: t\nlisten: {quic: localhost}\n", "listen.quic", "localhost"),
         ("gateway", "cluster: east\ncontrol: 127.0.0.1:1\ntoken: t\nkeepAlive: 1 second\n", "keepAlive", "1 second"),
-        ("dns", "cluster: east\ncontrol: 127.0.0.1:1\nupstreams: [8.8.8.8]\n", "upstreams[0]", "8.8.8.8"),
-        ("dns", "cluster: East\ncontrol: 127.0.0.1:1\n", "cluster", "East"),
+        ("dns", "cluster: east\ncontrol: 127.0.0.1:1\ntoken: t\nupstreams: [8.8.8.8]\n", "upstreams[0]", "8.8.8.8"),
+        ("dns", "cluster: East\ncontrol: 127.0.0.1:1\ntoken: t\n", "cluster", "East"),
+        ("dns", "cluster: east\ncontrol: 127.0.0.1:1\ntoken: \"\"\n", "token", "isthmus-system/dns"),
         (
             "sidecar",
             "cluster: east\ncontrol: 127.0.0.1:1\ntoken: t\nserviceAccount: sleep\ninbound: [{listen: 127.0.0.1:0, forwardTo: 127.0.0.1:1, protocol: smtp}]\n",

@@ -37,7 +37,7 @@ async fn one_cluster_of_daemons_serves_dns_and_an_mtls_call_with_the_callers_ide
         &format!(
             "cluster: solo\ndataDir: data\ndiscovery: {{file: services.yaml, pollInterval: 50ms}}\nvipRange: 127.44.0.0/16\n\
              listen: {{grpc: \"{}\", admin: \"127.0.0.1:0\"}}\n\
-             bootstrapTokens: [{{token: {TOKEN}, allow: [\"default/*\", \"isthmus-system/eastwest-gateway\"]}}]\n\
+             bootstrapTokens: [{{token: {TOKEN}, allow: [\"default/*\", \"isthmus-system/eastwest-gateway\", \"isthmus-system/dns\"]}}]\n\
              federation: {{nodeId: 1, listen: \"{}\", peers: {{1: \"{}\"}}}}\n",
             addr(grpc),
             addr(peer),
@@ -96,7 +96,7 @@ async fn one_cluster_of_daemons_serves_dns_and_an_mtls_call_with_the_callers_ide
         dir.path(),
         "dns",
         "dns",
-        &format!("cluster: solo\ncontrol: \"{}\"\ncontrolCa: data/ca.pem\nupstreams: []\nlisten: {{dns: \"127.0.0.1:0\", admin: \"127.0.0.1:0\"}}\n", addr(grpc)),
+        &format!("cluster: solo\ncontrol: \"{}\"\ncontrolCa: data/ca.pem\ntoken: {TOKEN}\nupstreams: []\nlisten: {{dns: \"127.0.0.1:0\", admin: \"127.0.0.1:0\"}}\n", addr(grpc)),
     )
     .await;
     let dns_addr: SocketAddr = dns_ready["udp"].as_str().unwrap().parse().unwrap();

@@ -46,4 +46,14 @@ fn the_charts_daemon_configs_load_with_the_daemons_loaders() {
     let dns = isthmus_dns::config::DnsConfig::load(&file(&configs, "dns.yaml", dir.path()))
         .unwrap_or_else(|e| panic!("dns.yaml from the chart: {e}"));
     assert_eq!(dns.control, "isthmus-control.isthmus-system.svc:15012");
+
+    // The gateway's and the DNS proxy's tokens get them their own identities, and nothing of
+    // the control plane's.
+    use isthmus_core::identity::SpiffeId;
+    let td = "east.isthmus.local";
+    assert!(control
+        .tokens
+        .allows(&gateway.token, &SpiffeId::gateway(td)));
+    assert!(control.tokens.allows(&dns.token, &SpiffeId::dns(td)));
+    assert!(!control.tokens.allows(&dns.token, &SpiffeId::control(td)));
 }

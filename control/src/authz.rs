@@ -116,11 +116,6 @@ pub fn decide(
         return Ok(Allowed::Plain);
     }
     let Some(caller) = caller else {
-        // The DNS proxy has no certificate yet, so the configuration stream (what the admin
-        // port's /debug/config shows anyone) stays open to anonymous clients.
-        if method == Method::StreamConfig {
-            return Ok(Allowed::Plain);
-        }
         return Err(Status::unauthenticated(format!(
             "{}: this method needs a client certificate (an operator credential: `isthmus \
              credentials issue`; a data-plane daemon presents its own certificate)",

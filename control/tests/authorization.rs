@@ -209,6 +209,16 @@ async fn callers_without_the_right_change_nothing() {
         "{status:?}"
     );
 
+    // Not even the configuration stream.
+    let stream =
+        isthmus_core::proto::mesh::mesh_config_service_client::MeshConfigServiceClient::new(
+            anonymous.channel(),
+        )
+        .stream_config(isthmus_core::proto::mesh::StreamConfigRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(stream.code(), Code::Unauthenticated);
+
     // A workload of this cluster (its certificate from Sign) streams config, nothing else.
     let ratings = SpiffeId::new(TD, "default", "ratings");
     let (identity, _, _) = anonymous.request_identity(&ratings, TOKEN).await.unwrap();

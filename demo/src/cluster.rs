@@ -10,7 +10,7 @@ use anyhow::Context;
 use ipnet::Ipv4Net;
 use isthmus_control::tokens::TokenPolicy;
 use isthmus_core::identity::{
-    default_trust_domain, SpiffeId, GATEWAY_SERVICE_ACCOUNT, SYSTEM_NAMESPACE,
+    default_trust_domain, SpiffeId, DNS_SERVICE_ACCOUNT, GATEWAY_SERVICE_ACCOUNT, SYSTEM_NAMESPACE,
 };
 use isthmus_core::mesh::{MeshConfig, Protocol};
 use isthmus_core::tls::Identity;
@@ -37,6 +37,7 @@ fn demo_tokens() -> anyhow::Result<TokenPolicy> {
             allow: vec![
                 format!("{SAMPLE_NAMESPACE}/*"),
                 format!("{SYSTEM_NAMESPACE}/{GATEWAY_SERVICE_ACCOUNT}"),
+                format!("{SYSTEM_NAMESPACE}/{DNS_SERVICE_ACCOUNT}"),
             ],
         }],
     )?)
@@ -418,7 +419,7 @@ impl DemoCluster {
         ));
         let config = att.config;
 
-        let dns_att = isthmus_core::attach::attach(&control_addr, "dns", None).await?;
+        let (_, dns_att) = attach(&control_addr, "dns", SpiffeId::dns(&trust_domain)).await?;
         let dns_config = dns_att.config.clone();
         background.extend(dns_att.tasks);
         let upstreams = std::fs::read_to_string("/etc/resolv.conf")

@@ -5,6 +5,7 @@
 //! cluster: east
 //! control: 127.0.0.1:15012
 //! controlCa: ca.pem                # the cluster CA (the control plane's <dataDir>/ca.pem)
+//! token: "bootstrap-token"          # allowed isthmus-system/dns: for the proxy's certificate
 //! listen: {dns: 0.0.0.0:15053, admin: 0.0.0.0:15020}
 //! upstreams: [192.0.2.53:53]    # default: the nameservers of /etc/resolv.conf
 //! ttl: 5
@@ -22,11 +23,16 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RawDnsConfig {
     pub cluster: String,
+    #[serde(default)]
+    pub trust_domain: Option<String>,
     pub control: String,
     /// The cluster CA's PEM file (relative to this file): what the control-plane API's
     /// certificate must chain to.
     #[serde(default)]
     pub control_ca: Option<String>,
+    /// A bootstrap token that allows `isthmus-system/dns`: the proxy's certificate, which it
+    /// presents to the control plane to stream its configuration.
+    pub token: String,
     #[serde(default)]
     pub listen: RawListen,
     #[serde(default)]
@@ -67,10 +73,12 @@ fn default_admin() -> String {
 #[derive(Debug)]
 pub struct DnsConfig {
     pub cluster: String,
+    pub trust_domain: String,
     /// `host:port` of the control plane's gRPC API (an IP or a DNS name).
     pub control: String,
     /// `controlCa` as written (read at start, relative to the config file).
     pub control_ca: Option<String>,
+    pub token: String,
     pub dns: SocketAddr,
     pub admin: SocketAddr,
     /// None: read /etc/resolv.conf.
@@ -81,7 +89,14 @@ pub struct DnsConfig {
 impl TryFrom<RawDnsConfig> for DnsConfig {
     type Error = FieldError;
     fn try_from(raw: RawDnsConfig) -> Result<Self, FieldError> {
-        cluster_and_trust_domain(&raw.cluster, None)?;
+        let trust_domain = cluster_and_trust_domain(&raw.cluster, raw.trust_domain)?;
+        if raw.token.is_empty() {
+            return Err(FieldError::new(
+                "token",
+                "",
+                "the bootstrap token is required (one that allows isthmus-system/dns)",
+            ));
+        }
         let upstreams = match raw.upstreams {
             None => None,
             Some(list) => Some(
@@ -96,8 +111,10 @@ impl TryFrom<RawDnsConfig> for DnsConfig {
         }
         Ok(DnsConfig {
             cluster: raw.cluster,
+            trust_domain,
             control: host_port("control", &raw.control)?,
             control_ca: raw.control_ca,
+            token: raw.token,
             dns: socket_addr("listen.dns", &raw.listen.dns)?,
             admin: socket_addr("listen.admin", &raw.listen.admin)?,
             upstreams,

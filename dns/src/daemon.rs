@@ -28,7 +28,17 @@ impl Daemon {
 
     /// Attaches to the control plane, then starts the DNS servers and the admin server.
     pub async fn start(config: DnsConfig, control: ControlTarget) -> anyhow::Result<Self> {
-        let attached = attach(&control, "dns", None).await?;
+        // Its own certificate, presented to stream the configuration (docs/security.md §6).
+        let id = isthmus_core::identity::SpiffeId::dns(&config.trust_domain);
+        let attached = attach(
+            &control,
+            "dns",
+            Some((
+                &id,
+                isthmus_core::client::Token::Static(config.token.clone()),
+            )),
+        )
+        .await?;
         let upstreams = match config.upstreams {
             Some(u) => u,
             None => std::fs::read_to_string("/etc/resolv.conf")

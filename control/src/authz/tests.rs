@@ -63,7 +63,7 @@ fn every_cell_of_the_method_table() {
     let table: &[(Method, [&str; 11])] = &[
         (
             StreamConfig,
-            ["ok", "ok", "ok", "ok", "x", "x", "ok", "ok", "ok", "x", "x"],
+            ["U", "ok", "ok", "ok", "x", "x", "ok", "ok", "ok", "x", "x"],
         ),
         (
             ReportFailover,
