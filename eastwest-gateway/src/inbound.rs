@@ -30,7 +30,7 @@ use crate::metrics::{Direction, Metrics, Rejection, Role, Source, UNKNOWN_PEER};
 use crate::peers::{Established, Peers};
 use crate::quic::{self, codes};
 use crate::relay::{relay_and_log, PeerRead, PeerWrite};
-use crate::{log_panic, GatewayError, Stop};
+use crate::{log_panic, tls_only, GatewayError, Stop};
 
 /// How many endpoints one stream tries before answering `NoHealthyEndpoint`.
 const MAX_DIAL_ATTEMPTS: usize = 3;
@@ -235,9 +235,33 @@ impl Inbound {
                 debug!(error = %GatewayError::WriteResponse(e).chain(), "peer went away");
                 return;
             }
+            // Only TLS crosses clusters, checked here too: a compromised member's gateway could
+            // skip its own check. Refused, the stream is reset and the endpoint connection
+            // closed unused (it received nothing).
+            let mut tcp = tcp;
+            let prefix = match tls_only::read_client_hello(&mut recv, self.connect_timeout).await
+            {
+                Ok(prefix) => prefix,
+                Err(reason) => {
+                    self.metrics.reject(Source::Peer, Rejection::NotTls);
+                    if let Some(suppressed) = self.log.admit(&format!("not_tls {cluster}")) {
+                        warn!(from = %cluster, %reason, suppressed, "refusing a tunnel that is not TLS");
+                    }
+                    send.abort();
+                    recv.abort();
+                    return;
+                }
+            };
             debug!(endpoint = %active.addr(), "tunnel open");
             let _open = self.metrics.open_stream(cluster, Direction::Inbound);
             let counters = self.metrics.byte_counters(cluster);
+            if let Err(e) = tcp.write_all(&prefix).await {
+                debug!(error = %e, "endpoint closed before the ClientHello");
+                send.abort();
+                recv.abort();
+                return;
+            }
+            counters.received.inc_by(u64::from(tls_only::PREFIX_LEN_U8));
             relay_and_log(tcp, send, recv, &counters).await;
             drop(active);
         }

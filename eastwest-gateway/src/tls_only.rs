@@ -1,17 +1,19 @@
 //! Only TLS crosses clusters: the outbound role carries a tunnel only once the caller's first
 //! bytes are a TLS ClientHello, so plaintext never leaves the cluster, not even towards a
-//! PERMISSIVE workload (docs/security.md). The check reads the first record header and the
+//! PERMISSIVE workload (docs/security.md); the inbound role checks again before it writes a
+//! byte to the endpoint, as it does not trust another cluster's gateway to. The check reads the first record header and the
 //! handshake type and forwards those bytes ahead of the relay; nothing else is inspected, and
 //! the rest of the handshake stays end to end between the workloads.
 
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Bytes read to recognise a ClientHello: the 5-byte TLS record header and the handshake
 /// message type.
 pub(crate) const PREFIX_LEN: usize = 6;
+/// [`PREFIX_LEN`], for byte counters.
+pub(crate) const PREFIX_LEN_U8: u8 = 6;
 
 /// Whether `prefix` starts a TLS ClientHello: a handshake record (content type 22) of a TLS
 /// record version (3.0 to 3.4), a plausible length, whose message is a ClientHello (type 1).
@@ -45,13 +47,14 @@ pub(crate) fn client_hello(prefix: &[u8; PREFIX_LEN]) -> Result<(), String> {
     Ok(())
 }
 
-/// Reads the caller's first [`PREFIX_LEN`] bytes (within `within`) and checks them.
-pub(crate) async fn read_client_hello(
-    tcp: &mut TcpStream,
+/// Reads the first [`PREFIX_LEN`] bytes of a tunnel's payload (the caller's TCP connection,
+/// or the peer stream) within `within`, and checks them.
+pub(crate) async fn read_client_hello<R: AsyncRead + Unpin>(
+    from: &mut R,
     within: Duration,
 ) -> Result<[u8; PREFIX_LEN], String> {
     let mut prefix = [0u8; PREFIX_LEN];
-    match tokio::time::timeout(within, tcp.read_exact(&mut prefix)).await {
+    match tokio::time::timeout(within, from.read_exact(&mut prefix)).await {
         Err(_) => return Err(format!("no TLS ClientHello within {within:?}")),
         Ok(Err(e)) => return Err(format!("the connection ended before a ClientHello: {e}")),
         Ok(Ok(_)) => {}

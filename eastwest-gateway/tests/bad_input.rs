@@ -258,3 +258,39 @@ async fn a_tunnel_that_does_not_start_with_a_tls_client_hello_never_leaves_the_c
     // A tunnel that starts as TLS does is carried as before.
     assert_tunnel_carries(&c, b"still here").await;
 }
+
+#[tokio::test]
+async fn a_peer_stream_that_does_not_start_with_a_tls_client_hello_never_reaches_the_endpoint() {
+    // A member's gateway that skips its own check (compromised, or another implementation):
+    // the receiving gateway checks again before it writes a byte to the endpoint.
+    let c = TwoClusters::start().await;
+    let (_ep, conn) = raw_quic_client(
+        c.east_ca.gateway_identity(),
+        c.trust.clone(),
+        c.west.handle.quic_addr(),
+    )
+    .await;
+    let conn = conn.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let mut req = request("ratings.default", "west");
+    req.source_cluster = "east".into();
+    tunnel::write_request(&mut send, &req).await.unwrap();
+    let resp = tunnel::read_response(&mut recv).await.unwrap();
+    assert!(resp.is_ok(), "{resp:?}");
+    send.write_all(b"GET / HTTP/1.1\r\nHost: ratings\r\n\r\n")
+        .await
+        .unwrap();
+    // The stream is reset; the echo endpoint sends nothing back because it got nothing.
+    let read = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(64 * 1024))
+        .await
+        .expect("the gateway ends the stream");
+    assert!(
+        read.as_ref().map_or(true, |back| back.is_empty()),
+        "plaintext reached the endpoint: {read:?}"
+    );
+    let m = c.west.handle.metrics();
+    counted(&m, Source::Peer, Rejection::NotTls, 1).await;
+    assert!(conn.close_reason().is_none(), "only the stream is refused");
+    // A tunnel that starts as TLS does is carried as before.
+    assert_tunnel_carries(&c, b"still here").await;
+}
