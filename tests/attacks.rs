@@ -1,0 +1,487 @@
+//! The attacks of docs/security.md §12 that the code refuses today, run against a running
+//! demo federation (three clusters on loopback) with real gRPC and TCP clients. After each
+//! refused attack every member's store is what it was: the same keys, values and revisions.
+//! Rows whose rule is still planned (member mTLS on the peer port, apply-time ownership) are
+//! listed in the doc and not run here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use isthmus_core::client::ControlClient;
+use isthmus_core::identity::{Role, SpiffeId};
+use isthmus_core::proto::mesh::certificate_service_client::CertificateServiceClient;
+use isthmus_core::proto::mesh::mesh_config_service_client::MeshConfigServiceClient;
+use isthmus_core::proto::mesh::policy_service_client::PolicyServiceClient;
+use isthmus_core::proto::mesh::{
+    ApplyRequest, DeletePolicyRequest, ExplainRequest, FailoverReport, SignRequest,
+    StreamConfigRequest,
+};
+use isthmus_demo::{Demo, DemoOptions};
+use isthmus_federation::proto::v1 as kv;
+use isthmus_federation::proto::v1::kv_client::KvClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+
+const DENY_ALL: &str = r#"{"apiVersion":"security.istio.io/v1","kind":"AuthorizationPolicy","metadata":{"name":"deny-all","namespace":"isthmus-system"},"spec":{"action":"DENY","rules":[{}]}}"#;
+
+/// Every member's store: (key, value, revision) of every record.
+type Snapshot = Vec<Vec<(String, Vec<u8>, u64)>>;
+
+fn snapshot(demo: &Demo) -> Snapshot {
+    demo.stores()
+        .iter()
+        .map(|s| {
+            s.list("")
+                .into_iter()
+                .map(|(k, r)| (k, r.value, r.revision))
+                .collect()
+        })
+        .collect()
+}
+
+/// Waits until every member holds the same records and stays so for a moment (the demo's
+/// own publishing has settled), and returns that state.
+async fn settled(demo: &Demo) -> Snapshot {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let a = snapshot(demo);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let b = snapshot(demo);
+        if a == b && b.windows(2).all(|w| w[0] == w[1]) {
+            return b;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the demo's store never settled"
+        );
+    }
+}
+
+fn code<T>(r: Result<T, tonic::Status>) -> Code {
+    r.err().map_or(Code::Ok, |s| s.code())
+}
+
+/// The code of each state-changing call (and one read) a client can make on a control
+/// plane's API.
+async fn api_codes(client: &ControlClient) -> Vec<(&'static str, Code)> {
+    let mut kv = KvClient::new(client.channel());
+    let mut policies = PolicyServiceClient::new(client.channel());
+    let mut mesh = MeshConfigServiceClient::new(client.channel());
+    vec![
+        (
+            "Kv.Put",
+            code(
+                kv.put(kv::PutRequest {
+                    key: "clusters/west".into(),
+                    value: b"{}".to_vec(),
+                    lease_ttl_ms: 0,
+                })
+                .await,
+            ),
+        ),
+        (
+            "Kv.Delete",
+            code(
+                kv.delete(kv::DeleteRequest {
+                    key: "clusters/central".into(),
+                })
+                .await,
+            ),
+        ),
+        (
+            "Kv.CompareAndSet",
+            code(
+                kv.compare_and_set(kv::CompareAndSetRequest {
+                    key: "grants/mesh-admin/west.isthmus.local/mallory".into(),
+                    expected_revision: None,
+                    value: b"{}".to_vec(),
+                })
+                .await,
+            ),
+        ),
+        (
+            "Kv.MintJoinToken",
+            code(
+                kv.mint_join_token(kv::MintJoinTokenRequest { ttl_ms: 60_000 })
+                    .await,
+            ),
+        ),
+        (
+            "Kv.RemoveMember",
+            code(kv.remove_member(kv::RemoveMemberRequest { id: 3 }).await),
+        ),
+        ("Kv.Get", code(kv.get(kv::GetRequest::default()).await)),
+        (
+            "PolicyService.Apply",
+            code(
+                policies
+                    .apply(ApplyRequest {
+                        documents_json: vec![DENY_ALL.into()],
+                        dry_run: false,
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "PolicyService.Delete",
+            code(
+                policies
+                    .delete(DeletePolicyRequest {
+                        kind: "AuthorizationPolicy".into(),
+                        namespace: "isthmus-system".into(),
+                        name: "deny-all".into(),
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "MeshConfigService.ReportFailover",
+            code(
+                mesh.report_failover(FailoverReport {
+                    node_id: "mallory".into(),
+                    tables_json: "{}".into(),
+                })
+                .await,
+            ),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
+    let demo = Demo::start(DemoOptions::fast(200))
+        .await
+        .expect("the demo starts");
+    let east = demo.cluster("east").unwrap();
+    let west = demo.cluster("west").unwrap();
+    let east_addr = east.control.grpc_addr().to_string();
+    let east_ca = east.control.ca_pem().to_string();
+    let before = settled(&demo).await;
+
+    // #10: no client certificate on 15012.
+    let anonymous = east.control.anonymous_client();
+    for (method, code) in api_codes(&anonymous).await {
+        assert_eq!(code, Code::Unauthenticated, "#10 anonymous {method}");
+    }
+    let mut mesh = MeshConfigServiceClient::new(anonymous.channel());
+    assert_eq!(
+        code(mesh.stream_config(StreamConfigRequest::default()).await),
+        Code::Unauthenticated,
+        "#10 anonymous StreamConfig"
+    );
+    assert_eq!(
+        code(
+            mesh.explain(ExplainRequest {
+                service: "ratings".into(),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::Unauthenticated,
+        "#10 anonymous Explain"
+    );
+
+    // #11: a workload's certificate (east's client sidecar) on 15012.
+    let workload = ControlClient::authenticated(
+        &east_addr,
+        &east_ca,
+        isthmus_core::tls::identity_resolver(east.client_identity.clone()),
+    )
+    .unwrap();
+    for (method, code) in api_codes(&workload).await {
+        let want = if method == "MeshConfigService.ReportFailover" {
+            Code::Ok // a sidecar reports its own failover tables
+        } else {
+            Code::PermissionDenied
+        };
+        assert_eq!(code, want, "#11 workload {method}");
+    }
+
+    // #12: a mesh-wide DENY policy by a viewer, and by an admin without a mesh-admin grant
+    // (west's admin, through west's own control plane).
+    let viewer = east.control.operator_client(Role::Viewer, "ann");
+    let west_admin = west.control.client();
+    for (who, client) in [("viewer", &viewer), ("west's admin", &west_admin)] {
+        let refused = PolicyServiceClient::new(client.channel())
+            .apply(ApplyRequest {
+                documents_json: vec![DENY_ALL.into()],
+                dry_run: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "#12 {who}");
+    }
+
+    // #13: west's admin writes east's and central's records through west.
+    let mut kv_west = KvClient::new(west_admin.channel());
+    for key in ["clusters/east", "exports/default/ratings/central"] {
+        let refused = kv_west
+            .put(kv::PutRequest {
+                key: key.into(),
+                value: b"{}".to_vec(),
+                lease_ttl_ms: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "#13 {key}");
+        assert!(refused.message().contains(key), "{refused:?}");
+    }
+
+    // #17: a value of 1 MiB + 1 byte, as the mesh admin.
+    let mesh_admin = east.control.client();
+    let too_big = KvClient::new(mesh_admin.channel())
+        .put(kv::PutRequest {
+            key: "attack/big".into(),
+            value: vec![b'x'; 1024 * 1024 + 1],
+            lease_ttl_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(too_big.code(), Code::InvalidArgument);
+    assert!(
+        too_big.message().contains("attack/big") && too_big.message().contains("1048576"),
+        "#17 {too_big:?}"
+    );
+
+    // #9: a join token valid for 25 h.
+    let ttl = KvClient::new(mesh_admin.channel())
+        .mint_join_token(kv::MintJoinTokenRequest {
+            ttl_ms: 25 * 3600 * 1000,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(ttl.code(), Code::InvalidArgument, "#9 {ttl:?}");
+
+    // #6: Join with a token nobody minted.
+    let join = KvClient::new(anonymous.channel())
+        .join(kv::JoinRequest {
+            token: "0123456789abcdef.0123456789abcdef0123456789abcdef".into(),
+            id: 9,
+            peer_addr: "127.0.0.1:9".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(join.code(), Code::PermissionDenied, "#6 {join:?}");
+
+    // #19: Sign for the control plane's identity, for the gateway with a token that grants
+    // only a namespace, and for names Kubernetes would not allow.
+    let mut sign = CertificateServiceClient::new(anonymous.channel());
+    for (identity, want) in [
+        (
+            SpiffeId::control(&east.trust_domain),
+            Code::PermissionDenied,
+        ),
+        (
+            SpiffeId::gateway(&east.trust_domain),
+            Code::PermissionDenied,
+        ),
+        (
+            SpiffeId::new(&east.trust_domain, "Default", "a_b"),
+            Code::InvalidArgument,
+        ),
+    ] {
+        let (csr_pem, _) = isthmus_core::ca::generate_csr(&identity).unwrap();
+        let got = sign
+            .sign(SignRequest {
+                csr_pem,
+                identity: identity.to_string(),
+                token: "not-the-bootstrap-token-at-all".into(),
+            })
+            .await;
+        assert_eq!(code(got), want, "#19 {identity}");
+    }
+
+    // #20: west's workload on east's StreamConfig; east's admin writing through west's API.
+    let west_workload = ControlClient::authenticated(
+        &east_addr,
+        &east_ca,
+        isthmus_core::tls::identity_resolver(west.client_identity.clone()),
+    )
+    .unwrap();
+    assert_eq!(
+        code(
+            MeshConfigServiceClient::new(west_workload.channel())
+                .stream_config(StreamConfigRequest::default())
+                .await
+        ),
+        Code::PermissionDenied,
+        "#20 west's workload on east"
+    );
+    let east_admin_at_west = ControlClient::authenticated(
+        &west.control.grpc_addr().to_string(),
+        west.control.ca_pem(),
+        {
+            let cred = &east.admin_credential;
+            isthmus_core::tls::StaticClientCert::from_pem(
+                &std::fs::read_to_string(&cred.0).unwrap(),
+                &std::fs::read_to_string(&cred.1).unwrap(),
+            )
+            .unwrap()
+        },
+    )
+    .unwrap();
+    let refused = KvClient::new(east_admin_at_west.channel())
+        .put(kv::PutRequest {
+            key: "clusters/east".into(),
+            value: b"{}".to_vec(),
+            lease_ttl_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "#20 {refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("your own cluster's control plane"),
+        "{refused:?}"
+    );
+
+    // #1 (writes): plaintext Kv writes on a member's federation port.
+    let mut peer = isthmus_federation::KvClient::connect(east.federation)
+        .await
+        .unwrap();
+    let err = peer.put("clusters/west", b"{}".to_vec()).await.unwrap_err();
+    assert!(err.to_string().contains("peer port"), "#1 {err}");
+    let err = peer
+        .mint_join_token(Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("peer port"), "#1 {err}");
+
+    // #23: plaintext on 15012 gets no answer.
+    let mut tcp = tokio::net::TcpStream::connect(&east_addr).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut back)).await;
+    assert!(
+        !back.windows(4).any(|w| w == b"HTTP") && back.first() != Some(&0),
+        "#23 a plaintext client got an HTTP answer: {back:?}"
+    );
+
+    // #22: a tunnel to a service whose payload after Ok is plaintext.
+    let gateway = east.gateway.as_ref().unwrap().local_addr();
+    let mut tcp = tokio::net::TcpStream::connect(gateway).await.unwrap();
+    let req = isthmus_core::tunnel::OpenRequest::new("ratings.default", 9080, "central");
+    isthmus_core::tunnel::write_request(&mut tcp, &req)
+        .await
+        .unwrap();
+    let resp = isthmus_core::tunnel::read_response(&mut tcp).await.unwrap();
+    assert!(resp.is_ok(), "#22 {resp:?}");
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: ratings\r\n\r\n")
+        .await
+        .unwrap();
+    let mut back = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut back)).await;
+    assert!(
+        matches!(read, Ok(Err(_)) | Ok(Ok(0))),
+        "#22 plaintext crossed: {read:?} {:?}",
+        String::from_utf8_lossy(&back)
+    );
+
+    // Nothing above changed any member's store.
+    assert_eq!(
+        settled(&demo).await,
+        before,
+        "a refused attack changed the store"
+    );
+
+    // #15, #16: records that pass the API (written by the mesh admin, as only the planned
+    // apply-time rules would refuse them) do not reach the data plane: a cluster claiming
+    // east's trust domain with another CA is left out of east's trust, and an export naming an
+    // identity of another trust domain is stripped of it.
+    let impostor = isthmus_core::ca::CertificateAuthority::generate(&east.trust_domain).unwrap();
+    let record = serde_json::json!({
+        "name": "zzz",
+        "trustDomain": east.trust_domain,
+        "gateway": "127.0.0.1:9",
+        "caBundlePem": impostor.cert_pem(),
+    });
+    let mut kv_admin = KvClient::new(mesh_admin.channel());
+    kv_admin
+        .put(kv::PutRequest {
+            key: "clusters/zzz".into(),
+            value: serde_json::to_vec(&record).unwrap(),
+            lease_ttl_ms: 0,
+        })
+        .await
+        .unwrap();
+    // A member cluster yyy (its own trust domain and CA) whose export also names an identity
+    // of east's trust domain.
+    let yyy = isthmus_core::ca::CertificateAuthority::generate("yyy.isthmus.local").unwrap();
+    let record = serde_json::json!({
+        "name": "yyy",
+        "trustDomain": "yyy.isthmus.local",
+        "gateway": "127.0.0.1:9",
+        "caBundlePem": yyy.cert_pem(),
+    });
+    kv_admin
+        .put(kv::PutRequest {
+            key: "clusters/yyy".into(),
+            value: serde_json::to_vec(&record).unwrap(),
+            lease_ttl_ms: 0,
+        })
+        .await
+        .unwrap();
+    let export = serde_json::json!({
+        "cluster": "yyy", "namespace": "default", "name": "forged",
+        "ports": [{"name": "http", "port": 9080, "protocol": "http"}],
+        "identities": [
+            format!("spiffe://{}/ns/default/sa/x", east.trust_domain),
+            "spiffe://yyy.isthmus.local/ns/default/sa/forged",
+        ],
+        "endpoints": 1, "healthyEndpoints": 1,
+    });
+    kv_admin
+        .put(kv::PutRequest {
+            key: "exports/default/forged/yyy".into(),
+            value: serde_json::to_vec(&export).unwrap(),
+            lease_ttl_ms: 0,
+        })
+        .await
+        .unwrap();
+    let config = wait_for_config(east.config.clone(), |c| {
+        c.service("default", "forged").is_some() && east.store().get("clusters/zzz").is_some()
+    })
+    .await;
+    assert!(
+        config.clusters.iter().all(|c| c.name != "zzz"),
+        "#15 zzz's claim reached east's data plane"
+    );
+    let own = config
+        .clusters
+        .iter()
+        .find(|c| c.name == "east")
+        .expect("east's own record");
+    assert_eq!(
+        own.ca_bundle_pem,
+        east.control.ca_pem(),
+        "#15 east's bundle"
+    );
+    let forged = config.service("default", "forged").unwrap();
+    assert_eq!(
+        forged.identities,
+        vec!["spiffe://yyy.isthmus.local/ns/default/sa/forged".to_string()],
+        "#16 the foreign identity was merged"
+    );
+    demo.shutdown().await;
+}
+
+/// Waits until a cluster's configuration (as its data plane receives it) satisfies `check`.
+async fn wait_for_config(
+    mut rx: tokio::sync::watch::Receiver<Arc<isthmus_core::mesh::MeshConfig>>,
+    check: impl Fn(&isthmus_core::mesh::MeshConfig) -> bool,
+) -> Arc<isthmus_core::mesh::MeshConfig> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let c = rx.borrow_and_update().clone();
+            if check(&c) {
+                return c;
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the configuration changes")
+}
