@@ -28,6 +28,8 @@ pub struct Daemon {
     /// Stops the webhook and the publisher.
     stop: watch::Sender<bool>,
     webhook: Option<JoinHandle<()>>,
+    /// Re-issues the webhook's serving certificate at half its lifetime.
+    webhook_rotation: Option<JoinHandle<()>>,
     publishing: Option<JoinHandle<()>>,
 }
 
@@ -41,12 +43,7 @@ impl Daemon {
     /// server, and the webhook and publisher its config asks for.
     pub async fn start(config: ControlConfig) -> anyhow::Result<Self> {
         let ca = load_ca(&config)?;
-        // The webhook's serving certificate, for its Service's DNS names, from the cluster CA.
-        let webhook_cert = config
-            .webhook
-            .as_ref()
-            .map(|w| ca.issue_server(&w.dns_names, WEBHOOK_CERT_LIFETIME))
-            .transpose()?;
+
         // Operators write through the authenticated API port, never the peer port.
         let binding = isthmus_federation::bind(config.peer_listen)
             .await?
@@ -123,8 +120,20 @@ impl Daemon {
             .with_context(|| format!("binding admin {}", config.admin_listen))?;
         let mut webhook = None;
         let mut webhook_addr = None;
-        if let (Some(w), Some(cert)) = (&config.webhook, &webhook_cert) {
-            let tls = crate::webhook::tls_config(&cert.cert_chain_pem, &cert.key_pem)
+        let mut webhook_rotation = None;
+        if let Some(w) = &config.webhook {
+            // The webhook's serving certificate, for its Service's DNS names, from the
+            // cluster CA, re-issued at half its lifetime.
+            let (cert, rotation) = crate::webhook::RotatingCert::start(
+                ca.clone(),
+                w.dns_names.clone(),
+                WEBHOOK_CERT_LIFETIME,
+                stopped.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!("the webhook's certificate: {e}"))?;
+            webhook_rotation = Some(rotation);
+            let tls = cert
+                .tls_config()
                 .map_err(|e| anyhow::anyhow!("the webhook's TLS configuration: {e}"))?;
             let listener = tokio::net::TcpListener::bind(w.listen)
                 .await
@@ -150,6 +159,7 @@ impl Daemon {
             control,
             admin,
             webhook_addr,
+            webhook_rotation,
             stop,
             webhook,
             publishing,
@@ -181,7 +191,10 @@ impl Daemon {
     /// Stops everything it started and closes every port.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        for task in [self.publishing, self.webhook].into_iter().flatten() {
+        for task in [self.publishing, self.webhook, self.webhook_rotation]
+            .into_iter()
+            .flatten()
+        {
             let _ = task.await;
         }
         self.control.shutdown().await;

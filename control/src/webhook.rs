@@ -256,8 +256,15 @@ pub fn handle(body: &[u8], config: &InjectConfig) -> (u16, Vec<u8>) {
     }
 }
 
+/// Connections the webhook holds at once; more are closed as they are accepted (the API server
+/// needs a few; any pod can reach the port).
+pub const MAX_CONNECTIONS: usize = 256;
+/// How long a client has to send a request's headers.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves the webhook over HTTPS on `listener` until `stop` fires: `POST /inject` answers
-/// reviews; `GET /ready` says it is up; anything else is 404.
+/// reviews; `GET /ready` says it is up; anything else is 404. At most [`MAX_CONNECTIONS`]
+/// at once, a TLS handshake within 5 s and request headers within [`HEADER_TIMEOUT`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: std::sync::Arc<rustls::ServerConfig>,
@@ -267,14 +274,20 @@ pub async fn serve(
     use http_body_util::{BodyExt, Full};
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let config = std::sync::Arc::new(config);
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             _ = stop.changed() => return,
             accepted = listener.accept() => accepted,
         };
         let Ok((tcp, peer)) = accepted else { continue };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "webhook at its connection limit; closing");
+            continue;
+        };
         let (acceptor, config) = (acceptor.clone(), config.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let handshake =
                 tokio::time::timeout(std::time::Duration::from_secs(5), acceptor.accept(tcp));
             let Ok(Ok(tls)) = handshake.await else {
@@ -317,6 +330,8 @@ pub async fn serve(
                     }
                 });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
                 .await
             {
@@ -326,27 +341,108 @@ pub async fn serve(
     }
 }
 
-/// The largest review read (the API server's own request limit is 3 MiB).
-const MAX_REVIEW: usize = 3 * 1024 * 1024;
+/// The webhook's serving certificate, re-issued from the cluster CA at half its lifetime:
+/// handshakes from then on present the new one (the `caBundle` is the CA, which does not
+/// change, so nothing needs re-patching).
+pub struct RotatingCert {
+    current: std::sync::RwLock<std::sync::Arc<rustls::sign::CertifiedKey>>,
+}
 
-/// A TLS configuration presenting `cert_chain_pem`/`key_pem` (no client certificates: the
-/// API server authenticates the webhook, not the other way round).
-pub fn tls_config(cert_chain_pem: &str, key_pem: &str) -> Result<rustls::ServerConfig, String> {
-    let certs = isthmus_core::tls::certs_from_pem("webhook certificate", cert_chain_pem)
+impl std::fmt::Debug for RotatingCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RotatingCert")
+    }
+}
+
+impl RotatingCert {
+    /// Issues the first certificate for `dns_names` and keeps re-issuing it at half of
+    /// `lifetime` until `stop` fires (a failed issue is retried a minute later).
+    pub fn start(
+        ca: std::sync::Arc<isthmus_core::ca::CertificateAuthority>,
+        dns_names: Vec<String>,
+        lifetime: std::time::Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(std::sync::Arc<Self>, tokio::task::JoinHandle<()>), String> {
+        let issue = move || -> Result<rustls::sign::CertifiedKey, String> {
+            let cert = ca
+                .issue_server(&dns_names, lifetime)
+                .map_err(|e| format!("issuing the webhook certificate: {e}"))?;
+            certified_key(&cert.cert_chain_pem, &cert.key_pem)
+        };
+        let this = std::sync::Arc::new(RotatingCert {
+            current: std::sync::RwLock::new(std::sync::Arc::new(issue()?)),
+        });
+        let rotating = this.clone();
+        let task = tokio::spawn(async move {
+            let mut wait = lifetime / 2;
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                match issue() {
+                    Ok(key) => {
+                        *rotating.current.write().unwrap_or_else(|e| e.into_inner()) =
+                            std::sync::Arc::new(key);
+                        tracing::info!("webhook certificate rotated");
+                        wait = lifetime / 2;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "webhook certificate rotation failed; retrying");
+                        wait = std::time::Duration::from_secs(60).min(lifetime / 4);
+                    }
+                }
+            }
+        });
+        Ok((this, task))
+    }
+
+    /// The DER of the leaf presented now.
+    pub fn leaf_der(&self) -> Vec<u8> {
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        current.cert.first().map(|c| c.to_vec()).unwrap_or_default()
+    }
+
+    /// A TLS configuration presenting the current certificate.
+    pub fn tls_config(self: &std::sync::Arc<Self>) -> Result<rustls::ServerConfig, String> {
+        let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
+}
+
+impl rustls::server::ResolvesServerCert for RotatingCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
+    }
+}
+
+fn certified_key(chain_pem: &str, key_pem: &str) -> Result<rustls::sign::CertifiedKey, String> {
+    let certs = isthmus_core::tls::certs_from_pem("webhook certificate", chain_pem)
         .map_err(|e| e.to_string())?;
     let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
         .map_err(|e| format!("webhook key: {e}"))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| e.to_string())?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| format!("webhook key: {e}"))?;
+    Ok(rustls::sign::CertifiedKey::new(certs, signing))
 }
+
+/// The largest review read (the API server's own request limit is 3 MiB).
+const MAX_REVIEW: usize = 3 * 1024 * 1024;
 
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use isthmus_control::webhook::{serve, tls_config, InjectConfig};
+use isthmus_control::webhook::{serve, InjectConfig, RotatingCert, MAX_CONNECTIONS};
 use isthmus_core::ca::CertificateAuthority;
 use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -50,14 +50,18 @@ async fn post(addr: std::net::SocketAddr, ca_pem: &str, path: &str, body: &[u8])
 
 #[tokio::test]
 async fn the_webhook_answers_reviews_over_https_and_rejects_malformed_ones() {
-    let ca = CertificateAuthority::generate("east.isthmus.local").unwrap();
-    let cert = ca
-        .issue_server(&[NAME.to_string()], Duration::from_secs(3600))
-        .unwrap();
-    let tls = Arc::new(tls_config(&cert.cert_chain_pem, &cert.key_pem).unwrap());
+    let ca = Arc::new(CertificateAuthority::generate("east.isthmus.local").unwrap());
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let (cert, _rotation) = RotatingCert::start(
+        ca.clone(),
+        vec![NAME.to_string()],
+        Duration::from_secs(3600),
+        stop.clone(),
+    )
+    .unwrap();
+    let tls = Arc::new(cert.tls_config().unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let config = InjectConfig {
         image: "isthmus/isthmus:0.1.0".into(),
         cluster: "east".into(),
@@ -111,4 +115,86 @@ async fn the_webhook_answers_reviews_over_https_and_rejects_malformed_ones() {
         .await
         .unwrap()
         .unwrap();
+}
+
+/// The leaf certificate a TLS client gets from the webhook at `addr`.
+async fn served_leaf(addr: std::net::SocketAddr, ca_pem: &str) -> Vec<u8> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(NAME.try_into().unwrap(), tcp)
+        .await
+        .expect("the webhook's certificate verifies for its Service name");
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[tokio::test]
+async fn the_serving_certificate_is_rotated_before_it_expires_and_connections_are_bounded() {
+    let ca = Arc::new(CertificateAuthority::generate("east.isthmus.local").unwrap());
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    // A 2 s certificate is re-issued after 1 s.
+    let (cert, rotation) = RotatingCert::start(
+        ca.clone(),
+        vec![NAME.to_string()],
+        Duration::from_secs(2),
+        stop.clone(),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = InjectConfig {
+        image: "isthmus/isthmus:0.1.0".into(),
+        cluster: "east".into(),
+        trust_domain: "east.isthmus.local".into(),
+        control: format!("{NAME}:15012"),
+        gateway: "isthmus-gateway.isthmus-system.svc:15444".into(),
+        ca_pem: ca.cert_pem().to_string(),
+    };
+    let server = tokio::spawn(serve(
+        listener,
+        Arc::new(cert.tls_config().unwrap()),
+        config,
+        stop,
+    ));
+    let first = served_leaf(addr, ca.cert_pem()).await;
+    assert_eq!(first, cert.leaf_der());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second = served_leaf(addr, ca.cert_pem()).await;
+    assert_ne!(
+        first, second,
+        "still the first certificate after half its lifetime"
+    );
+    assert_eq!(second, cert.leaf_der());
+
+    // Connections beyond the limit are closed as they are accepted: hold every slot with
+    // connections that never handshake, and the next one ends at once.
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut byte))
+        .await
+        .expect("the connection over the limit is closed at once");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    drop(held);
+
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap();
+    rotation.await.unwrap();
 }
