@@ -31,6 +31,10 @@ pub struct Daemon {
     /// Re-issues the webhook's serving certificate at half its lifetime.
     webhook_rotation: Option<JoinHandle<()>>,
     publishing: Option<JoinHandle<()>>,
+    /// Turns `/ready` false if the federation member stops on its own.
+    unready_on_store_failure: JoinHandle<()>,
+    /// Held while the daemon runs (`<dataDir>/LOCK`).
+    _data_dir_lock: isthmus_federation::DataDirLock,
 }
 
 impl Daemon {
@@ -42,6 +46,9 @@ impl Daemon {
     /// Starts the federation member (on `<dataDir>/raft/`), the control plane, its admin
     /// server, and the webhook and publisher its config asks for.
     pub async fn start(config: ControlConfig) -> anyhow::Result<Self> {
+        // The data directory first: a second process on it is refused before it reads or
+        // creates the CA there.
+        let data_dir_lock = isthmus_federation::lock_data_dir(&config.data_dir)?;
         let ca = load_ca(&config)?;
 
         // Operators write through the authenticated API port, never the peer port.
@@ -118,6 +125,16 @@ impl Daemon {
         let admin = ComponentAdmin::start("control", config.admin_listen, control.config())
             .await
             .with_context(|| format!("binding admin {}", config.admin_listen))?;
+        // A member whose log cannot be written makes the control plane unready at once
+        // (the process exits too, through store_failure; in-process users see /ready).
+        let unready_on_store_failure = {
+            let (failing, store) = (admin.failing(), store.clone());
+            tokio::spawn(async move {
+                if store.stopped().await.is_some() {
+                    failing.fail();
+                }
+            })
+        };
         let mut webhook = None;
         let mut webhook_addr = None;
         let mut webhook_rotation = None;
@@ -160,6 +177,8 @@ impl Daemon {
             admin,
             webhook_addr,
             webhook_rotation,
+            _data_dir_lock: data_dir_lock,
+            unready_on_store_failure,
             stop,
             webhook,
             publishing,
@@ -190,6 +209,7 @@ impl Daemon {
 
     /// Stops everything it started and closes every port.
     pub async fn shutdown(self) {
+        self.unready_on_store_failure.abort();
         let _ = self.stop.send(true);
         for task in [self.publishing, self.webhook, self.webhook_rotation]
             .into_iter()

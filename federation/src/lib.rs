@@ -87,6 +87,7 @@ pub use client::{KvClient, KvWatch, RemoteStatus};
 pub use error::StoreError;
 pub use replica::{MemberStatus, Role, Watch};
 pub use state::{LeaseState, Record, WatchEvent};
+pub use storage::{lock_data_dir, DataDirLock};
 
 use node::{NodeConfig, NodeInputs, Proposal, ProposeRequest, RaftNode, ReadRequest};
 use replica::Replica;

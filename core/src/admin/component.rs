@@ -16,6 +16,22 @@ use tokio::task::JoinHandle;
 pub struct ComponentAdmin {
     handle: AdminHandle,
     follower: JoinHandle<()>,
+    failing: Failing,
+}
+
+/// Turns a component's `/ready` false for good: for a part that failed in a way the
+/// component cannot serve through (a federation member whose log cannot be written).
+#[derive(Clone)]
+pub struct Failing {
+    failed: Arc<std::sync::atomic::AtomicBool>,
+    ready: Arc<watch::Sender<bool>>,
+}
+
+impl Failing {
+    pub fn fail(&self) {
+        self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.ready.send_replace(false);
+    }
 }
 
 impl ComponentAdmin {
@@ -71,6 +87,10 @@ impl ComponentAdmin {
             clusters.clone(),
         );
         let (ready_tx, ready) = watch::channel(false);
+        let failing = Failing {
+            failed: Arc::default(),
+            ready: Arc::new(ready_tx),
+        };
         let debug_config = {
             let config = config.clone();
             Arc::new(move || {
@@ -78,13 +98,15 @@ impl ComponentAdmin {
             })
         };
         let mut follow = config.clone();
+        let ready_tx = failing.clone();
         let follower = tokio::spawn(async move {
             loop {
                 let current = follow.borrow_and_update().clone();
                 version.set(i64::try_from(current.version).unwrap_or(i64::MAX));
                 services.set(i64::try_from(current.services.len()).unwrap_or(i64::MAX));
                 clusters.set(i64::try_from(current.clusters.len()).unwrap_or(i64::MAX));
-                ready_tx.send_replace(current.version > 0);
+                let failed = ready_tx.failed.load(std::sync::atomic::Ordering::SeqCst);
+                ready_tx.ready.send_replace(current.version > 0 && !failed);
                 if follow.changed().await.is_err() {
                     return;
                 }
@@ -99,15 +121,74 @@ impl ComponentAdmin {
             },
         )
         .await?;
-        Ok(ComponentAdmin { handle, follower })
+        Ok(ComponentAdmin {
+            handle,
+            follower,
+            failing,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.handle.addr()
     }
 
+    /// What turns `/ready` false for good.
+    pub fn failing(&self) -> Failing {
+        self.failing.clone()
+    }
+
     pub async fn shutdown(self) {
         self.follower.abort();
         self.handle.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn status_of_ready(addr: SocketAddr) -> String {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        tcp.read_to_string(&mut out).await.unwrap();
+        out.split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn a_failed_component_stays_unready_whatever_config_arrives() {
+        let (tx, rx) = watch::channel(Arc::new(MeshConfig::default()));
+        let admin = ComponentAdmin::start("test", "127.0.0.1:0".parse().unwrap(), rx)
+            .await
+            .unwrap();
+        let addr = admin.addr();
+        assert_eq!(status_of_ready(addr).await, "503");
+        let config = |version| {
+            Arc::new(MeshConfig {
+                version,
+                ..MeshConfig::default()
+            })
+        };
+        tx.send_replace(config(1));
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while status_of_ready(addr).await != "200" {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("ready once a config arrives");
+        admin.failing().fail();
+        assert_eq!(status_of_ready(addr).await, "503");
+        tx.send_replace(config(2));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(status_of_ready(addr).await, "503");
+        admin.shutdown().await;
     }
 }

@@ -108,6 +108,23 @@ fn lock_across_processes(dir: &Path) -> Result<std::fs::File, StoreError> {
     Ok(file)
 }
 
+/// A data directory held by this process until dropped (see [`lock_data_dir`]).
+#[derive(Debug)]
+pub struct DataDirLock(#[allow(dead_code)] DirGuard);
+
+impl std::fmt::Debug for DirGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirGuard").field("dir", &self.dir).finish()
+    }
+}
+
+/// Holds `dir` against every other user, in this process and in others, the way a member
+/// holds its raft directory: a daemon takes it on its whole data directory before it reads
+/// or creates anything there (its CA), so two processes never race on those files.
+pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, StoreError> {
+    DirGuard::acquire(dir).map(DataDirLock)
+}
+
 impl Drop for DirGuard {
     fn drop(&mut self) {
         OPEN_DIRS
