@@ -380,6 +380,21 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
         String::from_utf8_lossy(&back)
     );
 
+    // East's control plane counted what it refused, on its admin port's /metrics.
+    let admin = demo.ports().clusters[0].admin["control"].clone();
+    let mut tcp = tokio::net::TcpStream::connect(&admin).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut metrics = String::new();
+    tcp.read_to_string(&mut metrics).await.unwrap();
+    assert!(
+        metrics.contains(
+            "isthmus_control_api_refused_total{method=\"PolicyService.Apply\",code=\"Unauthenticated\"} 1"
+        ),
+        "{metrics}"
+    );
+
     // Nothing above changed any member's store.
     assert_eq!(
         settled(&demo).await,

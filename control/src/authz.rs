@@ -20,6 +20,10 @@ use std::task::{Context, Poll};
 use isthmus_core::api_tls::ApiConnInfo;
 use isthmus_core::identity::{OperatorId, Principal, Role, SpiffeId};
 use isthmus_federation::{KvWrite, Store, WriteGuard};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use tonic::{Code, Status};
 
 use crate::records;
@@ -224,6 +228,51 @@ pub fn write_allowed(
     )))
 }
 
+/// Labels of a refused call: the method and the gRPC code it got.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Refusal {
+    method: String,
+    code: String,
+}
+
+/// The API's refusals, counted by method and code
+/// (`isthmus_control_api_refused_total{method,code}`): where someone without the right is
+/// knocking.
+#[derive(Debug, Clone, Default)]
+pub struct ApiMetrics {
+    refused: Family<Refusal, Counter>,
+}
+
+impl ApiMetrics {
+    /// Adds the counter to the control plane's registry (`isthmus_control`).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "api_refused",
+            "Control-plane API calls refused by authorization, by method and gRPC code",
+            self.refused.clone(),
+        );
+    }
+
+    fn refuse(&self, method: Method, code: Code) {
+        self.refused
+            .get_or_create(&Refusal {
+                method: name(method).to_string(),
+                code: format!("{code:?}"),
+            })
+            .inc();
+    }
+
+    /// How many `method` calls got `code` (for tests and the demo).
+    pub fn refused(&self, method: Method, code: Code) -> u64 {
+        self.refused
+            .get_or_create(&Refusal {
+                method: name(method).to_string(),
+                code: format!("{code:?}"),
+            })
+            .get()
+    }
+}
+
 fn name(method: Method) -> &'static str {
     match method {
         Method::StreamConfig => "MeshConfigService.StreamConfig",
@@ -248,6 +297,7 @@ pub struct Authorizer {
     cluster: String,
     trust_domain: String,
     store: Store,
+    metrics: ApiMetrics,
     /// The operator who is a mesh admin while no grant exists (this federation's first
     /// member only): the name of `spiffe://<this td>/operator/admin/<name>`.
     bootstrap_admin: Option<String>,
@@ -259,11 +309,13 @@ impl Authorizer {
         trust_domain: &str,
         store: Store,
         bootstrap_admin: Option<String>,
+        metrics: ApiMetrics,
     ) -> Self {
         Authorizer {
             cluster: cluster.to_string(),
             trust_domain: trust_domain.to_string(),
             store,
+            metrics,
             bootstrap_admin,
         }
     }
@@ -313,7 +365,9 @@ impl Authorizer {
                     .map(|(k, _)| k)
                     .collect()
             };
-            write_allowed(&this.cluster, allowed, write, &grants)
+            write_allowed(&this.cluster, allowed, write, &grants).inspect_err(|status| {
+                this.metrics.refuse(Method::KvWrite, status.code());
+            })
         })
     }
 }
@@ -380,7 +434,7 @@ where
                     code = ?status.code(),
                     "control API call refused"
                 );
-                debug_assert_ne!(status.code(), Code::Ok);
+                self.authorizer.metrics.refuse(method, status.code());
                 Box::pin(std::future::ready(Ok(status.into_http())))
             }
         }

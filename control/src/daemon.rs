@@ -122,8 +122,14 @@ impl Daemon {
             store.clone(),
         )
         .await?;
-        let admin = ComponentAdmin::start("control", config.admin_listen, control.config())
-            .await
+        let api_metrics = control.api_metrics().clone();
+        let admin = ComponentAdmin::start_with(
+            "control",
+            config.admin_listen,
+            control.config(),
+            |registry| api_metrics.register(registry),
+        )
+        .await
             .with_context(|| format!("binding admin {}", config.admin_listen))?;
         // A member whose log cannot be written makes the control plane unready at once
         // (the process exits too, through store_failure; in-process users see /ready).

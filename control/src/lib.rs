@@ -117,6 +117,7 @@ pub enum DiscoverySource {
 /// A running control plane.
 pub struct ControlHandle {
     grpc_addr: SocketAddr,
+    api_metrics: authz::ApiMetrics,
     ca: Arc<CertificateAuthority>,
     ca_pem: String,
     config: watch::Receiver<Arc<MeshConfig>>,
@@ -129,6 +130,11 @@ impl ControlHandle {
     /// The bound gRPC address.
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
+    }
+
+    /// The API's own metrics (refusals), for the admin server's registry.
+    pub fn api_metrics(&self) -> &authz::ApiMetrics {
+        &self.api_metrics
     }
 
     /// The cluster CA (PEM): what clients of the API port trust.
@@ -254,11 +260,13 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
     let (config_tx, config_rx) = watch::channel(catalog.current());
 
     let policy_store = store.clone();
+    let api_metrics = authz::ApiMetrics::default();
     let authorizer = authz::Authorizer::new(
         &opts.cluster,
         &opts.trust_domain,
         store.clone(),
         opts.bootstrap_admin.clone(),
+        api_metrics.clone(),
     );
     let kv = store.guarded_kv_service(authorizer.write_guard());
     let mut tasks = Vec::new();
@@ -379,6 +387,7 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
     tracing::info!(cluster = %opts.cluster, grpc = %grpc_addr, "control plane started");
     Ok(ControlHandle {
         grpc_addr,
+        api_metrics,
         ca: opts.ca.clone(),
         ca_pem: opts.ca.cert_pem().to_string(),
         config: config_rx,

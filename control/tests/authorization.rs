@@ -281,6 +281,14 @@ async fn callers_without_the_right_change_nothing() {
         before,
         "a refused call changed the store"
     );
+
+    // Every refusal is counted by method and code.
+    use isthmus_control::authz::Method;
+    let m = r.control.api_metrics();
+    assert_eq!(m.refused(Method::PolicyApply, Code::Unauthenticated), 1);
+    // The workload, the viewer and bob.
+    assert_eq!(m.refused(Method::PolicyApply, Code::PermissionDenied), 3);
+    assert!(m.refused(Method::KvWrite, Code::PermissionDenied) >= 9);
 }
 
 #[tokio::test]

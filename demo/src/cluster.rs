@@ -339,7 +339,13 @@ impl DemoCluster {
         let mut admins = BTreeMap::new();
         admins.insert(
             "control".to_string(),
-            ComponentAdmin::start("control", loopback, control.config()).await?,
+            {
+                let metrics = control.api_metrics().clone();
+                ComponentAdmin::start_with("control", loopback, control.config(), |registry| {
+                    metrics.register(registry)
+                })
+                .await?
+            },
         );
 
         // The gateway first: the others' routes to this cluster need its address.
