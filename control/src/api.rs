@@ -33,42 +33,72 @@ pub struct ConfigApi {
     pub cluster: String,
     pub store: isthmus_federation::Store,
     pub reports: Arc<std::sync::Mutex<Reports>>,
+    /// `isthmus_control_failover_reports_evicted_total`.
+    pub evicted: prometheus_client::metrics::counter::Counter,
     /// This control plane's own identity, presented when it asks another member's control
     /// plane (`explain --from`), which lets control planes of member clusters `Explain`.
     pub identity: Arc<isthmus_core::tls::Identity>,
 }
 
-/// The failover tables each sidecar reported last, by node id, with when.
+/// Who reported: the caller's verified identity and the node id it gave.
+pub type Reporter = (String, String);
+
+/// The failover tables each sidecar reported last, by (caller identity, node id), with when.
+/// Keyed by the identity too, so no workload can replace another's report by reusing its
+/// node id.
 pub type Reports = std::collections::HashMap<
-    String,
+    Reporter,
     (
         std::time::Instant,
         BTreeMap<String, isthmus_core::failover::Table>,
     ),
 >;
 
-/// Keeps `tables` as `node`'s latest report. At [`MAX_REPORTERS`] nodes, reports that are no
-/// longer fresh are dropped first, then the stalest, so a flood of node ids cannot grow the
-/// map without bound.
+/// Keeps `tables` as `reporter`'s latest report. One identity keeps at most
+/// [`MAX_NODES_PER_IDENTITY`] node ids (its stalest goes first, so a flood from one workload
+/// evicts only its own reports); at [`MAX_REPORTERS`] in all, reports that are no longer fresh
+/// are dropped first, then the stalest. Returns how many reports were evicted.
 pub fn remember_report(
     reports: &mut Reports,
-    node: String,
+    reporter: Reporter,
     tables: BTreeMap<String, isthmus_core::failover::Table>,
     now: std::time::Instant,
-) {
-    if reports.len() >= MAX_REPORTERS && !reports.contains_key(&node) {
+) -> usize {
+    let mut evicted = 0;
+    if !reports.contains_key(&reporter) {
+        let own: Vec<(&Reporter, std::time::Instant)> = reports
+            .iter()
+            .filter(|((identity, _), _)| *identity == reporter.0)
+            .map(|(k, (at, _))| (k, *at))
+            .collect();
+        if own.len() >= MAX_NODES_PER_IDENTITY {
+            if let Some(stalest) = own
+                .iter()
+                .min_by_key(|(_, at)| *at)
+                .map(|(k, _)| (*k).clone())
+            {
+                reports.remove(&stalest);
+                evicted += 1;
+            }
+        }
+    }
+    if reports.len() >= MAX_REPORTERS && !reports.contains_key(&reporter) {
+        let before = reports.len();
         reports.retain(|_, (at, _)| now.saturating_duration_since(*at) < REPORT_FRESH);
+        evicted += before - reports.len();
         if reports.len() >= MAX_REPORTERS {
             if let Some(stalest) = reports
                 .iter()
                 .min_by_key(|(_, (at, _))| *at)
-                .map(|(node, _)| node.clone())
+                .map(|(k, _)| k.clone())
             {
                 reports.remove(&stalest);
+                evicted += 1;
             }
         }
     }
-    reports.insert(node, (now, tables));
+    reports.insert(reporter, (now, tables));
+    evicted
 }
 
 /// Reports older than this are not shown (the sidecar is gone or cut off).
@@ -83,6 +113,8 @@ pub const MAX_SIGN_REQUEST_BYTES: usize = 64 * 1024;
 pub const MAX_POLICY_REQUEST_BYTES: usize = 8 * 1024 * 1024;
 /// Sidecars whose reports are kept at once; the stalest is dropped for a new one.
 pub const MAX_REPORTERS: usize = 10_000;
+/// Node ids one identity may report under at once (the replicas of one workload).
+pub const MAX_NODES_PER_IDENTITY: usize = 1_000;
 
 impl ConfigApi {
     /// The tables for `<svc>.<ns>` (and its subsets) from fresh reports, or, when no sidecar
@@ -92,8 +124,8 @@ impl ConfigApi {
         let mut out = Vec::new();
         let reports = self.reports.lock().unwrap_or_else(|e| e.into_inner());
         let mut nodes: Vec<_> = reports.iter().collect();
-        nodes.sort_by(|a, b| a.0.cmp(b.0));
-        for (node, (at, tables)) in nodes {
+        nodes.sort_by(|a, b| a.0 .1.cmp(&b.0 .1).then(a.0 .0.cmp(&b.0 .0)));
+        for ((_, node), (at, tables)) in nodes {
             let age = at.elapsed();
             if age > REPORT_FRESH {
                 continue;
@@ -189,6 +221,15 @@ impl MeshConfigService for ConfigApi {
         &self,
         request: Request<FailoverReport>,
     ) -> Result<Response<FailoverReportAck>, Status> {
+        // The authorization layer let only this cluster's workloads through.
+        let identity = request
+            .extensions()
+            .get::<isthmus_core::api_tls::ApiConnInfo>()
+            .and_then(|info| info.caller.as_ref())
+            .map(ToString::to_string)
+            .ok_or_else(|| {
+                Status::unauthenticated("a failover report needs the sidecar's certificate")
+            })?;
         let report = request.into_inner();
         if report.node_id.is_empty() || report.node_id.len() > 253 {
             return Err(Status::invalid_argument(
@@ -206,12 +247,16 @@ impl MeshConfigService for ConfigApi {
                 Status::invalid_argument(format!("tables_json: not a map of failover tables: {e}"))
             })?;
         let mut reports = self.reports.lock().unwrap_or_else(|e| e.into_inner());
-        remember_report(
+        let evicted = remember_report(
             &mut reports,
-            report.node_id,
+            (identity, report.node_id),
             tables,
             std::time::Instant::now(),
         );
+        drop(reports);
+        if evicted > 0 {
+            self.evicted.inc_by(evicted as u64);
+        }
         Ok(Response::new(FailoverReportAck {}))
     }
 
@@ -456,26 +501,64 @@ impl PolicyService for PolicyApi {
 mod tests {
     use super::*;
 
+    /// Reporter `n` of its own identity (so the per-identity cap does not apply).
+    fn own(n: impl std::fmt::Display) -> Reporter {
+        (format!("spiffe://east/ns/a/sa/s{n}"), format!("node-{n}"))
+    }
+
     #[test]
     fn failover_reports_are_bounded_and_the_stale_go_first() {
         let mut reports = Reports::new();
         let start = std::time::Instant::now();
         for n in 0..MAX_REPORTERS {
-            remember_report(&mut reports, format!("node-{n}"), BTreeMap::new(), start);
+            assert_eq!(
+                remember_report(&mut reports, own(n), BTreeMap::new(), start),
+                0
+            );
         }
         // A node that reports again keeps its slot.
         let later = start + Duration::from_secs(1);
-        remember_report(&mut reports, "node-7".into(), BTreeMap::new(), later);
+        remember_report(&mut reports, own(7), BTreeMap::new(), later);
         assert_eq!(reports.len(), MAX_REPORTERS);
         // A new node while all are fresh: the stalest one goes.
-        remember_report(&mut reports, "new".into(), BTreeMap::new(), later);
+        assert_eq!(
+            remember_report(&mut reports, own("new"), BTreeMap::new(), later),
+            1
+        );
         assert_eq!(reports.len(), MAX_REPORTERS);
-        assert!(reports.contains_key("new") && reports.contains_key("node-7"));
+        assert!(reports.contains_key(&own("new")) && reports.contains_key(&own(7)));
         // Once the old ones are no longer fresh, all of them go at once.
         let much_later = start + REPORT_FRESH + Duration::from_millis(500);
-        remember_report(&mut reports, "newer".into(), BTreeMap::new(), much_later);
-        let mut left: Vec<&str> = reports.keys().map(String::as_str).collect();
+        remember_report(&mut reports, own("newer"), BTreeMap::new(), much_later);
+        let mut left: Vec<&str> = reports.keys().map(|(_, n)| n.as_str()).collect();
         left.sort_unstable();
-        assert_eq!(left, vec!["new", "newer", "node-7"]);
+        assert_eq!(left, vec!["node-7", "node-new", "node-newer"]);
+    }
+
+    #[test]
+    fn one_identity_cannot_replace_or_crowd_out_anothers_reports() {
+        let mut reports = Reports::new();
+        let start = std::time::Instant::now();
+        let honest = (
+            "spiffe://east/ns/a/sa/honest".to_string(),
+            "node-1".to_string(),
+        );
+        remember_report(&mut reports, honest.clone(), BTreeMap::new(), start);
+        // Mallory reuses the honest node id: a report of its own, next to the honest one.
+        let mallory = |n: usize| {
+            (
+                "spiffe://east/ns/a/sa/mallory".to_string(),
+                format!("node-{n}"),
+            )
+        };
+        remember_report(&mut reports, mallory(1), BTreeMap::new(), start);
+        assert_eq!(reports.len(), 2);
+        // A flood of node ids from Mallory evicts only Mallory's own.
+        for n in 0..3 * MAX_NODES_PER_IDENTITY {
+            let at = start + Duration::from_millis(u64::try_from(n).unwrap());
+            remember_report(&mut reports, mallory(n), BTreeMap::new(), at);
+        }
+        assert!(reports.contains_key(&honest));
+        assert_eq!(reports.len(), MAX_NODES_PER_IDENTITY + 1);
     }
 }

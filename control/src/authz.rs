@@ -241,6 +241,9 @@ struct Refusal {
 #[derive(Debug, Clone, Default)]
 pub struct ApiMetrics {
     refused: Family<Refusal, Counter>,
+    /// Failover reports dropped to keep within their bounds
+    /// (`isthmus_control_failover_reports_evicted_total`).
+    failover_reports_evicted: Counter,
 }
 
 impl ApiMetrics {
@@ -251,6 +254,16 @@ impl ApiMetrics {
             "Control-plane API calls refused by authorization, by method and gRPC code",
             self.refused.clone(),
         );
+        registry.register(
+            "failover_reports_evicted",
+            "Failover reports dropped to stay within their bounds (per identity, then in all)",
+            self.failover_reports_evicted.clone(),
+        );
+    }
+
+    /// The counter the failover-report store adds its evictions to.
+    pub fn failover_reports_evicted(&self) -> Counter {
+        self.failover_reports_evicted.clone()
     }
 
     fn refuse(&self, method: Method, code: Code) {

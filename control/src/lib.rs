@@ -321,6 +321,7 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
         cluster: opts.cluster.clone(),
         store: policy_store.clone(),
         reports: Default::default(),
+        evicted: api_metrics.failover_reports_evicted(),
         identity: api_identity.clone(),
     };
     let cert_api = api::CertificateApi {

@@ -337,16 +337,13 @@ impl DemoCluster {
         let control_addr = target(&control);
         let mut background = Vec::new();
         let mut admins = BTreeMap::new();
-        admins.insert(
-            "control".to_string(),
-            {
-                let metrics = control.api_metrics().clone();
-                ComponentAdmin::start_with("control", loopback, control.config(), |registry| {
-                    metrics.register(registry)
-                })
-                .await?
-            },
-        );
+        admins.insert("control".to_string(), {
+            let metrics = control.api_metrics().clone();
+            ComponentAdmin::start_with("control", loopback, control.config(), |registry| {
+                metrics.register(registry)
+            })
+            .await?
+        });
 
         // The gateway first: the others' routes to this cluster need its address.
         let (gateway, gw) =
