@@ -118,7 +118,7 @@ pub async fn remove(via: &Via, name: &str) -> anyhow::Result<()> {
     let id = match name.parse::<u64>() {
         Ok(id) => id,
         Err(_) => {
-            let key = format!("clusters/{name}");
+            let key = isthmus_core::keyspace::cluster(name);
             let record = client
                 .get(&key, true)
                 .await

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
+use isthmus_core::keyspace;
 use isthmus_core::mesh::ServicePort;
 use serde::{Deserialize, Serialize};
 
@@ -65,21 +66,21 @@ pub struct ExportRecord {
 }
 
 pub fn cluster_key(name: &str) -> String {
-    format!("clusters/{name}")
+    keyspace::cluster(name)
 }
 
 pub fn export_key(namespace: &str, name: &str, cluster: &str) -> String {
-    format!("exports/{namespace}/{name}/{cluster}")
+    keyspace::export(namespace, name, cluster)
 }
 
-pub const CLUSTERS_PREFIX: &str = "clusters/";
+pub const CLUSTERS_PREFIX: &str = keyspace::CLUSTERS_PREFIX;
 /// Where mesh-admin grants live.
-pub const MESH_ADMIN_GRANTS_PREFIX: &str = "grants/mesh-admin/";
+pub const MESH_ADMIN_GRANTS_PREFIX: &str = keyspace::MESH_ADMIN_GRANTS_PREFIX;
 
 /// The key of the grant that makes `spiffe://<trust_domain>/operator/admin/<name>` a mesh
 /// admin.
 pub fn mesh_admin_grant_key(trust_domain: &str, name: &str) -> String {
-    format!("{MESH_ADMIN_GRANTS_PREFIX}{trust_domain}/{name}")
+    keyspace::mesh_admin_grant(trust_domain, name)
 }
 
 /// A mesh-admin grant: who holds it, who granted it, when.
@@ -94,16 +95,13 @@ pub struct GrantRecord {
 /// Whether `key` is one of `cluster`'s own records (`clusters/<cluster>` or
 /// `exports/<ns>/<svc>/<cluster>`), which that cluster's admins may write.
 pub fn owned_by(key: &str, cluster: &str) -> bool {
-    if let Some(name) = key.strip_prefix(CLUSTERS_PREFIX) {
-        return name == cluster;
-    }
-    if let Some(rest) = key.strip_prefix(EXPORTS_PREFIX) {
-        let parts: Vec<&str> = rest.split('/').collect();
-        return matches!(parts.as_slice(), [ns, svc, c] if !ns.is_empty() && !svc.is_empty() && *c == cluster);
-    }
-    false
+    let key = keyspace::Key::parse(key);
+    matches!(
+        key,
+        keyspace::Key::Cluster { .. } | keyspace::Key::Export { .. }
+    ) && key.owner() == Some(cluster)
 }
-pub const EXPORTS_PREFIX: &str = "exports/";
+pub const EXPORTS_PREFIX: &str = keyspace::EXPORTS_PREFIX;
 
 /// The endpoints of an exported headless service.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

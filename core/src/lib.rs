@@ -45,6 +45,7 @@ pub mod contexts;
 pub mod durable;
 pub mod failover;
 pub mod identity;
+pub mod keyspace;
 pub mod mesh;
 pub mod policy;
 pub mod proto;

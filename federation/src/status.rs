@@ -114,7 +114,9 @@ pub async fn gather_status_via(via: &Via) -> anyhow::Result<FederationStatus> {
     let mut leases = Vec::new();
     let now_ms = isthmus_core::clock::unix_ms();
     for (key, record) in &records {
-        if let Some(name) = key.strip_prefix("clusters/") {
+        if let isthmus_core::keyspace::Key::Cluster { name } =
+            isthmus_core::keyspace::Key::parse(key)
+        {
             let value = serde_json::from_slice::<serde_json::Value>(&record.value).ok();
             let member = value
                 .as_ref()

@@ -43,7 +43,7 @@ use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 
 use futures::stream::{BoxStream, SelectAll, StreamExt};
-use isthmus_core::policy::{Kind, Policy, PolicyError, STORE_PREFIX};
+use isthmus_core::policy::{Kind, Policy, PolicyError};
 use isthmus_federation::{Store, StoreError};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
@@ -58,7 +58,7 @@ use super::KubeSource;
 
 /// Where each cluster records the policies its Kubernetes wrote:
 /// `kubernetes-policies/<cluster>/<kind>/<namespace>/<name>`, the document as written.
-pub const ORIGIN_PREFIX: &str = "kubernetes-policies/";
+pub const ORIGIN_PREFIX: &str = isthmus_core::keyspace::KUBERNETES_POLICIES_PREFIX;
 
 /// The condition on Isthmus's own policy resources saying whether the object is in effect.
 pub const CONDITION_ACCEPTED: &str = "Accepted";
@@ -76,14 +76,12 @@ pub fn group_and_versions(kind: Kind) -> (&'static str, Vec<&'static str>) {
 
 /// The key of this cluster's record of the policy stored at `key` (`policies/...`).
 pub fn origin_key(cluster: &str, key: &str) -> String {
-    let rest = key.strip_prefix(STORE_PREFIX).unwrap_or(key);
-    format!("{ORIGIN_PREFIX}{cluster}/{rest}")
+    isthmus_core::keyspace::kubernetes_policy(cluster, key)
 }
 
 /// The cluster and the policy key of a record key; `None` if it is not one.
 pub fn parse_origin_key(origin: &str) -> Option<(&str, String)> {
-    let (cluster, rest) = origin.strip_prefix(ORIGIN_PREFIX)?.split_once('/')?;
-    Some((cluster, format!("{STORE_PREFIX}{rest}")))
+    isthmus_core::keyspace::parse_kubernetes_policy(origin)
 }
 
 /// `Kind namespace/name` of an object, for messages.
@@ -373,7 +371,7 @@ async fn reconcile(w: &PolicyWriter, watched: &BTreeMap<Kind, Watched>, log: &mu
     for (kind, x) in watched.iter().filter(|(_, x)| x.synced) {
         let prefix = origin_key(
             &w.cluster,
-            &format!("{STORE_PREFIX}{}/", kind.as_str().to_ascii_lowercase()),
+            &isthmus_core::keyspace::policies_of_kind(kind.as_str()),
         );
         let wrote: BTreeMap<String, Option<Policy>> = w
             .store

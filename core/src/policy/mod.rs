@@ -173,14 +173,11 @@ impl<'de> Deserialize<'de> for Policy {
 
 /// The store key of a policy.
 pub fn store_key(kind: Kind, namespace: &str, name: &str) -> String {
-    format!(
-        "policies/{}/{namespace}/{name}",
-        kind.as_str().to_ascii_lowercase()
-    )
+    crate::keyspace::policy(kind.as_str(), namespace, name)
 }
 
 /// The store prefix under which every policy lives.
-pub const STORE_PREFIX: &str = "policies/";
+pub const STORE_PREFIX: &str = crate::keyspace::POLICIES_PREFIX;
 
 /// A document that cannot be accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -135,7 +135,7 @@ fn origin_keys_name_the_cluster_and_the_policy() {
     );
     assert_eq!(parse_origin_key("policies/virtualservice/default/x"), None);
     // Records are never read as policies.
-    assert!(!ORIGIN_PREFIX.starts_with(STORE_PREFIX));
+    assert!(!ORIGIN_PREFIX.starts_with(isthmus_core::policy::STORE_PREFIX));
 }
 
 #[test]
