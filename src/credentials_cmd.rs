@@ -15,20 +15,53 @@ use isthmus_core::identity::{OperatorId, Role};
 pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// What `isthmus credentials issue` was asked for.
-#[derive(Debug, Clone)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct Issue {
+    /// The operator's name (a DNS label).
+    #[arg(long)]
     pub name: String,
+    /// viewer (get, status, explain) or admin (also this cluster's records; with a
+    /// mesh-admin grant, policies and membership).
+    #[arg(long, value_parser = parse_role)]
     pub role: Role,
-    /// The control plane's data directory (or its caDir): `ca.pem` and `ca-key.pem`.
+    /// The control plane's data directory (or its caDir), holding ca.pem and ca-key.pem.
+    #[arg(long)]
     pub data_dir: PathBuf,
-    /// Default: read from the CA certificate's name (`Isthmus CA <trust-domain>`).
+    /// Default: the trust domain the CA names (`Isthmus CA <trust-domain>`).
+    #[arg(long)]
     pub trust_domain: Option<String>,
+    /// How long the credential is valid (at most 365 days).
+    #[arg(long, value_parser = parse_ttl, default_value = "720h")]
     pub ttl: Duration,
-    /// Where to write `<name>.pem` and `<name>-key.pem` (default: the current directory).
+    /// Where to write <name>.pem and <name>-key.pem.
+    #[arg(long, default_value = ".")]
     pub out: PathBuf,
-    /// Also write a context of this name presenting the credential (needs `control`).
+    /// Also add (or replace) a context of this name that presents the credential.
+    #[arg(long, requires = "control")]
     pub add_context: Option<String>,
+    /// The control-plane API address for --add-context.
+    #[arg(long)]
     pub control: Option<String>,
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    s.parse()
+        .map_err(|_| format!("invalid role {s:?}: viewer or admin"))
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    isthmus_core::config::parse_duration(s)
+        .ok_or_else(|| format!("invalid duration {s:?}: expected e.g. 24h or 720h"))
+}
+
+/// `isthmus credentials issue`: issues the credential and says where it went.
+pub fn run(req: &Issue) -> anyhow::Result<()> {
+    let (cert, key) = issue(req)?;
+    println!("wrote {} and {}", cert.display(), key.display());
+    if let Some(context) = &req.add_context {
+        println!("context {context} presents it (isthmus context use {context})");
+    }
+    Ok(())
 }
 
 /// Issues the credential; returns the certificate and key paths.

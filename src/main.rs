@@ -151,38 +151,7 @@ enum Command {
 enum CredentialsCommand {
     /// Issue a credential for spiffe://<trust-domain>/operator/<role>/<name> from a control
     /// plane's CA; writes <out>/<name>.pem and <name>-key.pem (mode 0600).
-    Issue {
-        /// The operator's name (a DNS label).
-        #[arg(long)]
-        name: String,
-        /// viewer (get, status, explain) or admin (also this cluster's records; with a
-        /// mesh-admin grant, policies and membership).
-        #[arg(long, value_parser = parse_role)]
-        role: isthmus_core::identity::Role,
-        /// The control plane's data directory (or caDir), holding ca.pem and ca-key.pem.
-        #[arg(long)]
-        data_dir: PathBuf,
-        /// Default: the trust domain the CA names.
-        #[arg(long)]
-        trust_domain: Option<String>,
-        /// How long the credential is valid (at most 365 days).
-        #[arg(long, value_parser = parse_duration, default_value = "720h")]
-        ttl: Duration,
-        /// Where to write the files.
-        #[arg(long, default_value = ".")]
-        out: PathBuf,
-        /// Also add (or replace) a context of this name that presents the credential.
-        #[arg(long, requires = "control")]
-        add_context: Option<String>,
-        /// The control-plane API address for --add-context.
-        #[arg(long)]
-        control: Option<String>,
-    },
-}
-
-fn parse_role(s: &str) -> Result<isthmus_core::identity::Role, String> {
-    s.parse()
-        .map_err(|_| format!("invalid role {s:?}: viewer or admin"))
+    Issue(isthmus::credentials_cmd::Issue),
 }
 
 #[derive(Subcommand)]
@@ -368,33 +337,8 @@ fn main() -> ExitCode {
                 }
             },
             Command::Credentials {
-                command:
-                    CredentialsCommand::Issue {
-                        name,
-                        role,
-                        data_dir,
-                        trust_domain,
-                        ttl,
-                        out,
-                        add_context,
-                        control,
-                    },
-            } => isthmus::credentials_cmd::issue(&isthmus::credentials_cmd::Issue {
-                name,
-                role,
-                data_dir,
-                trust_domain,
-                ttl,
-                out,
-                add_context: add_context.clone(),
-                control,
-            })
-            .map(|(cert, key)| {
-                println!("wrote {} and {}", cert.display(), key.display());
-                if let Some(context) = add_context {
-                    println!("context {context} presents it (isthmus context use {context})");
-                }
-            }),
+                command: CredentialsCommand::Issue(req),
+            } => isthmus::credentials_cmd::run(&req),
             Command::Context { command } => match command {
                 ContextCommand::List => isthmus::context_cmd::list(),
                 ContextCommand::Use { name } => isthmus::context_cmd::use_context(&name),

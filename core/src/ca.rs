@@ -152,23 +152,9 @@ impl CertificateAuthority {
         id: &crate::identity::OperatorId,
         lifetime: Duration,
     ) -> Result<IssuedCert, CaError> {
-        let key = KeyPair::generate().map_err(CaError::GenerateKey)?;
         let mut params = uri_params(&id.to_string())?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - BACKDATE;
-        params.not_after = now + lifetime;
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(|source| CaError::Build {
-                subject: id.to_string(),
-                source,
-            })?;
-        Ok(IssuedCert {
-            cert_chain_pem: format!("{}{}", cert.pem(), self.cert_pem),
-            key_pem: key.serialize_pem(),
-            not_after_unix: params.not_after.unix_timestamp(),
-        })
+        self.issue_with_fresh_key(params, &id.to_string(), lifetime)
     }
 
     /// Issues a server certificate for DNS names (the admission webhook's Service name, which
@@ -178,7 +164,6 @@ impl CertificateAuthority {
         dns_names: &[String],
         lifetime: Duration,
     ) -> Result<IssuedCert, CaError> {
-        let key = KeyPair::generate().map_err(CaError::GenerateKey)?;
         let mut params = CertificateParams::new(dns_names.to_vec())
             .map_err(|_| CaError::BadIdentity(dns_names.join(",")))?;
         let mut dn = DistinguishedName::new();
@@ -194,13 +179,25 @@ impl CertificateAuthority {
         ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
+        self.issue_with_fresh_key(params, &dns_names.join(","), lifetime)
+    }
+
+    /// Signs `params` (valid from now, backdated, for `lifetime`) over a fresh key; the chain
+    /// is the leaf then this CA.
+    fn issue_with_fresh_key(
+        &self,
+        mut params: CertificateParams,
+        subject: &str,
+        lifetime: Duration,
+    ) -> Result<IssuedCert, CaError> {
+        let key = KeyPair::generate().map_err(CaError::GenerateKey)?;
         let now = OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
         params.not_after = now + lifetime;
         let cert = params
             .signed_by(&key, &self.issuer)
             .map_err(|source| CaError::Build {
-                subject: dns_names.join(","),
+                subject: subject.to_string(),
                 source,
             })?;
         Ok(IssuedCert {
