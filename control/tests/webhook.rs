@@ -12,9 +12,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const NAME: &str = "isthmus-control.isthmus-system.svc";
 
-/// POSTs `body` to `path` over TLS (checking the server's name against the CA); returns
-/// (status, body).
-async fn post(addr: std::net::SocketAddr, ca_pem: &str, path: &str, body: &[u8]) -> (u16, String) {
+/// A TLS connection to the webhook, checking its certificate for the Service name against
+/// the CA, as the Kubernetes API server does.
+async fn connect(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
@@ -27,10 +30,16 @@ async fn post(addr: std::net::SocketAddr, ca_pem: &str, path: &str, body: &[u8])
     .with_root_certificates(roots)
     .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(NAME.try_into().unwrap(), tcp)
         .await
-        .expect("the webhook's certificate verifies for its Service name");
+        .expect("the webhook's certificate verifies for its Service name")
+}
+
+/// POSTs `body` to `path` over TLS (checking the server's name against the CA); returns
+/// (status, body).
+async fn post(addr: std::net::SocketAddr, ca_pem: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let mut tls = connect(addr, ca_pem).await;
     let head = format!(
         "POST {path} HTTP/1.1\r\nhost: {NAME}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
@@ -119,22 +128,7 @@ async fn the_webhook_answers_reviews_over_https_and_rejects_malformed_ones() {
 
 /// The leaf certificate a TLS client gets from the webhook at `addr`.
 async fn served_leaf(addr: std::net::SocketAddr, ca_pem: &str) -> Vec<u8> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(NAME.try_into().unwrap(), tcp)
-        .await
-        .expect("the webhook's certificate verifies for its Service name");
+    let tls = connect(addr, ca_pem).await;
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
 
