@@ -197,6 +197,24 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
         assert_eq!(code, want, "#11 workload {method}");
     }
 
+    // #21: 20 000 failover reports under distinct node ids from that one workload are
+    // accepted, but it keeps at most 1 000 (its own stalest go), counted as evictions.
+    let mut reporter = MeshConfigServiceClient::new(workload.channel());
+    for n in 0..20_000 {
+        reporter
+            .report_failover(FailoverReport {
+                node_id: format!("flood-{n}"),
+                tables_json: "{}".into(),
+            })
+            .await
+            .expect("a workload's report is accepted");
+    }
+    let evicted = scrape(&demo, "isthmus_control_failover_reports_evicted_total").await;
+    assert!(
+        evicted >= 19_000.0,
+        "#21 only {evicted} reports evicted: one workload's reports are not bounded"
+    );
+
     // #12: a mesh-wide DENY policy by a viewer, and by an admin without a mesh-admin grant
     // (west's admin, through west's own control plane).
     let viewer = east.control.operator_client(Role::Viewer, "ann");
@@ -381,19 +399,12 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
     );
 
     // East's control plane counted what it refused, on its admin port's /metrics.
-    let admin = demo.ports().clusters[0].admin["control"].clone();
-    let mut tcp = tokio::net::TcpStream::connect(&admin).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut metrics = String::new();
-    tcp.read_to_string(&mut metrics).await.unwrap();
-    assert!(
-        metrics.contains(
-            "isthmus_control_api_refused_total{method=\"PolicyService.Apply\",code=\"Unauthenticated\"} 1"
-        ),
-        "{metrics}"
-    );
+    let refused = scrape(
+        &demo,
+        "isthmus_control_api_refused_total{method=\"PolicyService.Apply\",code=\"Unauthenticated\"}",
+    )
+    .await;
+    assert_eq!(refused, 1.0, "#10 the refusal is counted");
 
     // Nothing above changed any member's store.
     assert_eq!(
@@ -481,6 +492,23 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
         "#16 the foreign identity was merged"
     );
     demo.shutdown().await;
+}
+
+/// The value of `series` (name and labels, as Prometheus prints them) on east's control-plane
+/// admin port; 0 when absent.
+async fn scrape(demo: &Demo, series: &str) -> f64 {
+    let admin = demo.ports().clusters[0].admin["control"].clone();
+    let mut tcp = tokio::net::TcpStream::connect(&admin).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut metrics = String::new();
+    tcp.read_to_string(&mut metrics).await.unwrap();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// Waits until a cluster's configuration (as its data plane receives it) satisfies `check`.
