@@ -338,7 +338,7 @@ fn main() -> ExitCode {
             },
             Command::Credentials {
                 command: CredentialsCommand::Issue(req),
-            } => isthmus::credentials_cmd::run(&req),
+            } => isthmus::credentials_cmd::run(&req).await,
             Command::Context { command } => match command {
                 ContextCommand::List => isthmus::context_cmd::list(),
                 ContextCommand::Use { name } => isthmus::context_cmd::use_context(&name),

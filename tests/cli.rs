@@ -219,6 +219,40 @@ fn demo_runs_writes_its_ports_file_and_contexts_that_the_cli_uses_and_exits_clea
         &cli(&["apply", "-f", policy, "--context", "east-viewer"]),
         "the viewer role reads only",
     );
+    // Without --data-dir, east's control plane issues the credential to east's admin (the
+    // current context), who keeps the key; a viewer may not ask for one.
+    let creds2 = dir.path().join("creds2");
+    ok(
+        &cli(&[
+            "credentials",
+            "issue",
+            "--name",
+            "carol",
+            "--role",
+            "viewer",
+            "--out",
+            creds2.to_str().unwrap(),
+            "--add-context",
+            "east-carol",
+        ]),
+        "credentials issue through the API",
+    );
+    ok(&cli(&["status", "--context", "east-carol"]), "carol reads");
+    refused(
+        &cli(&[
+            "credentials",
+            "issue",
+            "--name",
+            "dave",
+            "--role",
+            "admin",
+            "--context",
+            "east-viewer",
+            "--out",
+            creds2.to_str().unwrap(),
+        ]),
+        "may not call CredentialService.Issue",
+    );
 
     let out = demo.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

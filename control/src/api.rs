@@ -312,6 +312,53 @@ impl MeshConfigService for ConfigApi {
     }
 }
 
+/// The longest operator credential `CredentialService.Issue` gives, and the default.
+pub const MAX_CREDENTIAL_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+pub const DEFAULT_CREDENTIAL_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Issues operator credentials from this cluster's CA to this cluster's admins (the
+/// authorization layer lets only them through).
+pub struct CredentialApi {
+    pub ca: Arc<CertificateAuthority>,
+}
+
+#[tonic::async_trait]
+impl isthmus_core::proto::mesh::credential_service_server::CredentialService for CredentialApi {
+    async fn issue(
+        &self,
+        request: Request<isthmus_core::proto::mesh::IssueCredentialRequest>,
+    ) -> Result<Response<isthmus_core::proto::mesh::IssueCredentialResponse>, Status> {
+        let req = request.into_inner();
+        let role: isthmus_core::identity::Role = req.role.parse().map_err(|_| {
+            Status::invalid_argument(format!("role: {:?} is not viewer or admin", req.role))
+        })?;
+        let id = isthmus_core::identity::OperatorId::new(self.ca.trust_domain(), role, &req.name)
+            .map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
+        let ttl = match req.ttl_seconds {
+            0 => DEFAULT_CREDENTIAL_TTL,
+            s => Duration::from_secs(s),
+        };
+        if ttl > MAX_CREDENTIAL_TTL {
+            return Err(Status::invalid_argument(format!(
+                "ttl_seconds: {} is more than the {} (365 days) a credential may live",
+                req.ttl_seconds,
+                MAX_CREDENTIAL_TTL.as_secs()
+            )));
+        }
+        let issued = self
+            .ca
+            .sign_operator_csr(&req.csr_pem, &id, ttl)
+            .map_err(|e| Status::invalid_argument(format!("csr_pem: {e}")))?;
+        tracing::info!(identity = %id, "issued an operator credential");
+        Ok(Response::new(
+            isthmus_core::proto::mesh::IssueCredentialResponse {
+                cert_chain_pem: issued.cert_chain_pem,
+                not_after_unix: issued.not_after_unix,
+            },
+        ))
+    }
+}
+
 /// Signs workload certificates for identities a bootstrap token allows, or (Kubernetes) the
 /// service account whose token the API server's TokenReview vouches for.
 pub struct CertificateApi {

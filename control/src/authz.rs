@@ -45,6 +45,8 @@ pub enum Method {
     KvMintJoinToken,
     KvRemoveMember,
     KvJoin,
+    /// `CredentialService.Issue`: an admin of this cluster issues operator credentials.
+    Issue,
     /// A path the API does not serve (answered UNIMPLEMENTED by the router).
     Unknown,
 }
@@ -70,6 +72,7 @@ impl Method {
             "/isthmus.federation.v1.Kv/MintJoinToken" => Method::KvMintJoinToken,
             "/isthmus.federation.v1.Kv/RemoveMember" => Method::KvRemoveMember,
             "/isthmus.federation.v1.Kv/Join" => Method::KvJoin,
+            "/isthmus.mesh.v1.CredentialService/Issue" => Method::Issue,
             _ => Method::Unknown,
         }
     }
@@ -300,6 +303,7 @@ fn name(method: Method) -> &'static str {
         Method::KvMintJoinToken => "Kv.MintJoinToken",
         Method::KvRemoveMember => "Kv.RemoveMember",
         Method::KvJoin => "Kv.Join",
+        Method::Issue => "CredentialService.Issue",
         Method::Unknown => "an unknown method",
     }
 }

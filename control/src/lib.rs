@@ -336,6 +336,9 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
         lifetime: opts.cert_lifetime,
         config: config_rx.clone(),
     };
+    let credential_api = api::CredentialApi {
+        ca: opts.ca.clone(),
+    };
     let policy_api = api::PolicyApi {
         store: policy_store,
     };
@@ -375,6 +378,12 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
             .add_service(
                 PolicyServiceServer::new(policy_api)
                     .max_decoding_message_size(api::MAX_POLICY_REQUEST_BYTES),
+            )
+            .add_service(
+                isthmus_core::proto::mesh::credential_service_server::CredentialServiceServer::new(
+                    credential_api,
+                )
+                .max_decoding_message_size(api::MAX_SIGN_REQUEST_BYTES),
             )
             .add_service(kv)
             .serve_with_incoming_shutdown(incoming, async move {

@@ -225,20 +225,50 @@ impl CertificateAuthority {
         })
     }
 
+    /// Signs a CSR's key as the operator `id` (client authentication only), for
+    /// `CredentialService.Issue`: whatever the CSR names is ignored.
+    pub fn sign_operator_csr(
+        &self,
+        csr_pem: &str,
+        id: &crate::identity::OperatorId,
+        lifetime: Duration,
+    ) -> Result<IssuedCert, CaError> {
+        let csr =
+            CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::InvalidCsr)?;
+        let mut params = uri_params(&id.to_string())?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let (cert_pem, not_after_unix) =
+            self.sign_params(params, &csr.public_key, &id.to_string(), lifetime)?;
+        Ok(IssuedCert {
+            cert_chain_pem: format!("{cert_pem}{}", self.cert_pem),
+            key_pem: String::new(),
+            not_after_unix,
+        })
+    }
+
     fn sign_key(
         &self,
         public_key: &impl rcgen::PublicKeyData,
         id: &SpiffeId,
         lifetime: Duration,
     ) -> Result<(String, i64), CaError> {
-        let mut params = workload_params(id)?;
+        self.sign_params(workload_params(id)?, public_key, &id.to_string(), lifetime)
+    }
+
+    fn sign_params(
+        &self,
+        mut params: CertificateParams,
+        public_key: &impl rcgen::PublicKeyData,
+        subject: &str,
+        lifetime: Duration,
+    ) -> Result<(String, i64), CaError> {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
         params.not_after = now + lifetime;
         let cert = params
             .signed_by(public_key, &self.issuer)
             .map_err(|source| CaError::Build {
-                subject: id.to_string(),
+                subject: subject.to_string(),
                 source,
             })?;
         Ok((cert.pem(), params.not_after.unix_timestamp()))
@@ -285,18 +315,24 @@ pub fn trust_domain_named_by(ca_pem: &str) -> Option<String> {
 
 /// A fresh key and a CSR for it, both PEM, as a workload asks for its certificate.
 pub fn generate_csr(id: &SpiffeId) -> Result<(String, String), CaError> {
+    csr_for(&id.to_string())
+}
+
+/// A fresh key and a CSR proposing the SPIFFE ID `uri` (an operator's, for
+/// `CredentialService.Issue`).
+pub fn csr_for(uri: &str) -> Result<(String, String), CaError> {
     let key = KeyPair::generate().map_err(CaError::GenerateKey)?;
     // A CSR only proposes the name; usages, lifetime and CA flags are the CA's to set.
     let mut params = CertificateParams::default();
-    params.subject_alt_names = workload_params(id)?.subject_alt_names;
+    params.subject_alt_names = uri_params(uri)?.subject_alt_names;
     let csr = params
         .serialize_request(&key)
         .map_err(|source| CaError::Build {
-            subject: id.to_string(),
+            subject: uri.to_string(),
             source,
         })?;
     let csr_pem = csr.pem().map_err(|source| CaError::Build {
-        subject: id.to_string(),
+        subject: uri.to_string(),
         source,
     })?;
     Ok((csr_pem, key.serialize_pem()))
@@ -348,5 +384,28 @@ mod tests {
                 .unwrap();
         let id = SpiffeId::new("west.isthmus.local", "default", "x");
         assert!(again.issue(&id, Duration::from_secs(60)).is_ok());
+    }
+
+    #[test]
+    fn an_operator_credential_names_the_operator_whatever_the_csr_asks() {
+        let ca = CertificateAuthority::generate("east.isthmus.local").unwrap();
+        let id = crate::identity::OperatorId::new(
+            "east.isthmus.local",
+            crate::identity::Role::Viewer,
+            "ann",
+        )
+        .unwrap();
+        let (csr, _key) = csr_for("spiffe://east.isthmus.local/operator/admin/root").unwrap();
+        let issued = ca
+            .sign_operator_csr(&csr, &id, Duration::from_secs(60))
+            .unwrap();
+        let leaf = crate::tls::certs_from_pem("issued", &issued.cert_chain_pem).unwrap();
+        assert_eq!(
+            crate::tls::principal_in_der(&leaf[0]).unwrap().to_string(),
+            "spiffe://east.isthmus.local/operator/viewer/ann"
+        );
+        assert!(ca
+            .sign_operator_csr("not a csr", &id, Duration::from_secs(60))
+            .is_err());
     }
 }

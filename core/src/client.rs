@@ -319,6 +319,34 @@ impl ControlClient {
 }
 
 impl ControlClient {
+    /// Asks the control plane (as one of its cluster's admins) for an operator credential:
+    /// a fresh key made here, and the certificate for
+    /// `spiffe://<its trust domain>/operator/<role>/<name>`. Returns (chain PEM, key PEM).
+    pub async fn issue_credential(
+        &self,
+        name: &str,
+        role: crate::identity::Role,
+        ttl: Duration,
+    ) -> Result<(String, String), ClientError> {
+        let (csr_pem, key_pem) = crate::ca::csr_for(&format!("spiffe://operator/{name}"))
+            .map_err(|e| ClientError::Certificate(e.to_string()))?;
+        let mut client =
+            crate::proto::mesh::credential_service_client::CredentialServiceClient::new(
+                self.channel.clone(),
+            );
+        let response = client
+            .issue(crate::proto::mesh::IssueCredentialRequest {
+                name: name.to_string(),
+                role: role.as_str().to_string(),
+                csr_pem,
+                ttl_seconds: ttl.as_secs(),
+            })
+            .await
+            .map_err(|status| policy_error("issue", &status))?
+            .into_inner();
+        Ok((response.cert_chain_pem, key_pem))
+    }
+
     /// Applies `policies` mesh-wide (or, with `dry_run`, only reports what would change).
     /// Returns `(resource, action)` per document, action being created/configured/unchanged.
     pub async fn apply(

@@ -103,6 +103,10 @@ fn every_cell_of_the_method_table() {
             ["U", "x", "x", "x", "x", "x", "x", "x", "mesh", "x", "x"],
         ),
         (KvJoin, ["ok"; 11]),
+        (
+            Issue,
+            ["U", "x", "x", "x", "x", "x", "x", "own", "mesh", "x", "x"],
+        ),
     ];
     let callers = callers();
     for (method, row) in table {
