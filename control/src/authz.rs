@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use isthmus_core::api_tls::ApiConnInfo;
-use isthmus_core::identity::{OperatorId, Principal, Role, SpiffeId};
+use isthmus_core::identity::{OperatorId, Principal, Role};
 use isthmus_federation::{KvWrite, Store, WriteGuard};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -137,7 +137,7 @@ pub fn decide(
         )))
     };
     match caller {
-        Principal::Workload(id) if is_control(id) => match method {
+        Principal::Workload(id) if id.is_control() => match method {
             Method::Explain => Ok(Allowed::Plain),
             Method::PolicyGet | Method::KvRead if ours => Ok(Allowed::Plain),
             _ => refuse("a control plane writes its own records in-process"),
@@ -185,10 +185,6 @@ pub fn decide(
             })
         }
     }
-}
-
-fn is_control(id: &SpiffeId) -> bool {
-    id.is_control()
 }
 
 /// Whether an allowed writer may make one store write: a mesh admin any key (but never the

@@ -139,6 +139,28 @@ impl fmt::Display for SpiffeId {
     }
 }
 
+/// Splits `spiffe://<trust-domain>/<path>` into its checked trust domain and its path.
+fn split_spiffe(s: &str) -> Result<(&str, &str), IdentityError> {
+    let bad = |reason| IdentityError::InvalidSpiffeId {
+        value: s.to_string(),
+        reason,
+    };
+    let rest = s
+        .strip_prefix("spiffe://")
+        .ok_or_else(|| bad("it must start with spiffe://"))?;
+    let (td, path) = rest.split_once('/').ok_or_else(|| bad("it has no path"))?;
+    if td.is_empty()
+        || !td
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
+        return Err(bad(
+            "the trust domain must be lowercase letters, digits, '-' and '.'",
+        ));
+    }
+    Ok((td, path))
+}
+
 impl FromStr for SpiffeId {
     type Err = IdentityError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -146,19 +168,7 @@ impl FromStr for SpiffeId {
             value: s.to_string(),
             reason,
         };
-        let rest = s
-            .strip_prefix("spiffe://")
-            .ok_or_else(|| bad("it must start with spiffe://"))?;
-        let (td, path) = rest.split_once('/').ok_or_else(|| bad("it has no path"))?;
-        if td.is_empty()
-            || !td
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        {
-            return Err(bad(
-                "the trust domain must be lowercase letters, digits, '-' and '.'",
-            ));
-        }
+        let (td, path) = split_spiffe(s)?;
         let parts: Vec<&str> = path.split('/').collect();
         match parts.as_slice() {
             ["ns", ns, "sa", sa] if !ns.is_empty() && !sa.is_empty() => {
@@ -296,24 +306,13 @@ impl fmt::Display for Principal {
 impl FromStr for Principal {
     type Err = IdentityError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = |reason| IdentityError::InvalidSpiffeId {
-            value: s.to_string(),
-            reason,
-        };
-        let rest = s
-            .strip_prefix("spiffe://")
-            .ok_or_else(|| bad("it must start with spiffe://"))?;
-        let (td, path) = rest.split_once('/').ok_or_else(|| bad("it has no path"))?;
+        let (td, path) = split_spiffe(s)?;
         match path.split('/').collect::<Vec<_>>().as_slice() {
-            ["operator", role, name] => {
-                // Same trust-domain rule as a workload identity.
-                SpiffeId::from_str(&format!("spiffe://{td}/ns/x/sa/x"))?;
-                Ok(Principal::Operator(OperatorId::new(
-                    td,
-                    role.parse()?,
-                    name,
-                )?))
-            }
+            ["operator", role, name] => Ok(Principal::Operator(OperatorId::new(
+                td,
+                role.parse()?,
+                name,
+            )?)),
             _ => s.parse().map(Principal::Workload),
         }
     }

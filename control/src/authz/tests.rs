@@ -1,6 +1,7 @@
 //! The table of docs/security.md §6, cell by cell, for the methods this module decides.
 
 use super::*;
+use isthmus_core::identity::SpiffeId;
 
 const TD: &str = "east.isthmus.local";
 const OTHER: &str = "west.isthmus.local";
