@@ -90,16 +90,48 @@ fn humanize(d: Duration) -> String {
     }
 }
 
-/// `isthmus cluster join --token T --id N --peer-addr A`: adds a member (start its control
-/// plane with `federation.join: true`; it catches up from the leader).
-pub async fn join(via: &Via, token: &str, id: u64, peer: SocketAddr) -> anyhow::Result<()> {
+/// The joining cluster's `--cluster`, `--trust-domain` and `--bundle-file` (clap makes sure
+/// they come together).
+pub fn claim(
+    cluster: Option<String>,
+    trust_domain: Option<String>,
+    bundle_file: Option<std::path::PathBuf>,
+) -> anyhow::Result<Option<isthmus_federation::ClusterClaim>> {
+    let (Some(name), Some(trust_domain), Some(file)) = (cluster, trust_domain, bundle_file) else {
+        return Ok(None);
+    };
+    let ca_bundle_pem = std::fs::read_to_string(&file)
+        .with_context(|| format!("--bundle-file: reading {}", file.display()))?;
+    Ok(Some(isthmus_federation::ClusterClaim {
+        name,
+        trust_domain,
+        ca_bundle_pem,
+    }))
+}
+
+/// `isthmus cluster join --token T --id N --peer-addr A --cluster C --trust-domain TD
+/// --bundle-file CA`: admits a cluster and adds its member (start its control plane with
+/// `federation.join: true` first; it catches up from the leader). The federation records the
+/// cluster's trust domain and CA bundle, by which its members authenticate the new one.
+pub async fn join(
+    via: &Via,
+    token: &str,
+    id: u64,
+    peer: SocketAddr,
+    cluster: Option<isthmus_federation::ClusterClaim>,
+) -> anyhow::Result<()> {
     if id == 0 {
         bail!("--id: 0 is not a valid member id (ids start at 1)");
     }
+    let application = isthmus_federation::JoinApplication {
+        id,
+        peer_addr: peer,
+        cluster,
+    };
     let (revision, voter) = via
         .kv()
         .await?
-        .join(token, id, peer)
+        .join(token, &application)
         .await
         .with_context(|| format!("joining member {id} ({peer})"))?;
     let role = if voter {

@@ -186,6 +186,16 @@ enum ClusterCommand {
         /// Where the other members reach the new member's federation port.
         #[arg(long)]
         peer_addr: std::net::SocketAddr,
+        /// The joining cluster's name (its control config's `cluster`).
+        #[arg(long, requires_all = ["trust_domain", "bundle_file"])]
+        cluster: Option<String>,
+        /// The joining cluster's trust domain (its control config's `trustDomain`).
+        #[arg(long, requires_all = ["cluster", "bundle_file"])]
+        trust_domain: Option<String>,
+        /// The joining cluster's CA bundle (PEM; `<dataDir>/ca.pem` of its control plane),
+        /// recorded so the members authenticate its control plane.
+        #[arg(long, requires_all = ["cluster", "trust_domain"])]
+        bundle_file: Option<std::path::PathBuf>,
         /// An existing member's federation address.
         #[arg(long)]
         federation: Option<String>,
@@ -321,11 +331,15 @@ fn main() -> ExitCode {
                     token,
                     id,
                     peer_addr,
+                    cluster,
+                    trust_domain,
+                    bundle_file,
                     federation,
                     api,
                 } => {
                     let via = isthmus::cluster_cmd::via(federation, &api)?;
-                    isthmus::cluster_cmd::join(&via, &token, id, peer_addr).await
+                    let claim = isthmus::cluster_cmd::claim(cluster, trust_domain, bundle_file)?;
+                    isthmus::cluster_cmd::join(&via, &token, id, peer_addr, claim).await
                 }
                 ClusterCommand::Remove {
                     name,

@@ -276,6 +276,12 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
             token: "0123456789abcdef.0123456789abcdef0123456789abcdef".into(),
             id: 9,
             peer_addr: "127.0.0.1:9".into(),
+            cluster: "intruder".into(),
+            trust_domain: "intruder.local".into(),
+            ca_bundle_pem: isthmus_core::ca::CertificateAuthority::generate("intruder.local")
+                .unwrap()
+                .cert_pem()
+                .to_string(),
         })
         .await
         .unwrap_err();

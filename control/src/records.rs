@@ -8,33 +8,12 @@
 //! Values are JSON. Each cluster writes only its own records.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 
 use isthmus_core::keyspace;
 use isthmus_core::mesh::ServicePort;
 use serde::{Deserialize, Serialize};
 
-/// A member cluster, as published by its own control plane.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ClusterRecord {
-    pub name: String,
-    pub trust_domain: String,
-    /// The east-west gateway's QUIC address, reachable from the other clusters.
-    pub gateway: Option<SocketAddr>,
-    /// The cluster CA's certificate(s), PEM.
-    pub ca_bundle_pem: String,
-    #[serde(default)]
-    pub locality: Option<String>,
-    /// The raft id of the cluster's federation member (`isthmus cluster remove NAME` finds
-    /// the member by it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub member_id: Option<u64>,
-    /// The control plane's gRPC address, when it listens on a specific one (`isthmus
-    /// explain --from` reaches the cluster's control plane through it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub control: Option<SocketAddr>,
-}
+pub use isthmus_core::keyspace::ClusterRecord;
 
 /// One cluster's export of one service: what the others need to route to it through that
 /// cluster's gateway (the endpoints themselves stay private to the owning cluster).

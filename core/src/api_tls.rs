@@ -107,6 +107,26 @@ fn client_config_with(
     Ok(config)
 }
 
+/// A federation member's client side on the peer port (docs/security.md §4): presents
+/// `identity` (its control plane's certificate) and accepts a server whose chain verifies
+/// against the bundle of the trust domain it names, among `members`, and whose SPIFFE ID is a
+/// control plane's. Which member that trust domain belongs to is the caller's check.
+pub fn member_client_config(
+    identity: Arc<Identity>,
+    members: Arc<TrustBundles>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(TlsError::Config)?
+    .dangerous()
+    .with_custom_certificate_verifier(tls::spiffe_verifier(members, Arc::new(|id| id.is_control())))
+    .with_client_cert_resolver(tls::identity_resolver(identity));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
+}
+
 /// A lazily connecting gRPC channel to the control plane at `addr` (`host:port`) over TLS.
 pub fn channel(addr: &str, config: Arc<rustls::ClientConfig>) -> Result<Channel, String> {
     let uri: Uri = format!("https://{addr}")
@@ -225,7 +245,7 @@ pub fn incoming(
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
                     Err(e) => {
-                        tracing::warn!(error = %e, "control API accept failed");
+                        tracing::warn!(error = %e, "TLS port: accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -236,7 +256,7 @@ pub fn incoming(
                 continue;
             };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
-                tracing::debug!(%remote, "control API at its connection limit; closing");
+                tracing::debug!(%remote, "TLS port at its connection limit; closing");
                 continue;
             };
             let _ = tcp.set_nodelay(true);
@@ -266,9 +286,9 @@ pub fn incoming(
                             .await;
                     }
                     Ok(Err(e)) => {
-                        tracing::debug!(%remote, error = %e, "control API TLS handshake failed")
+                        tracing::debug!(%remote, error = %e, "TLS handshake failed")
                     }
-                    Err(_) => tracing::debug!(%remote, "control API TLS handshake timed out"),
+                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
                 }
             });
         }

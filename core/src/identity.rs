@@ -140,6 +140,11 @@ impl fmt::Display for SpiffeId {
 }
 
 /// Splits `spiffe://<trust-domain>/<path>` into its checked trust domain and its path.
+/// Checks a trust domain as a SPIFFE ID spells it (lowercase letters, digits, '-', '.').
+pub fn validate_trust_domain(trust_domain: &str) -> Result<(), IdentityError> {
+    split_spiffe(&format!("spiffe://{trust_domain}/")).map(|_| ())
+}
+
 fn split_spiffe(s: &str) -> Result<(&str, &str), IdentityError> {
     let bad = |reason| IdentityError::InvalidSpiffeId {
         value: s.to_string(),

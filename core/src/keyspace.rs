@@ -10,8 +10,36 @@
 //! | `kubernetes-policies/<cluster>/<kind>/<namespace>/<name>` | a policy as a cluster's Kubernetes wrote it |
 //! | `grants/mesh-admin/<trust-domain>/<name>` | makes `spiffe://<trust-domain>/operator/admin/<name>` a mesh admin |
 //!
-//! The record values' types live with their writers (`isthmus_control::records`,
-//! [`crate::policy::Policy`]).
+//! [`ClusterRecord`] is here because the federation writes it when a cluster joins (its trust
+//! domain and CA bundle, before its control plane can write anything); the other values'
+//! types live with their writers (`isthmus_control::records`, [`crate::policy::Policy`]).
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// A member cluster (`clusters/<name>`): written when it joins, then kept up to date by its
+/// own control plane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterRecord {
+    pub name: String,
+    pub trust_domain: String,
+    /// The east-west gateway's QUIC address, reachable from the other clusters.
+    pub gateway: Option<SocketAddr>,
+    /// The cluster CA's certificate(s), PEM.
+    pub ca_bundle_pem: String,
+    #[serde(default)]
+    pub locality: Option<String>,
+    /// The raft id of the cluster's federation member (`isthmus cluster remove NAME` finds
+    /// the member by it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member_id: Option<u64>,
+    /// The control plane's gRPC address, when it listens on a specific one (`isthmus
+    /// explain --from` reaches the cluster's control plane through it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<SocketAddr>,
+}
 
 /// Where member clusters' records live.
 pub const CLUSTERS_PREFIX: &str = "clusters/";

@@ -98,7 +98,8 @@ pub(crate) fn status(err: StoreError) -> Status {
     match err {
         StoreError::InvalidKey { .. }
         | StoreError::ValueTooLarge { .. }
-        | StoreError::TokenTtl { .. } => Status::invalid_argument(message),
+        | StoreError::TokenTtl { .. }
+        | StoreError::InvalidJoin { .. } => Status::invalid_argument(message),
         StoreError::Compacted { requested, oldest } => {
             let mut status = Status::failed_precondition(message);
             // So the client can rebuild the error exactly.
@@ -375,14 +376,23 @@ impl Kv for KvService {
             ))
         })?;
         let store = self.store()?;
-        if store.members().contains_key(&req.id) {
-            return Err(Status::already_exists(format!(
-                "id: member {} already exists; choose another id (the token was not used)",
-                req.id
-            )));
-        }
+        let cluster = (!req.cluster.is_empty()
+            || !req.trust_domain.is_empty()
+            || !req.ca_bundle_pem.is_empty())
+        .then(|| crate::ClusterClaim {
+            name: req.cluster,
+            trust_domain: req.trust_domain,
+            ca_bundle_pem: req.ca_bundle_pem,
+        });
         let revision = store
-            .join_with_token(&req.token, req.id, addr)
+            .join_with_token(
+                &req.token,
+                crate::JoinApplication {
+                    id: req.id,
+                    peer_addr: addr,
+                    cluster,
+                },
+            )
             .await
             .map_err(status)?;
         let voter = !store.status().learners.contains(&req.id);

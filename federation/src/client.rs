@@ -254,20 +254,26 @@ impl KvClient {
             .token)
     }
 
-    /// Consumes `token` and adds member `id` at `peer_addr`; returns the change's revision
-    /// and whether it votes (false: it joined as a learner).
+    /// Consumes `token` and admits the applicant (see [`crate::Store::join_with_token`]);
+    /// returns the change's revision and whether it votes (false: it joined as a learner).
     pub async fn join(
         &mut self,
         token: &str,
-        id: u64,
-        peer_addr: SocketAddr,
+        application: &crate::JoinApplication,
     ) -> Result<(u64, bool), StoreError> {
+        let cluster = application.cluster.clone();
         let r = self
             .grpc
             .join(pb::JoinRequest {
                 token: token.to_string(),
-                id,
-                peer_addr: peer_addr.to_string(),
+                id: application.id,
+                peer_addr: application.peer_addr.to_string(),
+                cluster: cluster.as_ref().map(|c| c.name.clone()).unwrap_or_default(),
+                trust_domain: cluster
+                    .as_ref()
+                    .map(|c| c.trust_domain.clone())
+                    .unwrap_or_default(),
+                ca_bundle_pem: cluster.map(|c| c.ca_bundle_pem).unwrap_or_default(),
             })
             .await
             .map_err(error)?

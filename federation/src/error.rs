@@ -16,6 +16,15 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A join was refused before its token was used: `field` of the request is wrong.
+    #[error("{field}: {reason} (the token was not used)")]
+    InvalidJoin {
+        field: &'static str,
+        reason: String,
+    },
+    /// The peer port's TLS configuration could not be built from the member's identity.
+    #[error("the federation peer port's TLS configuration: {0}")]
+    Tls(String),
     /// The bound peer listener could not report its address.
     #[error("reading the address of the federation peer listener")]
     LocalAddr(#[source] std::io::Error),

@@ -48,6 +48,7 @@ mod client;
 mod error;
 mod logging;
 mod node;
+mod peer_tls;
 mod proposals;
 pub mod proto;
 mod replica;
@@ -84,6 +85,8 @@ pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 
 pub use api::{KvService, KvWrite, WriteGuard};
 pub use client::{KvClient, KvWatch, RemoteStatus};
+pub use isthmus_core::keyspace::ClusterRecord;
+pub use peer_tls::{MemberDirectory, PeerRefusalCounts, PeerTls};
 pub use error::StoreError;
 pub use replica::{MemberStatus, Role, Watch};
 pub use state::{LeaseState, Record, WatchEvent};
@@ -254,6 +257,25 @@ impl StoreOptions {
     }
 }
 
+/// What a cluster asks for when it joins (`Kv.Join`).
+#[derive(Debug, Clone)]
+pub struct JoinApplication {
+    /// Its member id: not 0, never used before in this federation.
+    pub id: u64,
+    /// Where the other members reach its peer port.
+    pub peer_addr: SocketAddr,
+    /// The cluster itself; required by a member whose peer port serves TLS.
+    pub cluster: Option<ClusterClaim>,
+}
+
+/// A joining cluster's name, trust domain and CA bundle.
+#[derive(Debug, Clone)]
+pub struct ClusterClaim {
+    pub name: String,
+    pub trust_domain: String,
+    pub ca_bundle_pem: String,
+}
+
 /// A compare-and-set found the key at another revision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conflict {
@@ -275,11 +297,11 @@ pub async fn bind(listen: SocketAddr) -> Result<Binding, StoreError> {
         listener,
         local_addr,
         client_writes: true,
+        tls: None,
     })
 }
 
 /// A bound peer listener, not yet serving.
-#[derive(Debug)]
 pub struct Binding {
     listener: TcpListener,
     local_addr: SocketAddr,
@@ -287,9 +309,30 @@ pub struct Binding {
     /// RemoveMember). A member run by a control plane refuses them there: its authenticated
     /// API port serves `Kv` to operators (docs/security.md §6).
     client_writes: bool,
+    /// Members authenticate each other (docs/security.md §4); `None` serves plaintext, for
+    /// in-process tests and benchmarks of the store alone.
+    tls: Option<PeerTls>,
+}
+
+impl std::fmt::Debug for Binding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Binding")
+            .field("local_addr", &self.local_addr)
+            .field("client_writes", &self.client_writes)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 impl Binding {
+    /// Serves the peer port over mutual TLS only and dials the other members the same way:
+    /// every call but `Kv.Join` needs a member's certificate, and raft batches are taken only
+    /// from the member the certificate is bound to (docs/security.md §4).
+    pub fn with_tls(mut self, tls: PeerTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Refuses `Kv` writes on the peer port (`UNAUTHENTICATED`, pointing at the control-plane
     /// API); reads, `Status` and `Join` (authorized by its token) stay served there.
     pub fn refuse_client_writes(mut self) -> Self {
@@ -308,6 +351,14 @@ impl Binding {
     pub async fn start(self, opts: StoreOptions) -> Result<Store, StoreError> {
         let config = opts.node_config()?;
         let node_id = config.id;
+        let server_tls = match &self.tls {
+            None => None,
+            Some(tls) => Some(Arc::new(
+                isthmus_core::api_tls::server_config(tls.identity.clone(), tls.bundles.clone())
+                    .map_err(|e| StoreError::Tls(e.to_string()))?,
+            )),
+        };
+        let refusals = Arc::new(peer_tls::PeerRefusals::default());
         let log = opts.open_log().await?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
@@ -319,8 +370,12 @@ impl Binding {
             rpc_timeout: config.election_timeout().max(MIN_RPC_TIMEOUT),
             reconnect_backoff: config.heartbeat_interval(),
         };
-        let transport: Arc<dyn transport::Transport> =
-            Arc::new(GrpcTransport::new(node_id, timing, shutdown_rx.clone()));
+        let transport: Arc<dyn transport::Transport> = Arc::new(GrpcTransport::new(
+            node_id,
+            timing,
+            self.tls.clone(),
+            shutdown_rx.clone(),
+        ));
         #[cfg(feature = "testing")]
         let transport: Arc<dyn transport::Transport> = match &opts.network {
             None => transport,
@@ -338,7 +393,12 @@ impl Binding {
                 filter,
                 memory: None,
             }) => Arc::new(testing::FilteredTransport {
-                inner: Arc::new(GrpcTransport::new(node_id, timing, shutdown_rx.clone())),
+                inner: Arc::new(GrpcTransport::new(
+                    node_id,
+                    timing,
+                    self.tls.clone(),
+                    shutdown_rx.clone(),
+                )),
                 filter: filter.clone(),
             }),
         };
@@ -374,34 +434,67 @@ impl Binding {
                 reads: reads_tx,
                 shutdown: shutdown_tx,
                 tasks: Mutex::new(Vec::new()),
+                refusals: refusals.clone(),
+                authenticated: self.tls.is_some(),
             }),
         };
-        let peer = server::PeerService::new(node_id, replica, inbound_tx);
+        let peer = server::PeerService::new(
+            node_id,
+            replica,
+            inbound_tx,
+            self.tls.is_some().then(|| refusals.clone()),
+        );
         let kv = if self.client_writes {
             api::KvService::new(store.downgrade(), None)
         } else {
             api::KvService::peer_port_without_writes(store.downgrade())
         };
-        let incoming = TcpListenerStream::new(self.listener);
-        let mut server_shutdown = shutdown_rx;
-        tasks.push(tokio::spawn(async move {
-            let signal = async move {
-                let _ = server_shutdown.wait_for(|stopped| *stopped).await;
-            };
-            // Streams per connection (a peer's sender and watches need a few) and HTTP/2
-            // keep-alives that find a dead peer.
-            if let Err(err) = tonic::transport::Server::builder()
-                .max_concurrent_streams(Some(PEER_MAX_STREAMS_PER_CONNECTION))
-                .http2_keepalive_interval(Some(Duration::from_secs(20)))
-                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-                .add_service(peer)
-                .add_service(kv)
-                .serve_with_incoming_shutdown(incoming, signal)
-                .await
-            {
-                tracing::error!(member = node_id, "federation peer server failed: {err}");
+        let mut server_shutdown = shutdown_rx.clone();
+        let signal = async move {
+            let _ = server_shutdown.wait_for(|stopped| *stopped).await;
+        };
+        // Streams per connection (a peer's sender and watches need a few) and HTTP/2
+        // keep-alives that find a dead peer.
+        let server = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(PEER_MAX_STREAMS_PER_CONNECTION))
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+        match (&self.tls, server_tls) {
+            (Some(tls), Some(config)) => {
+                let (incoming, accepting) =
+                    isthmus_core::api_tls::incoming(self.listener, config, shutdown_rx);
+                tasks.push(accepting);
+                let guard = peer_tls::PeerGuardLayer {
+                    directory: tls.directory.clone(),
+                    refusals: refusals.clone(),
+                };
+                let mut server = server.layer(guard);
+                tasks.push(tokio::spawn(async move {
+                    if let Err(err) = server
+                        .add_service(peer)
+                        .add_service(kv)
+                        .serve_with_incoming_shutdown(incoming, signal)
+                        .await
+                    {
+                        tracing::error!(member = node_id, "federation peer server failed: {err}");
+                    }
+                }));
             }
-        }));
+            _ => {
+                let incoming = TcpListenerStream::new(self.listener);
+                let mut server = server;
+                tasks.push(tokio::spawn(async move {
+                    if let Err(err) = server
+                        .add_service(peer)
+                        .add_service(kv)
+                        .serve_with_incoming_shutdown(incoming, signal)
+                        .await
+                    {
+                        tracing::error!(member = node_id, "federation peer server failed: {err}");
+                    }
+                }));
+            }
+        }
         *store.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
 
         tracing::info!(
@@ -435,6 +528,9 @@ struct Inner {
     reads: mpsc::Sender<ReadRequest>,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    refusals: Arc<peer_tls::PeerRefusals>,
+    /// The peer port serves TLS: joins must bring their cluster.
+    authenticated: bool,
 }
 
 impl Drop for Inner {
@@ -744,17 +840,113 @@ impl Store {
         done(outcome, "")
     }
 
-    /// What `isthmus cluster join --token` asks an existing member to do: consume the token,
-    /// then add the new member (a voter while there are fewer than five, else a learner).
-    /// A token is burnt even if adding then fails (for example the id is taken).
+    /// What `isthmus cluster join --token` asks an existing member to do (docs/security.md
+    /// §5): check the application, consume the token, record the cluster (`clusters/<name>`,
+    /// with its trust domain, CA bundle and member id, so the members authenticate it), then
+    /// add the member (a voter while there are fewer than five, else a learner).
+    ///
+    /// Refused before the token is touched when the id is taken, or the cluster's name or
+    /// trust domain is already another cluster's, or its bundle does not parse; a member whose
+    /// peer port serves TLS refuses an application without a cluster. The three writes are
+    /// separate entries: a failure after the token was consumed leaves it burnt.
     pub async fn join_with_token(
         &self,
         token: &str,
-        id: u64,
-        addr: SocketAddr,
+        application: JoinApplication,
     ) -> Result<u64, StoreError> {
+        let JoinApplication {
+            id,
+            peer_addr,
+            cluster,
+        } = application;
+        let refuse = |field, reason: String| StoreError::InvalidJoin { field, reason };
+        if id == 0 {
+            return Err(refuse("id", "0 is not a valid member id".into()));
+        }
+        if self.members().contains_key(&id) {
+            return Err(refuse(
+                "id",
+                format!("member {id} already exists; choose another id"),
+            ));
+        }
+        let record = match cluster {
+            Some(claim) => Some(self.admit(claim, id)?),
+            None if self.inner.authenticated => {
+                return Err(refuse(
+                    "cluster",
+                    "this federation authenticates its members: give the joining cluster's \
+                     name, trust domain and CA bundle"
+                        .into(),
+                ))
+            }
+            None => None,
+        };
         self.consume_join_token(token).await?;
-        self.add_member(id, addr, true).await
+        if let Some((key, value)) = record {
+            if let Err(conflict) = self.compare_and_set(&key, None, value).await? {
+                return Err(StoreError::InvalidJoin {
+                    field: "cluster",
+                    reason: format!(
+                        "{key} was written by someone else while joining (revision {:?})",
+                        conflict.current_revision
+                    ),
+                });
+            }
+        }
+        self.add_member(id, peer_addr, true).await
+    }
+
+    /// Checks a joining cluster's claim against this replica: the record to write.
+    fn admit(&self, claim: ClusterClaim, id: u64) -> Result<(String, Vec<u8>), StoreError> {
+        let refuse = |field, reason: String| StoreError::InvalidJoin { field, reason };
+        isthmus_core::identity::validate_label("cluster", &claim.name)
+            .map_err(|e| refuse("cluster", e.to_string()))?;
+        isthmus_core::identity::validate_trust_domain(&claim.trust_domain)
+            .map_err(|e| refuse("trust_domain", e.to_string()))?;
+        isthmus_core::tls::TrustBundles::new()
+            .replace([(claim.trust_domain.as_str(), claim.ca_bundle_pem.as_str())])
+            .map_err(|e| refuse("ca_bundle_pem", e.to_string()))?;
+        let key = isthmus_core::keyspace::cluster(&claim.name);
+        if self.get(&key).is_some() {
+            return Err(refuse(
+                "cluster",
+                format!("{} is already a member cluster", claim.name),
+            ));
+        }
+        for (other_key, other) in self.list(isthmus_core::keyspace::CLUSTERS_PREFIX) {
+            let Ok(other) =
+                serde_json::from_slice::<isthmus_core::keyspace::ClusterRecord>(&other.value)
+            else {
+                continue;
+            };
+            if other.trust_domain.eq_ignore_ascii_case(&claim.trust_domain) {
+                return Err(refuse(
+                    "trust_domain",
+                    format!(
+                        "{} is already the trust domain of cluster {} ({other_key}); cluster {} \
+                         cannot claim it",
+                        claim.trust_domain, other.name, claim.name
+                    ),
+                ));
+            }
+        }
+        let record = isthmus_core::keyspace::ClusterRecord {
+            name: claim.name,
+            trust_domain: claim.trust_domain,
+            gateway: None,
+            ca_bundle_pem: claim.ca_bundle_pem,
+            locality: None,
+            member_id: Some(id),
+            control: None,
+        };
+        let value = serde_json::to_vec(&record).map_err(|e| refuse("cluster", e.to_string()))?;
+        Ok((key, value))
+    }
+
+    /// Calls and raft batches the peer port refused since start, by reason (all zero when it
+    /// serves plaintext).
+    pub fn peer_refusals(&self) -> PeerRefusalCounts {
+        self.inner.refusals.counts()
     }
 
     /// Stops the raft loop, the peer server and the peer clients, and waits for them; the

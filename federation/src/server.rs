@@ -2,7 +2,9 @@
 //!
 //! Every message of a batch is decoded and checked before any is handed to the raft loop,
 //! so a batch with one bad message is rejected whole with `INVALID_ARGUMENT`, logged and
-//! counted (`MemberStatus::rejected_peer_batches`).
+//! counted (`MemberStatus::rejected_peer_batches`). When the peer port serves TLS, a batch
+//! whose `from` is not the member the caller's certificate is bound to is refused with
+//! `PERMISSION_DENIED` and counted as a sender mismatch (`Store::peer_refusals`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use raft::eraftpb::Message;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
+use crate::peer_tls::{PeerMember, PeerRefusals};
 use crate::proto::v1::raft_peer_server::{RaftPeer, RaftPeerServer};
 use crate::proto::v1::{RaftBatch, SendAck};
 use crate::replica::Replica;
@@ -24,6 +27,8 @@ pub(crate) struct PeerService {
     node_id: u64,
     replica: Arc<Replica>,
     inbound: mpsc::Sender<Message>,
+    /// Set when the port serves TLS: every batch must come from the caller's own member.
+    authenticated: Option<Arc<PeerRefusals>>,
 }
 
 impl PeerService {
@@ -31,11 +36,13 @@ impl PeerService {
         node_id: u64,
         replica: Arc<Replica>,
         inbound: mpsc::Sender<Message>,
+        authenticated: Option<Arc<PeerRefusals>>,
     ) -> RaftPeerServer<Self> {
         RaftPeerServer::new(PeerService {
             node_id,
             replica,
             inbound,
+            authenticated,
         })
         .max_decoding_message_size(MAX_BATCH_BYTES)
     }
@@ -74,7 +81,26 @@ impl PeerService {
 impl RaftPeer for PeerService {
     async fn send(&self, request: Request<RaftBatch>) -> Result<Response<SendAck>, Status> {
         let remote = request.remote_addr();
+        let sender = request.extensions().get::<PeerMember>().copied();
         let batch = request.into_inner();
+        if let Some(refusals) = &self.authenticated {
+            // The guard let only members through; the batch must be the caller's own.
+            if sender != Some(PeerMember(batch.from)) {
+                refusals.sender_mismatch.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    member = self.node_id,
+                    remote = ?remote,
+                    claimed = batch.from,
+                    authenticated = ?sender.map(|m| m.0),
+                    "dropped a raft batch whose sender is not the member its certificate is bound to"
+                );
+                return Err(Status::permission_denied(format!(
+                    "batch from member {} sent with the certificate of {}",
+                    batch.from,
+                    sender.map_or("no member".to_string(), |m| format!("member {}", m.0))
+                )));
+            }
+        }
         let messages = self.check(&batch).inspect_err(|status| {
             self.replica
                 .rejected_peer_batches

@@ -15,6 +15,7 @@ use raft::eraftpb::Message;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::peer_tls::PeerTls;
 use crate::proto::v1::raft_peer_client::RaftPeerClient;
 use crate::proto::v1::RaftBatch;
 
@@ -51,6 +52,7 @@ pub(crate) struct GrpcTiming {
 pub(crate) struct GrpcTransport {
     self_id: u64,
     timing: GrpcTiming,
+    tls: Option<PeerTls>,
     shutdown: watch::Receiver<bool>,
     queues: Mutex<HashMap<u64, (SocketAddr, mpsc::Sender<Message>)>>,
 }
@@ -58,10 +60,16 @@ pub(crate) struct GrpcTransport {
 impl GrpcTransport {
     /// A transport with no peers yet ([`Transport::set_peers`] adds them). Peer tasks end
     /// when their peer is removed, the transport is dropped, or `shutdown` turns true.
-    pub(crate) fn new(self_id: u64, timing: GrpcTiming, shutdown: watch::Receiver<bool>) -> Self {
+    pub(crate) fn new(
+        self_id: u64,
+        timing: GrpcTiming,
+        tls: Option<PeerTls>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
         GrpcTransport {
             self_id,
             timing,
+            tls,
             shutdown,
             queues: Mutex::new(HashMap::new()),
         }
@@ -74,6 +82,7 @@ impl GrpcTransport {
             to: id,
             addr,
             timing: self.timing,
+            tls: self.tls.clone(),
             client: None,
             connect_not_before: None,
         };
@@ -121,6 +130,7 @@ struct PeerSender {
     to: u64,
     addr: SocketAddr,
     timing: GrpcTiming,
+    tls: Option<PeerTls>,
     client: Option<RaftPeerClient<Channel>>,
     connect_not_before: Option<tokio::time::Instant>,
 }
@@ -197,6 +207,21 @@ impl PeerSender {
     }
 
     async fn connect(&self) -> Result<RaftPeerClient<Channel>, String> {
+        if let Some(tls) = &self.tls {
+            let timeout = self.timing.rpc_timeout;
+            return match tokio::time::timeout(
+                timeout,
+                crate::peer_tls::connect(tls, self.to, self.addr, timeout),
+            )
+            .await
+            {
+                Ok(Ok(channel)) => {
+                    Ok(RaftPeerClient::new(channel).max_decoding_message_size(usize::MAX))
+                }
+                Ok(Err(err)) => Err(err),
+                Err(_) => Err("connect timed out".to_string()),
+            };
+        }
         let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))
             .map_err(|err| err.to_string())?
             .connect_timeout(self.timing.rpc_timeout)

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use isthmus_federation::{Role, Store, StoreError, StoreOptions};
+use isthmus_federation::{ClusterClaim, JoinApplication, Role, Store, StoreError, StoreOptions};
 use support::*;
 
 /// Starts member `id` as a joiner that knows how to reach the existing `stores`.
@@ -88,12 +88,58 @@ async fn join_token_admits_one_member_once_and_expires() {
         .await
         .expect("mint");
     let joiner = start_joiner(4, &stores).await;
+    let ca = isthmus_core::ca::CertificateAuthority::generate("north.local").expect("a CA");
+    let joiner_addr = joiner.peer_addr();
+    let application = |id, name: &str, trust_domain: &str, pem: &str| JoinApplication {
+        id,
+        peer_addr: joiner_addr,
+        cluster: Some(ClusterClaim {
+            name: name.into(),
+            trust_domain: trust_domain.into(),
+            ca_bundle_pem: pem.into(),
+        }),
+    };
+    // Refused before the token is touched: a bundle that does not parse, a bad name.
+    for (bad, field) in [
+        (application(4, "north", "north.local", "not PEM"), "ca_bundle_pem"),
+        (application(4, "North!", "north.local", ca.cert_pem()), "cluster"),
+        (application(0, "north", "north.local", ca.cert_pem()), "id"),
+    ] {
+        let refused = stores[&1].join_with_token(&token, bad).await;
+        assert!(
+            matches!(&refused, Err(e @ StoreError::InvalidJoin { .. }) if e.to_string().starts_with(field)),
+            "{refused:?}"
+        );
+    }
     stores[&1]
-        .join_with_token(&token, 4, joiner.peer_addr())
+        .join_with_token(&token, application(4, "north", "north.local", ca.cert_pem()))
         .await
         .expect("join with a fresh token");
     stores.insert(4, joiner);
     wait_config(&stores, &[1, 2, 3, 4], &[]).await;
+    // The cluster is recorded with its trust domain, bundle and member id on every replica.
+    let record = stores[&3].get_linearizable("clusters/north").await.expect("read");
+    let record: isthmus_federation::ClusterRecord =
+        serde_json::from_slice(&record.expect("clusters/north").value).expect("JSON");
+    assert_eq!(
+        (record.trust_domain.as_str(), record.member_id, record.ca_bundle_pem.as_str()),
+        ("north.local", Some(4), ca.cert_pem())
+    );
+    // A second claim on the trust domain is refused naming both clusters; its token stays.
+    let second = stores[&2]
+        .mint_join_token(Duration::from_secs(60))
+        .await
+        .expect("mint");
+    let other = isthmus_core::ca::CertificateAuthority::generate("north.local").expect("a CA");
+    let mut stolen = application(5, "south", "north.local", other.cert_pem());
+    stolen.peer_addr = "127.0.0.1:1".parse().expect("addr");
+    let refused = stores[&1].join_with_token(&second, stolen).await;
+    let message = refused.expect_err("a second claim").to_string();
+    assert!(
+        message.contains("north.local") && message.contains("north") && message.contains("south"),
+        "{message}"
+    );
+    stores[&1].consume_join_token(&second).await.expect("the token was kept");
 
     let reused = stores[&3].consume_join_token(&token).await;
     assert!(matches!(reused, Err(StoreError::Token(_))), "{reused:?}");

@@ -30,7 +30,7 @@ const TOKEN_TTL: Duration = Duration::from_secs(600);
 /// How long create and update wait for the cluster to publish the expected record.
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(90);
 
-const COMPUTED: [&str; 4] = ["voter", "trust_domain", "trust_bundle", "control_address"];
+const COMPUTED: [&str; 2] = ["voter", "control_address"];
 
 fn federation_error(what: &str, e: impl std::fmt::Display) -> Diags {
     vec![Diag::error(format!("{what} failed"), e.to_string())]
@@ -157,7 +157,7 @@ fn state_of(base: &Value, status: &RemoteStatus, id: u64, rec: Option<&ClusterRe
             );
         }
         None => {
-            for attr in ["locality", "gateway_address"] {
+            for attr in ["locality", "gateway_address", "trust_domain", "trust_bundle"] {
                 if v.get(attr).is_unknown() {
                     v.set(attr, Value::Null);
                 }
@@ -281,8 +281,8 @@ impl Resource for ClusterResource {
                 Attr::optional_computed("locality", Type::String, "region/zone the cluster must publish; read from it when left out."),
                 Attr::optional_computed("gateway_address", Type::String, "The east-west gateway address the cluster must publish; read from it when left out."),
                 Attr::computed("voter", Type::Bool, "Whether its member votes (false: a learner)."),
-                Attr::computed("trust_domain", Type::String, "The cluster's SPIFFE trust domain."),
-                Attr::computed("trust_bundle", Type::String, "The cluster CA's certificates, PEM."),
+                Attr::optional_computed("trust_domain", Type::String, "The cluster's SPIFFE trust domain (its control plane's trustDomain); recorded when it joins, so the members authenticate it. Read from the cluster when left out."),
+                Attr::optional_computed("trust_bundle", Type::String, "The cluster CA's certificates, PEM (its control plane's <dataDir>/ca.pem); recorded with trust_domain when it joins. Read from the cluster when left out."),
                 Attr::computed("control_address", Type::String, "Its control plane's gRPC address, when published."),
             ],
         )
@@ -300,7 +300,13 @@ impl Resource for ClusterResource {
         proposed.set("id", proposed.get("name").clone());
         let requires_replace = changed(prior, &proposed, &["name", "member_id", "peer_address"]);
         if prior.is_none() || !requires_replace.is_empty() {
-            for attr in ["join_token", "locality", "gateway_address"] {
+            for attr in [
+                "join_token",
+                "locality",
+                "gateway_address",
+                "trust_domain",
+                "trust_bundle",
+            ] {
                 if proposed.get(attr).is_null() {
                     proposed.set(attr, Value::Unknown);
                 }
@@ -328,7 +334,25 @@ impl Resource for ClusterResource {
                 .await
                 .map_err(|e| federation_error("Minting a join token", e))?,
         };
-        kv.join(&token, id, peer).await.map_err(|e| {
+        // A federation whose members authenticate each other admits a cluster with its
+        // trust domain and CA bundle only.
+        let cluster = match (
+            known_str(planned, "trust_domain"),
+            known_str(planned, "trust_bundle"),
+        ) {
+            (Some(trust_domain), Some(bundle)) => Some(isthmus_federation::ClusterClaim {
+                name: known_str(planned, "name").unwrap_or_default().to_string(),
+                trust_domain: trust_domain.to_string(),
+                ca_bundle_pem: bundle.to_string(),
+            }),
+            _ => None,
+        };
+        let application = isthmus_federation::JoinApplication {
+            id,
+            peer_addr: peer,
+            cluster,
+        };
+        kv.join(&token, &application).await.map_err(|e| {
             let d = Diag::error(
                 "Joining the federation failed",
                 format!("member {id} at {peer}: {e}"),
