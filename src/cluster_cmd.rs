@@ -1,46 +1,19 @@
 //! `isthmus status` and `isthmus cluster token|join|remove`: the federation store's members,
-//! through the `Kv` API every member serves on its federation (peer) port, or (with
-//! `--control`) on its control plane's TLS API port (docs/control-api.md). The status report
-//! itself is `isthmus_federation::status`.
+//! through the `Kv` API a member serves on its control plane's TLS API port (`--control` or a
+//! context; docs/control-api.md). A member's federation (peer) port serves only the other
+//! members. The status report itself is `isthmus_federation::status`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use isthmus_federation::status::{gather_status_via, render_table, Via};
+use isthmus_core::client::ControlClient;
+use isthmus_federation::status::{gather_status, render_table};
+use isthmus_federation::KvClient;
 
-/// The federation member the CLI talks to when `--federation` is not given.
-pub const DEFAULT_FEDERATION: &str = "127.0.0.1:15017";
-
-/// `--control` (with its CA) when given, else the federation peer address.
-pub fn via(
-    federation: Option<String>,
-    control: &crate::policy_cmd::ControlArgs,
-) -> anyhow::Result<Via> {
-    if control.control.is_some() || control.context.is_some() {
-        if federation.is_some() {
-            bail!("give --control (or --context) or --federation, not both");
-        }
-        return Ok(Via::Control(control.client()?));
-    }
-    if federation.is_some() || std::env::var_os("ISTHMUS_FEDERATION").is_some() {
-        return Ok(Via::Peer(federation_addr(federation)?));
-    }
-    // No address given: the environment's control plane, or the current context's.
-    if control.target()?.is_some() {
-        return Ok(Via::Control(control.client()?));
-    }
-    Ok(Via::Peer(federation_addr(None)?))
-}
-
-/// `--federation`, else `$ISTHMUS_FEDERATION`, else the default.
-pub fn federation_addr(flag: Option<String>) -> anyhow::Result<SocketAddr> {
-    let addr = flag
-        .or_else(|| std::env::var("ISTHMUS_FEDERATION").ok())
-        .unwrap_or_else(|| DEFAULT_FEDERATION.to_string());
-    addr.parse().with_context(|| {
-        format!("--federation: {addr:?} is not an address such as 127.0.0.1:15017")
-    })
+/// The `Kv` API of the member hosted by the control plane `control`.
+fn kv(control: &ControlClient) -> KvClient {
+    KvClient::from_channel(control.channel())
 }
 
 /// Output formats of `isthmus status`.
@@ -51,8 +24,8 @@ pub enum StatusOutput {
 }
 
 /// `isthmus status [-o table|json]`.
-pub async fn status(via: &Via, output: StatusOutput) -> anyhow::Result<()> {
-    let report = gather_status_via(via).await?;
+pub async fn status(control: &ControlClient, output: StatusOutput) -> anyhow::Result<()> {
+    let report = gather_status(control).await?;
     match output {
         StatusOutput::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         StatusOutput::Table => print!("{}", render_table(&report)),
@@ -61,13 +34,11 @@ pub async fn status(via: &Via, output: StatusOutput) -> anyhow::Result<()> {
 }
 
 /// `isthmus cluster token [--ttl D]`: prints a one-time join token.
-pub async fn token(via: &Via, ttl: Duration) -> anyhow::Result<()> {
+pub async fn token(control: &ControlClient, ttl: Duration) -> anyhow::Result<()> {
     if ttl.is_zero() {
         bail!("--ttl: a join token must be valid for longer than zero");
     }
-    let token = via
-        .kv()
-        .await?
+    let token = kv(control)
         .mint_join_token(ttl)
         .await
         .context("minting a join token")?;
@@ -114,7 +85,7 @@ pub fn claim(
 /// `federation.join: true` first; it catches up from the leader). The federation records the
 /// cluster's trust domain and CA bundle, by which its members authenticate the new one.
 pub async fn join(
-    via: &Via,
+    control: &ControlClient,
     token: &str,
     id: u64,
     peer: SocketAddr,
@@ -128,9 +99,7 @@ pub async fn join(
         peer_addr: peer,
         cluster,
     };
-    let (revision, voter) = via
-        .kv()
-        .await?
+    let (revision, voter) = kv(control)
         .join(token, &application)
         .await
         .with_context(|| format!("joining member {id} ({peer})"))?;
@@ -145,8 +114,8 @@ pub async fn join(
 
 /// `isthmus cluster remove NAME`: NAME is a cluster name (found through its published
 /// record) or a member id.
-pub async fn remove(via: &Via, name: &str) -> anyhow::Result<()> {
-    let mut client = via.kv().await?;
+pub async fn remove(control: &ControlClient, name: &str) -> anyhow::Result<()> {
+    let mut client = kv(control);
     let id = match name.parse::<u64>() {
         Ok(id) => id,
         Err(_) => {

@@ -122,11 +122,7 @@ enum Command {
     Status {
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: isthmus::cluster_cmd::StatusOutput,
-        /// A federation member's peer address (default $ISTHMUS_FEDERATION or
-        /// 127.0.0.1:15017).
-        #[arg(long)]
-        federation: Option<String>,
-        /// Or reach the federation through a control plane's TLS API (with --ca-file).
+        /// The federation is reached through a control plane's TLS API (its member's `Kv`).
         #[command(flatten)]
         api: isthmus::policy_cmd::ControlArgs,
     },
@@ -169,9 +165,7 @@ enum ClusterCommand {
         /// How long the token stays valid.
         #[arg(long, value_parser = parse_duration, default_value = "1h")]
         ttl: Duration,
-        #[arg(long)]
-        federation: Option<String>,
-        /// Or reach the federation through a control plane's TLS API (with --ca-file).
+        /// The control plane whose member mints it (as a mesh admin).
         #[command(flatten)]
         api: isthmus::policy_cmd::ControlArgs,
     },
@@ -196,19 +190,15 @@ enum ClusterCommand {
         /// recorded so the members authenticate its control plane.
         #[arg(long, requires_all = ["cluster", "trust_domain"])]
         bundle_file: Option<std::path::PathBuf>,
-        /// An existing member's federation address.
-        #[arg(long)]
-        federation: Option<String>,
-        /// Or reach the federation through a control plane's TLS API (with --ca-file).
+        /// An existing member's control plane (its CA with --ca-file; the token is the
+        /// authority, no credential is needed).
         #[command(flatten)]
         api: isthmus::policy_cmd::ControlArgs,
     },
     /// Remove a cluster's member (by cluster name or member id), with joint consensus.
     Remove {
         name: String,
-        #[arg(long)]
-        federation: Option<String>,
-        /// Or reach the federation through a control plane's TLS API (with --ca-file).
+        /// The control plane whose member proposes the removal (as a mesh admin).
         #[command(flatten)]
         api: isthmus::policy_cmd::ControlArgs,
     },
@@ -310,22 +300,12 @@ fn main() -> ExitCode {
                 )
                 .await
             }
-            Command::Status {
-                output,
-                federation,
-                api,
-            } => {
-                let via = isthmus::cluster_cmd::via(federation, &api)?;
-                isthmus::cluster_cmd::status(&via, output).await
+            Command::Status { output, api } => {
+                isthmus::cluster_cmd::status(&api.client()?, output).await
             }
             Command::Cluster { command } => match command {
-                ClusterCommand::Token {
-                    ttl,
-                    federation,
-                    api,
-                } => {
-                    let via = isthmus::cluster_cmd::via(federation, &api)?;
-                    isthmus::cluster_cmd::token(&via, ttl).await
+                ClusterCommand::Token { ttl, api } => {
+                    isthmus::cluster_cmd::token(&api.client()?, ttl).await
                 }
                 ClusterCommand::Join {
                     token,
@@ -334,20 +314,13 @@ fn main() -> ExitCode {
                     cluster,
                     trust_domain,
                     bundle_file,
-                    federation,
                     api,
                 } => {
-                    let via = isthmus::cluster_cmd::via(federation, &api)?;
                     let claim = isthmus::cluster_cmd::claim(cluster, trust_domain, bundle_file)?;
-                    isthmus::cluster_cmd::join(&via, &token, id, peer_addr, claim).await
+                    isthmus::cluster_cmd::join(&api.client()?, &token, id, peer_addr, claim).await
                 }
-                ClusterCommand::Remove {
-                    name,
-                    federation,
-                    api,
-                } => {
-                    let via = isthmus::cluster_cmd::via(federation, &api)?;
-                    isthmus::cluster_cmd::remove(&via, &name).await
+                ClusterCommand::Remove { name, api } => {
+                    isthmus::cluster_cmd::remove(&api.client()?, &name).await
                 }
             },
             Command::Credentials {

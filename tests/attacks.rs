@@ -1,8 +1,8 @@
 //! The attacks of docs/security.md §12 that the code refuses today, run against a running
 //! demo federation (three clusters on loopback) with real gRPC and TCP clients. After each
 //! refused attack every member's store is what it was: the same keys, values and revisions.
-//! Rows whose rule is still planned (member mTLS on the peer port, apply-time ownership) are
-//! listed in the doc and not run here.
+//! Rows whose rule is still planned (apply-time ownership) are listed in the doc and not run
+//! here.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -360,17 +360,64 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
         "{refused:?}"
     );
 
-    // #1 (writes): plaintext Kv writes on a member's federation port.
-    let mut peer = isthmus_federation::KvClient::connect(east.federation)
+    // #1: a member's federation port serves only the other members (mutual TLS with
+    // member certificates). Plaintext gets no HTTP answer.
+    let mut tcp = tokio::net::TcpStream::connect(east.federation)
         .await
         .unwrap();
-    let err = peer.put("clusters/west", b"{}".to_vec()).await.unwrap_err();
-    assert!(err.to_string().contains("peer port"), "#1 {err}");
-    let err = peer
-        .mint_join_token(Duration::from_secs(60))
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut back)).await;
+    assert!(
+        !back.windows(4).any(|w| w == b"HTTP") && back.first() != Some(&0),
+        "#1 a plaintext client got an answer on the peer port: {back:?}"
+    );
+    // TLS without a certificate reaches only Kv.Join; reads and writes are unauthenticated.
+    let refused_before = east.store().peer_refusals();
+    let peer_addr = east.federation.to_string();
+    let no_cert = ControlClient::new(&peer_addr, &east_ca).unwrap();
+    let mut peer = KvClient::new(no_cert.channel());
+    let put = peer
+        .put(kv::PutRequest {
+            key: "clusters/west".into(),
+            value: b"{}".to_vec(),
+            lease_ttl_ms: 0,
+        })
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("peer port"), "#1 {err}");
+    assert_eq!(put.code(), Code::Unauthenticated, "#1 {put:?}");
+    let get = peer
+        .get(kv::GetRequest {
+            key: "clusters/east".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(get.code(), Code::Unauthenticated, "#1 {get:?}");
+    // An operator's certificate (east's admin, the mesh admin) is not a member's.
+    let operator = east
+        .control
+        .client()
+        .elsewhere(&peer_addr, &east_ca)
+        .unwrap();
+    let status = KvClient::new(operator.channel())
+        .status(kv::StatusRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "#1 {status:?}");
+    let refused_after = east.store().peer_refusals();
+    assert_eq!(
+        refused_after.unauthenticated,
+        refused_before.unauthenticated + 2,
+        "#1 counted"
+    );
+    assert_eq!(
+        refused_after.not_a_member,
+        refused_before.not_a_member + 1,
+        "#1 counted"
+    );
 
     // #23: plaintext on 15012 gets no answer.
     let mut tcp = tokio::net::TcpStream::connect(&east_addr).await.unwrap();

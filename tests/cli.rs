@@ -96,7 +96,6 @@ fn demo_runs_writes_its_ports_file_and_contexts_that_the_cli_uses_and_exits_clea
             .env("ISTHMUS_CONFIG", &contexts)
             .env_remove("ISTHMUS_CONTROL")
             .env_remove("ISTHMUS_CA_FILE")
-            .env_remove("ISTHMUS_FEDERATION")
             .output()
             .expect("the binary runs")
     };

@@ -28,6 +28,24 @@ fn the_charts_daemon_configs_load_with_the_daemons_loaders() {
         isthmus_control::config::ControlConfig::load(&file(&configs, "control.yaml", dir.path()))
             .unwrap_or_else(|e| panic!("control.yaml from the chart: {e}"));
     assert_eq!(control.cluster, "east");
+    // The other member is named with its trust domain and a CA file the Secret carries
+    // beside control.yaml (both are mounted at /etc/isthmus).
+    let [peer] = control.peer_members.as_slice() else {
+        panic!("one other member: {:?}", control.peer_members);
+    };
+    assert_eq!(
+        (peer.id, peer.trust_domain.as_str()),
+        (2, "west.isthmus.local")
+    );
+    let ca_name = peer.ca_file.file_name().unwrap().to_str().unwrap();
+    assert_eq!(peer.ca_file, dir.path().join(ca_name));
+    let ca_pem = configs[ca_name]
+        .as_str()
+        .expect("the Secret carries the CA file");
+    assert_eq!(
+        isthmus_core::ca::trust_domain_named_by(ca_pem).as_deref(),
+        Some("west.isthmus.local")
+    );
     let webhook = control.webhook.expect("the chart enables the webhook");
     assert_eq!(
         webhook.dns_names,

@@ -10,7 +10,6 @@
 //!   `isthmus cluster remove NAME`.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Output;
 use std::sync::{Arc, Mutex};
@@ -26,10 +25,22 @@ mod support;
 
 /// A control plane's config: member `id` of the federation whose peer ports are `peers`.
 /// A joining member's `peers` lists the existing members too (whom it will hear from).
+/// Members authenticate each other: every other member is named with its trust domain and
+/// its CA's certificate file (made beforehand by [`make_cas`]).
 fn control_config(id: u64, peers: &BTreeMap<u64, u16>, join: bool) -> String {
     let peer_list: Vec<String> = peers
         .iter()
-        .map(|(id, port)| format!("{id}: \"{}\"", addr(*port)))
+        .map(|(&other, port)| {
+            if other == id {
+                format!("{other}: \"{}\"", addr(*port))
+            } else {
+                format!(
+                    "{other}: {{addr: \"{}\", trustDomain: c{other}.isthmus.local, \
+                     caFile: data-{other}/ca.pem}}",
+                    addr(*port)
+                )
+            }
+        })
         .collect();
     format!(
         "cluster: c{id}\ndataDir: data-{id}\ndiscovery: {{file: services.yaml, pollInterval: 100ms}}\n\
@@ -40,6 +51,20 @@ fn control_config(id: u64, peers: &BTreeMap<u64, u16>, join: bool) -> String {
         addr(peers[&id]),
         peer_list.join(", "),
     )
+}
+
+/// Makes the CA of each member in `ids` in its data directory (where `isthmus control` finds
+/// it), as an operator does before writing the members' configs: each config names the other
+/// members' CA certificates.
+fn make_cas(dir: &Path, ids: impl IntoIterator<Item = u64>) {
+    for id in ids {
+        let data = dir.join(format!("data-{id}"));
+        std::fs::create_dir_all(&data).unwrap();
+        let ca = isthmus_core::ca::CertificateAuthority::generate(&format!("c{id}.isthmus.local"))
+            .unwrap();
+        std::fs::write(data.join("ca.pem"), ca.cert_pem()).unwrap();
+        std::fs::write(data.join("ca-key.pem"), ca.key_pem()).unwrap();
+    }
 }
 
 /// The control-plane API port of the member whose federation port is `peer`: picked once,
@@ -89,8 +114,8 @@ async fn grant_every_admin(dir: &Path, peers: &BTreeMap<u64, u16>) {
             assert!(Instant::now() < deadline, "granting {key}: {e}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        for &port in peers.values() {
-            let mut c = client(port).await;
+        for (&id, &port) in peers {
+            let mut c = api_client(dir, id, port);
             while !matches!(c.get(&key, false).await, Ok(Some(_))) {
                 assert!(
                     Instant::now() < deadline,
@@ -119,24 +144,22 @@ async fn sigkill(child: &mut Child) {
     child.wait().await.unwrap();
 }
 
-async fn client(port: u16) -> KvClient {
-    let addr: SocketAddr = addr(port).parse().unwrap();
-    KvClient::connect(addr).await.unwrap()
-}
-
-/// The member every member agrees leads, once they do.
-async fn leader(ports: &[u16]) -> u64 {
+/// The member every member of `peers` agrees leads, once they do (asked through each
+/// member's control-plane API).
+async fn leader(dir: &Path, peers: &BTreeMap<u64, u16>) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let mut leaders = Vec::new();
-        for &port in ports {
-            if let Ok(mut c) = KvClient::connect(addr(port).parse().unwrap()).await {
-                if let Ok(s) = c.status().await {
-                    leaders.push(s.leader_id);
-                }
+        for (&id, &port) in peers {
+            // A member that has just started may not have made its CA yet.
+            if !dir.join(format!("data-{id}/ca.pem")).exists() {
+                continue;
+            }
+            if let Ok(s) = api_client(dir, id, port).status().await {
+                leaders.push(s.leader_id);
             }
         }
-        if leaders.len() == ports.len()
+        if leaders.len() == peers.len()
             && leaders[0].is_some()
             && leaders.iter().all(|l| *l == leaders[0])
         {
@@ -231,15 +254,15 @@ impl Load {
     }
 }
 
-/// Every acknowledged key, read linearizably from the member at `port`.
-async fn assert_all_present(port: u16, acked: &[(String, Vec<u8>)], who: &str) {
+/// Every acknowledged key, read linearizably from member `id` (federation port `port`).
+async fn assert_all_present(dir: &Path, id: u64, port: u16, acked: &[(String, Vec<u8>)]) {
+    let who = format!("member {id}");
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut c = loop {
         // A restarted member may still be electing or catching up.
-        if let Ok(mut c) = KvClient::connect(addr(port).parse().unwrap()).await {
-            if c.get("probe", true).await.is_ok() {
-                break c;
-            }
+        let mut c = api_client(dir, id, port);
+        if c.get("probe", true).await.is_ok() {
+            break c;
         }
         assert!(
             Instant::now() < deadline,
@@ -270,11 +293,12 @@ async fn sigkilled_members_restart_from_disk_without_losing_an_acknowledged_writ
     isthmus_testkit::discovery::Discovery::new().write(&dir.path().join("services.yaml"));
     let peers: BTreeMap<u64, u16> = (1..=3).map(|id| (id, free_port())).collect();
     let ports: Vec<u16> = peers.values().copied().collect();
+    make_cas(dir.path(), 1..=3);
     let mut members = BTreeMap::new();
     for id in 1..=3 {
         members.insert(id, start_member(dir.path(), id, &peers, false).await);
     }
-    let first_leader = leader(&ports).await;
+    let first_leader = leader(dir.path(), &peers).await;
     grant_every_admin(dir.path(), &peers).await;
 
     // The leader dies mid-load (SIGKILL: no shutdown, no flush) and comes back from disk.
@@ -291,9 +315,9 @@ async fn sigkilled_members_restart_from_disk_without_losing_an_acknowledged_writ
     load.wait_for(at_restart + 150, "after the restart").await;
     let acked = load.finish().await;
     for (&id, &port) in &peers {
-        assert_all_present(port, &acked, &format!("member {id}")).await;
+        assert_all_present(dir.path(), id, port, &acked).await;
     }
-    assert_ne!(leader(&ports).await, 0);
+    assert_ne!(leader(dir.path(), &peers).await, 0);
 
     // All three at once: only what is on disk survives.
     for child in members.values_mut() {
@@ -302,9 +326,9 @@ async fn sigkilled_members_restart_from_disk_without_losing_an_acknowledged_writ
     for id in 1..=3 {
         members.insert(id, start_member(dir.path(), id, &peers, false).await);
     }
-    leader(&ports).await;
+    leader(dir.path(), &peers).await;
     for (&id, &port) in &peers {
-        assert_all_present(port, &acked, &format!("member {id} after a full restart")).await;
+        assert_all_present(dir.path(), id, port, &acked).await;
     }
     // And it still takes writes.
     api_client(dir.path(), 1, ports[0])
@@ -333,25 +357,70 @@ fn cli_ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-async fn status_json(federation: &str) -> serde_json::Value {
-    let federation = federation.to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        cli_ok(&["status", "-o", "json", "--federation", &federation])
-    })
-    .await
-    .unwrap();
-    serde_json::from_str(&out).unwrap()
+/// Member 1's operator `admin`, with a credential from `isthmus credentials issue`: the CLI
+/// arguments that reach member 1's control-plane API as it.
+#[derive(Clone)]
+struct Admin(Vec<String>);
+
+impl Admin {
+    fn issue(dir: &Path, api: &str) -> Admin {
+        let data = dir.join("data-1");
+        let creds = dir.join("creds");
+        cli_ok(&[
+            "credentials",
+            "issue",
+            "--name",
+            "admin",
+            "--role",
+            "admin",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--out",
+            creds.to_str().unwrap(),
+        ]);
+        let path = |p: std::path::PathBuf| p.display().to_string();
+        Admin(vec![
+            "--control".into(),
+            api.into(),
+            "--ca-file".into(),
+            path(data.join("ca.pem")),
+            "--cert".into(),
+            path(creds.join("admin.pem")),
+            "--key".into(),
+            path(creds.join("admin-key.pem")),
+        ])
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(self.0.iter().map(String::as_str));
+        cli(&all)
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "isthmus {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
 }
 
-/// Polls `isthmus status -o json` until `check` holds.
+/// Polls `isthmus status -o json` (as member 1's admin) until `check` holds.
 async fn status_until(
-    federation: &str,
+    admin: &Admin,
     what: &str,
     check: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let s = status_json(federation).await;
+        let a = admin.clone();
+        let out = tokio::task::spawn_blocking(move || a.ok(&["status", "-o", "json"]))
+            .await
+            .unwrap();
+        let s: serde_json::Value = serde_json::from_str(&out).unwrap();
         if check(&s) {
             return s;
         }
@@ -364,15 +433,19 @@ async fn status_until(
 async fn clusters_join_with_a_one_time_token_and_leave_by_name() {
     let dir = tempfile::tempdir().unwrap();
     isthmus_testkit::discovery::Discovery::new().write(&dir.path().join("services.yaml"));
+    // Members 1-3 found the federation; 4 joins later; 5 only ever tries to.
+    make_cas(dir.path(), 1..=5);
     let mut peers: BTreeMap<u64, u16> = (1..=3).map(|id| (id, free_port())).collect();
     let mut members = Vec::new();
     for id in 1..=3 {
         members.push(start_member(dir.path(), id, &peers, false).await);
     }
-    let ports: Vec<u16> = peers.values().copied().collect();
-    leader(&ports).await;
-    let fed = addr(peers[&1]);
-    let initial = status_until(&fed, "three named members", |s| {
+    leader(dir.path(), &peers).await;
+    // Minting, joining, removing and status go through a control plane's TLS API; the
+    // federation port is the members' own (mutual TLS with member certificates).
+    let api1 = addr(api_port(peers[&1]));
+    let admin = Admin::issue(dir.path(), &api1);
+    let initial = status_until(&admin, "three named members", |s| {
         s["members"]
             .as_array()
             .unwrap()
@@ -382,107 +455,59 @@ async fn clusters_join_with_a_one_time_token_and_leave_by_name() {
     .await;
     assert_eq!(initial["members"].as_array().unwrap().len(), 3);
 
-    // Minting and removing are a mesh admin's, on a control plane's API: member 1's admin,
-    // with a credential from `isthmus credentials issue`. The federation port refuses them.
-    let c1_data = dir.path().join("data-1");
-    let creds = dir.path().join("creds");
-    cli_ok(&[
-        "credentials",
-        "issue",
-        "--name",
-        "admin",
-        "--role",
-        "admin",
-        "--data-dir",
-        c1_data.to_str().unwrap(),
-        "--out",
-        creds.to_str().unwrap(),
-    ]);
-    let api1 = addr(api_port(peers[&1]));
-    let ca1 = c1_data.join("ca.pem").display().to_string();
-    let cert1 = creds.join("admin.pem").display().to_string();
-    let key1 = creds.join("admin-key.pem").display().to_string();
-    let as_admin = |args: &[&str]| -> Vec<String> {
-        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        for extra in [
+    // A fourth cluster: start its control plane empty, then join it with a token. Joining
+    // needs no credential, only the token and the CA of the control plane it goes through.
+    peers.insert(4, free_port());
+    let fourth = start_member(dir.path(), 4, &peers, true).await;
+    let token = admin.ok(&["cluster", "token", "--ttl", "5m"]);
+    let token = token.trim().to_string();
+    assert!(token.contains('.'), "{token}");
+    let ca1 = dir.path().join("data-1/ca.pem").display().to_string();
+    let join = |token: &str, id: u64, peer: &str| -> Output {
+        let bundle = dir.path().join(format!("data-{id}/ca.pem"));
+        cli(&[
+            "cluster",
+            "join",
+            "--token",
+            token,
+            "--id",
+            &id.to_string(),
+            "--peer-addr",
+            peer,
+            "--cluster",
+            &format!("c{id}"),
+            "--trust-domain",
+            &format!("c{id}.isthmus.local"),
+            "--bundle-file",
+            bundle.to_str().unwrap(),
             "--control",
             &api1,
             "--ca-file",
             &ca1,
-            "--cert",
-            &cert1,
-            "--key",
-            &key1,
-        ] {
-            args.push(extra.to_string());
-        }
-        args
+        ])
     };
-    let refused = cli(&["cluster", "token", "--ttl", "5m", "--federation", &fed]);
-    assert!(!refused.status.success());
-    let err = String::from_utf8_lossy(&refused.stderr);
+    let joined = join(&token, 4, &addr(peers[&4]));
+    let out = String::from_utf8_lossy(&joined.stdout);
     assert!(
-        err.contains("not served on the federation peer port"),
-        "{err}"
-    );
-
-    // A fourth cluster: start its control plane empty, then join it with a token.
-    peers.insert(4, free_port());
-    let fourth = start_member(dir.path(), 4, &peers, true).await;
-    let args = as_admin(&["cluster", "token", "--ttl", "5m"]);
-    let token = cli_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let token = token.trim().to_string();
-    assert!(token.contains('.'), "{token}");
-    let p4 = addr(peers[&4]);
-    let joined = cli_ok(&[
-        "cluster",
-        "join",
-        "--token",
-        &token,
-        "--id",
-        "4",
-        "--peer-addr",
-        &p4,
-        "--federation",
-        &fed,
-    ]);
-    assert!(
-        joined.contains("member 4") && joined.contains("voter"),
-        "{joined}"
+        joined.status.success() && out.contains("member 4") && out.contains("voter"),
+        "{out} {}",
+        String::from_utf8_lossy(&joined.stderr)
     );
 
     // The token is one-time.
-    let again = cli(&[
-        "cluster",
-        "join",
-        "--token",
-        &token,
-        "--id",
-        "5",
-        "--peer-addr",
-        "127.0.0.1:9",
-        "--federation",
-        &fed,
-    ]);
+    let again = join(&token, 5, "127.0.0.1:9");
     assert!(!again.status.success());
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(err.contains("token"), "{err}");
     // A garbage token names what is wrong.
-    let bad = cli(&[
-        "cluster",
-        "join",
-        "--token",
-        "nonsense",
-        "--id",
-        "5",
-        "--peer-addr",
-        "127.0.0.1:9",
-        "--federation",
-        &fed,
-    ]);
+    let bad = join("nonsense", 5, "127.0.0.1:9");
     assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("token"), "{err}");
 
-    let s = status_until(&fed, "c4 caught up and published its record", |s| {
+    // The other members authenticate c4's control plane from the record its join wrote, so
+    // it catches up.
+    let s = status_until(&admin, "c4 caught up and published its record", |s| {
         s["members"].as_array().unwrap().iter().any(|m| {
             m["id"] == 4 && m["cluster"] == "c4" && m["lag"] == 0 && m["membership"] == "voter"
         })
@@ -490,14 +515,13 @@ async fn clusters_join_with_a_one_time_token_and_leave_by_name() {
     .await;
     assert_eq!(s["members"].as_array().unwrap().len(), 4);
     assert!(s["leader"].as_u64().is_some());
-    let table = cli_ok(&["status", "--federation", &fed]);
+    let table = admin.ok(&["status"]);
     assert!(table.contains("c4") && table.contains("LAG"), "{table}");
 
     // Leaving by name.
-    let args = as_admin(&["cluster", "remove", "c4"]);
-    let removed = cli_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let removed = admin.ok(&["cluster", "remove", "c4"]);
     assert!(removed.contains("member 4"), "{removed}");
-    status_until(&fed, "member 4 gone", |s| {
+    status_until(&admin, "member 4 gone", |s| {
         s["members"]
             .as_array()
             .unwrap()
@@ -506,8 +530,7 @@ async fn clusters_join_with_a_one_time_token_and_leave_by_name() {
     })
     .await;
     // Unknown names get a clear error.
-    let args = as_admin(&["cluster", "remove", "nowhere"]);
-    let unknown = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let unknown = admin.run(&["cluster", "remove", "nowhere"]);
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no cluster named \"nowhere\""));
 
     drop(fourth);
@@ -544,18 +567,7 @@ async fn a_second_process_on_a_data_directory_is_refused_naming_the_holder() {
     );
     assert!(stderr.contains("data-1"), "names the directory: {stderr}");
 
-    // The first member is untouched and still serves (writes through its API; its
-    // federation port refuses them).
-    let err = client(peers[&1])
-        .await
-        .put("clusters/still", b"here".to_vec())
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("not served on the federation peer port"),
-        "{err}"
-    );
+    // The first member is untouched and still serves.
     api_client(dir.path(), 1, peers[&1])
         .put("clusters/still", b"here".to_vec())
         .await
@@ -627,7 +639,7 @@ async fn a_member_whose_disk_fills_exits_loudly_and_restarts_cleanly_once_space_
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let _ = leader(&[peers[&1]]).await;
+    let _ = leader(dir.path(), &peers).await;
 
     // Write 64 KiB values until the disk is full and a write is refused.
     let mut c = api_client(dir.path(), 1, peers[&1]);
@@ -665,8 +677,8 @@ async fn a_member_whose_disk_fills_exits_loudly_and_restarts_cleanly_once_space_
     // Space returns: it starts again on the same directory with every acknowledged write.
     disk.resize("64m");
     let mut restarted = start_member(dir.path(), 1, &peers, false).await;
-    let _ = leader(&[peers[&1]]).await;
-    let mut c = client(peers[&1]).await;
+    let _ = leader(dir.path(), &peers).await;
+    let mut c = api_client(dir.path(), 1, peers[&1]);
     for key in &acked {
         let got = c
             .get(key, false)

@@ -47,6 +47,7 @@ async fn an_injected_sidecar_starts_from_its_pod_and_gets_its_certificate_by_tok
             export_lease: Duration::from_secs(10),
             ca: ca.clone(),
             bootstrap_admin: Some(isthmus_control::BOOTSTRAP_ADMIN.to_string()),
+            members: None,
         },
         store.clone(),
     )

@@ -282,12 +282,46 @@ pub struct RawFederation {
     #[serde(default = "default_peer_listen")]
     pub listen: String,
     #[serde(default)]
-    pub peers: BTreeMap<u64, String>,
+    pub peers: BTreeMap<u64, RawPeer>,
     #[serde(default)]
     pub join: bool,
     #[serde(default)]
     pub tick: Option<String>,
 }
+/// A `federation.peers` entry: this member's own address alone, or another member's address
+/// with what authenticates it (its trust domain and CA file).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawPeer {
+    Addr(String),
+    Member(RawPeerMember),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawPeerMember {
+    pub addr: String,
+    pub trust_domain: String,
+    pub ca_file: PathBuf,
+}
+
+impl RawPeer {
+    fn addr(&self) -> &str {
+        match self {
+            RawPeer::Addr(a) => a,
+            RawPeer::Member(m) => &m.addr,
+        }
+    }
+}
+
+/// Another member named in the config, authenticated by its trust domain's CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerMemberConfig {
+    pub id: u64,
+    pub trust_domain: String,
+    pub ca_file: PathBuf,
+}
+
 fn default_peer_listen() -> String {
     "0.0.0.0:15017".into()
 }
@@ -313,6 +347,9 @@ pub struct ControlConfig {
     pub node_id: u64,
     pub peer_listen: SocketAddr,
     pub peers: BTreeMap<u64, SocketAddr>,
+    /// The other members of `peers`, with their trust domains and CA files: the peer port
+    /// authenticates them before any record replicates (docs/security.md §4).
+    pub peer_members: Vec<PeerMemberConfig>,
     /// Joining a running federation (see `isthmus cluster join`).
     pub join: bool,
     /// The raft tick, when not the default.
@@ -369,17 +406,6 @@ impl TryFrom<RawControlConfig> for ControlConfig {
             .as_deref()
             .map(|g| socket_addr("gatewayAddress", g))
             .transpose()?;
-        let mut peers = BTreeMap::new();
-        for (id, addr) in &raw.federation.peers {
-            if *id == 0 {
-                return Err(FieldError::new(
-                    "federation.peers",
-                    id,
-                    "node ids start at 1",
-                ));
-            }
-            peers.insert(*id, socket_addr(&format!("federation.peers.{id}"), addr)?);
-        }
         if raw.federation.node_id == 0 {
             return Err(FieldError::new(
                 "federation.nodeId",
@@ -387,18 +413,58 @@ impl TryFrom<RawControlConfig> for ControlConfig {
                 "node ids start at 1",
             ));
         }
+        if !raw.federation.join && !raw.federation.peers.contains_key(&raw.federation.node_id) {
+            return Err(FieldError::new(
+                "federation.nodeId",
+                raw.federation.node_id,
+                "this member's id must be one of federation.peers (or set federation.join)",
+            ));
+        }
+        let mut peers = BTreeMap::new();
+        let mut peer_members = Vec::new();
+        for (id, peer) in &raw.federation.peers {
+            if *id == 0 {
+                return Err(FieldError::new(
+                    "federation.peers",
+                    id,
+                    "node ids start at 1",
+                ));
+            }
+            let field = format!("federation.peers.{id}");
+            peers.insert(*id, socket_addr(&field, peer.addr())?);
+            match peer {
+                RawPeer::Member(m) => {
+                    isthmus_core::identity::validate_trust_domain(&m.trust_domain).map_err(
+                        |e| {
+                            FieldError::new(
+                                format!("{field}.trustDomain"),
+                                &m.trust_domain,
+                                e.to_string(),
+                            )
+                        },
+                    )?;
+                    peer_members.push(PeerMemberConfig {
+                        id: *id,
+                        trust_domain: m.trust_domain.clone(),
+                        ca_file: m.ca_file.clone(),
+                    });
+                }
+                RawPeer::Addr(addr) if *id != raw.federation.node_id => {
+                    return Err(FieldError::new(
+                        &field,
+                        addr,
+                        "members authenticate each other: give another member as \
+                         {addr, trustDomain, caFile} (its trust domain and its CA's certificate file)",
+                    ));
+                }
+                RawPeer::Addr(_) => {}
+            }
+        }
         if raw.federation.join && !peers.keys().any(|id| *id != raw.federation.node_id) {
             return Err(FieldError::new(
                 "federation.peers",
                 format!("{:?}", raw.federation.peers),
                 "a joining member needs the existing members' addresses",
-            ));
-        }
-        if !raw.federation.join && !peers.contains_key(&raw.federation.node_id) {
-            return Err(FieldError::new(
-                "federation.nodeId",
-                raw.federation.node_id,
-                "this member's id must be one of federation.peers (or set federation.join)",
             ));
         }
         let webhook = match raw.webhook {
@@ -481,6 +547,7 @@ impl TryFrom<RawControlConfig> for ControlConfig {
             node_id: raw.federation.node_id,
             peer_listen: socket_addr("federation.listen", &raw.federation.listen)?,
             peers,
+            peer_members,
             join: raw.federation.join,
             tick: raw
                 .federation
@@ -500,6 +567,9 @@ impl ControlConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         config.data_dir = base.join(&config.data_dir);
         config.ca_dir = config.ca_dir.as_ref().map(|d| base.join(d));
+        for m in &mut config.peer_members {
+            m.ca_file = base.join(&m.ca_file);
+        }
         match &mut config.discovery {
             DiscoveryConfig::File { path, .. } => *path = base.join(&*path),
             DiscoveryConfig::Kubernetes {
@@ -691,6 +761,20 @@ mod tests {
                 "existing members",
             ),
             (
+                GOOD.replace("{1: 127.0.0.1:15017}", "{1: 127.0.0.1:15017, 2: 127.0.0.1:15018}"),
+                "federation.peers.2",
+                "127.0.0.1:15018",
+            ),
+            (
+                GOOD.replace(
+                    "{1: 127.0.0.1:15017}",
+                    "{1: 127.0.0.1:15017, 2: {addr: 127.0.0.1:15018, trustDomain: \"Not A Domain\", \
+                     caFile: w.pem}}",
+                ),
+                "federation.peers.2.trustDomain",
+                "Not A Domain",
+            ),
+            (
                 GOOD.replace("nodeId: 1", "nodeId: 1\n  tick: soon"),
                 "federation.tick",
                 "soon",
@@ -709,7 +793,8 @@ mod tests {
     fn a_joining_member_may_leave_itself_out_of_peers() {
         let c = load(&GOOD.replace(
             "nodeId: 1\n  peers: {1: 127.0.0.1:15017}",
-            "nodeId: 4\n  join: true\n  tick: 20ms\n  peers: {1: 127.0.0.1:15017}",
+            "nodeId: 4\n  join: true\n  tick: 20ms\n  peers: {1: {addr: 127.0.0.1:15017, \
+             trustDomain: east.isthmus.local, caFile: east-ca.pem}}",
         ))
         .unwrap();
         assert!(c.join);

@@ -51,10 +51,34 @@ impl Daemon {
         let data_dir_lock = isthmus_federation::lock_data_dir(&config.data_dir)?;
         let ca = load_ca(&config)?;
 
+        // Members authenticate each other on the peer port: the initial members named in the
+        // config (with their CAs) and, later, the clusters recorded in the replica.
+        let mut initial = Vec::new();
+        for m in &config.peer_members {
+            let ca_pem = std::fs::read_to_string(&m.ca_file).with_context(|| {
+                format!(
+                    "federation.peers.{}.caFile: reading {}",
+                    m.id,
+                    m.ca_file.display()
+                )
+            })?;
+            initial.push(crate::members::InitialMember {
+                id: m.id,
+                trust_domain: m.trust_domain.clone(),
+                ca_pem,
+            });
+        }
+        let members = crate::members::MemberTrust::new(
+            ca.clone(),
+            config.node_id,
+            initial,
+            config.cert_lifetime,
+        )?;
         // Operators write through the authenticated API port, never the peer port.
         let binding = isthmus_federation::bind(config.peer_listen)
             .await?
-            .refuse_client_writes();
+            .refuse_client_writes()
+            .with_tls(members.peer_tls());
         let federation = binding.local_addr();
         let mut options =
             isthmus_federation::StoreOptions::new(config.node_id, config.peers.clone());
@@ -118,6 +142,7 @@ impl Daemon {
                 bootstrap_admin: config
                     .is_first_member()
                     .then(|| crate::BOOTSTRAP_ADMIN.to_string()),
+                members: Some(members),
             },
             store.clone(),
         )

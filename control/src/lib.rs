@@ -33,6 +33,7 @@ pub mod config;
 pub mod daemon;
 pub mod discovery;
 pub mod kubernetes;
+pub mod members;
 pub mod records;
 pub mod tokens;
 pub mod webhook;
@@ -100,6 +101,10 @@ pub struct ControlOptions {
     /// <name>`) that is mesh admin while the store holds no mesh-admin grant, and to whom this
     /// control plane writes the first grant (docs/security.md §6).
     pub bootstrap_admin: Option<String>,
+    /// How the federation member's peer port authenticates members, when it does: the
+    /// control plane keeps it in step with the cluster records and presents its identity on
+    /// the API too. `None`: the store was started without TLS (in-process tests).
+    pub members: Option<members::MemberTrust>,
 }
 
 /// The name of the first mesh admin on a federation's first member.
@@ -260,6 +265,7 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
     let (config_tx, config_rx) = watch::channel(catalog.current());
 
     let policy_store = store.clone();
+    let store_for_members = store.clone();
     let api_metrics = authz::ApiMetrics::default();
     let authorizer = authz::Authorizer::new(
         &opts.cluster,
@@ -312,9 +318,19 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
         stop: stopped.clone(),
     })));
 
-    let (api_identity, rotation) =
-        api_identity(opts.ca.clone(), opts.cert_lifetime, stopped.clone())?;
-    tasks.push(rotation);
+    let api_identity = match opts.members {
+        Some(trust) => {
+            let identity = trust.identity();
+            tasks.push(trust.follow(store_for_members, stopped.clone()));
+            identity
+        }
+        None => {
+            let (identity, rotation) =
+                api_identity(opts.ca.clone(), opts.cert_lifetime, stopped.clone())?;
+            tasks.push(rotation);
+            identity
+        }
+    };
     let config_api = api::ConfigApi {
         config: config_rx.clone(),
         stop: stopped.clone(),

@@ -52,6 +52,7 @@ async fn start() -> Running {
             export_lease: Duration::from_secs(3600),
             ca: ca.clone(),
             bootstrap_admin: Some(isthmus_control::BOOTSTRAP_ADMIN.to_string()),
+            members: None,
         },
         store.clone(),
     )

@@ -46,6 +46,7 @@ async fn start_polling(services_yaml: &str, poll: Duration) -> Running {
             export_lease: Duration::from_secs(10),
             ca: Arc::new(CertificateAuthority::generate("east.isthmus.local").unwrap()),
             bootstrap_admin: Some(isthmus_control::BOOTSTRAP_ADMIN.to_string()),
+            members: None,
         },
         store.clone(),
     )

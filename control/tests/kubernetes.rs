@@ -59,6 +59,7 @@ async fn control(
             export_lease: Duration::from_secs(10),
             ca: Arc::new(CertificateAuthority::generate(&td).unwrap()),
             bootstrap_admin: Some(isthmus_control::BOOTSTRAP_ADMIN.to_string()),
+            members: None,
         },
         store.clone(),
     )

@@ -121,7 +121,10 @@ pub fn member_client_config(
     .with_protocol_versions(&[&rustls::version::TLS13])
     .map_err(TlsError::Config)?
     .dangerous()
-    .with_custom_certificate_verifier(tls::spiffe_verifier(members, Arc::new(|id| id.is_control())))
+    .with_custom_certificate_verifier(tls::spiffe_verifier(
+        members,
+        Arc::new(|id| id.is_control()),
+    ))
     .with_client_cert_resolver(tls::identity_resolver(identity));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(config)

@@ -301,6 +301,7 @@ impl DemoCluster {
         vip_range: Ipv4Net,
         dir: &Path,
         store: isthmus_federation::Store,
+        members: isthmus_control::members::MemberTrust,
         opts: &DemoOptions,
     ) -> anyhow::Result<DemoCluster> {
         let trust_domain = default_trust_domain(name);
@@ -330,6 +331,7 @@ impl DemoCluster {
                 (store.members().keys().min() == Some(&id))
                     .then(|| isthmus_control::BOOTSTRAP_ADMIN.to_string())
             },
+            members: Some(members),
         };
         let control = isthmus_control::start(control_options.clone(), store.clone()).await?;
         let admin_credential = write_admin_credential(&control_options.ca, dir)?;

@@ -161,16 +161,45 @@ impl Demo {
                 (Some(t), p)
             }
         };
+        // Every cluster's CA first: the members authenticate each other on their peer ports
+        // from the start (each is an initial member, pinned with its trust domain and CA).
+        let mut cas = Vec::new();
+        for name in CLUSTERS {
+            let trust_domain = isthmus_core::identity::default_trust_domain(name);
+            cas.push(isthmus_control::config::load_or_create_ca(
+                &root.join(name).join("data"),
+                &trust_domain,
+            )?);
+        }
+        let initial: Vec<isthmus_control::members::InitialMember> = cas
+            .iter()
+            .enumerate()
+            .map(|(i, ca)| isthmus_control::members::InitialMember {
+                id: i as u64 + 1,
+                trust_domain: ca.trust_domain().to_string(),
+                ca_pem: ca.cert_pem().to_string(),
+            })
+            .collect();
         // Federation: bind every member first so each knows the others' addresses.
         let mut bindings = Vec::new();
-        for _ in CLUSTERS {
-            // As `isthmus control` runs it: writes only through the authenticated API port.
+        let mut trusts = Vec::new();
+        for (i, ca) in cas.iter().enumerate() {
+            let trust = isthmus_control::members::MemberTrust::new(
+                ca.clone(),
+                i as u64 + 1,
+                initial.clone(),
+                opts.cert_lifetime,
+            )?;
+            // As `isthmus control` runs it: mutual TLS between members, and writes only
+            // through the authenticated API port.
             bindings.push(
                 isthmus_federation::bind("127.0.0.1:0".parse()?)
                     .await
                     .context("binding a federation member")?
-                    .refuse_client_writes(),
+                    .refuse_client_writes()
+                    .with_tls(trust.peer_tls()),
             );
+            trusts.push(trust);
         }
         let peers: BTreeMap<u64, SocketAddr> = bindings
             .iter()
@@ -195,9 +224,16 @@ impl Demo {
             let dir = root.join(name);
             let range =
                 ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(127, opts.vip_octets[i], 0, 0), 16)?;
-            let c = DemoCluster::start(name, range, &dir, stores[i].clone(), &opts)
-                .await
-                .with_context(|| format!("starting cluster {name}"))?;
+            let c = DemoCluster::start(
+                name,
+                range,
+                &dir,
+                stores[i].clone(),
+                trusts[i].clone(),
+                &opts,
+            )
+            .await
+            .with_context(|| format!("starting cluster {name}"))?;
             clusters.push(c);
         }
         let demo = Demo {

@@ -376,10 +376,10 @@ impl Kv for KvService {
             ))
         })?;
         let store = self.store()?;
-        let cluster = (!req.cluster.is_empty()
+        let claimed = !req.cluster.is_empty()
             || !req.trust_domain.is_empty()
-            || !req.ca_bundle_pem.is_empty())
-        .then(|| crate::ClusterClaim {
+            || !req.ca_bundle_pem.is_empty();
+        let cluster = claimed.then_some(crate::ClusterClaim {
             name: req.cluster,
             trust_domain: req.trust_domain,
             ca_bundle_pem: req.ca_bundle_pem,

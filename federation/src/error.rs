@@ -18,10 +18,7 @@ pub enum StoreError {
     },
     /// A join was refused before its token was used: `field` of the request is wrong.
     #[error("{field}: {reason} (the token was not used)")]
-    InvalidJoin {
-        field: &'static str,
-        reason: String,
-    },
+    InvalidJoin { field: &'static str, reason: String },
     /// The peer port's TLS configuration could not be built from the member's identity.
     #[error("the federation peer port's TLS configuration: {0}")]
     Tls(String),

@@ -85,9 +85,9 @@ pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 
 pub use api::{KvService, KvWrite, WriteGuard};
 pub use client::{KvClient, KvWatch, RemoteStatus};
+pub use error::StoreError;
 pub use isthmus_core::keyspace::ClusterRecord;
 pub use peer_tls::{MemberDirectory, PeerRefusalCounts, PeerTls};
-pub use error::StoreError;
 pub use replica::{MemberStatus, Role, Watch};
 pub use state::{LeaseState, Record, WatchEvent};
 pub use storage::{lock_data_dir, DataDirLock};

@@ -254,8 +254,9 @@ pub(crate) async fn connect(
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<Channel, String> {
-    let config = isthmus_core::api_tls::member_client_config(tls.identity.clone(), tls.bundles.clone())
-        .map_err(|e| e.to_string())?;
+    let config =
+        isthmus_core::api_tls::member_client_config(tls.identity.clone(), tls.bundles.clone())
+            .map_err(|e| e.to_string())?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let uri: Uri = format!("https://{addr}")
         .parse()
@@ -289,7 +290,9 @@ pub(crate) async fn connect(
                         std::io::ErrorKind::PermissionDenied,
                         format!(
                             "{addr} presented {} which is not member {to}'s",
-                            server.map(|p| p.to_string()).unwrap_or_else(|| "no identity".into())
+                            server
+                                .map(|p| p.to_string())
+                                .unwrap_or_else(|| "no identity".into())
                         ),
                     ));
                 }
@@ -331,7 +334,10 @@ mod tests {
             authenticate(&d, Some(&west), "/isthmus.federation.v1.Kv/Get"),
             Ok(Some(PeerMember(2)))
         );
-        assert_eq!(authenticate(&d, Some(&west), JOIN_PATH), Ok(Some(PeerMember(2))));
+        assert_eq!(
+            authenticate(&d, Some(&west), JOIN_PATH),
+            Ok(Some(PeerMember(2)))
+        );
     }
 
     #[test]
@@ -356,7 +362,11 @@ mod tests {
         let d = directory();
         let refused = [
             Principal::Workload(SpiffeId::new("east.local", "default", "ratings")),
-            Principal::Workload(SpiffeId::new("east.local", "isthmus-system", "eastwest-gateway")),
+            Principal::Workload(SpiffeId::new(
+                "east.local",
+                "isthmus-system",
+                "eastwest-gateway",
+            )),
             Principal::Workload(SpiffeId::control("north.local")),
             Principal::Operator(OperatorId::new("east.local", Role::Admin, "admin").unwrap()),
         ];

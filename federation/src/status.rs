@@ -1,54 +1,21 @@
 //! The federation's status report (`isthmus status`): the member it is pointed at is asked
 //! for the member table, then every member for its own view, so one unreachable member shows
 //! up as such instead of failing the report. Lag is how far a member's applied index trails
-//! the leader's commit index. The `Kv` API is reached on a member's peer port or through a
-//! control plane's TLS API port ([`Via`]).
+//! the leader's commit index. The `Kv` API is reached through a control plane's TLS API port
+//! (a member's peer port serves only the other members).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
 
+use isthmus_core::client::ControlClient;
+
 use crate::{KvClient, RemoteStatus};
 
 /// How long one member may take to answer.
 const MEMBER_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Where the CLI reaches the federation's `Kv` API.
-#[derive(Clone)]
-pub enum Via {
-    /// A member's peer port (plaintext).
-    Peer(SocketAddr),
-    /// A control plane's TLS API port, which serves its member's `Kv`. `status` then asks
-    /// the other members through the control-plane addresses and CAs their clusters publish.
-    Control(isthmus_core::client::ControlClient),
-}
-
-impl Via {
-    /// A `Kv` client of the member it names.
-    pub async fn kv(&self) -> anyhow::Result<KvClient> {
-        match self {
-            Via::Peer(addr) => connect(*addr).await,
-            Via::Control(c) => Ok(KvClient::from_channel(c.channel())),
-        }
-    }
-
-    /// Where it points, for messages.
-    pub fn describe(&self) -> String {
-        match self {
-            Via::Peer(addr) => addr.to_string(),
-            Via::Control(c) => format!("the control plane at {}", c.addr()),
-        }
-    }
-}
-
-async fn connect(addr: SocketAddr) -> anyhow::Result<KvClient> {
-    KvClient::connect(addr)
-        .await
-        .with_context(|| format!("connecting to the federation member at {addr}"))
-}
 
 /// One member's row of `isthmus status`.
 #[derive(Debug, Serialize)]
@@ -91,15 +58,12 @@ pub struct FederationStatus {
     pub leases: Vec<LeaseRow>,
 }
 
-/// Gathers the federation's status through the member at `addr`.
-pub async fn gather_status(addr: SocketAddr) -> anyhow::Result<FederationStatus> {
-    gather_status_via(&Via::Peer(addr)).await
-}
-
-/// Gathers the federation's status through `via`.
-pub async fn gather_status_via(via: &Via) -> anyhow::Result<FederationStatus> {
-    let addr = via.describe();
-    let mut client = via.kv().await?;
+/// Gathers the federation's status through the control plane `control` (the `Kv` API of its
+/// member), then each other member through the control-plane API and CA its cluster
+/// publishes, as the same operator.
+pub async fn gather_status(control: &ControlClient) -> anyhow::Result<FederationStatus> {
+    let addr = format!("the control plane at {}", control.addr());
+    let mut client = KvClient::from_channel(control.channel());
     let own = client
         .status()
         .await
@@ -109,7 +73,7 @@ pub async fn gather_status_via(via: &Via) -> anyhow::Result<FederationStatus> {
         .await
         .with_context(|| format!("listing the records of {addr}"))?;
     let mut names = BTreeMap::new();
-    // Member id -> its cluster's control-plane API and CA, as published (for Via::Control).
+    // Member id -> its cluster's control-plane API and CA, as published.
     let mut controls: BTreeMap<u64, (String, String)> = BTreeMap::new();
     let mut leases = Vec::new();
     let now_ms = isthmus_core::clock::unix_ms();
@@ -148,28 +112,17 @@ pub async fn gather_status_via(via: &Via) -> anyhow::Result<FederationStatus> {
     let asks = own.members.iter().map(|(id, peer)| {
         let (id, peer) = (*id, peer.clone());
         let own = own.clone();
-        let control = controls.get(&id).cloned();
+        let published = controls.get(&id).cloned();
         async move {
             if id == own.id {
                 return (id, peer, Ok(own));
             }
             let asked = async {
-                let mut c = match via {
-                    Via::Peer(_) => {
-                        let addr: SocketAddr = peer
-                            .parse()
-                            .with_context(|| format!("member {id} has peer address {peer:?}"))?;
-                        connect(addr).await?
-                    }
-                    Via::Control(asked) => {
-                        let (addr, ca) = control.with_context(|| {
-                            format!("member {id}'s cluster has not published its control plane")
-                        })?;
-                        // As the same operator (reads are allowed at every member's API).
-                        let client = asked.elsewhere(&addr, &ca)?;
-                        KvClient::from_channel(client.channel())
-                    }
-                };
+                let (addr, ca) = published.with_context(|| {
+                    format!("member {id}'s cluster has not published its control plane")
+                })?;
+                // As the same operator (reads are allowed at every member's API).
+                let mut c = KvClient::from_channel(control.elsewhere(&addr, &ca)?.channel());
                 c.status().await.map_err(anyhow::Error::from)
             };
             let result = match tokio::time::timeout(MEMBER_TIMEOUT, asked).await {

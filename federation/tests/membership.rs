@@ -101,8 +101,14 @@ async fn join_token_admits_one_member_once_and_expires() {
     };
     // Refused before the token is touched: a bundle that does not parse, a bad name.
     for (bad, field) in [
-        (application(4, "north", "north.local", "not PEM"), "ca_bundle_pem"),
-        (application(4, "North!", "north.local", ca.cert_pem()), "cluster"),
+        (
+            application(4, "north", "north.local", "not PEM"),
+            "ca_bundle_pem",
+        ),
+        (
+            application(4, "North!", "north.local", ca.cert_pem()),
+            "cluster",
+        ),
         (application(0, "north", "north.local", ca.cert_pem()), "id"),
     ] {
         let refused = stores[&1].join_with_token(&token, bad).await;
@@ -112,17 +118,27 @@ async fn join_token_admits_one_member_once_and_expires() {
         );
     }
     stores[&1]
-        .join_with_token(&token, application(4, "north", "north.local", ca.cert_pem()))
+        .join_with_token(
+            &token,
+            application(4, "north", "north.local", ca.cert_pem()),
+        )
         .await
         .expect("join with a fresh token");
     stores.insert(4, joiner);
     wait_config(&stores, &[1, 2, 3, 4], &[]).await;
     // The cluster is recorded with its trust domain, bundle and member id on every replica.
-    let record = stores[&3].get_linearizable("clusters/north").await.expect("read");
+    let record = stores[&3]
+        .get_linearizable("clusters/north")
+        .await
+        .expect("read");
     let record: isthmus_federation::ClusterRecord =
         serde_json::from_slice(&record.expect("clusters/north").value).expect("JSON");
     assert_eq!(
-        (record.trust_domain.as_str(), record.member_id, record.ca_bundle_pem.as_str()),
+        (
+            record.trust_domain.as_str(),
+            record.member_id,
+            record.ca_bundle_pem.as_str()
+        ),
         ("north.local", Some(4), ca.cert_pem())
     );
     // A second claim on the trust domain is refused naming both clusters; its token stays.
@@ -139,7 +155,10 @@ async fn join_token_admits_one_member_once_and_expires() {
         message.contains("north.local") && message.contains("north") && message.contains("south"),
         "{message}"
     );
-    stores[&1].consume_join_token(&second).await.expect("the token was kept");
+    stores[&1]
+        .consume_join_token(&second)
+        .await
+        .expect("the token was kept");
 
     let reused = stores[&3].consume_join_token(&token).await;
     assert!(matches!(reused, Err(StoreError::Token(_))), "{reused:?}");

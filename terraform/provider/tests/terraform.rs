@@ -37,13 +37,28 @@ fn free_port() -> u16 {
 
 /// Starts cluster `north`'s control plane (as `isthmus control` does, from a config file)
 /// as a new, empty federation member that the demo's members will hear from once joined.
+/// Its CA is made first (`north-data/ca.pem`, the bundle its join records); its config names
+/// each demo member with its trust domain and CA, so it authenticates them.
 fn start_north(demo: &Demo, dir: &Path, peer_port: u16) -> tokio::task::JoinHandle<()> {
     isthmus_testkit::discovery::Discovery::new().write(&dir.join("services.yaml"));
+    let data = dir.join("north-data");
+    std::fs::create_dir_all(&data).unwrap();
+    let ca = isthmus_core::ca::CertificateAuthority::generate("north.isthmus.local").unwrap();
+    std::fs::write(data.join("ca.pem"), ca.cert_pem()).unwrap();
+    std::fs::write(data.join("ca-key.pem"), ca.key_pem()).unwrap();
     let mut peers: Vec<String> = demo
         .clusters
         .iter()
         .enumerate()
-        .map(|(i, c)| format!("{}: \"{}\"", i + 1, c.federation))
+        .map(|(i, c)| {
+            format!(
+                "{}: {{addr: \"{}\", trustDomain: {}, caFile: \"{}\"}}",
+                i + 1,
+                c.federation,
+                c.trust_domain,
+                c.ca_file.display()
+            )
+        })
         .collect();
     peers.push(format!("{NORTH_ID}: \"127.0.0.1:{peer_port}\""));
     let config = format!(
@@ -95,7 +110,14 @@ spec:
     )
 }
 
-fn configuration(east: &DemoCluster, north_peer: u16, v1: u32, v3: u32) -> String {
+/// North joins with its trust domain and CA bundle (`north_dir/north-data/ca.pem`).
+fn configuration(
+    east: &DemoCluster,
+    north_dir: &Path,
+    north_peer: u16,
+    v1: u32,
+    v3: u32,
+) -> String {
     format!(
         r#"{header}
 resource "isthmus_cluster" "north" {{
@@ -103,6 +125,8 @@ resource "isthmus_cluster" "north" {{
   member_id    = {NORTH_ID}
   peer_address = "127.0.0.1:{north_peer}"
   locality     = "eu-west-1/a"
+  trust_domain = "north.isthmus.local"
+  trust_bundle = file("{bundle}")
 }}
 
 resource "isthmus_policy" "reviews_subsets" {{
@@ -137,6 +161,7 @@ data "isthmus_services" "default" {{
             &east.admin_credential
         ),
         vs = virtual_service(v1, v3),
+        bundle = north_dir.join("north-data/ca.pem").display(),
     )
 }
 
@@ -180,9 +205,9 @@ async fn state_values(ws: &Workspace, address: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("{address} is not in the state: {shown:#}"))
 }
 
-/// `isthmus status`, as the CLI renders it.
-async fn status_table(federation: SocketAddr) -> String {
-    let report = isthmus_federation::status::gather_status(federation)
+/// `isthmus status`, as the CLI renders it (through `control`).
+async fn status_table(control: &ControlClient) -> String {
+    let report = isthmus_federation::status::gather_status(control)
         .await
         .expect("isthmus status");
     isthmus_federation::status::render_table(&report)
@@ -217,9 +242,9 @@ async fn terraform_joins_a_cluster_and_manages_policies_that_traffic_follows_wit
     traffic_goes_to(central, "details", ("v1", "east"), "before apply").await;
 
     // Apply: north joins; subsets, all of reviews to v1, details from central to west.
-    ws.write(&configuration(east, north_peer, 100, 0));
+    ws.write(&configuration(east, north_dir.path(), north_peer, 100, 0));
     ws.apply().await;
-    let status = status_table(east.federation).await;
+    let status = status_table(&control).await;
     assert!(
         status
             .lines()
@@ -268,7 +293,7 @@ async fn terraform_joins_a_cluster_and_manages_policies_that_traffic_follows_wit
     );
 
     // A weight: an in-place update, and the traffic moves.
-    ws.write(&configuration(east, north_peer, 0, 100));
+    ws.write(&configuration(east, north_dir.path(), north_peer, 0, 100));
     let plan = ws.plan().await;
     assert_eq!(plan.code, 2, "{}", plan.text());
     assert!(
@@ -376,7 +401,7 @@ async fn terraform_joins_a_cluster_and_manages_policies_that_traffic_follows_wit
             "{kind} {name} remains"
         );
     }
-    let status = status_table(east.federation).await;
+    let status = status_table(&control).await;
     assert!(
         !status.lines().any(|l| l.starts_with("4 ")),
         "member 4 remains after destroy:\n{status}"

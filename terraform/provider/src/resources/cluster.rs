@@ -157,7 +157,12 @@ fn state_of(base: &Value, status: &RemoteStatus, id: u64, rec: Option<&ClusterRe
             );
         }
         None => {
-            for attr in ["locality", "gateway_address", "trust_domain", "trust_bundle"] {
+            for attr in [
+                "locality",
+                "gateway_address",
+                "trust_domain",
+                "trust_bundle",
+            ] {
                 if v.get(attr).is_unknown() {
                     v.set(attr, Value::Null);
                 }

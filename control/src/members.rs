@@ -1,0 +1,279 @@
+//! Who the federation's members are, as this control plane's federation member authenticates
+//! them on the peer port (docs/security.md §4).
+//!
+//! Two sources, merged by [`member_table`]:
+//! - the **initial members** of the config (`federation.peers` entries with `trustDomain` and
+//!   `caFile`, and this member itself): known before any record replicates, so the first raft
+//!   messages can be authenticated. They are pinned: no record can move their trust domain to
+//!   another member id.
+//! - the replica's **`clusters/<name>` records** with a `memberId`: a cluster that joined is
+//!   recorded there (with its trust domain and CA bundle) before its first raft message.
+//!   A trust domain claimed by records of two different members is left out (logged), as the
+//!   catalog leaves it out of every data plane.
+//!
+//! [`MemberTrust::follow`] keeps the peer port's bundles and directory in step with the
+//! replica; a binding that disappears takes the member's rights away at its next request.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use isthmus_core::ca::CertificateAuthority;
+use isthmus_core::identity::SpiffeId;
+use isthmus_core::keyspace::{ClusterRecord, CLUSTERS_PREFIX};
+use isthmus_core::tls::{Identity, TrustBundles};
+use isthmus_federation::{MemberDirectory, PeerTls, Store};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::ControlError;
+
+/// A member known from the config rather than the replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitialMember {
+    pub id: u64,
+    pub trust_domain: String,
+    /// Its cluster CA's certificates, PEM.
+    pub ca_pem: String,
+}
+
+/// What the peer port trusts: trust domain → (member id, CA bundle PEM).
+pub type MemberTable = BTreeMap<String, (u64, String)>;
+
+/// Merges the pinned initial members with the replica's cluster records.
+pub fn member_table(pinned: &[InitialMember], records: &[ClusterRecord]) -> MemberTable {
+    let mut table = MemberTable::new();
+    for m in pinned {
+        table.insert(
+            m.trust_domain.to_ascii_lowercase(),
+            (m.id, m.ca_pem.clone()),
+        );
+    }
+    let mut claims: BTreeMap<String, Vec<&ClusterRecord>> = BTreeMap::new();
+    for r in records {
+        if r.member_id.is_some() {
+            claims
+                .entry(r.trust_domain.to_ascii_lowercase())
+                .or_default()
+                .push(r);
+        }
+    }
+    for (trust_domain, claimants) in claims {
+        match table.get_mut(&trust_domain) {
+            // A pinned member's own record may carry a newer bundle (a CA rotation).
+            Some((id, pem)) => {
+                if let Some(own) = claimants.iter().find(|r| r.member_id == Some(*id)) {
+                    *pem = own.ca_bundle_pem.clone();
+                }
+                for other in claimants.iter().filter(|r| r.member_id != Some(*id)) {
+                    tracing::warn!(
+                        %trust_domain,
+                        cluster = %other.name,
+                        claimed_member = ?other.member_id,
+                        pinned_member = *id,
+                        "a cluster record claims a pinned member's trust domain; ignored"
+                    );
+                }
+            }
+            None => {
+                let ids: std::collections::BTreeSet<u64> =
+                    claimants.iter().filter_map(|r| r.member_id).collect();
+                match (ids.len(), claimants.first()) {
+                    (1, Some(r)) => {
+                        let id = r.member_id.unwrap_or_default();
+                        table.insert(trust_domain, (id, r.ca_bundle_pem.clone()));
+                    }
+                    _ => tracing::warn!(
+                        %trust_domain,
+                        clusters = ?claimants.iter().map(|r| &r.name).collect::<Vec<_>>(),
+                        "several members claim one trust domain; none is authenticated by it"
+                    ),
+                }
+            }
+        }
+    }
+    table
+}
+
+/// The peer port's identity, bundles and directory, before and while the member runs.
+#[derive(Clone)]
+pub struct MemberTrust {
+    pinned: Vec<InitialMember>,
+    tls: PeerTls,
+    ca: Arc<CertificateAuthority>,
+    lifetime: Duration,
+}
+
+impl MemberTrust {
+    /// This member (`own_id`, its CA) and the config's initial members. The certificate the
+    /// peer port (and the control-plane API) presents is issued from `ca` for `lifetime`.
+    pub fn new(
+        ca: Arc<CertificateAuthority>,
+        own_id: u64,
+        initial: Vec<InitialMember>,
+        lifetime: Duration,
+    ) -> Result<Self, ControlError> {
+        let mut pinned = vec![InitialMember {
+            id: own_id,
+            trust_domain: ca.trust_domain().to_string(),
+            ca_pem: ca.cert_pem().to_string(),
+        }];
+        for m in initial {
+            if m.id != own_id {
+                pinned.push(m);
+            }
+        }
+        let identity = issue(&ca, lifetime)?;
+        let bundles = TrustBundles::new();
+        let directory = MemberDirectory::new(BTreeMap::new());
+        let trust = MemberTrust {
+            tls: PeerTls {
+                identity,
+                bundles,
+                directory,
+            },
+            pinned,
+            ca,
+            lifetime,
+        };
+        trust.install(&member_table(&trust.pinned, &[]));
+        Ok(trust)
+    }
+
+    /// What the federation member's peer port uses ([`isthmus_federation::Binding::with_tls`]).
+    pub fn peer_tls(&self) -> PeerTls {
+        self.tls.clone()
+    }
+
+    /// The control plane's identity (the peer port and the API present the same one).
+    pub fn identity(&self) -> Arc<Identity> {
+        self.tls.identity.clone()
+    }
+
+    fn install(&self, table: &MemberTable) {
+        let bundles = table
+            .iter()
+            .map(|(td, (_, pem))| (td.as_str(), pem.as_str()));
+        for (trust_domain, e) in self.tls.bundles.replace_each(bundles) {
+            tracing::warn!(%trust_domain, error = %e, "leaving out a member's unusable trust bundle");
+        }
+        self.tls.directory.replace(
+            table
+                .iter()
+                .map(|(td, (id, _))| (td.clone(), *id))
+                .collect(),
+        );
+    }
+
+    /// Keeps the bundles and directory in step with `store`'s cluster records, and re-issues
+    /// the identity at half its lifetime, until `stop`.
+    pub fn follow(self, store: Store, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut revision = store.revision();
+            let mut installed = MemberTable::new();
+            let rotate_every = self.lifetime / 2;
+            let mut next_rotation = tokio::time::Instant::now() + rotate_every;
+            loop {
+                let records: Vec<ClusterRecord> = store
+                    .list(CLUSTERS_PREFIX)
+                    .into_iter()
+                    .filter_map(|(_, r)| serde_json::from_slice(&r.value).ok())
+                    .collect();
+                let table = member_table(&self.pinned, &records);
+                if table != installed {
+                    self.install(&table);
+                    tracing::info!(
+                        members = ?table.iter().map(|(td, (id, _))| (td.as_str(), *id)).collect::<Vec<_>>(),
+                        "federation peers authenticated by trust domain"
+                    );
+                    installed = table;
+                }
+                tokio::select! {
+                    changed = revision.changed() => if changed.is_err() { return },
+                    _ = tokio::time::sleep_until(next_rotation) => {
+                        next_rotation = tokio::time::Instant::now() + rotate_every;
+                        let rotated = self.ca
+                            .issue(&SpiffeId::control(self.ca.trust_domain()), self.lifetime)
+                            .map_err(|e| e.to_string())
+                            .and_then(|c| self.tls.identity.rotate(&c.cert_chain_pem, &c.key_pem).map_err(|e| e.to_string()));
+                        if let Err(e) = rotated {
+                            tracing::warn!(error = %e, "control-plane certificate rotation failed; keeping the current one");
+                        }
+                    }
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        })
+    }
+}
+
+fn issue(ca: &CertificateAuthority, lifetime: Duration) -> Result<Arc<Identity>, ControlError> {
+    let id = SpiffeId::control(ca.trust_domain());
+    let issued = ca
+        .issue(&id, lifetime)
+        .map_err(|e| ControlError::Tls(format!("issuing the certificate of {id}: {e}")))?;
+    Identity::from_pem(id, &issued.cert_chain_pem, &issued.key_pem)
+        .map_err(|e| ControlError::Tls(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pinned(id: u64, td: &str) -> InitialMember {
+        InitialMember {
+            id,
+            trust_domain: td.into(),
+            ca_pem: format!("PEM-{td}"),
+        }
+    }
+
+    fn record(name: &str, td: &str, member: Option<u64>, pem: &str) -> ClusterRecord {
+        ClusterRecord {
+            name: name.into(),
+            trust_domain: td.into(),
+            gateway: None,
+            ca_bundle_pem: pem.into(),
+            locality: None,
+            member_id: member,
+            control: None,
+        }
+    }
+
+    #[test]
+    fn initial_members_are_pinned_and_joined_members_come_from_their_records() {
+        let table = member_table(
+            &[pinned(1, "east.local"), pinned(2, "west.local")],
+            &[
+                // East's own record carries a rotated bundle: taken.
+                record("east", "east.local", Some(1), "PEM-east+new"),
+                // Someone claims west's trust domain for member 9: ignored.
+                record("zzz", "west.local", Some(9), "PEM-evil"),
+                // A joined member.
+                record("north", "north.local", Some(4), "PEM-north"),
+                // No member id: not a member.
+                record("south", "south.local", None, "PEM-south"),
+            ],
+        );
+        assert_eq!(
+            table,
+            MemberTable::from([
+                ("east.local".into(), (1, "PEM-east+new".into())),
+                ("west.local".into(), (2, "PEM-west.local".into())),
+                ("north.local".into(), (4, "PEM-north".into())),
+            ])
+        );
+    }
+
+    #[test]
+    fn a_trust_domain_two_members_claim_authenticates_neither() {
+        let table = member_table(
+            &[pinned(1, "east.local")],
+            &[
+                record("north", "north.local", Some(4), "PEM-a"),
+                record("fake", "NORTH.local", Some(5), "PEM-b"),
+            ],
+        );
+        assert_eq!(table.len(), 1, "{table:?}");
+    }
+}
