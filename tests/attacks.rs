@@ -418,6 +418,19 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
         refused_before.not_a_member + 1,
         "#1 counted"
     );
+    // And east's control plane shows them on /metrics.
+    for (reason, count) in [
+        ("unauthenticated", refused_after.unauthenticated),
+        ("not_a_member", refused_after.not_a_member),
+    ] {
+        let series =
+            format!("isthmus_control_federation_peer_refused_total{{reason=\"{reason}\"}}");
+        assert_eq!(
+            scrape(&demo, &series).await,
+            count as f64,
+            "#1 {series} on east's /metrics"
+        );
+    }
 
     // #23: plaintext on 15012 gets no answer.
     let mut tcp = tokio::net::TcpStream::connect(&east_addr).await.unwrap();

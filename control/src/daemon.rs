@@ -152,7 +152,10 @@ impl Daemon {
             "control",
             config.admin_listen,
             control.config(),
-            |registry| api_metrics.register(registry),
+            |registry| {
+                api_metrics.register(registry);
+                crate::members::PeerRefusalMetrics::register(store.clone(), registry);
+            },
         )
         .await
         .with_context(|| format!("binding admin {}", config.admin_listen))?;

@@ -216,6 +216,51 @@ fn issue(ca: &CertificateAuthority, lifetime: Duration) -> Result<Arc<Identity>,
         .map_err(|e| ControlError::Tls(e.to_string()))
 }
 
+/// The peer port's refusals on the control plane's `/metrics`, read from the store at each
+/// scrape: `isthmus_control_federation_peer_refused_total{reason}` with `reason` one of
+/// `unauthenticated` (no certificate, a method other than `Kv.Join`), `not_a_member` (a
+/// certificate that is not a member control plane's) and `sender_mismatch` (a raft batch
+/// whose `from` is not the member the certificate is bound to).
+pub struct PeerRefusalMetrics(Store);
+
+impl PeerRefusalMetrics {
+    pub fn register(store: Store, registry: &mut prometheus_client::registry::Registry) {
+        registry.register_collector(Box::new(PeerRefusalMetrics(store)));
+    }
+}
+
+impl std::fmt::Debug for PeerRefusalMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerRefusalMetrics")
+    }
+}
+
+impl prometheus_client::collector::Collector for PeerRefusalMetrics {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let counts = self.0.peer_refusals();
+        let mut family = encoder.encode_descriptor(
+            "federation_peer_refused",
+            "Requests refused on the federation peer port, by reason",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (reason, n) in [
+            ("unauthenticated", counts.unauthenticated),
+            ("not_a_member", counts.not_a_member),
+            ("sender_mismatch", counts.sender_mismatch),
+        ] {
+            let labels = [("reason", reason)];
+            prometheus_client::metrics::counter::ConstCounter::new(n)
+                .encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

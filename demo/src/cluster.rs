@@ -342,7 +342,8 @@ impl DemoCluster {
         admins.insert("control".to_string(), {
             let metrics = control.api_metrics().clone();
             ComponentAdmin::start_with("control", loopback, control.config(), |registry| {
-                metrics.register(registry)
+                metrics.register(registry);
+                isthmus_control::members::PeerRefusalMetrics::register(store.clone(), registry);
             })
             .await?
         });
