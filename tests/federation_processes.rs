@@ -529,6 +529,10 @@ async fn clusters_join_with_a_one_time_token_and_leave_by_name() {
             .all(|m| m["id"] != 4)
     })
     .await;
+    // Its record went with it, so no member binds c4's trust domain any more.
+    let mut kv = api_client(dir.path(), 1, peers[&1]);
+    assert!(kv.get("clusters/c4", true).await.unwrap().is_none());
+    assert!(kv.get("clusters/c1", true).await.unwrap().is_some());
     // Unknown names get a clear error.
     let unknown = admin.run(&["cluster", "remove", "nowhere"]);
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no cluster named \"nowhere\""));

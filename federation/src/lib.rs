@@ -797,9 +797,61 @@ impl Store {
 
     /// Removes member `id` with joint consensus; if it voted, the oldest learner is promoted
     /// in the same change. Removing the leader hands leadership to another voter.
+    ///
+    /// Then what its cluster (the `clusters/<name>` record naming this member id) owned goes
+    /// too (docs/security.md §5): its exports, its Kubernetes policies, the mesh-admin grants
+    /// of its trust domain, and last its record, so every member stops binding its trust
+    /// domain and every control plane drops its CA bundle. Refused beforehand, changing
+    /// nothing, when that would delete every mesh-admin grant. The membership change comes
+    /// first, so the removed cluster can no longer write back what is deleted; the deletes are
+    /// separate entries after it (should one fail, a mesh admin deletes what is left).
     pub async fn remove_member(&self, id: u64) -> Result<u64, StoreError> {
+        let owned = self.owned_by_member(id)?;
         let outcome = self.propose(Proposal::RemoveMember { id }).await?;
-        done(outcome, "")
+        let mut revision = done(outcome, "")?;
+        for key in owned {
+            revision = self.delete(&key).await?;
+        }
+        Ok(revision)
+    }
+
+    /// The keys the cluster of member `id` owns, its `clusters/<name>` record last; none when
+    /// no record names the member.
+    fn owned_by_member(&self, id: u64) -> Result<Vec<String>, StoreError> {
+        use isthmus_core::keyspace::{self as ks, ClusterRecord, Key};
+        let Some((record_key, record)) = self
+            .list(ks::CLUSTERS_PREFIX)
+            .into_iter()
+            .filter_map(|(k, r)| Some((k, serde_json::from_slice::<ClusterRecord>(&r.value).ok()?)))
+            .find(|(_, r)| r.member_id == Some(id))
+        else {
+            return Ok(Vec::new());
+        };
+        let grants = self.list(ks::MESH_ADMIN_GRANTS_PREFIX);
+        let theirs: Vec<String> = grants
+            .iter()
+            .filter(|(k, _)| {
+                matches!(Key::parse(k), Key::MeshAdminGrant { trust_domain, .. }
+                    if trust_domain.eq_ignore_ascii_case(&record.trust_domain))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        if !grants.is_empty() && theirs.len() == grants.len() {
+            return Err(StoreError::Membership(format!(
+                "removing member {id} (cluster {}) would delete every mesh-admin grant (all are \
+                 of its trust domain {}): grant a mesh admin of another cluster first",
+                record.name, record.trust_domain
+            )));
+        }
+        let mut owned: Vec<String> = [ks::EXPORTS_PREFIX, ks::KUBERNETES_POLICIES_PREFIX]
+            .into_iter()
+            .flat_map(|prefix| self.list(prefix))
+            .map(|(k, _)| k)
+            .filter(|k| Key::parse(k).owner() == Some(record.name.as_str()))
+            .collect();
+        owned.extend(theirs);
+        owned.push(record_key);
+        Ok(owned)
     }
 
     /// Mints a one-time join token valid for `ttl`, stored (as a digest) in the replicated

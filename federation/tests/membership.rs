@@ -196,6 +196,82 @@ async fn join_token_admits_one_member_once_and_expires() {
 }
 
 #[tokio::test]
+async fn removing_a_cluster_removes_what_it_owned_unless_it_holds_every_mesh_admin_grant() {
+    let mut stores = start_federation(3).await;
+    let token = stores[&1]
+        .mint_join_token(Duration::from_secs(60))
+        .await
+        .expect("mint");
+    let joiner = start_joiner(4, &stores).await;
+    let ca = isthmus_core::ca::CertificateAuthority::generate("north.local").expect("a CA");
+    stores[&1]
+        .join_with_token(
+            &token,
+            JoinApplication {
+                id: 4,
+                peer_addr: joiner.peer_addr(),
+                cluster: Some(ClusterClaim {
+                    name: "north".into(),
+                    trust_domain: "north.local".into(),
+                    ca_bundle_pem: ca.cert_pem().into(),
+                }),
+            },
+        )
+        .await
+        .expect("join");
+    stores.insert(4, joiner);
+    wait_config(&stores, &[1, 2, 3, 4], &[]).await;
+    let north_owned = [
+        "exports/default/ratings/north",
+        "kubernetes-policies/north/VirtualService/default/reviews",
+        "grants/mesh-admin/north.local/ann",
+    ];
+    let others = [
+        "exports/default/ratings/east",
+        "kubernetes-policies/east/VirtualService/default/reviews",
+        "policies/VirtualService/default/reviews",
+    ];
+    for key in north_owned.iter().chain(&others) {
+        stores[&2].put(key, b"{}".to_vec()).await.expect("put");
+    }
+
+    // Every mesh-admin grant is of north's trust domain: refused, nothing changes.
+    let refused = stores[&1].remove_member(4).await;
+    let message = refused.expect_err("the last mesh admins").to_string();
+    assert!(
+        message.contains("north") && message.contains("mesh-admin grant"),
+        "{message}"
+    );
+    assert_eq!(stores[&1].status().voters.len(), 4);
+    assert!(stores[&1].get("clusters/north").is_some());
+
+    // With a mesh admin elsewhere, the removal takes north's records with it.
+    stores[&2]
+        .put("grants/mesh-admin/east.local/bob", b"{}".to_vec())
+        .await
+        .expect("put");
+    stores[&1].remove_member(4).await.expect("remove");
+    let north = stores.remove(&4).expect("north");
+    wait_config(&stores, &[1, 2, 3], &[]).await;
+    for store in stores.values() {
+        for key in north_owned.iter().chain(&["clusters/north"]) {
+            assert!(
+                store.get_linearizable(key).await.expect("read").is_none(),
+                "{key} outlived its cluster"
+            );
+        }
+        for key in others.iter().chain(&["grants/mesh-admin/east.local/bob"]) {
+            assert!(
+                store.get_linearizable(key).await.expect("read").is_some(),
+                "{key} went with another cluster"
+            );
+        }
+    }
+    north.shutdown().await;
+    shutdown_all(stores).await;
+}
+
+#[tokio::test]
 async fn removing_a_voter_promotes_the_oldest_learner() {
     let mut stores = start_federation(3).await;
     let leader = agreed_leader(&stores).await;
