@@ -190,8 +190,13 @@ enum ClusterCommand {
         /// recorded so the members authenticate its control plane.
         #[arg(long, requires_all = ["cluster", "trust_domain"])]
         bundle_file: Option<std::path::PathBuf>,
-        /// An existing member's control plane (its CA with --ca-file; the token is the
-        /// authority, no credential is needed).
+        /// Any member's federation (peer) address or control-plane API, host:port: the
+        /// federation is verified against the digest in the token before the token is sent,
+        /// so no CA file is needed.
+        #[arg(long)]
+        via: Option<String>,
+        /// Or an existing member's control plane, trusted through its CA (--ca-file or a
+        /// context). The token is the authority either way: no credential is needed.
         #[command(flatten)]
         api: isthmus::policy_cmd::ControlArgs,
     },
@@ -314,10 +319,18 @@ fn main() -> ExitCode {
                     cluster,
                     trust_domain,
                     bundle_file,
+                    via,
                     api,
                 } => {
                     let claim = isthmus::cluster_cmd::claim(cluster, trust_domain, bundle_file)?;
-                    isthmus::cluster_cmd::join(&api.client()?, &token, id, peer_addr, claim).await
+                    let through = match via {
+                        Some(_) if api.control.is_some() || api.ca_file.is_some() => {
+                            anyhow::bail!("give --via or --control/--ca-file, not both")
+                        }
+                        Some(via) => isthmus::cluster_cmd::JoinThrough::Via(via),
+                        None => isthmus::cluster_cmd::JoinThrough::Control(api.client()?),
+                    };
+                    isthmus::cluster_cmd::join(&through, &token, id, peer_addr, claim).await
                 }
                 ClusterCommand::Remove { name, api } => {
                     isthmus::cluster_cmd::remove(&api.client()?, &name).await

@@ -463,7 +463,10 @@ async fn clusters_join_with_a_one_time_token_and_leave_by_name() {
     let token = token.trim().to_string();
     assert!(token.contains('.'), "{token}");
     let ca1 = dir.path().join("data-1/ca.pem").display().to_string();
-    let join = |token: &str, id: u64, peer: &str| -> Output {
+    let fed = addr(peers[&1]);
+    let through_api: [&str; 4] = ["--control", &api1, "--ca-file", &ca1];
+    let through_peer_port: [&str; 2] = ["--via", &fed];
+    let join = |token: &str, id: u64, peer: &str, through: &[&str]| -> Output {
         let bundle = dir.path().join(format!("data-{id}/ca.pem"));
         cli(&[
             "cluster",
@@ -480,13 +483,26 @@ async fn clusters_join_with_a_one_time_token_and_leave_by_name() {
             &format!("c{id}.isthmus.local"),
             "--bundle-file",
             bundle.to_str().unwrap(),
-            "--control",
-            &api1,
-            "--ca-file",
-            &ca1,
-        ])
+        ]
+        .iter()
+        .chain(through)
+        .copied()
+        .collect::<Vec<_>>())
     };
-    let joined = join(&token, 4, &addr(peers[&4]));
+    // Through a member's peer port, with no CA file: the joiner checks the federation's
+    // bundle set against the digest in the token first. A token whose digest is not this
+    // federation's is never sent (it still works afterwards).
+    let (rest, digest) = token.rsplit_once('.').unwrap();
+    assert_eq!(digest.len(), 64, "{token}");
+    let flipped = if digest.ends_with('0') { '1' } else { '0' };
+    let forged = format!("{rest}.{}{flipped}", &digest[..63]);
+    let refused = join(&forged, 4, &addr(peers[&4]), &through_peer_port);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("not the federation") && err.contains("not sent"),
+        "{err}"
+    );
+    let joined = join(&token, 4, &addr(peers[&4]), &through_peer_port);
     let out = String::from_utf8_lossy(&joined.stdout);
     assert!(
         joined.status.success() && out.contains("member 4") && out.contains("voter"),
@@ -495,12 +511,12 @@ async fn clusters_join_with_a_one_time_token_and_leave_by_name() {
     );
 
     // The token is one-time.
-    let again = join(&token, 5, "127.0.0.1:9");
+    let again = join(&token, 5, "127.0.0.1:9", &through_api);
     assert!(!again.status.success());
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(err.contains("token"), "{err}");
     // A garbage token names what is wrong.
-    let bad = join("nonsense", 5, "127.0.0.1:9");
+    let bad = join("nonsense", 5, "127.0.0.1:9", &through_api);
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("token"), "{err}");

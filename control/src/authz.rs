@@ -45,6 +45,8 @@ pub enum Method {
     KvMintJoinToken,
     KvRemoveMember,
     KvJoin,
+    /// `Kv.JoinInfo`: the public bundle set a joiner checks its token against.
+    KvJoinInfo,
     /// `CredentialService.Issue`: an admin of this cluster issues operator credentials.
     Issue,
     /// A path the API does not serve (answered UNIMPLEMENTED by the router).
@@ -72,6 +74,7 @@ impl Method {
             "/isthmus.federation.v1.Kv/MintJoinToken" => Method::KvMintJoinToken,
             "/isthmus.federation.v1.Kv/RemoveMember" => Method::KvRemoveMember,
             "/isthmus.federation.v1.Kv/Join" => Method::KvJoin,
+            "/isthmus.federation.v1.Kv/JoinInfo" => Method::KvJoinInfo,
             "/isthmus.mesh.v1.CredentialService/Issue" => Method::Issue,
             _ => Method::Unknown,
         }
@@ -118,8 +121,12 @@ pub fn decide(
     method: Method,
     caller: Option<&Principal>,
 ) -> Result<Allowed, Status> {
-    // Authorized by the request's own token (docs/security.md §3, §5).
-    if matches!(method, Method::Sign | Method::KvJoin | Method::Unknown) {
+    // Authorized by the request's own token (docs/security.md §3, §5), or public (the bundle
+    // set a joiner checks).
+    if matches!(
+        method,
+        Method::Sign | Method::KvJoin | Method::KvJoinInfo | Method::Unknown
+    ) {
         return Ok(Allowed::Plain);
     }
     let Some(caller) = caller else {
@@ -299,6 +306,7 @@ fn name(method: Method) -> &'static str {
         Method::KvMintJoinToken => "Kv.MintJoinToken",
         Method::KvRemoveMember => "Kv.RemoveMember",
         Method::KvJoin => "Kv.Join",
+        Method::KvJoinInfo => "Kv.JoinInfo",
         Method::Issue => "CredentialService.Issue",
         Method::Unknown => "an unknown method",
     }

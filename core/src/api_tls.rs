@@ -107,6 +107,43 @@ fn client_config_with(
     Ok(config)
 }
 
+/// A joiner's first connection (docs/security.md §5): anonymous, and trusting no chain (see
+/// [`tls::UnverifiedServer`]); only for `Kv.JoinInfo`, whose answer the joiner checks against
+/// its token's digest.
+pub fn discovery_client_config() -> Result<rustls::ClientConfig, TlsError> {
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(TlsError::Config)?
+    .dangerous()
+    .with_custom_certificate_verifier(tls::UnverifiedServer::new())
+    .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
+}
+
+/// Anonymous, trusting a control plane (API or peer port) whose chain verifies against the
+/// bundle of the trust domain it names, among `bundles`: a joiner's connection once it has
+/// verified the federation's bundle set.
+pub fn client_config_for_bundles(
+    bundles: Arc<TrustBundles>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(TlsError::Config)?
+    .dangerous()
+    .with_custom_certificate_verifier(tls::spiffe_verifier(
+        bundles,
+        Arc::new(|id| id.is_control()),
+    ))
+    .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
+}
+
 /// A federation member's client side on the peer port (docs/security.md §4): presents
 /// `identity` (its control plane's certificate) and accepts a server whose chain verifies
 /// against the bundle of the trust domain it names, among `members`, and whose SPIFFE ID is a

@@ -18,6 +18,7 @@
 //!   file, the field and the bad value.
 //! - [`admin`]: the admin HTTP server (`/metrics`, `/ready`, `/debug/config`), and
 //!   [`admin::ComponentAdmin`], the one every daemon runs with the metrics they all share.
+//! - [`join`]: the federation's bundle set and its digest, which join tokens carry.
 //! - [`attach`]: how a data-plane daemon joins its control plane at start (certificate,
 //!   config stream, trust bundles).
 //!
@@ -45,6 +46,7 @@ pub mod contexts;
 pub mod durable;
 pub mod failover;
 pub mod identity;
+pub mod join;
 pub mod keyspace;
 pub mod mesh;
 pub mod policy;

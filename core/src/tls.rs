@@ -471,6 +471,39 @@ macro_rules! handshake_signatures {
     };
 }
 
+/// A server verifier that trusts no chain and accepts every one, checking only that the
+/// server holds the key of the certificate it presents (the handshake signature). For a
+/// joiner's first call alone (`Kv.JoinInfo`, docs/security.md §5): what comes back over it is
+/// public and is trusted only once it hashes to the join token's digest; the token itself is
+/// sent only over a connection verified against that set.
+#[derive(Debug)]
+pub struct UnverifiedServer {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl UnverifiedServer {
+    pub fn new() -> Arc<Self> {
+        Arc::new(UnverifiedServer {
+            algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        })
+    }
+}
+
+impl ServerCertVerifier for UnverifiedServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    handshake_signatures!();
+}
+
 pub struct SpiffeVerifier {
     trust: Arc<TrustBundles>,
     accept: AcceptPeer,

@@ -361,6 +361,23 @@ impl Kv for KvService {
         Ok(Response::new(pb::MintJoinTokenResponse { token }))
     }
 
+    async fn join_info(
+        &self,
+        _request: Request<pb::JoinInfoRequest>,
+    ) -> Result<Response<pb::JoinInfoResponse>, Status> {
+        let clusters = self
+            .store()?
+            .bundle_set()
+            .into_iter()
+            .map(|e| pb::ClusterBundle {
+                name: e.name,
+                trust_domain: e.trust_domain,
+                ca_bundle_pem: e.ca_bundle_pem,
+            })
+            .collect();
+        Ok(Response::new(pb::JoinInfoResponse { clusters }))
+    }
+
     async fn join(
         &self,
         request: Request<pb::JoinRequest>,

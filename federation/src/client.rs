@@ -281,6 +281,24 @@ impl KvClient {
         Ok((r.revision, r.voter))
     }
 
+    /// The federation's bundle set (`Kv.JoinInfo`), to check against a join token's digest.
+    pub async fn join_info(&mut self) -> Result<Vec<isthmus_core::join::BundleEntry>, StoreError> {
+        let r = self
+            .grpc
+            .join_info(pb::JoinInfoRequest {})
+            .await
+            .map_err(error)?
+            .into_inner();
+        Ok(r.clusters
+            .into_iter()
+            .map(|c| isthmus_core::join::BundleEntry {
+                name: c.name,
+                trust_domain: c.trust_domain,
+                ca_bundle_pem: c.ca_bundle_pem,
+            })
+            .collect())
+    }
+
     /// Removes member `id`; returns the change's revision.
     pub async fn remove_member(&mut self, id: u64) -> Result<u64, StoreError> {
         Ok(self

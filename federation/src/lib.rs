@@ -59,6 +59,7 @@ mod storage;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod tokens;
+pub use tokens::federation_digest;
 mod transport;
 
 use std::collections::BTreeMap;
@@ -806,7 +807,7 @@ impl Store {
     /// first, so the removed cluster can no longer write back what is deleted; the deletes are
     /// separate entries after it (should one fail, a mesh admin deletes what is left).
     pub async fn remove_member(&self, id: u64) -> Result<u64, StoreError> {
-        let owned = self.owned_by_member(id)?;
+        let owned = self.owned_by_member(id).await?;
         let outcome = self.propose(Proposal::RemoveMember { id }).await?;
         let mut revision = done(outcome, "")?;
         for key in owned {
@@ -816,18 +817,19 @@ impl Store {
     }
 
     /// The keys the cluster of member `id` owns, its `clusters/<name>` record last; none when
-    /// no record names the member.
-    fn owned_by_member(&self, id: u64) -> Result<Vec<String>, StoreError> {
+    /// no record names the member. Read linearizably: a grant written just before counts.
+    async fn owned_by_member(&self, id: u64) -> Result<Vec<String>, StoreError> {
         use isthmus_core::keyspace::{self as ks, ClusterRecord, Key};
         let Some((record_key, record)) = self
-            .list(ks::CLUSTERS_PREFIX)
+            .list_linearizable(ks::CLUSTERS_PREFIX)
+            .await?
             .into_iter()
             .filter_map(|(k, r)| Some((k, serde_json::from_slice::<ClusterRecord>(&r.value).ok()?)))
             .find(|(_, r)| r.member_id == Some(id))
         else {
             return Ok(Vec::new());
         };
-        let grants = self.list(ks::MESH_ADMIN_GRANTS_PREFIX);
+        let grants = self.list_linearizable(ks::MESH_ADMIN_GRANTS_PREFIX).await?;
         let theirs: Vec<String> = grants
             .iter()
             .filter(|(k, _)| {
@@ -855,8 +857,9 @@ impl Store {
     }
 
     /// Mints a one-time join token valid for `ttl`, stored (as a digest) in the replicated
-    /// map so that any member can check it. The token is `<id>.<secret>`; show it once to
-    /// the operator (`isthmus cluster token`).
+    /// map so that any member can check it. The token is `<id>.<secret>.<digest>`, the last
+    /// part the digest of the federation's bundle set as this member has it once the token is
+    /// minted ([`Store::bundle_set`]); show it once to the operator (`isthmus cluster token`).
     pub async fn mint_join_token(&self, ttl: Duration) -> Result<String, StoreError> {
         if ttl.is_zero() || ttl > MAX_JOIN_TOKEN_TTL {
             return Err(StoreError::TokenTtl {
@@ -875,7 +878,20 @@ impl Store {
             }))
             .await?;
         done(outcome, "")?;
-        Ok(format!("{id}.{secret}"))
+        let digest = isthmus_core::join::digest(&self.bundle_set())
+            .map_err(|e| StoreError::Membership(format!("the federation's bundle set: {e}")))?;
+        Ok(format!("{id}.{secret}.{digest}"))
+    }
+
+    /// The federation's bundle set in this member's replica (`Kv.JoinInfo`): every
+    /// `clusters/<name>` record's name, trust domain and CA bundle, in key order.
+    pub fn bundle_set(&self) -> Vec<isthmus_core::join::BundleEntry> {
+        let records = self.list(isthmus_core::keyspace::CLUSTERS_PREFIX);
+        isthmus_core::join::bundle_set(
+            records
+                .iter()
+                .map(|(k, r)| (k.as_str(), r.value.as_slice())),
+        )
     }
 
     /// Consumes a join token: succeeds exactly once per token, before it expires (checked

@@ -8,7 +8,8 @@
 //! request is checked against the directory as it is now ([`PeerGuardLayer`]), so a trust
 //! domain that loses its member loses every right at once:
 //!
-//! - `Kv.Join` needs no certificate (its join token authorizes it);
+//! - `Kv.Join` needs no certificate (its join token authorizes it), nor does `Kv.JoinInfo`
+//!   (the public bundle set a joiner checks against its token);
 //! - every other method needs a member's certificate (`UNAUTHENTICATED` without one,
 //!   `PERMISSION_DENIED` for a certificate that is not a member control plane's);
 //! - `RaftPeer.Send` takes only batches whose `from` is the member the certificate is bound
@@ -123,11 +124,12 @@ impl PeerRefusals {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PeerMember(pub(crate) u64);
 
-/// The one method a client without a member certificate may call.
+/// The methods a client without a member certificate may call: a joiner's.
 const JOIN_PATH: &str = "/isthmus.federation.v1.Kv/Join";
+const JOIN_INFO_PATH: &str = "/isthmus.federation.v1.Kv/JoinInfo";
 
 /// Who may call `path` with `caller`'s certificate: `Ok(Some(member))` for a member,
-/// `Ok(None)` for an anonymous `Join`.
+/// `Ok(None)` for an anonymous `Join` or `JoinInfo`.
 pub(crate) fn authenticate(
     directory: &MemberDirectory,
     caller: Option<&Principal>,
@@ -139,13 +141,14 @@ pub(crate) fn authenticate(
         }
         _ => None,
     };
-    if member.is_some() || path == JOIN_PATH {
+    if member.is_some() || path == JOIN_PATH || path == JOIN_INFO_PATH {
         return Ok(member);
     }
     Err(match caller {
         None => Refusal::Unauthenticated(format!(
             "{path} needs a federation member's certificate; the peer port serves only members \
-             (and Kv.Join with a join token). Operators call a control plane's API (port 15012)"
+             (and a joiner's Kv.JoinInfo and Kv.Join). Operators call a control plane's API \
+             (port 15012)"
         )),
         Some(Principal::Workload(id)) if id.is_control() => Refusal::NotAMember(format!(
             "{path}: the trust domain {} is bound to no member of this federation",
@@ -344,6 +347,7 @@ mod tests {
     fn anonymous_callers_may_only_join() {
         let d = directory();
         assert_eq!(authenticate(&d, None, JOIN_PATH), Ok(None));
+        assert_eq!(authenticate(&d, None, JOIN_INFO_PATH), Ok(None));
         for path in [
             "/isthmus.federation.v1.RaftPeer/Send",
             "/isthmus.federation.v1.Kv/Get",

@@ -1,4 +1,6 @@
-//! Join tokens: `<id>.<secret>`, 16 random bytes each in hex. Only the SHA-256 digest of
+//! Join tokens: `<id>.<secret>.<digest>`: 8 and 16 random bytes in hex, then the SHA-256 of
+//! the federation's bundle set when the token was minted (`isthmus_core::join`), with which
+//! the joiner verifies the federation before it sends the token. Only the SHA-256 digest of
 //! the secret is replicated, so reading the store does not reveal usable tokens.
 
 use ring::digest::{digest as sha, SHA256};
@@ -8,6 +10,13 @@ use crate::StoreError;
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The digest of the federation's bundle set a token carries (`<id>.<secret>.<digest>`), if
+/// it carries one.
+pub fn federation_digest(token: &str) -> Option<&str> {
+    let (rest, digest) = token.trim().rsplit_once('.')?;
+    (rest.contains('.') && isthmus_core::join::is_digest(digest)).then_some(digest)
 }
 
 /// A fresh token id and secret.
@@ -26,10 +35,22 @@ pub(crate) fn digest(secret: &str) -> Vec<u8> {
     sha(&SHA256, secret.as_bytes()).as_ref().to_vec()
 }
 
-/// Splits a token into its id and secret.
+/// Splits a token into its id and secret (a trailing `.<digest>` of the federation's bundle
+/// set is the joiner's, not the store's).
 pub(crate) fn parse(token: &str) -> Result<(String, &str), StoreError> {
+    let token = token.trim();
+    let token = match token.rsplit_once('.') {
+        Some((rest, digest)) if rest.contains('.') => {
+            if !isthmus_core::join::is_digest(digest) {
+                return Err(StoreError::Token(
+                    "malformed: expected <id>.<secret>.<digest>, the digest 64 hex digits",
+                ));
+            }
+            rest
+        }
+        _ => token,
+    };
     let (id, secret) = token
-        .trim()
         .split_once('.')
         .ok_or(StoreError::Token("malformed: expected <id>.<secret>"))?;
     let is_hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
@@ -59,8 +80,21 @@ mod tests {
     }
 
     #[test]
+    fn a_token_may_carry_the_federations_digest() {
+        let digest = "ab".repeat(32);
+        let token = format!("0011.2233.{digest}");
+        let (id, secret) = parse(&token).expect("parses");
+        assert_eq!((id.as_str(), secret), ("0011", "2233"));
+        assert_eq!(federation_digest(&token), Some(digest.as_str()));
+        assert_eq!(federation_digest("0011.2233"), None);
+        assert!(parse(&format!("0011.2233.{}", "ab".repeat(31))).is_err());
+    }
+
+    #[test]
     fn malformed_tokens_are_refused_without_panicking() {
-        for bad in ["", "abc", ".", "a.", ".b", "zz.11", "11.zz", "\u{e9}.1"] {
+        for bad in [
+            "", "abc", ".", "a.", ".b", "zz.11", "11.zz", "\u{e9}.1", "a.b.c", "...",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
     }

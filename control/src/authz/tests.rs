@@ -104,6 +104,7 @@ fn every_cell_of_the_method_table() {
             ["U", "x", "x", "x", "x", "x", "x", "x", "mesh", "x", "x"],
         ),
         (KvJoin, ["ok"; 11]),
+        (KvJoinInfo, ["ok"; 11]),
         (
             Issue,
             ["U", "x", "x", "x", "x", "x", "x", "own", "mesh", "x", "x"],
