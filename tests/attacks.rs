@@ -396,7 +396,8 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
         .await
         .unwrap_err();
     assert_eq!(get.code(), Code::Unauthenticated, "#1 {get:?}");
-    // An operator's certificate (east's admin, the mesh admin) is not a member's.
+    // #4: an operator's certificate (east's admin, the mesh admin) is not a member's: the
+    // handshake fails, so no method is reached.
     let operator = east
         .control
         .client()
@@ -406,17 +407,24 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
         .status(kv::StatusRequest::default())
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::PermissionDenied, "#1 {status:?}");
+    // (In TLS 1.3 the client sends its certificate last, so it sees the server close the
+    // connection rather than a handshake alert.)
+    assert!(
+        matches!(
+            status.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled
+        ),
+        "#4 the handshake should fail: {status:?}"
+    );
     let refused_after = east.store().peer_refusals();
     assert_eq!(
         refused_after.unauthenticated,
         refused_before.unauthenticated + 2,
         "#1 counted"
     );
-    assert_eq!(
-        refused_after.not_a_member,
-        refused_before.not_a_member + 1,
-        "#1 counted"
+    assert!(
+        refused_after.not_a_member > refused_before.not_a_member,
+        "#4 counted"
     );
     // And east's control plane shows them on /metrics.
     for (reason, count) in [

@@ -59,12 +59,22 @@ pub fn server_config(
     identity: Arc<Identity>,
     clients: Arc<TrustBundles>,
 ) -> Result<rustls::ServerConfig, TlsError> {
+    server_config_accepting(identity, clients, None)
+}
+
+/// Like [`server_config`], and a presented client certificate's principal must also pass
+/// `accept` at the handshake (the federation peer port: member control planes only).
+pub fn server_config_accepting(
+    identity: Arc<Identity>,
+    clients: Arc<TrustBundles>,
+    accept: Option<tls::AcceptPrincipal>,
+) -> Result<rustls::ServerConfig, TlsError> {
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13])
     .map_err(TlsError::Config)?
-    .with_client_cert_verifier(tls::OptionalClientVerifier::new(clients))
+    .with_client_cert_verifier(tls::OptionalClientVerifier::accepting(clients, accept))
     .with_cert_resolver(tls::identity_resolver(identity));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(config)

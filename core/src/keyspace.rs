@@ -51,6 +51,14 @@ pub const POLICIES_PREFIX: &str = "policies/";
 pub const KUBERNETES_POLICIES_PREFIX: &str = "kubernetes-policies/";
 /// Where mesh-admin grants live.
 pub const MESH_ADMIN_GRANTS_PREFIX: &str = "grants/mesh-admin/";
+/// Where the federation remembers the ids of removed members, which are never reused.
+pub const REMOVED_MEMBERS_PREFIX: &str = "members/removed/";
+
+/// `members/removed/<id>`: written when member `id` is removed; a join with that id is
+/// refused (a rejoining cluster takes a new id, with an empty raft log).
+pub fn removed_member(id: u64) -> String {
+    format!("{REMOVED_MEMBERS_PREFIX}{id}")
+}
 
 /// `clusters/<cluster>`.
 pub fn cluster(name: &str) -> String {

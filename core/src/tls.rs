@@ -596,8 +596,12 @@ impl ClientCertVerifier for SpiffeVerifier {
 /// handshake fails. What each principal may call is decided per request.
 pub struct OptionalClientVerifier {
     trust: Arc<TrustBundles>,
+    accept: Option<AcceptPrincipal>,
     algorithms: WebPkiSupportedAlgorithms,
 }
+
+/// Which verified client principals a server accepts at the handshake.
+pub type AcceptPrincipal = Arc<dyn Fn(&Principal) -> bool + Send + Sync>;
 
 impl fmt::Debug for OptionalClientVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -609,8 +613,16 @@ impl fmt::Debug for OptionalClientVerifier {
 
 impl OptionalClientVerifier {
     pub fn new(trust: Arc<TrustBundles>) -> Arc<Self> {
+        Self::accepting(trust, None)
+    }
+
+    /// Like [`OptionalClientVerifier::new`], and a verified certificate's principal must
+    /// also pass `accept`, else the handshake fails (the federation peer port: only member
+    /// control planes).
+    pub fn accepting(trust: Arc<TrustBundles>, accept: Option<AcceptPrincipal>) -> Arc<Self> {
         Arc::new(OptionalClientVerifier {
             trust,
+            accept,
             algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
         })
     }
@@ -635,9 +647,15 @@ impl ClientCertVerifier for OptionalClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.trust
+        let principal = self
+            .trust
             .verify_principal(end_entity, intermediates, now)?;
-        Ok(ClientCertVerified::assertion())
+        match &self.accept {
+            Some(accept) if !accept(&principal) => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            )),
+            _ => Ok(ClientCertVerified::assertion()),
+        }
     }
 
     handshake_signatures!();

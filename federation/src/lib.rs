@@ -352,14 +352,21 @@ impl Binding {
     pub async fn start(self, opts: StoreOptions) -> Result<Store, StoreError> {
         let config = opts.node_config()?;
         let node_id = config.id;
+        let refusals = Arc::new(peer_tls::PeerRefusals::default());
         let server_tls = match &self.tls {
             None => None,
             Some(tls) => Some(Arc::new(
-                isthmus_core::api_tls::server_config(tls.identity.clone(), tls.bundles.clone())
-                    .map_err(|e| StoreError::Tls(e.to_string()))?,
+                isthmus_core::api_tls::server_config_accepting(
+                    tls.identity.clone(),
+                    tls.bundles.clone(),
+                    Some(peer_tls::accept_members(
+                        tls.directory.clone(),
+                        refusals.clone(),
+                    )),
+                )
+                .map_err(|e| StoreError::Tls(e.to_string()))?,
             )),
         };
-        let refusals = Arc::new(peer_tls::PeerRefusals::default());
         let log = opts.open_log().await?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
@@ -799,7 +806,8 @@ impl Store {
     /// Removes member `id` with joint consensus; if it voted, the oldest learner is promoted
     /// in the same change. Removing the leader hands leadership to another voter.
     ///
-    /// Then what its cluster (the `clusters/<name>` record naming this member id) owned goes
+    /// Then the id is recorded as removed (`members/removed/<id>`: never reused by a join),
+    /// and what its cluster (the `clusters/<name>` record naming this member id) owned goes
     /// too (docs/security.md §5): its exports, its Kubernetes policies, the mesh-admin grants
     /// of its trust domain, and last its record, so every member stops binding its trust
     /// domain and every control plane drops its CA bundle. Refused beforehand, changing
@@ -810,6 +818,15 @@ impl Store {
         let owned = self.owned_by_member(id).await?;
         let outcome = self.propose(Proposal::RemoveMember { id }).await?;
         let mut revision = done(outcome, "")?;
+        let removed = serde_json::json!({
+            "id": id,
+            "removedAtMs": isthmus_core::clock::unix_ms(),
+        });
+        self.put(
+            &isthmus_core::keyspace::removed_member(id),
+            removed.to_string().into_bytes(),
+        )
+        .await?;
         for key in owned {
             revision = self.delete(&key).await?;
         }
@@ -935,6 +952,18 @@ impl Store {
             return Err(refuse(
                 "id",
                 format!("member {id} already exists; choose another id"),
+            ));
+        }
+        if self
+            .get(&isthmus_core::keyspace::removed_member(id))
+            .is_some()
+        {
+            return Err(refuse(
+                "id",
+                format!(
+                    "member {id} was removed from this federation and its id is not reused: \
+                     a rejoining cluster takes a new id (and starts with an empty raft log)"
+                ),
             ));
         }
         let record = match cluster {

@@ -4,9 +4,10 @@
 //! plane's certificate (`spiffe://<td>/ns/isthmus-system/sa/control`, from its cluster CA),
 //! as server and as client. A client certificate is asked for but not required: it must
 //! chain to the bundle of the trust domain it names (the [`TrustBundles`] the member follows),
-//! and that trust domain must be bound to a member id in the [`MemberDirectory`]. Every
-//! request is checked against the directory as it is now ([`PeerGuardLayer`]), so a trust
-//! domain that loses its member loses every right at once:
+//! and be a control plane's whose trust domain is bound to a member id in the
+//! [`MemberDirectory`], else the handshake fails. Every request is checked again against the
+//! directory as it is now ([`PeerGuardLayer`]), so a trust domain that loses its member loses
+//! every right at once:
 //!
 //! - `Kv.Join` needs no certificate (its join token authorizes it), nor does `Kv.JoinInfo`
 //!   (the public bundle set a joiner checks against its token);
@@ -117,6 +118,24 @@ impl PeerRefusals {
             sender_mismatch: self.sender_mismatch.load(Ordering::Relaxed),
         }
     }
+}
+
+/// The handshake's check of a client certificate that verified: a control plane whose trust
+/// domain is bound to a member; anything else (a member cluster's workload, gateway or
+/// operator certificate, a control plane of an unbound trust domain) fails the handshake,
+/// counted as `not_a_member`. The per-request guard checks again, as the directory changes.
+pub(crate) fn accept_members(
+    directory: Arc<MemberDirectory>,
+    refusals: Arc<PeerRefusals>,
+) -> isthmus_core::tls::AcceptPrincipal {
+    Arc::new(move |principal| {
+        let member = matches!(principal, Principal::Workload(id)
+            if id.is_control() && directory.member_of(id.trust_domain()).is_some());
+        if !member {
+            refusals.not_a_member.fetch_add(1, Ordering::Relaxed);
+        }
+        member
+    })
 }
 
 /// The member a request on the peer port comes from, in the request's extensions when the
@@ -322,6 +341,32 @@ mod tests {
             ("east.local".to_string(), 1),
             ("West.Local".to_string(), 2),
         ]))
+    }
+
+    #[test]
+    fn the_handshake_accepts_only_bound_control_planes_and_counts_the_rest() {
+        let refusals = Arc::new(PeerRefusals::default());
+        let accept = accept_members(directory(), refusals.clone());
+        assert!(accept(&Principal::Workload(SpiffeId::control(
+            "east.local"
+        ))));
+        assert!(accept(&Principal::Workload(SpiffeId::control(
+            "west.local"
+        ))));
+        let operator = isthmus_core::identity::OperatorId::new(
+            "east.local",
+            isthmus_core::identity::Role::Admin,
+            "ann",
+        )
+        .expect("operator");
+        for stranger in [
+            Principal::Operator(operator),
+            Principal::Workload(SpiffeId::gateway("east.local")),
+            Principal::Workload(SpiffeId::control("north.local")),
+        ] {
+            assert!(!accept(&stranger), "{stranger}");
+        }
+        assert_eq!(refusals.counts().not_a_member, 3);
     }
 
     #[test]

@@ -268,6 +268,35 @@ async fn removing_a_cluster_removes_what_it_owned_unless_it_holds_every_mesh_adm
         }
     }
     north.shutdown().await;
+
+    // Rejoining: not under the removed id; under a new one, with the same name and trust
+    // domain (its record went with the removal).
+    let token = stores[&1]
+        .mint_join_token(Duration::from_secs(60))
+        .await
+        .expect("mint");
+    let rejoiner = start_joiner(5, &stores).await;
+    let application = |id| JoinApplication {
+        id,
+        peer_addr: rejoiner.peer_addr(),
+        cluster: Some(ClusterClaim {
+            name: "north".into(),
+            trust_domain: "north.local".into(),
+            ca_bundle_pem: ca.cert_pem().into(),
+        }),
+    };
+    let reused = stores[&1].join_with_token(&token, application(4)).await;
+    let message = reused.expect_err("a removed id").to_string();
+    assert!(
+        message.contains("member 4 was removed") && message.contains("new id"),
+        "{message}"
+    );
+    stores[&1]
+        .join_with_token(&token, application(5))
+        .await
+        .expect("rejoin under a new id, with the same token");
+    stores.insert(5, rejoiner);
+    wait_config(&stores, &[1, 2, 3, 5], &[]).await;
     shutdown_all(stores).await;
 }
 
