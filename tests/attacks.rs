@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use isthmus_core::ca::CertificateAuthority;
 use isthmus_core::client::ControlClient;
 use isthmus_core::identity::{Role, SpiffeId};
 use isthmus_core::proto::mesh::certificate_service_client::CertificateServiceClient;
@@ -19,6 +20,7 @@ use isthmus_core::proto::mesh::{
 use isthmus_demo::{Demo, DemoOptions};
 use isthmus_federation::proto::v1 as kv;
 use isthmus_federation::proto::v1::kv_client::KvClient;
+use isthmus_federation::proto::v1::raft_peer_client::RaftPeerClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
@@ -440,6 +442,56 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
         );
     }
 
+    // #3: a control-plane certificate for east's own trust domain from a CA outside the
+    // bundle set (an impostor's), on central's peer port: the handshake fails.
+    let central = demo.cluster("central").unwrap();
+    let central_peer = central.federation.to_string();
+    let central_ca = central.control.ca_pem().to_string();
+    let presenting = |identity: Arc<isthmus_core::tls::Identity>| {
+        ControlClient::authenticated(
+            &central_peer,
+            &central_ca,
+            isthmus_core::tls::identity_resolver(identity),
+        )
+        .unwrap()
+    };
+    let impostor_ca = CertificateAuthority::generate(&east.trust_domain).unwrap();
+    let impostor = KvClient::new(presenting(control_identity(&impostor_ca)).channel())
+        .status(kv::StatusRequest::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            impostor.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled
+        ),
+        "#3 the handshake should fail: {impostor:?}"
+    );
+
+    // #5: west's real control-plane certificate (issued from west's CA files) sending
+    // central a raft batch as east's member: dropped, PERMISSION_DENIED, counted.
+    let west_ca = CertificateAuthority::from_pem(
+        &west.trust_domain,
+        &std::fs::read_to_string(&west.ca_file).unwrap(),
+        &std::fs::read_to_string(west.ca_file.with_file_name("ca-key.pem")).unwrap(),
+    )
+    .unwrap();
+    let mismatched_before = central.store().peer_refusals().sender_mismatch;
+    let forged = RaftPeerClient::new(presenting(control_identity(&west_ca)).channel())
+        .send(kv::RaftBatch {
+            from: east.store().status().id,
+            to: central.store().status().id,
+            messages: Vec::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(forged.code(), Code::PermissionDenied, "#5 {forged:?}");
+    assert_eq!(
+        central.store().peer_refusals().sender_mismatch,
+        mismatched_before + 1,
+        "#5 counted"
+    );
+
     // #23: plaintext on 15012 gets no answer.
     let mut tcp = tokio::net::TcpStream::connect(&east_addr).await.unwrap();
     tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
@@ -570,6 +622,13 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
 
 /// The value of `series` (name and labels, as Prometheus prints them) on east's control-plane
 /// admin port; 0 when absent.
+/// A control-plane certificate of `ca`'s trust domain, as a member presents on 15017.
+fn control_identity(ca: &CertificateAuthority) -> Arc<isthmus_core::tls::Identity> {
+    let id = SpiffeId::control(ca.trust_domain());
+    let issued = ca.issue(&id, Duration::from_secs(600)).unwrap();
+    isthmus_core::tls::Identity::from_pem(id, &issued.cert_chain_pem, &issued.key_pem).unwrap()
+}
+
 async fn scrape(demo: &Demo, series: &str) -> f64 {
     let admin = demo.ports().clusters[0].admin["control"].clone();
     let mut tcp = tokio::net::TcpStream::connect(&admin).await.unwrap();
