@@ -14,13 +14,13 @@
 //! [`MemberTrust::follow`] keeps the peer port's bundles and directory in step with the
 //! replica; a binding that disappears takes the member's rights away at its next request.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use isthmus_core::ca::CertificateAuthority;
 use isthmus_core::identity::SpiffeId;
-use isthmus_core::keyspace::{ClusterRecord, CLUSTERS_PREFIX};
+use isthmus_core::keyspace::{ClusterRecord, CLUSTERS_PREFIX, REMOVED_MEMBERS_PREFIX};
 use isthmus_core::tls::{Identity, TrustBundles};
 use isthmus_federation::{MemberDirectory, PeerTls, Store};
 use tokio::sync::watch;
@@ -40,10 +40,16 @@ pub struct InitialMember {
 /// What the peer port trusts: trust domain → (member id, CA bundle PEM).
 pub type MemberTable = BTreeMap<String, (u64, String)>;
 
-/// Merges the pinned initial members with the replica's cluster records.
-pub fn member_table(pinned: &[InitialMember], records: &[ClusterRecord]) -> MemberTable {
+/// Merges the pinned initial members with the replica's cluster records, leaving out the
+/// members the federation removed (`removed`, from `members/removed/<id>`): a removed member
+/// loses its binding even where a config still pins it.
+pub fn member_table(
+    pinned: &[InitialMember],
+    records: &[ClusterRecord],
+    removed: &BTreeSet<u64>,
+) -> MemberTable {
     let mut table = MemberTable::new();
-    for m in pinned {
+    for m in pinned.iter().filter(|m| !removed.contains(&m.id)) {
         table.insert(
             m.trust_domain.to_ascii_lowercase(),
             (m.id, m.ca_pem.clone()),
@@ -51,7 +57,7 @@ pub fn member_table(pinned: &[InitialMember], records: &[ClusterRecord]) -> Memb
     }
     let mut claims: BTreeMap<String, Vec<&ClusterRecord>> = BTreeMap::new();
     for r in records {
-        if r.member_id.is_some() {
+        if r.member_id.is_some_and(|id| !removed.contains(&id)) {
             claims
                 .entry(r.trust_domain.to_ascii_lowercase())
                 .or_default()
@@ -136,7 +142,7 @@ impl MemberTrust {
             ca,
             lifetime,
         };
-        trust.install(&member_table(&trust.pinned, &[]));
+        trust.install(&member_table(&trust.pinned, &[], &BTreeSet::new()));
         Ok(trust)
     }
 
@@ -179,7 +185,12 @@ impl MemberTrust {
                     .into_iter()
                     .filter_map(|(_, r)| serde_json::from_slice(&r.value).ok())
                     .collect();
-                let table = member_table(&self.pinned, &records);
+                let removed: BTreeSet<u64> = store
+                    .list(REMOVED_MEMBERS_PREFIX)
+                    .into_iter()
+                    .filter_map(|(key, _)| key.strip_prefix(REMOVED_MEMBERS_PREFIX)?.parse().ok())
+                    .collect();
+                let table = member_table(&self.pinned, &records, &removed);
                 if table != installed {
                     self.install(&table);
                     tracing::info!(
@@ -299,6 +310,7 @@ mod tests {
                 // No member id: not a member.
                 record("south", "south.local", None, "PEM-south"),
             ],
+            &BTreeSet::new(),
         );
         assert_eq!(
             table,
@@ -318,7 +330,24 @@ mod tests {
                 record("north", "north.local", Some(4), "PEM-a"),
                 record("fake", "NORTH.local", Some(5), "PEM-b"),
             ],
+            &BTreeSet::new(),
         );
         assert_eq!(table.len(), 1, "{table:?}");
+    }
+
+    #[test]
+    fn removed_members_lose_their_binding_even_when_pinned() {
+        let table = member_table(
+            &[pinned(1, "east.local"), pinned(2, "west.local")],
+            &[
+                record("west", "west.local", Some(2), "PEM-west.local"),
+                record("north", "north.local", Some(4), "PEM-north"),
+            ],
+            &BTreeSet::from([2, 4]),
+        );
+        assert_eq!(
+            table,
+            MemberTable::from([("east.local".into(), (1, "PEM-east.local".into()))])
+        );
     }
 }
