@@ -3,6 +3,13 @@
 
 locals {
   peers = { for name, c in var.clusters : tostring(c.member_id) => c.federation_address }
+  # Each member's trust domain and CA, which the others' federation ports authenticate it by.
+  trust = {
+    for m in [module.east, module.west, module.central] : tostring(m.member_id) => {
+      trust_domain = m.trust_domain
+      ca_pem       = m.trust_bundle
+    }
+  }
 }
 
 provider "kubernetes" {
@@ -58,6 +65,7 @@ module "east" {
   locality         = var.clusters["east"].locality
   member_id        = var.clusters["east"].member_id
   federation_peers = local.peers
+  federation_trust = local.trust
   join             = false
   gateway_address  = var.clusters["east"].gateway_address
 }
@@ -73,6 +81,7 @@ module "west" {
   locality         = var.clusters["west"].locality
   member_id        = var.clusters["west"].member_id
   federation_peers = local.peers
+  federation_trust = local.trust
   join             = true
   gateway_address  = var.clusters["west"].gateway_address
 }
@@ -88,6 +97,7 @@ module "central" {
   locality         = var.clusters["central"].locality
   member_id        = var.clusters["central"].member_id
   federation_peers = local.peers
+  federation_trust = local.trust
   join             = true
   gateway_address  = var.clusters["central"].gateway_address
 }
@@ -109,6 +119,8 @@ module "federation" {
     for m in [module.east, module.west, module.central] : m.cluster => {
       member_id       = m.member_id
       peer_address    = m.federation_address
+      trust_domain    = m.trust_domain
+      trust_bundle    = m.trust_bundle
       locality        = m.locality == null ? "" : m.locality
       gateway_address = m.gateway_address == null ? "" : m.gateway_address
     }

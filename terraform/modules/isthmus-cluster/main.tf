@@ -35,6 +35,21 @@ locals {
   ca_key_pem      = var.ca_key_pem != "" ? var.ca_key_pem : tls_private_key.ca[0].private_key_pem_pkcs8
   bootstrap_token = var.bootstrap_token != "" ? var.bootstrap_token : random_password.bootstrap[0].result
 
+  trust_domain = "${var.cluster}.isthmus.local"
+
+  # The chart's federation.peers: this member by its address, every other one with its trust
+  # domain and CA certificate.
+  federation_peers = merge(
+    { for id, addr in var.federation_peers : id => addr if tonumber(id) == var.member_id },
+    {
+      for id, addr in var.federation_peers : id => {
+        addr        = addr
+        trustDomain = var.federation_trust[id].trust_domain
+        caPem       = var.federation_trust[id].ca_pem
+      } if tonumber(id) != var.member_id
+    },
+  )
+
   values = {
     cluster  = var.cluster
     locality = var.locality
@@ -44,7 +59,7 @@ locals {
     }
     federation = {
       nodeId = var.member_id
-      peers  = var.federation_peers
+      peers  = local.federation_peers
       join   = var.join
     }
     vipRange       = var.vip_range

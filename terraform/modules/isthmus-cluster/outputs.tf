@@ -28,6 +28,11 @@ output "control_service" {
   value       = "isthmus-control.${helm_release.isthmus.namespace}.svc:15012"
 }
 
+output "trust_domain" {
+  description = "The cluster's trust domain (<cluster>.isthmus.local)."
+  value       = local.trust_domain
+}
+
 output "trust_bundle" {
   description = "The cluster CA's certificate (PEM): what the other clusters trust for this one."
   value       = local.ca_cert_pem

@@ -43,6 +43,14 @@ variable "federation_peers" {
   type        = map(string)
 }
 
+variable "federation_trust" {
+  description = "Every other member's trust domain and CA certificate (PEM) by member id (each cluster module's trust_domain and trust_bundle outputs; this cluster's own entry, if given, is ignored): members authenticate each other with mutual TLS on the federation port."
+  type = map(object({
+    trust_domain = string
+    ca_pem       = string
+  }))
+}
+
 variable "join" {
   description = "true for a cluster joining a running federation (then join it with isthmus_cluster); false for the founding member."
   type        = bool

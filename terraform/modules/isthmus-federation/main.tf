@@ -11,6 +11,8 @@ resource "isthmus_cluster" "member" {
   name            = each.key
   member_id       = each.value.member_id
   peer_address    = each.value.peer_address
+  trust_domain    = each.value.trust_domain
+  trust_bundle    = each.value.trust_bundle
   locality        = each.value.locality == "" ? null : each.value.locality
   gateway_address = each.value.gateway_address == "" ? null : each.value.gateway_address
   join_token      = lookup(var.join_tokens, each.key, null)

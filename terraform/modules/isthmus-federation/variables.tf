@@ -4,10 +4,12 @@ variable "founder" {
 }
 
 variable "members" {
-  description = "Every cluster by name: its federation member id, its federation peer address (ip:port), and the locality and gateway address it must publish (empty: not checked)."
+  description = "Every cluster by name: its federation member id, its federation peer address (ip:port), its trust domain and CA certificate (PEM, recorded when it joins so the members authenticate it), and the locality and gateway address it must publish (empty: not checked)."
   type = map(object({
     member_id       = number
     peer_address    = string
+    trust_domain    = string
+    trust_bundle    = string
     locality        = string
     gateway_address = string
   }))
