@@ -13,9 +13,18 @@
 //!
 //! Both systems are driven the same way: one tonic channel per endpoint per 16 clients,
 //! unary Put RPCs, each client waiting for its answer before the next.
+//!
+//! With `FEDBENCH_TLS=DIR` both run over mutual TLS, as in production: our members with
+//! member certificates on the peer port (`DIR/m<i>-ca.pem`, `m<i>-ca-key.pem`: the CA of
+//! member i, trust domain `m<i>.bench.local`; the client presents member 1's control-plane
+//! certificate, as a member's control plane does), etcd with client and peer TLS and client
+//! certificates (`DIR/etcd-ca.pem`, `etcd-client.pem`, `etcd-client-key.pem`; the bench makes
+//! them with openssl).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -62,17 +71,117 @@ impl Client {
     }
 }
 
-async fn channel(addr: &str) -> Result<Channel> {
+/// `FEDBENCH_TLS`: the directory of the certificates, when both run over TLS.
+fn tls_dir() -> Option<PathBuf> {
+    std::env::var_os("FEDBENCH_TLS").map(PathBuf::from)
+}
+
+async fn channel(kind: &str, addr: &str) -> Result<Channel> {
+    match (tls_dir(), kind) {
+        (None, _) => Endpoint::from_shared(format!("http://{addr}"))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {addr}")),
+        (Some(dir), "ours") => {
+            // Member 1's control-plane certificate, trusting the members' bundles.
+            let tls = member_tls(&dir, 1)?;
+            let config = isthmus_core::api_tls::member_client_config(tls.identity, tls.bundles)?;
+            isthmus_core::api_tls::channel(addr, Arc::new(config)).map_err(|e| anyhow!(e))
+        }
+        (Some(dir), _) => etcd_tls_channel(&dir, addr).await,
+    }
+}
+
+/// Member `id`'s peer-port TLS: its control-plane certificate from its CA, the three
+/// members' bundles, and their trust domains bound to their ids.
+fn member_tls(dir: &Path, id: u64) -> Result<isthmus_federation::PeerTls> {
+    let read = |name: String| {
+        std::fs::read_to_string(dir.join(&name)).with_context(|| format!("reading {name}"))
+    };
+    let mut bundles = Vec::new();
+    let mut members = BTreeMap::new();
+    for i in 1..=3u64 {
+        let td = format!("m{i}.bench.local");
+        bundles.push((td.clone(), read(format!("m{i}-ca.pem"))?));
+        members.insert(td, i);
+    }
+    let trust = isthmus_core::tls::TrustBundles::new();
+    trust.replace(bundles.iter().map(|(td, pem)| (td.as_str(), pem.as_str())))?;
+    let td = format!("m{id}.bench.local");
+    let ca = isthmus_core::ca::CertificateAuthority::from_pem(
+        &td,
+        &read(format!("m{id}-ca.pem"))?,
+        &read(format!("m{id}-ca-key.pem"))?,
+    )?;
+    let spiffe = isthmus_core::identity::SpiffeId::control(&td);
+    let issued = ca.issue(&spiffe, Duration::from_secs(24 * 3600))?;
+    Ok(isthmus_federation::PeerTls {
+        identity: isthmus_core::tls::Identity::from_pem(
+            spiffe,
+            &issued.cert_chain_pem,
+            &issued.key_pem,
+        )?,
+        bundles: trust,
+        directory: isthmus_federation::MemberDirectory::new(members),
+    })
+}
+
+/// `fedbench certs DIR`: the three members' CAs.
+fn certs(dir: &str) -> Result<()> {
+    let dir = Path::new(dir);
+    std::fs::create_dir_all(dir)?;
+    for i in 1..=3 {
+        let ca = isthmus_core::ca::CertificateAuthority::generate(&format!("m{i}.bench.local"))?;
+        std::fs::write(dir.join(format!("m{i}-ca.pem")), ca.cert_pem())?;
+        std::fs::write(dir.join(format!("m{i}-ca-key.pem")), ca.key_pem())?;
+    }
+    Ok(())
+}
+
+/// A TLS channel to etcd at `addr` (an IP address: its certificate names it), presenting the
+/// bench's client certificate.
+async fn etcd_tls_channel(dir: &Path, addr: &str) -> Result<Channel> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(dir.join("etcd-ca.pem"))? {
+        roots.add(cert?)?;
+    }
+    let chain = CertificateDer::pem_file_iter(dir.join("etcd-client.pem"))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(dir.join("etcd-client-key.pem"))?;
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let target: SocketAddr = addr.parse()?;
     Endpoint::from_shared(format!("http://{addr}"))?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(2))
-        .connect()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let connector = connector.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(target).await?;
+                tcp.set_nodelay(true)?;
+                let tls = connector
+                    .connect(ServerName::IpAddress(target.ip().into()), tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
         .await
-        .with_context(|| format!("connecting to {addr}"))
+        .with_context(|| format!("connecting to etcd at {addr} over TLS"))
 }
 
 async fn client(kind: &str, addr: &str) -> Result<Client> {
-    let ch = channel(addr).await?;
+    let ch = channel(kind, addr).await?;
     Ok(match kind {
         "ours" => Client::Ours(fed::kv_client::KvClient::new(ch)),
         "etcd" => Client::Etcd(etcd::kv_client::KvClient::new(ch)),
@@ -151,7 +260,9 @@ async fn leader(kind: &str, endpoints: &[String]) -> Result<usize> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         for (i, e) in endpoints.iter().enumerate() {
-            let Ok(ch) = channel(e).await else { continue };
+            let Ok(ch) = channel(kind, e).await else {
+                continue;
+            };
             let is_leader = match kind {
                 "ours" => fed::kv_client::KvClient::new(ch)
                     .status(fed::StatusRequest {})
@@ -220,7 +331,10 @@ async fn serve(id: u64, dir: &str, tick_ms: u64, peers: &str) -> Result<()> {
     let addr = *map
         .get(&id)
         .ok_or_else(|| anyhow!("id {id} not in peers"))?;
-    let binding = isthmus_federation::bind(addr).await?;
+    let mut binding = isthmus_federation::bind(addr).await?;
+    if let Some(tls) = tls_dir() {
+        binding = binding.with_tls(member_tls(&tls, id)?);
+    }
     let store = binding
         .start(isthmus_federation::StoreOptions {
             data_dir: Some(dir.into()),
@@ -246,6 +360,7 @@ fn main() -> Result<()> {
             .as_slice()
         {
             ["serve", id, dir, tick, peers] => serve(id.parse()?, dir, tick.parse()?, peers).await,
+            ["certs", dir] => certs(dir),
             ["load", kind, clients, secs, eps] => {
                 load(
                     kind,
