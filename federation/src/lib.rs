@@ -914,26 +914,59 @@ impl Store {
     /// Consumes a join token: succeeds exactly once per token, before it expires (checked
     /// atomically in the replicated state machine). Fails with [`StoreError::Token`].
     pub async fn consume_join_token(&self, token: &str) -> Result<u64, StoreError> {
+        self.consume_join_token_creating(token, None).await
+    }
+
+    /// Consumes a join token and, in the same entry, creates `record` (key, value): both or
+    /// neither. A key that exists keeps the token and is refused naming the key.
+    async fn consume_join_token_creating(
+        &self,
+        token: &str,
+        record: Option<(String, Vec<u8>)>,
+    ) -> Result<u64, StoreError> {
         let (id, secret) = tokens::parse(token)?;
+        let key = record.as_ref().map(|(k, _)| k.clone()).unwrap_or_default();
+        if let Some((key, value)) = &record {
+            if value.len() > MAX_VALUE_BYTES {
+                return Err(StoreError::ValueTooLarge {
+                    key: key.clone(),
+                    size: value.len(),
+                    limit: MAX_VALUE_BYTES,
+                });
+            }
+        }
         let outcome = self
             .propose(Proposal::Write(Command::ConsumeToken {
                 id,
                 digest: tokens::digest(secret),
                 at_ms: isthmus_core::clock::unix_ms(),
+                record,
             }))
             .await?;
-        done(outcome, "")
+        match outcome {
+            Outcome::Conflict(current) => Err(StoreError::InvalidJoin {
+                field: "cluster",
+                reason: format!(
+                    "{key} was written by someone else while joining (revision {current:?}); \
+                     the token was kept"
+                ),
+            }),
+            outcome => done(outcome, ""),
+        }
     }
 
     /// What `isthmus cluster join --token` asks an existing member to do (docs/security.md
-    /// §5): check the application, consume the token, record the cluster (`clusters/<name>`,
-    /// with its trust domain, CA bundle and member id, so the members authenticate it), then
-    /// add the member (a voter while there are fewer than five, else a learner).
+    /// §5): check the application; in one entry, consume the token and record the cluster
+    /// (`clusters/<name>`, with its trust domain, CA bundle and member id, so the members
+    /// authenticate it); then add the member (a voter while there are fewer than five, else a
+    /// learner).
     ///
-    /// Refused before the token is touched when the id is taken, or the cluster's name or
-    /// trust domain is already another cluster's, or its bundle does not parse; a member whose
-    /// peer port serves TLS refuses an application without a cluster. The three writes are
-    /// separate entries: a failure after the token was consumed leaves it burnt.
+    /// Refused before the token is touched when the id is taken or was removed, or the
+    /// cluster's name or trust domain is already another cluster's, or its bundle does not
+    /// parse; a member whose peer port serves TLS refuses an application without a cluster. A
+    /// record written under the same name meanwhile refuses the entry and keeps the token. The
+    /// membership change is a second entry (raft's): should it fail, the token is spent and the
+    /// record stays, and a mesh admin removes it.
     pub async fn join_with_token(
         &self,
         token: &str,
@@ -978,18 +1011,7 @@ impl Store {
             }
             None => None,
         };
-        self.consume_join_token(token).await?;
-        if let Some((key, value)) = record {
-            if let Err(conflict) = self.compare_and_set(&key, None, value).await? {
-                return Err(StoreError::InvalidJoin {
-                    field: "cluster",
-                    reason: format!(
-                        "{key} was written by someone else while joining (revision {:?})",
-                        conflict.current_revision
-                    ),
-                });
-            }
-        }
+        self.consume_join_token_creating(token, record).await?;
         self.add_member(id, peer_addr, true).await
     }
 

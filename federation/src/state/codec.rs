@@ -82,11 +82,21 @@ pub(crate) fn encode_entry(id: ProposalId, command: &Command) -> Vec<u8> {
             expires_at_unix_ms: expires_at_ms,
             proposed_at_unix_ms: at_ms,
         }),
-        Command::ConsumeToken { id, digest, at_ms } => C::ConsumeToken(pb::ConsumeTokenCommand {
-            token_id: id,
+        Command::ConsumeToken {
+            id,
             digest,
-            proposed_at_unix_ms: at_ms,
-        }),
+            at_ms,
+            record,
+        } => {
+            let (record_key, record_value) = record.unwrap_or_default();
+            C::ConsumeToken(pb::ConsumeTokenCommand {
+                token_id: id,
+                digest,
+                proposed_at_unix_ms: at_ms,
+                record_key,
+                record_value,
+            })
+        }
     };
     pb::EntryData {
         proposal: Some(pb_id(id)),
@@ -131,6 +141,7 @@ pub(crate) fn decode_entry(data: &[u8]) -> Result<(ProposalId, Command), DecodeE
             id: c.token_id,
             digest: c.digest,
             at_ms: c.proposed_at_unix_ms,
+            record: (!c.record_key.is_empty()).then_some((c.record_key, c.record_value)),
         },
     };
     Ok((from_pb_id(id), command))

@@ -123,6 +123,9 @@ pub(crate) enum Command {
         id: String,
         digest: Vec<u8>,
         at_ms: u64,
+        /// A record created in the same entry (an admitted cluster's `clusters/<name>`):
+        /// the token is kept and nothing written when the key exists.
+        record: Option<(String, Vec<u8>)>,
     },
 }
 
@@ -383,7 +386,12 @@ impl StateMachine {
                 );
                 (None, done)
             }
-            Command::ConsumeToken { id, digest, at_ms } => {
+            Command::ConsumeToken {
+                id,
+                digest,
+                at_ms,
+                record,
+            } => {
                 // Expired tokens are dropped whenever any token is consumed.
                 self.tokens.retain(|_, t| t.expires_at_ms > at_ms);
                 match self.tokens.get(&id) {
@@ -394,10 +402,20 @@ impl StateMachine {
                     Some(t) if t.digest != digest => {
                         (None, Outcome::TokenRefused("the secret does not match"))
                     }
-                    Some(_) => {
-                        self.tokens.remove(&id);
-                        (None, done)
-                    }
+                    Some(_) => match record {
+                        Some((key, _)) if self.records.contains_key(&key) => {
+                            let current = self.records.get(&key).map(|s| s.record.revision);
+                            (None, Outcome::Conflict(current))
+                        }
+                        Some((key, value)) => {
+                            self.tokens.remove(&id);
+                            (Some(self.put(index, key, value, None)), done)
+                        }
+                        None => {
+                            self.tokens.remove(&id);
+                            (None, done)
+                        }
+                    },
                 }
             }
         }

@@ -70,6 +70,13 @@ fn entry_encoding_round_trips_every_command() {
             id: "t".to_string(),
             digest: vec![1, 2],
             at_ms: 3,
+            record: None,
+        },
+        Command::ConsumeToken {
+            id: "t".to_string(),
+            digest: vec![1, 2],
+            at_ms: 3,
+            record: Some(("clusters/north".to_string(), b"{}".to_vec())),
         },
     ] {
         let data = encode_entry(id(3), &command);
@@ -279,6 +286,7 @@ fn join_token_is_consumed_once_and_not_after_expiry() {
         id: id.to_string(),
         digest: vec![digest],
         at_ms: at,
+        record: None,
     };
     assert_eq!(
         outcome(sm.apply(2, id(1), mint("a", 1000))),
@@ -305,6 +313,48 @@ fn join_token_is_consumed_once_and_not_after_expiry() {
         Outcome::TokenRefused(_)
     ));
     assert!(sm.tokens.is_empty());
+}
+
+#[test]
+fn a_token_and_its_cluster_record_are_consumed_and_written_together_or_not_at_all() {
+    let mut sm = StateMachine::default();
+    let mint = |id: &str| Command::MintToken {
+        id: id.to_string(),
+        digest: vec![7],
+        expires_at_ms: 1000,
+        at_ms: 1,
+    };
+    let admit = |id: &str, key: &str| Command::ConsumeToken {
+        id: id.to_string(),
+        digest: vec![7],
+        at_ms: 10,
+        record: Some((key.to_string(), b"{\"name\":\"north\"}".to_vec())),
+    };
+    sm.apply(2, id(1), mint("a"));
+    sm.apply(3, id(2), put("clusters/south", b"{}"));
+    // The name is taken: nothing is written and the token stays.
+    assert_eq!(
+        outcome(sm.apply(4, id(3), admit("a", "clusters/south"))),
+        Outcome::Conflict(Some(3))
+    );
+    assert!(sm.tokens.contains_key("a"));
+    assert_eq!(
+        sm.get("clusters/south").map(|r| r.value),
+        Some(b"{}".to_vec())
+    );
+    // Both at once.
+    assert_eq!(
+        outcome(sm.apply(5, id(4), admit("a", "clusters/north"))),
+        Outcome::Done(5)
+    );
+    assert!(!sm.tokens.contains_key("a"));
+    assert_eq!(sm.get("clusters/north").map(|r| r.revision), Some(5));
+    // A wrong or spent token writes nothing.
+    assert!(matches!(
+        outcome(sm.apply(6, id(5), admit("a", "clusters/west"))),
+        Outcome::TokenRefused(_)
+    ));
+    assert!(sm.get("clusters/west").is_none());
 }
 
 #[test]
