@@ -363,7 +363,8 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
     );
 
     // #1: a member's federation port serves only the other members (mutual TLS with
-    // member certificates). Plaintext gets no HTTP answer.
+    // member certificates). Plaintext gets no HTTP answer, and is counted.
+    let not_tls_before = east.store().peer_refusals().not_tls;
     let mut tcp = tokio::net::TcpStream::connect(east.federation)
         .await
         .unwrap();
@@ -376,6 +377,10 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
         !back.windows(4).any(|w| w == b"HTTP") && back.first() != Some(&0),
         "#1 a plaintext client got an answer on the peer port: {back:?}"
     );
+    counted("#1 not_tls", || {
+        east.store().peer_refusals().not_tls > not_tls_before
+    })
+    .await;
     // TLS without a certificate reaches only Kv.Join; reads and writes are unauthenticated.
     let refused_before = east.store().peer_refusals();
     let peer_addr = east.federation.to_string();
@@ -455,6 +460,7 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
         )
         .unwrap()
     };
+    let bad_certificates_before = central.store().peer_refusals().bad_certificate;
     let impostor_ca = CertificateAuthority::generate(&east.trust_domain).unwrap();
     let impostor = KvClient::new(presenting(control_identity(&impostor_ca)).channel())
         .status(kv::StatusRequest::default())
@@ -467,6 +473,10 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
         ),
         "#3 the handshake should fail: {impostor:?}"
     );
+    counted("#3 bad_certificate", || {
+        central.store().peer_refusals().bad_certificate > bad_certificates_before
+    })
+    .await;
 
     // #5: west's real control-plane certificate (issued from west's CA files) sending
     // central a raft batch as east's member: dropped, PERMISSION_DENIED, counted.
@@ -622,6 +632,18 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
 
 /// The value of `series` (name and labels, as Prometheus prints them) on east's control-plane
 /// admin port; 0 when absent.
+/// Waits (briefly: the server counts as it closes the connection) until `check` holds.
+async fn counted(what: &str, check: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A control-plane certificate of `ca`'s trust domain, as a member presents on 15017.
 fn control_identity(ca: &CertificateAuthority) -> Arc<isthmus_core::tls::Identity> {
     let id = SpiffeId::control(ca.trust_domain());

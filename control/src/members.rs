@@ -229,9 +229,11 @@ fn issue(ca: &CertificateAuthority, lifetime: Duration) -> Result<Arc<Identity>,
 
 /// The peer port's refusals on the control plane's `/metrics`, read from the store at each
 /// scrape: `isthmus_control_federation_peer_refused_total{reason}` with `reason` one of
-/// `unauthenticated` (no certificate, a method other than `Kv.Join`), `not_a_member` (a
-/// certificate that is not a member control plane's) and `sender_mismatch` (a raft batch
-/// whose `from` is not the member the certificate is bound to).
+/// `unauthenticated` (no certificate, a method other than `Kv.JoinInfo`/`Kv.Join`),
+/// `not_a_member` (a certificate that is not a bound member control plane's),
+/// `sender_mismatch` (a raft batch whose `from` is not the member the certificate is bound
+/// to), and at the handshake `not_tls` (plaintext), `bad_certificate` (a chain that does not
+/// verify against the members' bundles) and `handshake_timeout`.
 pub struct PeerRefusalMetrics(Store);
 
 impl PeerRefusalMetrics {
@@ -263,6 +265,9 @@ impl prometheus_client::collector::Collector for PeerRefusalMetrics {
             ("unauthenticated", counts.unauthenticated),
             ("not_a_member", counts.not_a_member),
             ("sender_mismatch", counts.sender_mismatch),
+            ("not_tls", counts.not_tls),
+            ("bad_certificate", counts.bad_certificate),
+            ("handshake_timeout", counts.handshake_timeout),
         ] {
             let labels = [("reason", reason)];
             prometheus_client::metrics::counter::ConstCounter::new(n)

@@ -281,7 +281,58 @@ impl AsyncWrite for TlsConn {
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
+    stop: watch::Receiver<bool>,
+) -> (
+    tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>>,
+    tokio::task::JoinHandle<()>,
+) {
+    incoming_observed(listener, config, stop, None)
+}
+
+/// Why a TLS handshake on a server port failed, as far as the server can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// The first bytes were not a TLS record (plaintext HTTP/2, say).
+    NotTls,
+    /// The client's certificate did not verify (an unknown CA, a bad signature, expired).
+    BadCertificate,
+    /// A verified certificate that the server's own check refused (not a member, say).
+    Refused,
+    /// No handshake within the port's time limit.
+    Timeout,
+    /// Anything else (a reset connection, a protocol error).
+    Other,
+}
+
+impl HandshakeFailure {
+    /// Classifies a failed `accept`.
+    pub fn of(error: &io::Error) -> HandshakeFailure {
+        let Some(tls) = error
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+        else {
+            return HandshakeFailure::Other;
+        };
+        match tls {
+            rustls::Error::InvalidMessage(_) => HandshakeFailure::NotTls,
+            rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ) => HandshakeFailure::Refused,
+            rustls::Error::InvalidCertificate(_) => HandshakeFailure::BadCertificate,
+            _ => HandshakeFailure::Other,
+        }
+    }
+}
+
+/// Observes each failed handshake on a port.
+pub type HandshakeObserver = Arc<dyn Fn(HandshakeFailure) + Send + Sync>;
+
+/// Like [`incoming`], and tells `observer` why each failed handshake failed.
+pub fn incoming_observed(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
     mut stop: watch::Receiver<bool>,
+    observer: Option<HandshakeObserver>,
 ) -> (
     tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>>,
     tokio::task::JoinHandle<()>,
@@ -312,6 +363,7 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let observer = observer.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(inner)) => {
@@ -336,9 +388,17 @@ pub fn incoming(
                             .await;
                     }
                     Ok(Err(e)) => {
-                        tracing::debug!(%remote, error = %e, "TLS handshake failed")
+                        tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                        if let Some(observe) = &observer {
+                            observe(HandshakeFailure::of(&e));
+                        }
                     }
-                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                    Err(_) => {
+                        tracing::debug!(%remote, "TLS handshake timed out");
+                        if let Some(observe) = &observer {
+                            observe(HandshakeFailure::Timeout);
+                        }
+                    }
                 }
             });
         }
@@ -353,6 +413,33 @@ async fn until_stopped(stop: &mut watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_handshakes_are_classified_by_their_rustls_error() {
+        let wrap = |e: rustls::Error| io::Error::new(io::ErrorKind::InvalidData, e);
+        assert_eq!(
+            HandshakeFailure::of(&wrap(rustls::Error::InvalidMessage(
+                rustls::InvalidMessage::InvalidContentType
+            ))),
+            HandshakeFailure::NotTls
+        );
+        assert_eq!(
+            HandshakeFailure::of(&wrap(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer
+            ))),
+            HandshakeFailure::BadCertificate
+        );
+        assert_eq!(
+            HandshakeFailure::of(&wrap(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure
+            ))),
+            HandshakeFailure::Refused
+        );
+        assert_eq!(
+            HandshakeFailure::of(&io::Error::from(io::ErrorKind::ConnectionReset)),
+            HandshakeFailure::Other
+        );
+    }
     use crate::ca::CertificateAuthority;
     use crate::identity::SpiffeId;
 

@@ -469,8 +469,16 @@ impl Binding {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)));
         match (&self.tls, server_tls) {
             (Some(tls), Some(config)) => {
-                let (incoming, accepting) =
-                    isthmus_core::api_tls::incoming(self.listener, config, shutdown_rx);
+                let observer: isthmus_core::api_tls::HandshakeObserver = {
+                    let refusals = refusals.clone();
+                    Arc::new(move |failure| refusals.handshake_failed(failure))
+                };
+                let (incoming, accepting) = isthmus_core::api_tls::incoming_observed(
+                    self.listener,
+                    config,
+                    shutdown_rx,
+                    Some(observer),
+                );
                 tasks.push(accepting);
                 let guard = peer_tls::PeerGuardLayer {
                     directory: tls.directory.clone(),

@@ -97,6 +97,9 @@ pub(crate) struct PeerRefusals {
     pub(crate) unauthenticated: AtomicU64,
     pub(crate) not_a_member: AtomicU64,
     pub(crate) sender_mismatch: AtomicU64,
+    pub(crate) not_tls: AtomicU64,
+    pub(crate) bad_certificate: AtomicU64,
+    pub(crate) handshake_timeout: AtomicU64,
 }
 
 /// [`PeerRefusals`] as read at one moment.
@@ -108,6 +111,12 @@ pub struct PeerRefusalCounts {
     pub not_a_member: u64,
     /// `RaftPeer.Send` batches whose `from` is not the member the certificate is bound to.
     pub sender_mismatch: u64,
+    /// Connections whose first bytes were not TLS (plaintext gRPC, say).
+    pub not_tls: u64,
+    /// Handshakes whose client certificate did not verify against the members' bundles.
+    pub bad_certificate: u64,
+    /// Handshakes not finished within the port's time limit.
+    pub handshake_timeout: u64,
 }
 
 impl PeerRefusals {
@@ -116,7 +125,22 @@ impl PeerRefusals {
             unauthenticated: self.unauthenticated.load(Ordering::Relaxed),
             not_a_member: self.not_a_member.load(Ordering::Relaxed),
             sender_mismatch: self.sender_mismatch.load(Ordering::Relaxed),
+            not_tls: self.not_tls.load(Ordering::Relaxed),
+            bad_certificate: self.bad_certificate.load(Ordering::Relaxed),
+            handshake_timeout: self.handshake_timeout.load(Ordering::Relaxed),
         }
+    }
+
+    /// Counts a failed handshake (a member's own refusal is counted by [`accept_members`]).
+    pub(crate) fn handshake_failed(&self, failure: isthmus_core::api_tls::HandshakeFailure) {
+        use isthmus_core::api_tls::HandshakeFailure as F;
+        let counter = match failure {
+            F::NotTls => &self.not_tls,
+            F::BadCertificate => &self.bad_certificate,
+            F::Timeout => &self.handshake_timeout,
+            F::Refused | F::Other => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 
