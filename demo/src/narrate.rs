@@ -71,6 +71,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             cluster.name, s.id, cluster.federation, role, s.term, s.commit_index, s.applied_index
         );
     }
+    println!(
+        "    members authenticate each other with mutual TLS on their federation ports: each\n    \
+         presents its control plane's certificate (spiffe://<trust domain>/ns/isthmus-system/\n    \
+         sa/control) from its own cluster CA, and each trust domain is bound to one member id"
+    );
 
     step(
         3,
