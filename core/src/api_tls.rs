@@ -102,13 +102,22 @@ fn client_config_with(
     credential: Option<Arc<dyn ResolvesClientCert>>,
 ) -> Result<rustls::ClientConfig, TlsError> {
     let trust = TrustBundles::any_domain(ca_pem)?;
+    api_client_config(control_plane_verifier(trust), credential)
+}
+
+/// A client configuration of the API's kind (TLS 1.3, ALPN `h2`) verifying the server with
+/// `verifier` and presenting `credential`, if any.
+fn api_client_config(
+    verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+    credential: Option<Arc<dyn ResolvesClientCert>>,
+) -> Result<rustls::ClientConfig, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13])
     .map_err(TlsError::Config)?
     .dangerous()
-    .with_custom_certificate_verifier(tls::spiffe_verifier(trust, Arc::new(|id| id.is_control())));
+    .with_custom_certificate_verifier(verifier);
     let mut config = match credential {
         Some(credential) => builder.with_client_cert_resolver(credential),
         None => builder.with_no_client_auth(),
@@ -117,20 +126,19 @@ fn client_config_with(
     Ok(config)
 }
 
+/// Accepts a server whose chain verifies against the bundle of the trust domain it names,
+/// among `trust`, and whose SPIFFE ID is a control plane's.
+fn control_plane_verifier(
+    trust: Arc<TrustBundles>,
+) -> Arc<dyn rustls::client::danger::ServerCertVerifier> {
+    tls::spiffe_verifier(trust, Arc::new(|id| id.is_control()))
+}
+
 /// A joiner's first connection (docs/security.md §5): anonymous, and trusting no chain (see
 /// [`tls::UnverifiedServer`]); only for `Kv.JoinInfo`, whose answer the joiner checks against
 /// its token's digest.
 pub fn discovery_client_config() -> Result<rustls::ClientConfig, TlsError> {
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .map_err(TlsError::Config)?
-    .dangerous()
-    .with_custom_certificate_verifier(tls::UnverifiedServer::new())
-    .with_no_client_auth();
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    Ok(config)
+    api_client_config(tls::UnverifiedServer::new(), None)
 }
 
 /// Anonymous, trusting a control plane (API or peer port) whose chain verifies against the
@@ -139,19 +147,7 @@ pub fn discovery_client_config() -> Result<rustls::ClientConfig, TlsError> {
 pub fn client_config_for_bundles(
     bundles: Arc<TrustBundles>,
 ) -> Result<rustls::ClientConfig, TlsError> {
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .map_err(TlsError::Config)?
-    .dangerous()
-    .with_custom_certificate_verifier(tls::spiffe_verifier(
-        bundles,
-        Arc::new(|id| id.is_control()),
-    ))
-    .with_no_client_auth();
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    Ok(config)
+    api_client_config(control_plane_verifier(bundles), None)
 }
 
 /// A federation member's client side on the peer port (docs/security.md §4): presents
@@ -162,19 +158,10 @@ pub fn member_client_config(
     identity: Arc<Identity>,
     members: Arc<TrustBundles>,
 ) -> Result<rustls::ClientConfig, TlsError> {
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .map_err(TlsError::Config)?
-    .dangerous()
-    .with_custom_certificate_verifier(tls::spiffe_verifier(
-        members,
-        Arc::new(|id| id.is_control()),
-    ))
-    .with_client_cert_resolver(tls::identity_resolver(identity));
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    Ok(config)
+    api_client_config(
+        control_plane_verifier(members),
+        Some(tls::identity_resolver(identity)),
+    )
 }
 
 /// A lazily connecting gRPC channel to the control plane at `addr` (`host:port`) over TLS.

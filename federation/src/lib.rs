@@ -842,7 +842,8 @@ impl Store {
     }
 
     /// The keys the cluster of member `id` owns, its `clusters/<name>` record last; none when
-    /// no record names the member. Read linearizably: a grant written just before counts.
+    /// no record names the member. Read linearizably (the records first, after which this
+    /// replica holds at least that state): a grant written just before counts.
     async fn owned_by_member(&self, id: u64) -> Result<Vec<String>, StoreError> {
         use isthmus_core::keyspace::{self as ks, ClusterRecord, Key};
         let Some((record_key, record)) = self
@@ -854,7 +855,7 @@ impl Store {
         else {
             return Ok(Vec::new());
         };
-        let grants = self.list_linearizable(ks::MESH_ADMIN_GRANTS_PREFIX).await?;
+        let grants = self.list(ks::MESH_ADMIN_GRANTS_PREFIX);
         let theirs: Vec<String> = grants
             .iter()
             .filter(|(k, _)| {

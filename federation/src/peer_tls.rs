@@ -153,13 +153,22 @@ pub(crate) fn accept_members(
     refusals: Arc<PeerRefusals>,
 ) -> isthmus_core::tls::AcceptPrincipal {
     Arc::new(move |principal| {
-        let member = matches!(principal, Principal::Workload(id)
-            if id.is_control() && directory.member_of(id.trust_domain()).is_some());
+        let member = bound_member(&directory, principal).is_some();
         if !member {
             refusals.not_a_member.fetch_add(1, Ordering::Relaxed);
         }
         member
     })
+}
+
+/// The member `principal` is: a control plane whose trust domain is bound to one.
+fn bound_member(directory: &MemberDirectory, principal: &Principal) -> Option<PeerMember> {
+    match principal {
+        Principal::Workload(id) if id.is_control() => {
+            directory.member_of(id.trust_domain()).map(PeerMember)
+        }
+        _ => None,
+    }
 }
 
 /// The member a request on the peer port comes from, in the request's extensions when the
@@ -178,12 +187,7 @@ pub(crate) fn authenticate(
     caller: Option<&Principal>,
     path: &str,
 ) -> Result<Option<PeerMember>, Refusal> {
-    let member = match caller {
-        Some(Principal::Workload(id)) if id.is_control() => {
-            directory.member_of(id.trust_domain()).map(PeerMember)
-        }
-        _ => None,
-    };
+    let member = caller.and_then(|p| bound_member(directory, p));
     if member.is_some() || path == JOIN_PATH || path == JOIN_INFO_PATH {
         return Ok(member);
     }

@@ -15,8 +15,24 @@ fn hex(bytes: &[u8]) -> String {
 /// The digest of the federation's bundle set a token carries (`<id>.<secret>.<digest>`), if
 /// it carries one.
 pub fn federation_digest(token: &str) -> Option<&str> {
-    let (rest, digest) = token.trim().rsplit_once('.')?;
-    (rest.contains('.') && isthmus_core::join::is_digest(digest)).then_some(digest)
+    split_digest(token).ok()?.1
+}
+
+/// `<id>.<secret>[.<digest>]` → (`<id>.<secret>`, the digest); a third part that is not a
+/// digest is refused.
+fn split_digest(token: &str) -> Result<(&str, Option<&str>), StoreError> {
+    let token = token.trim();
+    match token.rsplit_once('.') {
+        Some((rest, digest)) if rest.contains('.') => {
+            if !isthmus_core::join::is_digest(digest) {
+                return Err(StoreError::Token(
+                    "malformed: expected <id>.<secret>.<digest>, the digest 64 hex digits",
+                ));
+            }
+            Ok((rest, Some(digest)))
+        }
+        _ => Ok((token, None)),
+    }
 }
 
 /// A fresh token id and secret.
@@ -38,18 +54,7 @@ pub(crate) fn digest(secret: &str) -> Vec<u8> {
 /// Splits a token into its id and secret (a trailing `.<digest>` of the federation's bundle
 /// set is the joiner's, not the store's).
 pub(crate) fn parse(token: &str) -> Result<(String, &str), StoreError> {
-    let token = token.trim();
-    let token = match token.rsplit_once('.') {
-        Some((rest, digest)) if rest.contains('.') => {
-            if !isthmus_core::join::is_digest(digest) {
-                return Err(StoreError::Token(
-                    "malformed: expected <id>.<secret>.<digest>, the digest 64 hex digits",
-                ));
-            }
-            rest
-        }
-        _ => token,
-    };
+    let (token, _) = split_digest(token)?;
     let (id, secret) = token
         .split_once('.')
         .ok_or(StoreError::Token("malformed: expected <id>.<secret>"))?;
