@@ -1,8 +1,7 @@
 //! The attacks of docs/security.md §12 that the code refuses today, run against a running
 //! demo federation (three clusters on loopback) with real gRPC and TCP clients. After each
 //! refused attack every member's store is what it was: the same keys, values and revisions.
-//! Rows whose rule is still planned (apply-time ownership) are listed in the doc and not run
-//! here.
+//! Rows whose rule is still planned (signed writers) are listed in the doc and not run here.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -442,6 +441,51 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
         );
     }
 
+    // Certificate-less connections to the peer port are bounded: the first that finds all
+    // of them taken is closed after its handshake (counted), and a freed one serves again.
+    drop((peer, no_cert));
+    let limit = isthmus_federation::PEER_MAX_ANONYMOUS_CONNECTIONS;
+    let limited_before = east.store().peer_refusals().anonymous_limit;
+    let mut held = Vec::new();
+    let refused = loop {
+        assert!(
+            held.len() <= limit,
+            "more than {limit} anonymous connections held"
+        );
+        let client = ControlClient::new(&peer_addr, &east_ca).unwrap();
+        let info = KvClient::new(client.channel())
+            .join_info(kv::JoinInfoRequest::default())
+            .await;
+        match info {
+            Ok(_) => held.push(client),
+            Err(status) => break status,
+        }
+    };
+    assert!(
+        held.len() + 2 >= limit,
+        "only {} anonymous connections served before {refused:?}",
+        held.len()
+    );
+    counted("the certificate-less limit", || {
+        east.store().peer_refusals().anonymous_limit > limited_before
+    })
+    .await;
+    drop(held);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let client = ControlClient::new(&peer_addr, &east_ca).unwrap();
+            let info = KvClient::new(client.channel())
+                .join_info(kv::JoinInfoRequest::default())
+                .await;
+            if info.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("a freed certificate-less connection serves again");
+
     // #3: a control-plane certificate for east's own trust domain from a CA outside the
     // bundle set (an impostor's), on central's peer port: the handshake fails.
     let central = demo.cluster("central").unwrap();
@@ -526,6 +570,97 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
         String::from_utf8_lossy(&back)
     );
 
+    // #15, #16: records only the store's rules refuse (the mesh admin may write any record
+    // through the API): refused on apply on every replica, naming what is wrong.
+    let impostor = isthmus_core::ca::CertificateAuthority::generate(&east.trust_domain).unwrap();
+    let record = serde_json::json!({
+        "name": "zzz",
+        "trustDomain": east.trust_domain,
+        "gateway": "127.0.0.1:9",
+        "caBundlePem": impostor.cert_pem(),
+    });
+    let mut kv_admin = KvClient::new(mesh_admin.channel());
+    let refused = kv_admin
+        .put(kv::PutRequest {
+            key: "clusters/zzz".into(),
+            value: serde_json::to_vec(&record).unwrap(),
+            lease_ttl_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "#15 {refused:?}");
+    assert!(
+        refused.message().contains(&format!(
+            "trust domain {} belongs to cluster east; cluster zzz cannot claim it",
+            east.trust_domain
+        )),
+        "#15 {refused:?}"
+    );
+    let central_export = east
+        .store()
+        .get("exports/default/ratings/central")
+        .expect("central exports ratings");
+    let mut export: serde_json::Value = serde_json::from_slice(&central_export.value).unwrap();
+    let foreign = format!("spiffe://{}/ns/default/sa/x", east.trust_domain);
+    export["identities"] = serde_json::json!([foreign]);
+    let refused = kv_admin
+        .put(kv::PutRequest {
+            key: "exports/default/ratings/central".into(),
+            value: serde_json::to_vec(&export).unwrap(),
+            lease_ttl_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "#16 {refused:?}");
+    assert!(
+        refused.message().contains(&format!(
+            "identity {foreign} is not in central's trust domain"
+        )),
+        "#16 {refused:?}"
+    );
+    for (series, what) in [("trust_domain_taken", "#15"), ("foreign_identity", "#16")] {
+        let series =
+            format!("isthmus_control_federation_entries_refused_total{{reason=\"{series}\"}}");
+        assert_eq!(scrape(&demo, &series).await, 1.0, "{what} is counted");
+    }
+
+    // #18: 5 000 concurrent streams on one connection and 200 more connections to 15012,
+    // all held open while an operator asks for the status.
+    let api = east.control.grpc_addr();
+    let flood = tokio::spawn(flood_streams(api, east_ca.clone(), 5000));
+    let mut crowd = Vec::new();
+    for _ in 0..200 {
+        let tcp = tokio::net::TcpStream::connect(api).await.unwrap();
+        let config = isthmus_core::api_tls::client_config(&east_ca).unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(isthmus_core::tls::mesh_server_name(), tcp)
+            .await
+            .expect("#18 a connection within the port's limit completes its handshake");
+        crowd.push(tls);
+    }
+    let started = std::time::Instant::now();
+    let status = tokio::time::timeout(
+        Duration::from_secs(2),
+        KvClient::new(east.control.client().channel()).status(kv::StatusRequest::default()),
+    )
+    .await;
+    assert!(
+        matches!(status, Ok(Ok(_))),
+        "#18 status during the flood: {status:?} after {:?}",
+        started.elapsed()
+    );
+    let flooded = flood.await.unwrap();
+    assert!(
+        flooded.accepted - flooded.answered
+            <= isthmus_core::api_tls::MAX_STREAMS_PER_CONNECTION as usize,
+        "#18 more streams held open than the limit: {flooded:?}"
+    );
+    assert!(
+        flooded.refused >= 1000 || flooded.goaway,
+        "#18 excess streams are refused: {flooded:?}"
+    );
+    drop(crowd);
+
     // East's control plane counted what it refused, on its admin port's /metrics.
     let refused = scrape(
         &demo,
@@ -541,89 +676,9 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
         "a refused attack changed the store"
     );
 
-    // #15, #16: records that pass the API (written by the mesh admin, as only the planned
-    // apply-time rules would refuse them) do not reach the data plane: a cluster claiming
-    // east's trust domain with another CA is left out of east's trust, and an export naming an
-    // identity of another trust domain is stripped of it.
-    let impostor = isthmus_core::ca::CertificateAuthority::generate(&east.trust_domain).unwrap();
-    let record = serde_json::json!({
-        "name": "zzz",
-        "trustDomain": east.trust_domain,
-        "gateway": "127.0.0.1:9",
-        "caBundlePem": impostor.cert_pem(),
-    });
-    let mut kv_admin = KvClient::new(mesh_admin.channel());
-    kv_admin
-        .put(kv::PutRequest {
-            key: "clusters/zzz".into(),
-            value: serde_json::to_vec(&record).unwrap(),
-            lease_ttl_ms: 0,
-        })
-        .await
-        .unwrap();
-    // A member cluster yyy (its own trust domain and CA) whose export also names an identity
-    // of east's trust domain.
-    let yyy = isthmus_core::ca::CertificateAuthority::generate("yyy.isthmus.local").unwrap();
-    let record = serde_json::json!({
-        "name": "yyy",
-        "trustDomain": "yyy.isthmus.local",
-        "gateway": "127.0.0.1:9",
-        "caBundlePem": yyy.cert_pem(),
-    });
-    kv_admin
-        .put(kv::PutRequest {
-            key: "clusters/yyy".into(),
-            value: serde_json::to_vec(&record).unwrap(),
-            lease_ttl_ms: 0,
-        })
-        .await
-        .unwrap();
-    let export = serde_json::json!({
-        "cluster": "yyy", "namespace": "default", "name": "forged",
-        "ports": [{"name": "http", "port": 9080, "protocol": "http"}],
-        "identities": [
-            format!("spiffe://{}/ns/default/sa/x", east.trust_domain),
-            "spiffe://yyy.isthmus.local/ns/default/sa/forged",
-        ],
-        "endpoints": 1, "healthyEndpoints": 1,
-    });
-    kv_admin
-        .put(kv::PutRequest {
-            key: "exports/default/forged/yyy".into(),
-            value: serde_json::to_vec(&export).unwrap(),
-            lease_ttl_ms: 0,
-        })
-        .await
-        .unwrap();
-    let config = wait_for_config(east.config.clone(), |c| {
-        c.service("default", "forged").is_some() && east.store().get("clusters/zzz").is_some()
-    })
-    .await;
-    assert!(
-        config.clusters.iter().all(|c| c.name != "zzz"),
-        "#15 zzz's claim reached east's data plane"
-    );
-    let own = config
-        .clusters
-        .iter()
-        .find(|c| c.name == "east")
-        .expect("east's own record");
-    assert_eq!(
-        own.ca_bundle_pem,
-        east.control.ca_pem(),
-        "#15 east's bundle"
-    );
-    let forged = config.service("default", "forged").unwrap();
-    assert_eq!(
-        forged.identities,
-        vec!["spiffe://yyy.isthmus.local/ns/default/sa/forged".to_string()],
-        "#16 the foreign identity was merged"
-    );
     demo.shutdown().await;
 }
 
-/// The value of `series` (name and labels, as Prometheus prints them) on east's control-plane
-/// admin port; 0 when absent.
 /// Whether a call failed because the server refused the TLS handshake (no method was
 /// reached). In TLS 1.3 the client sends its certificate last, so it sees the server close
 /// the connection rather than a handshake alert.
@@ -653,6 +708,8 @@ fn control_identity(ca: &CertificateAuthority) -> Arc<isthmus_core::tls::Identit
     isthmus_core::tls::Identity::from_pem(id, &issued.cert_chain_pem, &issued.key_pem).unwrap()
 }
 
+/// The value of `series` (name and labels, as Prometheus prints them) on east's control-plane
+/// admin port; 0 when absent.
 async fn scrape(demo: &Demo, series: &str) -> f64 {
     let admin = demo.ports().clusters[0].admin["control"].clone();
     let mut tcp = tokio::net::TcpStream::connect(&admin).await.unwrap();
@@ -668,20 +725,133 @@ async fn scrape(demo: &Demo, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Waits until a cluster's configuration (as its data plane receives it) satisfies `check`.
-async fn wait_for_config(
-    mut rx: tokio::sync::watch::Receiver<Arc<isthmus_core::mesh::MeshConfig>>,
-    check: impl Fn(&isthmus_core::mesh::MeshConfig) -> bool,
-) -> Arc<isthmus_core::mesh::MeshConfig> {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let c = rx.borrow_and_update().clone();
-            if check(&c) {
-                return c;
-            }
-            rx.changed().await.unwrap();
+/// What one connection flooding a server with streams saw.
+#[derive(Debug)]
+struct Flood {
+    /// Streams refused with `RST_STREAM(REFUSED_STREAM)`.
+    refused: usize,
+    /// Streams up to the last one the server's `GOAWAY` (if any) says it processed, and not
+    /// refused: those the server took and holds open, waiting for their body.
+    accepted: usize,
+    /// Streams the server answered anyway (headers or another reset).
+    answered: usize,
+    /// The server closed the connection with `GOAWAY`.
+    goaway: bool,
+}
+
+/// Opens `streams` gRPC streams at once on one HTTP/2 connection to `addr` (anonymous TLS),
+/// ignoring the server's stream limit as an attacker would: raw frames, headers only, no
+/// body, so every stream the server takes stays open. Reads what the server answers for up
+/// to 5 s.
+async fn flood_streams(addr: std::net::SocketAddr, ca_pem: String, streams: u32) -> Flood {
+    const HEADERS: u8 = 0x1;
+    const RST_STREAM: u8 = 0x3;
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+    const REFUSED_STREAM: [u8; 4] = 7u32.to_be_bytes();
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+    // HPACK: literal header fields without indexing, no Huffman coding.
+    fn literal(block: &mut Vec<u8>, name: &str, value: &str) {
+        block.push(0x00);
+        block.push(name.len() as u8);
+        block.extend_from_slice(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    let mut block = Vec::new();
+    for (name, value) in [
+        (":method", "POST"),
+        (":scheme", "https"),
+        // Sign takes a caller without a certificate, so each stream waits for its body.
+        (":path", "/isthmus.mesh.v1.CertificateService/Sign"),
+        (":authority", "control"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ] {
+        literal(&mut block, name, value);
+    }
+
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let config = isthmus_core::api_tls::client_config(&ca_pem).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(isthmus_core::tls::mesh_server_name(), tcp)
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    wr.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    wr.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+    async fn next<R: tokio::io::AsyncRead + Unpin>(rd: &mut R) -> Option<(u8, u8, u32, Vec<u8>)> {
+        let mut head = [0u8; 9];
+        rd.read_exact(&mut head).await.ok()?;
+        let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        rd.read_exact(&mut payload).await.ok()?;
+        Some((head[3], head[4], stream, payload))
+    }
+    // The server's SETTINGS first, acknowledged, then the flood.
+    loop {
+        let (kind, flags, _, _) = next(&mut rd).await.expect("the server's SETTINGS");
+        if kind == SETTINGS && flags & 0x1 == 0 {
+            break;
         }
-    })
-    .await
-    .expect("the configuration changes")
+    }
+    wr.write_all(&frame(SETTINGS, 0x1, 0, &[])).await.unwrap();
+    let writer = tokio::spawn(async move {
+        let mut out = Vec::new();
+        for i in 0..streams {
+            out.extend(frame(HEADERS, 0x4, 2 * i + 1, &block));
+            if out.len() > 64 * 1024 {
+                if wr.write_all(&out).await.is_err() {
+                    return;
+                }
+                out.clear();
+            }
+        }
+        let _ = wr.write_all(&out).await;
+        // Hold the write side open until the reader is done.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        drop(wr);
+    });
+    let mut refused = std::collections::BTreeSet::new();
+    let mut answered = std::collections::BTreeSet::new();
+    let mut last_processed = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while let Ok(Some((kind, _, stream, payload))) =
+        tokio::time::timeout_at(deadline, next(&mut rd)).await
+    {
+        match kind {
+            RST_STREAM if payload.get(..4) == Some(&REFUSED_STREAM) => {
+                refused.insert(stream);
+            }
+            HEADERS | RST_STREAM => {
+                answered.insert(stream);
+            }
+            GOAWAY if payload.len() >= 4 => {
+                last_processed = Some(
+                    u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
+                        & 0x7fff_ffff,
+                );
+                break;
+            }
+            _ => {}
+        }
+    }
+    writer.abort();
+    let last = last_processed.unwrap_or(2 * streams - 1);
+    let opened = (1..=last).step_by(2).count();
+    Flood {
+        refused: refused.len(),
+        accepted: opened - refused.iter().filter(|s| **s <= last).count(),
+        answered: answered.len(),
+        goaway: last_processed.is_some(),
+    }
 }

@@ -589,7 +589,7 @@ async fn a_second_process_on_a_data_directory_is_refused_naming_the_holder() {
 
     // The first member is untouched and still serves.
     api_client(dir.path(), 1, peers[&1])
-        .put("clusters/still", b"here".to_vec())
+        .put("load/still", b"here".to_vec())
         .await
         .unwrap();
     sigkill(&mut first).await;

@@ -148,13 +148,15 @@ impl Daemon {
         )
         .await?;
         let api_metrics = control.api_metrics().clone();
+        let api_trust = control.api_trust();
         let admin = ComponentAdmin::start_with(
             "control",
             config.admin_listen,
             control.config(),
             |registry| {
                 api_metrics.register(registry);
-                crate::members::PeerRefusalMetrics::register(store.clone(), registry);
+                isthmus_core::tls::TrustBundleMetrics::register(api_trust, registry);
+                crate::members::FederationMetrics::register(store.clone(), registry);
             },
         )
         .await

@@ -123,6 +123,8 @@ pub enum DiscoverySource {
 pub struct ControlHandle {
     grpc_addr: SocketAddr,
     api_metrics: authz::ApiMetrics,
+    /// The member bundles the API verifies client certificates against.
+    api_clients: Arc<isthmus_core::tls::TrustBundles>,
     ca: Arc<CertificateAuthority>,
     ca_pem: String,
     config: watch::Receiver<Arc<MeshConfig>>,
@@ -140,6 +142,12 @@ impl ControlHandle {
     /// The API's own metrics (refusals), for the admin server's registry.
     pub fn api_metrics(&self) -> &authz::ApiMetrics {
         &self.api_metrics
+    }
+
+    /// The member bundles the API verifies client certificates against (for
+    /// [`isthmus_core::tls::TrustBundleMetrics`]).
+    pub fn api_trust(&self) -> Arc<isthmus_core::tls::TrustBundles> {
+        self.api_clients.clone()
     }
 
     /// The cluster CA (PEM): what clients of the API port trust.
@@ -253,7 +261,10 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
         gateway: opts.gateway_address,
         ca_bundle_pem: opts.ca.cert_pem().to_string(),
         locality: opts.locality.clone(),
-        member_id: Some(store.status().id),
+        // The member this control plane runs. Without `members` the store may be one that
+        // several in-process control planes share (tests), so none claims its id: the store's
+        // rules give a member id to one cluster only.
+        member_id: opts.members.is_some().then(|| store.status().id),
         control: (!grpc_addr.ip().is_unspecified()).then_some(grpc_addr),
     };
     let desired0 = Desired {
@@ -368,7 +379,7 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
         api_clients.clone(),
         config_rx.clone(),
     ));
-    let tls = isthmus_core::api_tls::server_config(api_identity, api_clients)
+    let tls = isthmus_core::api_tls::server_config(api_identity, api_clients.clone())
         .map_err(|e| ControlError::Tls(e.to_string()))?;
     let mut grpc_stop = stopped.clone();
     let (incoming, accepting) =
@@ -414,6 +425,7 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
     Ok(ControlHandle {
         grpc_addr,
         api_metrics,
+        api_clients,
         ca: opts.ca.clone(),
         ca_pem: opts.ca.cert_pem().to_string(),
         config: config_rx,

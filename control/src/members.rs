@@ -55,9 +55,38 @@ pub fn member_table(
             (m.id, m.ca_pem.clone()),
         );
     }
+    // A member id belongs to one trust domain: a record claiming a pinned member's id for
+    // another trust domain, or an id that records of several trust domains claim, binds
+    // nothing (else one cluster's control plane could act as another's member).
+    let mut domains_of: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    for (td, (id, _)) in &table {
+        domains_of.entry(*id).or_default().insert(td.clone());
+    }
+    for r in records {
+        if let Some(id) = r.member_id {
+            domains_of
+                .entry(id)
+                .or_default()
+                .insert(r.trust_domain.to_ascii_lowercase());
+        }
+    }
+    let shared_id = |id: u64| domains_of.get(&id).is_some_and(|tds| tds.len() > 1);
     let mut claims: BTreeMap<String, Vec<&ClusterRecord>> = BTreeMap::new();
     for r in records {
         if r.member_id.is_some_and(|id| !removed.contains(&id)) {
+            let id = r.member_id.unwrap_or_default();
+            let pinned_here = table
+                .get(&r.trust_domain.to_ascii_lowercase())
+                .is_some_and(|(pinned, _)| *pinned == id);
+            if shared_id(id) && !pinned_here {
+                tracing::warn!(
+                    cluster = %r.name,
+                    trust_domain = %r.trust_domain,
+                    member = id,
+                    "a cluster record claims a member id another trust domain has; ignored"
+                );
+                continue;
+            }
             claims
                 .entry(r.trust_domain.to_ascii_lowercase())
                 .or_default()
@@ -227,33 +256,39 @@ fn issue(ca: &CertificateAuthority, lifetime: Duration) -> Result<Arc<Identity>,
         .map_err(|e| ControlError::Tls(e.to_string()))
 }
 
-/// The peer port's refusals on the control plane's `/metrics`, read from the store at each
-/// scrape: `isthmus_control_federation_peer_refused_total{reason}` with `reason` one of
-/// `unauthenticated` (no certificate, a method other than `Kv.JoinInfo`/`Kv.Join`),
-/// `not_a_member` (a certificate that is not a bound member control plane's),
-/// `sender_mismatch` (a raft batch whose `from` is not the member the certificate is bound
-/// to), and at the handshake `not_tls` (plaintext), `bad_certificate` (a chain that does not
-/// verify against the members' bundles) and `handshake_timeout`.
-pub struct PeerRefusalMetrics(Store);
+/// The federation member's refusals on the control plane's `/metrics`, read from the store
+/// at each scrape:
+///
+/// - `isthmus_control_federation_peer_refused_total{reason}`, the peer port's, with `reason`
+///   one of `unauthenticated` (no certificate, a method other than `Kv.JoinInfo`/`Kv.Join`),
+///   `not_a_member` (a certificate that is not a bound member control plane's),
+///   `sender_mismatch` (a raft batch whose `from` is not the member the certificate is bound
+///   to), and at the handshake `not_tls` (plaintext), `bad_certificate` (a chain that does
+///   not verify against the members' bundles), `handshake_timeout`, and `anonymous_limit` (a
+///   connection without a certificate beyond the port's 32);
+/// - `isthmus_control_federation_entries_refused_total{reason}`, the entries this replica's
+///   store rules refused on apply (`isthmus_core::keyspace::rules::Reason`'s labels).
+pub struct FederationMetrics(Store);
 
-impl PeerRefusalMetrics {
+impl FederationMetrics {
     pub fn register(store: Store, registry: &mut prometheus_client::registry::Registry) {
-        registry.register_collector(Box::new(PeerRefusalMetrics(store)));
+        registry.register_collector(Box::new(FederationMetrics(store)));
     }
 }
 
-impl std::fmt::Debug for PeerRefusalMetrics {
+impl std::fmt::Debug for FederationMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PeerRefusalMetrics")
+        f.write_str("FederationMetrics")
     }
 }
 
-impl prometheus_client::collector::Collector for PeerRefusalMetrics {
+impl prometheus_client::collector::Collector for FederationMetrics {
     fn encode(
         &self,
         mut encoder: prometheus_client::encoding::DescriptorEncoder,
     ) -> Result<(), std::fmt::Error> {
         use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
         let counts = self.0.peer_refusals();
         let mut family = encoder.encode_descriptor(
             "federation_peer_refused",
@@ -268,10 +303,18 @@ impl prometheus_client::collector::Collector for PeerRefusalMetrics {
             ("not_tls", counts.not_tls),
             ("bad_certificate", counts.bad_certificate),
             ("handshake_timeout", counts.handshake_timeout),
+            ("anonymous_limit", counts.anonymous_limit),
         ] {
-            let labels = [("reason", reason)];
-            prometheus_client::metrics::counter::ConstCounter::new(n)
-                .encode(family.encode_family(&labels)?)?;
+            ConstCounter::new(n).encode(family.encode_family(&[("reason", reason)])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "federation_entries_refused",
+            "Federation store entries this replica's rules refused on apply, by reason",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (reason, n) in self.0.entries_refused() {
+            ConstCounter::new(n).encode(family.encode_family(&[("reason", reason.label())])?)?;
         }
         Ok(())
     }
@@ -338,6 +381,30 @@ mod tests {
             &BTreeSet::new(),
         );
         assert_eq!(table.len(), 1, "{table:?}");
+    }
+
+    #[test]
+    fn a_member_id_belongs_to_one_trust_domain() {
+        let table = member_table(
+            &[pinned(1, "east.local")],
+            &[
+                record("east", "east.local", Some(1), "PEM-east.local"),
+                // Claims east's member id for its own trust domain: it would act as east.
+                record("zzz", "zzz.local", Some(1), "PEM-zzz"),
+                // Two trust domains claim member 7: neither is bound.
+                record("north", "north.local", Some(7), "PEM-north"),
+                record("yyy", "yyy.local", Some(7), "PEM-yyy"),
+                record("south", "south.local", Some(8), "PEM-south"),
+            ],
+            &BTreeSet::new(),
+        );
+        assert_eq!(
+            table,
+            MemberTable::from([
+                ("east.local".into(), (1, "PEM-east.local".into())),
+                ("south.local".into(), (8, "PEM-south".into())),
+            ])
+        );
     }
 
     #[test]

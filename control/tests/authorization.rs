@@ -301,9 +301,13 @@ async fn an_admin_writes_its_own_records_and_a_mesh_admin_the_mesh() {
     // Cluster east's admin (no grant) may change east's own export record.
     let bob = operator(&r.ca, &addr, trusted, Role::Admin, "bob");
     let mut kv = KvClient::new(bob.channel());
+    let export = serde_json::json!({
+        "cluster": "east", "namespace": "default", "name": "extra", "ports": [],
+        "identities": [], "endpoints": 0, "healthyEndpoints": 0,
+    });
     kv.put(kv::PutRequest {
         key: "exports/default/extra/east".into(),
-        value: b"{}".to_vec(),
+        value: serde_json::to_vec(&export).unwrap(),
         lease_ttl_ms: 0,
     })
     .await

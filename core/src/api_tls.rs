@@ -211,6 +211,8 @@ pub struct TlsConn {
     info: ApiConnInfo,
     /// One of the port's [`MAX_CONNECTIONS`], given back when the connection closes.
     _slot: OwnedSemaphorePermit,
+    /// One of the port's certificate-less connections, where it limits them.
+    _anonymous: Option<OwnedSemaphorePermit>,
 }
 
 impl Connected for TlsConn {
@@ -273,7 +275,7 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>>,
     tokio::task::JoinHandle<()>,
 ) {
-    incoming_observed(listener, config, stop, None)
+    incoming_observed(listener, config, stop, PortGuards::default())
 }
 
 /// Why a TLS handshake on a server port failed, as far as the server can tell.
@@ -287,6 +289,9 @@ pub enum HandshakeFailure {
     Refused,
     /// No handshake within the port's time limit.
     Timeout,
+    /// A client without a certificate while the port already holds as many such
+    /// connections as it takes ([`PortGuards::anonymous_limit`]): closed after the handshake.
+    AnonymousLimit,
     /// Anything else (a reset connection, a protocol error).
     Other,
 }
@@ -314,12 +319,22 @@ impl HandshakeFailure {
 /// Observes each failed handshake on a port.
 pub type HandshakeObserver = Arc<dyn Fn(HandshakeFailure) + Send + Sync>;
 
-/// Like [`incoming`], and tells `observer` why each failed handshake failed.
+/// What a port does beyond [`incoming`]'s defaults.
+#[derive(Default, Clone)]
+pub struct PortGuards {
+    /// Told why each failed handshake failed.
+    pub observer: Option<HandshakeObserver>,
+    /// At most this many established connections without a client certificate at once;
+    /// more are closed once their handshake shows no certificate.
+    pub anonymous_limit: Option<usize>,
+}
+
+/// Like [`incoming`], with `guards`.
 pub fn incoming_observed(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
     mut stop: watch::Receiver<bool>,
-    observer: Option<HandshakeObserver>,
+    guards: PortGuards,
 ) -> (
     tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>>,
     tokio::task::JoinHandle<()>,
@@ -327,6 +342,8 @@ pub fn incoming_observed(
     let (tx, rx) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let anonymous_slots = guards.anonymous_limit.map(|n| Arc::new(Semaphore::new(n)));
+    let observer = guards.observer;
     let accepting = tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -351,6 +368,7 @@ pub fn incoming_observed(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let observer = observer.clone();
+            let anonymous_slots = anonymous_slots.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(inner)) => {
@@ -361,6 +379,23 @@ pub fn incoming_observed(
                             .peer_certificates()
                             .and_then(|certs| certs.first())
                             .and_then(|leaf| tls::principal_in_der(leaf).ok());
+                        let anonymous = match (&caller, anonymous_slots) {
+                            (None, Some(slots)) => match slots.try_acquire_owned() {
+                                Ok(permit) => Some(permit),
+                                Err(_) => {
+                                    tracing::debug!(
+                                        %remote,
+                                        "TLS port at its limit of connections without a \
+                                         certificate; closing"
+                                    );
+                                    if let Some(observe) = &observer {
+                                        observe(HandshakeFailure::AnonymousLimit);
+                                    }
+                                    return;
+                                }
+                            },
+                            _ => None,
+                        };
                         let info = ApiConnInfo {
                             remote,
                             local,
@@ -371,6 +406,7 @@ pub fn incoming_observed(
                                 inner,
                                 info,
                                 _slot: slot,
+                                _anonymous: anonymous,
                             }))
                             .await;
                     }

@@ -141,6 +141,16 @@ pub struct TrustBundles {
     /// Bumped by every [`TrustBundles::replace`], so dialers waiting for a peer's bundle can
     /// try again as soon as it arrives ([`TrustBundles::changes`]).
     generation: tokio::sync::watch::Sender<u64>,
+    /// What [`TrustBundles::replace_each`] left out.
+    excluded: std::sync::Mutex<Excluded>,
+}
+
+/// The trust domains [`TrustBundles::replace_each`] left out last time, and how many times
+/// each has been left out (counted when it goes from installed to left out).
+#[derive(Default)]
+struct Excluded {
+    now: std::collections::BTreeSet<String>,
+    times: std::collections::BTreeMap<String, u64>,
 }
 
 impl fmt::Debug for TrustBundles {
@@ -190,7 +200,8 @@ impl TrustBundles {
 
     /// Like [`TrustBundles::replace`], but a bundle that does not parse (or claims `*`)
     /// leaves out only its own trust domain: every other one is installed. Returns the ones
-    /// left out, with the reason, for the caller to log.
+    /// newly left out (installed, or not named, by the previous call), with the reason, for
+    /// the caller to log once; [`TrustBundles::excluded_counts`] counts them.
     pub fn replace_each<'a>(
         &self,
         bundles: impl IntoIterator<Item = (&'a str, &'a str)>,
@@ -207,7 +218,25 @@ impl TrustBundles {
             // Each one parsed alone, so together they do too.
             tracing::error!(error = %e, "installing checked trust bundles failed");
         }
-        excluded
+        let mut state = self.excluded.lock().unwrap_or_else(|e| e.into_inner());
+        let now: std::collections::BTreeSet<String> =
+            excluded.iter().map(|(td, _)| td.clone()).collect();
+        let fresh: Vec<_> = excluded
+            .into_iter()
+            .filter(|(td, _)| !state.now.contains(td))
+            .collect();
+        for (td, _) in &fresh {
+            *state.times.entry(td.clone()).or_default() += 1;
+        }
+        state.now = now;
+        fresh
+    }
+
+    /// How many times each trust domain's bundle has been left out by
+    /// [`TrustBundles::replace_each`] (once per stretch of being left out), by trust domain.
+    pub fn excluded_counts(&self) -> Vec<(String, u64)> {
+        let state = self.excluded.lock().unwrap_or_else(|e| e.into_inner());
+        state.times.iter().map(|(td, n)| (td.clone(), *n)).collect()
     }
 
     /// Resolves on each later [`TrustBundles::replace`]: wait on `changed()`.
@@ -740,6 +769,46 @@ pub fn mesh_server_name() -> ServerName<'static> {
             .expect("MESH_SERVER_NAME is a valid DNS name")
             .to_owned(),
     )
+}
+
+/// `isthmus_<component>_trust_bundle_excluded_total{trust_domain}` on a component's
+/// `/metrics`: how many times a member's bundle was left out of `bundles` because it does not
+/// parse (each time it goes from installed to left out; it is logged then too).
+pub struct TrustBundleMetrics(Arc<TrustBundles>);
+
+impl TrustBundleMetrics {
+    pub fn register(
+        bundles: Arc<TrustBundles>,
+        registry: &mut prometheus_client::registry::Registry,
+    ) {
+        registry.register_collector(Box::new(TrustBundleMetrics(bundles)));
+    }
+}
+
+impl fmt::Debug for TrustBundleMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TrustBundleMetrics")
+    }
+}
+
+impl prometheus_client::collector::Collector for TrustBundleMetrics {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let mut family = encoder.encode_descriptor(
+            "trust_bundle_excluded",
+            "Times a member cluster's trust bundle was left out because it does not parse",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (trust_domain, n) in self.0.excluded_counts() {
+            prometheus_client::metrics::counter::ConstCounter::new(n)
+                .encode(family.encode_family(&[("trust_domain", trust_domain.as_str())])?)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

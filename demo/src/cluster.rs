@@ -343,7 +343,7 @@ impl DemoCluster {
             let metrics = control.api_metrics().clone();
             ComponentAdmin::start_with("control", loopback, control.config(), |registry| {
                 metrics.register(registry);
-                isthmus_control::members::PeerRefusalMetrics::register(store.clone(), registry);
+                isthmus_control::members::FederationMetrics::register(store.clone(), registry);
             })
             .await?
         });

@@ -59,7 +59,8 @@ impl Daemon {
         .with_context(|| format!("starting the DNS proxy on {}", config.dns))?;
         let admin =
             ComponentAdmin::start_with("dns", config.admin, attached.config.clone(), |registry| {
-                dns.metrics().register(registry)
+                dns.metrics().register(registry);
+                isthmus_core::tls::TrustBundleMetrics::register(attached.trust.clone(), registry);
             })
             .await
             .with_context(|| format!("binding listen.admin {}", config.admin))?;

@@ -66,7 +66,10 @@ impl Daemon {
             "gateway",
             config.admin,
             attached.config.clone(),
-            |registry| metrics.register(registry),
+            |registry| {
+                metrics.register(registry);
+                isthmus_core::tls::TrustBundleMetrics::register(attached.trust.clone(), registry);
+            },
         )
         .await
         .with_context(|| format!("binding listen.admin {}", config.admin))?;

@@ -21,6 +21,9 @@ pub(crate) const OLDEST_HEADER: &str = "x-isthmus-oldest-revision";
 const WATCH_BUFFER: usize = 256;
 /// Largest request accepted (a value plus its key).
 const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
+/// The largest request the peer port's `Kv` takes where it serves no writes: a `Kv.Join`
+/// (a cluster's name, trust domain and CA bundle) or a read.
+const MAX_PEER_REQUEST_BYTES: usize = 256 * 1024;
 
 /// One write a [`WriteGuard`] is asked about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +66,7 @@ impl KvService {
             guard: None,
             writes: false,
         })
-        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_decoding_message_size(MAX_PEER_REQUEST_BYTES)
         .max_encoding_message_size(usize::MAX)
     }
 
@@ -110,6 +113,10 @@ pub(crate) fn status(err: StoreError) -> Status {
             status
         }
         StoreError::NoLease { .. } => Status::not_found(message),
+        StoreError::Refused(refusal) if refusal.reason.is_precondition() => {
+            Status::failed_precondition(message)
+        }
+        StoreError::Refused(_) => Status::invalid_argument(message),
         StoreError::Token(_) => Status::permission_denied(message),
         StoreError::Membership(_) => Status::failed_precondition(message),
         StoreError::ProposalTimeout { .. } | StoreError::ReadTimeout { .. } => {

@@ -96,6 +96,10 @@ pub enum StoreError {
     /// Another member of this process is still using the data directory.
     #[error("data directory {0} is in use by another running member")]
     DataDirInUse(PathBuf),
+    /// The store's rules refused the write when it was applied (the same on every replica:
+    /// docs/security.md §7); nothing was written.
+    #[error("refused by the federation store's rules: {0}")]
+    Refused(isthmus_core::keyspace::rules::Refusal),
     /// A value larger than [`crate::MAX_VALUE_BYTES`] was given to a write.
     #[error("the value for {key:?} is {size} bytes; the federation store takes at most {limit} bytes per record")]
     ValueTooLarge {

@@ -76,10 +76,15 @@ use tokio_stream::wrappers::TcpListenerStream;
 /// The largest value one record may hold. The records Isthmus writes are a few kilobytes (an
 /// export with thousands of identities stays far below); the limit keeps one writer from
 /// making every replica hold, log and snapshot megabytes.
-pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
+pub const MAX_VALUE_BYTES: usize = isthmus_core::keyspace::rules::MAX_VALUE_BYTES;
 
 /// HTTP/2 streams one connection to the peer port may have open at once.
 const PEER_MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
+/// Connections without a client certificate the peer port holds at once (joiners' `Kv.JoinInfo`
+/// and `Kv.Join`; a member presents its certificate): more are closed after their handshake,
+/// counted as `anonymous_limit`.
+pub const PEER_MAX_ANONYMOUS_CONNECTIONS: usize = 32;
 
 /// The longest a join token may be valid.
 pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -477,7 +482,10 @@ impl Binding {
                     self.listener,
                     config,
                     shutdown_rx,
-                    Some(observer),
+                    isthmus_core::api_tls::PortGuards {
+                        observer: Some(observer),
+                        anonymous_limit: Some(PEER_MAX_ANONYMOUS_CONNECTIONS),
+                    },
                 );
                 tasks.push(accepting);
                 let guard = peer_tls::PeerGuardLayer {
@@ -1071,6 +1079,12 @@ impl Store {
         Ok((key, value))
     }
 
+    /// Entries this replica's store rules refused on apply since start, for every reason
+    /// (docs/security.md §7): every replica refuses the same entries.
+    pub fn entries_refused(&self) -> Vec<(isthmus_core::keyspace::rules::Reason, u64)> {
+        self.inner.replica.refused()
+    }
+
     /// Calls and raft batches the peer port refused since start, by reason (all zero when it
     /// serves plaintext).
     pub fn peer_refusals(&self) -> PeerRefusalCounts {
@@ -1107,6 +1121,7 @@ fn done(outcome: Outcome, key: &str) -> Result<u64, StoreError> {
             key: key.to_string(),
         }),
         Outcome::TokenRefused(reason) => Err(StoreError::Token(reason)),
+        Outcome::Refused(refusal) => Err(StoreError::Refused(refusal)),
         Outcome::Conflict(current) => Err(StoreError::Membership(format!(
             "unexpected conflict at revision {current:?}"
         ))),

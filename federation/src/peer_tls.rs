@@ -100,6 +100,7 @@ pub(crate) struct PeerRefusals {
     pub(crate) not_tls: AtomicU64,
     pub(crate) bad_certificate: AtomicU64,
     pub(crate) handshake_timeout: AtomicU64,
+    pub(crate) anonymous_limit: AtomicU64,
 }
 
 /// [`PeerRefusals`] as read at one moment.
@@ -117,6 +118,9 @@ pub struct PeerRefusalCounts {
     pub bad_certificate: u64,
     /// Handshakes not finished within the port's time limit.
     pub handshake_timeout: u64,
+    /// Connections without a certificate closed because the port held as many as it takes
+    /// (`PEER_MAX_ANONYMOUS_CONNECTIONS`).
+    pub anonymous_limit: u64,
 }
 
 impl PeerRefusals {
@@ -128,6 +132,7 @@ impl PeerRefusals {
             not_tls: self.not_tls.load(Ordering::Relaxed),
             bad_certificate: self.bad_certificate.load(Ordering::Relaxed),
             handshake_timeout: self.handshake_timeout.load(Ordering::Relaxed),
+            anonymous_limit: self.anonymous_limit.load(Ordering::Relaxed),
         }
     }
 
@@ -138,6 +143,7 @@ impl PeerRefusals {
             F::NotTls => &self.not_tls,
             F::BadCertificate => &self.bad_certificate,
             F::Timeout => &self.handshake_timeout,
+            F::AnonymousLimit => &self.anonymous_limit,
             F::Refused | F::Other => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);

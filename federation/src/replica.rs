@@ -8,7 +8,9 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tokio::sync::{broadcast, watch};
 
-use crate::state::{Applied, Command, ProposalId, Record, StateMachine, WatchEvent};
+use isthmus_core::keyspace::rules::Reason;
+
+use crate::state::{Applied, Command, Outcome, ProposalId, Record, StateMachine, WatchEvent};
 use crate::StoreError;
 
 /// How many change events a slow subscriber may fall behind before it sees `Lagged`.
@@ -107,6 +109,8 @@ pub(crate) struct Replica {
     known_peers: RwLock<std::collections::BTreeSet<u64>>,
     /// Counted by the peer server, reported in the status.
     pub(crate) rejected_peer_batches: AtomicU64,
+    /// Entries the store's rules refused on apply, by reason.
+    refused: std::sync::Mutex<std::collections::BTreeMap<Reason, u64>>,
 }
 
 impl Replica {
@@ -124,6 +128,7 @@ impl Replica {
             failure: std::sync::Mutex::new(None),
             known_peers: RwLock::new(Default::default()),
             rejected_peer_batches: AtomicU64::new(0),
+            refused: Default::default(),
         }
     }
 
@@ -148,6 +153,23 @@ impl Replica {
         let mut state = self.write();
         let applied = state.sm.apply(index, id, command);
         if let Applied::Done {
+            outcome: Outcome::Refused(refusal),
+            ..
+        } = &applied
+        {
+            tracing::warn!(
+                index,
+                reason = refusal.reason.label(),
+                "refused on apply: {refusal}"
+            );
+            *self
+                .refused
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(refusal.reason)
+                .or_default() += 1;
+        }
+        if let Applied::Done {
             event: Some(event), ..
         } = &applied
         {
@@ -161,6 +183,15 @@ impl Replica {
             let _ = self.events.send(event.clone());
         }
         applied
+    }
+
+    /// How many entries the rules refused on apply since start, for every reason.
+    pub(crate) fn refused(&self) -> Vec<(Reason, u64)> {
+        let counts = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        Reason::ALL
+            .iter()
+            .map(|r| (*r, counts.get(r).copied().unwrap_or(0)))
+            .collect()
     }
 
     /// Runs `f` on the state machine (for membership bookkeeping and snapshots).

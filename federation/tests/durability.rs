@@ -27,7 +27,7 @@ async fn acknowledged_writes_survive_a_restart_of_every_member() {
     agreed_leader(&fed.stores).await;
     let mut written = Vec::new();
     for i in 0..30 {
-        let key = format!("clusters/c{i}");
+        let key = format!("c/c{i}");
         let revision = fed.stores[&(1 + i % 3)]
             .put(&key, format!("v{i}").into_bytes())
             .await
@@ -53,7 +53,7 @@ async fn acknowledged_writes_survive_a_restart_of_every_member() {
         }
     }
     let after = fed.stores[&2]
-        .put("clusters/after", b"x".to_vec())
+        .put("c/after", b"x".to_vec())
         .await
         .expect("writes work after the restart");
     assert!(after > written.last().map(|w| w.1).unwrap_or(0));
@@ -66,7 +66,7 @@ async fn leader_dropped_without_shutdown_rejoins_from_disk_with_every_acknowledg
     let leader = agreed_leader(&fed.stores).await;
     for i in 0..25 {
         fed.stores[&leader]
-            .put(&format!("exports/before/{i}"), b"1".to_vec())
+            .put(&format!("e/before/{i}"), b"1".to_vec())
             .await
             .expect("put");
     }
@@ -75,7 +75,7 @@ async fn leader_dropped_without_shutdown_rejoins_from_disk_with_every_acknowledg
     let survivor = *fed.stores.keys().next().expect("a survivor");
     for i in 0..40 {
         fed.stores[&survivor]
-            .put(&format!("exports/during/{i}"), b"2".to_vec())
+            .put(&format!("e/during/{i}"), b"2".to_vec())
             .await
             .expect("majority keeps writing");
     }
@@ -84,8 +84,7 @@ async fn leader_dropped_without_shutdown_rejoins_from_disk_with_every_acknowledg
         .expect("restart the crashed member");
     eventually("the restarted member to hold every write", || async {
         let store = &fed.stores[&leader];
-        (store.list("exports/before/").len() == 25 && store.list("exports/during/").len() == 40)
-            .then_some(())
+        (store.list("e/before/").len() == 25 && store.list("e/during/").len() == 40).then_some(())
     })
     .await;
     fed.shutdown().await;
@@ -97,10 +96,10 @@ async fn member_down_during_many_writes_catches_up_from_a_snapshot() {
     let leader = agreed_leader(&fed.stores).await;
     let lagging = if leader == 3 { 2 } else { 3 };
     fed.stores[&leader]
-        .put("clusters/first", b"1".to_vec())
+        .put("c/first", b"1".to_vec())
         .await
         .expect("put");
-    visible_everywhere(&fed.stores, "clusters/first", b"1").await;
+    visible_everywhere(&fed.stores, "c/first", b"1").await;
     let left_at = fed.stores[&lagging].status().applied_index;
     fed.stores
         .remove(&lagging)
@@ -112,7 +111,7 @@ async fn member_down_during_many_writes_catches_up_from_a_snapshot() {
     let mut last = 0;
     for i in 0..200 {
         last = writer
-            .put(&format!("exports/ns/svc{i}/east"), vec![b'x'; 64])
+            .put(&format!("e/ns/svc{i}/east"), vec![b'x'; 64])
             .await
             .expect("put while a member is down");
     }
@@ -129,7 +128,7 @@ async fn member_down_during_many_writes_catches_up_from_a_snapshot() {
         (*fed.stores[&lagging].revision().borrow() >= last).then_some(())
     })
     .await;
-    assert_eq!(fed.stores[&lagging].list("exports/").len(), 200);
+    assert_eq!(fed.stores[&lagging].list("e/").len(), 200);
     assert_eq!(
         fed.stores[&lagging].list(""),
         fed.stores[&leader].list(""),
@@ -142,11 +141,8 @@ async fn member_down_during_many_writes_catches_up_from_a_snapshot() {
 async fn damaged_log_is_refused_at_start_naming_the_file_and_offset() {
     let mut fed = DurableFederation::start(3, no_change).await;
     agreed_leader(&fed.stores).await;
-    fed.stores[&1]
-        .put("clusters/x", b"1".to_vec())
-        .await
-        .expect("put");
-    visible_everywhere(&fed.stores, "clusters/x", b"1").await;
+    fed.stores[&1].put("c/x", b"1".to_vec()).await.expect("put");
+    visible_everywhere(&fed.stores, "c/x", b"1").await;
     fed.stores.remove(&3).expect("member").shutdown().await;
 
     let raft_dir = fed.dir(3).join("raft");
@@ -190,11 +186,11 @@ async fn a_torn_final_record_is_cut_at_start_and_the_member_catches_up() {
     agreed_leader(&fed.stores).await;
     for i in 0..5 {
         fed.stores[&1]
-            .put(&format!("clusters/t{i}"), b"1".to_vec())
+            .put(&format!("c/t{i}"), b"1".to_vec())
             .await
             .expect("put");
     }
-    visible_everywhere(&fed.stores, "clusters/t4", b"1").await;
+    visible_everywhere(&fed.stores, "c/t4", b"1").await;
     fed.stores.remove(&3).expect("member").shutdown().await;
 
     // A crash in the middle of writing the last record: its bytes stop short.
@@ -214,12 +210,12 @@ async fn a_torn_final_record_is_cut_at_start_and_the_member_catches_up() {
     fed.restart(3).await.expect("a torn tail is cut, not fatal");
     // What the cut took, the leader sends again; new writes reach it too.
     for i in 0..5 {
-        visible_everywhere(&fed.stores, &format!("clusters/t{i}"), b"1").await;
+        visible_everywhere(&fed.stores, &format!("c/t{i}"), b"1").await;
     }
     fed.stores[&2]
-        .put("clusters/after", b"2".to_vec())
+        .put("c/after", b"2".to_vec())
         .await
         .expect("put");
-    visible_everywhere(&fed.stores, "clusters/after", b"2").await;
+    visible_everywhere(&fed.stores, "c/after", b"2").await;
     fed.shutdown().await;
 }

@@ -46,17 +46,17 @@ async fn leader_killed_new_leader_commits_within_three_election_timeouts(wire: W
     let (mut stores, _filter) = federation(wire, Duration::from_secs(10)).await;
     let leader = agreed_leader(&stores).await;
     stores[&leader]
-        .put("clusters/before", b"1".to_vec())
+        .put("c/before", b"1".to_vec())
         .await
         .expect("put");
-    visible_everywhere(&stores, "clusters/before", b"1").await;
+    visible_everywhere(&stores, "c/before", b"1").await;
     let killed = stores.remove(&leader).expect("leader");
     let survivor = stores.values().next().expect("survivor").clone();
 
     let started = tokio::time::Instant::now();
     killed.shutdown().await;
     survivor
-        .put("clusters/after", b"2".to_vec())
+        .put("c/after", b"2".to_vec())
         .await
         .expect("write after the leader died");
     let took = started.elapsed();
@@ -65,7 +65,7 @@ async fn leader_killed_new_leader_commits_within_three_election_timeouts(wire: W
         "{wire:?}: first commit after the kill took {took:?}, more than 3 election timeouts ({:?})",
         election_timeout() * 3
     );
-    visible_everywhere(&stores, "clusters/after", b"2").await;
+    visible_everywhere(&stores, "c/after", b"2").await;
     shutdown_all(stores).await;
 }
 
@@ -83,18 +83,16 @@ async fn minority_refuses_writes_majority_carries_on_and_all_converge(wire: Wire
     let (stores, filter) = federation(wire, Duration::from_millis(1500)).await;
     let leader = agreed_leader(&stores).await;
     stores[&leader]
-        .put("clusters/before", b"0".to_vec())
+        .put("c/before", b"0".to_vec())
         .await
         .expect("put");
-    visible_everywhere(&stores, "clusters/before", b"0").await;
+    visible_everywhere(&stores, "c/before", b"0").await;
 
     // The leader alone on one side.
     let majority: Vec<u64> = stores.keys().copied().filter(|&id| id != leader).collect();
     filter.partition(&[leader], &majority);
 
-    let minority_write = stores[&leader]
-        .put("clusters/minority", b"x".to_vec())
-        .await;
+    let minority_write = stores[&leader].put("c/minority", b"x".to_vec()).await;
     match &minority_write {
         Err(err @ StoreError::ProposalTimeout { .. }) => {
             assert!(
@@ -104,7 +102,7 @@ async fn minority_refuses_writes_majority_carries_on_and_all_converge(wire: Wire
         }
         other => panic!("{wire:?}: the minority accepted a write: {other:?}"),
     }
-    let read = stores[&leader].get_linearizable("clusters/before").await;
+    let read = stores[&leader].get_linearizable("c/before").await;
     assert!(
         matches!(read, Err(StoreError::ReadTimeout { .. })),
         "{wire:?}: minority served a linearizable read: {read:?}"
@@ -116,7 +114,7 @@ async fn minority_refuses_writes_majority_carries_on_and_all_converge(wire: Wire
         .collect();
     for i in 0..10 {
         stores[&majority[i % 2]]
-            .put(&format!("clusters/majority{i}"), b"m".to_vec())
+            .put(&format!("c/majority{i}"), b"m".to_vec())
             .await
             .expect("the majority carries on");
     }
@@ -129,7 +127,7 @@ async fn minority_refuses_writes_majority_carries_on_and_all_converge(wire: Wire
         (states.windows(2).all(|w| w[0] == w[1]) && states[0].len() == 11).then_some(())
     })
     .await;
-    assert!(stores[&leader].get("clusters/minority").is_none());
+    assert!(stores[&leader].get("c/minority").is_none());
     shutdown_all(stores).await;
 }
 

@@ -27,11 +27,11 @@ async fn writes_through_any_member_and_reads_from_any_other() {
     let mut reader = client(&stores[&other]).await;
 
     let revision = writer
-        .put("clusters/east", b"e".to_vec())
+        .put("c/east", b"e".to_vec())
         .await
         .expect("put on a follower is forwarded");
     let record = reader
-        .get("clusters/east", true)
+        .get("c/east", true)
         .await
         .expect("get")
         .expect("present");
@@ -41,7 +41,7 @@ async fn writes_through_any_member_and_reads_from_any_other() {
     );
 
     let conflict = reader
-        .compare_and_set("clusters/east", Some(revision - 1), b"x".to_vec())
+        .compare_and_set("c/east", Some(revision - 1), b"x".to_vec())
         .await
         .expect("cas");
     assert_eq!(
@@ -51,25 +51,18 @@ async fn writes_through_any_member_and_reads_from_any_other() {
         })
     );
     let updated = reader
-        .compare_and_set("clusters/east", Some(revision), b"e2".to_vec())
+        .compare_and_set("c/east", Some(revision), b"e2".to_vec())
         .await
         .expect("cas")
         .expect("applied");
-    writer
-        .put("clusters/west", b"w".to_vec())
-        .await
-        .expect("put");
-    let (list_revision, listed) = reader.list("clusters/", true).await.expect("list");
+    writer.put("c/west", b"w".to_vec()).await.expect("put");
+    let (list_revision, listed) = reader.list("c/", true).await.expect("list");
     assert!(list_revision > updated);
     let keys: Vec<&str> = listed.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(keys, ["clusters/east", "clusters/west"]);
-    let deleted = writer.delete("clusters/west").await.expect("delete");
+    assert_eq!(keys, ["c/east", "c/west"]);
+    let deleted = writer.delete("c/west").await.expect("delete");
     assert!(deleted > updated);
-    assert!(reader
-        .get("clusters/west", true)
-        .await
-        .expect("get")
-        .is_none());
+    assert!(reader.get("c/west", true).await.expect("get").is_none());
 
     let status = reader.status().await.expect("status");
     assert_eq!(status.id, other);
@@ -84,8 +77,8 @@ async fn watch_over_grpc_resumes_after_a_reconnect_and_old_revisions_are_refused
     let stores = start_federation(3).await;
     agreed_leader(&stores).await;
     let mut kv = client(&stores[&2]).await;
-    let first = kv.put("exports/a", b"1".to_vec()).await.expect("put");
-    let mut watch = kv.watch("exports/", first).await.expect("watch");
+    let first = kv.put("e/a", b"1".to_vec()).await.expect("put");
+    let mut watch = kv.watch("e/", first).await.expect("watch");
     let event = tokio::time::timeout(DEADLINE, watch.next())
         .await
         .expect("in time")
@@ -95,8 +88,8 @@ async fn watch_over_grpc_resumes_after_a_reconnect_and_old_revisions_are_refused
     let resume = watch.next_revision();
     drop(watch);
 
-    let second = kv.put("exports/b", b"2".to_vec()).await.expect("put");
-    let mut watch = kv.watch("exports/", resume).await.expect("rewatch");
+    let second = kv.put("e/b", b"2".to_vec()).await.expect("put");
+    let mut watch = kv.watch("e/", resume).await.expect("rewatch");
     let event = tokio::time::timeout(DEADLINE, watch.next())
         .await
         .expect("in time")
@@ -105,14 +98,14 @@ async fn watch_over_grpc_resumes_after_a_reconnect_and_old_revisions_are_refused
     assert_eq!(
         event,
         WatchEvent::Put {
-            key: "exports/b".to_string(),
+            key: "e/b".to_string(),
             value: b"2".to_vec(),
             revision: second
         }
     );
 
     // Revision 1 is the bootstrap snapshot: nothing before it can be replayed.
-    let refused = match kv.watch("exports/", 1).await {
+    let refused = match kv.watch("e/", 1).await {
         Err(err) => err,
         Ok(_) => panic!("expected compacted"),
     };
@@ -134,15 +127,13 @@ async fn an_oversized_value_is_refused_naming_the_limit_and_nothing_changes() {
     let stores = start_federation(1).await;
     agreed_leader(&stores).await;
     let mut c = client(&stores[&1]).await;
-    c.put("clusters/east", b"small".to_vec())
-        .await
-        .expect("put");
+    c.put("c/east", b"small".to_vec()).await.expect("put");
     let before = c.list("", true).await.expect("list");
 
     let too_big = vec![b'x'; isthmus_federation::MAX_VALUE_BYTES + 1];
     for refused in [
-        c.put("clusters/east", too_big.clone()).await.map(|_| ()),
-        c.compare_and_set("clusters/east", None, too_big.clone())
+        c.put("c/east", too_big.clone()).await.map(|_| ()),
+        c.compare_and_set("c/east", None, too_big.clone())
             .await
             .map(|_| ()),
     ] {
@@ -155,10 +146,10 @@ async fn an_oversized_value_is_refused_naming_the_limit_and_nothing_changes() {
     }
     // Exactly the limit is fine, on another key; the refused key is untouched.
     let limit = vec![b'y'; isthmus_federation::MAX_VALUE_BYTES];
-    c.put("clusters/big", limit).await.expect("at the limit");
+    c.put("c/big", limit).await.expect("at the limit");
     let after = c.list("", true).await.expect("list");
     assert_eq!(
-        after.1.iter().find(|(k, _)| k == "clusters/east"),
-        before.1.iter().find(|(k, _)| k == "clusters/east")
+        after.1.iter().find(|(k, _)| k == "c/east"),
+        before.1.iter().find(|(k, _)| k == "c/east")
     );
 }

@@ -52,7 +52,7 @@ async fn fourth_member_added_as_learner_catches_up_and_replicates() {
     let mut stores = start_federation(3).await;
     agreed_leader(&stores).await;
     stores[&1]
-        .put("clusters/before", b"1".to_vec())
+        .put("c/before", b"1".to_vec())
         .await
         .expect("put");
     let joiner = start_joiner(4, &stores).await;
@@ -62,20 +62,17 @@ async fn fourth_member_added_as_learner_catches_up_and_replicates() {
         .expect("add learner");
     stores.insert(4, joiner);
     wait_config(&stores, &[1, 2, 3], &[4]).await;
-    visible_everywhere(&stores, "clusters/before", b"1").await;
-    stores[&3]
-        .put("clusters/after", b"2".to_vec())
-        .await
-        .expect("put");
-    visible_everywhere(&stores, "clusters/after", b"2").await;
+    visible_everywhere(&stores, "c/before", b"1").await;
+    stores[&3].put("c/after", b"2".to_vec()).await.expect("put");
+    visible_everywhere(&stores, "c/after", b"2").await;
     assert!(stores[&4].status().is_learner());
     assert_eq!(stores[&4].members().len(), 4);
     // A learner forwards writes too.
     stores[&4]
-        .put("clusters/from-learner", b"3".to_vec())
+        .put("c/from-learner", b"3".to_vec())
         .await
         .expect("put through the learner");
-    visible_everywhere(&stores, "clusters/from-learner", b"3").await;
+    visible_everywhere(&stores, "c/from-learner", b"3").await;
     shutdown_all(stores).await;
 }
 
@@ -223,16 +220,19 @@ async fn removing_a_cluster_removes_what_it_owned_unless_it_holds_every_mesh_adm
     wait_config(&stores, &[1, 2, 3, 4], &[]).await;
     let north_owned = [
         "exports/default/ratings/north",
-        "kubernetes-policies/north/VirtualService/default/reviews",
+        "kubernetes-policies/north/virtualservice/default/reviews",
         "grants/mesh-admin/north.local/ann",
     ];
     let others = [
+        "clusters/east",
         "exports/default/ratings/east",
-        "kubernetes-policies/east/VirtualService/default/reviews",
-        "policies/VirtualService/default/reviews",
+        "kubernetes-policies/east/virtualservice/default/reviews",
+        "policies/virtualservice/default/reviews",
     ];
-    for key in north_owned.iter().chain(&others) {
-        stores[&2].put(key, b"{}".to_vec()).await.expect("put");
+    let east_ca = isthmus_core::ca::CertificateAuthority::generate("east.local").expect("a CA");
+    for key in others.iter().chain(&north_owned) {
+        let value = valid_record(key, east_ca.cert_pem());
+        stores[&2].put(key, value).await.expect("put");
     }
 
     // Every mesh-admin grant is of north's trust domain: refused, nothing changes.
@@ -247,7 +247,10 @@ async fn removing_a_cluster_removes_what_it_owned_unless_it_holds_every_mesh_adm
 
     // With a mesh admin elsewhere, the removal takes north's records with it.
     stores[&2]
-        .put("grants/mesh-admin/east.local/bob", b"{}".to_vec())
+        .put(
+            "grants/mesh-admin/east.local/bob",
+            valid_record("grants/mesh-admin/east.local/bob", ""),
+        )
         .await
         .expect("put");
     stores[&1].remove_member(4).await.expect("remove");
@@ -330,10 +333,10 @@ async fn removing_a_voter_promotes_the_oldest_learner() {
     wait_config(&stores, &voters, &[5]).await;
     gone.shutdown().await;
     stores[&4]
-        .put("clusters/after-removal", b"1".to_vec())
+        .put("c/after-removal", b"1".to_vec())
         .await
         .expect("put");
-    visible_everywhere(&stores, "clusters/after-removal", b"1").await;
+    visible_everywhere(&stores, "c/after-removal", b"1").await;
     shutdown_all(stores).await;
 }
 
@@ -342,7 +345,7 @@ async fn removing_the_leader_hands_over_and_writes_continue() {
     let mut stores = start_federation(3).await;
     let leader = agreed_leader(&stores).await;
     stores[&leader]
-        .put("clusters/before", b"1".to_vec())
+        .put("c/before", b"1".to_vec())
         .await
         .expect("put");
     let other = stores
@@ -361,10 +364,10 @@ async fn removing_the_leader_hands_over_and_writes_continue() {
     wait_config(&stores, &remaining, &[]).await;
     old.shutdown().await;
     stores[&new_leader]
-        .put("clusters/after", b"2".to_vec())
+        .put("c/after", b"2".to_vec())
         .await
         .expect("write after the leader left");
-    visible_everywhere(&stores, "clusters/after", b"2").await;
+    visible_everywhere(&stores, "c/after", b"2").await;
     assert_eq!(stores[&new_leader].status().role, Role::Leader);
     shutdown_all(stores).await;
 }
@@ -392,4 +395,29 @@ async fn at_most_five_members_vote_and_bad_changes_are_refused() {
         Err(StoreError::Membership(_))
     ));
     shutdown_all(stores).await;
+}
+
+/// A value the store's rules admit at `key` (the keys of the removal test; `east_ca` for
+/// `clusters/east`).
+fn valid_record(key: &str, east_ca: &str) -> Vec<u8> {
+    let parts: Vec<&str> = key.split('/').collect();
+    let value = match parts[..] {
+        ["clusters", name] => serde_json::json!({
+            "name": name, "trustDomain": "east.local", "gateway": null, "caBundlePem": east_ca,
+        }),
+        ["exports", namespace, name, cluster] => serde_json::json!({
+            "cluster": cluster, "namespace": namespace, "name": name, "ports": [],
+            "identities": [], "endpoints": 1, "healthyEndpoints": 1,
+        }),
+        ["grants", "mesh-admin", td, name] => serde_json::json!({
+            "identity": format!("spiffe://{td}/operator/admin/{name}"),
+            "grantedBy": "test", "grantedAtMs": 1,
+        }),
+        _ => serde_json::json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": "reviews", "namespace": "default"},
+            "spec": {"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "reviews"}}]}]},
+        }),
+    };
+    serde_json::to_vec(&value).expect("JSON")
 }

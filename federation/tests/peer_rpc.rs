@@ -56,10 +56,10 @@ async fn garbage_bytes_sent_to_peer_send_are_rejected_and_the_member_keeps_worki
 
     // The member still takes part: a write through it reaches everyone.
     target
-        .put("clusters/still-alive", b"yes".to_vec())
+        .put("c/still-alive", b"yes".to_vec())
         .await
         .expect("put after garbage");
-    visible_everywhere(&stores, "clusters/still-alive", b"yes").await;
+    visible_everywhere(&stores, "c/still-alive", b"yes").await;
     shutdown_all(stores).await;
 }
 

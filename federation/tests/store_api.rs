@@ -15,12 +15,12 @@ async fn compare_and_set_succeeds_only_on_the_revision_the_caller_saw() {
     let (a, b) = (&stores[&1], &stores[&2]);
 
     let created = a
-        .compare_and_set("policies/route/ns/r", None, b"v1".to_vec())
+        .compare_and_set("p/route/ns/r", None, b"v1".to_vec())
         .await
         .expect("cas")
         .expect("created when absent");
     let again = b
-        .compare_and_set("policies/route/ns/r", None, b"other".to_vec())
+        .compare_and_set("p/route/ns/r", None, b"other".to_vec())
         .await
         .expect("cas");
     assert_eq!(
@@ -30,12 +30,12 @@ async fn compare_and_set_succeeds_only_on_the_revision_the_caller_saw() {
         })
     );
     let updated = b
-        .compare_and_set("policies/route/ns/r", Some(created), b"v2".to_vec())
+        .compare_and_set("p/route/ns/r", Some(created), b"v2".to_vec())
         .await
         .expect("cas")
         .expect("updated on the seen revision");
     let stale = a
-        .compare_and_set("policies/route/ns/r", Some(created), b"v3".to_vec())
+        .compare_and_set("p/route/ns/r", Some(created), b"v3".to_vec())
         .await
         .expect("cas");
     assert_eq!(
@@ -45,7 +45,7 @@ async fn compare_and_set_succeeds_only_on_the_revision_the_caller_saw() {
         })
     );
     let missing = a
-        .compare_and_set("policies/none", Some(3), b"x".to_vec())
+        .compare_and_set("p/none", Some(3), b"x".to_vec())
         .await
         .expect("cas");
     assert_eq!(
@@ -54,7 +54,7 @@ async fn compare_and_set_succeeds_only_on_the_revision_the_caller_saw() {
             current_revision: None
         })
     );
-    visible_everywhere(&stores, "policies/route/ns/r", b"v2").await;
+    visible_everywhere(&stores, "p/route/ns/r", b"v2").await;
     shutdown_all(stores).await;
 }
 
@@ -66,11 +66,11 @@ async fn linearizable_read_on_a_follower_sees_a_write_just_made_elsewhere() {
     for i in 0..20 {
         let value = format!("v{i}").into_bytes();
         let revision = stores[&followers[0]]
-            .put("clusters/east", value.clone())
+            .put("c/east", value.clone())
             .await
             .expect("put");
         let record = stores[&followers[1]]
-            .get_linearizable("clusters/east")
+            .get_linearizable("c/east")
             .await
             .expect("linearizable read")
             .expect("present");
@@ -78,7 +78,7 @@ async fn linearizable_read_on_a_follower_sees_a_write_just_made_elsewhere() {
         assert_eq!(record.value, value);
     }
     let listed = stores[&leader]
-        .list_linearizable("clusters/")
+        .list_linearizable("c/")
         .await
         .expect("linearizable list");
     assert_eq!(listed.len(), 1);
@@ -97,13 +97,13 @@ async fn linearizable_read_without_a_quorum_fails_with_a_clear_error() {
         stores.remove(&id).expect("member").shutdown().await;
     }
     let lonely = stores.remove(&1).expect("member");
-    let result = lonely.get_linearizable("clusters/x").await;
+    let result = lonely.get_linearizable("c/x").await;
     assert!(
         matches!(result, Err(StoreError::ReadTimeout { .. })),
         "{result:?}"
     );
     // The local read still answers (static stability).
-    assert!(lonely.get("clusters/x").is_none());
+    assert!(lonely.get("c/x").is_none());
     lonely.shutdown().await;
 }
 
@@ -119,9 +119,9 @@ async fn watch_from_a_revision_replays_history_and_loses_nothing_across_a_reconn
     let stores = start_federation(3).await;
     agreed_leader(&stores).await;
     let writer = &stores[&1];
-    let first = writer.put("exports/a", b"1".to_vec()).await.expect("put");
+    let first = writer.put("e/a", b"1".to_vec()).await.expect("put");
     writer.put("other/x", b"-".to_vec()).await.expect("put");
-    let second = writer.put("exports/b", b"2".to_vec()).await.expect("put");
+    let second = writer.put("e/b", b"2".to_vec()).await.expect("put");
 
     // A watcher on another member, starting in the past.
     let reader = &stores[&3];
@@ -129,26 +129,26 @@ async fn watch_from_a_revision_replays_history_and_loses_nothing_across_a_reconn
         (*reader.revision().borrow() >= second).then_some(())
     })
     .await;
-    let mut watch = reader.watch("exports/", first).expect("watch");
+    let mut watch = reader.watch("e/", first).expect("watch");
     assert_eq!(next(&mut watch).await.revision(), first);
     assert_eq!(next(&mut watch).await.revision(), second);
 
     // The client goes away; writes happen; it reconnects from where it was.
     let resume = watch.next_revision();
     drop(watch);
-    let third = writer.delete("exports/a").await.expect("delete");
-    let fourth = writer.put("exports/c", b"3".to_vec()).await.expect("put");
-    let mut watch = reader.watch("exports/", resume).expect("rewatch");
+    let third = writer.delete("e/a").await.expect("delete");
+    let fourth = writer.put("e/c", b"3".to_vec()).await.expect("put");
+    let mut watch = reader.watch("e/", resume).expect("rewatch");
     assert_eq!(
         next(&mut watch).await,
         WatchEvent::Delete {
-            key: "exports/a".to_string(),
+            key: "e/a".to_string(),
             revision: third
         }
     );
     assert_eq!(next(&mut watch).await.revision(), fourth);
     // And then live.
-    let fifth = writer.put("exports/d", b"4".to_vec()).await.expect("put");
+    let fifth = writer.put("e/d", b"4".to_vec()).await.expect("put");
     assert_eq!(next(&mut watch).await.revision(), fifth);
     shutdown_all(stores).await;
 }
@@ -164,20 +164,20 @@ async fn watch_older_than_the_snapshot_of_a_restarted_member_is_told_to_relist()
     agreed_leader(&fed.stores).await;
     for i in 0..30 {
         fed.stores[&1]
-            .put(&format!("exports/{i}"), b"v".to_vec())
+            .put(&format!("e/{i}"), b"v".to_vec())
             .await
             .expect("put");
     }
     let member = fed.stores.remove(&2).expect("member");
     member.shutdown().await;
     fed.restart(2).await.expect("restart");
-    match fed.stores[&2].watch("exports/", 2) {
+    match fed.stores[&2].watch("e/", 2) {
         Err(StoreError::Compacted { requested, oldest }) => {
             assert_eq!(requested, 2);
             assert!(oldest > 2);
             // Watching from the oldest revision it names works.
             fed.stores[&2]
-                .watch("exports/", oldest)
+                .watch("e/", oldest)
                 .expect("watch from the oldest revision");
         }
         Err(other) => panic!("expected Compacted, got {other}"),
@@ -192,15 +192,11 @@ async fn lease_not_renewed_is_marked_expired_everywhere_and_renewal_clears_it() 
     agreed_leader(&stores).await;
     let owner = &stores[&2];
     let revision = owner
-        .put_with_lease(
-            "exports/ns/svc/east",
-            b"e".to_vec(),
-            Duration::from_millis(300),
-        )
+        .put_with_lease("e/ns/svc/east", b"e".to_vec(), Duration::from_millis(300))
         .await
         .expect("put with lease");
     let lease = owner
-        .get("exports/ns/svc/east")
+        .get("e/ns/svc/east")
         .and_then(|r| r.lease)
         .expect("lease visible");
     assert!(!lease.expired);
@@ -209,24 +205,24 @@ async fn lease_not_renewed_is_marked_expired_everywhere_and_renewal_clears_it() 
         stores
             .values()
             .all(|s| {
-                s.get("exports/ns/svc/east")
+                s.get("e/ns/svc/east")
                     .and_then(|r| r.lease)
                     .is_some_and(|l| l.expired)
             })
             .then_some(())
     })
     .await;
-    let record = owner.get("exports/ns/svc/east").expect("record kept");
+    let record = owner.get("e/ns/svc/east").expect("record kept");
     assert_eq!(record.revision, revision, "expiry leaves the value alone");
 
-    owner.renew("exports/ns/svc/east").await.expect("renew");
+    owner.renew("e/ns/svc/east").await.expect("renew");
     let lease = owner
-        .get("exports/ns/svc/east")
+        .get("e/ns/svc/east")
         .and_then(|r| r.lease)
         .expect("lease");
     assert!(!lease.expired, "renewal clears the flag");
 
-    let missing = owner.renew("exports/none").await;
+    let missing = owner.renew("e/none").await;
     assert!(
         matches!(missing, Err(StoreError::NoLease { .. })),
         "{missing:?}"
@@ -240,7 +236,7 @@ async fn lease_renewed_in_time_never_expires() {
     agreed_leader(&stores).await;
     let owner = &stores[&1];
     owner
-        .put_with_lease("clusters/east", b"e".to_vec(), Duration::from_millis(600))
+        .put_with_lease("c/east", b"e".to_vec(), Duration::from_millis(600))
         .await
         .expect("put with lease");
     let started = tokio::time::Instant::now();
@@ -248,10 +244,10 @@ async fn lease_renewed_in_time_never_expires() {
     let mut renewals = tokio::time::interval(Duration::from_millis(200));
     while started.elapsed() < Duration::from_millis(1800) {
         renewals.tick().await;
-        owner.renew("clusters/east").await.expect("renew");
+        owner.renew("c/east").await.expect("renew");
         for store in stores.values() {
             let expired = store
-                .get("clusters/east")
+                .get("c/east")
                 .and_then(|r| r.lease)
                 .is_some_and(|l| l.expired);
             assert!(!expired, "lease expired although renewed");

@@ -36,22 +36,19 @@ async fn put_on_a_follower_is_visible_on_every_member() {
         .expect("a follower");
 
     let revision = follower
-        .put("clusters/east", b"region=eu".to_vec())
+        .put("c/east", b"region=eu".to_vec())
         .await
         .expect("put on follower");
 
     // The proposer has applied it when put returns.
     assert!(*follower.revision().borrow() >= revision);
-    let record = follower.get("clusters/east").expect("applied on proposer");
+    let record = follower.get("c/east").expect("applied on proposer");
     assert_eq!(record.value, b"region=eu");
     assert_eq!(record.revision, revision);
 
-    visible_everywhere(&stores, "clusters/east", b"region=eu").await;
+    visible_everywhere(&stores, "c/east", b"region=eu").await;
     for store in stores.values() {
-        assert_eq!(
-            store.get("clusters/east").map(|r| r.revision),
-            Some(revision)
-        );
+        assert_eq!(store.get("c/east").map(|r| r.revision), Some(revision));
     }
     shutdown_all(stores).await;
 }
@@ -61,11 +58,11 @@ async fn writes_made_before_any_leader_exists_succeed_once_one_is_elected() {
     let stores = start_federation(3).await;
     // No waiting for the election: the proposal is retried until a leader exists.
     let revision = stores[&2]
-        .put("clusters/early", b"1".to_vec())
+        .put("c/early", b"1".to_vec())
         .await
         .expect("put before election");
     assert!(revision >= 1);
-    visible_everywhere(&stores, "clusters/early", b"1").await;
+    visible_everywhere(&stores, "c/early", b"1").await;
     shutdown_all(stores).await;
 }
 
@@ -74,28 +71,22 @@ async fn list_returns_the_prefix_sorted_and_revisions_grow_with_each_write() {
     let stores = start_federation(3).await;
     agreed_leader(&stores).await;
     let store = &stores[&3];
-    let r1 = store
-        .put("exports/ns/b/east", b"b".to_vec())
-        .await
-        .expect("put");
-    let r2 = store
-        .put("exports/ns/a/east", b"a".to_vec())
-        .await
-        .expect("put");
-    let r3 = store.put("policies/x", b"p".to_vec()).await.expect("put");
+    let r1 = store.put("e/ns/b/east", b"b".to_vec()).await.expect("put");
+    let r2 = store.put("e/ns/a/east", b"a".to_vec()).await.expect("put");
+    let r3 = store.put("p/x", b"p".to_vec()).await.expect("put");
     assert!(r1 < r2 && r2 < r3, "revisions {r1} {r2} {r3}");
-    visible_everywhere(&stores, "policies/x", b"p").await;
+    visible_everywhere(&stores, "p/x", b"p").await;
     for store in stores.values() {
         let listed: Vec<(String, u64)> = store
-            .list("exports/")
+            .list("e/")
             .into_iter()
             .map(|(k, r)| (k, r.revision))
             .collect();
         assert_eq!(
             listed,
             vec![
-                ("exports/ns/a/east".to_string(), r2),
-                ("exports/ns/b/east".to_string(), r1)
+                ("e/ns/a/east".to_string(), r2),
+                ("e/ns/b/east".to_string(), r1)
             ]
         );
     }
@@ -107,27 +98,24 @@ async fn delete_removes_the_key_on_every_member() {
     let stores = start_federation(3).await;
     agreed_leader(&stores).await;
     let put_revision = stores[&1]
-        .put("exports/ns/svc/east", b"ports".to_vec())
+        .put("e/ns/svc/east", b"ports".to_vec())
         .await
         .expect("put");
-    visible_everywhere(&stores, "exports/ns/svc/east", b"ports").await;
+    visible_everywhere(&stores, "e/ns/svc/east", b"ports").await;
 
-    let delete_revision = stores[&2]
-        .delete("exports/ns/svc/east")
-        .await
-        .expect("delete");
+    let delete_revision = stores[&2].delete("e/ns/svc/east").await.expect("delete");
     assert!(delete_revision > put_revision);
     eventually("the key to be gone everywhere", || async {
         stores
             .values()
-            .all(|s| s.get("exports/ns/svc/east").is_none())
+            .all(|s| s.get("e/ns/svc/east").is_none())
             .then_some(())
     })
     .await;
 
     // Deleting a missing key succeeds and changes nothing.
     stores[&3]
-        .delete("exports/ns/svc/east")
+        .delete("e/ns/svc/east")
         .await
         .expect("delete of a missing key");
     shutdown_all(stores).await;
@@ -141,13 +129,10 @@ async fn revision_watch_and_change_broadcast_fire_on_every_member() {
     let mut events: Vec<_> = stores.values().map(|s| s.subscribe()).collect();
 
     let put_revision = stores[&1]
-        .put("policies/route/ns/r", b"v1".to_vec())
+        .put("p/route/ns/r", b"v1".to_vec())
         .await
         .expect("put");
-    let delete_revision = stores[&1]
-        .delete("policies/route/ns/r")
-        .await
-        .expect("delete");
+    let delete_revision = stores[&1].delete("p/route/ns/r").await.expect("delete");
 
     for revision in &mut revisions {
         tokio::time::timeout(
@@ -165,7 +150,7 @@ async fn revision_watch_and_change_broadcast_fire_on_every_member() {
                 .await
                 .expect("event in time")
                 .expect("broadcast open");
-            if event.key() == "policies/route/ns/r" {
+            if event.key() == "p/route/ns/r" {
                 seen.push(event);
             }
         }
@@ -173,12 +158,12 @@ async fn revision_watch_and_change_broadcast_fire_on_every_member() {
             seen,
             vec![
                 WatchEvent::Put {
-                    key: "policies/route/ns/r".to_string(),
+                    key: "p/route/ns/r".to_string(),
                     value: b"v1".to_vec(),
                     revision: put_revision,
                 },
                 WatchEvent::Delete {
-                    key: "policies/route/ns/r".to_string(),
+                    key: "p/route/ns/r".to_string(),
                     revision: delete_revision,
                 },
             ]
@@ -192,10 +177,10 @@ async fn remaining_members_elect_a_new_leader_and_accept_writes_after_the_leader
     let mut stores = start_federation(3).await;
     let old_leader = agreed_leader(&stores).await;
     stores[&old_leader]
-        .put("clusters/before", b"1".to_vec())
+        .put("c/before", b"1".to_vec())
         .await
         .expect("put before failover");
-    visible_everywhere(&stores, "clusters/before", b"1").await;
+    visible_everywhere(&stores, "c/before", b"1").await;
     let old_term = stores[&old_leader].status().term;
 
     let stopped = stores.remove(&old_leader).expect("leader handle");
@@ -213,7 +198,7 @@ async fn remaining_members_elect_a_new_leader_and_accept_writes_after_the_leader
         .expect("a follower")
         .clone();
     survivor
-        .put("clusters/after", b"2".to_vec())
+        .put("c/after", b"2".to_vec())
         .await
         .expect("put after failover");
     let failover = failover_started.elapsed();
@@ -221,8 +206,8 @@ async fn remaining_members_elect_a_new_leader_and_accept_writes_after_the_leader
         failover < support::TICK * (support::ELECTION_TICKS as u32) * 12,
         "failover took {failover:?}"
     );
-    visible_everywhere(&stores, "clusters/after", b"2").await;
-    visible_everywhere(&stores, "clusters/before", b"1").await;
+    visible_everywhere(&stores, "c/after", b"2").await;
+    visible_everywhere(&stores, "c/before", b"1").await;
     shutdown_all(stores).await;
 }
 
@@ -238,12 +223,12 @@ async fn write_without_a_quorum_times_out() {
         stores.remove(&id).expect("member").shutdown().await;
     }
     let lonely = stores.remove(&1).expect("member 1");
-    let result = lonely.put("clusters/lost", b"x".to_vec()).await;
+    let result = lonely.put("c/lost", b"x".to_vec()).await;
     assert!(
         matches!(result, Err(StoreError::ProposalTimeout { .. })),
         "{result:?}"
     );
-    assert!(lonely.get("clusters/lost").is_none());
+    assert!(lonely.get("c/lost").is_none());
     lonely.shutdown().await;
 }
 
@@ -257,7 +242,7 @@ async fn writes_after_shutdown_fail_with_stopped_and_the_peer_port_is_closed() {
     stores.remove(&1).expect("member 1").shutdown().await;
 
     assert!(matches!(
-        handle.put("clusters/x", b"x".to_vec()).await,
+        handle.put("c/x", b"x".to_vec()).await,
         Err(StoreError::Stopped)
     ));
     assert!(

@@ -106,7 +106,9 @@ impl Daemon {
             "sidecar",
             config.admin,
             attached.config.clone(),
-            |_| {},
+            |registry| {
+                isthmus_core::tls::TrustBundleMetrics::register(attached.trust.clone(), registry)
+            },
             |root| metrics.register(root),
         )
         .await

@@ -166,3 +166,44 @@ fn a_bad_bundle_changes_nothing() {
     assert!(m.trust.replace([("x.isthmus.local", "garbage")]).is_err());
     assert_eq!(m.trust.trust_domains(), before);
 }
+
+#[test]
+fn a_bundle_left_out_is_reported_and_counted_once_per_stretch() {
+    let east = CertificateAuthority::generate("east.isthmus.local").unwrap();
+    let west = CertificateAuthority::generate("west.isthmus.local").unwrap();
+    let trust = TrustBundles::new();
+    let bad = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+    let install = |west_pem: &str| {
+        trust
+            .replace_each([
+                ("east.isthmus.local", east.cert_pem()),
+                ("west.isthmus.local", west_pem),
+            ])
+            .into_iter()
+            .map(|(td, _)| td)
+            .collect::<Vec<_>>()
+    };
+    assert!(install(west.cert_pem()).is_empty());
+    assert!(trust.excluded_counts().is_empty());
+    // West's bundle breaks: reported the first time, not again while it stays broken; east
+    // is still installed.
+    assert_eq!(install(bad), vec!["west.isthmus.local".to_string()]);
+    assert!(install(bad).is_empty());
+    assert!(trust
+        .trust_domains()
+        .contains(&"east.isthmus.local".to_string()));
+    assert!(!trust
+        .trust_domains()
+        .contains(&"west.isthmus.local".to_string()));
+    assert_eq!(
+        trust.excluded_counts(),
+        vec![("west.isthmus.local".to_string(), 1)]
+    );
+    // Fixed, then broken again: a second stretch.
+    assert!(install(west.cert_pem()).is_empty());
+    assert_eq!(install(bad), vec!["west.isthmus.local".to_string()]);
+    assert_eq!(
+        trust.excluded_counts(),
+        vec![("west.isthmus.local".to_string(), 2)]
+    );
+}

@@ -135,20 +135,18 @@ fn follower_write_is_forwarded_committed_and_answered_with_its_revision() {
         .find(|&id| id != leader)
         .expect("follower");
 
-    let mut outcome = net.propose(follower, "clusters/east");
+    let mut outcome = net.propose(follower, "c/east");
     // Followers learn the commit index with the next append or heartbeat.
     net.tick_until("the write to be answered", |_| {
         !matches!(outcome.try_recv(), Err(TryRecvError::Empty))
     });
     net.tick_until("every replica to apply the write", |net| {
-        net.replicas
-            .values()
-            .all(|r| r.get("clusters/east").is_some())
+        net.replicas.values().all(|r| r.get("c/east").is_some())
     });
     let revisions: BTreeSet<u64> = net
         .replicas
         .values()
-        .filter_map(|r| r.get("clusters/east").map(|rec| rec.revision))
+        .filter_map(|r| r.get("c/east").map(|rec| rec.revision))
         .collect();
     assert_eq!(revisions.len(), 1, "replicas disagree: {revisions:?}");
 }
@@ -165,7 +163,7 @@ fn write_lost_with_an_isolated_leader_is_retried_and_applied_once() {
     // The proposer still believes in the old leader and forwards to it; the partition
     // swallows the forwarded proposal.
     net.isolated.insert(old);
-    let mut outcome = net.propose(proposer, "clusters/retried");
+    let mut outcome = net.propose(proposer, "c/retried");
     assert!(matches!(outcome.try_recv(), Err(TryRecvError::Empty)));
 
     net.tick_until("a new leader among the majority", |net| {
@@ -190,12 +188,12 @@ fn write_lost_with_an_isolated_leader_is_retried_and_applied_once() {
     net.isolated.clear();
     net.tick_until("the old leader to catch up", |net| {
         net.replicas[&old]
-            .get("clusters/retried")
+            .get("c/retried")
             .is_some_and(|r| r.revision == revision)
     });
     let mut puts = 0;
     while let Ok(event) = events.try_recv() {
-        if event.key() == "clusters/retried" {
+        if event.key() == "c/retried" {
             puts += 1;
         }
     }

@@ -10,6 +10,8 @@ pub(crate) mod codec;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use isthmus_core::keyspace::rules::{self, Change, Refusal};
+
 pub(crate) use codec::{decode_entry, encode_entry};
 
 /// The lease of a record as readers see it.
@@ -163,14 +165,15 @@ pub(crate) enum Outcome {
     NoLease,
     /// A token could not be consumed (or minted).
     TokenRefused(&'static str),
+    /// The store's rules refused the change (`isthmus_core::keyspace::rules`): nothing was
+    /// written, on any replica.
+    Refused(Refusal),
 }
 
-/// Refuses keys the store cannot hold. Checked before proposing, so every replica agrees.
+/// Refuses keys the store cannot hold, before proposing (the rules check them again on
+/// apply).
 pub(crate) fn validate_key(key: &str) -> Result<(), &'static str> {
-    if key.is_empty() {
-        return Err("the key is empty");
-    }
-    Ok(())
+    rules::check_key(key)
 }
 
 /// How many recent sequence numbers are remembered per proposer incarnation to skip
@@ -296,6 +299,9 @@ impl StateMachine {
                 lease_ttl_ms,
                 at_ms,
             } => {
+                if let Err(refusal) = rules::admit(self, &key, Change::Write(&value)) {
+                    return (None, Outcome::Refused(refusal));
+                }
                 let lease = (lease_ttl_ms > 0).then_some(Lease {
                     ttl_ms: lease_ttl_ms,
                     expires_at_ms: at_ms.saturating_add(lease_ttl_ms),
@@ -304,16 +310,16 @@ impl StateMachine {
                 });
                 (Some(self.put(index, key, value, lease)), done)
             }
-            Command::Delete { key } => match self.records.remove(&key) {
-                Some(_) => (
-                    Some(WatchEvent::Delete {
-                        key,
-                        revision: index,
-                    }),
-                    done,
-                ),
-                None => (None, done),
-            },
+            Command::Delete { key } => {
+                if let Err(refusal) = rules::admit(self, &key, Change::Delete) {
+                    return (None, Outcome::Refused(refusal));
+                }
+                let event = self.records.remove(&key).map(|_| WatchEvent::Delete {
+                    key,
+                    revision: index,
+                });
+                (event, done)
+            }
             Command::CompareAndSet {
                 key,
                 expected,
@@ -322,6 +328,9 @@ impl StateMachine {
                 let current = self.records.get(&key).map(|s| s.record.revision);
                 if current != expected {
                     return (None, Outcome::Conflict(current));
+                }
+                if let Err(refusal) = rules::admit(self, &key, Change::Write(&value)) {
+                    return (None, Outcome::Refused(refusal));
                 }
                 (Some(self.put(index, key, value, None)), done)
             }
@@ -408,6 +417,10 @@ impl StateMachine {
                             (None, Outcome::Conflict(current))
                         }
                         Some((key, value)) => {
+                            // A refused record keeps the token, like a conflict.
+                            if let Err(refusal) = rules::admit(self, &key, Change::Write(&value)) {
+                                return (None, Outcome::Refused(refusal));
+                            }
                             self.tokens.remove(&id);
                             (Some(self.put(index, key, value, None)), done)
                         }
@@ -445,6 +458,24 @@ impl StateMachine {
                 let lease = s.lease.as_ref()?;
                 (!lease.expired).then(|| (key.clone(), lease.epoch, lease.ttl_ms))
             })
+            .collect()
+    }
+}
+
+/// The rules read the records as this replica holds them before the change.
+impl rules::Records for StateMachine {
+    fn value(&self, key: &str) -> Option<&[u8]> {
+        self.records.get(key).map(|s| s.record.value.as_slice())
+    }
+
+    fn values<'a>(&'a self, prefix: &str) -> Vec<(&'a str, &'a [u8])> {
+        self.records
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(key, _)| key.starts_with(prefix))
+            .map(|(key, stored)| (key.as_str(), stored.record.value.as_slice()))
             .collect()
     }
 }

@@ -45,10 +45,10 @@ fn outcome(applied: Applied) -> Outcome {
 #[test]
 fn entry_encoding_round_trips_every_command() {
     for command in [
-        put("clusters/east", b"{\"zone\":\"a\"}"),
-        leased("exports/a", 3000, 17),
+        put("c/east", b"{\"zone\":\"a\"}"),
+        leased("e/a", 3000, 17),
         Command::Delete {
-            key: "exports/ns/svc/east".to_string(),
+            key: "e/ns/svc/east".to_string(),
         },
         cas("k", None),
         cas("k", Some(9)),
@@ -76,7 +76,7 @@ fn entry_encoding_round_trips_every_command() {
             id: "t".to_string(),
             digest: vec![1, 2],
             at_ms: 3,
-            record: Some(("clusters/north".to_string(), b"{}".to_vec())),
+            record: Some(("c/north".to_string(), b"{}".to_vec())),
         },
     ] {
         let data = encode_entry(id(3), &command);
@@ -188,9 +188,9 @@ fn compare_and_set_succeeds_only_on_the_expected_revision() {
 #[test]
 fn lease_expiry_applies_only_to_the_epoch_the_leader_timed() {
     let mut sm = StateMachine::default();
-    sm.apply(2, id(1), leased("exports/a", 1000, 500));
-    assert_eq!(sm.live_leases(), vec![("exports/a".to_string(), 2, 1000)]);
-    let state = sm.get("exports/a").and_then(|r| r.lease).expect("lease");
+    sm.apply(2, id(1), leased("e/a", 1000, 500));
+    assert_eq!(sm.live_leases(), vec![("e/a".to_string(), 2, 1000)]);
+    let state = sm.get("e/a").and_then(|r| r.lease).expect("lease");
     assert_eq!(state.expires_at_unix_ms, 1500);
     assert!(!state.expired);
 
@@ -199,7 +199,7 @@ fn lease_expiry_applies_only_to_the_epoch_the_leader_timed() {
         3,
         id(2),
         Command::Renew {
-            key: "exports/a".to_string(),
+            key: "e/a".to_string(),
             at_ms: 900,
         },
     );
@@ -207,7 +207,7 @@ fn lease_expiry_applies_only_to_the_epoch_the_leader_timed() {
         4,
         id(3),
         Command::ExpireLease {
-            key: "exports/a".to_string(),
+            key: "e/a".to_string(),
             epoch: 2,
         },
     );
@@ -222,7 +222,7 @@ fn lease_expiry_applies_only_to_the_epoch_the_leader_timed() {
         5,
         id(4),
         Command::ExpireLease {
-            key: "exports/a".to_string(),
+            key: "e/a".to_string(),
             epoch: 3,
         },
     );
@@ -233,7 +233,7 @@ fn lease_expiry_applies_only_to_the_epoch_the_leader_timed() {
             ..
         }
     ));
-    let record = sm.get("exports/a").expect("record stays");
+    let record = sm.get("e/a").expect("record stays");
     assert_eq!(
         record.revision, 2,
         "expiry does not change the value's revision"
@@ -251,7 +251,7 @@ fn lease_expiry_applies_only_to_the_epoch_the_leader_timed() {
         6,
         id(5),
         Command::Renew {
-            key: "exports/a".to_string(),
+            key: "e/a".to_string(),
             at_ms: 3000,
         },
     );
@@ -331,30 +331,27 @@ fn a_token_and_its_cluster_record_are_consumed_and_written_together_or_not_at_al
         record: Some((key.to_string(), b"{\"name\":\"north\"}".to_vec())),
     };
     sm.apply(2, id(1), mint("a"));
-    sm.apply(3, id(2), put("clusters/south", b"{}"));
+    sm.apply(3, id(2), put("c/south", b"{}"));
     // The name is taken: nothing is written and the token stays.
     assert_eq!(
-        outcome(sm.apply(4, id(3), admit("a", "clusters/south"))),
+        outcome(sm.apply(4, id(3), admit("a", "c/south"))),
         Outcome::Conflict(Some(3))
     );
     assert!(sm.tokens.contains_key("a"));
-    assert_eq!(
-        sm.get("clusters/south").map(|r| r.value),
-        Some(b"{}".to_vec())
-    );
+    assert_eq!(sm.get("c/south").map(|r| r.value), Some(b"{}".to_vec()));
     // Both at once.
     assert_eq!(
-        outcome(sm.apply(5, id(4), admit("a", "clusters/north"))),
+        outcome(sm.apply(5, id(4), admit("a", "c/north"))),
         Outcome::Done(5)
     );
     assert!(!sm.tokens.contains_key("a"));
-    assert_eq!(sm.get("clusters/north").map(|r| r.revision), Some(5));
+    assert_eq!(sm.get("c/north").map(|r| r.revision), Some(5));
     // A wrong or spent token writes nothing.
     assert!(matches!(
-        outcome(sm.apply(6, id(5), admit("a", "clusters/west"))),
+        outcome(sm.apply(6, id(5), admit("a", "c/west"))),
         Outcome::TokenRefused(_)
     ));
-    assert!(sm.get("clusters/west").is_none());
+    assert!(sm.get("c/west").is_none());
 }
 
 #[test]
@@ -389,14 +386,11 @@ fn snapshot_round_trips_the_whole_state() {
 #[test]
 fn list_returns_only_the_prefix_sorted_by_key() {
     let mut sm = StateMachine::default();
-    for (seq, key) in ["exports/b", "clusters/x", "exports/a", "exportsz", "f"]
-        .iter()
-        .enumerate()
-    {
+    for (seq, key) in ["e/b", "c/x", "e/a", "exportsz", "f"].iter().enumerate() {
         sm.apply(seq as u64 + 1, id(seq as u64 + 1), put(key, b"v"));
     }
-    let keys: Vec<String> = sm.list("exports/").into_iter().map(|(k, _)| k).collect();
-    assert_eq!(keys, vec!["exports/a", "exports/b"]);
+    let keys: Vec<String> = sm.list("e/").into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys, vec!["e/a", "e/b"]);
     assert_eq!(sm.list("").len(), 5);
 }
 
@@ -412,7 +406,7 @@ fn dedup_window_stays_bounded() {
 #[test]
 fn empty_key_is_refused() {
     assert!(validate_key("").is_err());
-    assert!(validate_key("clusters/east").is_ok());
+    assert!(validate_key("c/east").is_ok());
 }
 
 #[test]

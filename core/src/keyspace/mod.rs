@@ -14,6 +14,8 @@
 //! domain and CA bundle, before its control plane can write anything); the other values'
 //! types live with their writers (`isthmus_control::records`, [`crate::policy::Policy`]).
 
+pub mod rules;
+
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,129 @@
+//! The store's rules on apply (docs/security.md §7), across three members: a refused write
+//! changes nothing on any replica, whichever member proposed it, and each replica counts it.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use isthmus_core::keyspace::rules::Reason;
+use isthmus_federation::{Store, StoreError};
+use serde_json::json;
+use support::*;
+
+fn cluster(name: &str, td: &str, ca: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "name": name, "trustDomain": td, "gateway": null, "caBundlePem": ca,
+    }))
+    .expect("JSON")
+}
+
+fn refused(store: &Store, reason: Reason) -> u64 {
+    store
+        .entries_refused()
+        .into_iter()
+        .find(|(r, _)| *r == reason)
+        .map_or(0, |(_, n)| n)
+}
+
+/// Every record of a replica, revisions included.
+fn contents(store: &Store) -> BTreeMap<String, (Vec<u8>, u64)> {
+    store
+        .list("")
+        .into_iter()
+        .map(|(k, r)| (k, (r.value, r.revision)))
+        .collect()
+}
+
+async fn applied_everywhere(stores: &BTreeMap<u64, Store>, index: u64) {
+    eventually(&format!("every member to apply index {index}"), || async {
+        stores
+            .values()
+            .all(|s| *s.revision().borrow() >= index)
+            .then_some(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn every_replica_refuses_what_the_rules_refuse_and_keeps_its_state() {
+    let stores = start_federation(3).await;
+    let east_ca = isthmus_core::ca::CertificateAuthority::generate("east.local").expect("CA");
+    let impostor = isthmus_core::ca::CertificateAuthority::generate("east.local").expect("CA");
+    let central_ca = isthmus_core::ca::CertificateAuthority::generate("central.local").expect("CA");
+    stores[&1]
+        .put(
+            "clusters/east",
+            cluster("east", "east.local", east_ca.cert_pem()),
+        )
+        .await
+        .expect("east's record");
+    let last = stores[&1]
+        .put(
+            "clusters/central",
+            cluster("central", "central.local", central_ca.cert_pem()),
+        )
+        .await
+        .expect("central's record");
+    applied_everywhere(&stores, last).await;
+    let before: Vec<_> = stores.values().map(contents).collect();
+
+    // From each member in turn (leader and followers alike): a cluster claiming east's trust
+    // domain, an export with a foreign identity, a policy that does not validate.
+    let export = serde_json::to_vec(&json!({
+        "cluster": "central", "namespace": "default", "name": "ratings", "ports": [],
+        "identities": ["spiffe://east.local/ns/default/sa/x"], "endpoints": 1,
+        "healthyEndpoints": 1,
+    }))
+    .expect("JSON");
+    for store in stores.values() {
+        let err = store
+            .put(
+                "clusters/zzz",
+                cluster("zzz", "east.local", impostor.cert_pem()),
+            )
+            .await
+            .expect_err("a second claim on east.local");
+        let StoreError::Refused(refusal) = &err else {
+            panic!("not refused by the rules: {err}");
+        };
+        assert_eq!(refusal.reason, Reason::TrustDomainTaken);
+        assert!(
+            err.to_string()
+                .contains("trust domain east.local belongs to cluster east; cluster zzz"),
+            "{err}"
+        );
+        let err = store
+            .put("exports/default/ratings/central", export.clone())
+            .await
+            .expect_err("a foreign identity");
+        assert!(
+            err.to_string()
+                .contains("spiffe://east.local/ns/default/sa/x is not in central's"),
+            "{err}"
+        );
+        let err = store
+            .compare_and_set("policies/virtualservice/default/r", None, b"{}".to_vec())
+            .await
+            .expect_err("not a policy");
+        assert!(matches!(err, StoreError::Refused(_)), "{err}");
+    }
+
+    // A later write still lands, and every replica has applied the refused entries by then.
+    let after = stores[&2]
+        .put("load/after", b"1".to_vec())
+        .await
+        .expect("an ordinary write");
+    applied_everywhere(&stores, after).await;
+    for (store, before) in stores.values().zip(&before) {
+        let mut now = contents(store);
+        assert_eq!(
+            now.remove("load/after").map(|(v, _)| v),
+            Some(b"1".to_vec())
+        );
+        assert_eq!(&now, before, "a refused entry changed a replica");
+        assert_eq!(refused(store, Reason::TrustDomainTaken), 3);
+        assert_eq!(refused(store, Reason::ForeignIdentity), 3);
+        assert_eq!(refused(store, Reason::Malformed), 3);
+    }
+    shutdown_all(stores).await;
+}
