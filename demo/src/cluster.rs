@@ -491,6 +491,20 @@ impl DemoCluster {
         missing
     }
 
+    /// The pairs `self`–`other` (for each of `others`) whose gateways hold no connection yet,
+    /// as this cluster's gateway sees it (without a gateway: none).
+    pub(super) async fn unconnected_gateways(&self, others: &[&str]) -> Vec<String> {
+        let Some(gateway) = &self.gateway else {
+            return Vec::new();
+        };
+        let connected = gateway.connected_peers().await;
+        others
+            .iter()
+            .filter(|other| **other != self.name && !connected.contains(**other))
+            .map(|other| format!("the gateway pair {}–{other}", self.name))
+            .collect()
+    }
+
     /// This cluster's federation member.
     pub fn store(&self) -> &isthmus_federation::Store {
         &self.store

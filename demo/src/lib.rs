@@ -245,16 +245,26 @@ impl Demo {
         Ok(demo)
     }
 
-    /// Waits until every cluster has a route to every sample service and its client sidecar
-    /// listens on each of their VIPs.
+    /// Waits until every cluster has a route to every sample service, its client sidecar
+    /// listens on each of their VIPs, and every pair of gateways is connected (so the first
+    /// call crosses at once, with each other's trust bundles in place).
     pub async fn wait_until_converged(&self, within: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + within;
+        let with_gateways: Vec<&str> = self
+            .clusters
+            .iter()
+            .filter(|c| c.gateway.is_some())
+            .map(|c| c.name.as_str())
+            .collect();
         loop {
-            let pending: Vec<String> = self
+            let mut pending: Vec<String> = self
                 .clusters
                 .iter()
                 .flat_map(|c| c.unreachable_samples())
                 .collect();
+            for c in &self.clusters {
+                pending.extend(c.unconnected_gateways(&with_gateways).await);
+            }
             if pending.is_empty() {
                 return Ok(());
             }

@@ -203,6 +203,9 @@ pub struct GatewayHandle {
     /// Started with [`start_replica`]: the ports are shared with siblings.
     shared: bool,
     metrics: Arc<Metrics>,
+    /// The pool of connections to peer gateways (weak: the pool holds the dialling endpoint,
+    /// whose port must be released once the gateway has shut down).
+    peers: std::sync::Weak<peers::Peers>,
     /// The listening endpoint, then (replicas only) the dialling one; empty once shut down.
     endpoints: Vec<quinn::Endpoint>,
     stop: watch::Sender<bool>,
@@ -348,6 +351,8 @@ async fn start_with(
     let (stop, stop_rx) = watch::channel(false);
     let (serve_tx, serve_rx) = tokio::sync::mpsc::unbounded_channel();
     let peers = Arc::new(peers::Peers::new(
+        opts.cluster.clone(),
+        opts.transport == Transport::Quic,
         dial,
         config.clone(),
         opts.trust.clone(),
@@ -376,7 +381,7 @@ async fn start_with(
     });
     let mut tasks = vec![
         tokio::spawn(outbound.run(listener, Stop(stop_rx.clone()))),
-        tokio::spawn(peers.watch(Stop(stop_rx.clone()))),
+        tokio::spawn(peers.clone().watch(Stop(stop_rx.clone()))),
     ];
     if let Some(tls_listener) = tls_listener {
         tasks.push(tokio::spawn(tls_tcp::serve(
@@ -410,6 +415,7 @@ async fn start_with(
         idle_timeout: opts.idle_timeout,
         shared,
         metrics,
+        peers: Arc::downgrade(&peers),
         endpoints: opened,
         stop,
         tasks,
@@ -470,6 +476,16 @@ impl GatewayHandle {
     /// This gateway's metrics; [`Metrics::register`] them with the admin server's registry.
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
+    }
+
+    /// The member clusters whose gateway this one holds a live QUIC connection to (dialled
+    /// or adopted). With the QUIC transport the gateway connects to every peer as soon as the
+    /// configuration names it, so this fills without traffic.
+    pub async fn connected_peers(&self) -> std::collections::BTreeSet<String> {
+        match self.peers.upgrade() {
+            Some(peers) => peers.connected().await,
+            None => Default::default(),
+        }
     }
 
     /// Closes the QUIC endpoint (peers see the connections close at once) and the local

@@ -379,6 +379,15 @@ impl Metrics {
             .map_or(0, |c| c.get())
     }
 
+    /// Failed attempts to connect to `peer` (for tests).
+    pub fn connect_failure_count(&self, peer: &str) -> u64 {
+        self.connect_failures
+            .get(&PeerLabels {
+                peer: peer.to_string(),
+            })
+            .map_or(0, |c| c.get())
+    }
+
     /// TLS resumptions: offered as a client, or accepted as a server.
     pub fn resumption_count(&self, role: Role) -> u64 {
         self.resumptions

@@ -70,6 +70,11 @@ pub(crate) struct Established {
 }
 
 pub(crate) struct Peers {
+    /// This gateway's own cluster.
+    own: String,
+    /// Whether pairs are connected before their first tunnel ([`Peers::warm`]): with the QUIC
+    /// transport, whose connections this pool holds.
+    warm: bool,
     endpoint: Endpoint,
     config: watch::Receiver<Arc<MeshConfig>>,
     /// The member bundles the handshakes verify against: a peer refused for want of its
@@ -81,6 +86,12 @@ pub(crate) struct Peers {
     serve: mpsc::UnboundedSender<Established>,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     stop: Stop,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers").field("own", &self.own).finish()
+    }
 }
 
 #[derive(Default)]
@@ -112,7 +123,10 @@ struct Down {
 }
 
 impl Peers {
+    #[allow(clippy::too_many_arguments, reason = "one constructor, called once")]
     pub(crate) fn new(
+        own: String,
+        warm: bool,
         endpoint: Endpoint,
         config: watch::Receiver<Arc<MeshConfig>>,
         trust: Arc<TrustBundles>,
@@ -122,6 +136,8 @@ impl Peers {
         stop: Stop,
     ) -> Self {
         Peers {
+            own,
+            warm,
             endpoint,
             config,
             trust,
@@ -482,6 +498,54 @@ impl Peers {
         // Moved gateways are handled lazily by `connection`, which compares addresses.
     }
 
+    /// Connects to the gateway of each member cluster whose name sorts after this one's that
+    /// has none yet, so every pair of gateways is connected before its first tunnel (one
+    /// connection per pair: the other side adopts it, and dials the clusters sorting after
+    /// it). A peer that cannot be reached yet is retried with backoff, and at once when new
+    /// trust bundles arrive (its own may have been missing). Each attempt shares the slot's
+    /// single flight with callers.
+    pub(crate) fn warm(self: &Arc<Self>, config: &MeshConfig) {
+        if !self.warm {
+            return;
+        }
+        for cluster in &config.clusters {
+            if cluster.name <= self.own || cluster.gateway.is_none() {
+                continue;
+            }
+            let Ok(target) = self.target(&cluster.name) else {
+                continue;
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.connection(&target).await {
+                    debug!(cluster = %target.cluster, error = %e, "warming the connection to a peer gateway failed; retrying");
+                }
+            });
+        }
+    }
+
+    /// The member clusters this gateway holds a live connection to (dialled or adopted).
+    pub(crate) async fn connected(&self) -> std::collections::BTreeSet<String> {
+        let slots: Vec<(String, Arc<Slot>)> = {
+            let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            slots.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        let mut connected = std::collections::BTreeSet::new();
+        for (cluster, slot) in slots {
+            let live = slot
+                .state
+                .lock()
+                .await
+                .conn
+                .as_ref()
+                .is_some_and(|p| p.conn.close_reason().is_none());
+            if live {
+                connected.insert(cluster);
+            }
+        }
+        connected
+    }
+
     /// Samples each pooled connection's round-trip time and liveness into the metrics.
     async fn sample(&self) {
         let slots: Vec<(String, Arc<Slot>)> = {
@@ -512,12 +576,14 @@ impl Peers {
         }
     }
 
-    /// Follows configuration changes (pruning the pool after each) and samples the metrics,
+    /// Follows configuration changes (pruning the pool and warming it after each) and samples the metrics,
     /// until `stop` fires. When the configuration sender goes away the gateway keeps its last
     /// view.
     pub(crate) async fn watch(self: Arc<Self>, mut stop: Stop) {
         let mut config = self.config.clone();
         let mut follow = true;
+        let current = config.borrow_and_update().clone();
+        self.warm(&current);
         let mut ticker = tokio::time::interval(SAMPLE_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -532,6 +598,7 @@ impl Peers {
                     }
                     let current = config.borrow_and_update().clone();
                     self.prune(&current);
+                    self.warm(&current);
                 }
             }
         }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use isthmus_core::mesh::MeshConfig;
 use isthmus_core::tunnel::ReasonCode;
 use isthmus_gateway::metrics::{Direction, Role};
 use isthmus_gateway::Transport;
@@ -328,4 +329,76 @@ async fn a_peer_refused_for_want_of_its_bundle_is_dialled_again_as_soon_as_the_b
         resp.is_ok().then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn gateways_connect_as_soon_as_the_configuration_names_them() {
+    // Each gateway trusts only its own CA at first, as when a peer's bundle has not arrived.
+    let east_ca = ClusterCa::new("east");
+    let west_ca = ClusterCa::new("west");
+    let east_trust = trust(&[&east_ca]);
+    let west_trust = trust(&[&west_ca]);
+    let east = start_gateway(
+        options("east", east_ca.gateway_identity(), east_trust.clone()),
+        MeshConfig::default(),
+    )
+    .await;
+    let west = start_gateway(
+        options("west", west_ca.gateway_identity(), west_trust.clone()),
+        MeshConfig::default(),
+    )
+    .await;
+    let clusters = vec![
+        east_ca.info(Some(east.handle.quic_addr())),
+        west_ca.info(Some(west.handle.quic_addr())),
+    ];
+    west.config
+        .send_replace(Arc::new(config("west", vec![], clusters.clone())));
+    east.config
+        .send_replace(Arc::new(config("east", vec![], clusters)));
+
+    // East (sorting first) dials west without any tunnel; the handshake fails for want of
+    // the other's bundle, and the pair stays apart.
+    eventually(Duration::from_secs(5), "east's first attempt", || async {
+        (east.handle.metrics().connect_failure_count("west") > 0).then_some(())
+    })
+    .await;
+    assert!(east.handle.connected_peers().await.is_empty());
+
+    // The bundles arrive: connected at once (well before the reconnect backoff's cap), both
+    // ways on one connection, with no tunnel opened.
+    let arrived = Instant::now();
+    for t in [&east_trust, &west_trust] {
+        t.replace([
+            (trust_domain("east").as_str(), east_ca.ca.cert_pem()),
+            (trust_domain("west").as_str(), west_ca.ca.cert_pem()),
+        ])
+        .unwrap();
+    }
+    eventually(
+        Duration::from_secs(5),
+        "both gateways connected",
+        || async {
+            let east_sees = east.handle.connected_peers().await.contains("west");
+            let west_sees = west.handle.connected_peers().await.contains("east");
+            (east_sees && west_sees).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        arrived.elapsed() < Duration::from_secs(2),
+        "connected {:?} after the bundles arrived",
+        arrived.elapsed()
+    );
+    let (em, wm) = (east.handle.metrics(), west.handle.metrics());
+    assert_eq!(
+        wm.handshake_count("east", Role::Client),
+        0,
+        "west adopted east's connection"
+    );
+    assert_eq!(
+        em.stream_count("west", Direction::Outbound, ReasonCode::Ok),
+        0,
+        "no tunnel was needed"
+    );
 }

@@ -208,7 +208,6 @@ async fn a_killed_replica_costs_a_bounded_number_of_failed_requests() {
             ],
         )));
     };
-    publish(&east, &west_1);
     let issued = west_ca
         .ca
         .issue(
@@ -230,8 +229,10 @@ async fn a_killed_replica_costs_a_bounded_number_of_failed_requests() {
     .await;
 
     // The kernel spreads flows over the replicas by their addresses. Make east's connection
-    // land on replica 2 (the one we will kill): each new east gateway dials from a new port,
-    // so after a few tries one does; replica 1 counting no handshake from east says so.
+    // land on replica 2 (the one we will kill): each new east gateway dials from a new port
+    // (as soon as its configuration names west), so after a few tries one does; replica 1
+    // counting no handshake from east says so. The configuration is published once both
+    // replicas listen, so no flow moves between them when the second joins.
     let mut attempts = 0;
     loop {
         attempts += 1;
@@ -239,6 +240,7 @@ async fn a_killed_replica_costs_a_bounded_number_of_failed_requests() {
             .handle
             .metrics()
             .handshake_count("east", Role::Server);
+        publish(&east, &west_1);
         let (mut tcp, resp) = open(
             east.handle.local_addr(),
             &request("ratings.default", "west"),
@@ -265,7 +267,6 @@ async fn a_killed_replica_costs_a_bounded_number_of_failed_requests() {
             MeshConfig::default(),
         )
         .await;
-        publish(&east, &west_1);
     }
 
     // Load: 4 callers, each opening a tunnel, echoing, closing, in a loop.
