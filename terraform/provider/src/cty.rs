@@ -1,5 +1,16 @@
 //! Terraform's values (cty) as the plugin protocol carries them: MessagePack, typed by the
-//! schema, with unknown values as MessagePack extension 0; and JSON, for stored state.
+//! schema; and JSON, for stored state.
+//!
+//! Unknown values are MessagePack extensions (cty's `msgpack` package): any extension of at
+//! most one byte is a plain unknown (this provider writes `d4 00 00`, extension 0, as
+//! Terraform 1.0 does); Terraform 1.6 and later also send *refined* unknowns, extension 12,
+//! whose body is a MessagePack map of refinements: 1 nullness (bool), 2 string prefix
+//! (string; strings only), 3 and 4 number bounds (`[number, bool inclusive]`; numbers only),
+//! 5 and 6 collection length bounds (integer; lists, sets and maps only). Keys this provider
+//! does not know are ignored, as cty does; a body over 1 KiB, a key that cannot apply to the
+//! type, or any other extension is an error naming the attribute. A refined unknown keeps its
+//! body ([`Refinements`]) and is written back exactly as received, so a planned value that
+//! repeats the configuration's unknown equals it.
 //!
 //! [`Value`] is deliberately small: lists, sets and tuples are all [`Value::List`]; objects
 //! and maps are both [`Value::Object`]. The [`Type`] given to the codec says which one is
@@ -59,12 +70,31 @@ pub enum Value {
     Null,
     /// Not known until apply.
     Unknown,
+    /// Not known until apply, with Terraform's refinements (known prefix, not null, bounds).
+    RefinedUnknown(Refinements),
     Bool(bool),
     Number(f64),
     String(String),
     List(Vec<Value>),
     Object(BTreeMap<String, Value>),
 }
+
+/// The refinements of an unknown value, as cty encodes them (extension 12's body), checked
+/// against the value's type when decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refinements {
+    /// The extension body as received, written back unchanged.
+    raw: Vec<u8>,
+    /// Refinement 1: whether the value will be null (`Some(false)`: definitely not null).
+    pub null: Option<bool>,
+    /// Refinement 2: what a string will start with.
+    pub string_prefix: Option<String>,
+}
+
+/// cty's extension type for an unknown value with refinements.
+const REFINED_UNKNOWN_EXT: i8 = 12;
+/// The largest refinement body cty accepts.
+const MAX_REFINEMENTS_BYTES: usize = 1024;
 
 /// Why a value could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +107,13 @@ pub enum CodecError {
     },
     #[error("at {path}: unexpected attribute {name:?}")]
     UnexpectedAttribute { path: String, name: String },
+    #[error("at {path}: MessagePack extension {code} ({len} bytes) is not a value this provider understands: {why}")]
+    Extension {
+        path: String,
+        code: i8,
+        len: usize,
+        why: String,
+    },
     #[error("malformed MessagePack: {0}")]
     MessagePack(String),
     #[error("malformed JSON: {0}")]
@@ -101,14 +138,15 @@ impl Value {
         matches!(self, Value::Null)
     }
 
+    /// True for an unknown value, refined or not.
     pub fn is_unknown(&self) -> bool {
-        matches!(self, Value::Unknown)
+        matches!(self, Value::Unknown | Value::RefinedUnknown(_))
     }
 
     /// True when neither the value nor anything inside it is unknown.
     pub fn is_wholly_known(&self) -> bool {
         match self {
-            Value::Unknown => false,
+            Value::Unknown | Value::RefinedUnknown(_) => false,
             Value::List(items) => items.iter().all(Value::is_wholly_known),
             Value::Object(attrs) => attrs.values().all(Value::is_wholly_known),
             _ => true,
@@ -162,7 +200,7 @@ impl Value {
     fn describe(&self) -> &'static str {
         match self {
             Value::Null => "null",
-            Value::Unknown => "an unknown value",
+            Value::Unknown | Value::RefinedUnknown(_) => "an unknown value",
             Value::Bool(_) => "a bool",
             Value::Number(_) => "a number",
             Value::String(_) => "a string",
@@ -194,6 +232,8 @@ fn encode(value: &Value, ty: &Type, path: &str) -> Result<rmpv::Value, CodecErro
         (Value::Null, _) => M::Nil,
         // cty's marker for an unknown value: fixext1, type 0, one zero byte.
         (Value::Unknown, _) => M::Ext(0, vec![0]),
+        // Only Terraform 1.6 and later send these, and it gets back what it sent.
+        (Value::RefinedUnknown(r), _) => M::Ext(REFINED_UNKNOWN_EXT, r.raw.clone()),
         (Value::Bool(b), Type::Bool) => M::Boolean(*b),
         (Value::Number(n), Type::Number) => {
             if n.fract() == 0.0 && n.abs() < 9.0e15 {
@@ -259,7 +299,7 @@ fn decode(v: &rmpv::Value, ty: &Type, path: &str) -> Result<Value, CodecError> {
     use rmpv::Value as M;
     Ok(match (v, ty) {
         (M::Nil, _) => Value::Null,
-        (M::Ext(0, _), _) => Value::Unknown,
+        (M::Ext(code, body), _) => unknown(*code, body, ty, path)?,
         (M::Boolean(b), Type::Bool) => Value::Bool(*b),
         (M::Integer(i), Type::Number) => Value::Number(
             i.as_i64()
@@ -315,6 +355,94 @@ fn decode(v: &rmpv::Value, ty: &Type, path: &str) -> Result<Value, CodecError> {
         }
         (other, t) => return Err(mismatch(path, t, format!("{other}"))),
     })
+}
+
+/// An unknown value of type `ty` from a MessagePack extension (see the module docs).
+fn unknown(code: i8, body: &[u8], ty: &Type, path: &str) -> Result<Value, CodecError> {
+    let path = if path.is_empty() { "." } else { path };
+    let bad = |why: String| CodecError::Extension {
+        path: path.to_string(),
+        code,
+        len: body.len(),
+        why,
+    };
+    if body.len() <= 1 {
+        return Ok(Value::Unknown);
+    }
+    if code != REFINED_UNKNOWN_EXT {
+        return Err(bad(
+            "only extension 0 or 12 (an unknown value) is understood".into(),
+        ));
+    }
+    if body.len() > MAX_REFINEMENTS_BYTES {
+        return Err(bad(format!(
+            "refinements longer than {MAX_REFINEMENTS_BYTES} bytes"
+        )));
+    }
+    let mut reader = body;
+    let map = rmpv::decode::read_value(&mut reader)
+        .map_err(|e| bad(format!("the refinements do not decode: {e}")))?;
+    let rmpv::Value::Map(entries) = map else {
+        return Err(bad(format!("the refinements are {map}, not a map")));
+    };
+    let mut refinements = Refinements {
+        raw: body.to_vec(),
+        null: None,
+        string_prefix: None,
+    };
+    let collection = matches!(ty, Type::List(_) | Type::Set(_) | Type::Map(_));
+    for (key, value) in &entries {
+        let Some(key) = key.as_i64() else {
+            return Err(bad(format!("a refinement key {key} is not an integer")));
+        };
+        match key {
+            1 => match value.as_bool() {
+                Some(null) => refinements.null = Some(null),
+                None => return Err(bad(format!("nullness refinement {value} is not a bool"))),
+            },
+            2 if *ty != Type::String => {
+                return Err(bad(
+                    "a string prefix refinement on a value that is not a string".into(),
+                ))
+            }
+            2 => match value.as_str() {
+                Some(prefix) => refinements.string_prefix = Some(prefix.to_string()),
+                None => {
+                    return Err(bad(format!(
+                        "string prefix refinement {value} is not a string"
+                    )))
+                }
+            },
+            3 | 4 if *ty != Type::Number => {
+                return Err(bad(
+                    "a number bound refinement on a value that is not a number".into(),
+                ))
+            }
+            3 | 4 => {
+                let bound = value.as_array().filter(|b| {
+                    b.len() == 2 && (b[0].is_number() || b[0].is_str()) && b[1].is_bool()
+                });
+                if bound.is_none() {
+                    return Err(bad(format!(
+                        "number bound refinement {value} is not [number, bool]"
+                    )));
+                }
+            }
+            5 | 6 if !collection => {
+                return Err(bad(
+                    "a length bound refinement on a value that is not a list, set or map".into(),
+                ))
+            }
+            5 | 6 if value.as_i64().is_none() => {
+                return Err(bad(format!(
+                    "length bound refinement {value} is not an integer"
+                )));
+            }
+            // Refinements added after this provider was written: ignored, as cty does.
+            _ => {}
+        }
+    }
+    Ok(Value::RefinedUnknown(refinements))
 }
 
 /// Decodes JSON (stored state, or a JSON `DynamicValue`) holding a value of type `ty`.
@@ -421,6 +549,148 @@ mod tests {
         assert_eq!(
             from_msgpack(&half, &Type::Number).unwrap(),
             Value::Number(0.5)
+        );
+    }
+
+    /// A value with `ext` (fixext/ext header and body) at attribute `ca_certificate` of the
+    /// provider block's type, as Terraform sends `ValidateProviderConfig`.
+    fn provider_config_with(ext: &[u8]) -> Vec<u8> {
+        // fixmap of 4: control (nil), ca_certificate (ext), client_certificate, client_key.
+        let mut m = vec![0x84];
+        for (name, value) in [
+            ("ca_certificate", ext.to_vec()),
+            ("client_certificate", vec![0xc0]),
+            ("client_key", vec![0xc0]),
+            ("control", vec![0xc0]),
+        ] {
+            m.push(0xa0 | u8::try_from(name.len()).unwrap());
+            m.extend_from_slice(name.as_bytes());
+            m.extend_from_slice(&value);
+        }
+        m
+    }
+
+    fn provider_type() -> Type {
+        Type::object([
+            ("control", Type::String),
+            ("ca_certificate", Type::String),
+            ("client_certificate", Type::String),
+            ("client_key", Type::String),
+        ])
+    }
+
+    #[test]
+    fn refined_unknowns_from_terraform_decode_and_are_written_back_as_received() {
+        // What Terraform 1.11 sent for `ca_certificate = file(var.ca_file)` during
+        // validation: extension 12 with the refinement map {1: false} (not null).
+        let not_null = [0xc7, 0x03, 0x0c, 0x81, 0x01, 0xc2];
+        let bytes = provider_config_with(&not_null);
+        let v = from_msgpack(&bytes, &provider_type()).unwrap();
+        let ca = v.get("ca_certificate");
+        assert!(ca.is_unknown() && !ca.is_wholly_known());
+        let Value::RefinedUnknown(r) = ca else {
+            panic!("{ca:?}")
+        };
+        assert_eq!(r.null, Some(false));
+        assert_eq!(to_msgpack(&v, &provider_type()).unwrap(), bytes);
+
+        // A string known to start with "https://" and not null ("https://${var.host}").
+        let mut body = vec![0x82, 0x01, 0xc2, 0x02, 0xa8];
+        body.extend_from_slice(b"https://");
+        let mut ext = vec![0xc7, u8::try_from(body.len()).unwrap(), 0x0c];
+        ext.extend_from_slice(&body);
+        let v = from_msgpack(&ext, &Type::String).unwrap();
+        let Value::RefinedUnknown(r) = &v else {
+            panic!("{v:?}")
+        };
+        assert_eq!(r.string_prefix.as_deref(), Some("https://"));
+        assert_eq!(to_msgpack(&v, &Type::String).unwrap(), ext);
+
+        // A number in [1, 10) and a list of at least one element, inside an object and a
+        // list, as planned state carries them.
+        let number = [
+            0xc7, 0x09, 0x0c, 0x82, 0x03, 0x92, 0x01, 0xc3, 0x04, 0x92, 0x0a, 0xc2,
+        ];
+        let number = &number[..];
+        assert!(matches!(
+            from_msgpack(number, &Type::Number).unwrap(),
+            Value::RefinedUnknown(_)
+        ));
+        let list = [0xc7, 0x03, 0x0c, 0x81, 0x05, 0x01];
+        let ty = Type::object([("weight", Type::Number), ("tags", Type::list(Type::String))]);
+        let mut obj = vec![0x82, 0xa4];
+        obj.extend_from_slice(b"tags");
+        obj.extend_from_slice(&list);
+        obj.push(0xa6);
+        obj.extend_from_slice(b"weight");
+        obj.extend_from_slice(number);
+        let v = from_msgpack(&obj, &ty).unwrap();
+        assert!(v.get("tags").is_unknown() && v.get("weight").is_unknown());
+        assert_eq!(to_msgpack(&v, &ty).unwrap(), obj);
+        let mut nested = vec![0x91];
+        nested.extend_from_slice(&[0xc7, 0x03, 0x0c, 0x81, 0x01, 0xc2]);
+        let v = from_msgpack(&nested, &Type::list(Type::String)).unwrap();
+        assert!(v.as_list().unwrap()[0].is_unknown());
+
+        // Refinement keys this provider does not know are ignored, as cty does.
+        let future = [0xc7, 0x03, 0x0c, 0x81, 0x2a, 0xc3];
+        assert!(from_msgpack(&future, &Type::String).unwrap().is_unknown());
+        // Any one-byte (or empty) extension is a plain unknown.
+        assert_eq!(
+            from_msgpack(&[0xd4, 0x05, 0x00], &Type::String).unwrap(),
+            Value::Unknown
+        );
+    }
+
+    #[test]
+    fn extensions_that_are_not_unknown_values_are_errors_naming_the_attribute() {
+        let cases: [(&[u8], &Type, &str); 6] = [
+            // Another extension type with a body.
+            (&[0xd5, 0x05, 0x01, 0x02], &Type::String, "extension 5"),
+            // A string prefix on a number.
+            (
+                &[0xc7, 0x03, 0x0c, 0x81, 0x02, 0xa0],
+                &Type::Number,
+                "not a string",
+            ),
+            // A length bound on a string.
+            (
+                &[0xc7, 0x03, 0x0c, 0x81, 0x05, 0x01],
+                &Type::String,
+                "not a list",
+            ),
+            // The body is not a map.
+            (&[0xc7, 0x02, 0x0c, 0x91, 0x01], &Type::String, "not a map"),
+            // Nullness that is not a bool.
+            (
+                &[0xc7, 0x03, 0x0c, 0x81, 0x01, 0x01],
+                &Type::String,
+                "not a bool",
+            ),
+            // A number bound that is not [number, bool].
+            (
+                &[0xc7, 0x03, 0x0c, 0x81, 0x03, 0x01],
+                &Type::Number,
+                "[number, bool]",
+            ),
+        ];
+        for (bytes, ty, want) in cases {
+            let err = from_msgpack(bytes, ty).unwrap_err().to_string();
+            assert!(err.contains(want), "{bytes:x?}: {err}");
+        }
+        let mut big = vec![0xc8, 0x04, 0x01, 0x0c, 0x81, 0x02, 0xda, 0x03, 0xfc];
+        big.extend(std::iter::repeat_n(b'a', 0x3fc));
+        let err = from_msgpack(&big, &Type::String).unwrap_err().to_string();
+        assert!(err.contains("longer than 1024"), "{err}");
+        let err = from_msgpack(
+            &provider_config_with(&[0xd5, 0x07, 0x01, 0x02]),
+            &provider_type(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(".ca_certificate") && err.contains("extension 7"),
+            "{err}"
         );
     }
 

@@ -22,11 +22,33 @@ use crate::schema::{Attr, Block};
 pub struct IsthmusProvider {
     resources: BTreeMap<&'static str, Arc<dyn Resource>>,
     data_sources: BTreeMap<&'static str, Arc<dyn DataSource>>,
-    conn: RwLock<Option<Conn>>,
+    conn: RwLock<Configured>,
+}
+
+/// What `ConfigureProvider` left the provider with.
+#[derive(Clone, Default)]
+enum Configured {
+    /// Not called yet.
+    #[default]
+    No,
+    /// Called during a plan with a configuration that depends on values not known until
+    /// apply (another resource's or a module's output): planning works without the mesh, a
+    /// refresh keeps the stored state, and Terraform configures the provider again with the
+    /// values known before it applies anything.
+    Unknown(Vec<&'static str>),
+    Yes(Conn),
 }
 
 /// The control plane the provider uses when neither `control` nor `$ISTHMUS_CONTROL` is set.
 pub const DEFAULT_CONTROL: &str = "127.0.0.1:15012";
+
+/// The provider block's attributes.
+const PROVIDER_ATTRIBUTES: [&str; 4] = [
+    "control",
+    "ca_certificate",
+    "client_certificate",
+    "client_key",
+];
 
 fn provider_block() -> Block {
     Block::new(
@@ -66,7 +88,7 @@ impl IsthmusProvider {
                 .into_iter()
                 .map(|d| (d.type_name(), d))
                 .collect(),
-            conn: RwLock::new(None),
+            conn: RwLock::new(Configured::No),
         }
     }
 
@@ -97,17 +119,27 @@ impl IsthmusProvider {
             .ok_or_else(|| Status::not_found(format!("no data source {name:?}")))
     }
 
+    fn configured(&self) -> Configured {
+        self.conn.read().map(|c| c.clone()).unwrap_or_default()
+    }
+
     fn conn(&self) -> Result<Conn, Diags> {
-        self.conn
-            .read()
-            .ok()
-            .and_then(|c| c.clone())
-            .ok_or_else(|| {
-                vec![Diag::error(
-                    "The provider is not configured",
-                    "Terraform did not call ConfigureProvider before using it",
-                )]
-            })
+        match self.configured() {
+            Configured::Yes(conn) => Ok(conn),
+            Configured::No => Err(vec![Diag::error(
+                "The provider is not configured",
+                "Terraform did not call ConfigureProvider before using it",
+            )]),
+            Configured::Unknown(attrs) => Err(vec![Diag::error(
+                "The provider's configuration is not known yet",
+                format!(
+                    "{} of the provider \"isthmus\" block depend on values known only after \
+                     apply, and this operation needs the control plane: apply what they depend \
+                     on first (terraform apply -target=...), or give them known values",
+                    attrs.join(", ")
+                ),
+            )]),
+        }
     }
 }
 
@@ -341,6 +373,20 @@ impl pb::provider_server::Provider for IsthmusProvider {
         request: Request<pb::ConfigureProviderRequest>,
     ) -> Answer<pb::ConfigureProviderResponse> {
         let config = decode(request.get_ref().config.as_ref(), &provider_block().ty())?;
+        let unknown: Vec<&'static str> = PROVIDER_ATTRIBUTES
+            .into_iter()
+            .filter(|attr| !config.get(attr).is_wholly_known())
+            .collect();
+        if !unknown.is_empty() {
+            // Validation that needs these values waits until Terraform configures the
+            // provider again with them known.
+            if let Ok(mut slot) = self.conn.write() {
+                *slot = Configured::Unknown(unknown);
+            }
+            return Ok(Response::new(pb::ConfigureProviderResponse {
+                diagnostics: diag::to_proto(&validate_provider(&config)),
+            }));
+        }
         let mut diags = validate_provider(&config);
         let pick = |attr: &str, env: &str, default: &str| {
             config
@@ -365,7 +411,7 @@ impl pb::provider_server::Provider for IsthmusProvider {
             }) {
                 Ok(control) => {
                     if let Ok(mut slot) = self.conn.write() {
-                        *slot = Some(Conn {
+                        *slot = Configured::Yes(Conn {
                             control,
                             control_addr,
                         });
@@ -389,6 +435,20 @@ impl pb::provider_server::Provider for IsthmusProvider {
         let state = decode(r.current_state.as_ref(), &ty)?;
         let (new_state, diags) = if state.is_null() {
             (Value::Null, Vec::new())
+        } else if let Configured::Unknown(attrs) = self.configured() {
+            // A plan whose provider configuration waits on other changes: keep what is
+            // stored (the apply configures the provider with known values and reads then).
+            (
+                state,
+                vec![Diag::warning(
+                    "Not refreshed",
+                    format!(
+                        "{} of the provider \"isthmus\" block are not known until apply, so \
+                         the stored state was planned against without reading the mesh",
+                        attrs.join(", ")
+                    ),
+                )],
+            )
         } else {
             match self.conn() {
                 Ok(conn) => match resource.read(&conn, &state).await {

@@ -57,9 +57,39 @@ pub struct Workspace {
     cli_config: PathBuf,
 }
 
+/// Every Terraform to run the version-sensitive tests under: `$TERRAFORM` (else `terraform`
+/// on the PATH), and the `terraform` on the PATH when it is another version (this machine's
+/// own, beside the one from PyPI). Each with its version line.
+pub fn terraforms() -> Vec<(PathBuf, String)> {
+    let version = |bin: &Path| -> Option<String> {
+        let out = std::process::Command::new(bin)
+            .arg("version")
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = text.lines().find(|l| l.starts_with("Terraform v"))?;
+        Some(line.to_string())
+    };
+    let first = terraform_bin();
+    let first_version = version(&first).expect("checked by terraform_bin");
+    let mut all = vec![(first, first_version)];
+    let on_path = PathBuf::from("terraform");
+    if let Some(v) = version(&on_path) {
+        if all.iter().all(|(_, seen)| *seen != v) {
+            all.push((on_path, v));
+        }
+    }
+    all
+}
+
 impl Workspace {
     pub fn new() -> Workspace {
-        let bin = terraform_bin();
+        Workspace::using(terraform_bin())
+    }
+
+    /// A workspace running the terraform binary `bin`.
+    pub fn using(bin: PathBuf) -> Workspace {
         let dir = tempfile::Builder::new()
             .prefix("isthmus-tf-")
             .tempdir()
