@@ -4,10 +4,17 @@
 locals {
   peers = { for name, c in var.clusters : tostring(c.member_id) => c.federation_address }
   # Each member's trust domain and CA, which the others' federation ports authenticate it by.
+  # Only these outputs are named (not whole modules): each module's chart takes this map, and
+  # a whole module would include its gateway and federation addresses, which come from that
+  # chart's services (a cycle).
   trust = {
-    for m in [module.east, module.west, module.central] : tostring(m.member_id) => {
-      trust_domain = m.trust_domain
-      ca_pem       = m.trust_bundle
+    for m in [
+      { id = module.east.member_id, td = module.east.trust_domain, ca = module.east.trust_bundle },
+      { id = module.west.member_id, td = module.west.trust_domain, ca = module.west.trust_bundle },
+      { id = module.central.member_id, td = module.central.trust_domain, ca = module.central.trust_bundle },
+      ] : tostring(m.id) => {
+      trust_domain = m.td
+      ca_pem       = m.ca
     }
   }
 }

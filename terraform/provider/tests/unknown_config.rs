@@ -182,3 +182,126 @@ async fn a_provider_configured_from_variables_and_another_resources_output_plans
     }
     demo.shutdown().await;
 }
+
+/// Copies `from` into `to` recursively (files only; no `.terraform` directories).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let path = entry.path();
+        let name = entry.file_name();
+        if name == ".terraform" {
+            continue;
+        }
+        if path.is_dir() {
+            copy_tree(&path, &to.join(&name));
+        } else {
+            std::fs::copy(&path, to.join(&name)).unwrap();
+        }
+    }
+}
+
+/// The registry providers the modules use, as the test stand-in Cargo builds beside this test
+/// (`examples/standin_provider.rs`), one copy per provider name, in `dir`.
+fn stand_ins(dir: &Path) -> Vec<(&'static str, std::path::PathBuf)> {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> -> target/<profile>/examples/standin_provider
+    let built = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| p.join("examples").join("standin_provider"))
+        .unwrap();
+    assert!(
+        built.exists(),
+        "{} is missing: `cargo test` builds it with the examples (or run `cargo build -p \
+         terraform-provider-isthmus --example standin_provider`)",
+        built.display()
+    );
+    std::fs::create_dir_all(dir).unwrap();
+    ["helm", "kubernetes", "random", "tls"]
+        .into_iter()
+        .map(|name| {
+            std::fs::copy(&built, dir.join(format!("terraform-provider-{name}"))).unwrap();
+            (name, dir.to_path_buf())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_three_clusters_example_validates_and_plans_with_its_module_wiring() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let scratch = tempfile::tempdir().unwrap();
+    let tree = scratch.path().join("terraform");
+    copy_tree(&root.join("modules"), &tree.join("modules"));
+    copy_tree(
+        &root.join("examples/three-clusters"),
+        &tree.join("examples/three-clusters"),
+    );
+    let example = tree.join("examples/three-clusters");
+    // The operator credential the isthmus provider block reads with file().
+    let ca = isthmus_core::ca::CertificateAuthority::generate("east.isthmus.local").unwrap();
+    let operator = isthmus_core::identity::SpiffeId::new("east.isthmus.local", "x", "y");
+    let issued = ca
+        .issue(&operator, std::time::Duration::from_secs(600))
+        .unwrap();
+    let (cert, key) = (
+        scratch.path().join("admin.pem"),
+        scratch.path().join("admin-key.pem"),
+    );
+    std::fs::write(&cert, &issued.cert_chain_pem).unwrap();
+    std::fs::write(&key, &issued.key_pem).unwrap();
+    let plugins = scratch.path().join("plugins");
+    let overrides: Vec<(String, std::path::PathBuf)> = stand_ins(&plugins)
+        .into_iter()
+        .map(|(name, dir)| (format!("hashicorp/{name}"), dir))
+        .collect();
+
+    for (bin, version) in terraforms() {
+        let more: Vec<(&str, &Path)> = overrides
+            .iter()
+            .map(|(s, d)| (s.as_str(), d.as_path()))
+            .collect();
+        let ws = Workspace::with_overrides(bin, &more);
+        // Local modules only: `terraform get` installs them without touching a registry.
+        let run = ws.run_in(&example, &["get", "-no-color"]).await;
+        assert_eq!(
+            run.code,
+            0,
+            "{version}: terraform get failed:\n{}",
+            run.text()
+        );
+        let run = ws.run_in(&example, &["validate", "-no-color"]).await;
+        assert_eq!(run.code, 0, "{version}: validate failed:\n{}", run.text());
+
+        // The isthmus provider's ca_certificate is module.east.trust_bundle, a certificate
+        // the tls provider makes at apply: unknown in this plan.
+        let run = ws
+            .run_in(
+                &example,
+                &[
+                    "plan",
+                    "-detailed-exitcode",
+                    "-input=false",
+                    "-no-color",
+                    "-var",
+                    &format!("operator_certificate_file={}", cert.display()),
+                    "-var",
+                    &format!("operator_key_file={}", key.display()),
+                ],
+            )
+            .await;
+        assert_eq!(run.code, 2, "{version}: plan failed:\n{}", run.text());
+        for planned in [
+            "module.federation.isthmus_cluster.member[\"west\"] will be created",
+            "module.federation.isthmus_cluster.member[\"central\"] will be created",
+            "module.federation.isthmus_policy.mesh[\"reviews-subsets\"] will be created",
+            "module.east.helm_release.isthmus will be created",
+        ] {
+            assert!(
+                run.stdout.contains(planned),
+                "{version}: no `{planned}`:\n{}",
+                run.text()
+            );
+        }
+    }
+}

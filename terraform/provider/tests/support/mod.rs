@@ -90,6 +90,12 @@ impl Workspace {
 
     /// A workspace running the terraform binary `bin`.
     pub fn using(bin: PathBuf) -> Workspace {
+        Workspace::with_overrides(bin, &[])
+    }
+
+    /// Like [`Workspace::using`], with more `dev_overrides`: (provider source, directory of
+    /// its `terraform-provider-<name>` binary).
+    pub fn with_overrides(bin: PathBuf, more: &[(&str, &Path)]) -> Workspace {
         let dir = tempfile::Builder::new()
             .prefix("isthmus-tf-")
             .tempdir()
@@ -100,8 +106,11 @@ impl Workspace {
         std::fs::write(
             &cli_config,
             format!(
-                "provider_installation {{\n  dev_overrides {{\n    \"{SOURCE}\" = \"{}\"\n  }}\n  direct {{}}\n}}\n",
-                provider_dir.display()
+                "provider_installation {{\n  dev_overrides {{\n    \"{SOURCE}\" = \"{}\"\n{}  }}\n  direct {{}}\n}}\n",
+                provider_dir.display(),
+                more.iter()
+                    .map(|(source, dir)| format!("    \"{source}\" = \"{}\"\n", dir.display()))
+                    .collect::<String>()
             ),
         )
         .expect("writing the CLI configuration");
@@ -119,9 +128,14 @@ impl Workspace {
 
     /// Runs `terraform ARGS` in the workspace (at most two minutes).
     pub async fn run(&self, args: &[&str]) -> Run {
+        self.run_in(self.dir.path(), args).await
+    }
+
+    /// Runs `terraform ARGS` in `dir` with the workspace's CLI configuration.
+    pub async fn run_in(&self, dir: &Path, args: &[&str]) -> Run {
         let mut cmd = tokio::process::Command::new(&self.bin);
         cmd.args(args)
-            .current_dir(self.dir.path())
+            .current_dir(dir)
             .env("TF_CLI_CONFIG_FILE", &self.cli_config)
             .env("TF_IN_AUTOMATION", "1")
             .env("TF_INPUT", "0")
