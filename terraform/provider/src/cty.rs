@@ -642,6 +642,70 @@ mod tests {
         );
     }
 
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// Values captured from Terraform 1.11.4 (`TF_PROVIDER_ISTHMUS_LOG=trace` logs what the
+    /// provider decodes) planning a failover policy whose attributes derive from
+    /// `timestamp()`: `name = "fo-${...}"`, `min_healthy_percent = length(split(...))`,
+    /// `priority { clusters = split(",", timestamp()) }`, and a provider block with
+    /// `control = "https://127.0.0.1:1${...}"`.
+    #[test]
+    fn refined_unknowns_captured_from_terraform_1_11_decode() {
+        let failover = hex(concat!(
+            "89aa68797374657265736973c0a26964c0b36d696e5f6865616c7468795f70657263656e74c713",
+            "0c8301c2039200c30492cf7fffffffffffffffc3a46e616d65d70c8201c202a3666f2da96e616d",
+            "657370616365c0ac6f6e5f706172746974696f6ec0a87072696f726974799183ab62795f6c6f63",
+            "616c697479c0a8636c757374657273c7030c8101c2a7726567696f6e73c0a77365727669636",
+            "5a7726174696e6773ae77697468647261775f6166746572c0"
+        ));
+        let ty = Type::object([
+            ("hysteresis", Type::String),
+            ("id", Type::String),
+            ("min_healthy_percent", Type::Number),
+            ("name", Type::String),
+            ("namespace", Type::String),
+            ("on_partition", Type::String),
+            (
+                "priority",
+                Type::list(Type::object([
+                    ("by_locality", Type::Bool),
+                    ("clusters", Type::list(Type::String)),
+                    ("regions", Type::list(Type::String)),
+                ])),
+            ),
+            ("service", Type::String),
+            ("withdraw_after", Type::String),
+        ]);
+        let v = from_msgpack(&failover, &ty).unwrap();
+        // A string prefix in a fixext8, number bounds [0, 2^63-1] as a uint64, and a list
+        // known not to be null.
+        let Value::RefinedUnknown(name) = v.get("name") else {
+            panic!("{v:?}")
+        };
+        assert_eq!(name.string_prefix.as_deref(), Some("fo-"));
+        assert!(matches!(
+            v.get("min_healthy_percent"),
+            Value::RefinedUnknown(_)
+        ));
+        let priority = &v.get("priority").as_list().unwrap()[0];
+        assert!(priority.get("clusters").is_unknown());
+        assert_eq!(v.get("service").as_str(), Some("ratings"));
+        assert_eq!(to_msgpack(&v, &ty).unwrap(), failover);
+
+        let control = hex("c7170c8201c202b268747470733a2f2f3132372e302e302e313a");
+        let v = from_msgpack(&control, &Type::String).unwrap();
+        let Value::RefinedUnknown(r) = &v else {
+            panic!("{v:?}")
+        };
+        assert_eq!(r.string_prefix.as_deref(), Some("https://127.0.0.1:"));
+        assert_eq!(r.null, Some(false));
+    }
+
     #[test]
     fn extensions_that_are_not_unknown_values_are_errors_naming_the_attribute() {
         let cases: [(&[u8], &Type, &str); 6] = [

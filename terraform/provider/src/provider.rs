@@ -260,6 +260,11 @@ pub fn decode(dv: Option<&pb::DynamicValue>, ty: &Type) -> Result<Value, Status>
         return Ok(Value::Null);
     };
     let decoded = if !dv.msgpack.is_empty() {
+        // TF_PROVIDER_ISTHMUS_LOG=trace shows what Terraform sent, byte for byte.
+        tracing::trace!(
+            msgpack = %dv.msgpack.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            "decoding a value"
+        );
         cty::from_msgpack(&dv.msgpack, ty)
     } else if !dv.json.is_empty() {
         cty::from_json(&dv.json, ty)
