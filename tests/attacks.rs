@@ -26,16 +26,26 @@ use tonic::Code;
 const DENY_ALL: &str = r#"{"apiVersion":"security.istio.io/v1","kind":"AuthorizationPolicy","metadata":{"name":"deny-all","namespace":"isthmus-system"},"spec":{"action":"DENY","rules":[{}]}}"#;
 
 /// Every member's store: (key, value, revision) of every record.
-type Snapshot = Vec<Vec<(String, Vec<u8>, u64)>>;
+/// One member's replica: every record (key, value, revision), the member table and how many
+/// join tokens are outstanding.
+type Replica = (
+    Vec<(String, Vec<u8>, u64)>,
+    std::collections::BTreeMap<u64, String>,
+    usize,
+);
+/// Every member's replica.
+type Snapshot = Vec<Replica>;
 
 fn snapshot(demo: &Demo) -> Snapshot {
     demo.stores()
         .iter()
         .map(|s| {
-            s.list("")
+            let records = s
+                .list("")
                 .into_iter()
                 .map(|(k, r)| (k, r.value, r.revision))
-                .collect()
+                .collect();
+            (records, s.members(), s.outstanding_join_tokens())
         })
         .collect()
 }

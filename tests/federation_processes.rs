@@ -458,7 +458,7 @@ async fn clusters_join_with_a_one_time_token_and_leave_by_name() {
     // A fourth cluster: start its control plane empty, then join it with a token. Joining
     // needs no credential, only the token and the CA of the control plane it goes through.
     peers.insert(4, free_port());
-    let fourth = start_member(dir.path(), 4, &peers, true).await;
+    let mut fourth = start_member(dir.path(), 4, &peers, true).await;
     let token = admin.ok(&["cluster", "token", "--ttl", "5m"]);
     let token = token.trim().to_string();
     assert!(token.contains('.'), "{token}");
@@ -549,6 +549,13 @@ async fn clusters_join_with_a_one_time_token_and_leave_by_name() {
     let mut kv = api_client(dir.path(), 1, peers[&1]);
     assert!(kv.get("clusters/c4", true).await.unwrap().is_none());
     assert!(kv.get("clusters/c1", true).await.unwrap().is_some());
+    // The removed member hears from no one, asks its old peers, learns it was removed and
+    // exits non-zero (its stderr says so) rather than campaigning for ever.
+    let exit = tokio::time::timeout(Duration::from_secs(30), fourth.wait())
+        .await
+        .expect("the removed member's control plane exits on its own")
+        .unwrap();
+    assert!(!exit.success(), "it exits with a failure: {exit}");
     // Unknown names get a clear error.
     let unknown = admin.run(&["cluster", "remove", "nowhere"]);
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no cluster named \"nowhere\""));

@@ -42,6 +42,7 @@
 //! ```
 //! Relative paths are relative to the config file's directory.
 
+use isthmus_core::admin::AdminListen;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -151,6 +152,9 @@ pub struct RawListen {
     pub grpc: String,
     #[serde(default = "default_admin")]
     pub admin: String,
+    /// Serve the admin port's `/debug/config` beyond loopback clients.
+    #[serde(default)]
+    pub expose_debug: bool,
 }
 
 impl Default for RawListen {
@@ -158,6 +162,7 @@ impl Default for RawListen {
         RawListen {
             grpc: default_grpc(),
             admin: default_admin(),
+            expose_debug: false,
         }
     }
 }
@@ -336,7 +341,7 @@ pub struct ControlConfig {
     /// Where an operator-supplied CA is read from; `None`: created in `data_dir`.
     pub ca_dir: Option<PathBuf>,
     pub grpc_listen: SocketAddr,
-    pub admin_listen: SocketAddr,
+    pub admin_listen: AdminListen,
     pub discovery: DiscoveryConfig,
     pub vip_range: Ipv4Net,
     pub gateway_address: Option<SocketAddr>,
@@ -528,7 +533,10 @@ impl TryFrom<RawControlConfig> for ControlConfig {
             data_dir: PathBuf::from(raw.data_dir),
             ca_dir: raw.ca_dir.map(PathBuf::from),
             grpc_listen: socket_addr("listen.grpc", &raw.listen.grpc)?,
-            admin_listen: socket_addr("listen.admin", &raw.listen.admin)?,
+            admin_listen: AdminListen {
+                addr: socket_addr("listen.admin", &raw.listen.admin)?,
+                expose_debug: raw.listen.expose_debug,
+            },
             discovery,
             vip_range,
             gateway_address,

@@ -160,7 +160,7 @@ impl Daemon {
             },
         )
         .await
-        .with_context(|| format!("binding admin {}", config.admin_listen))?;
+        .with_context(|| format!("binding admin {}", config.admin_listen.addr))?;
         // A member whose log cannot be written makes the control plane unready at once
         // (the process exits too, through store_failure; in-process users see /ready).
         let unready_on_store_failure = {

@@ -2,9 +2,13 @@
 //!
 //! - `GET /metrics`: the component's Prometheus registry in text exposition format.
 //! - `GET /ready`: 200 once the component is ready, 503 before.
-//! - `GET /debug/config`: the component's current effective configuration as JSON.
+//! - `GET /debug/config`: the component's current effective configuration as JSON, to
+//!   loopback clients only unless the component's `listen.exposeDebug` is true (it lists the
+//!   mesh's topology and endpoint addresses; `kubectl port-forward` arrives from loopback).
 //!
-//! Runs one accept task; [`AdminHandle::shutdown`] stops it and closes the port.
+//! Runs one accept task; [`AdminHandle::shutdown`] stops it and closes the port. At most
+//! [`MAX_CONNECTIONS`] connections at once (more are closed as they are accepted), each with
+//! [`HEADER_TIMEOUT`] to send its request head.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -26,12 +30,36 @@ pub use component::ComponentAdmin;
 /// Produces the JSON served at `/debug/config`.
 pub type DebugConfig = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// Connections the admin port holds at once (a scraper, a probe, an operator).
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client has to send its request head.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What the admin server serves.
 #[derive(Clone)]
 pub struct AdminState {
     pub registry: Arc<Registry>,
     pub ready: watch::Receiver<bool>,
     pub debug_config: DebugConfig,
+    /// Serve `/debug/config` to clients other than loopback ones.
+    pub expose_debug: bool,
+}
+
+/// Where an admin server listens, and whether it shows `/debug/config` beyond loopback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminListen {
+    pub addr: SocketAddr,
+    pub expose_debug: bool,
+}
+
+impl From<SocketAddr> for AdminListen {
+    /// `/debug/config` to loopback clients only.
+    fn from(addr: SocketAddr) -> Self {
+        AdminListen {
+            addr,
+            expose_debug: false,
+        }
+    }
 }
 
 /// A running admin server.
@@ -58,21 +86,31 @@ pub async fn serve(listen: SocketAddr, state: AdminState) -> std::io::Result<Adm
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let (stop, mut stopped) = watch::channel(false);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let task = tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
                 _ = stopped.changed() => break,
                 accepted = listener.accept() => accepted,
             };
-            let Ok((tcp, _)) = accepted else { continue };
+            let Ok((tcp, remote)) = accepted else {
+                continue;
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::debug!(%remote, "admin port at its connection limit; closing");
+                continue;
+            };
             let state = state.clone();
             let mut conn_stopped = stopped.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let service = hyper::service::service_fn(move |req| {
                     let state = state.clone();
-                    async move { Ok::<_, Infallible>(respond(&state, &req)) }
+                    async move { Ok::<_, Infallible>(respond(&state, remote, &req)) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
                     .serve_connection(TokioIo::new(tcp), service);
                 tokio::select! {
                     _ = conn => {}
@@ -84,7 +122,11 @@ pub async fn serve(listen: SocketAddr, state: AdminState) -> std::io::Result<Adm
     Ok(AdminHandle { addr, stop, task })
 }
 
-fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn respond(
+    state: &AdminState,
+    remote: SocketAddr,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -118,6 +160,13 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
             }
         }
+        "/debug/config" if !debug_allowed(state.expose_debug, remote) => text(
+            StatusCode::FORBIDDEN,
+            "/debug/config is served to loopback clients only (it lists the mesh's \
+                 topology); set listen.exposeDebug: true in the component's config to serve \
+                 it to others, or use kubectl port-forward\n"
+                .into(),
+        ),
         "/debug/config" => {
             let mut resp = text(StatusCode::OK, (state.debug_config)());
             resp.headers_mut().insert(
@@ -133,6 +182,11 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
     }
 }
 
+/// Whether `/debug/config` is served to a client at `remote`.
+fn debug_allowed(expose: bool, remote: SocketAddr) -> bool {
+    expose || remote.ip().to_canonical().is_loopback()
+}
+
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
@@ -143,6 +197,23 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 mod tests {
     use super::*;
     use prometheus_client::metrics::counter::Counter;
+
+    #[test]
+    fn debug_config_goes_to_loopback_clients_unless_exposed() {
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        for local in [
+            "127.0.0.1:5000",
+            "127.9.9.9:1",
+            "[::1]:5000",
+            "[::ffff:127.0.0.1]:5000",
+        ] {
+            assert!(debug_allowed(false, at(local)), "{local}");
+        }
+        for remote in ["10.1.2.3:5000", "[fd00::1]:5000", "[::ffff:10.0.0.1]:1"] {
+            assert!(!debug_allowed(false, at(remote)), "{remote}");
+            assert!(debug_allowed(true, at(remote)), "{remote}");
+        }
+    }
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn get(addr: SocketAddr, path: &str) -> String {
@@ -165,6 +236,7 @@ mod tests {
             registry: Arc::new(registry),
             ready,
             debug_config: Arc::new(|| "{\"cluster\":\"east\"}".to_string()),
+            expose_debug: false,
         };
         let admin = serve("127.0.0.1:0".parse().unwrap(), state).await.unwrap();
         let addr = admin.addr();

@@ -11,6 +11,7 @@
 //! ttl: 5
 //! ```
 
+use isthmus_core::admin::AdminListen;
 use std::net::SocketAddr;
 use std::path::Path;
 
@@ -52,6 +53,9 @@ pub struct RawListen {
     pub dns: String,
     #[serde(default = "default_admin")]
     pub admin: String,
+    /// Serve the admin port's `/debug/config` beyond loopback clients.
+    #[serde(default)]
+    pub expose_debug: bool,
 }
 
 impl Default for RawListen {
@@ -59,6 +63,7 @@ impl Default for RawListen {
         RawListen {
             dns: default_dns(),
             admin: default_admin(),
+            expose_debug: false,
         }
     }
 }
@@ -80,7 +85,7 @@ pub struct DnsConfig {
     pub control_ca: Option<String>,
     pub token: String,
     pub dns: SocketAddr,
-    pub admin: SocketAddr,
+    pub admin: AdminListen,
     /// None: read /etc/resolv.conf.
     pub upstreams: Option<Vec<SocketAddr>>,
     pub ttl: u32,
@@ -116,7 +121,10 @@ impl TryFrom<RawDnsConfig> for DnsConfig {
             control_ca: raw.control_ca,
             token: raw.token,
             dns: socket_addr("listen.dns", &raw.listen.dns)?,
-            admin: socket_addr("listen.admin", &raw.listen.admin)?,
+            admin: AdminListen {
+                addr: socket_addr("listen.admin", &raw.listen.admin)?,
+                expose_debug: raw.listen.expose_debug,
+            },
             upstreams,
             ttl: raw.ttl,
         })

@@ -63,7 +63,7 @@ impl Daemon {
                 isthmus_core::tls::TrustBundleMetrics::register(attached.trust.clone(), registry);
             })
             .await
-            .with_context(|| format!("binding listen.admin {}", config.admin))?;
+            .with_context(|| format!("binding listen.admin {}", config.admin.addr))?;
         Ok(Daemon {
             cluster: config.cluster,
             dns,

@@ -16,6 +16,7 @@
 //! shares) the gateway shares its ports with the other replicas on the same addresses; see
 //! `docs/gateway.md`, "Replicas".
 
+use isthmus_core::admin::AdminListen;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -65,6 +66,9 @@ pub struct RawListen {
     pub local: String,
     #[serde(default = "default_admin")]
     pub admin: String,
+    /// Serve the admin port's `/debug/config` beyond loopback clients.
+    #[serde(default)]
+    pub expose_debug: bool,
 }
 
 impl Default for RawListen {
@@ -73,6 +77,7 @@ impl Default for RawListen {
             quic: default_quic(),
             local: default_local(),
             admin: default_admin(),
+            expose_debug: false,
         }
     }
 }
@@ -98,7 +103,7 @@ pub struct GatewayConfig {
     pub token: String,
     pub quic: SocketAddr,
     pub local: SocketAddr,
-    pub admin: SocketAddr,
+    pub admin: AdminListen,
     pub keep_alive: Duration,
     pub idle_timeout: Duration,
     pub replica_secret_file: Option<std::path::PathBuf>,
@@ -123,7 +128,10 @@ impl TryFrom<RawGatewayConfig> for GatewayConfig {
             token: raw.token,
             quic: socket_addr("listen.quic", &raw.listen.quic)?,
             local: socket_addr("listen.local", &raw.listen.local)?,
-            admin: socket_addr("listen.admin", &raw.listen.admin)?,
+            admin: AdminListen {
+                addr: socket_addr("listen.admin", &raw.listen.admin)?,
+                expose_debug: raw.listen.expose_debug,
+            },
             keep_alive: duration("keepAlive", &raw.keep_alive)?,
             idle_timeout: duration("idleTimeout", &raw.idle_timeout)?,
             replica_secret_file: match raw.replica_secret_file {

@@ -72,7 +72,7 @@ impl Daemon {
             },
         )
         .await
-        .with_context(|| format!("binding listen.admin {}", config.admin))?;
+        .with_context(|| format!("binding listen.admin {}", config.admin.addr))?;
         Ok(Daemon {
             gateway,
             admin,

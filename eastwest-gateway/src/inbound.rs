@@ -242,7 +242,13 @@ impl Inbound {
             let prefix = match tls_only::read_client_hello(&mut recv, self.connect_timeout).await
             {
                 Ok(prefix) => prefix,
-                Err(reason) => {
+                Err(tls_only::NoClientHello::Ended(reason)) => {
+                    debug!(from = %cluster, %reason, "tunnel ended before it carried anything");
+                    send.abort();
+                    recv.abort();
+                    return;
+                }
+                Err(tls_only::NoClientHello::NotTls(reason)) => {
                     self.metrics.reject(Source::Peer, Rejection::NotTls);
                     if let Some(suppressed) = self.log.admit(&format!("not_tls {cluster}")) {
                         warn!(from = %cluster, %reason, suppressed, "refusing a tunnel that is not TLS");

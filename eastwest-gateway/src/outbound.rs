@@ -156,7 +156,13 @@ impl Outbound {
         // aborted (the Ok above was the remote's; nothing reached the endpoint).
         let prefix = match tls_only::read_client_hello(&mut tcp, self.connect_timeout).await {
             Ok(prefix) => prefix,
-            Err(reason) => {
+            Err(tls_only::NoClientHello::Ended(reason)) => {
+                debug!(%reason, "tunnel ended before it carried anything");
+                send.abort();
+                recv.abort();
+                return;
+            }
+            Err(tls_only::NoClientHello::NotTls(reason)) => {
                 self.metrics.reject(Source::Local, Rejection::NotTls);
                 let who = tcp
                     .peer_addr()
@@ -164,7 +170,7 @@ impl Outbound {
                 if let Some(suppressed) = self.log.admit(&format!("not_tls {who}")) {
                     warn!(from = %who, %reason, suppressed, "refusing a tunnel that is not TLS");
                 }
-                send.abort();
+                send.abort_not_tls();
                 recv.abort();
                 // Closed with a reset, so the caller sees a refusal rather than an end of stream.
                 let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));

@@ -62,6 +62,9 @@ pub(crate) mod codes {
     pub const STALE: VarInt = VarInt::from_u32(2);
     /// A stream was abandoned because its other side failed.
     pub const STREAM_ABORTED: VarInt = VarInt::from_u32(3);
+    /// The caller's first bytes were not a TLS ClientHello: its own gateway refused the
+    /// tunnel after the remote's `Ok` (docs/security.md §9), so the remote counts it too.
+    pub const NOT_TLS: VarInt = VarInt::from_u32(4);
 }
 
 /// The TLS configurations of one gateway, shared by both transports.

@@ -36,6 +36,11 @@ pub(crate) struct Carried {
 /// tunnel broke rather than seeing a clean end.
 pub(crate) trait Abort {
     fn abort(&mut self);
+    /// Aborts because the caller's first bytes were not TLS, saying so where the transport
+    /// can (a QUIC reset with [`codes::NOT_TLS`]).
+    fn abort_not_tls(&mut self) {
+        self.abort();
+    }
 }
 
 /// The sending half of a peer stream, taking whole buffers (so QUIC can keep them without a
@@ -54,6 +59,9 @@ pub(crate) trait PeerRead: Abort {
 impl Abort for SendStream {
     fn abort(&mut self) {
         let _ = self.reset(codes::STREAM_ABORTED);
+    }
+    fn abort_not_tls(&mut self) {
+        let _ = self.reset(codes::NOT_TLS);
     }
 }
 

@@ -52,14 +52,54 @@ pub(crate) fn client_hello(prefix: &[u8; PREFIX_LEN]) -> Result<(), String> {
 pub(crate) async fn read_client_hello<R: AsyncRead + Unpin>(
     from: &mut R,
     within: Duration,
-) -> Result<[u8; PREFIX_LEN], String> {
+) -> Result<[u8; PREFIX_LEN], NoClientHello> {
     let mut prefix = [0u8; PREFIX_LEN];
     match tokio::time::timeout(within, from.read_exact(&mut prefix)).await {
-        Err(_) => return Err(format!("no TLS ClientHello within {within:?}")),
-        Ok(Err(e)) => return Err(format!("the connection ended before a ClientHello: {e}")),
+        Err(_) => {
+            return Err(NoClientHello::NotTls(format!(
+                "no TLS ClientHello within {within:?}"
+            )))
+        }
+        Ok(Err(e)) if reset_as_not_tls(&e) => {
+            return Err(NoClientHello::NotTls(
+                "the caller's gateway refused it: its first bytes were not a TLS ClientHello"
+                    .into(),
+            ))
+        }
+        Ok(Err(e)) => {
+            return Err(NoClientHello::Ended(format!(
+                "the connection ended before a ClientHello: {e}"
+            )))
+        }
         Ok(Ok(_)) => {}
     }
-    client_hello(&prefix).map(|()| prefix)
+    client_hello(&prefix)
+        .map(|()| prefix)
+        .map_err(NoClientHello::NotTls)
+}
+
+/// Why a tunnel carries nothing: its first bytes are not TLS (counted as `not_tls`), or it
+/// ended before sending any (the caller gave up, its gateway aborted for another reason).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum NoClientHello {
+    NotTls(String),
+    Ended(String),
+}
+
+impl std::fmt::Display for NoClientHello {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoClientHello::NotTls(why) | NoClientHello::Ended(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Whether a read failed because the peer stream was reset with `codes::NOT_TLS`.
+fn reset_as_not_tls(e: &std::io::Error) -> bool {
+    matches!(
+        e.get_ref().and_then(|inner| inner.downcast_ref::<quinn::ReadError>()),
+        Some(quinn::ReadError::Reset(code)) if *code == crate::quic::codes::NOT_TLS
+    )
 }
 
 #[cfg(test)]

@@ -223,6 +223,20 @@ async fn a_verified_gateway_of_no_member_cluster_is_counted_as_unauthorized() {
     );
 }
 
+/// A tunnel from east's sidecar port to west's ratings that west has answered `Ok`, before
+/// any payload.
+async fn opened_tunnel(c: &TwoClusters) -> tokio::net::TcpStream {
+    let mut tcp = tokio::net::TcpStream::connect(c.east.handle.local_addr())
+        .await
+        .unwrap();
+    tunnel::write_request(&mut tcp, &request("ratings.default", "west"))
+        .await
+        .unwrap();
+    let resp = tunnel::read_response(&mut tcp).await.unwrap();
+    assert!(resp.is_ok(), "{resp:?}");
+    tcp
+}
+
 #[tokio::test]
 async fn a_tunnel_that_does_not_start_with_a_tls_client_hello_never_leaves_the_cluster() {
     let c = TwoClusters::start().await;
@@ -231,14 +245,7 @@ async fn a_tunnel_that_does_not_start_with_a_tls_client_hello_never_leaves_the_c
         &b"GET / HTTP/1.1\r\nHost: ratings\r\n\r\n"[..],
         b"PRI * HTTP/2.0\r\n",
     ] {
-        let mut tcp = tokio::net::TcpStream::connect(c.east.handle.local_addr())
-            .await
-            .unwrap();
-        tunnel::write_request(&mut tcp, &request("ratings.default", "west"))
-            .await
-            .unwrap();
-        let resp = tunnel::read_response(&mut tcp).await.unwrap();
-        assert!(resp.is_ok(), "{resp:?}");
+        let mut tcp = opened_tunnel(&c).await;
         tcp.write_all(plaintext).await.unwrap();
         // Refused with a reset: nothing comes back, not even the echo of what was sent.
         let mut back = Vec::new();
@@ -255,8 +262,19 @@ async fn a_tunnel_that_does_not_start_with_a_tls_client_hello_never_leaves_the_c
         );
     }
     assert_eq!(m.rejected_count(Source::Local, Rejection::NotTls), 2);
-    // A tunnel that starts as TLS does is carried as before.
+    // East reset the peer streams with NOT_TLS, so west counts the refusals too.
+    let west = c.west.handle.metrics();
+    counted(&west, Source::Peer, Rejection::NotTls, 2).await;
+
+    // A caller that goes away before sending anything is not a plaintext caller: neither
+    // side counts it.
+    drop(opened_tunnel(&c).await);
+    // A tunnel that starts as TLS does is carried as before (and the one above has ended
+    // by the time this one is through).
     assert_tunnel_carries(&c, b"still here").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(m.rejected_count(Source::Local, Rejection::NotTls), 2);
+    assert_eq!(west.rejected_count(Source::Peer, Rejection::NotTls), 2);
 }
 
 #[tokio::test]

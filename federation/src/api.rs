@@ -382,7 +382,11 @@ impl Kv for KvService {
                 ca_bundle_pem: e.ca_bundle_pem,
             })
             .collect();
-        Ok(Response::new(pb::JoinInfoResponse { clusters }))
+        let removed_members = self.store()?.removed_members();
+        Ok(Response::new(pb::JoinInfoResponse {
+            clusters,
+            removed_members,
+        }))
     }
 
     async fn join(

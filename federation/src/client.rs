@@ -15,6 +15,11 @@ use crate::{Conflict, LeaseState, Record, StoreError, WatchEvent};
 /// How long connecting to a member may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The largest answer the client decodes: a `List` of a big mesh's records (each value is at
+/// most 1 MiB; a whole federation's exports fit many times over), bounded so a server cannot
+/// make the client allocate without limit.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
 /// A connection to one member's `Kv` API. Cheap to clone (clones share the connection).
 #[derive(Clone)]
 pub struct KvClient {
@@ -90,7 +95,7 @@ impl KvClient {
             .await
             .map_err(|e| StoreError::Client(format!("connecting to {addr}: {e}")))?;
         Ok(KvClient {
-            grpc: Grpc::new(channel).max_decoding_message_size(usize::MAX),
+            grpc: Grpc::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES),
         })
     }
 
@@ -98,7 +103,7 @@ impl KvClient {
     /// TLS API port (docs/control-api.md), next to its own services.
     pub fn from_channel(channel: Channel) -> Self {
         KvClient {
-            grpc: Grpc::new(channel).max_decoding_message_size(usize::MAX),
+            grpc: Grpc::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES),
         }
     }
 

@@ -51,6 +51,7 @@ mod node;
 mod peer_tls;
 mod proposals;
 pub mod proto;
+mod removal;
 mod replica;
 mod server;
 mod state;
@@ -357,6 +358,7 @@ impl Binding {
     pub async fn start(self, opts: StoreOptions) -> Result<Store, StoreError> {
         let config = opts.node_config()?;
         let node_id = config.id;
+        let election_timeout = config.election_timeout();
         let refusals = Arc::new(peer_tls::PeerRefusals::default());
         let server_tls = match &self.tls {
             None => None,
@@ -451,6 +453,16 @@ impl Binding {
                 authenticated: self.tls.is_some(),
             }),
         };
+        tasks.push(tokio::spawn(removal::watch(
+            store.downgrade(),
+            removal::Watch {
+                id: node_id,
+                tls: self.tls.clone(),
+                check_every: election_timeout,
+                patience: (election_timeout * 5).max(removal::MIN_PATIENCE),
+            },
+            shutdown_rx.clone(),
+        )));
         let peer = server::PeerService::new(
             node_id,
             replica,
@@ -915,6 +927,25 @@ impl Store {
         let digest = isthmus_core::join::digest(&self.bundle_set())
             .map_err(|e| StoreError::Membership(format!("the federation's bundle set: {e}")))?;
         Ok(format!("{id}.{secret}.{digest}"))
+    }
+
+    /// How many join tokens this member's replica holds (minted, not used; expired ones go
+    /// at the next mint or use).
+    pub fn outstanding_join_tokens(&self) -> usize {
+        self.inner.replica.with_state(|sm| sm.tokens.len())
+    }
+
+    /// The ids of the members this federation removed, in this member's replica
+    /// (`members/removed/<id>`).
+    pub fn removed_members(&self) -> Vec<u64> {
+        self.list(isthmus_core::keyspace::REMOVED_MEMBERS_PREFIX)
+            .into_iter()
+            .filter_map(|(key, _)| {
+                key.strip_prefix(isthmus_core::keyspace::REMOVED_MEMBERS_PREFIX)?
+                    .parse()
+                    .ok()
+            })
+            .collect()
     }
 
     /// The federation's bundle set in this member's replica (`Kv.JoinInfo`): every

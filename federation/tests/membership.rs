@@ -270,6 +270,16 @@ async fn removing_a_cluster_removes_what_it_owned_unless_it_holds_every_mesh_adm
             );
         }
     }
+    // North hears from no one now; it asks its old peers, learns it was removed, and stops
+    // saying so (instead of campaigning for ever).
+    let stopped = tokio::time::timeout(Duration::from_secs(30), north.stopped())
+        .await
+        .expect("the removed member stops on its own");
+    let reason = stopped.expect("a failure, not a shutdown");
+    assert!(
+        reason.contains("member 4 was removed") && reason.contains("members/removed/4"),
+        "{reason}"
+    );
     north.shutdown().await;
 
     // Rejoining: not under the removed id; under a new one, with the same name and trust

@@ -19,6 +19,7 @@
 //! redirectInbound: 0.0.0.0:15006   # pod's outbound and inbound TCP
 //! ```
 
+use isthmus_core::admin::AdminListen;
 use std::net::SocketAddr;
 use std::path::Path;
 
@@ -96,12 +97,16 @@ fn default_protocol() -> String {
 pub struct RawListen {
     #[serde(default = "default_admin")]
     pub admin: String,
+    /// Serve the admin port's `/debug/config` beyond loopback clients.
+    #[serde(default)]
+    pub expose_debug: bool,
 }
 
 impl Default for RawListen {
     fn default() -> Self {
         RawListen {
             admin: default_admin(),
+            expose_debug: false,
         }
     }
 }
@@ -123,7 +128,7 @@ pub struct SidecarConfig {
     pub labels: std::collections::BTreeMap<String, String>,
     pub outbound: bool,
     pub inbound: Vec<InboundPort>,
-    pub admin: SocketAddr,
+    pub admin: AdminListen,
     pub access_log: AccessLogTarget,
     pub redirect_outbound: Option<SocketAddr>,
     pub redirect_inbound: Option<SocketAddr>,
@@ -213,7 +218,10 @@ impl TryFrom<RawSidecarConfig> for SidecarConfig {
             labels: raw.labels,
             outbound: raw.outbound,
             inbound,
-            admin: socket_addr("listen.admin", &raw.listen.admin)?,
+            admin: AdminListen {
+                addr: socket_addr("listen.admin", &raw.listen.admin)?,
+                expose_debug: raw.listen.expose_debug,
+            },
             access_log,
         })
     }
@@ -268,6 +276,7 @@ pub fn kubernetes_config(
         inbound: Vec::new(),
         listen: RawListen {
             admin: "0.0.0.0:15020".into(),
+            expose_debug: false,
         },
         access_log: None,
         redirect_outbound: Some("0.0.0.0:15001".into()),

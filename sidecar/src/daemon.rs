@@ -112,7 +112,7 @@ impl Daemon {
             |root| metrics.register(root),
         )
         .await
-        .with_context(|| format!("binding listen.admin {}", config.admin))?;
+        .with_context(|| format!("binding listen.admin {}", config.admin.addr))?;
         Ok(Daemon {
             identity: config.identity.to_string(),
             sidecar,

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use super::{AdminHandle, AdminState};
+use super::{AdminHandle, AdminListen, AdminState};
 use crate::mesh::MeshConfig;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -38,7 +38,7 @@ impl ComponentAdmin {
     /// Serves `/metrics`, `/ready` and `/debug/config` for `component` on `listen`.
     pub async fn start(
         component: &str,
-        listen: SocketAddr,
+        listen: impl Into<AdminListen>,
         config: watch::Receiver<Arc<MeshConfig>>,
     ) -> std::io::Result<Self> {
         Self::start_with(component, listen, config, |_| {}).await
@@ -48,7 +48,7 @@ impl ComponentAdmin {
     /// `isthmus_<component>` registry first.
     pub async fn start_with(
         component: &str,
-        listen: SocketAddr,
+        listen: impl Into<AdminListen>,
         config: watch::Receiver<Arc<MeshConfig>>,
         register: impl FnOnce(&mut Registry),
     ) -> std::io::Result<Self> {
@@ -59,7 +59,7 @@ impl ComponentAdmin {
     /// the root, unprefixed (the sidecar's `istio_*` metrics keep Istio's exact names).
     pub async fn start_full(
         component: &str,
-        listen: SocketAddr,
+        listen: impl Into<AdminListen>,
         config: watch::Receiver<Arc<MeshConfig>>,
         register: impl FnOnce(&mut Registry),
         register_root: impl FnOnce(&mut Registry),
@@ -112,12 +112,14 @@ impl ComponentAdmin {
                 }
             }
         });
+        let listen: AdminListen = listen.into();
         let handle = super::serve(
-            listen,
+            listen.addr,
             AdminState {
                 registry: Arc::new(root),
                 ready,
                 debug_config,
+                expose_debug: listen.expose_debug,
             },
         )
         .await?;
@@ -165,7 +167,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_component_stays_unready_whatever_config_arrives() {
         let (tx, rx) = watch::channel(Arc::new(MeshConfig::default()));
-        let admin = ComponentAdmin::start("test", "127.0.0.1:0".parse().unwrap(), rx)
+        let admin = ComponentAdmin::start("test", "127.0.0.1:0".parse::<SocketAddr>().unwrap(), rx)
             .await
             .unwrap();
         let addr = admin.addr();
