@@ -26,7 +26,10 @@ async fn certificates_rotate_at_half_life_without_failing_requests() {
     // ratings runs only in central: every call crosses both gateways.
     let deadline = Instant::now() + Duration::from_secs(15);
     let vip = loop {
-        if let Some(vip) = vip_of(&east.config.borrow(), "ratings") {
+        // Bound first: a watch guard held across the call below would block the sidecar's
+        // own reads of the configuration once an update is waiting (a deadlock).
+        let found = vip_of(&east.config.borrow(), "ratings");
+        if let Some(vip) = found {
             let addr = SocketAddr::new(vip, SAMPLE_PORT);
             if call_sample(addr).await.is_ok() {
                 break addr;
@@ -96,9 +99,10 @@ async fn certificates_rotate_at_half_life_without_failing_requests() {
     );
     // The first certificates have expired by now; a new mTLS handshake with east's caller
     // identity to ratings' sidecar succeeds, so both ends present valid rotated ones.
+    let config = east.config.borrow().clone();
     let status = fresh_handshake(
         &east.client_identity,
-        &east.config.borrow(),
+        &config,
         ratings.sidecar.inbound_addrs()[0],
     )
     .await;

@@ -8,7 +8,9 @@
 //! plan has no changes; a weight change is an in-place update that moves the traffic; a
 //! change made with the CLI shows as drift; import of existing objects plans no change;
 //! destroy removes everything; and invalid attributes are diagnostics naming them, with
-//! nothing applied.
+//! nothing applied. The whole cycle runs under every Terraform this machine has (PyPI's 1.0.3
+//! and the system's own), each joining a north of its own: a removed member's id is never
+//! reused.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -21,8 +23,6 @@ use isthmus_demo::{vip_of, Demo, DemoCluster, DemoOptions, SAMPLE_PORT};
 use support::{header, header_as, Workspace};
 
 mod support;
-
-const NORTH_ID: u64 = 4;
 
 fn options() -> DemoOptions {
     DemoOptions::fast(222)
@@ -39,7 +39,7 @@ fn free_port() -> u16 {
 /// as a new, empty federation member that the demo's members will hear from once joined.
 /// Its CA is made first (`north-data/ca.pem`, the bundle its join records); its config names
 /// each demo member with its trust domain and CA, so it authenticates them.
-fn start_north(demo: &Demo, dir: &Path, peer_port: u16) -> tokio::task::JoinHandle<()> {
+fn start_north(demo: &Demo, dir: &Path, peer_port: u16, id: u64) -> tokio::task::JoinHandle<()> {
     isthmus_testkit::discovery::Discovery::new().write(&dir.join("services.yaml"));
     let data = dir.join("north-data");
     std::fs::create_dir_all(&data).unwrap();
@@ -60,12 +60,12 @@ fn start_north(demo: &Demo, dir: &Path, peer_port: u16) -> tokio::task::JoinHand
             )
         })
         .collect();
-    peers.push(format!("{NORTH_ID}: \"127.0.0.1:{peer_port}\""));
+    peers.push(format!("{id}: \"127.0.0.1:{peer_port}\""));
     let config = format!(
         "cluster: north\nlocality: eu-west-1/a\ndataDir: north-data\n\
          discovery: {{file: services.yaml, pollInterval: 100ms}}\nvipRange: 127.225.0.0/16\n\
          listen: {{grpc: \"127.0.0.1:0\", admin: \"127.0.0.1:0\"}}\n\
-         federation: {{nodeId: {NORTH_ID}, listen: \"127.0.0.1:{peer_port}\", join: true, tick: 20ms, peers: {{{}}}}}\n",
+         federation: {{nodeId: {id}, listen: \"127.0.0.1:{peer_port}\", join: true, tick: 20ms, peers: {{{}}}}}\n",
         peers.join(", ")
     );
     let path = dir.join("north.yaml");
@@ -113,8 +113,7 @@ spec:
 /// North joins with its trust domain and CA bundle (`north_dir/north-data/ca.pem`).
 fn configuration(
     east: &DemoCluster,
-    north_dir: &Path,
-    north_peer: u16,
+    (north_dir, north_peer, id): (&Path, u16, u64),
     v1: u32,
     v3: u32,
 ) -> String {
@@ -122,7 +121,7 @@ fn configuration(
         r#"{header}
 resource "isthmus_cluster" "north" {{
   name         = "north"
-  member_id    = {NORTH_ID}
+  member_id    = {id}
   peer_address = "127.0.0.1:{north_peer}"
   locality     = "eu-west-1/a"
   trust_domain = "north.isthmus.local"
@@ -227,29 +226,42 @@ async fn cli_get(client: &ControlClient, kind: Kind, name: &str) -> Option<Strin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terraform_joins_a_cluster_and_manages_policies_that_traffic_follows_with_drift_import_and_destroy(
 ) {
-    let ws = Workspace::new();
     let demo = Demo::start(options()).await.expect("the demo starts");
+    // Under every Terraform this machine has; each run joins its own north (a removed
+    // member's id is never reused).
+    for (i, (bin, version)) in support::terraforms().into_iter().enumerate() {
+        let id = 4 + u64::try_from(i).unwrap();
+        lifecycle(&Workspace::using(bin), &demo, id, &version).await;
+    }
+    let east = demo.cluster("east").unwrap();
+    invalid_attributes_are_named_and_nothing_is_applied(east, &east.control.client()).await;
+    demo.shutdown().await;
+}
+
+/// Join north as member `id`, manage policies, check traffic, drift, import, destroy.
+async fn lifecycle(ws: &Workspace, demo: &Demo, id: u64, version: &str) {
     let east = demo.cluster("east").unwrap();
     let west = demo.cluster("west").unwrap();
     let central = demo.cluster("central").unwrap();
     let control = east.control.client();
     let north_dir = tempfile::tempdir().unwrap();
     let north_peer = free_port();
-    let north = start_north(&demo, north_dir.path(), north_peer);
+    let north = start_north(demo, north_dir.path(), north_peer, id);
+    let north_at = (north_dir.path(), north_peer, id);
 
     // Before: local first, then by locality (central's nearest details is east's).
     traffic_goes_to(west, "reviews", ("v2", "west"), "before apply").await;
     traffic_goes_to(central, "details", ("v1", "east"), "before apply").await;
 
     // Apply: north joins; subsets, all of reviews to v1, details from central to west.
-    ws.write(&configuration(east, north_dir.path(), north_peer, 100, 0));
+    ws.write(&configuration(east, north_at, 100, 0));
     ws.apply().await;
     let status = status_table(&control).await;
     assert!(
         status
             .lines()
-            .any(|l| l.starts_with("4 ") && l.contains("north")),
-        "isthmus status does not show north as member 4:\n{status}"
+            .any(|l| l.starts_with(&format!("{id} ")) && l.contains("north")),
+        "{version}: isthmus status does not show north as member {id}:\n{status}"
     );
     let vs = cli_get(&control, Kind::VirtualService, "reviews").await;
     assert!(
@@ -277,7 +289,7 @@ async fn terraform_joins_a_cluster_and_manages_policies_that_traffic_follows_wit
         "the FailoverPolicy prefers west",
     )
     .await;
-    let token = state_values(&ws, "isthmus_cluster.north").await["join_token"].clone();
+    let token = state_values(ws, "isthmus_cluster.north").await["join_token"].clone();
     assert!(
         token.as_str().is_some_and(|t| t.contains('.')),
         "the minted join token is kept in the state: {token}"
@@ -293,7 +305,7 @@ async fn terraform_joins_a_cluster_and_manages_policies_that_traffic_follows_wit
     );
 
     // A weight: an in-place update, and the traffic moves.
-    ws.write(&configuration(east, north_dir.path(), north_peer, 0, 100));
+    ws.write(&configuration(east, north_at, 0, 100));
     let plan = ws.plan().await;
     assert_eq!(plan.code, 2, "{}", plan.text());
     assert!(
@@ -310,7 +322,7 @@ async fn terraform_joins_a_cluster_and_manages_policies_that_traffic_follows_wit
         "the weights moved to v3",
     )
     .await;
-    let mesh = state_values(&ws, "data.isthmus_federation.mesh").await;
+    let mesh = state_values(ws, "data.isthmus_federation.mesh").await;
     let names: Vec<&str> = mesh["clusters"]
         .as_array()
         .unwrap()
@@ -328,7 +340,7 @@ async fn terraform_joins_a_cluster_and_manages_policies_that_traffic_follows_wit
             .count()
             >= 4
     );
-    let services = state_values(&ws, "data.isthmus_services.default").await;
+    let services = state_values(ws, "data.isthmus_services.default").await;
     let reviews = services["services"]
         .as_array()
         .unwrap()
@@ -403,15 +415,11 @@ async fn terraform_joins_a_cluster_and_manages_policies_that_traffic_follows_wit
     }
     let status = status_table(&control).await;
     assert!(
-        !status.lines().any(|l| l.starts_with("4 ")),
-        "member 4 remains after destroy:\n{status}"
+        !status.lines().any(|l| l.starts_with(&format!("{id} "))),
+        "{version}: member {id} remains after destroy:\n{status}"
     );
     traffic_goes_to(central, "details", ("v1", "east"), "after destroy").await;
-
-    invalid_attributes_are_named_and_nothing_is_applied(east, &control).await;
-
     north.abort();
-    demo.shutdown().await;
 }
 
 /// A configuration with bad attributes beside a good resource: each bad one is a diagnostic
