@@ -526,32 +526,20 @@ impl Peers {
 
     /// The member clusters this gateway holds a live connection to (dialled or adopted).
     pub(crate) async fn connected(&self) -> std::collections::BTreeSet<String> {
-        let slots: Vec<(String, Arc<Slot>)> = {
-            let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            slots.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-        };
-        let mut connected = std::collections::BTreeSet::new();
-        for (cluster, slot) in slots {
-            let live = slot
-                .state
-                .lock()
-                .await
-                .conn
-                .as_ref()
-                .is_some_and(|p| p.conn.close_reason().is_none());
-            if live {
-                connected.insert(cluster);
-            }
-        }
-        connected
+        self.pooled()
+            .await
+            .into_iter()
+            .filter_map(|(cluster, conn)| conn.map(|_| cluster))
+            .collect()
     }
 
-    /// Samples each pooled connection's round-trip time and liveness into the metrics.
-    async fn sample(&self) {
+    /// Every slot's cluster with its pooled connection, when that one is live.
+    async fn pooled(&self) -> Vec<(String, Option<Connection>)> {
         let slots: Vec<(String, Arc<Slot>)> = {
             let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             slots.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
         };
+        let mut pooled = Vec::with_capacity(slots.len());
         for (cluster, slot) in slots {
             let conn = slot
                 .state
@@ -559,9 +547,18 @@ impl Peers {
                 .await
                 .conn
                 .as_ref()
-                .map(|p| p.conn.clone());
+                .map(|p| p.conn.clone())
+                .filter(|c| c.close_reason().is_none());
+            pooled.push((cluster, conn));
+        }
+        pooled
+    }
+
+    /// Samples each pooled connection's round-trip time and liveness into the metrics.
+    async fn sample(&self) {
+        for (cluster, conn) in self.pooled().await {
             let labels = PeerLabels { peer: cluster };
-            match conn.filter(|c| c.close_reason().is_none()) {
+            match conn {
                 Some(conn) => {
                     self.metrics.connections.get_or_create(&labels).set(1);
                     self.metrics

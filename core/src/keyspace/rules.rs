@@ -162,11 +162,11 @@ pub fn admit(records: &impl Records, key: &str, change: Change<'_>) -> Result<()
     check_key(key).map_err(|why| refuse(Reason::BadKey, &format!("{key:?}"), why))?;
     let parsed = Key::parse(key);
     if parsed == Key::Other {
-        if let Some(prefix) = governed_prefix(key) {
+        if let Some((prefix, shape)) = governed(key) {
             return Err(refuse(
                 Reason::BadKey,
                 key,
-                format!("a key under {prefix} has the shape {}", shape(prefix)),
+                format!("a key under {prefix} has the shape {shape}"),
             ));
         }
     }
@@ -227,18 +227,12 @@ const GOVERNED: [(&str, &str); 5] = [
     ),
 ];
 
-fn governed_prefix(key: &str) -> Option<&'static str> {
+/// The governed prefix `key` falls under, with its keys' shape.
+fn governed(key: &str) -> Option<(&'static str, &'static str)> {
     GOVERNED
         .iter()
         .find(|(prefix, _)| key.starts_with(prefix))
-        .map(|(prefix, _)| *prefix)
-}
-
-fn shape(prefix: &str) -> &'static str {
-    GOVERNED
-        .iter()
-        .find(|(p, _)| *p == prefix)
-        .map_or("", |(_, shape)| shape)
+        .copied()
 }
 
 fn decode<'a, T: Deserialize<'a>>(key: &str, what: &str, value: &'a [u8]) -> Result<T, Refusal> {

@@ -440,14 +440,22 @@ impl StateMachine {
 
     /// Every record whose key starts with `prefix`, sorted by key.
     pub(crate) fn list(&self, prefix: &str) -> Vec<(String, Record)> {
+        self.under(prefix)
+            .map(|(key, stored)| (key.clone(), stored.record()))
+            .collect()
+    }
+
+    /// The stored records whose key starts with `prefix`, in key order.
+    fn under<'a, 'p>(
+        &'a self,
+        prefix: &'p str,
+    ) -> impl Iterator<Item = (&'a String, &'a Stored)> + use<'a, 'p> {
         self.records
             .range::<str, _>((
                 std::ops::Bound::Included(prefix),
                 std::ops::Bound::Unbounded,
             ))
-            .take_while(|(key, _)| key.starts_with(prefix))
-            .map(|(key, stored)| (key.clone(), stored.record()))
-            .collect()
+            .take_while(move |(key, _)| key.starts_with(prefix))
     }
 
     /// Every live (not expired) lease: key, epoch, length.
@@ -469,12 +477,7 @@ impl rules::Records for StateMachine {
     }
 
     fn values<'a>(&'a self, prefix: &str) -> Vec<(&'a str, &'a [u8])> {
-        self.records
-            .range::<str, _>((
-                std::ops::Bound::Included(prefix),
-                std::ops::Bound::Unbounded,
-            ))
-            .take_while(|(key, _)| key.starts_with(prefix))
+        self.under(prefix)
             .map(|(key, stored)| (key.as_str(), stored.record.value.as_slice()))
             .collect()
     }

@@ -103,6 +103,16 @@ fn vars(
     ]
 }
 
+/// Runs `terraform ARGS` followed by the `-var` arguments `vars`.
+async fn run_with_vars(ws: &Workspace, args: &[&str], vars: &[String]) -> support::Run {
+    let all: Vec<&str> = args
+        .iter()
+        .copied()
+        .chain(vars.iter().map(String::as_str))
+        .collect();
+    ws.run(&all).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_configured_from_variables_and_another_resources_output_plans_and_applies() {
     let demo = Demo::start(DemoOptions::fast(223))
@@ -112,12 +122,6 @@ async fn a_provider_configured_from_variables_and_another_resources_output_plans
     let control = east.control.client();
     let addr = east.control.grpc_addr().to_string();
     let vars = vars(&addr, &east.ca_file, &east.admin_credential);
-    let with_vars = |args: &[&str]| -> Vec<String> {
-        args.iter()
-            .map(|a| a.to_string())
-            .chain(vars.iter().cloned())
-            .collect()
-    };
     let stored = || async {
         let mut names: Vec<String> = control
             .get_policies(None, None, None)
@@ -136,9 +140,12 @@ async fn a_provider_configured_from_variables_and_another_resources_output_plans
         let run = ws.run(&["validate", "-no-color"]).await;
         assert_eq!(run.code, 0, "{version}: validate failed:\n{}", run.text());
 
-        let args = with_vars(&["plan", "-detailed-exitcode", "-input=false", "-no-color"]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let run = ws.run(&args).await;
+        let run = run_with_vars(
+            &ws,
+            &["plan", "-detailed-exitcode", "-input=false", "-no-color"],
+            &vars,
+        )
+        .await;
         assert_eq!(
             run.code,
             2,
@@ -151,9 +158,12 @@ async fn a_provider_configured_from_variables_and_another_resources_output_plans
             "{version}: a plan applied something"
         );
 
-        let args = with_vars(&["apply", "-auto-approve", "-input=false", "-no-color"]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let run = ws.run(&args).await;
+        let run = run_with_vars(
+            &ws,
+            &["apply", "-auto-approve", "-input=false", "-no-color"],
+            &vars,
+        )
+        .await;
         assert_eq!(run.code, 0, "{version}: apply failed:\n{}", run.text());
         assert_eq!(
             stored().await,
@@ -161,9 +171,12 @@ async fn a_provider_configured_from_variables_and_another_resources_output_plans
             "{version}: both providers applied their policy"
         );
 
-        let args = with_vars(&["plan", "-detailed-exitcode", "-input=false", "-no-color"]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let run = ws.run(&args).await;
+        let run = run_with_vars(
+            &ws,
+            &["plan", "-detailed-exitcode", "-input=false", "-no-color"],
+            &vars,
+        )
+        .await;
         assert_eq!(
             run.code,
             0,
@@ -171,9 +184,12 @@ async fn a_provider_configured_from_variables_and_another_resources_output_plans
             run.text()
         );
 
-        let args = with_vars(&["destroy", "-auto-approve", "-input=false", "-no-color"]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let run = ws.run(&args).await;
+        let run = run_with_vars(
+            &ws,
+            &["destroy", "-auto-approve", "-input=false", "-no-color"],
+            &vars,
+        )
+        .await;
         assert_eq!(run.code, 0, "{version}: destroy failed:\n{}", run.text());
         assert!(
             stored().await.is_empty(),
@@ -201,9 +217,10 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
-/// The registry providers the modules use, as the test stand-in Cargo builds beside this test
-/// (`examples/standin_provider.rs`), one copy per provider name, in `dir`.
-fn stand_ins(dir: &Path) -> Vec<(&'static str, std::path::PathBuf)> {
+/// The registry providers the modules use (helm, kubernetes, random, tls), as the test
+/// stand-in Cargo builds beside this test (`examples/standin_provider.rs`), one copy per
+/// provider name, in `dir`.
+fn stand_ins(dir: &Path) -> [&'static str; 4] {
     let exe = std::env::current_exe().unwrap();
     // target/<profile>/deps/<test> -> target/<profile>/examples/standin_provider
     let built = exe
@@ -218,13 +235,11 @@ fn stand_ins(dir: &Path) -> Vec<(&'static str, std::path::PathBuf)> {
         built.display()
     );
     std::fs::create_dir_all(dir).unwrap();
-    ["helm", "kubernetes", "random", "tls"]
-        .into_iter()
-        .map(|name| {
-            std::fs::copy(&built, dir.join(format!("terraform-provider-{name}"))).unwrap();
-            (name, dir.to_path_buf())
-        })
-        .collect()
+    let names = ["helm", "kubernetes", "random", "tls"];
+    for name in names {
+        std::fs::copy(&built, dir.join(format!("terraform-provider-{name}"))).unwrap();
+    }
+    names
 }
 
 #[tokio::test]
@@ -251,15 +266,15 @@ async fn the_three_clusters_example_validates_and_plans_with_its_module_wiring()
     std::fs::write(&cert, &issued.cert_chain_pem).unwrap();
     std::fs::write(&key, &issued.key_pem).unwrap();
     let plugins = scratch.path().join("plugins");
-    let overrides: Vec<(String, std::path::PathBuf)> = stand_ins(&plugins)
-        .into_iter()
-        .map(|(name, dir)| (format!("hashicorp/{name}"), dir))
+    let sources: Vec<String> = stand_ins(&plugins)
+        .iter()
+        .map(|name| format!("hashicorp/{name}"))
         .collect();
 
     for (bin, version) in terraforms() {
-        let more: Vec<(&str, &Path)> = overrides
+        let more: Vec<(&str, &Path)> = sources
             .iter()
-            .map(|(s, d)| (s.as_str(), d.as_path()))
+            .map(|s| (s.as_str(), plugins.as_path()))
             .collect();
         let ws = Workspace::with_overrides(bin, &more);
         // Local modules only: `terraform get` installs them without touching a registry.
