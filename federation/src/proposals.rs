@@ -115,6 +115,15 @@ impl Proposals {
         }
     }
 
+    /// Makes every waiting write due now: called when a new leader becomes known, since
+    /// an attempt forwarded to the old one is lost and would otherwise wait out its
+    /// election timeout.
+    pub(crate) fn retry_all_at(&mut self, at: Instant) {
+        for pending in self.pending.values_mut() {
+            pending.next_attempt = pending.next_attempt.min(at);
+        }
+    }
+
     /// Answers the caller of `seq` with an error and forgets the proposal.
     pub(crate) fn fail(&mut self, seq: u64, error: StoreError) {
         if let Some(pending) = self.pending.remove(&seq) {

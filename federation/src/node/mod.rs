@@ -132,6 +132,8 @@ pub(crate) struct RaftNode<S: LogStore> {
     /// The latest time an input carried.
     now: Instant,
     leases: members::LeaseTimer,
+    /// The leader as of the last tick ([`raft::INVALID_ID`] when none was known).
+    leader_seen: u64,
 }
 
 impl<S: LogStore> RaftNode<S> {
@@ -171,6 +173,7 @@ impl<S: LogStore> RaftNode<S> {
             snapshot_index,
             now,
             leases: members::LeaseTimer::default(),
+            leader_seen: raft::INVALID_ID,
         };
         node.update_peers();
         Ok(node)
@@ -183,11 +186,30 @@ impl<S: LogStore> RaftNode<S> {
     pub(crate) fn handle_tick(&mut self, now: Instant) {
         self.now = now;
         self.raw.tick();
+        self.on_leader_change(now);
         for seq in self.proposals.due(now) {
             self.try_propose(seq, now);
         }
         self.retry_reads(now);
         self.leader_duties(now);
+    }
+
+    /// When a new leader becomes known, every waiting write and read is tried again at
+    /// once: attempts forwarded to the old leader are lost, and waiting out their retry
+    /// interval (an election timeout) would add up to that much to a failover.
+    fn on_leader_change(&mut self, now: Instant) {
+        let leader = self.raw.raft.leader_id;
+        if leader == self.leader_seen {
+            return;
+        }
+        self.leader_seen = leader;
+        if leader == raft::INVALID_ID {
+            return;
+        }
+        self.proposals.retry_all_at(now);
+        for read in self.reads.values_mut() {
+            read.next_attempt = read.next_attempt.min(now);
+        }
     }
 
     /// Steps a message received from another member.

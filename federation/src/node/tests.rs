@@ -169,6 +169,8 @@ fn write_lost_with_an_isolated_leader_is_retried_and_applied_once() {
     net.tick_until("a new leader among the majority", |net| {
         net.leader_among(&others).is_some()
     });
+    // The new leader makes the lost attempt due at once, not an election timeout later.
+    let elected_at = net.now;
     let mut answer = None;
     net.tick_until("the retried write to be answered", |_| {
         match outcome.try_recv() {
@@ -179,6 +181,11 @@ fn write_lost_with_an_isolated_leader_is_retried_and_applied_once() {
             Err(_) => false,
         }
     });
+    let ticks = (net.now - elected_at).as_millis() / TICK.as_millis();
+    assert!(
+        ticks <= 3,
+        "the retried write took {ticks} ticks after the new leader (election timeout: 10)"
+    );
     let revision = match answer {
         Some(Ok(Outcome::Done(revision))) => revision,
         other => panic!("write failed: {other:?}"),
