@@ -279,6 +279,30 @@ fn init_redirects_the_pods_tcp_to_the_sidecar_which_finds_the_original_destinati
     );
     assert_eq!(body, "outside none");
 
+    // Straight to the outbound port (loopback is never redirected): the connection kept its
+    // own address as its destination, so relaying it would dial the listener itself, again
+    // and again. It is closed at once, and the sidecar still serves.
+    let started = Instant::now();
+    let out = ns.as_nobody(&["curl", "-sS", "--max-time", "3", "http://127.0.0.1:15001/"]);
+    assert!(
+        matches!(out.status.code(), Some(52 | 56)),
+        "expected the connection closed (curl exit 52 or 56), got {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // (Relayed, it would first wait out the 1 s protocol detection.)
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "closed only after {:?}",
+        started.elapsed()
+    );
+    let out = ns.as_nobody(&["curl", "-sS", "--max-time", "3", &url]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("web "),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Re-running init replaces the rules instead of stacking them.
     let again = Command::new("ip")
         .args([

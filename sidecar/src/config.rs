@@ -15,7 +15,7 @@
 //! inbound:
 //!   - {listen: 127.0.0.1:15006, forwardTo: 127.0.0.1:9080, protocol: http}
 //! listen: {admin: 127.0.0.1:15020}
-//! redirectOutbound: 0.0.0.0:15001  # Kubernetes: where `isthmus sidecar init` sends the
+//! redirectOutbound: 127.0.0.1:15001  # Kubernetes: where `isthmus sidecar init` sends the
 //! redirectInbound: 0.0.0.0:15006   # pod's outbound and inbound TCP
 //! ```
 
@@ -182,6 +182,16 @@ impl TryFrom<RawSidecarConfig> for SidecarConfig {
             .as_deref()
             .map(|a| socket_addr("redirectOutbound", a))
             .transpose()?;
+        if let Some(addr) = redirect_outbound.filter(|a| !a.ip().is_loopback()) {
+            // The redirect delivers the pod's own connections to loopback; any other
+            // address would also take connections from other pods, an open proxy that
+            // re-originates them with this workload's identity.
+            return Err(FieldError::new(
+                "redirectOutbound",
+                addr.to_string(),
+                "must be a loopback address (127.0.0.1:15001): the redirect delivers the pod's own connections there, and any other address would let other pods use the sidecar as a proxy with this workload's identity",
+            ));
+        }
         if let (Some(addr), false) = (redirect_outbound, raw.outbound) {
             return Err(FieldError::new(
                 "redirectOutbound",
@@ -279,7 +289,7 @@ pub fn kubernetes_config(
             expose_debug: false,
         },
         access_log: None,
-        redirect_outbound: Some("0.0.0.0:15001".into()),
+        redirect_outbound: Some("127.0.0.1:15001".into()),
         redirect_inbound: Some("0.0.0.0:15006".into()),
     };
     let ca_pem = need("ISTHMUS_CONTROL_CA")?;
@@ -371,7 +381,7 @@ mod kubernetes_tests {
         assert!(config.outbound);
         assert_eq!(
             config.redirect_outbound,
-            Some("0.0.0.0:15001".parse().unwrap())
+            Some("127.0.0.1:15001".parse().unwrap())
         );
         assert_eq!(
             config.redirect_inbound,
@@ -399,5 +409,27 @@ mod kubernetes_tests {
             .unwrap()
             .to_string();
         assert!(err.contains("ISTHMUS_CONTROL_CA"), "{err}");
+    }
+
+    #[test]
+    fn redirected_outbound_listens_on_loopback_only() {
+        let config = |addr: &str| {
+            let yaml = format!(
+                "cluster: east\nserviceAccount: sleep\ncontrol: 127.0.0.1:15012\ntoken: t\noutbound: true\nredirectOutbound: \"{addr}\"\n"
+            );
+            isthmus_core::config::load_str::<RawSidecarConfig, SidecarConfig>(
+                Path::new("sleep.yaml"),
+                &yaml,
+            )
+        };
+        config("127.0.0.1:15001").unwrap();
+        assert!(config("[::1]:15001").is_ok());
+        for open in ["0.0.0.0:15001", "10.0.0.7:15001", "[::]:15001"] {
+            let err = config(open).unwrap_err().to_string();
+            assert!(
+                err.contains("redirectOutbound") && err.contains("loopback"),
+                "{open}: {err}"
+            );
+        }
     }
 }

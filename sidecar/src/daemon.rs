@@ -93,6 +93,20 @@ impl Daemon {
                 .with_context(|| format!("binding redirectOutbound {addr}"))?;
             let bound = sidecar.serve_redirected(listener)?;
             tracing::info!(%bound, "serving redirected outbound connections");
+            // nftables redirects the pod's IPv6 connections to ::1: listen there too, on
+            // the same port, where the pod has IPv6 at all.
+            if addr.ip() == std::net::Ipv4Addr::LOCALHOST {
+                let v6 = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()));
+                match tokio::net::TcpListener::bind(v6).await {
+                    Ok(listener) => {
+                        let bound = sidecar.serve_redirected(listener)?;
+                        tracing::info!(%bound, "serving redirected outbound IPv6 connections");
+                    }
+                    Err(e) => {
+                        tracing::debug!(%v6, error = %e, "no IPv6 loopback: IPv4 redirect only")
+                    }
+                }
+            }
         }
         if let Some(addr) = config.redirect_inbound {
             let listener = tokio::net::TcpListener::bind(addr)

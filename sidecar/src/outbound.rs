@@ -182,6 +182,12 @@ pub(crate) async fn accept_redirected(
                     return;
                 }
             };
+            // A connection made straight to the outbound port keeps its destination: it
+            // was not redirected, and relaying it would dial the listener itself.
+            if app.local_addr().is_ok_and(|local| local == dst) {
+                tracing::info!(%client, %dst, "connection made straight to the outbound port, not redirected; closed");
+                return;
+            }
             let protocol = mesh_protocol(&outbound.config.borrow(), dst);
             match protocol {
                 Some(protocol) => outbound.serve(app, dst, client, protocol).await,
