@@ -534,6 +534,36 @@ async fn clusters_join_with_a_one_time_token_and_leave_by_name() {
     let table = admin.ok(&["status"]);
     assert!(table.contains("c4") && table.contains("LAG"), "{table}");
 
+    // A connection c4's control plane holds to member 1's peer port (a watch, as a member
+    // that does not stop itself after its removal would keep it): open while c4 is a member.
+    let c4_ca = {
+        let data = dir.path().join("data-4");
+        isthmus_core::ca::CertificateAuthority::from_pem(
+            "c4.isthmus.local",
+            &std::fs::read_to_string(data.join("ca.pem")).unwrap(),
+            &std::fs::read_to_string(data.join("ca-key.pem")).unwrap(),
+        )
+        .unwrap()
+    };
+    let c4_control = {
+        let id = isthmus_core::identity::SpiffeId::control("c4.isthmus.local");
+        let issued = c4_ca.issue(&id, Duration::from_secs(600)).unwrap();
+        isthmus_core::tls::Identity::from_pem(id, &issued.cert_chain_pem, &issued.key_pem).unwrap()
+    };
+    let ca1_pem = std::fs::read_to_string(&ca1).unwrap();
+    let mut held = KvClient::from_channel(
+        ControlClient::authenticated(
+            &fed,
+            &ca1_pem,
+            isthmus_core::tls::identity_resolver(c4_control),
+        )
+        .unwrap()
+        .channel(),
+    )
+    .watch("clusters/", 0)
+    .await
+    .expect("c4, a member, watches member 1's records");
+
     // Leaving by name.
     let removed = admin.ok(&["cluster", "remove", "c4"]);
     assert!(removed.contains("member 4"), "{removed}");
@@ -549,6 +579,23 @@ async fn clusters_join_with_a_one_time_token_and_leave_by_name() {
     let mut kv = api_client(dir.path(), 1, peers[&1]);
     assert!(kv.get("clusters/c4", true).await.unwrap().is_none());
     assert!(kv.get("clusters/c1", true).await.unwrap().is_some());
+    // Member 1 closed the connection c4 held when the removal applied: the watch ends with
+    // an error instead of streaming the federation's records to a non-member.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match held.next().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the removed member's open watch is cut off");
+    assert!(
+        ended.is_err(),
+        "the watch ended without an error: {ended:?}"
+    );
+
     // The removed member hears from no one, asks its old peers, learns it was removed and
     // exits non-zero (its stderr says so) rather than campaigning for ever.
     let exit = tokio::time::timeout(Duration::from_secs(30), fourth.wait())

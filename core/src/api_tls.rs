@@ -31,6 +31,7 @@ use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::identity::Principal;
+use crate::revocation::{ConnectionRegistry, Registration};
 use crate::tls::{self, Identity, TlsError, TrustBundles};
 
 /// How long a client has to finish its TLS handshake before the server drops it.
@@ -213,6 +214,26 @@ pub struct TlsConn {
     _slot: OwnedSemaphorePermit,
     /// One of the port's certificate-less connections, where it limits them.
     _anonymous: Option<OwnedSemaphorePermit>,
+    /// Where the port can cut off its caller's trust domain ([`PortGuards::registry`]).
+    registration: Option<Registration>,
+}
+
+impl TlsConn {
+    /// An error once the caller's trust domain has been closed: the server then drops the
+    /// connection, whatever it was doing.
+    fn check_open(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let closed = self
+            .registration
+            .as_mut()
+            .is_some_and(|registration| registration.poll_closed(cx).is_ready());
+        if closed {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the caller's trust domain lost its rights on this port",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Connected for TlsConn {
@@ -229,6 +250,7 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        self.check_open(cx)?;
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -239,6 +261,7 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.check_open(cx)?;
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -255,6 +278,7 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.check_open(cx)?;
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -327,6 +351,9 @@ pub struct PortGuards {
     /// At most this many established connections without a client certificate at once;
     /// more are closed once their handshake shows no certificate.
     pub anonymous_limit: Option<usize>,
+    /// Every connection with a client certificate is registered here under its trust
+    /// domain, and dropped when [`ConnectionRegistry::close_domain`] closes that domain.
+    pub registry: Option<Arc<ConnectionRegistry>>,
 }
 
 /// Like [`incoming`], with `guards`.
@@ -344,6 +371,7 @@ pub fn incoming_observed(
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let anonymous_slots = guards.anonymous_limit.map(|n| Arc::new(Semaphore::new(n)));
     let observer = guards.observer;
+    let registry = guards.registry;
     let accepting = tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -369,6 +397,7 @@ pub fn incoming_observed(
             let tx = tx.clone();
             let observer = observer.clone();
             let anonymous_slots = anonymous_slots.clone();
+            let registry = registry.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(inner)) => {
@@ -396,6 +425,12 @@ pub fn incoming_observed(
                             },
                             _ => None,
                         };
+                        let registration = match (&registry, &caller) {
+                            (Some(registry), Some(caller)) => {
+                                Some(registry.register(caller.trust_domain()))
+                            }
+                            _ => None,
+                        };
                         let info = ApiConnInfo {
                             remote,
                             local,
@@ -407,6 +442,7 @@ pub fn incoming_observed(
                                 info,
                                 _slot: slot,
                                 _anonymous: anonymous,
+                                registration,
                             }))
                             .await;
                     }

@@ -21,6 +21,8 @@
 //! - [`join`]: the federation's bundle set and its digest, which join tokens carry.
 //! - [`attach`]: how a data-plane daemon joins its control plane at start (certificate,
 //!   config stream, trust bundles).
+//! - [`revocation`]: a port's open connections by their caller's trust domain, closed at
+//!   once when that domain loses its rights.
 //!
 //! This crate runs no tasks of its own except the admin server's accept loop and the tasks
 //! [`attach::attach`] starts (certificate rotation, config stream, trust bundles), and depends
@@ -51,6 +53,7 @@ pub mod keyspace;
 pub mod mesh;
 pub mod policy;
 pub mod proto;
+pub mod revocation;
 pub mod tls;
 pub mod tunnel;
 

@@ -497,6 +497,7 @@ impl Binding {
                     isthmus_core::api_tls::PortGuards {
                         observer: Some(observer),
                         anonymous_limit: Some(PEER_MAX_ANONYMOUS_CONNECTIONS),
+                        registry: Some(tls.directory.connections()),
                     },
                 );
                 tasks.push(accepting);

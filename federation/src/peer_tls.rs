@@ -31,6 +31,7 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use isthmus_core::api_tls::ApiConnInfo;
 use isthmus_core::identity::Principal;
+use isthmus_core::revocation::ConnectionRegistry;
 use isthmus_core::tls::{self, Identity, TrustBundles};
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Status;
@@ -41,18 +42,43 @@ use tonic::Status;
 #[derive(Debug, Default)]
 pub struct MemberDirectory {
     by_domain: RwLock<BTreeMap<String, u64>>,
+    /// The peer port's open connections by trust domain.
+    connections: Arc<ConnectionRegistry>,
 }
 
 impl MemberDirectory {
     pub fn new(entries: BTreeMap<String, u64>) -> Arc<Self> {
         Arc::new(MemberDirectory {
             by_domain: RwLock::new(lowercase(entries)),
+            connections: ConnectionRegistry::new(),
         })
     }
 
-    /// Replaces the whole table.
+    /// Replaces the whole table. A trust domain that loses its member (removed, or bound
+    /// to another id) has its open connections to the peer port closed at once.
     pub fn replace(&self, entries: BTreeMap<String, u64>) {
-        *self.by_domain.write().unwrap_or_else(|e| e.into_inner()) = lowercase(entries);
+        let entries = lowercase(entries);
+        let previous = std::mem::replace(
+            &mut *self.by_domain.write().unwrap_or_else(|e| e.into_inner()),
+            entries.clone(),
+        );
+        for (trust_domain, id) in previous {
+            if entries.get(&trust_domain) != Some(&id) {
+                let closed = self.connections.close_domain(&trust_domain);
+                tracing::info!(
+                    %trust_domain,
+                    member = id,
+                    connections = closed,
+                    "member unbound from its trust domain: its peer-port connections are closed"
+                );
+            }
+        }
+    }
+
+    /// Where the peer port registers its connections, so [`MemberDirectory::replace`] can
+    /// close those of a member that goes.
+    pub fn connections(&self) -> Arc<ConnectionRegistry> {
+        self.connections.clone()
     }
 
     /// The member id bound to `trust_domain`.
@@ -463,5 +489,35 @@ mod tests {
         d.replace(BTreeMap::from([("west.local".to_string(), 2)]));
         let east = Principal::Workload(SpiffeId::control("east.local"));
         assert!(authenticate(&d, Some(&east), "/isthmus.federation.v1.Kv/Get").is_err());
+    }
+
+    #[test]
+    fn a_trust_domain_that_loses_or_changes_its_member_has_its_connections_closed() {
+        let d = directory();
+        let connections = d.connections();
+        let closed = |r: &mut isthmus_core::revocation::Registration| {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            r.poll_closed(&mut cx).is_ready()
+        };
+        let mut east = connections.register("east.local");
+        let mut west = connections.register("west.local");
+        let mut north = connections.register("north.local");
+
+        // Same bindings (case aside), plus a new one: nothing closes.
+        d.replace(BTreeMap::from([
+            ("EAST.local".to_string(), 1),
+            ("west.local".to_string(), 2),
+            ("north.local".to_string(), 3),
+        ]));
+        assert!(!closed(&mut east) && !closed(&mut west) && !closed(&mut north));
+
+        // East removed, west bound to another id: both cut off; north untouched.
+        d.replace(BTreeMap::from([
+            ("west.local".to_string(), 9),
+            ("north.local".to_string(), 3),
+        ]));
+        assert!(closed(&mut east) && closed(&mut west));
+        assert!(!closed(&mut north));
+        assert_eq!(connections.open("north.local"), 1);
     }
 }
