@@ -154,6 +154,7 @@ fn start_pod(
             connect_timeout: Duration::from_secs(2),
             metrics,
             access_log: Default::default(),
+            path_normalization: Default::default(),
         };
         let mut server = isthmus_sidecar::start(
             options(

@@ -132,3 +132,102 @@ async fn strict_refuses_plaintext_and_permissive_accepts_it_without_an_identity(
     );
     demo.shutdown().await;
 }
+
+const DENY_ADMIN: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ratings-no-admin}
+spec:
+  selector: {matchLabels: {app: ratings}}
+  action: DENY
+  rules:
+  - to:
+    - operation: {paths: ["/admin*"]}
+"#;
+
+/// `curl --path-as-is` (curl would otherwise clean the path itself): the status and body.
+fn curl_as_is(url: &str) -> (u16, String) {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--path-as-is",
+            "--max-time",
+            "5",
+            "-w",
+            "\n%{http_code}",
+            url,
+        ])
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_tricks_do_not_get_past_a_deny_rule_and_the_app_sees_the_normalized_path() {
+    let demo = Demo::start(DemoOptions::fast(210))
+        .await
+        .expect("the demo starts");
+    let (east, central) = (
+        demo.cluster("east").unwrap(),
+        demo.cluster("central").unwrap(),
+    );
+    apply(&demo, DENY_ADMIN).await;
+    // Through the mesh (east's sleep → ratings in central, over the gateways), and straight
+    // to ratings' inbound port in PERMISSIVE mode, so the destination sidecar alone decides.
+    apply(&demo, "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: ratings}\nspec:\n  selector: {matchLabels: {app: ratings}}\n  mtls: {mode: PERMISSIVE}\n").await;
+    let vip = vip_of(&east.config.borrow(), "ratings").unwrap();
+    let through_mesh = format!("http://{vip}:{SAMPLE_PORT}");
+    let inbound = central
+        .workloads
+        .iter()
+        .find(|w| w.service == "ratings")
+        .unwrap()
+        .sidecar
+        .inbound_addrs()[0];
+    let direct = format!("http://{inbound}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while curl_as_is(&format!("{through_mesh}/admin")).0 != 403
+        || curl_as_is(&format!("{direct}/admin")).0 != 403
+    {
+        assert!(Instant::now() < deadline, "the DENY rule never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for base in [&through_mesh, &direct] {
+        for trick in [
+            "//admin",
+            "/./admin",
+            "/x/../admin",
+            "/%61dmin",
+            "/%2e/admin",
+            "/x/..%2f../admin",
+        ] {
+            let (code, body) = curl_as_is(&format!("{base}{trick}"));
+            // `%2f` stays escaped (MERGE_SLASHES), so `..%2F..` is one ordinary segment: a
+            // path other than /admin, allowed, and the app is sent exactly what the rule saw
+            // (it cannot read it as /admin). Every other form is /admin and denied.
+            if trick.contains("%2f") {
+                let reply: isthmus_demo::sample::SampleReply = serde_json::from_str(&body)
+                    .unwrap_or_else(|e| panic!("{base}{trick}: {e}: {body}"));
+                assert_eq!(
+                    (code, reply.path.as_str()),
+                    (200, "/x/..%2F../admin"),
+                    "{base}{trick}"
+                );
+                continue;
+            }
+            assert_eq!(code, 403, "{base}{trick} got past the DENY rule: {body}");
+        }
+        // Allowed paths reach the app, normalized.
+        let (code, body) = curl_as_is(&format!("{base}/x/./y/../reviews//1"));
+        let reply: isthmus_demo::sample::SampleReply =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{base}: {e}: {body}"));
+        assert_eq!((code, reply.path.as_str()), (200, "/x/reviews/1"), "{base}");
+        // A broken escape is refused with a reason.
+        let (code, body) = curl_as_is(&format!("{base}/a%zz"));
+        assert_eq!(code, 400, "{base}: {body}");
+        assert!(body.contains("percent-encoding"), "{body}");
+    }
+    demo.shutdown().await;
+}

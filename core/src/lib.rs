@@ -21,6 +21,8 @@
 //! - [`join`]: the federation's bundle set and its digest, which join tokens carry.
 //! - [`attach`]: how a data-plane daemon joins its control plane at start (certificate,
 //!   config stream, trust bundles).
+//! - [`http_path`]: request paths normalized as Istio's `pathNormalization` does, before
+//!   authorization and routing see them.
 //! - [`revocation`]: a port's open connections by their caller's trust domain, closed at
 //!   once when that domain loses its rights.
 //!
@@ -47,6 +49,7 @@ pub mod config;
 pub mod contexts;
 pub mod durable;
 pub mod failover;
+pub mod http_path;
 pub mod identity;
 pub mod join;
 pub mod keyspace;

@@ -184,6 +184,7 @@ async fn start_workload(
             connect_timeout: Duration::from_secs(2),
             metrics: Default::default(),
             access_log: Default::default(),
+            path_normalization: Default::default(),
         },
         att.config,
     )
@@ -401,6 +402,7 @@ impl DemoCluster {
                 connect_timeout: Duration::from_secs(2),
                 metrics: client_metrics.clone(),
                 access_log: Default::default(),
+                path_normalization: Default::default(),
             },
             att.config.clone(),
         )

@@ -256,6 +256,7 @@ fn options(identity: Arc<Identity>, trust: Arc<TrustBundles>) -> SidecarOptions 
         connect_timeout: Duration::from_secs(2),
         metrics: Default::default(),
         access_log: Default::default(),
+        path_normalization: Default::default(),
     }
 }
 

@@ -17,9 +17,12 @@
 //! listen: {admin: 127.0.0.1:15020}
 //! redirectOutbound: 127.0.0.1:15001  # Kubernetes: where `isthmus sidecar init` sends the
 //! redirectInbound: 0.0.0.0:15006   # pod's outbound and inbound TCP
+//! pathNormalization: MERGE_SLASHES  # Istio's modes: NONE, BASE, MERGE_SLASHES (default),
+//!                                   # DECODE_AND_MERGE_SLASHES
 //! ```
 
 use isthmus_core::admin::AdminListen;
+use isthmus_core::http_path::PathNormalization;
 use std::net::SocketAddr;
 use std::path::Path;
 
@@ -73,6 +76,10 @@ pub struct RawSidecarConfig {
     /// Where inbound connections redirected by `isthmus sidecar init` arrive.
     #[serde(default)]
     pub redirect_inbound: Option<String>,
+    /// Istio's `pathNormalization`: `NONE`, `BASE`, `MERGE_SLASHES` (default) or
+    /// `DECODE_AND_MERGE_SLASHES`.
+    #[serde(default)]
+    pub path_normalization: Option<String>,
 }
 
 fn default_namespace() -> String {
@@ -132,6 +139,7 @@ pub struct SidecarConfig {
     pub access_log: AccessLogTarget,
     pub redirect_outbound: Option<SocketAddr>,
     pub redirect_inbound: Option<SocketAddr>,
+    pub path_normalization: PathNormalization,
 }
 
 impl TryFrom<RawSidecarConfig> for SidecarConfig {
@@ -199,7 +207,14 @@ impl TryFrom<RawSidecarConfig> for SidecarConfig {
                 "redirected outbound traffic needs outbound: true",
             ));
         }
+        let path_normalization = match raw.path_normalization.as_deref() {
+            None => PathNormalization::default(),
+            Some(mode) => mode
+                .parse()
+                .map_err(|reason: String| FieldError::new("pathNormalization", mode, reason))?,
+        };
         Ok(SidecarConfig {
+            path_normalization,
             redirect_outbound,
             redirect_inbound,
             identity: SpiffeId::new(&trust_domain, &raw.namespace, &raw.service_account),
@@ -291,6 +306,7 @@ pub fn kubernetes_config(
         access_log: None,
         redirect_outbound: Some("127.0.0.1:15001".into()),
         redirect_inbound: Some("0.0.0.0:15006".into()),
+        path_normalization: env("ISTHMUS_PATH_NORMALIZATION").filter(|v| !v.is_empty()),
     };
     let ca_pem = need("ISTHMUS_CONTROL_CA")?;
     isthmus_core::api_tls::client_config(&ca_pem)
@@ -424,6 +440,16 @@ mod kubernetes_tests {
         };
         config("127.0.0.1:15001").unwrap();
         assert!(config("[::1]:15001").is_ok());
+        let err = isthmus_core::config::load_str::<RawSidecarConfig, SidecarConfig>(
+            Path::new("sleep.yaml"),
+            "cluster: east\nserviceAccount: sleep\ncontrol: 127.0.0.1:15012\ntoken: t\noutbound: true\npathNormalization: merge\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("pathNormalization") && err.contains("MERGE_SLASHES"),
+            "{err}"
+        );
         for open in ["0.0.0.0:15001", "10.0.0.7:15001", "[::]:15001"] {
             let err = config(open).unwrap_err().to_string();
             assert!(

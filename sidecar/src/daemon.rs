@@ -83,6 +83,7 @@ impl Daemon {
                 connect_timeout: Duration::from_secs(2),
                 metrics: metrics.clone(),
                 access_log: config.access_log.clone(),
+                path_normalization: config.path_normalization,
             },
             attached.config.clone(),
         )

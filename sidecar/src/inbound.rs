@@ -51,6 +51,8 @@ pub(crate) struct Guard {
     pub workload: Workload,
     pub cluster: String,
     pub metrics: crate::metrics::Metrics,
+    /// How request paths are normalized before authorization (and forwarded so).
+    pub paths: isthmus_core::http_path::PathNormalization,
 }
 
 impl Guard {
@@ -293,6 +295,15 @@ async fn serve_http<S>(
         );
         async move {
             let started = tokio::time::Instant::now();
+            // Authorization and the application see one normalized path.
+            match isthmus_core::http_path::normalize_uri(req.uri(), guard.paths) {
+                Ok(Some(normal)) => *req.uri_mut() = normal,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, path = %req.uri().path(), "request refused");
+                    return Ok(error_response(StatusCode::BAD_REQUEST, format!("{e}\n")));
+                }
+            }
             let grpc = protocol::is_grpc(req.headers());
             let request_bytes = protocol::content_length(req.headers());
             let verdict = guard.check(&Inbound {

@@ -43,6 +43,7 @@ mod replay;
 pub mod routing;
 pub mod upstream;
 
+use isthmus_core::http_path::PathNormalization;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,6 +98,9 @@ pub struct SidecarOptions {
     pub metrics: metrics::Metrics,
     /// JSON access logs of outbound HTTP requests.
     pub access_log: observe::AccessLogTarget,
+    /// How request paths are normalized before authorization and routing see them (and
+    /// the application is sent); Istio's `pathNormalization`.
+    pub path_normalization: PathNormalization,
 }
 
 /// A running sidecar.
@@ -232,6 +236,7 @@ pub async fn start(
         },
         cluster: opts.cluster.clone(),
         metrics: opts.metrics.clone(),
+        paths: opts.path_normalization,
     };
     for port in &opts.inbound {
         let listener = tokio::net::TcpListener::bind(port.listen)
@@ -283,6 +288,7 @@ pub async fn start(
             source,
             opts.metrics.clone(),
             access_log,
+            opts.path_normalization,
         ));
         serving = Some(outbound::Outbound {
             config: config.clone(),

@@ -88,6 +88,8 @@ pub struct HttpProxy {
     limiter: Mutex<(u64, crate::ratelimit::Limiter)>,
     access_log: crate::observe::AccessLog,
     tcp: crate::metrics::TcpReporter,
+    /// How request paths are normalized before routing (and forwarded so).
+    paths: isthmus_core::http_path::PathNormalization,
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
@@ -111,6 +113,7 @@ impl HttpProxy {
         source: Source,
         metrics: crate::metrics::Metrics,
         access_log: crate::observe::AccessLog,
+        paths: isthmus_core::http_path::PathNormalization,
     ) -> Self {
         let tcp = crate::metrics::TcpReporter {
             metrics: metrics.clone(),
@@ -131,6 +134,7 @@ impl HttpProxy {
             limiter: Mutex::new((0, crate::ratelimit::Limiter::default())),
             access_log,
             tcp,
+            paths,
         }
     }
 
@@ -267,6 +271,12 @@ impl HttpProxy {
         let key: ServiceKey = (service.name.clone(), service.namespace.clone());
         let table = self.table(&config);
         let (mut parts, body) = req.into_parts();
+        // Routes match, and the destination is sent, the normalized path.
+        match isthmus_core::http_path::normalize_uri(&parts.uri, self.paths) {
+            Ok(Some(normal)) => parts.uri = normal,
+            Ok(None) => {}
+            Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        }
         let view = RequestView {
             method: parts.method.as_str(),
             path: parts.uri.path(),

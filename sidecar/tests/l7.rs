@@ -157,6 +157,7 @@ async fn mesh_with_log(
                 connect_timeout: Duration::from_secs(2),
                 metrics: Default::default(),
                 access_log: Default::default(),
+                path_normalization: Default::default(),
             },
             rx.clone(),
         )
@@ -183,6 +184,7 @@ async fn mesh_with_log(
             connect_timeout: Duration::from_secs(2),
             metrics: Default::default(),
             access_log,
+            path_normalization: Default::default(),
         },
         rx.clone(),
     )

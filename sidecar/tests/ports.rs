@@ -66,6 +66,7 @@ async fn each_service_port_reaches_its_own_target_port() {
         connect_timeout: Duration::from_secs(2),
         metrics: Metrics::default(),
         access_log: Default::default(),
+        path_normalization: Default::default(),
     };
     // The server's sidecar serves two ports of the same IP, one per application port.
     let inbound = |forward_to| isthmus_sidecar::InboundPort {

@@ -207,6 +207,7 @@ async fn mesh(octet: u8, services: Vec<(&str, Protocol, SocketAddr)>, policies: 
         connect_timeout: Duration::from_secs(2),
         metrics: metrics.clone(),
         access_log: Default::default(),
+        path_normalization: Default::default(),
     };
     let mut sidecars = Vec::new();
     let mut mesh_services = Vec::new();
