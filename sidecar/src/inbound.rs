@@ -359,9 +359,7 @@ async fn serve_http<S>(
             Ok::<_, hyper::Error>(resp)
         }
     });
-    let builder =
-        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-    if let Err(e) = builder
+    if let Err(e) = crate::protocol::server_builder()
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .await
     {

@@ -246,9 +246,7 @@ async fn serve_http(app: TcpStream, vip: SocketAddr, client: SocketAddr, proxy: 
         let proxy = proxy.clone();
         async move { Ok::<_, std::convert::Infallible>(proxy.handle(vip, client, req).await) }
     });
-    let builder =
-        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-    if let Err(e) = builder
+    if let Err(e) = crate::protocol::server_builder()
         .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(app), service)
         .await
     {

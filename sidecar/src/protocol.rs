@@ -190,6 +190,35 @@ pub fn for_version(parts: &mut http::request::Parts, version: Version, default_a
 
 /// The message's declared body size (its `content-length`), as the request metrics count it;
 /// 0 when absent or unreadable (chunked bodies are not counted).
+/// How long a client has to send a request's head (request line and headers), from the
+/// connection's first byte or the previous response: a slow client (slowloris) is cut off.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Most header fields in one HTTP/1.1 request (more: 431).
+pub const MAX_HEADERS: usize = 100;
+/// Largest HTTP/1.1 request head (request line and headers) and HTTP/2 header list: 64 KiB
+/// (more: 431 for HTTP/1.1; the stream is refused for HTTP/2).
+pub const MAX_HEADER_BYTES: u32 = 64 * 1024;
+
+/// The server both sidecar sides speak to their clients with (HTTP/1.1 or HTTP/2 by the
+/// client's first bytes), bounded against hostile clients: the request head's size, field
+/// count and time to arrive.
+pub(crate) fn server_builder(
+) -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_headers(MAX_HEADERS)
+        .max_buf_size(MAX_HEADER_BYTES as usize);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES);
+    builder
+}
+
 pub(crate) fn content_length(headers: &http::HeaderMap) -> u64 {
     headers
         .get(http::header::CONTENT_LENGTH)

@@ -591,3 +591,93 @@ async fn trace_context_is_propagated_and_every_request_is_access_logged_as_json(
         .unwrap()
         .ends_with("/ns/default/sa/sleep"));
 }
+
+/// Writes `head` to the VIP and reads until the sidecar answers or closes: (status line, or
+/// "" when it closed without answering; how long it took).
+async fn send_head(m: &Mesh, head: &[u8]) -> (String, Duration) {
+    let mut tcp = tokio::net::TcpStream::connect((m.vip, 9080)).await.unwrap();
+    let started = Instant::now();
+    // The sidecar may answer and close before the whole head is written.
+    let _ = tcp.write_all(head).await;
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), tcp.read_to_end(&mut raw))
+        .await
+        .expect("the sidecar answers or closes");
+    let text = String::from_utf8_lossy(&raw);
+    (
+        text.lines().next().unwrap_or("").to_string(),
+        started.elapsed(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_request_heads_are_cut_off_without_affecting_other_clients() {
+    let m = mesh(83, vec![("a", "v1", Behaviour::default())], "").await;
+
+    // Too many header fields, one huge header, a huge request line: 431, at once.
+    let mut many = String::from("GET / HTTP/1.1\r\nhost: reviews\r\n");
+    for i in 0..150 {
+        many.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let huge_header = format!(
+        "GET / HTTP/1.1\r\nhost: reviews\r\nx-big: {}\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    let huge_line = format!(
+        "GET /{} HTTP/1.1\r\nhost: reviews\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    for (what, head) in [
+        ("150 header fields", many),
+        ("a 70 KiB header", huge_header),
+        ("a 70 KiB request line", huge_line),
+    ] {
+        let (status, took) = send_head(&m, head.as_bytes()).await;
+        assert!(status.contains(" 431 "), "{what}: {status:?}");
+        assert!(took < Duration::from_secs(2), "{what}: {took:?}");
+    }
+
+    // Slowloris: a head that never ends, one header every 500 ms. The sidecar closes the
+    // connection once the head has taken 10 s; meanwhile other clients are served at once.
+    let slow = tokio::spawn({
+        let vip = m.vip;
+        async move {
+            let mut tcp = tokio::net::TcpStream::connect((vip, 9080)).await.unwrap();
+            let started = Instant::now();
+            tcp.write_all(b"GET / HTTP/1.1\r\nhost: reviews\r\n")
+                .await
+                .unwrap();
+            let mut buf = [0u8; 1024];
+            for i in 0..60 {
+                tokio::select! {
+                    read = tcp.read(&mut buf) => {
+                        let answered = matches!(read, Ok(n) if n > 0)
+                            .then(|| String::from_utf8_lossy(&buf[..read.unwrap_or(0)]).to_string());
+                        return (started.elapsed(), answered);
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                        if tcp.write_all(format!("x-slow{i}: v\r\n").as_bytes()).await.is_err() {
+                            return (started.elapsed(), None);
+                        }
+                    }
+                }
+            }
+            panic!("the slow client was never cut off");
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let (status, _, _) = get(&m, "/", &[]).await;
+        assert_eq!(status, 200);
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+    let (cut_after, answered) = slow.await.unwrap();
+    assert!(
+        cut_after >= Duration::from_secs(9) && cut_after < Duration::from_secs(15),
+        "the slow head was cut off after {cut_after:?} ({answered:?})"
+    );
+    // Nothing slow reached the application.
+    assert_eq!(m.hits["a"].load(Ordering::SeqCst), 5);
+}

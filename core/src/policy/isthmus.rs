@@ -112,7 +112,7 @@ pub fn parse_on_partition(spec: Option<&OnPartitionSpec>) -> Result<OnPartition,
             .map(OnPartition::WithdrawAfter)
             .ok_or_else(|| {
                 format!(
-                    "withdrawAfter: invalid duration {:?} (e.g. 30s)",
+                    "withdrawAfter: invalid duration {:?} (e.g. 30s; at most 720h)",
                     w.withdraw_after
                 )
             }),

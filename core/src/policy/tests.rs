@@ -166,6 +166,11 @@ fn meaning_errors_name_the_field() {
             "soon",
         ),
         (
+            RATINGS_FAULTS.replace("fixedDelay: 7s", "fixedDelay: 9999999999999999999s"),
+            "spec.http[0].fault.delay.fixedDelay",
+            "longer than the maximum, 720h",
+        ),
+        (
             RATINGS_FAULTS.replace("httpStatus: 500", "httpStatus: 999"),
             "spec.http[1].fault.abort.httpStatus",
             "999",
@@ -286,7 +291,11 @@ fn istio_durations_parse() {
         Some(Duration::from_millis(250))
     );
     assert_eq!(parse_duration_istio("1m"), Some(Duration::from_secs(60)));
-    for bad in ["", "s", "10", "-1s", "1x"] {
+    assert_eq!(
+        parse_duration_istio("720h"),
+        Some(Duration::from_secs(2_592_000))
+    );
+    for bad in ["", "s", "10", "-1s", "1x", "721h", "9999999999999999999s"] {
         assert_eq!(parse_duration_istio(bad), None, "{bad}");
     }
 }

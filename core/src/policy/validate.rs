@@ -16,8 +16,17 @@ fn fail<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, (S
     Err((field.into(), message.into()))
 }
 
-/// Parses an Istio (protobuf) duration: `10s`, `0.5s`, `100ms`, `2m`, `1h`, `1.5s`.
+/// The longest duration any policy field takes: longer ones are refused at validation, so
+/// no deadline computed from one can overflow (Istio's protobuf allows 10,000 years).
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Parses an Istio (protobuf) duration: `10s`, `0.5s`, `100ms`, `2m`, `1h`, `1.5s`; `None`
+/// when malformed or longer than [`MAX_DURATION`].
 pub fn parse_duration_istio(s: &str) -> Option<Duration> {
+    parse_unbounded(s).filter(|d| *d <= MAX_DURATION)
+}
+
+fn parse_unbounded(s: &str) -> Option<Duration> {
     let s = s.trim();
     let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
     let (number, unit) = s.split_at(split);
@@ -54,7 +63,11 @@ pub fn resolve_host(host: &str, namespace: &str) -> Option<(String, String)> {
 }
 
 fn duration(field: &str, value: &str) -> Check {
-    match parse_duration_istio(value) {
+    match parse_unbounded(value) {
+        Some(d) if d > MAX_DURATION => fail(
+            field,
+            format!("duration {value:?} is longer than the maximum, 720h (30 days)"),
+        ),
         Some(_) => Ok(()),
         None => fail(
             field,
