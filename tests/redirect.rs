@@ -155,6 +155,7 @@ fn start_pod(
             metrics,
             access_log: Default::default(),
             path_normalization: Default::default(),
+            limits: Default::default(),
         };
         let mut server = isthmus_sidecar::start(
             options(

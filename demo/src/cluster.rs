@@ -185,6 +185,7 @@ async fn start_workload(
             metrics: Default::default(),
             access_log: Default::default(),
             path_normalization: Default::default(),
+            limits: Default::default(),
         },
         att.config,
     )
@@ -403,6 +404,7 @@ impl DemoCluster {
                 metrics: client_metrics.clone(),
                 access_log: Default::default(),
                 path_normalization: Default::default(),
+                limits: Default::default(),
             },
             att.config.clone(),
         )

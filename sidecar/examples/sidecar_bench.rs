@@ -257,6 +257,7 @@ fn options(identity: Arc<Identity>, trust: Arc<TrustBundles>) -> SidecarOptions 
         metrics: Default::default(),
         access_log: Default::default(),
         path_normalization: Default::default(),
+        limits: Default::default(),
     }
 }
 

@@ -84,6 +84,7 @@ impl Daemon {
                 metrics: metrics.clone(),
                 access_log: config.access_log.clone(),
                 path_normalization: config.path_normalization,
+                limits: Default::default(),
             },
             attached.config.clone(),
         )

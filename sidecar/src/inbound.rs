@@ -53,6 +53,7 @@ pub(crate) struct Guard {
     pub metrics: crate::metrics::Metrics,
     /// How request paths are normalized before authorization (and forwarded so).
     pub paths: isthmus_core::http_path::PathNormalization,
+    pub limits: crate::limits::Limits,
 }
 
 impl Guard {
@@ -86,6 +87,8 @@ pub(crate) async fn serve(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let apps: Arc<Pool<(SocketAddr, bool)>> = Arc::default();
+    let admission =
+        crate::limits::Admission::new(&guard.limits, guard.metrics.refused("inbound", "limit"));
     // The bound address, which discovery lists among the service's endpoints.
     let mut port = port;
     if let Ok(bound) = listener.local_addr() {
@@ -98,6 +101,10 @@ pub(crate) async fn serve(
             accepted = listener.accept() => accepted,
         };
         let Ok((tcp, peer)) = accepted else { continue };
+        let Some(slot) = admission.admit() else {
+            tracing::debug!(%peer, "inbound listener at its connection limit; closed");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let (acceptor, port, identity, guard, apps) = (
             acceptor.clone(),
@@ -107,9 +114,17 @@ pub(crate) async fn serve(
             apps.clone(),
         );
         connections.spawn(async move {
+            let _slot = slot;
             let port = match target {
                 Target::Declared => port,
                 Target::Redirected => match crate::redirect::original_destination(&tcp) {
+                    // Made straight to the inbound port, not redirected: forwarding it would
+                    // dial the listener itself.
+                    Ok(dst) if tcp.local_addr().is_ok_and(|local| local == dst) => {
+                        tracing::info!(%peer, "connection made straight to the inbound port, not redirected; closed");
+                        guard.metrics.refused("inbound", "not_redirected").inc();
+                        return;
+                    }
                     // Listed among the service's endpoints as pod IP and target port.
                     Ok(dst) => InboundPort {
                         listen: dst,
@@ -206,7 +221,8 @@ async fn serve_stream<S>(
             let (name, namespace) = guard.destination(port);
             let labels = reporter.labels((&name, &namespace), guard.cluster.clone());
             reporter.opened(&labels);
-            let copied = tokio::io::copy_bidirectional(&mut stream, &mut app).await;
+            let copied =
+                crate::limits::relay(&mut stream, &mut app, guard.limits.tcp_idle_timeout).await;
             // Sent to the peer (the caller) is what came from the application.
             let (received, sent) = copied.map_or((0, 0), |c| c);
             reporter.closed(&labels, sent, received);
@@ -322,7 +338,10 @@ async fn serve_http<S>(
                 if let Some(v) = xfcc {
                     req.headers_mut().insert("x-forwarded-client-cert", v);
                 }
-                (forward_request(&apps, &port, req).await, "-")
+                (
+                    forward_request(&apps, &port, req, guard.limits.tcp_idle_timeout).await,
+                    "-",
+                )
             };
             let caller = caller.as_ref().as_ref();
             let labels = crate::metrics::RequestLabels {
@@ -373,6 +392,7 @@ async fn forward_request(
     apps: &Pool<(SocketAddr, bool)>,
     port: &InboundPort,
     mut req: Request<Incoming>,
+    idle: std::time::Duration,
 ) -> Response<Body> {
     let app = port.forward_to;
     let upgrade = protocol::is_upgrade(req.version(), req.headers());
@@ -407,7 +427,7 @@ async fn forward_request(
         Ok(mut resp) => {
             match downstream_upgrade {
                 Some(down) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                    crate::pool::join_upgrades(down, hyper::upgrade::on(&mut resp));
+                    crate::pool::join_upgrades(down, hyper::upgrade::on(&mut resp), idle);
                 }
                 _ => apps.put((app, h2), conn),
             }

@@ -9,6 +9,9 @@
 //!   from its certificate, and forwards to the local application; for HTTP it replaces any
 //!   `x-forwarded-client-cert` header with one naming the verified caller.
 //!
+//! Every listener bounds what a client can hold ([`limits`]): connections at once, request
+//! heads ([`protocol::server_builder`]), idle relayed connections.
+//!
 //! Tasks: one outbound reconciler (binds and unbinds VIP listeners as the config changes) with
 //! one accept task per listener, one accept task per inbound port, and one task per connection.
 //!
@@ -31,6 +34,7 @@ pub mod config;
 pub mod daemon;
 pub mod failover;
 pub mod inbound;
+pub mod limits;
 pub mod metrics;
 pub mod observe;
 pub mod outbound;
@@ -101,6 +105,8 @@ pub struct SidecarOptions {
     /// How request paths are normalized before authorization and routing see them (and
     /// the application is sent); Istio's `pathNormalization`.
     pub path_normalization: PathNormalization,
+    /// Connections per listener and the idle timeout of relayed connections.
+    pub limits: limits::Limits,
 }
 
 /// A running sidecar.
@@ -237,6 +243,7 @@ pub async fn start(
         cluster: opts.cluster.clone(),
         metrics: opts.metrics.clone(),
         paths: opts.path_normalization,
+        limits: opts.limits,
     };
     for port in &opts.inbound {
         let listener = tokio::net::TcpListener::bind(port.listen)
@@ -289,19 +296,21 @@ pub async fn start(
             opts.metrics.clone(),
             access_log,
             opts.path_normalization,
+            opts.limits.tcp_idle_timeout,
         ));
-        serving = Some(outbound::Outbound {
-            config: config.clone(),
-            upstream: upstream.clone(),
-            proxy: proxy.clone(),
-        });
-        tasks.push(tokio::spawn(outbound::reconcile(
-            outbound.clone(),
+        let serves = outbound::Outbound {
             config,
             upstream,
             proxy,
+            limits: opts.limits,
+            metrics: opts.metrics.clone(),
+        };
+        tasks.push(tokio::spawn(outbound::reconcile(
+            outbound.clone(),
+            serves.clone(),
             stopped.clone(),
         )));
+        serving = Some(serves);
     }
     Ok(SidecarHandle {
         inbound,

@@ -6,6 +6,7 @@
 //! - `istio_request_bytes`, `istio_response_bytes` (histograms, from content-length)
 //! - `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
 //!   `istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total` (counters)
+//! - `isthmus_sidecar_connections_refused_total{listener, reason}` (counter, Isthmus's own)
 //!
 //! Registered at the root of the admin registry (no prefix), as Istio's proxies expose them.
 
@@ -34,6 +35,16 @@ pub struct RequestLabels {
     /// `UT` upstream timeout, `FI` fault injected, `DENY` (RBAC).
     pub response_flags: String,
     pub connection_security_policy: String,
+}
+
+/// Which listener refused a connection, and why.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// `inbound`, `outbound` (a VIP port) or `redirect` (the redirected outbound port).
+    pub listener: String,
+    /// `limit` (the listener held as many connections as it takes) or `not_redirected` (a
+    /// connection made straight to the redirect port).
+    pub reason: String,
 }
 
 /// Istio's TCP labels.
@@ -72,6 +83,8 @@ pub struct Metrics {
     pub tcp_closed: Family<TcpLabels, Counter>,
     pub tcp_sent: Family<TcpLabels, Counter>,
     pub tcp_received: Family<TcpLabels, Counter>,
+    /// `isthmus_sidecar_connections_refused_total`.
+    pub connections_refused: Family<RefusedLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -85,6 +98,7 @@ impl Default for Metrics {
             tcp_closed: Family::default(),
             tcp_sent: Family::default(),
             tcp_received: Family::default(),
+            connections_refused: Family::default(),
         }
     }
 }
@@ -132,6 +146,21 @@ impl Metrics {
             "Bytes received from the peer",
             self.tcp_received.clone(),
         );
+        registry.register(
+            "isthmus_sidecar_connections_refused",
+            "Connections closed as accepted, by listener and reason",
+            self.connections_refused.clone(),
+        );
+    }
+
+    /// The refusal counter of one listener kind and reason.
+    pub(crate) fn refused(&self, listener: &str, reason: &str) -> Counter {
+        self.connections_refused
+            .get_or_create(&RefusedLabels {
+                listener: listener.to_string(),
+                reason: reason.to_string(),
+            })
+            .clone()
     }
 
     /// Records one finished request.

@@ -47,11 +47,10 @@ impl Listeners {
 /// Binds a listener for every (VIP, port) in the config and drops the ones that left.
 pub(crate) async fn reconcile(
     listeners: Listeners,
-    mut config: watch::Receiver<Arc<MeshConfig>>,
-    upstream: Arc<Connector>,
-    proxy: Arc<HttpProxy>,
+    outbound: Outbound,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut config = outbound.config.clone();
     loop {
         let current = config.borrow_and_update().clone();
         let wanted: Vec<(SocketAddr, Protocol)> = current
@@ -81,14 +80,7 @@ pub(crate) async fn reconcile(
             }
             match TcpListener::bind(addr).await {
                 Ok(listener) => {
-                    let task = tokio::spawn(accept(
-                        listener,
-                        addr,
-                        protocol,
-                        config.clone(),
-                        upstream.clone(),
-                        proxy.clone(),
-                    ));
+                    let task = tokio::spawn(accept(listener, addr, protocol, outbound.clone()));
                     listeners.lock().insert(addr, task);
                     tracing::debug!(%addr, "outbound listener bound");
                 }
@@ -113,6 +105,8 @@ pub(crate) struct Outbound {
     pub config: watch::Receiver<Arc<MeshConfig>>,
     pub upstream: Arc<Connector>,
     pub proxy: Arc<HttpProxy>,
+    pub limits: crate::limits::Limits,
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Outbound {
@@ -125,34 +119,40 @@ impl Outbound {
         };
         if http {
             serve_http(app, vip, client, self.proxy.clone()).await;
-        } else if let Err(e) =
-            forward(app, vip, &self.config, &self.upstream, self.proxy.metrics()).await
+        } else if let Err(e) = forward(
+            app,
+            vip,
+            &self.config,
+            &self.upstream,
+            self.proxy.metrics(),
+            self.limits.tcp_idle_timeout,
+        )
+        .await
         {
             tracing::warn!(%vip, %client, error = %e, "outbound connection failed");
         }
     }
 }
 
-async fn accept(
-    listener: TcpListener,
-    vip: SocketAddr,
-    protocol: Protocol,
-    config: watch::Receiver<Arc<MeshConfig>>,
-    upstream: Arc<Connector>,
-    proxy: Arc<HttpProxy>,
-) {
-    let outbound = Outbound {
-        config,
-        upstream,
-        proxy,
-    };
+async fn accept(listener: TcpListener, vip: SocketAddr, protocol: Protocol, outbound: Outbound) {
+    let admission = crate::limits::Admission::new(
+        &outbound.limits,
+        outbound.metrics.refused("outbound", "limit"),
+    );
     loop {
         let Ok((app, client)) = listener.accept().await else {
             continue;
         };
+        let Some(slot) = admission.admit() else {
+            tracing::debug!(%vip, %client, "outbound listener at its connection limit; closed");
+            continue;
+        };
         let _ = app.set_nodelay(true);
         let outbound = outbound.clone();
-        tokio::spawn(async move { outbound.serve(app, vip, client, protocol).await });
+        tokio::spawn(async move {
+            let _slot = slot;
+            outbound.serve(app, vip, client, protocol).await
+        });
     }
 }
 
@@ -164,6 +164,10 @@ pub(crate) async fn accept_redirected(
     outbound: Outbound,
     mut stop: watch::Receiver<bool>,
 ) {
+    let admission = crate::limits::Admission::new(
+        &outbound.limits,
+        outbound.metrics.refused("redirect", "limit"),
+    );
     loop {
         let accepted = tokio::select! {
             _ = stop.changed() => return,
@@ -172,9 +176,14 @@ pub(crate) async fn accept_redirected(
         let Ok((app, client)) = accepted else {
             continue;
         };
+        let Some(slot) = admission.admit() else {
+            tracing::debug!(%client, "redirect port at its connection limit; closed");
+            continue;
+        };
         let _ = app.set_nodelay(true);
         let outbound = outbound.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let dst = match crate::redirect::original_destination(&app) {
                 Ok(dst) => dst,
                 Err(e) => {
@@ -186,23 +195,24 @@ pub(crate) async fn accept_redirected(
             // was not redirected, and relaying it would dial the listener itself.
             if app.local_addr().is_ok_and(|local| local == dst) {
                 tracing::info!(%client, %dst, "connection made straight to the outbound port, not redirected; closed");
+                outbound.metrics.refused("redirect", "not_redirected").inc();
                 return;
             }
             let protocol = mesh_protocol(&outbound.config.borrow(), dst);
             match protocol {
                 Some(protocol) => outbound.serve(app, dst, client, protocol).await,
-                None => passthrough(app, dst).await,
+                None => passthrough(app, dst, outbound.limits.tcp_idle_timeout).await,
             }
         });
     }
 }
 
 /// Relays a connection to a destination outside the mesh, untouched.
-async fn passthrough(mut app: TcpStream, dst: SocketAddr) {
+async fn passthrough(mut app: TcpStream, dst: SocketAddr, idle: Duration) {
     match TcpStream::connect(dst).await {
         Ok(mut out) => {
             let _ = out.set_nodelay(true);
-            let _ = tokio::io::copy_bidirectional(&mut app, &mut out).await;
+            let _ = crate::limits::relay(&mut app, &mut out, idle).await;
         }
         Err(e) => tracing::debug!(%dst, error = %e, "passthrough connection failed"),
     }
@@ -261,6 +271,7 @@ async fn forward(
     config: &watch::Receiver<Arc<MeshConfig>>,
     upstream: &Connector,
     metrics: &crate::metrics::TcpReporter,
+    idle: Duration,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let current = config.borrow().clone();
     let (service, connected) = match current.endpoint_by_vip(vip.ip()) {
@@ -287,7 +298,7 @@ async fn forward(
     };
     let labels = metrics.labels((&service.name, &service.namespace), destination_cluster);
     metrics.opened(&labels);
-    let copied = tokio::io::copy_bidirectional(&mut app, &mut tls).await;
+    let copied = crate::limits::relay(&mut app, &mut tls, idle).await;
     // Istio counts request bytes (from the app) as received, response bytes as sent.
     let (received, sent) = copied.as_ref().map_or((0, 0), |c| *c);
     metrics.closed(&labels, sent, received);

@@ -141,12 +141,13 @@ impl<K: Hash + Eq> Pool<K> {
 pub(crate) fn join_upgrades(
     downstream: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
+    idle: std::time::Duration,
 ) {
     tokio::spawn(async move {
         match tokio::try_join!(downstream, upstream) {
             Ok((down, up)) => {
                 let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-                if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                if let Err(e) = crate::limits::relay(&mut down, &mut up, idle).await {
                     tracing::debug!(error = %e, "upgraded connection ended");
                 }
             }

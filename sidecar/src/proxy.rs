@@ -90,6 +90,8 @@ pub struct HttpProxy {
     tcp: crate::metrics::TcpReporter,
     /// How request paths are normalized before routing (and forwarded so).
     paths: isthmus_core::http_path::PathNormalization,
+    /// Upgraded connections with no bytes either way for this long are closed.
+    idle: std::time::Duration,
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
@@ -114,6 +116,7 @@ impl HttpProxy {
         metrics: crate::metrics::Metrics,
         access_log: crate::observe::AccessLog,
         paths: isthmus_core::http_path::PathNormalization,
+        idle: std::time::Duration,
     ) -> Self {
         let tcp = crate::metrics::TcpReporter {
             metrics: metrics.clone(),
@@ -135,6 +138,7 @@ impl HttpProxy {
             access_log,
             tcp,
             paths,
+            idle,
         }
     }
 
@@ -419,7 +423,7 @@ impl HttpProxy {
         if let (Some(downstream), StatusCode::SWITCHING_PROTOCOLS) =
             (downstream_upgrade, resp.status())
         {
-            crate::pool::join_upgrades(downstream, hyper::upgrade::on(&mut resp));
+            crate::pool::join_upgrades(downstream, hyper::upgrade::on(&mut resp), self.idle);
         }
         for ops in [route.headers.as_ref(), dest.headers.as_ref()]
             .into_iter()

@@ -158,6 +158,7 @@ async fn mesh_with_log(
                 metrics: Default::default(),
                 access_log: Default::default(),
                 path_normalization: Default::default(),
+                limits: Default::default(),
             },
             rx.clone(),
         )
@@ -185,6 +186,7 @@ async fn mesh_with_log(
             metrics: Default::default(),
             access_log,
             path_normalization: Default::default(),
+            limits: Default::default(),
         },
         rx.clone(),
     )

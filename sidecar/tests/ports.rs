@@ -67,6 +67,7 @@ async fn each_service_port_reaches_its_own_target_port() {
         metrics: Metrics::default(),
         access_log: Default::default(),
         path_normalization: Default::default(),
+        limits: Default::default(),
     };
     // The server's sidecar serves two ports of the same IP, one per application port.
     let inbound = |forward_to| isthmus_sidecar::InboundPort {

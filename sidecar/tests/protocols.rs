@@ -208,6 +208,7 @@ async fn mesh(octet: u8, services: Vec<(&str, Protocol, SocketAddr)>, policies: 
         metrics: metrics.clone(),
         access_log: Default::default(),
         path_normalization: Default::default(),
+        limits: Default::default(),
     };
     let mut sidecars = Vec::new();
     let mut mesh_services = Vec::new();
