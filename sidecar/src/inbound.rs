@@ -87,6 +87,7 @@ pub(crate) async fn serve(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let apps: Arc<Pool<(SocketAddr, bool)>> = Arc::default();
+    crate::pool::expire_idle(Arc::downgrade(&apps));
     let admission =
         crate::limits::Admission::new(&guard.limits, guard.metrics.refused("inbound", "limit"));
     // The bound address, which discovery lists among the service's endpoints.

@@ -81,7 +81,7 @@ pub struct HttpProxy {
     routes: Mutex<(u64, Arc<RouteTable>)>,
     balancers: Mutex<HashMap<DestKey, Balancer>>,
     breakers: Mutex<HashMap<DestKey, Breaker>>,
-    pool: Pool,
+    pool: Arc<Pool>,
     source: Source,
     metrics: crate::metrics::Metrics,
     /// Rate limit buckets, synced to the config version they were built from.
@@ -131,7 +131,11 @@ impl HttpProxy {
             routes: Mutex::new((0, Arc::new(RouteTable::default()))),
             balancers: Mutex::new(HashMap::new()),
             breakers: Mutex::new(HashMap::new()),
-            pool: Pool::default(),
+            pool: {
+                let pool = Arc::new(Pool::default());
+                crate::pool::expire_idle(Arc::downgrade(&pool));
+                pool
+            },
             source,
             metrics,
             limiter: Mutex::new((0, crate::ratelimit::Limiter::default())),
