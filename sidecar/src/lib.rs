@@ -286,6 +286,10 @@ pub async fn start(
                 .get("app")
                 .cloned()
                 .unwrap_or_else(|| opts.identity.id().service_account().to_string()),
+            selector: routing::SourceWorkload {
+                namespace: opts.identity.id().namespace().to_string(),
+                labels: opts.labels.clone(),
+            },
         };
         let access_log =
             observe::AccessLog::start(&opts.access_log).map_err(SidecarError::AccessLog)?;

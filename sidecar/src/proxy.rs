@@ -66,6 +66,8 @@ pub struct Source {
     pub cluster: String,
     pub identity: isthmus_core::identity::SpiffeId,
     pub workload: String,
+    /// Its namespace and labels, as routes' `sourceNamespace` and `sourceLabels` match them.
+    pub selector: crate::routing::SourceWorkload,
 }
 
 struct Breaker {
@@ -291,6 +293,7 @@ impl HttpProxy {
             query: parts.uri.query(),
             headers: &parts.headers,
             port: vip.port(),
+            source: &self.source.selector,
         };
         let Some(route) = table.http_route(&key, &view) else {
             let resp = text(StatusCode::NOT_FOUND, "no route matched\n");

@@ -62,6 +62,8 @@ pub struct RequestMatch {
     headers: Vec<(String, Matcher)>,
     query: Vec<(String, Matcher)>,
     port: Option<u16>,
+    source_labels: Vec<(String, String)>,
+    source_namespace: Option<String>,
 }
 
 /// What a request looks like to the router.
@@ -72,6 +74,15 @@ pub struct RequestView<'a> {
     pub query: Option<&'a str>,
     pub headers: &'a HeaderMap,
     pub port: u16,
+    /// The calling workload (this sidecar's own).
+    pub source: &'a SourceWorkload,
+}
+
+/// The workload whose sidecar routes: what `sourceLabels` and `sourceNamespace` match.
+#[derive(Debug, Clone, Default)]
+pub struct SourceWorkload {
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
 }
 
 impl RequestMatch {
@@ -92,6 +103,12 @@ impl RequestMatch {
                 .filter_map(|(k, v)| Some((k.clone(), Matcher::compile(v)?)))
                 .collect(),
             port: m.port.and_then(|p| u16::try_from(p).ok()),
+            source_labels: m
+                .source_labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            source_namespace: m.source_namespace.clone(),
         }
     }
 
@@ -100,6 +117,18 @@ impl RequestMatch {
             if p != req.port {
                 return false;
             }
+        }
+        if let Some(ns) = &self.source_namespace {
+            if *ns != req.source.namespace {
+                return false;
+            }
+        }
+        if !self
+            .source_labels
+            .iter()
+            .all(|(k, v)| req.source.labels.get(k) == Some(v))
+        {
+            return false;
         }
         if let Some(uri) = &self.uri {
             let ok = if self.ignore_uri_case {

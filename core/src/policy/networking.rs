@@ -70,6 +70,13 @@ pub struct HttpMatchRequest {
     pub port: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ignore_uri_case: Option<bool>,
+    /// The calling workload's labels must include these (the route is the caller's own
+    /// sidecar's, so this selects callers).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_labels: BTreeMap<String, String>,
+    /// The calling workload's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_namespace: Option<String>,
 }
 
 /// Exactly one of `exact`, `prefix` or `regex` (RE2 syntax).

@@ -13,6 +13,9 @@ fn key(s: &str) -> ServiceKey {
     (s.to_string(), "default".to_string())
 }
 
+static NO_SOURCE: std::sync::LazyLock<SourceWorkload> =
+    std::sync::LazyLock::new(SourceWorkload::default);
+
 fn view<'a>(method: &'a str, path: &'a str, headers: &'a HeaderMap) -> RequestView<'a> {
     let (path, query) = match path.split_once('?') {
         Some((p, q)) => (p, Some(q)),
@@ -24,6 +27,7 @@ fn view<'a>(method: &'a str, path: &'a str, headers: &'a HeaderMap) -> RequestVi
         query,
         headers,
         port: 9080,
+        source: &NO_SOURCE,
     }
 }
 
@@ -94,6 +98,54 @@ fn header_match_routes_the_user_to_its_subset() {
         .http_route(&key("reviews"), &view("GET", "/", &h))
         .unwrap();
     assert_ne!(subset(&r, 0.1).as_deref(), Some("v2"));
+}
+
+#[test]
+fn source_labels_and_namespace_select_the_calling_workload() {
+    // Istio's task: requests from v2 of productpage (in bookinfo) to reviews go to v2.
+    let t = table(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - match:
+    - sourceLabels: {app: productpage, version: v2}
+      sourceNamespace: bookinfo
+    route:
+    - destination: {host: reviews, subset: v2}
+  - route:
+    - destination: {host: reviews, subset: v1}
+"#,
+    );
+    let h = HeaderMap::new();
+    let from = |namespace: &str, labels: &[(&str, &str)]| {
+        let source = SourceWorkload {
+            namespace: namespace.to_string(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let view = RequestView {
+            source: &source,
+            ..view("GET", "/", &h)
+        };
+        subset(&t.http_route(&key("reviews"), &view).unwrap(), 0.0)
+    };
+    let v2 = [("app", "productpage"), ("version", "v2"), ("team", "a")];
+    assert_eq!(from("bookinfo", &v2).as_deref(), Some("v2"));
+    assert_eq!(from("default", &v2).as_deref(), Some("v1"));
+    assert_eq!(
+        from("bookinfo", &[("app", "productpage"), ("version", "v1")]).as_deref(),
+        Some("v1")
+    );
+    assert_eq!(
+        from("bookinfo", &[("app", "productpage")]).as_deref(),
+        Some("v1")
+    );
 }
 
 #[test]
