@@ -31,6 +31,7 @@
 pub mod authz;
 pub mod balance;
 pub mod config;
+pub mod cors;
 pub mod daemon;
 pub mod failover;
 pub mod inbound;

@@ -28,6 +28,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
 use crate::balance::{Algorithm, Balancer, Limits, Outcome, OutlierSettings, Upstream};
+use crate::cors::Decision;
 use crate::pool::{Conn, Pool};
 use crate::protocol;
 use crate::replay::{Replay, REPLAYABLE_BODY};
@@ -51,6 +52,8 @@ struct Report {
     /// The trace this request belongs to and its request id, once known.
     trace_id: String,
     request_id: String,
+    /// CORS headers the matched route adds to whatever response the request gets.
+    cors: Option<http::HeaderMap>,
 }
 
 impl Report {
@@ -212,8 +215,12 @@ impl HttpProxy {
             cluster: self.source.cluster.clone(),
             trace_id: String::new(),
             request_id: String::new(),
+            cors: None,
         };
-        let resp = self.route(vip, client, req, &mut report).await;
+        let mut resp = self.route(vip, client, req, &mut report).await;
+        if let Some(cors) = report.cors.take() {
+            resp.headers_mut().extend(cors);
+        }
         let (name, namespace) = &report.service;
         let labels = crate::metrics::RequestLabels {
             reporter: "source".into(),
@@ -301,6 +308,24 @@ impl HttpProxy {
             return resp;
         };
         let prefix = route.matched_prefix(&view);
+        match route
+            .cors
+            .as_ref()
+            .map(|c| c.decide(&parts.method, &parts.headers))
+        {
+            Some(Decision::Preflight(headers)) => {
+                report.set(&key, "-");
+                let mut resp = text(StatusCode::OK, "");
+                resp.headers_mut().extend(headers);
+                return resp;
+            }
+            Some(Decision::RefusePreflight) => {
+                report.set(&key, "-");
+                return text(StatusCode::OK, "");
+            }
+            Some(Decision::Decorate(headers)) => report.cors = Some(headers),
+            Some(Decision::Pass) | None => {}
+        }
         if let Err(policy) = self.rate_limit(&config, &key, route.name.as_deref()) {
             tracing::debug!(%policy, service = %key.0, "request rate limited");
             let mut resp = text(StatusCode::TOO_MANY_REQUESTS, "local_rate_limited\n");

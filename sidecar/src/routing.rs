@@ -30,7 +30,7 @@ pub enum Matcher {
 }
 
 impl Matcher {
-    fn compile(m: &StringMatch) -> Option<Matcher> {
+    pub(crate) fn compile(m: &StringMatch) -> Option<Matcher> {
         if let Some(e) = &m.exact {
             Some(Matcher::Exact(e.clone()))
         } else if let Some(p) = &m.prefix {
@@ -261,6 +261,7 @@ pub struct HttpRoute {
     pub fault: Option<HttpFaultInjection>,
     pub mirror: Option<(ServiceKey, Option<String>, f64)>,
     pub headers: Option<net::Headers>,
+    pub cors: Option<crate::cors::Cors>,
 }
 
 impl HttpRoute {
@@ -310,6 +311,7 @@ impl HttpRoute {
             fault: None,
             mirror: None,
             headers: None,
+            cors: None,
         }
     }
 }
@@ -547,6 +549,7 @@ fn compile_http(r: &net::HttpRoute, ns: &str) -> HttpRoute {
                 .collect(),
         }),
         fault: r.fault.clone(),
+        cors: r.cors_policy.as_ref().map(crate::cors::Cors::compile),
         mirror: r.mirror.as_ref().and_then(|m| {
             let key = resolve_host(&m.host, ns)?;
             let fraction = r

@@ -683,3 +683,44 @@ async fn hostile_request_heads_are_cut_off_without_affecting_other_clients() {
     // Nothing slow reached the application.
     assert_eq!(m.hits["a"].load(Ordering::SeqCst), 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflights_are_answered_by_the_sidecar_and_allowed_responses_decorated() {
+    let policies = vs("  - corsPolicy:\n      allowOrigins: [{exact: \"https://shop.example\"}]\n      allowMethods: [GET, POST]\n      allowHeaders: [x-token]\n      exposeHeaders: [x-version]\n      maxAge: 1h\n      allowCredentials: true\n    route:\n    - destination: {host: reviews, subset: v1}\n");
+    let m = mesh(84, vec![("a", "v1", Behaviour::default())], &policies).await;
+
+    // The browser's preflight: answered at once, the application never sees it.
+    let mut tcp = tokio::net::TcpStream::connect((m.vip, 9080)).await.unwrap();
+    tcp.write_all(b"OPTIONS /reviews HTTP/1.1\r\nhost: reviews\r\norigin: https://shop.example\r\naccess-control-request-method: POST\r\naccess-control-request-headers: x-token\r\nconnection: close\r\n\r\n").await.unwrap();
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).await.unwrap();
+    let head = raw.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{raw}");
+    for line in [
+        "access-control-allow-origin: https://shop.example",
+        "access-control-allow-methods: get,post",
+        "access-control-allow-headers: x-token",
+        "access-control-max-age: 3600",
+        "access-control-allow-credentials: true",
+    ] {
+        assert!(head.contains(line), "{line} missing: {raw}");
+    }
+    assert_eq!(m.hits["a"].load(Ordering::SeqCst), 0);
+
+    // The actual request from that origin reaches the app; its response carries the headers.
+    let (status, _, head) = get(&m, "/reviews", &[("origin", "https://shop.example")]).await;
+    assert_eq!(status, 200);
+    assert!(
+        head.contains("access-control-allow-origin: https://shop.example"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-expose-headers: x-version"),
+        "{head}"
+    );
+    // Another origin gets the response without them (the browser then withholds it).
+    let (status, _, head) = get(&m, "/reviews", &[("origin", "https://evil.example")]).await;
+    assert_eq!(status, 200);
+    assert!(!head.contains("access-control-allow-origin"), "{head}");
+    assert_eq!(m.hits["a"].load(Ordering::SeqCst), 2);
+}

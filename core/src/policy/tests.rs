@@ -171,6 +171,22 @@ fn meaning_errors_name_the_field() {
             "longer than the maximum, 720h",
         ),
         (
+            RATINGS_FAULTS.replace(
+                "    fault:\n",
+                "    corsPolicy: {allowOrigins: [{exact: a, prefix: b}]}\n    fault:\n",
+            ),
+            "spec.http[0].corsPolicy.allowOrigins[0]",
+            "exactly one",
+        ),
+        (
+            RATINGS_FAULTS.replace(
+                "    fault:\n",
+                "    corsPolicy: {maxAge: soon, allowMethods: [GET]}\n    fault:\n",
+            ),
+            "spec.http[0].corsPolicy.maxAge",
+            "soon",
+        ),
+        (
             RATINGS_FAULTS.replace("httpStatus: 500", "httpStatus: 999"),
             "spec.http[1].fault.abort.httpStatus",
             "999",

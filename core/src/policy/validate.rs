@@ -209,6 +209,37 @@ fn http_route(at: &str, r: &HttpRoute) -> Check {
     if let Some(t) = &r.timeout {
         duration(&format!("{at}.timeout"), t)?;
     }
+    if let Some(cors) = &r.cors_policy {
+        let at = format!("{at}.corsPolicy");
+        for (i, m) in cors.allow_origins.iter().enumerate() {
+            string_match(&format!("{at}.allowOrigins[{i}]"), m)?;
+        }
+        if let Some(age) = &cors.max_age {
+            duration(&format!("{at}.maxAge"), age)?;
+        }
+        for (field, values) in [
+            ("allowMethods", &cors.allow_methods),
+            ("allowHeaders", &cors.allow_headers),
+            ("exposeHeaders", &cors.expose_headers),
+        ] {
+            for (i, v) in values.iter().enumerate() {
+                if v.is_empty() || http::HeaderValue::from_str(v).is_err() || v.contains(',') {
+                    return fail(
+                        format!("{at}.{field}[{i}]"),
+                        format!("{v:?} is not a single header token"),
+                    );
+                }
+            }
+        }
+        if let Some(mode) = &cors.unmatched_preflights {
+            if !matches!(mode.as_str(), "FORWARD" | "IGNORE" | "UNSPECIFIED") {
+                return fail(
+                    format!("{at}.unmatchedPreflights"),
+                    format!("unknown mode {mode:?} (FORWARD or IGNORE)"),
+                );
+            }
+        }
+    }
     if let Some(retry) = &r.retries {
         if retry.attempts > 100 {
             return fail(
