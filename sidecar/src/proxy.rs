@@ -294,12 +294,15 @@ impl HttpProxy {
             Ok(None) => {}
             Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
         }
+        let authority = authority_of(&parts);
         let view = RequestView {
             method: parts.method.as_str(),
             path: parts.uri.path(),
             query: parts.uri.query(),
             headers: &parts.headers,
             port: vip.port(),
+            authority: &authority,
+            scheme: parts.uri.scheme_str().unwrap_or("http"),
             source: &self.source.selector,
         };
         let Some(route) = table.http_route(&key, &view) else {
@@ -345,6 +348,15 @@ impl HttpProxy {
         } = &route.action
         {
             return redirect(&parts, uri.as_deref(), authority.as_deref(), *code);
+        }
+        if let RouteAction::Direct { status, body } = &route.action {
+            report.set(&key, "-");
+            let mut resp = text(StatusCode::OK, "");
+            *resp.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+            *resp.body_mut() = Full::new(body.clone())
+                .map_err(|never| match never {})
+                .boxed();
+            return resp;
         }
         let Some(dest) = route.pick(rand::random::<f64>()).cloned() else {
             return text(
@@ -841,6 +853,22 @@ async fn inject_fault(route: &HttpRoute) -> Option<Response<Body>> {
         }
     }
     None
+}
+
+/// The request's authority: HTTP/2's `:authority` (in the URI), else HTTP/1.1's `Host`.
+fn authority_of(parts: &http::request::Parts) -> String {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
 }
 
 fn redirect(

@@ -64,6 +64,9 @@ pub struct RequestMatch {
     port: Option<u16>,
     source_labels: Vec<(String, String)>,
     source_namespace: Option<String>,
+    authority: Option<Matcher>,
+    scheme: Option<Matcher>,
+    without_headers: Vec<(String, Matcher)>,
 }
 
 /// What a request looks like to the router.
@@ -74,6 +77,10 @@ pub struct RequestView<'a> {
     pub query: Option<&'a str>,
     pub headers: &'a HeaderMap,
     pub port: u16,
+    /// The request's authority (`:authority`, or `Host`).
+    pub authority: &'a str,
+    /// `http` or `https`.
+    pub scheme: &'a str,
     /// The calling workload (this sidecar's own).
     pub source: &'a SourceWorkload,
 }
@@ -109,6 +116,13 @@ impl RequestMatch {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             source_namespace: m.source_namespace.clone(),
+            authority: m.authority.as_ref().and_then(Matcher::compile),
+            scheme: m.scheme.as_ref().and_then(Matcher::compile),
+            without_headers: m
+                .without_headers
+                .iter()
+                .filter_map(|(k, v)| Some((lower(k), Matcher::compile(v)?)))
+                .collect(),
         }
     }
 
@@ -129,6 +143,23 @@ impl RequestMatch {
             .all(|(k, v)| req.source.labels.get(k) == Some(v))
         {
             return false;
+        }
+        if let Some(m) = &self.authority {
+            if !m.matches(req.authority) {
+                return false;
+            }
+        }
+        if let Some(m) = &self.scheme {
+            if !m.matches(req.scheme) {
+                return false;
+            }
+        }
+        for (name, m) in &self.without_headers {
+            if let Some(v) = req.headers.get(name.as_str()).and_then(|v| v.to_str().ok()) {
+                if m.matches(v) {
+                    return false;
+                }
+            }
         }
         if let Some(uri) = &self.uri {
             let ok = if self.ignore_uri_case {
@@ -246,6 +277,11 @@ pub enum RouteAction {
         uri: Option<String>,
         authority: Option<String>,
         code: u16,
+    },
+    /// Answered by the sidecar: status and body.
+    Direct {
+        status: u16,
+        body: bytes::Bytes,
     },
 }
 
@@ -515,21 +551,32 @@ impl RouteTable {
 }
 
 fn compile_http(r: &net::HttpRoute, ns: &str) -> HttpRoute {
-    let action = match &r.redirect {
-        Some(red) => RouteAction::Redirect {
+    let action = if let Some(d) = &r.direct_response {
+        RouteAction::Direct {
+            status: u16::try_from(d.status).unwrap_or(500),
+            body: d
+                .body
+                .as_ref()
+                .and_then(net::HttpBody::to_bytes)
+                .unwrap_or_default()
+                .into(),
+        }
+    } else if let Some(red) = &r.redirect {
+        RouteAction::Redirect {
             uri: red.uri.clone(),
             authority: red.authority.clone(),
             code: red
                 .redirect_code
                 .and_then(|c| u16::try_from(c).ok())
                 .unwrap_or(301),
-        },
-        None => RouteAction::Forward(
+        }
+    } else {
+        RouteAction::Forward(
             r.route
                 .iter()
                 .filter_map(|d| destination(&d.destination, ns, d.weight, d.headers.clone()))
                 .collect(),
-        ),
+        )
     };
     HttpRoute {
         name: r.name.clone(),

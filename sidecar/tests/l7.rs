@@ -724,3 +724,15 @@ async fn cors_preflights_are_answered_by_the_sidecar_and_allowed_responses_decor
     assert!(!head.contains("access-control-allow-origin"), "{head}");
     assert_eq!(m.hits["a"].load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_response_is_answered_by_the_sidecar() {
+    let policies = vs("  - match:\n    - uri: {prefix: /maintenance}\n    directResponse:\n      status: 503\n      body: {string: \"back soon\"}\n  - route:\n    - destination: {host: reviews, subset: v1}\n");
+    let m = mesh(85, vec![("a", "v1", Behaviour::default())], &policies).await;
+    let (status, body, _) = get(&m, "/maintenance/now", &[]).await;
+    assert_eq!((status, body.as_str()), (503, "back soon"));
+    assert_eq!(m.hits["a"].load(Ordering::SeqCst), 0);
+    let (status, _, _) = get(&m, "/reviews", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(m.hits["a"].load(Ordering::SeqCst), 1);
+}

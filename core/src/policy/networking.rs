@@ -53,6 +53,39 @@ pub struct HttpRoute {
     pub headers: Option<Headers>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cors_policy: Option<CorsPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_response: Option<HttpDirectResponse>,
+}
+
+/// Istio's `HTTPDirectResponse`: the sidecar answers the request itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpDirectResponse {
+    pub status: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<HttpBody>,
+}
+
+/// One of `string` or `bytes` (base64, as protobuf's JSON writes bytes).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpBody {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub string: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<String>,
+}
+
+impl HttpBody {
+    /// The body's bytes (`bytes` decoded from base64); `None` when `bytes` is not base64.
+    pub fn to_bytes(&self) -> Option<Vec<u8>> {
+        use base64::Engine as _;
+        match (&self.string, &self.bytes) {
+            (Some(s), _) => Some(s.clone().into_bytes()),
+            (None, Some(b)) => base64::engine::general_purpose::STANDARD.decode(b).ok(),
+            (None, None) => Some(Vec::new()),
+        }
+    }
 }
 
 /// Istio's `CorsPolicy`: which cross-origin browser requests the route admits.
@@ -105,6 +138,15 @@ pub struct HttpMatchRequest {
     /// The calling workload's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_namespace: Option<String>,
+    /// The request's authority (HTTP/2 `:authority`, HTTP/1.1 `Host`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<StringMatch>,
+    /// The request's scheme (`http` for what an application sends its sidecar).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<StringMatch>,
+    /// Headers that must not match: a request with any of them matching is not matched.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub without_headers: BTreeMap<String, StringMatch>,
 }
 
 /// Exactly one of `exact`, `prefix` or `regex` (RE2 syntax).

@@ -187,6 +187,14 @@ fn meaning_errors_name_the_field() {
             "soon",
         ),
         (
+            RATINGS_FAULTS.replace(
+                "    fault:\n",
+                "    directResponse: {status: 200, body: {bytes: \"%%%\"}}\n    fault:\n",
+            ),
+            "spec.http[0].directResponse",
+            "one of route, redirect and directResponse",
+        ),
+        (
             RATINGS_FAULTS.replace("httpStatus: 500", "httpStatus: 999"),
             "spec.http[1].fault.abort.httpStatus",
             "999",

@@ -153,17 +153,56 @@ const RETRY_ON: &[&str] = &[
 ];
 
 fn http_route(at: &str, r: &HttpRoute) -> Check {
-    if r.route.is_empty() && r.redirect.is_none() {
-        return fail(
-            format!("{at}.route"),
-            "an http route needs a route or a redirect",
-        );
+    let actions = [
+        !r.route.is_empty(),
+        r.redirect.is_some(),
+        r.direct_response.is_some(),
+    ];
+    match actions.iter().filter(|set| **set).count() {
+        0 => {
+            return fail(
+                format!("{at}.route"),
+                "an http route needs a route, a redirect or a directResponse",
+            )
+        }
+        1 => {}
+        _ => {
+            let second = if r.direct_response.is_some() {
+                "directResponse"
+            } else {
+                "redirect"
+            };
+            return fail(
+                format!("{at}.{second}"),
+                "an http route has one of route, redirect and directResponse",
+            );
+        }
     }
-    if !r.route.is_empty() && r.redirect.is_some() {
-        return fail(
-            format!("{at}.redirect"),
-            "a route with a redirect cannot also have destinations",
-        );
+    if let Some(direct) = &r.direct_response {
+        if !(200..=599).contains(&direct.status) {
+            return fail(
+                format!("{at}.directResponse.status"),
+                format!("invalid status {} (200 to 599)", direct.status),
+            );
+        }
+        if let Some(body) = &direct.body {
+            if body.string.is_some() && body.bytes.is_some() {
+                return fail(
+                    format!("{at}.directResponse.body"),
+                    "set one of string and bytes",
+                );
+            }
+            match body.to_bytes() {
+                None => return fail(format!("{at}.directResponse.body.bytes"), "not base64"),
+                Some(b) if b.len() > 1024 * 1024 => {
+                    return fail(
+                        format!("{at}.directResponse.body"),
+                        format!("{} bytes; at most 1 MiB", b.len()),
+                    )
+                }
+                Some(_) => {}
+            }
+        }
     }
     for (j, m) in r.matches.iter().enumerate() {
         let mf = format!("{at}.match[{j}]");
@@ -178,6 +217,15 @@ fn http_route(at: &str, r: &HttpRoute) -> Check {
         }
         for (name, q) in &m.query_params {
             string_match(&format!("{mf}.queryParams.{name}"), q)?;
+        }
+        for (name, h) in &m.without_headers {
+            string_match(&format!("{mf}.withoutHeaders.{name}"), h)?;
+        }
+        if let Some(a) = &m.authority {
+            string_match(&format!("{mf}.authority"), a)?;
+        }
+        if let Some(a) = &m.scheme {
+            string_match(&format!("{mf}.scheme"), a)?;
         }
         if let Some(p) = m.port {
             port(&format!("{mf}.port"), p)?;

@@ -27,6 +27,8 @@ fn view<'a>(method: &'a str, path: &'a str, headers: &'a HeaderMap) -> RequestVi
         query,
         headers,
         port: 9080,
+        authority: "reviews:9080",
+        scheme: "http",
         source: &NO_SOURCE,
     }
 }
@@ -146,6 +148,45 @@ spec:
         from("bookinfo", &[("app", "productpage")]).as_deref(),
         Some("v1")
     );
+}
+
+#[test]
+fn authority_scheme_and_without_headers_match_as_istios() {
+    let t = table(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - match:
+    - authority: {prefix: "reviews.internal"}
+      scheme: {exact: http}
+      withoutHeaders:
+        x-canary: {exact: "no"}
+    route:
+    - destination: {host: reviews, subset: v2}
+  - route:
+    - destination: {host: reviews, subset: v1}
+"#,
+    );
+    let pick = |authority: &str, headers: &HeaderMap| {
+        let view = RequestView {
+            authority,
+            ..view("GET", "/", headers)
+        };
+        subset(&t.http_route(&key("reviews"), &view).unwrap(), 0.0)
+    };
+    let none = HeaderMap::new();
+    assert_eq!(pick("reviews.internal:9080", &none).as_deref(), Some("v2"));
+    assert_eq!(pick("reviews:9080", &none).as_deref(), Some("v1"));
+    let mut yes = HeaderMap::new();
+    yes.insert("x-canary", "yes".parse().unwrap());
+    assert_eq!(pick("reviews.internal", &yes).as_deref(), Some("v2"));
+    let mut no = HeaderMap::new();
+    no.insert("x-canary", "no".parse().unwrap());
+    assert_eq!(pick("reviews.internal", &no).as_deref(), Some("v1"));
 }
 
 #[test]
