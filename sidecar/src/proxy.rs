@@ -37,6 +37,7 @@ use crate::routing::{
     ServiceKey, WeightedDestination,
 };
 use crate::upstream::Connector;
+use isthmus_core::policy::networking::Percent;
 
 /// Request and response bodies as the proxy passes them on.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -837,7 +838,7 @@ fn hash_key(
 async fn inject_fault(route: &HttpRoute) -> Option<Response<Body>> {
     let fault = route.fault.as_ref()?;
     if let Some(delay) = &fault.delay {
-        let fraction = delay.percentage.as_ref().map_or(1.0, |p| p.fraction());
+        let fraction = Percent::fault_fraction(delay.percentage.as_ref(), delay.percent);
         if rand::random::<f64>() < fraction {
             if let Some(d) = isthmus_core::policy::parse_duration_istio(&delay.fixed_delay) {
                 tokio::time::sleep(d).await;
@@ -845,7 +846,7 @@ async fn inject_fault(route: &HttpRoute) -> Option<Response<Body>> {
         }
     }
     if let Some(abort) = &fault.abort {
-        let fraction = abort.percentage.as_ref().map_or(1.0, |p| p.fraction());
+        let fraction = Percent::fault_fraction(abort.percentage.as_ref(), abort.percent);
         if rand::random::<f64>() < fraction {
             let status = StatusCode::from_u16(u16::try_from(abort.http_status).unwrap_or(500))
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

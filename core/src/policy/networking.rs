@@ -233,6 +233,10 @@ pub struct HttpFaultInjection {
 pub struct FaultDelay {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percentage: Option<Percent>,
+    /// Istio's deprecated whole-number percentage (its fault-injection task files use it);
+    /// `percentage` wins when both are set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
     pub fixed_delay: String,
 }
 
@@ -241,6 +245,9 @@ pub struct FaultDelay {
 pub struct FaultAbort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percentage: Option<Percent>,
+    /// As [`FaultDelay::percent`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
     pub http_status: u32,
 }
 
@@ -253,6 +260,16 @@ pub struct Percent {
 }
 
 impl Percent {
+    /// A fault's fraction: `percentage` if set, else the deprecated whole-number `percent`,
+    /// else every request.
+    pub fn fault_fraction(percentage: Option<&Percent>, percent: Option<u32>) -> f64 {
+        match (percentage, percent) {
+            (Some(p), _) => p.fraction(),
+            (None, Some(n)) => f64::from(n.min(100)) / 100.0,
+            (None, None) => 1.0,
+        }
+    }
+
     /// The value as a fraction in [0, 1]; invalid text counts as 0 (validation rejects it).
     pub fn fraction(&self) -> f64 {
         self.value.parse::<f64>().map(|v| v / 100.0).unwrap_or(0.0)
@@ -387,7 +404,9 @@ pub struct LoadBalancerSettings {
     pub simple: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistent_hash: Option<ConsistentHashLb>,
-    /// Mapped onto the failover machinery (issue #7); accepted and kept.
+    /// Read by the failover planner (`core/src/failover.rs`): `enabled` and `failover`
+    /// order the clusters; `distribute` and `failoverPriority` are kept and reported as not
+    /// applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locality_lb_setting: Option<serde_json::Value>,
 }

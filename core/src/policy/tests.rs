@@ -323,3 +323,34 @@ fn istio_durations_parse() {
         assert_eq!(parse_duration_istio(bad), None, "{bad}");
     }
 }
+
+#[test]
+fn istios_deprecated_whole_number_fault_percent_is_accepted() {
+    use crate::policy::networking::Percent;
+    // As Istio's fault-injection task files write it.
+    let docs = parse_documents(
+        "faults.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ratings}\nspec:\n  hosts: [ratings]\n  http:\n  - fault:\n      delay: {fixedDelay: 7s, percent: 100}\n      abort: {httpStatus: 500, percent: 20}\n    route:\n    - destination: {host: ratings, subset: v1}\n",
+    )
+    .unwrap();
+    let Spec::VirtualService(vs) = &docs[0].spec else {
+        panic!()
+    };
+    let fault = vs.http[0].fault.as_ref().unwrap();
+    let abort = fault.abort.as_ref().unwrap();
+    assert_eq!(
+        Percent::fault_fraction(abort.percentage.as_ref(), abort.percent),
+        0.2
+    );
+    let delay = fault.delay.as_ref().unwrap();
+    assert_eq!(
+        Percent::fault_fraction(delay.percentage.as_ref(), delay.percent),
+        1.0
+    );
+    let err = parse_documents(
+        "faults.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ratings}\nspec:\n  hosts: [ratings]\n  http:\n  - fault:\n      abort: {httpStatus: 500, percent: 120}\n    route:\n    - destination: {host: ratings}\n",
+    )
+    .unwrap_err();
+    assert_eq!(err.field, "spec.http[0].fault.abort.percent");
+}

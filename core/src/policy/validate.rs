@@ -320,11 +320,23 @@ fn http_route(at: &str, r: &HttpRoute) -> Check {
         }
         if let Some(d) = &fault.delay {
             duration(&format!("{at}.fault.delay.fixedDelay"), &d.fixed_delay)?;
+            if d.percent.is_some_and(|p| p > 100) {
+                return fail(
+                    format!("{at}.fault.delay.percent"),
+                    "a percentage from 0 to 100",
+                );
+            }
             if let Some(p) = &d.percentage {
                 percent(&format!("{at}.fault.delay.percentage"), p)?;
             }
         }
         if let Some(a) = &fault.abort {
+            if a.percent.is_some_and(|p| p > 100) {
+                return fail(
+                    format!("{at}.fault.abort.percent"),
+                    "a percentage from 0 to 100",
+                );
+            }
             if !(200..=599).contains(&a.http_status) {
                 return fail(
                     format!("{at}.fault.abort.httpStatus"),
