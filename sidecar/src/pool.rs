@@ -23,8 +23,9 @@ use crate::routing::ServiceKey;
 const MAX_IDLE: usize = 32;
 /// Connections kept in one pool at once (HTTP/1.1 idle ones and shared HTTP/2 ones): past
 /// it, the least recently used are closed, so memory does not grow with every service ever
-/// called.
-const MAX_POOLED: usize = 256;
+/// called. Each costs about 46 KB (mostly TLS buffers); between sidecars every request to
+/// one destination shares one HTTP/2 connection, so 64 covers 64 busy destinations.
+const MAX_POOLED: usize = 64;
 /// A kept connection unused for this long is closed.
 const IDLE_EXPIRY: Duration = Duration::from_secs(60);
 
