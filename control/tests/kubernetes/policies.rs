@@ -116,7 +116,7 @@ async fn a_virtual_service_in_kubernetes_routes_every_cluster_and_follows_update
     // Made invalid (an unsupported field; weights not adding up): nothing stored changes.
     // A valid VirtualService created after it shows the invalid one has been seen.
     let mut invalid = virtual_service("networking.istio.io/v1", "reviews", 90, 20);
-    invalid["spec"]["http"][0]["corsPolicy"] = json!({"allowOrigins": [{"exact": "x"}]});
+    invalid["spec"]["http"][0]["delegate"] = json!({"name": "reviews-routes"});
     east.api.put(invalid);
     east.api
         .put(virtual_service("networking.istio.io/v1", "ratings", 100, 0));

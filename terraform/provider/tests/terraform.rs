@@ -457,7 +457,10 @@ resource "isthmus_policy" "fine" {{
             &east.ca_file,
             &east.admin_credential
         ),
-        bad_vs = virtual_service(100, 0).replace("  - route:", "  - corsPolicy: {}\n    route:"),
+        bad_vs = virtual_service(100, 0).replace(
+            "  - route:",
+            "  - delegate: {name: reviews-routes}\n    route:"
+        ),
     ));
     let run = ws
         .run(&["apply", "-auto-approve", "-input=false", "-no-color"])
@@ -472,7 +475,7 @@ resource "isthmus_policy" "fine" {{
     for (attr, detail) in [
         ("min_healthy_percent = 150", "not a percentage"),
         ("peer_address = \"nowhere\"", "is not ip:port"),
-        ("yaml = <<EOT", "spec.http[0].corsPolicy"),
+        ("yaml = <<EOT", "spec.http[0].delegate"),
     ] {
         assert!(
             text.contains(attr) && text.contains(detail),

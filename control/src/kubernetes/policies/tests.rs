@@ -89,9 +89,9 @@ fn the_watched_version_is_the_documents_api_version() {
 #[test]
 fn an_invalid_object_is_rejected_naming_the_field() {
     let mut o = reviews(80);
-    o.data["spec"]["http"][0]["corsPolicy"] = json!({"allowOrigins": []});
+    o.data["spec"]["http"][0]["delegate"] = json!({"name": "reviews-routes"});
     let e = parse(&vs_resource(), &o).unwrap_err();
-    assert_eq!(e.field, "spec.http[0].corsPolicy");
+    assert_eq!(e.field, "spec.http[0].delegate");
     assert!(e.message.contains("unknown field"), "{}", e.message);
 
     let mut o = reviews(70);

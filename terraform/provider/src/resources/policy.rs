@@ -243,11 +243,14 @@ mod tests {
 
     #[test]
     fn an_unknown_field_is_a_diagnostic_on_yaml_naming_the_field_path() {
-        let bad = VS.replace("  - route:", "  - corsPolicy: {}\n    route:");
+        let bad = VS.replace(
+            "  - route:",
+            "  - delegate: {name: reviews-routes}\n    route:",
+        );
         let d = parse_one(&bad).unwrap_err();
         assert_eq!(d.path_string(), "yaml");
         assert!(
-            d.detail.contains("spec.http[0]") && d.detail.contains("corsPolicy"),
+            d.detail.contains("spec.http[0]") && d.detail.contains("delegate"),
             "{}",
             d.detail
         );
