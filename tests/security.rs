@@ -35,6 +35,8 @@ async fn status(c: &DemoCluster, service: &str) -> u16 {
         .unwrap_or(0)
 }
 
+const RATINGS_PERMISSIVE: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: ratings}\nspec:\n  selector: {matchLabels: {app: ratings}}\n  mtls: {mode: PERMISSIVE}\n";
+
 const ONLY_EAST_SLEEP: &str = r#"
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -107,7 +109,7 @@ async fn strict_refuses_plaintext_and_permissive_accepts_it_without_an_identity(
         http_get(inbound, "/").await.is_err(),
         "plaintext was served under STRICT"
     );
-    apply(&demo, "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: ratings}\nspec:\n  selector: {matchLabels: {app: ratings}}\n  mtls: {mode: PERMISSIVE}\n").await;
+    apply(&demo, RATINGS_PERMISSIVE).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     let reply = loop {
         if let Ok(r) = call_sample(inbound).await {
@@ -176,7 +178,7 @@ async fn path_tricks_do_not_get_past_a_deny_rule_and_the_app_sees_the_normalized
     apply(&demo, DENY_ADMIN).await;
     // Through the mesh (east's sleep → ratings in central, over the gateways), and straight
     // to ratings' inbound port in PERMISSIVE mode, so the destination sidecar alone decides.
-    apply(&demo, "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: ratings}\nspec:\n  selector: {matchLabels: {app: ratings}}\n  mtls: {mode: PERMISSIVE}\n").await;
+    apply(&demo, RATINGS_PERMISSIVE).await;
     let vip = vip_of(&east.config.borrow(), "ratings").unwrap();
     let through_mesh = format!("http://{vip}:{SAMPLE_PORT}");
     let inbound = central

@@ -220,7 +220,8 @@ pub struct TlsConn {
 
 impl TlsConn {
     /// An error once the caller's trust domain has been closed: the server then drops the
-    /// connection, whatever it was doing.
+    /// connection, whatever it was doing. Checked on reads only: the server always has a read
+    /// pending, so its waker is registered and a closed domain wakes it at once.
     fn check_open(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         let closed = self
             .registration
@@ -261,7 +262,6 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.check_open(cx)?;
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -278,7 +278,6 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.check_open(cx)?;
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 

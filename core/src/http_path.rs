@@ -16,7 +16,7 @@
 //! A `%` not followed by two hex digits is refused ([`PathError`]: the request gets 400).
 
 use std::borrow::Cow;
-use std::fmt;
+use std::fmt::{self, Write as _};
 
 /// How request paths are normalized (Istio's `pathNormalization.normalization`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
@@ -160,8 +160,7 @@ fn decode(path: &str, slashes: bool) -> Result<String, PathError> {
         if is_unreserved(value) || (slashes && matches!(value, b'/' | b'\\')) {
             out.push(char::from(value));
         } else {
-            out.push('%');
-            out.push_str(&format!("{value:02X}"));
+            let _ = write!(out, "%{value:02X}");
         }
         i += 3;
     }

@@ -34,7 +34,7 @@ impl ConnectionRegistry {
     /// Registers one open connection whose caller is of `trust_domain`.
     pub fn register(self: &Arc<Self>, trust_domain: &str) -> Registration {
         let trust_domain = trust_domain.to_ascii_lowercase();
-        let (tx, rx) = watch::channel(false);
+        let (tx, mut rx) = watch::channel(false);
         let mut inner = self.lock();
         let id = inner.next_id;
         inner.next_id += 1;
@@ -44,14 +44,13 @@ impl ConnectionRegistry {
             .or_default()
             .insert(id, tx);
         drop(inner);
-        let mut closed_rx = rx;
         Registration {
             registry: self.clone(),
             trust_domain,
             id,
             closed: Box::pin(async move {
                 // An error means the registry forgot the sender: treated as closed too.
-                let _ = closed_rx.wait_for(|closed| *closed).await;
+                let _ = rx.wait_for(|closed| *closed).await;
             }),
         }
     }

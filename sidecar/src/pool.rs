@@ -98,8 +98,6 @@ pub(crate) struct Pool<K = Key> {
 struct Kept<K> {
     h1: HashMap<K, Vec<(hyper::client::conn::http1::SendRequest<Body>, Instant)>>,
     h2: HashMap<K, (hyper::client::conn::http2::SendRequest<Body>, Instant)>,
-    /// Connections in `h1` and `h2`.
-    count: usize,
 }
 
 impl<K> Default for Pool<K> {
@@ -108,13 +106,12 @@ impl<K> Default for Pool<K> {
             kept: Mutex::new(Kept {
                 h1: HashMap::new(),
                 h2: HashMap::new(),
-                count: 0,
             }),
         }
     }
 }
 
-impl<K: Hash + Eq + Clone> Pool<K> {
+impl<K: Hash + Eq> Pool<K> {
     /// A connection ready for a request, if one is kept.
     pub(crate) fn take(&self, key: &K, h2: bool) -> Option<Conn> {
         self.take_at(key, h2, Instant::now())
@@ -139,19 +136,15 @@ impl<K: Hash + Eq + Clone> Pool<K> {
                 return Some(conn);
             }
             kept.h2.remove(key);
-            kept.count -= 1;
             return None;
         }
         let list = kept.h1.get_mut(key)?;
-        let before = list.len();
         list.retain(|(s, _)| !s.is_closed());
         let found = list.iter().position(|(s, _)| s.is_ready());
         let taken = found.map(|i| list.swap_remove(i).0);
-        let gone = before - list.len();
         if list.is_empty() {
             kept.h1.remove(key);
         }
-        kept.count -= gone;
         taken.map(Conn::H1)
     }
 
@@ -162,20 +155,20 @@ impl<K: Hash + Eq + Clone> Pool<K> {
                 if s.is_closed() {
                     return;
                 }
-                if kept.h2.insert(key, (s, now)).is_none() {
-                    kept.count += 1;
-                }
+                kept.h2.insert(key, (s, now));
             }
             Conn::H1(s) => {
+                if s.is_closed() {
+                    return;
+                }
                 let list = kept.h1.entry(key).or_default();
-                if list.len() >= MAX_IDLE || s.is_closed() {
+                if list.len() >= MAX_IDLE {
                     return;
                 }
                 list.push((s, now));
-                kept.count += 1;
             }
         }
-        if kept.count > MAX_POOLED {
+        if kept.count() > MAX_POOLED {
             kept.evict(now);
         }
     }
@@ -184,11 +177,16 @@ impl<K: Hash + Eq + Clone> Pool<K> {
     pub(crate) fn expire(&self, now: Instant) -> usize {
         let mut kept = self.lock();
         kept.retain(|used| now.saturating_duration_since(used) < IDLE_EXPIRY);
-        kept.count
+        kept.count()
     }
 }
 
-impl<K: Hash + Eq + Clone> Kept<K> {
+impl<K: Hash + Eq> Kept<K> {
+    /// Connections kept (at most [`MAX_POOLED`] + 1 at once, so counting is cheap).
+    fn count(&self) -> usize {
+        self.h2.len() + self.h1.values().map(Vec::len).sum::<usize>()
+    }
+
     /// Keeps the connections `keep` says yes to (by when each was last used).
     fn retain(&mut self, keep: impl Fn(Instant) -> bool) {
         self.h2.retain(|_, (_, used)| keep(*used));
@@ -196,13 +194,12 @@ impl<K: Hash + Eq + Clone> Kept<K> {
             list.retain(|(_, used)| keep(*used));
         }
         self.h1.retain(|_, list| !list.is_empty());
-        self.count = self.h2.len() + self.h1.values().map(Vec::len).sum::<usize>();
     }
 
     /// Back to [`MAX_POOLED`]: the expired first, then the least recently used.
     fn evict(&mut self, now: Instant) {
         self.retain(|used| now.saturating_duration_since(used) < IDLE_EXPIRY);
-        if self.count <= MAX_POOLED {
+        if self.count() <= MAX_POOLED {
             return;
         }
         let mut uses: Vec<Instant> = self
@@ -220,7 +217,7 @@ impl<K: Hash + Eq + Clone> Kept<K> {
 
 /// Closes a pool's expired connections every quarter of [`IDLE_EXPIRY`], for as long as the
 /// pool is in use elsewhere.
-pub(crate) fn expire_idle<K: Hash + Eq + Clone + Send + 'static>(pool: std::sync::Weak<Pool<K>>) {
+pub(crate) fn expire_idle<K: Hash + Eq + Send + 'static>(pool: std::sync::Weak<Pool<K>>) {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(IDLE_EXPIRY / 4).await;
@@ -286,13 +283,23 @@ mod tests {
         }
         // The oldest 44 went; the most recent MAX_POOLED stay.
         assert_eq!(pool.expire(at(u64::from(total))), MAX_POOLED);
-        // Let the connections' tasks run, so each is ready for a request.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(pool.take_at(&0, false, at(400)).is_none());
-        assert!(pool.take_at(&43, false, at(400)).is_none());
-        let kept = pool
-            .take_at(&44, false, at(400))
-            .expect("a recent one is kept");
+        {
+            let kept = pool.lock();
+            assert!(!kept.h1.contains_key(&0) && !kept.h1.contains_key(&43));
+            assert!(kept.h1.contains_key(&44));
+        }
+        // Kept, and ready for a request once its connection task has run.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let kept = loop {
+            if let Some(conn) = pool.take_at(&44, false, at(400)) {
+                break conn;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a recent one is kept"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
         pool.put_at(44, kept, at(60_000));
 
         // A minute unused closes everything but the one used since.

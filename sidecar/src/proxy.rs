@@ -295,14 +295,13 @@ impl HttpProxy {
             Ok(None) => {}
             Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
         }
-        let authority = authority_of(&parts);
         let view = RequestView {
             method: parts.method.as_str(),
             path: parts.uri.path(),
             query: parts.uri.query(),
             headers: &parts.headers,
             port: vip.port(),
-            authority: &authority,
+            authority: authority_of(&parts),
             scheme: parts.uri.scheme_str().unwrap_or("http"),
             source: &self.source.selector,
         };
@@ -857,17 +856,16 @@ async fn inject_fault(route: &HttpRoute) -> Option<Response<Body>> {
 }
 
 /// The request's authority: HTTP/2's `:authority` (in the URI), else HTTP/1.1's `Host`.
-fn authority_of(parts: &http::request::Parts) -> String {
+fn authority_of(parts: &http::request::Parts) -> &str {
     parts
         .uri
         .authority()
-        .map(|a| a.as_str().to_string())
+        .map(|a| a.as_str())
         .or_else(|| {
             parts
                 .headers
                 .get(http::header::HOST)
                 .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
         })
         .unwrap_or_default()
 }
@@ -878,16 +876,7 @@ fn redirect(
     authority: Option<&str>,
     code: u16,
 ) -> Response<Body> {
-    let host = authority
-        .map(str::to_string)
-        .or_else(|| {
-            parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
+    let host = authority.unwrap_or_else(|| authority_of(parts));
     let path = uri.unwrap_or(parts.uri.path());
     let status = StatusCode::from_u16(code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
     let mut resp = text(status, "");
