@@ -1,7 +1,8 @@
 //! The attacks of docs/security.md §12 that the code refuses today, run against a running
 //! demo federation (three clusters on loopback) with real gRPC and TCP clients. After each
 //! refused attack every member's store is what it was: the same keys, values and revisions.
-//! Rows whose rule is still planned (signed writers) are listed in the doc and not run here.
+//! Rows whose rule is still planned (signed entries, against a lying leader) are listed in the
+//! doc and not run here.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -628,10 +629,51 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
         )),
         "#16 {refused:?}"
     );
-    for (series, what) in [("trust_domain_taken", "#15"), ("foreign_identity", "#16")] {
+    // #14: east's own member (a compromised control plane, proposing in-process, past every
+    // API check) writes west's record, alters central's export and deletes it: every replica
+    // refuses each on apply, as not east's to write.
+    let east_member = east.store();
+    let mut west_record: serde_json::Value =
+        serde_json::from_slice(&east_member.get("clusters/west").unwrap().value).unwrap();
+    west_record["gateway"] = serde_json::json!("127.0.0.1:9");
+    let mut central_export: serde_json::Value =
+        serde_json::from_slice(&central_export.value).unwrap();
+    central_export["endpoints"] = serde_json::json!(0);
+    for (key, write) in [
+        ("clusters/west", Some(west_record)),
+        ("exports/default/ratings/central", Some(central_export)),
+        ("exports/default/ratings/central", None),
+    ] {
+        let refused = match write {
+            Some(value) => east_member
+                .put(key, serde_json::to_vec(&value).unwrap())
+                .await
+                .unwrap_err(),
+            None => east_member.delete(key).await.unwrap_err(),
+        };
+        let isthmus_federation::StoreError::Refused(refusal) = &refused else {
+            panic!("#14 {key}: not refused on apply: {refused}");
+        };
+        assert_eq!(
+            refusal.reason,
+            isthmus_core::keyspace::rules::Reason::NotOwner,
+            "#14 {key}: {refused}"
+        );
+        assert!(
+            refused.to_string().contains("bound to cluster east"),
+            "#14 {refused}"
+        );
+    }
+    for (series, what) in [
+        ("trust_domain_taken", "#15"),
+        ("foreign_identity", "#16"),
+        ("not_owner", "#14"),
+    ] {
+        let want = if what == "#14" { 3.0 } else { 1.0 };
+
         let series =
             format!("isthmus_control_federation_entries_refused_total{{reason=\"{series}\"}}");
-        assert_eq!(scrape(&demo, &series).await, 1.0, "{what} is counted");
+        assert_eq!(scrape(&demo, &series).await, want, "{what} is counted");
     }
 
     // #18: 5 000 concurrent streams on one connection and 200 more connections to 15012,

@@ -450,12 +450,35 @@ pub struct PolicyApi {
     pub store: isthmus_federation::Store,
 }
 
+/// The status a failed store write answers with: the store's own mapping (a write the
+/// replicas refused keeps its reason: `PERMISSION_DENIED` for a writer that may not write the
+/// key), its message prefixed with what was being done.
+fn store_status(err: isthmus_federation::StoreError, doing: &str) -> Status {
+    let status = Status::from(err);
+    Status::new(
+        status.code(),
+        format!("{doing} failed: {}", status.message()),
+    )
+}
+
+impl PolicyApi {
+    /// The store acting for the operator the API's authorization attached to `request` (the
+    /// member itself for an in-process call), so the write names who made it.
+    fn store_for<T>(&self, request: &Request<T>) -> isthmus_federation::Store {
+        match request.extensions().get::<isthmus_federation::Writer>() {
+            Some(writer) => self.store.acting_for(writer.clone()),
+            None => self.store.clone(),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl PolicyService for PolicyApi {
     async fn apply(
         &self,
         request: Request<ApplyRequest>,
     ) -> Result<Response<ApplyResponse>, Status> {
+        let store = self.store_for(&request);
         let req = request.into_inner();
         let mut policies = Vec::with_capacity(req.documents_json.len());
         for (i, json) in req.documents_json.iter().enumerate() {
@@ -483,9 +506,10 @@ impl PolicyService for PolicyApi {
         }
         if !req.dry_run {
             for (key, value) in writes {
-                self.store.put(&key, value).await.map_err(|e| {
-                    Status::unavailable(format!("storing {key} in the federation failed: {e}"))
-                })?;
+                store
+                    .put(&key, value)
+                    .await
+                    .map_err(|e| store_status(e, &format!("storing {key} in the federation")))?;
             }
         }
         Ok(Response::new(ApplyResponse { results }))
@@ -524,6 +548,7 @@ impl PolicyService for PolicyApi {
         &self,
         request: Request<DeletePolicyRequest>,
     ) -> Result<Response<DeletePolicyResponse>, Status> {
+        let store = self.store_for(&request);
         let req = request.into_inner();
         let kind = Kind::parse(&req.kind).ok_or_else(|| {
             Status::invalid_argument(format!("field kind: unknown kind {:?}", req.kind))
@@ -537,9 +562,10 @@ impl PolicyService for PolicyApi {
         if self.store.get(&key).is_none() {
             return Ok(Response::new(DeletePolicyResponse { deleted: false }));
         }
-        self.store.delete(&key).await.map_err(|e| {
-            Status::unavailable(format!("deleting {key} in the federation failed: {e}"))
-        })?;
+        store
+            .delete(&key)
+            .await
+            .map_err(|e| store_status(e, &format!("deleting {key} in the federation")))?;
         Ok(Response::new(DeletePolicyResponse { deleted: true }))
     }
 }

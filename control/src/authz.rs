@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 
 use isthmus_core::api_tls::ApiConnInfo;
 use isthmus_core::identity::{OperatorId, Principal, Role};
-use isthmus_federation::{KvWrite, Store, WriteGuard};
+use isthmus_federation::{KvWrite, Store, WriteGuard, Writer};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -441,6 +441,13 @@ where
         let method = Method::from_path(request.uri().path());
         match self.authorizer.decide(method, caller.as_ref()) {
             Ok(allowed) => {
+                // Writes the request makes are proposed for the operator, and every replica
+                // checks what that operator may write (docs/security.md §7).
+                if let Allowed::Writer { operator, .. } = &allowed {
+                    request
+                        .extensions_mut()
+                        .insert(Writer::Operator(operator.clone()));
+                }
                 request.extensions_mut().insert(allowed);
                 // The service that was polled ready serves this request; a fresh clone
                 // takes its place for the next one.

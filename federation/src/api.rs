@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 
 use crate::proto::v1 as pb;
 use crate::proto::v1::kv_server::{Kv, KvServer};
-use crate::{Inner, Record, Role, Store, StoreError, WatchEvent};
+use crate::{Inner, Record, Role, Store, StoreError, WatchEvent, Writer};
 
 /// Metadata of a `compacted` watch error: the revision asked for, and the oldest one a
 /// watch can start from.
@@ -93,6 +93,24 @@ impl KvService {
     fn store(&self) -> Result<Store, Status> {
         Store::upgrade(&self.store).ok_or_else(|| Status::unavailable("member is shutting down"))
     }
+
+    /// The store acting for the writer the server carrying this service authenticated (a
+    /// [`Writer`] in the request's extensions; the member itself when there is none), so the
+    /// entry names who asked and every replica checks what they may write.
+    fn store_for<T>(&self, request: &Request<T>) -> Result<Store, Status> {
+        let writer = request
+            .extensions()
+            .get::<Writer>()
+            .cloned()
+            .unwrap_or(Writer::Member);
+        Ok(self.store()?.acting_for(writer))
+    }
+}
+
+impl From<StoreError> for Status {
+    fn from(err: StoreError) -> Status {
+        status(err)
+    }
 }
 
 /// Maps a store error to the gRPC status a client acts on.
@@ -113,6 +131,11 @@ pub(crate) fn status(err: StoreError) -> Status {
             status
         }
         StoreError::NoLease { .. } => Status::not_found(message),
+        StoreError::Refused(refusal)
+            if refusal.reason == isthmus_core::keyspace::rules::Reason::NotOwner =>
+        {
+            Status::permission_denied(message)
+        }
         StoreError::Refused(refusal) if refusal.reason.is_precondition() => {
             Status::failed_precondition(message)
         }
@@ -208,7 +231,7 @@ impl Kv for KvService {
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
         self.writable("Put")?;
-        let store = self.store()?;
+        let store = self.store_for(&request)?;
         self.check_write(&request, &request.get_ref().key, false)?;
         let request = request.into_inner();
         let revision = if request.lease_ttl_ms > 0 {
@@ -228,7 +251,7 @@ impl Kv for KvService {
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
         self.writable("Delete")?;
-        let store = self.store()?;
+        let store = self.store_for(&request)?;
         self.check_write(&request, &request.get_ref().key, true)?;
         let revision = store
             .delete(&request.into_inner().key)
@@ -242,7 +265,7 @@ impl Kv for KvService {
         request: Request<pb::CompareAndSetRequest>,
     ) -> Result<Response<pb::CompareAndSetResponse>, Status> {
         self.writable("CompareAndSet")?;
-        let store = self.store()?;
+        let store = self.store_for(&request)?;
         self.check_write(&request, &request.get_ref().key, false)?;
         let request = request.into_inner();
         let result = store
@@ -354,14 +377,14 @@ impl Kv for KvService {
         request: Request<pb::MintJoinTokenRequest>,
     ) -> Result<Response<pb::MintJoinTokenResponse>, Status> {
         self.writable("MintJoinToken")?;
+        let store = self.store_for(&request)?;
         let ttl_ms = request.into_inner().ttl_ms;
         if ttl_ms == 0 {
             return Err(Status::invalid_argument(
                 "ttl_ms: a join token must be valid for longer than zero",
             ));
         }
-        let token = self
-            .store()?
+        let token = store
             .mint_join_token(std::time::Duration::from_millis(ttl_ms))
             .await
             .map_err(status)?;
@@ -432,8 +455,8 @@ impl Kv for KvService {
         request: Request<pb::RemoveMemberRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
         self.writable("RemoveMember")?;
+        let store = self.store_for(&request)?;
         let id = request.into_inner().id;
-        let store = self.store()?;
         if !store.members().contains_key(&id) {
             return Err(Status::not_found(format!("id: no member {id}")));
         }

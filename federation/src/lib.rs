@@ -93,6 +93,7 @@ pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 pub use api::{KvService, KvWrite, WriteGuard};
 pub use client::{KvClient, KvWatch, RemoteStatus};
 pub use error::StoreError;
+pub use isthmus_core::keyspace::writers::Writer;
 pub use isthmus_core::keyspace::ClusterRecord;
 pub use peer_tls::{MemberDirectory, PeerRefusalCounts, PeerTls};
 pub use replica::{MemberStatus, Role, Watch};
@@ -452,6 +453,7 @@ impl Binding {
                 refusals: refusals.clone(),
                 authenticated: self.tls.is_some(),
             }),
+            writer: Writer::Member,
         };
         tasks.push(tokio::spawn(removal::watch(
             store.downgrade(),
@@ -556,6 +558,8 @@ impl Binding {
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
+    /// Whom this handle's writes are proposed for ([`Store::acting_for`]).
+    writer: Writer,
 }
 
 struct Inner {
@@ -604,7 +608,26 @@ impl Store {
     }
 
     pub(crate) fn upgrade(weak: &std::sync::Weak<Inner>) -> Option<Store> {
-        weak.upgrade().map(|inner| Store { inner })
+        weak.upgrade().map(|inner| Store {
+            inner,
+            writer: Writer::Member,
+        })
+    }
+
+    /// A handle whose writes this member proposes on behalf of `writer` (an operator its API
+    /// authenticated). Every replica checks, when it applies the entry, that the writer may
+    /// write the key (docs/security.md §7); a refusal is [`StoreError::Refused`] with
+    /// reason `not_owner`. A plain handle writes as the member's own control plane.
+    pub fn acting_for(&self, writer: Writer) -> Store {
+        Store {
+            inner: self.inner.clone(),
+            writer,
+        }
+    }
+
+    /// The writer this handle's writes are proposed for.
+    pub fn writer(&self) -> &Writer {
+        &self.writer
     }
 
     /// Sets `key` to `value` and returns the revision of the write once this member has
@@ -706,7 +729,8 @@ impl Store {
                 });
             }
         }
-        self.propose(Proposal::Write(command)).await
+        self.propose(Proposal::Write(command, self.writer.clone()))
+            .await
     }
 
     async fn propose(&self, request: Proposal) -> Result<Outcome, StoreError> {
@@ -917,12 +941,15 @@ impl Store {
         let (id, secret) = tokens::generate()?;
         let now = isthmus_core::clock::unix_ms();
         let outcome = self
-            .propose(Proposal::Write(Command::MintToken {
-                id: id.clone(),
-                digest: tokens::digest(&secret),
-                expires_at_ms: now.saturating_add(isthmus_core::clock::millis(ttl)),
-                at_ms: now,
-            }))
+            .propose(Proposal::Write(
+                Command::MintToken {
+                    id: id.clone(),
+                    digest: tokens::digest(&secret),
+                    expires_at_ms: now.saturating_add(isthmus_core::clock::millis(ttl)),
+                    at_ms: now,
+                },
+                self.writer.clone(),
+            ))
             .await?;
         done(outcome, "")?;
         let digest = isthmus_core::join::digest(&self.bundle_set())
@@ -985,12 +1012,15 @@ impl Store {
             }
         }
         let outcome = self
-            .propose(Proposal::Write(Command::ConsumeToken {
-                id,
-                digest: tokens::digest(secret),
-                at_ms: isthmus_core::clock::unix_ms(),
-                record,
-            }))
+            .propose(Proposal::Write(
+                Command::ConsumeToken {
+                    id,
+                    digest: tokens::digest(secret),
+                    at_ms: isthmus_core::clock::unix_ms(),
+                    record,
+                },
+                self.writer.clone(),
+            ))
             .await?;
         match outcome {
             Outcome::Conflict(current) => Err(StoreError::InvalidJoin {

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::state::codec::encode_conf_context;
 use crate::state::{encode_entry, Command, Outcome, ProposalId};
-use crate::StoreError;
+use crate::{StoreError, Writer};
 
 /// Where the answer to one write goes: what applying it did, or why it failed.
 pub(crate) type Reply = oneshot::Sender<Result<Outcome, StoreError>>;
@@ -34,7 +34,7 @@ pub(crate) enum Payload {
 /// A write as the caller asks for it.
 #[derive(Debug, Clone)]
 pub(crate) enum Request {
-    Command(Command),
+    Command(Command, Writer),
     /// A membership change and the addresses of the members it adds.
     ConfChange(ConfChangeV2, Vec<(u64, String)>),
 }
@@ -70,7 +70,7 @@ impl Proposals {
     pub(crate) fn add(&mut self, request: &Request, reply: Reply, now: Instant) -> u64 {
         let (seq, id) = self.next_id();
         let data = match request {
-            Request::Command(command) => Payload::Normal(encode_entry(id, command)),
+            Request::Command(command, writer) => Payload::Normal(encode_entry(id, writer, command)),
             Request::ConfChange(cc, members) => {
                 let mut cc = cc.clone();
                 cc.context = encode_conf_context(id, members).into();
@@ -188,12 +188,15 @@ mod tests {
     use crate::state::decode_entry;
 
     fn put() -> Request {
-        Request::Command(Command::Put {
-            key: "k".to_string(),
-            value: b"v".to_vec(),
-            lease_ttl_ms: 0,
-            at_ms: 0,
-        })
+        Request::Command(
+            Command::Put {
+                key: "k".to_string(),
+                value: b"v".to_vec(),
+                lease_ttl_ms: 0,
+                at_ms: 0,
+            },
+            Writer::Member,
+        )
     }
 
     fn normal(p: Option<Payload>) -> Vec<u8> {

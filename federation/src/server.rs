@@ -5,12 +5,16 @@
 //! counted (`MemberStatus::rejected_peer_batches`). When the peer port serves TLS, a batch
 //! whose `from` is not the member the caller's certificate is bound to is refused with
 //! `PERMISSION_DENIED` and counted as a sender mismatch (`Store::peer_refusals`).
+//!
+//! A forwarded proposal (`MsgPropose`) carries only its sender's own proposals: each entry's
+//! proposal id names the proposing member, which is what every replica's ownership check
+//! reads (docs/security.md §7), so a member cannot propose an entry as another one.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use protobuf::Message as _;
-use raft::eraftpb::Message;
+use raft::eraftpb::{ConfChangeV2, EntryType, Message, MessageType};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
@@ -18,6 +22,8 @@ use crate::peer_tls::{PeerMember, PeerRefusals};
 use crate::proto::v1::raft_peer_server::{RaftPeer, RaftPeerServer};
 use crate::proto::v1::{RaftBatch, SendAck};
 use crate::replica::Replica;
+use crate::state::codec::decode_conf_context;
+use crate::state::decode_entry;
 
 /// Largest batch a member accepts (raft append messages carry log entries).
 const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
@@ -71,10 +77,41 @@ impl PeerService {
                     message.from, message.to, batch.from, batch.to
                 )));
             }
+            if message.get_msg_type() == MessageType::MsgPropose {
+                check_proposer(&message, batch.from)
+                    .map_err(|why| Status::invalid_argument(format!("message {i}: {why}")))?;
+            }
             messages.push(message);
         }
         Ok(messages)
     }
+}
+
+/// Whether every entry of a forwarded proposal was proposed by `from` itself.
+fn check_proposer(message: &Message, from: u64) -> Result<(), String> {
+    for entry in message.get_entries() {
+        let proposer = match entry.get_entry_type() {
+            EntryType::EntryNormal if entry.data.is_empty() => continue,
+            EntryType::EntryNormal => decode_entry(&entry.data)
+                .map(|(id, _, _)| id.node)
+                .map_err(|e| e.to_string()),
+            EntryType::EntryConfChangeV2 => ConfChangeV2::parse_from_bytes(&entry.data)
+                .map_err(|e| e.to_string())
+                .and_then(|cc| decode_conf_context(&cc.context).map_err(|e| e.to_string()))
+                .map(|(id, _)| id.node),
+            EntryType::EntryConfChange => {
+                return Err("a forwarded proposal holds a v1 membership change".into())
+            }
+        }
+        .map_err(|e| format!("a forwarded entry does not decode: {e}"))?;
+        if proposer != from {
+            return Err(format!(
+                "member {from} forwarded an entry proposed by member {proposer}; a member \
+                 forwards only its own proposals"
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -123,5 +160,51 @@ impl RaftPeer for PeerService {
         Ok(Response::new(SendAck {
             accepted: u32::try_from(accepted).unwrap_or(u32::MAX),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{encode_entry, Command, ProposalId};
+    use crate::Writer;
+    use raft::eraftpb::Entry;
+
+    fn forwarded(proposer: u64) -> Message {
+        let entry = Entry {
+            data: encode_entry(
+                ProposalId {
+                    node: proposer,
+                    incarnation: 1,
+                    seq: 1,
+                },
+                &Writer::Member,
+                &Command::Delete {
+                    key: "clusters/west".into(),
+                },
+            )
+            .into(),
+            ..Default::default()
+        };
+        let mut message = Message::default();
+        message.set_msg_type(MessageType::MsgPropose);
+        message.from = 2;
+        message.set_entries(vec![entry].into());
+        message
+    }
+
+    #[test]
+    fn a_member_forwards_only_its_own_proposals() {
+        assert!(check_proposer(&forwarded(2), 2).is_ok());
+        let why = check_proposer(&forwarded(3), 2).expect_err("another member's proposal");
+        assert!(
+            why.contains("member 2 forwarded an entry proposed by member 3"),
+            "{why}"
+        );
+        let mut garbage = forwarded(2);
+        garbage.mut_entries()[0].data = vec![0xff, 0xff].into();
+        assert!(check_proposer(&garbage, 2)
+            .expect_err("garbage")
+            .contains("does not decode"));
     }
 }

@@ -7,7 +7,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use isthmus_federation::{ClusterClaim, JoinApplication, Role, Store, StoreError, StoreOptions};
+use isthmus_core::identity::{self, OperatorId};
+use isthmus_federation::{
+    ClusterClaim, JoinApplication, Role, Store, StoreError, StoreOptions, Writer,
+};
 use support::*;
 
 /// Starts member `id` as a joiner that knows how to reach the existing `stores`.
@@ -230,9 +233,13 @@ async fn removing_a_cluster_removes_what_it_owned_unless_it_holds_every_mesh_adm
         "policies/virtualservice/default/reviews",
     ];
     let east_ca = isthmus_core::ca::CertificateAuthority::generate("east.local").expect("a CA");
-    for key in others.iter().chain(&north_owned) {
-        let value = valid_record(key, east_ca.cert_pem());
-        stores[&2].put(key, value).await.expect("put");
+    // North's member writes its own records (and the first mesh-admin grant, of its own
+    // trust domain); member 2, which no record binds, the records of the unbound east.
+    for (writer, keys) in [(&stores[&4], &north_owned[..]), (&stores[&2], &others[..])] {
+        for key in keys {
+            let value = valid_record(key, east_ca.cert_pem());
+            writer.put(key, value).await.expect("put");
+        }
     }
 
     // Every mesh-admin grant is of north's trust domain: refused, nothing changes.
@@ -245,15 +252,24 @@ async fn removing_a_cluster_removes_what_it_owned_unless_it_holds_every_mesh_adm
     assert_eq!(stores[&1].status().voters.len(), 4);
     assert!(stores[&1].get("clusters/north").is_some());
 
-    // With a mesh admin elsewhere, the removal takes north's records with it.
-    stores[&2]
+    // With a mesh admin elsewhere (granted by north's, through north's member), the removal,
+    // made by that mesh admin, takes north's records with it.
+    let operator = |td: &str, name: &str| {
+        Writer::Operator(OperatorId::new(td, identity::Role::Admin, name).expect("an operator"))
+    };
+    stores[&4]
+        .acting_for(operator("north.local", "ann"))
         .put(
             "grants/mesh-admin/east.local/bob",
             valid_record("grants/mesh-admin/east.local/bob", ""),
         )
         .await
         .expect("put");
-    stores[&1].remove_member(4).await.expect("remove");
+    stores[&1]
+        .acting_for(operator("east.local", "bob"))
+        .remove_member(4)
+        .await
+        .expect("remove");
     let north = stores.remove(&4).expect("north");
     wait_config(&stores, &[1, 2, 3], &[]).await;
     for store in stores.values() {

@@ -127,3 +127,128 @@ async fn every_replica_refuses_what_the_rules_refuse_and_keeps_its_state() {
     }
     shutdown_all(stores).await;
 }
+
+fn bound_cluster(name: &str, td: &str, ca: &str, member: u64) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "name": name, "trustDomain": td, "gateway": null, "caBundlePem": ca, "memberId": member,
+    }))
+    .expect("JSON")
+}
+
+/// Ownership on apply (docs/security.md §7, "Writers"): once records bind east to member 1
+/// and central to member 2, member 1 writes only east's records, whether it asks as its own
+/// control plane or for an operator of another trust domain; every replica refuses the rest,
+/// changes nothing and counts `not_owner`. A mesh admin vouched for by its own member writes
+/// any record.
+#[tokio::test]
+async fn every_replica_refuses_a_write_its_writer_does_not_own() {
+    use isthmus_core::identity::{OperatorId, Role};
+    use isthmus_federation::Writer;
+
+    let stores = start_federation(3).await;
+    let east_ca = isthmus_core::ca::CertificateAuthority::generate("east.local").expect("CA");
+    let central_ca = isthmus_core::ca::CertificateAuthority::generate("central.local").expect("CA");
+    // Each member binds itself first: its own record, with its own member id.
+    stores[&1]
+        .put(
+            "clusters/east",
+            bound_cluster("east", "east.local", east_ca.cert_pem(), 1),
+        )
+        .await
+        .expect("east's record, by east's member");
+    stores[&2]
+        .put(
+            "clusters/central",
+            bound_cluster("central", "central.local", central_ca.cert_pem(), 2),
+        )
+        .await
+        .expect("central's record, by central's member");
+    let grant = serde_json::to_vec(&json!({
+        "identity": "spiffe://east.local/operator/admin/ann"
+    }))
+    .expect("JSON");
+    let last = stores[&1]
+        .put("grants/mesh-admin/east.local/ann", grant)
+        .await
+        .expect("the first mesh-admin grant, of east's own trust domain");
+    applied_everywhere(&stores, last).await;
+    let before: Vec<_> = stores.values().map(contents).collect();
+
+    let export = |cluster: &str| {
+        serde_json::to_vec(&json!({
+            "cluster": cluster, "namespace": "default", "name": "ratings", "ports": [],
+            "identities": [], "endpoints": 1, "healthyEndpoints": 1,
+        }))
+        .expect("JSON")
+    };
+    let operator = |td: &str, role, name: &str| {
+        Writer::Operator(OperatorId::new(td, role, name).expect("operator"))
+    };
+    let central_admin = stores[&1].acting_for(operator("central.local", Role::Admin, "eve"));
+    let east_viewer = stores[&1].acting_for(operator("east.local", Role::Viewer, "vic"));
+    let attempts: [(&Store, &str, Vec<u8>); 5] = [
+        (
+            &stores[&1],
+            "clusters/central",
+            bound_cluster("central", "central.local", east_ca.cert_pem(), 2),
+        ),
+        (
+            &stores[&1],
+            "exports/default/ratings/central",
+            export("central"),
+        ),
+        (&stores[&3], "exports/default/ratings/east", export("east")),
+        (
+            &central_admin,
+            "exports/default/ratings/central",
+            export("central"),
+        ),
+        (&east_viewer, "exports/default/ratings/east", export("east")),
+    ];
+    for (store, key, value) in &attempts {
+        let err = store
+            .put(key, value.clone())
+            .await
+            .expect_err("not the writer's to write");
+        let StoreError::Refused(refusal) = &err else {
+            panic!("{key}: not refused by the rules: {err}");
+        };
+        assert_eq!(refusal.reason, Reason::NotOwner, "{key}: {err}");
+    }
+    let err = stores[&1]
+        .delete("clusters/central")
+        .await
+        .expect_err("a member removes no cluster");
+    assert!(err.to_string().contains("removed by a mesh admin"), "{err}");
+
+    // Nothing changed anywhere; every replica counted every refusal.
+    let probe = stores[&2]
+        .put("load/after", b"1".to_vec())
+        .await
+        .expect("an ordinary write");
+    applied_everywhere(&stores, probe).await;
+    for (store, before) in stores.values().zip(&before) {
+        let mut now = contents(store);
+        now.remove("load/after");
+        assert_eq!(&now, before, "a refused entry changed a replica");
+        assert_eq!(refused(store, Reason::NotOwner), 6);
+    }
+
+    // The owner, and a mesh admin through its own member, do write.
+    stores[&2]
+        .put("exports/default/ratings/central", export("central"))
+        .await
+        .expect("central's member writes central's export");
+    let mesh_admin = stores[&1].acting_for(operator("east.local", Role::Admin, "ann"));
+    mesh_admin
+        .delete("exports/default/ratings/central")
+        .await
+        .expect("a mesh admin deletes any export");
+    let err = stores[&2]
+        .acting_for(operator("east.local", Role::Admin, "ann"))
+        .put("load/x", b"1".to_vec())
+        .await
+        .expect_err("central's member cannot vouch for east's mesh admin");
+    assert!(err.to_string().contains("own trust domain"), "{err}");
+    shutdown_all(stores).await;
+}

@@ -15,6 +15,7 @@
 //! types live with their writers (`isthmus_control::records`, [`crate::policy::Policy`]).
 
 pub mod rules;
+pub mod writers;
 
 use std::net::SocketAddr;
 

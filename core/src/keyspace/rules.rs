@@ -70,11 +70,13 @@ pub enum Reason {
     UnknownCluster,
     /// The last mesh-admin grant would be deleted.
     LastGrant,
+    /// The writer may not write this key (`super::writers`).
+    NotOwner,
 }
 
 impl Reason {
     /// Every reason, for metrics that report zeros too.
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Reason::BadKey,
         Reason::TooLarge,
         Reason::Malformed,
@@ -86,6 +88,7 @@ impl Reason {
         Reason::ForeignIdentity,
         Reason::UnknownCluster,
         Reason::LastGrant,
+        Reason::NotOwner,
     ];
 
     /// The metric label.
@@ -102,6 +105,7 @@ impl Reason {
             Reason::ForeignIdentity => "foreign_identity",
             Reason::UnknownCluster => "unknown_cluster",
             Reason::LastGrant => "last_grant",
+            Reason::NotOwner => "not_owner",
         }
     }
 

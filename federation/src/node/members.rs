@@ -15,7 +15,7 @@ use crate::proposals::Request;
 use crate::state::codec::decode_conf_context;
 use crate::state::{Command, MemberInfo, ProposalId, StateMachine};
 use crate::storage::LogStore;
-use crate::StoreError;
+use crate::{StoreError, Writer};
 
 /// Most voters a federation has; further members join as learners.
 pub(crate) const MAX_VOTERS: usize = 5;
@@ -24,7 +24,7 @@ pub(crate) const MAX_VOTERS: usize = 5;
 #[derive(Debug, Clone)]
 pub(crate) enum Proposal {
     /// A change to the map (or tokens).
-    Write(Command),
+    Write(Command, Writer),
     /// Add a member; `voter` asks for a vote, granted while there are fewer than
     /// [`MAX_VOTERS`] voters.
     AddMember {
@@ -95,7 +95,7 @@ impl<S: LogStore> RaftNode<S> {
         let cs = &self.conf_state;
         let refuse = |reason: String| Err(StoreError::Membership(reason));
         match proposal {
-            Proposal::Write(command) => Ok(Request::Command(command)),
+            Proposal::Write(command, writer) => Ok(Request::Command(command, writer)),
             Proposal::AddMember { id, addr, voter } => {
                 if id == 0 {
                     return refuse("0 is not a valid member id".to_string());
@@ -206,7 +206,11 @@ impl<S: LogStore> RaftNode<S> {
         let live = self.replica.with_state(|sm| sm.live_leases());
         for (key, epoch) in self.leases.due(live, now, self.config.election_timeout()) {
             let (_, id) = self.proposals.next_id();
-            let data = crate::state::encode_entry(id, &Command::ExpireLease { key, epoch });
+            let data = crate::state::encode_entry(
+                id,
+                &Writer::Member,
+                &Command::ExpireLease { key, epoch },
+            );
             let _ = self.raw.propose(Vec::new(), data);
         }
     }

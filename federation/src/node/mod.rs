@@ -502,11 +502,13 @@ impl<S: LogStore> RaftNode<S> {
             return;
         }
         match decode_entry(&entry.data) {
-            Ok((id, command)) => match self.replica.apply(entry.index, id, command) {
-                // Its first copy was answered already.
-                Applied::Duplicate => {}
-                Applied::Done { outcome, .. } => self.proposals.applied(id, Ok(outcome)),
-            },
+            Ok((id, writer, command)) => {
+                match self.replica.apply(entry.index, id, &writer, command) {
+                    // Its first copy was answered already.
+                    Applied::Duplicate => {}
+                    Applied::Done { outcome, .. } => self.proposals.applied(id, Ok(outcome)),
+                }
+            }
             // Every replica skips the same bytes, so replicas stay identical.
             Err(err) => tracing::error!(
                 member = self.config.id,

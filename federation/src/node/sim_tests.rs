@@ -238,7 +238,7 @@ impl Sim {
                 let (reply, rx) = oneshot::channel();
                 node.handle_propose(
                     ProposeRequest {
-                        request: Proposal::Write(command),
+                        request: Proposal::Write(command, crate::Writer::Member),
                         reply,
                     },
                     now,

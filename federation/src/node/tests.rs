@@ -110,12 +110,15 @@ impl Net {
 
     fn propose(&mut self, on: u64, key: &str) -> oneshot::Receiver<Result<Outcome, StoreError>> {
         let (reply, outcome) = oneshot::channel();
-        let request = Proposal::Write(Command::Put {
-            key: key.to_string(),
-            value: b"v".to_vec(),
-            lease_ttl_ms: 0,
-            at_ms: 0,
-        });
+        let request = Proposal::Write(
+            Command::Put {
+                key: key.to_string(),
+                value: b"v".to_vec(),
+                lease_ttl_ms: 0,
+                at_ms: 0,
+            },
+            crate::Writer::Member,
+        );
         let now = self.now;
         if let Some(node) = self.nodes.get_mut(&on) {
             node.handle_propose(ProposeRequest { request, reply }, now);

@@ -12,6 +12,7 @@ use prost::Message as _;
 
 use super::{Command, Lease, MemberInfo, ProposalId, Record, StateMachine, Stored, Token};
 use crate::proto::v1 as pb;
+use isthmus_core::keyspace::writers::Writer;
 
 /// Why an entry's or snapshot's data could not be read back.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +21,8 @@ pub(crate) enum DecodeError {
     Protobuf(#[from] prost::DecodeError),
     #[error("data has no {0}")]
     Missing(&'static str),
+    #[error("{0}")]
+    BadWriter(String),
 }
 
 fn pb_id(id: ProposalId) -> pb::ProposalId {
@@ -39,7 +42,7 @@ fn from_pb_id(id: pb::ProposalId) -> ProposalId {
 }
 
 /// Encodes a command and its proposal id as the data of a raft entry.
-pub(crate) fn encode_entry(id: ProposalId, command: &Command) -> Vec<u8> {
+pub(crate) fn encode_entry(id: ProposalId, writer: &Writer, command: &Command) -> Vec<u8> {
     use pb::entry_data::Command as C;
     let command = match command.clone() {
         Command::Put {
@@ -101,15 +104,17 @@ pub(crate) fn encode_entry(id: ProposalId, command: &Command) -> Vec<u8> {
     pb::EntryData {
         proposal: Some(pb_id(id)),
         command: Some(command),
+        writer: writer.encode(),
     }
     .encode_to_vec()
 }
 
 /// Reads back what [`encode_entry`] wrote.
-pub(crate) fn decode_entry(data: &[u8]) -> Result<(ProposalId, Command), DecodeError> {
+pub(crate) fn decode_entry(data: &[u8]) -> Result<(ProposalId, Writer, Command), DecodeError> {
     use pb::entry_data::Command as C;
     let entry = pb::EntryData::decode(data)?;
     let id = entry.proposal.ok_or(DecodeError::Missing("proposal id"))?;
+    let writer = Writer::decode(&entry.writer).map_err(DecodeError::BadWriter)?;
     let command = match entry.command.ok_or(DecodeError::Missing("command"))? {
         C::Put(c) => Command::Put {
             key: c.key,
@@ -144,7 +149,7 @@ pub(crate) fn decode_entry(data: &[u8]) -> Result<(ProposalId, Command), DecodeE
             record: (!c.record_key.is_empty()).then_some((c.record_key, c.record_value)),
         },
     };
-    Ok((from_pb_id(id), command))
+    Ok((from_pb_id(id), writer, command))
 }
 
 /// The context carried in a membership change: who proposed it, and the addresses of the

@@ -11,6 +11,7 @@ pub(crate) mod codec;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use isthmus_core::keyspace::rules::{self, Change, Refusal};
+use isthmus_core::keyspace::writers::{self, Writer};
 
 pub(crate) use codec::{decode_entry, encode_entry};
 
@@ -262,13 +263,46 @@ impl StateMachine {
         true
     }
 
-    /// Applies the command of the entry at raft `index`.
-    pub(crate) fn apply(&mut self, index: u64, id: ProposalId, command: Command) -> Applied {
+    /// Applies the command of the entry at raft `index`, proposed by member `id.node` for
+    /// `writer`: refused (changing nothing) when the writer may not write its key.
+    pub(crate) fn apply(
+        &mut self,
+        index: u64,
+        id: ProposalId,
+        writer: &Writer,
+        command: Command,
+    ) -> Applied {
         if !self.first_time(id) {
             return Applied::Duplicate;
         }
+        if let Err(refusal) = self.owns(id.node, writer, &command) {
+            return Applied::Done {
+                event: None,
+                outcome: Outcome::Refused(refusal),
+            };
+        }
         let (event, outcome) = self.apply_command(index, command);
         Applied::Done { event, outcome }
+    }
+
+    /// Whether `writer`, through member `proposer`, may make this change
+    /// (`isthmus_core::keyspace::writers`). Tokens are authorized by themselves (a join's
+    /// record by its token), and expiring a lease is the leader's duty.
+    fn owns(&self, proposer: u64, writer: &Writer, command: &Command) -> Result<(), Refusal> {
+        let (key, change) = match command {
+            Command::Put { key, value, .. } | Command::CompareAndSet { key, value, .. } => {
+                (key, Change::Write(value))
+            }
+            Command::Delete { key } => (key, Change::Delete),
+            Command::Renew { key, .. } => match self.records.get(key) {
+                Some(stored) => (key, Change::Write(&stored.record.value)),
+                None => return Ok(()),
+            },
+            Command::ExpireLease { .. }
+            | Command::MintToken { .. }
+            | Command::ConsumeToken { .. } => return Ok(()),
+        };
+        writers::may_write(self, proposer, writer, key, change)
     }
 
     fn put(&mut self, index: u64, key: String, value: Vec<u8>, lease: Option<Lease>) -> WatchEvent {

@@ -79,8 +79,8 @@ fn entry_encoding_round_trips_every_command() {
             record: Some(("c/north".to_string(), b"{}".to_vec())),
         },
     ] {
-        let data = encode_entry(id(3), &command);
-        let (decoded_id, decoded) = decode_entry(&data).expect("decodes");
+        let data = encode_entry(id(3), &Writer::Member, &command);
+        let (decoded_id, _, decoded) = decode_entry(&data).expect("decodes");
         assert_eq!(decoded_id, id(3));
         assert_eq!(decoded, command);
     }
@@ -96,8 +96,8 @@ fn garbage_entry_data_is_an_error_not_a_panic() {
 #[test]
 fn record_revision_is_the_index_of_the_last_write() {
     let mut sm = StateMachine::default();
-    sm.apply(5, id(1), put("a", b"1"));
-    sm.apply(9, id(2), put("a", b"2"));
+    sm.apply_member(5, id(1), put("a", b"1"));
+    sm.apply_member(9, id(2), put("a", b"2"));
     assert_eq!(
         sm.get("a"),
         Some(Record {
@@ -112,23 +112,26 @@ fn record_revision_is_the_index_of_the_last_write() {
 fn retried_duplicate_proposal_is_applied_once() {
     let mut sm = StateMachine::default();
     assert_eq!(
-        outcome(sm.apply(5, id(1), put("a", b"1"))),
+        outcome(sm.apply_member(5, id(1), put("a", b"1"))),
         Outcome::Done(5)
     );
-    assert_eq!(sm.apply(8, id(1), put("a", b"1")), Applied::Duplicate);
+    assert_eq!(
+        sm.apply_member(8, id(1), put("a", b"1")),
+        Applied::Duplicate
+    );
     assert_eq!(sm.get("a").map(|r| r.revision), Some(5));
 }
 
 #[test]
 fn same_sequence_from_another_incarnation_is_not_a_duplicate() {
     let mut sm = StateMachine::default();
-    sm.apply(5, id(1), put("a", b"1"));
+    sm.apply_member(5, id(1), put("a", b"1"));
     let restarted = ProposalId {
         incarnation: 8,
         ..id(1)
     };
     assert_eq!(
-        outcome(sm.apply(6, restarted, put("a", b"2"))),
+        outcome(sm.apply_member(6, restarted, put("a", b"2"))),
         Outcome::Done(6)
     );
 }
@@ -138,15 +141,15 @@ fn delete_of_missing_key_changes_nothing() {
     let mut sm = StateMachine::default();
     let del = |k: &str| Command::Delete { key: k.to_string() };
     assert_eq!(
-        sm.apply(3, id(1), del("nope")),
+        sm.apply_member(3, id(1), del("nope")),
         Applied::Done {
             event: None,
             outcome: Outcome::Done(3)
         }
     );
-    sm.apply(4, id(2), put("a", b"1"));
+    sm.apply_member(4, id(2), put("a", b"1"));
     assert_eq!(
-        sm.apply(5, id(3), del("a")),
+        sm.apply_member(5, id(3), del("a")),
         Applied::Done {
             event: Some(WatchEvent::Delete {
                 key: "a".to_string(),
@@ -163,23 +166,23 @@ fn compare_and_set_succeeds_only_on_the_expected_revision() {
     let mut sm = StateMachine::default();
     // Must not exist: succeeds once.
     assert_eq!(
-        outcome(sm.apply(2, id(1), cas("k", None))),
+        outcome(sm.apply_member(2, id(1), cas("k", None))),
         Outcome::Done(2)
     );
     assert_eq!(
-        outcome(sm.apply(3, id(2), cas("k", None))),
+        outcome(sm.apply_member(3, id(2), cas("k", None))),
         Outcome::Conflict(Some(2))
     );
     assert_eq!(
-        outcome(sm.apply(4, id(3), cas("k", Some(1)))),
+        outcome(sm.apply_member(4, id(3), cas("k", Some(1)))),
         Outcome::Conflict(Some(2))
     );
     assert_eq!(
-        outcome(sm.apply(5, id(4), cas("k", Some(2)))),
+        outcome(sm.apply_member(5, id(4), cas("k", Some(2)))),
         Outcome::Done(5)
     );
     assert_eq!(
-        outcome(sm.apply(6, id(5), cas("missing", Some(5)))),
+        outcome(sm.apply_member(6, id(5), cas("missing", Some(5)))),
         Outcome::Conflict(None)
     );
     assert_eq!(sm.get("k").map(|r| r.revision), Some(5));
@@ -188,14 +191,14 @@ fn compare_and_set_succeeds_only_on_the_expected_revision() {
 #[test]
 fn lease_expiry_applies_only_to_the_epoch_the_leader_timed() {
     let mut sm = StateMachine::default();
-    sm.apply(2, id(1), leased("e/a", 1000, 500));
+    sm.apply_member(2, id(1), leased("e/a", 1000, 500));
     assert_eq!(sm.live_leases(), vec![("e/a".to_string(), 2, 1000)]);
     let state = sm.get("e/a").and_then(|r| r.lease).expect("lease");
     assert_eq!(state.expires_at_unix_ms, 1500);
     assert!(!state.expired);
 
     // Renewed before the leader's expiry landed: the stale expiry does nothing.
-    sm.apply(
+    sm.apply_member(
         3,
         id(2),
         Command::Renew {
@@ -203,7 +206,7 @@ fn lease_expiry_applies_only_to_the_epoch_the_leader_timed() {
             at_ms: 900,
         },
     );
-    let stale = sm.apply(
+    let stale = sm.apply_member(
         4,
         id(3),
         Command::ExpireLease {
@@ -218,7 +221,7 @@ fn lease_expiry_applies_only_to_the_epoch_the_leader_timed() {
             outcome: Outcome::Done(4)
         }
     );
-    let expire = sm.apply(
+    let expire = sm.apply_member(
         5,
         id(4),
         Command::ExpireLease {
@@ -247,7 +250,7 @@ fn lease_expiry_applies_only_to_the_epoch_the_leader_timed() {
     );
     assert!(sm.live_leases().is_empty());
     // The owner comes back.
-    let renewed = sm.apply(
+    let renewed = sm.apply_member(
         6,
         id(5),
         Command::Renew {
@@ -262,7 +265,7 @@ fn lease_expiry_applies_only_to_the_epoch_the_leader_timed() {
             ..
         }
     ));
-    let no_lease = sm.apply(
+    let no_lease = sm.apply_member(
         7,
         id(6),
         Command::Renew {
@@ -289,27 +292,27 @@ fn join_token_is_consumed_once_and_not_after_expiry() {
         record: None,
     };
     assert_eq!(
-        outcome(sm.apply(2, id(1), mint("a", 1000))),
+        outcome(sm.apply_member(2, id(1), mint("a", 1000))),
         Outcome::Done(2)
     );
     assert_eq!(
-        outcome(sm.apply(3, id(2), mint("b", 1000))),
+        outcome(sm.apply_member(3, id(2), mint("b", 1000))),
         Outcome::Done(3)
     );
     assert!(matches!(
-        outcome(sm.apply(4, id(3), consume("a", 8, 10))),
+        outcome(sm.apply_member(4, id(3), consume("a", 8, 10))),
         Outcome::TokenRefused(_)
     ));
     assert_eq!(
-        outcome(sm.apply(5, id(4), consume("a", 7, 10))),
+        outcome(sm.apply_member(5, id(4), consume("a", 7, 10))),
         Outcome::Done(5)
     );
     assert!(matches!(
-        outcome(sm.apply(6, id(5), consume("a", 7, 10))),
+        outcome(sm.apply_member(6, id(5), consume("a", 7, 10))),
         Outcome::TokenRefused(_)
     ));
     assert!(matches!(
-        outcome(sm.apply(7, id(6), consume("b", 7, 1000))),
+        outcome(sm.apply_member(7, id(6), consume("b", 7, 1000))),
         Outcome::TokenRefused(_)
     ));
     assert!(sm.tokens.is_empty());
@@ -330,25 +333,25 @@ fn a_token_and_its_cluster_record_are_consumed_and_written_together_or_not_at_al
         at_ms: 10,
         record: Some((key.to_string(), b"{\"name\":\"north\"}".to_vec())),
     };
-    sm.apply(2, id(1), mint("a"));
-    sm.apply(3, id(2), put("c/south", b"{}"));
+    sm.apply_member(2, id(1), mint("a"));
+    sm.apply_member(3, id(2), put("c/south", b"{}"));
     // The name is taken: nothing is written and the token stays.
     assert_eq!(
-        outcome(sm.apply(4, id(3), admit("a", "c/south"))),
+        outcome(sm.apply_member(4, id(3), admit("a", "c/south"))),
         Outcome::Conflict(Some(3))
     );
     assert!(sm.tokens.contains_key("a"));
     assert_eq!(sm.get("c/south").map(|r| r.value), Some(b"{}".to_vec()));
     // Both at once.
     assert_eq!(
-        outcome(sm.apply(5, id(4), admit("a", "c/north"))),
+        outcome(sm.apply_member(5, id(4), admit("a", "c/north"))),
         Outcome::Done(5)
     );
     assert!(!sm.tokens.contains_key("a"));
     assert_eq!(sm.get("c/north").map(|r| r.revision), Some(5));
     // A wrong or spent token writes nothing.
     assert!(matches!(
-        outcome(sm.apply(6, id(5), admit("a", "c/west"))),
+        outcome(sm.apply_member(6, id(5), admit("a", "c/west"))),
         Outcome::TokenRefused(_)
     ));
     assert!(sm.get("c/west").is_none());
@@ -357,9 +360,9 @@ fn a_token_and_its_cluster_record_are_consumed_and_written_together_or_not_at_al
 #[test]
 fn snapshot_round_trips_the_whole_state() {
     let mut sm = StateMachine::default();
-    sm.apply(2, id(1), put("a", b"1"));
-    sm.apply(3, id(2), leased("b", 100, 5));
-    sm.apply(
+    sm.apply_member(2, id(1), put("a", b"1"));
+    sm.apply_member(3, id(2), leased("b", 100, 5));
+    sm.apply_member(
         4,
         id(3),
         Command::MintToken {
@@ -380,14 +383,17 @@ fn snapshot_round_trips_the_whole_state() {
     assert_eq!(restored, sm);
     // The dedup table came along: a replayed proposal stays a duplicate.
     let mut restored = restored;
-    assert_eq!(restored.apply(9, id(1), put("a", b"x")), Applied::Duplicate);
+    assert_eq!(
+        restored.apply_member(9, id(1), put("a", b"x")),
+        Applied::Duplicate
+    );
 }
 
 #[test]
 fn list_returns_only_the_prefix_sorted_by_key() {
     let mut sm = StateMachine::default();
     for (seq, key) in ["e/b", "c/x", "e/a", "exportsz", "f"].iter().enumerate() {
-        sm.apply(seq as u64 + 1, id(seq as u64 + 1), put(key, b"v"));
+        sm.apply_member(seq as u64 + 1, id(seq as u64 + 1), put(key, b"v"));
     }
     let keys: Vec<String> = sm.list("e/").into_iter().map(|(k, _)| k).collect();
     assert_eq!(keys, vec!["e/a", "e/b"]);
@@ -398,7 +404,7 @@ fn list_returns_only_the_prefix_sorted_by_key() {
 fn dedup_window_stays_bounded() {
     let mut sm = StateMachine::default();
     for seq in 1..=(DEDUP_WINDOW as u64 + 10) {
-        sm.apply(seq, id(seq), put("k", b"v"));
+        sm.apply_member(seq, id(seq), put("k", b"v"));
     }
     assert_eq!(sm.seen.get(&(1, 7)).map(|s| s.len()), Some(DEDUP_WINDOW));
 }
@@ -421,7 +427,7 @@ fn expired_join_tokens_are_purged_when_one_is_minted_and_outstanding_ones_are_bo
     let mut index = 1;
     let mut apply = |sm: &mut StateMachine, command| {
         index += 1;
-        outcome(sm.apply(index, id(index), command))
+        outcome(sm.apply_member(index, id(index), command))
     };
     assert!(matches!(
         apply(&mut sm, mint("old".into(), 100, 10)),
@@ -451,4 +457,11 @@ fn expired_join_tokens_are_purged_when_one_is_minted_and_outstanding_ones_are_bo
         Outcome::Done(_)
     ));
     assert_eq!(sm.tokens.len(), 1);
+}
+
+impl StateMachine {
+    /// Applies `command` as written by the proposing member's own control plane.
+    fn apply_member(&mut self, index: u64, id: ProposalId, command: Command) -> Applied {
+        self.apply(index, id, &Writer::Member, command)
+    }
 }

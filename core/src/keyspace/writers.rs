@@ -1,0 +1,290 @@
+//! Who may write which key, checked by every replica when it applies an entry
+//! (docs/security.md §7, "Writers").
+//!
+//! Every entry names the member that proposed it (its proposal id) and the [`Writer`] it acted
+//! for: the member's own control plane, or an operator whose request that member's API
+//! authenticated. [`may_write`] decides from the replica's state alone, so every replica
+//! decides alike:
+//!
+//! - A member is **bound** to the cluster whose record names its member id. A bound member
+//!   writes, as its control plane, only its cluster's own records (`clusters/<C>`,
+//!   `exports/*/*/<C>`, `kubernetes-policies/<C>/…`), `policies/` only with a
+//!   `grants/policy-writer/<C>` grant, and the first mesh-admin grant of its own trust domain
+//!   while there is none. It never deletes a cluster record or a grant.
+//! - A member no record binds (an initial member before its control plane wrote its record;
+//!   control planes run without member ids) writes the records of clusters no member is bound
+//!   to, and `policies/`.
+//! - An operator counts only when it lies in the trust domain of the member that vouched
+//!   for it (a member vouches for its own operators only). A viewer writes nothing; an admin
+//!   its own cluster's records; an admin with a `grants/mesh-admin/<td>/<name>` grant any key
+//!   (the value rules of [`super::rules`] still apply).
+//! - Keys outside the governed prefixes belong to no cluster: any writer but a viewer.
+//!
+//! The ownership check runs before the value rules; a refusal is [`Reason::NotOwner`].
+
+use std::fmt;
+
+use super::rules::{Change, Reason, Records, Refusal};
+use super::{ClusterRecord, Key, CLUSTERS_PREFIX, MESH_ADMIN_GRANTS_PREFIX};
+use crate::identity::{OperatorId, Principal, Role};
+
+/// On whose behalf a member proposed a write.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Writer {
+    /// The proposing member's own control plane (its publisher, its Kubernetes policies, its
+    /// leases).
+    Member,
+    /// An operator the proposing member's API authenticated.
+    Operator(OperatorId),
+}
+
+impl Writer {
+    /// How an entry carries it: `member`, or the operator's SPIFFE ID.
+    pub fn encode(&self) -> String {
+        match self {
+            Writer::Member => "member".to_string(),
+            Writer::Operator(op) => op.to_string(),
+        }
+    }
+
+    /// Reads back what [`Writer::encode`] wrote; an empty string (entries written before
+    /// writers were recorded) is the member.
+    pub fn decode(s: &str) -> Result<Writer, String> {
+        match s {
+            "" | "member" => Ok(Writer::Member),
+            _ => match s.parse::<Principal>() {
+                Ok(Principal::Operator(op)) => Ok(Writer::Operator(op)),
+                Ok(Principal::Workload(id)) => Err(format!("{id} is not an operator")),
+                Err(e) => Err(format!("writer {s:?}: {e}")),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Writer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Writer::Member => f.write_str("the member's control plane"),
+            Writer::Operator(op) => op.fmt(f),
+        }
+    }
+}
+
+/// Where policy-writer grants live: `grants/policy-writer/<cluster>` lets that cluster's
+/// control plane write `policies/` (its Kubernetes policies).
+pub const POLICY_WRITER_GRANTS_PREFIX: &str = "grants/policy-writer/";
+
+/// `grants/policy-writer/<cluster>`.
+pub fn policy_writer_grant(cluster: &str) -> String {
+    format!("{POLICY_WRITER_GRANTS_PREFIX}{cluster}")
+}
+
+/// A cluster record as far as ownership needs it.
+struct Bound {
+    name: String,
+    trust_domain: String,
+}
+
+/// The clusters' records: (name, trust domain, member id).
+fn clusters(records: &impl Records) -> Vec<(String, String, Option<u64>)> {
+    records
+        .values(CLUSTERS_PREFIX)
+        .into_iter()
+        .filter_map(|(_, v)| serde_json::from_slice::<ClusterRecord>(v).ok())
+        .map(|r| (r.name, r.trust_domain.to_ascii_lowercase(), r.member_id))
+        .collect()
+}
+
+/// The cluster member `proposer` is bound to.
+fn bound(all: &[(String, String, Option<u64>)], proposer: u64) -> Option<Bound> {
+    all.iter()
+        .find(|(_, _, id)| *id == Some(proposer))
+        .map(|(name, td, _)| Bound {
+            name: name.clone(),
+            trust_domain: td.clone(),
+        })
+}
+
+/// Whether cluster `name` is bound to a member.
+fn is_bound(all: &[(String, String, Option<u64>)], name: &str) -> bool {
+    all.iter().any(|(n, _, id)| n == name && id.is_some())
+}
+
+fn not_owner(key: &str, writer: &Writer, proposer: u64, why: impl fmt::Display) -> Refusal {
+    Refusal {
+        reason: Reason::NotOwner,
+        message: format!("{key}: {writer} (through member {proposer}) may not write it: {why}"),
+    }
+}
+
+/// Whether `writer`, vouched for by member `proposer`, may make `change` to `key`
+/// (a lease renewal counts as a write).
+pub fn may_write(
+    records: &impl Records,
+    proposer: u64,
+    writer: &Writer,
+    key: &str,
+    change: Change<'_>,
+) -> Result<(), Refusal> {
+    let parsed = Key::parse(key);
+    let governed = parsed != Key::Other || key.starts_with("grants/");
+    if !governed && *writer == Writer::Member {
+        return Ok(());
+    }
+    let all = clusters(records);
+    let bound = bound(&all, proposer);
+    match writer {
+        Writer::Member => member_may_write(records, &all, bound, proposer, key, parsed, change),
+        Writer::Operator(op) => operator_may_write(
+            records,
+            &all,
+            bound,
+            proposer,
+            op,
+            key,
+            (parsed, governed),
+            change,
+        ),
+    }
+}
+
+fn member_may_write(
+    records: &impl Records,
+    all: &[(String, String, Option<u64>)],
+    bound: Option<Bound>,
+    proposer: u64,
+    key: &str,
+    parsed: Key<'_>,
+    change: Change<'_>,
+) -> Result<(), Refusal> {
+    let writer = &Writer::Member;
+    let refuse = |why: String| Err(not_owner(key, writer, proposer, why));
+    let cluster_of = |b: &Option<Bound>| {
+        b.as_ref()
+            .map_or("no cluster".to_string(), |b| format!("cluster {}", b.name))
+    };
+    match parsed {
+        Key::Cluster { name } => {
+            let Change::Write(value) = change else {
+                return refuse("a cluster's record is removed by a mesh admin".into());
+            };
+            // A record the value rules will refuse anyway is theirs to name.
+            let member_id = serde_json::from_slice::<ClusterRecord>(value)
+                .ok()
+                .and_then(|r| r.member_id);
+            match &bound {
+                Some(b) if b.name == name && member_id == Some(proposer) => Ok(()),
+                Some(b) if b.name == name => refuse(format!(
+                    "cluster {name}'s record keeps member id {proposer}"
+                )),
+                None if !is_bound(all, name) && member_id.is_none_or(|id| id == proposer) => Ok(()),
+                None if member_id.is_some_and(|id| id != proposer) => refuse(format!(
+                    "a member binds its own id only, not {}",
+                    member_id.unwrap_or_default()
+                )),
+                _ => refuse(format!(
+                    "it is bound to {}; cluster {name}'s record is written by its own member",
+                    cluster_of(&bound)
+                )),
+            }
+        }
+        Key::Export { cluster, .. } | Key::KubernetesPolicy { cluster, .. } => match &bound {
+            Some(b) if b.name == cluster => Ok(()),
+            None if !is_bound(all, cluster) => Ok(()),
+            _ => refuse(format!(
+                "it is bound to {}; cluster {cluster}'s records are written by its own member",
+                cluster_of(&bound)
+            )),
+        },
+        Key::Policy { .. } => match &bound {
+            None => Ok(()),
+            Some(b) if records.value(&policy_writer_grant(&b.name)).is_some() => Ok(()),
+            Some(b) => refuse(format!(
+                "mesh-wide policies from cluster {}'s Kubernetes need a mesh admin's grant \
+                 ({})",
+                b.name,
+                policy_writer_grant(&b.name)
+            )),
+        },
+        Key::MeshAdminGrant { trust_domain, .. } => {
+            let first = records.values(MESH_ADMIN_GRANTS_PREFIX).is_empty();
+            let own = match &bound {
+                Some(b) => b.trust_domain.eq_ignore_ascii_case(trust_domain),
+                None => !all
+                    .iter()
+                    .any(|(_, td, id)| id.is_some() && td.eq_ignore_ascii_case(trust_domain)),
+            };
+            if matches!(change, Change::Write(_)) && first && own {
+                Ok(())
+            } else {
+                refuse("grants are written by mesh admins (a member writes only the first, of its own trust domain)".into())
+            }
+        }
+        Key::Other => refuse("grants are written by mesh admins".into()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn operator_may_write(
+    records: &impl Records,
+    all: &[(String, String, Option<u64>)],
+    bound: Option<Bound>,
+    proposer: u64,
+    op: &OperatorId,
+    key: &str,
+    (parsed, governed): (Key<'_>, bool),
+    change: Change<'_>,
+) -> Result<(), Refusal> {
+    let writer = &Writer::Operator(op.clone());
+    let refuse = |why: String| Err(not_owner(key, writer, proposer, why));
+    let td = op.trust_domain();
+    let vouched = match &bound {
+        Some(b) => b.trust_domain == td,
+        None => !all.iter().any(|(_, t, id)| id.is_some() && t == td),
+    };
+    if !vouched {
+        return refuse(format!(
+            "a member vouches only for operators of its own trust domain ({})",
+            bound.map_or("none bound".into(), |b| b.trust_domain)
+        ));
+    }
+    if op.role() == Role::Viewer {
+        return refuse("the viewer role reads only".into());
+    }
+    if !governed {
+        return Ok(());
+    }
+    if records
+        .value(&super::mesh_admin_grant(td, op.name()))
+        .is_some()
+    {
+        return Ok(());
+    }
+    let own_cluster = all
+        .iter()
+        .find(|(_, t, _)| t == td)
+        .map(|(name, _, _)| name.as_str());
+    let owner = parsed.owner();
+    let creating_own = match (&parsed, change) {
+        (Key::Cluster { .. }, Change::Write(value)) if own_cluster.is_none() => {
+            serde_json::from_slice::<ClusterRecord>(value)
+                .is_ok_and(|r| r.trust_domain.eq_ignore_ascii_case(td))
+        }
+        _ => false,
+    };
+    let own_key = matches!(parsed, Key::Cluster { .. } | Key::Export { .. })
+        && owner.is_some()
+        && owner == own_cluster;
+    if own_key || creating_own {
+        return Ok(());
+    }
+    refuse(format!(
+        "an admin writes only its own cluster's records ({}); this needs a mesh-admin grant",
+        own_cluster.map_or("none".to_string(), |c| format!(
+            "clusters/{c}, exports/*/*/{c}"
+        ))
+    ))
+}
+
+#[cfg(test)]
+mod tests;
