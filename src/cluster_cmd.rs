@@ -1,4 +1,5 @@
-//! `isthmus status` and `isthmus cluster token|join|remove`: the federation store's members,
+//! `isthmus status` and `isthmus cluster token|join|remove|grant-policies|revoke-policies`:
+//! the federation store's members and what they may write,
 //! through the `Kv` API a member serves on its control plane's TLS API port (`--control` or a
 //! context; docs/control-api.md). A member's federation (peer) port serves only the other
 //! members. The status report itself is `isthmus_federation::status`.
@@ -197,5 +198,38 @@ pub async fn remove(control: &ControlClient, name: &str) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("removing member {id}"))?;
     println!("member {id} ({name}) removed at revision {revision}");
+    Ok(())
+}
+
+/// `isthmus cluster grant-policies NAME`: lets cluster NAME's control plane write mesh-wide
+/// policies from its Kubernetes resources (`grants/policy-writer/NAME`; a mesh admin's
+/// write, checked again on apply by every replica). `revoke` removes the grant: the policies
+/// already written stay until deleted.
+pub async fn policy_writer(control: &ControlClient, name: &str, grant: bool) -> anyhow::Result<()> {
+    isthmus_core::identity::validate_label("cluster", name)?;
+    let mut client = kv(control);
+    let key = isthmus_core::keyspace::policy_writer_grant(name);
+    if grant {
+        client
+            .get(&isthmus_core::keyspace::cluster(name), true)
+            .await
+            .with_context(|| format!("looking up cluster {name}"))?
+            .with_context(|| format!("no cluster named {name:?} in the federation"))?;
+        let value = serde_json::json!({
+            "cluster": name,
+            "grantedAtMs": isthmus_core::clock::unix_ms(),
+        });
+        let revision = client
+            .put(&key, value.to_string().into_bytes())
+            .await
+            .with_context(|| format!("granting {name} the policy writer's right ({key})"))?;
+        println!("cluster {name} may now write mesh-wide policies from its Kubernetes (revision {revision})");
+    } else {
+        let revision = client
+            .delete(&key)
+            .await
+            .with_context(|| format!("revoking {name}'s policy writer's right ({key})"))?;
+        println!("cluster {name} may no longer write mesh-wide policies (revision {revision}); those it wrote stay until deleted");
+    }
     Ok(())
 }

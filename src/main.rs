@@ -207,6 +207,21 @@ enum ClusterCommand {
         #[command(flatten)]
         api: isthmus::policy_cmd::ControlArgs,
     },
+    /// Let a cluster's control plane write mesh-wide policies from its Kubernetes resources
+    /// (VirtualService, DestinationRule, AuthorizationPolicy, ...), as a mesh admin.
+    GrantPolicies {
+        /// The cluster's name.
+        name: String,
+        #[command(flatten)]
+        api: isthmus::policy_cmd::ControlArgs,
+    },
+    /// Withdraw that right; the policies it wrote stay until deleted.
+    RevokePolicies {
+        /// The cluster's name.
+        name: String,
+        #[command(flatten)]
+        api: isthmus::policy_cmd::ControlArgs,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -334,6 +349,12 @@ fn main() -> ExitCode {
                 }
                 ClusterCommand::Remove { name, api } => {
                     isthmus::cluster_cmd::remove(&api.client()?, &name).await
+                }
+                ClusterCommand::GrantPolicies { name, api } => {
+                    isthmus::cluster_cmd::policy_writer(&api.client()?, &name, true).await
+                }
+                ClusterCommand::RevokePolicies { name, api } => {
+                    isthmus::cluster_cmd::policy_writer(&api.client()?, &name, false).await
                 }
             },
             Command::Credentials {

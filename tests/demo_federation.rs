@@ -250,9 +250,74 @@ async fn the_cli_reads_federation_status_through_the_control_planes_tls_api() {
     // A join token minted the same way.
     let out = succeeded(&run(&["cluster", "token", "--ttl", "1m"], true).await);
     assert!(out.trim().contains('.'));
+    // Mesh-wide policies from a cluster's Kubernetes need a mesh admin's grant: west's own
+    // member is refused on apply until `cluster grant-policies west`, and again after
+    // `cluster revoke-policies west`.
+    let west = demo.cluster("west").unwrap().store();
+    let policy = isthmus_core::policy::Policy::from_json_at(
+        "test",
+        1,
+        br#"{"apiVersion":"networking.istio.io/v1","kind":"VirtualService",
+             "metadata":{"name":"ratings-k8s","namespace":"default"},
+             "spec":{"hosts":["ratings"],"http":[{"route":[{"destination":{"host":"ratings"}}]}]}}"#,
+    )
+    .unwrap();
+    let write = || {
+        let west = west.clone();
+        let (key, value) = (policy.store_key(), policy.to_json().to_string());
+        async move { west.put(&key, value.into_bytes()).await }
+    };
+    let refused = write().await.expect_err("no grant yet");
+    assert!(
+        refused.to_string().contains("grants/policy-writer/west"),
+        "{refused}"
+    );
+    let out = succeeded(&run(&["cluster", "grant-policies", "west"], true).await);
+    assert!(out.contains("cluster west may now write"), "{out}");
+    eventually_ok(write).await;
+    succeeded(&run(&["cluster", "revoke-policies", "west"], true).await);
+    eventually_err(write).await;
+    let out = run(&["cluster", "grant-policies", "nowhere"], true).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no cluster named \"nowhere\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Without the CA the CLI says what is missing.
     let out = run(&["status", "--control", &control], false).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--ca-file"));
     demo.shutdown().await;
+}
+
+/// Retries `write` (a store write through a member whose replica may lag the grant) until it
+/// succeeds, for at most 10 s.
+async fn eventually_ok<F, Fut, T, E>(write: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match write().await {
+            Ok(_) => return,
+            Err(e) if std::time::Instant::now() > deadline => panic!("never succeeded: {e}"),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Retries `write` until it fails, for at most 10 s.
+async fn eventually_err<F, Fut, T, E>(write: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while write().await.is_ok() {
+        assert!(std::time::Instant::now() < deadline, "never refused");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

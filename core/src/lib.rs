@@ -48,6 +48,7 @@ pub mod clock;
 pub mod config;
 pub mod contexts;
 pub mod durable;
+pub mod entry_signature;
 pub mod failover;
 pub mod http_path;
 pub mod identity;

@@ -422,6 +422,11 @@ impl Identity {
         Ok(())
     }
 
+    /// The certificate chain and key presented now (to sign with, e.g. federation entries).
+    pub fn certified_key(&self) -> Arc<CertifiedKey> {
+        self.current()
+    }
+
     fn current(&self) -> Arc<CertifiedKey> {
         self.current
             .read()

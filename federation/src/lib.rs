@@ -153,6 +153,11 @@ pub struct StoreOptions {
     /// Entries kept before each snapshot so briefly lagging members catch up from the log
     /// (default 1 000).
     pub snapshot_keep: u64,
+    /// The control-plane identity this member signs its entries with (those that need an
+    /// owner, docs/security.md §7); with [`Binding::with_tls`] and none given, the identity
+    /// the peer port presents. A member its cluster's record binds must sign, or every
+    /// replica refuses those entries.
+    pub signer: Option<Arc<isthmus_core::tls::Identity>>,
     /// Test seam: filter (and optionally replace) this member's raft traffic.
     #[cfg(feature = "testing")]
     pub network: Option<testing::TestNetwork>,
@@ -172,6 +177,7 @@ impl StoreOptions {
             proposal_timeout: Duration::from_secs(5),
             snapshot_every: 10_000,
             snapshot_keep: 1_000,
+            signer: None,
             #[cfg(feature = "testing")]
             network: None,
         }
@@ -219,6 +225,7 @@ impl StoreOptions {
             snapshot_every: self.snapshot_every,
             snapshot_keep: self.snapshot_keep,
             peers: self.peers.clone(),
+            signer: self.signer.clone(),
         };
         config.validate()?;
         Ok(config)
@@ -356,7 +363,10 @@ impl Binding {
     /// Starts the member: opens (or creates) its log, then starts the peer server, the
     /// raft loop and the peer clients. Fails with [`StoreError::CorruptLog`] if the log on
     /// disk does not verify.
-    pub async fn start(self, opts: StoreOptions) -> Result<Store, StoreError> {
+    pub async fn start(self, mut opts: StoreOptions) -> Result<Store, StoreError> {
+        if opts.signer.is_none() {
+            opts.signer = self.tls.as_ref().map(|tls| tls.identity.clone());
+        }
         let config = opts.node_config()?;
         let node_id = config.id;
         let election_timeout = config.election_timeout();
@@ -862,7 +872,7 @@ impl Store {
     /// Then the id is recorded as removed (`members/removed/<id>`: never reused by a join),
     /// and what its cluster (the `clusters/<name>` record naming this member id) owned goes
     /// too (docs/security.md §5): its exports, its Kubernetes policies, the mesh-admin grants
-    /// of its trust domain, and last its record, so every member stops binding its trust
+    /// of its trust domain, its policy-writer grant, and last its record, so every member stops binding its trust
     /// domain and every control plane drops its CA bundle. Refused beforehand, changing
     /// nothing, when that would delete every mesh-admin grant. The membership change comes
     /// first, so the removed cluster can no longer write back what is deleted; the deletes are
@@ -923,6 +933,10 @@ impl Store {
             .filter(|k| Key::parse(k).owner() == Some(record.name.as_str()))
             .collect();
         owned.extend(theirs);
+        let policy_writer = ks::policy_writer_grant(&record.name);
+        if self.get(&policy_writer).is_some() {
+            owned.push(policy_writer);
+        }
         owned.push(record_key);
         Ok(owned)
     }

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
 use std::time::Duration;
 
 use raft::eraftpb::ConfChangeV2;
@@ -18,6 +19,7 @@ use tokio::time::Instant;
 use crate::state::codec::encode_conf_context;
 use crate::state::{encode_entry, Command, Outcome, ProposalId};
 use crate::{StoreError, Writer};
+use isthmus_core::tls::Identity;
 
 /// Where the answer to one write goes: what applying it did, or why it failed.
 pub(crate) type Reply = oneshot::Sender<Result<Outcome, StoreError>>;
@@ -53,16 +55,25 @@ pub(crate) struct Proposals {
     next_seq: u64,
     timeout: Duration,
     pending: HashMap<u64, Pending>,
+    /// Signs the entries that need an owner (once per proposal: retries carry the same
+    /// bytes).
+    signer: Option<Arc<Identity>>,
 }
 
 impl Proposals {
-    pub(crate) fn new(node: u64, incarnation: u64, timeout: Duration) -> Self {
+    pub(crate) fn new(
+        node: u64,
+        incarnation: u64,
+        timeout: Duration,
+        signer: Option<Arc<Identity>>,
+    ) -> Self {
         Proposals {
             node,
             incarnation,
             next_seq: 1,
             timeout,
             pending: HashMap::new(),
+            signer,
         }
     }
 
@@ -70,7 +81,9 @@ impl Proposals {
     pub(crate) fn add(&mut self, request: &Request, reply: Reply, now: Instant) -> u64 {
         let (seq, id) = self.next_id();
         let data = match request {
-            Request::Command(command, writer) => Payload::Normal(encode_entry(id, writer, command)),
+            Request::Command(command, writer) => {
+                Payload::Normal(encode_entry(id, writer, command, self.signer.as_deref()))
+            }
             Request::ConfChange(cc, members) => {
                 let mut cc = cc.clone();
                 cc.context = encode_conf_context(id, members).into();
@@ -209,12 +222,14 @@ mod tests {
     #[test]
     fn caller_is_answered_by_proposal_id_not_position() {
         let now = Instant::now();
-        let mut proposals = Proposals::new(1, 42, Duration::from_secs(5));
+        let mut proposals = Proposals::new(1, 42, Duration::from_secs(5), None);
         let (tx_a, mut rx_a) = oneshot::channel();
         let (tx_b, mut rx_b) = oneshot::channel();
         let a = proposals.add(&put(), tx_a, now);
         let b = proposals.add(&put(), tx_b, now);
-        let id_b = decode_entry(&normal(proposals.data(b))).expect("decodes").0;
+        let id_b = decode_entry(&normal(proposals.data(b)))
+            .expect("decodes")
+            .id;
         // b commits first (say a was lost and is being retried).
         proposals.applied(id_b, Ok(Outcome::Done(17)));
         assert_eq!(
@@ -229,7 +244,7 @@ mod tests {
     #[test]
     fn entries_of_other_members_or_incarnations_answer_nobody() {
         let now = Instant::now();
-        let mut proposals = Proposals::new(1, 42, Duration::from_secs(5));
+        let mut proposals = Proposals::new(1, 42, Duration::from_secs(5), None);
         let (tx, mut rx) = oneshot::channel();
         let seq = proposals.add(&put(), tx, now);
         for (node, incarnation) in [(2, 42), (1, 41)] {
@@ -249,7 +264,7 @@ mod tests {
     #[test]
     fn unapplied_proposal_is_retried_then_times_out() {
         let start = Instant::now();
-        let mut proposals = Proposals::new(1, 42, Duration::from_secs(5));
+        let mut proposals = Proposals::new(1, 42, Duration::from_secs(5), None);
         let (tx, mut rx) = oneshot::channel();
         let seq = proposals.add(&put(), tx, start);
         assert_eq!(proposals.due(start), vec![seq]);
@@ -267,7 +282,7 @@ mod tests {
     #[test]
     fn proposal_whose_caller_gave_up_is_forgotten() {
         let now = Instant::now();
-        let mut proposals = Proposals::new(1, 42, Duration::from_secs(5));
+        let mut proposals = Proposals::new(1, 42, Duration::from_secs(5), None);
         let (tx, rx) = oneshot::channel();
         proposals.add(&put(), tx, now);
         drop(rx);

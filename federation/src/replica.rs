@@ -10,8 +10,8 @@ use tokio::sync::{broadcast, watch};
 
 use isthmus_core::keyspace::rules::Reason;
 
-use crate::state::{Applied, Command, Outcome, ProposalId, Record, StateMachine, WatchEvent};
-use crate::{StoreError, Writer};
+use crate::state::{Applied, EntryContent, Outcome, Record, StateMachine, WatchEvent};
+use crate::StoreError;
 
 /// How many change events a slow subscriber may fall behind before it sees `Lagged`.
 const EVENT_BUFFER: usize = 4096;
@@ -149,15 +149,9 @@ impl Replica {
     /// Applies one command entry, records the change and tells subscribers. The broadcast
     /// happens under the lock so [`Replica::watch`] sees history and live events without a
     /// gap or an overlap.
-    pub(crate) fn apply(
-        &self,
-        index: u64,
-        id: ProposalId,
-        writer: &Writer,
-        command: Command,
-    ) -> Applied {
+    pub(crate) fn apply(&self, index: u64, entry: EntryContent) -> Applied {
         let mut state = self.write();
-        let applied = state.sm.apply(index, id, writer, command);
+        let applied = state.sm.apply(index, entry);
         if let Applied::Done {
             outcome: Outcome::Refused(refusal),
             ..

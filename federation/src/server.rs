@@ -93,7 +93,7 @@ fn check_proposer(message: &Message, from: u64) -> Result<(), String> {
         let proposer = match entry.get_entry_type() {
             EntryType::EntryNormal if entry.data.is_empty() => continue,
             EntryType::EntryNormal => decode_entry(&entry.data)
-                .map(|(id, _, _)| id.node)
+                .map(|content| content.id.node)
                 .map_err(|e| e.to_string()),
             EntryType::EntryConfChangeV2 => ConfChangeV2::parse_from_bytes(&entry.data)
                 .map_err(|e| e.to_string())
@@ -182,6 +182,7 @@ mod tests {
                 &Command::Delete {
                     key: "clusters/west".into(),
                 },
+                None,
             )
             .into(),
             ..Default::default()

@@ -15,6 +15,15 @@ use support::*;
 
 /// Starts member `id` as a joiner that knows how to reach the existing `stores`.
 async fn start_joiner(id: u64, stores: &BTreeMap<u64, Store>) -> Store {
+    start_signing_joiner(id, stores, None).await
+}
+
+/// Like [`start_joiner`], signing its entries with `signer` (its control plane's identity).
+async fn start_signing_joiner(
+    id: u64,
+    stores: &BTreeMap<u64, Store>,
+    signer: Option<std::sync::Arc<isthmus_core::tls::Identity>>,
+) -> Store {
     let binding = isthmus_federation::bind("127.0.0.1:0".parse().expect("addr"))
         .await
         .expect("bind");
@@ -24,6 +33,7 @@ async fn start_joiner(id: u64, stores: &BTreeMap<u64, Store>) -> Store {
     binding
         .start(StoreOptions {
             join: true,
+            signer,
             ..options(id, &peers)
         })
         .await
@@ -202,8 +212,8 @@ async fn removing_a_cluster_removes_what_it_owned_unless_it_holds_every_mesh_adm
         .mint_join_token(Duration::from_secs(60))
         .await
         .expect("mint");
-    let joiner = start_joiner(4, &stores).await;
     let ca = isthmus_core::ca::CertificateAuthority::generate("north.local").expect("a CA");
+    let joiner = start_signing_joiner(4, &stores, Some(control_identity(&ca))).await;
     stores[&1]
         .join_with_token(
             &token,

@@ -145,9 +145,14 @@ async fn every_replica_refuses_a_write_its_writer_does_not_own() {
     use isthmus_core::identity::{OperatorId, Role};
     use isthmus_federation::Writer;
 
-    let stores = start_federation(3).await;
     let east_ca = isthmus_core::ca::CertificateAuthority::generate("east.local").expect("CA");
     let central_ca = isthmus_core::ca::CertificateAuthority::generate("central.local").expect("CA");
+    let signers = [control_identity(&east_ca), control_identity(&central_ca)];
+    let stores = start_federation_with(3, |id, peers| isthmus_federation::StoreOptions {
+        signer: signers.get(id as usize - 1).cloned(),
+        ..options(id, peers)
+    })
+    .await;
     // Each member binds itself first: its own record, with its own member id.
     stores[&1]
         .put(

@@ -9,6 +9,7 @@
 //! | `policies/<kind>/<namespace>/<name>` | a mesh-wide policy (kind in lowercase) |
 //! | `kubernetes-policies/<cluster>/<kind>/<namespace>/<name>` | a policy as a cluster's Kubernetes wrote it |
 //! | `grants/mesh-admin/<trust-domain>/<name>` | makes `spiffe://<trust-domain>/operator/admin/<name>` a mesh admin |
+//! | `grants/policy-writer/<cluster>` | lets that cluster's control plane write `policies/` (its Kubernetes policies) |
 //!
 //! [`ClusterRecord`] is here because the federation writes it when a cluster joins (its trust
 //! domain and CA bundle, before its control plane can write anything); the other values'
@@ -54,6 +55,8 @@ pub const POLICIES_PREFIX: &str = "policies/";
 pub const KUBERNETES_POLICIES_PREFIX: &str = "kubernetes-policies/";
 /// Where mesh-admin grants live.
 pub const MESH_ADMIN_GRANTS_PREFIX: &str = "grants/mesh-admin/";
+/// Where policy-writer grants live.
+pub const POLICY_WRITER_GRANTS_PREFIX: &str = "grants/policy-writer/";
 /// Where the federation remembers the ids of removed members, which are never reused.
 pub const REMOVED_MEMBERS_PREFIX: &str = "members/removed/";
 
@@ -100,6 +103,11 @@ pub fn mesh_admin_grant(trust_domain: &str, name: &str) -> String {
     format!("{MESH_ADMIN_GRANTS_PREFIX}{trust_domain}/{name}")
 }
 
+/// `grants/policy-writer/<cluster>`.
+pub fn policy_writer_grant(cluster: &str) -> String {
+    format!("{POLICY_WRITER_GRANTS_PREFIX}{cluster}")
+}
+
 /// A key, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Key<'a> {
@@ -125,6 +133,9 @@ pub enum Key<'a> {
     MeshAdminGrant {
         trust_domain: &'a str,
         name: &'a str,
+    },
+    PolicyWriterGrant {
+        cluster: &'a str,
     },
     /// Anything else (including a known prefix with the wrong number of segments).
     Other,
@@ -181,6 +192,10 @@ impl<'a> Key<'a> {
                 if full(&parts) {
                     return Key::MeshAdminGrant { trust_domain, name };
                 }
+            }
+        } else if let Some(cluster) = key.strip_prefix(POLICY_WRITER_GRANTS_PREFIX) {
+            if !cluster.is_empty() && !cluster.contains('/') {
+                return Key::PolicyWriterGrant { cluster };
             }
         }
         Key::Other
@@ -258,6 +273,8 @@ mod tests {
             "exports/a/b/c/d",
             "policies/x",
             "grants/mesh-admin/td",
+            "grants/policy-writer/",
+            "grants/policy-writer/a/b",
             "load/00/1",
             "",
         ] {
@@ -269,5 +286,9 @@ mod tests {
             Some("central")
         );
         assert_eq!(Key::parse("policies/a/b/c").owner(), None);
+        assert_eq!(
+            Key::parse(&policy_writer_grant("west")),
+            Key::PolicyWriterGrant { cluster: "west" }
+        );
     }
 }

@@ -10,6 +10,7 @@
 //! | `policies/<kind>/<ns>/<name>` | be a valid policy whose store key is this key |
 //! | `kubernetes-policies/<C>/<kind>/<ns>/<name>` | be a valid policy whose store key is the rest of this key |
 //! | `grants/mesh-admin/<td>/<name>` | name `spiffe://<td>/operator/admin/<name>`; the last such grant is never deleted |
+//! | `grants/policy-writer/<C>` | name cluster C (`{"cluster": C}`) |
 //!
 //! A key under one of those prefixes that does not have that shape is refused too, so no
 //! record escapes its prefix's rules.
@@ -72,11 +73,14 @@ pub enum Reason {
     LastGrant,
     /// The writer may not write this key (`super::writers`).
     NotOwner,
+    /// A bound member's entry that needs its signature lacks it, or the signature does not
+    /// verify (`crate::entry_signature`).
+    BadSignature,
 }
 
 impl Reason {
     /// Every reason, for metrics that report zeros too.
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::BadKey,
         Reason::TooLarge,
         Reason::Malformed,
@@ -89,6 +93,7 @@ impl Reason {
         Reason::UnknownCluster,
         Reason::LastGrant,
         Reason::NotOwner,
+        Reason::BadSignature,
     ];
 
     /// The metric label.
@@ -106,6 +111,7 @@ impl Reason {
             Reason::UnknownCluster => "unknown_cluster",
             Reason::LastGrant => "last_grant",
             Reason::NotOwner => "not_owner",
+            Reason::BadSignature => "bad_signature",
         }
     }
 
@@ -209,12 +215,13 @@ pub fn admit(records: &impl Records, key: &str, change: Change<'_>) -> Result<()
             admit_policy(key, &policy_key, value)
         }
         Key::MeshAdminGrant { trust_domain, name } => admit_grant(key, trust_domain, name, value),
+        Key::PolicyWriterGrant { cluster } => admit_policy_writer_grant(key, cluster, value),
         Key::Other => Ok(()),
     }
 }
 
 /// The prefixes whose records have rules, and their keys' shapes.
-const GOVERNED: [(&str, &str); 5] = [
+const GOVERNED: [(&str, &str); 6] = [
     (CLUSTERS_PREFIX, "clusters/<cluster>"),
     (
         super::EXPORTS_PREFIX,
@@ -228,6 +235,10 @@ const GOVERNED: [(&str, &str); 5] = [
     (
         MESH_ADMIN_GRANTS_PREFIX,
         "grants/mesh-admin/<trust-domain>/<name>",
+    ),
+    (
+        super::POLICY_WRITER_GRANTS_PREFIX,
+        "grants/policy-writer/<cluster>",
     ),
 ];
 
@@ -456,6 +467,27 @@ fn admit_grant(key: &str, trust_domain: &str, name: &str, value: &[u8]) -> Resul
             format!(
                 "the grant names {}; the grant at this key is for {expected}",
                 grant.identity
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct PolicyWriterClaim {
+    cluster: String,
+}
+
+fn admit_policy_writer_grant(key: &str, cluster: &str, value: &[u8]) -> Result<(), Refusal> {
+    validate_label("cluster", cluster).map_err(|e| refuse(Reason::BadKey, key, e))?;
+    let grant: PolicyWriterClaim = decode(key, "a policy-writer grant", value)?;
+    if grant.cluster != cluster {
+        return Err(refuse(
+            Reason::NotItsKey,
+            key,
+            format!(
+                "the grant names cluster {:?}; the grant at this key is for {cluster}",
+                grant.cluster
             ),
         ));
     }

@@ -25,7 +25,7 @@
 use std::fmt;
 
 use super::rules::{Change, Reason, Records, Refusal};
-use super::{ClusterRecord, Key, CLUSTERS_PREFIX, MESH_ADMIN_GRANTS_PREFIX};
+use super::{policy_writer_grant, ClusterRecord, Key, CLUSTERS_PREFIX, MESH_ADMIN_GRANTS_PREFIX};
 use crate::identity::{OperatorId, Principal, Role};
 
 /// On whose behalf a member proposed a write.
@@ -70,13 +70,28 @@ impl fmt::Display for Writer {
     }
 }
 
-/// Where policy-writer grants live: `grants/policy-writer/<cluster>` lets that cluster's
-/// control plane write `policies/` (its Kubernetes policies).
-pub const POLICY_WRITER_GRANTS_PREFIX: &str = "grants/policy-writer/";
+/// Whether an entry writing `key` for `writer` must carry its proposer's signature (when the
+/// proposer is bound, [`signer_of`]): writes that need an owner, i.e. of a governed key or for
+/// an operator. Writes of unowned keys by a member, token and lease-expiry entries need
+/// none: anyone may make them, so a forged proposer gains nothing.
+pub fn needs_signature(writer: &Writer, key: &str) -> bool {
+    matches!(writer, Writer::Operator(_)) || governed(key)
+}
 
-/// `grants/policy-writer/<cluster>`.
-pub fn policy_writer_grant(cluster: &str) -> String {
-    format!("{POLICY_WRITER_GRANTS_PREFIX}{cluster}")
+/// The trust domain and CA bundle of the cluster member `proposer` is bound to: whose
+/// control plane must have signed its entries that need a signature.
+pub fn signer_of(records: &impl Records, proposer: u64) -> Option<(String, String)> {
+    records
+        .values(CLUSTERS_PREFIX)
+        .into_iter()
+        .filter_map(|(_, v)| serde_json::from_slice::<ClusterRecord>(v).ok())
+        .find(|r| r.member_id == Some(proposer))
+        .map(|r| (r.trust_domain, r.ca_bundle_pem))
+}
+
+/// Whether a key falls under a prefix whose records have owners.
+fn governed(key: &str) -> bool {
+    Key::parse(key) != Key::Other || key.starts_with("grants/")
 }
 
 /// A cluster record as far as ownership needs it.
@@ -127,7 +142,7 @@ pub fn may_write(
     change: Change<'_>,
 ) -> Result<(), Refusal> {
     let parsed = Key::parse(key);
-    let governed = parsed != Key::Other || key.starts_with("grants/");
+    let governed = governed(key);
     if !governed && *writer == Writer::Member {
         return Ok(());
     }
@@ -220,7 +235,9 @@ fn member_may_write(
                 refuse("grants are written by mesh admins (a member writes only the first, of its own trust domain)".into())
             }
         }
-        Key::Other => refuse("grants are written by mesh admins".into()),
+        Key::PolicyWriterGrant { .. } | Key::Other => {
+            refuse("grants are written by mesh admins".into())
+        }
     }
 }
 

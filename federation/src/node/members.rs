@@ -210,6 +210,7 @@ impl<S: LogStore> RaftNode<S> {
                 id,
                 &Writer::Member,
                 &Command::ExpireLease { key, epoch },
+                None,
             );
             let _ = self.raw.propose(Vec::new(), data);
         }

@@ -69,6 +69,8 @@ pub(crate) struct NodeConfig {
     pub(crate) snapshot_keep: u64,
     /// Addresses known from the options (seeds; the replicated member table wins).
     pub(crate) peers: BTreeMap<u64, SocketAddr>,
+    /// What this member signs its entries with.
+    pub(crate) signer: Option<Arc<isthmus_core::tls::Identity>>,
 }
 
 impl NodeConfig {
@@ -160,7 +162,12 @@ impl<S: LogStore> RaftNode<S> {
         let logger = crate::logging::raft_logger();
         let raw = RawNode::new(&config.raft_config(snapshot_index), store, &logger)
             .map_err(StoreError::CreateRaft)?;
-        let proposals = Proposals::new(config.id, config.incarnation, config.proposal_timeout);
+        let proposals = Proposals::new(
+            config.id,
+            config.incarnation,
+            config.proposal_timeout,
+            config.signer.clone(),
+        );
         let node = RaftNode {
             raw,
             config,
@@ -502,8 +509,9 @@ impl<S: LogStore> RaftNode<S> {
             return;
         }
         match decode_entry(&entry.data) {
-            Ok((id, writer, command)) => {
-                match self.replica.apply(entry.index, id, &writer, command) {
+            Ok(content) => {
+                let id = content.id;
+                match self.replica.apply(entry.index, content) {
                     // Its first copy was answered already.
                     Applied::Duplicate => {}
                     Applied::Done { outcome, .. } => self.proposals.applied(id, Ok(outcome)),

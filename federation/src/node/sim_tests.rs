@@ -69,6 +69,7 @@ fn config(id: u64, incarnation: u64) -> NodeConfig {
         snapshot_every: 10_000,
         snapshot_keep: 100,
         peers: BTreeMap::new(),
+        signer: None,
     }
 }
 

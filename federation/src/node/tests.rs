@@ -44,6 +44,7 @@ impl Net {
                 snapshot_every: 10_000,
                 snapshot_keep: 100,
                 peers: BTreeMap::new(),
+                signer: None,
             };
             let node = RaftNode::new(
                 config,

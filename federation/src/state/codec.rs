@@ -12,7 +12,9 @@ use prost::Message as _;
 
 use super::{Command, Lease, MemberInfo, ProposalId, Record, StateMachine, Stored, Token};
 use crate::proto::v1 as pb;
-use isthmus_core::keyspace::writers::Writer;
+use isthmus_core::entry_signature::{self, EntrySignature};
+use isthmus_core::keyspace::writers::{self, Writer};
+use isthmus_core::tls::Identity;
 
 /// Why an entry's or snapshot's data could not be read back.
 #[derive(Debug, thiserror::Error)]
@@ -41,8 +43,50 @@ fn from_pb_id(id: pb::ProposalId) -> ProposalId {
     }
 }
 
-/// Encodes a command and its proposal id as the data of a raft entry.
-pub(crate) fn encode_entry(id: ProposalId, writer: &Writer, command: &Command) -> Vec<u8> {
+/// An entry's content, as [`decode_entry`] reads it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EntryContent {
+    pub(crate) id: ProposalId,
+    pub(crate) writer: Writer,
+    pub(crate) command: Command,
+    /// The proposer's signature and the bytes it signed (the entry without it).
+    pub(crate) signature: Option<(EntrySignature, Vec<u8>)>,
+}
+
+/// Encodes a command, its proposal id and writer as the data of a raft entry, signed with
+/// `signer` when the write needs an owner (`writers::needs_signature`).
+pub(crate) fn encode_entry(
+    id: ProposalId,
+    writer: &Writer,
+    command: &Command,
+    signer: Option<&Identity>,
+) -> Vec<u8> {
+    let mut entry = entry_data(id, writer, command);
+    let Some(signer) = signer
+        .filter(|_| !command.key().is_empty() && writers::needs_signature(writer, command.key()))
+    else {
+        return entry.encode_to_vec();
+    };
+    let message = entry.encode_to_vec();
+    match entry_signature::sign(signer, &message, isthmus_core::clock::unix_ms()) {
+        Ok(sig) => {
+            entry.signature = Some(pb::EntrySignature {
+                cert_der: sig.cert_der,
+                scheme: u32::from(sig.scheme),
+                signature: sig.signature,
+                signed_at_unix_ms: sig.signed_at_ms,
+            });
+            entry.encode_to_vec()
+        }
+        Err(e) => {
+            // Every replica refuses the unsigned entry (bad_signature), and the writer hears it.
+            tracing::error!(error = %e, "could not sign a federation entry");
+            message
+        }
+    }
+}
+
+fn entry_data(id: ProposalId, writer: &Writer, command: &Command) -> pb::EntryData {
     use pb::entry_data::Command as C;
     let command = match command.clone() {
         Command::Put {
@@ -105,14 +149,26 @@ pub(crate) fn encode_entry(id: ProposalId, writer: &Writer, command: &Command) -
         proposal: Some(pb_id(id)),
         command: Some(command),
         writer: writer.encode(),
+        signature: None,
     }
-    .encode_to_vec()
 }
 
 /// Reads back what [`encode_entry`] wrote.
-pub(crate) fn decode_entry(data: &[u8]) -> Result<(ProposalId, Writer, Command), DecodeError> {
+pub(crate) fn decode_entry(data: &[u8]) -> Result<EntryContent, DecodeError> {
     use pb::entry_data::Command as C;
-    let entry = pb::EntryData::decode(data)?;
+    let mut entry = pb::EntryData::decode(data)?;
+    let signature = entry.signature.take().map(|s| {
+        (
+            EntrySignature {
+                cert_der: s.cert_der,
+                scheme: u16::try_from(s.scheme).unwrap_or(u16::MAX),
+                signature: s.signature,
+                signed_at_ms: s.signed_at_unix_ms,
+            },
+            // What the proposer signed: the entry as it was before the signature was added.
+            entry.encode_to_vec(),
+        )
+    });
     let id = entry.proposal.ok_or(DecodeError::Missing("proposal id"))?;
     let writer = Writer::decode(&entry.writer).map_err(DecodeError::BadWriter)?;
     let command = match entry.command.ok_or(DecodeError::Missing("command"))? {
@@ -149,7 +205,12 @@ pub(crate) fn decode_entry(data: &[u8]) -> Result<(ProposalId, Writer, Command),
             record: (!c.record_key.is_empty()).then_some((c.record_key, c.record_value)),
         },
     };
-    Ok((from_pb_id(id), writer, command))
+    Ok(EntryContent {
+        id: from_pb_id(id),
+        writer,
+        command,
+        signature,
+    })
 }
 
 /// The context carried in a membership change: who proposed it, and the addresses of the

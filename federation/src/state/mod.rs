@@ -10,10 +10,12 @@ pub(crate) mod codec;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use isthmus_core::keyspace::rules::{self, Change, Refusal};
+use isthmus_core::entry_signature::{self, EntrySignature};
+use isthmus_core::identity::SpiffeId;
+use isthmus_core::keyspace::rules::{self, Change, Reason, Refusal};
 use isthmus_core::keyspace::writers::{self, Writer};
 
-pub(crate) use codec::{decode_entry, encode_entry};
+pub(crate) use codec::{decode_entry, encode_entry, EntryContent};
 
 /// The lease of a record as readers see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +135,21 @@ pub(crate) enum Command {
 }
 
 impl Command {
+    /// The key whose owner the command needs (`isthmus_core::keyspace::writers`): writes,
+    /// deletes and renewals. Tokens authorize themselves, and expiring a lease is the
+    /// leader's duty whoever the leader is.
+    pub(crate) fn owned_key(&self) -> Option<&str> {
+        match self {
+            Command::Put { key, .. }
+            | Command::Delete { key }
+            | Command::CompareAndSet { key, .. }
+            | Command::Renew { key, .. } => Some(key),
+            Command::ExpireLease { .. }
+            | Command::MintToken { .. }
+            | Command::ConsumeToken { .. } => None,
+        }
+    }
+
     /// The key a client command is about (empty for internal commands).
     pub(crate) fn key(&self) -> &str {
         match self {
@@ -254,7 +271,10 @@ impl StateMachine {
     /// Records `id` as applied; false if it already was (a retried duplicate).
     pub(crate) fn first_time(&mut self, id: ProposalId) -> bool {
         let seen = self.seen.entry((id.node, id.incarnation)).or_default();
-        if !seen.insert(id.seq) {
+        // Older than every remembered one of a full window: applied long ago (a proposer
+        // never has a window's worth in flight), so a copy replayed by a leader is skipped.
+        let forgotten = seen.len() >= DEDUP_WINDOW && seen.first().is_some_and(|&min| id.seq < min);
+        if forgotten || !seen.insert(id.seq) {
             return false;
         }
         if seen.len() > DEDUP_WINDOW {
@@ -264,18 +284,22 @@ impl StateMachine {
     }
 
     /// Applies the command of the entry at raft `index`, proposed by member `id.node` for
-    /// `writer`: refused (changing nothing) when the writer may not write its key.
-    pub(crate) fn apply(
-        &mut self,
-        index: u64,
-        id: ProposalId,
-        writer: &Writer,
-        command: Command,
-    ) -> Applied {
+    /// its writer: refused (changing nothing) when the writer may not write its key, or when
+    /// the entry needs its proposer's signature and lacks a valid one.
+    pub(crate) fn apply(&mut self, index: u64, entry: EntryContent) -> Applied {
+        let EntryContent {
+            id,
+            writer,
+            command,
+            signature,
+        } = entry;
         if !self.first_time(id) {
             return Applied::Duplicate;
         }
-        if let Err(refusal) = self.owns(id.node, writer, &command) {
+        let owned = self
+            .owns(id.node, &writer, &command)
+            .and_then(|()| self.signed(id.node, &writer, &command, signature.as_ref()));
+        if let Err(refusal) = owned {
             return Applied::Done {
                 event: None,
                 outcome: Outcome::Refused(refusal),
@@ -283,6 +307,38 @@ impl StateMachine {
         }
         let (event, outcome) = self.apply_command(index, command);
         Applied::Done { event, outcome }
+    }
+
+    /// Whether the entry carries the signature it needs: a bound member's write that needs an
+    /// owner must be signed by that member's control plane, whose certificate chains to its
+    /// cluster's CA bundle as this replica holds it (`isthmus_core::entry_signature`).
+    fn signed(
+        &self,
+        proposer: u64,
+        writer: &Writer,
+        command: &Command,
+        signature: Option<&(EntrySignature, Vec<u8>)>,
+    ) -> Result<(), Refusal> {
+        let Some(key) = command
+            .owned_key()
+            .filter(|key| writers::needs_signature(writer, key))
+        else {
+            return Ok(());
+        };
+        let Some((trust_domain, bundle)) = writers::signer_of(self, proposer) else {
+            return Ok(());
+        };
+        let refuse = |why: String| Refusal {
+            reason: Reason::BadSignature,
+            message: format!("{key}: the entry of member {proposer} ({trust_domain}): {why}"),
+        };
+        let Some((signature, message)) = signature else {
+            return Err(refuse(
+                "it is not signed, and a bound member's writes that need an owner are".into(),
+            ));
+        };
+        let expected = SpiffeId::control(&trust_domain);
+        entry_signature::verify(signature, message, &bundle, &expected).map_err(refuse)
     }
 
     /// Whether `writer`, through member `proposer`, may make this change

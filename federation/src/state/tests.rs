@@ -79,8 +79,9 @@ fn entry_encoding_round_trips_every_command() {
             record: Some(("c/north".to_string(), b"{}".to_vec())),
         },
     ] {
-        let data = encode_entry(id(3), &Writer::Member, &command);
-        let (decoded_id, _, decoded) = decode_entry(&data).expect("decodes");
+        let data = encode_entry(id(3), &Writer::Member, &command, None);
+        let decoded = decode_entry(&data).expect("decodes");
+        let (decoded_id, decoded) = (decoded.id, decoded.command);
         assert_eq!(decoded_id, id(3));
         assert_eq!(decoded, command);
     }
@@ -407,6 +408,108 @@ fn dedup_window_stays_bounded() {
         sm.apply_member(seq, id(seq), put("k", b"v"));
     }
     assert_eq!(sm.seen.get(&(1, 7)).map(|s| s.len()), Some(DEDUP_WINDOW));
+    // A copy of a proposal older than the whole window (a leader replaying it) is skipped.
+    assert_eq!(
+        sm.apply_member(DEDUP_WINDOW as u64 + 20, id(3), put("k", b"old")),
+        Applied::Duplicate
+    );
+    assert_eq!(sm.get("k").unwrap().value, b"v");
+}
+
+/// Member 1 is bound to east; its writes that need an owner must carry its control plane's
+/// signature, which every replica verifies against east's bundle as it holds it.
+#[test]
+fn a_bound_members_owned_writes_need_its_control_planes_signature() {
+    use isthmus_core::ca::CertificateAuthority;
+    use isthmus_core::identity::{OperatorId, Role};
+    use isthmus_core::tls::Identity;
+    isthmus_core::install_crypto_provider();
+    let east = CertificateAuthority::generate("east.local").unwrap();
+    let impostor = CertificateAuthority::generate("east.local").unwrap();
+    let control = |ca: &CertificateAuthority| {
+        let id = SpiffeId::control("east.local");
+        let cert = ca.issue(&id, std::time::Duration::from_secs(600)).unwrap();
+        Identity::from_pem(id, &cert.cert_chain_pem, &cert.key_pem).unwrap()
+    };
+    let (signer, forger) = (control(&east), control(&impostor));
+    let record = |bundle: &str| {
+        serde_json::to_vec(
+            &serde_json::json!({"name": "east", "trustDomain": "east.local",
+            "gateway": null, "caBundlePem": bundle, "memberId": 1}),
+        )
+        .unwrap()
+    };
+    let mut sm = StateMachine::default();
+    // Binding itself: its record is the first entry, unsigned, accepted while unbound.
+    let entry = |seq, writer: &Writer, command: &Command, signer: Option<&Identity>| {
+        decode_entry(&encode_entry(id(seq), writer, command, signer)).unwrap()
+    };
+    let member = Writer::Member;
+    let own = put("clusters/east", &record(east.cert_pem()));
+    assert_eq!(
+        outcome(sm.apply(1, entry(1, &member, &own, None))),
+        Outcome::Done(1)
+    );
+    let refused = |o: Outcome| match o {
+        Outcome::Refused(r) => r,
+        other => panic!("not refused: {other:?}"),
+    };
+    // Bound now: unsigned, or signed by a certificate of another CA, is refused.
+    let r = refused(outcome(sm.apply(2, entry(2, &member, &own, None))));
+    assert_eq!(r.reason, Reason::BadSignature);
+    assert!(r.message.contains("not signed"), "{r}");
+    let r = refused(outcome(sm.apply(3, entry(3, &member, &own, Some(&forger)))));
+    assert_eq!(r.reason, Reason::BadSignature);
+    assert!(r.message.contains("CA bundle"), "{r}");
+    // A signature over other bytes (a leader swapping the value) does not verify.
+    let swapped = {
+        use prost::Message as _;
+        let signed = encode_entry(id(4), &member, &own, Some(&signer));
+        let signature = crate::proto::v1::EntryData::decode(signed.as_slice())
+            .unwrap()
+            .signature;
+        let other = put(
+            "clusters/east",
+            &record(&format!("{}{}", east.cert_pem(), impostor.cert_pem())),
+        );
+        let mut data = crate::proto::v1::EntryData::decode(
+            encode_entry(id(4), &member, &other, None).as_slice(),
+        )
+        .unwrap();
+        data.signature = signature;
+        decode_entry(&data.encode_to_vec()).unwrap()
+    };
+    let r = refused(outcome(sm.apply(4, swapped)));
+    assert!(r.message.contains("does not verify"), "{r}");
+    assert_eq!(sm.get("clusters/east").unwrap().revision, 1);
+    // Its own signature passes; an operator's write is signed even for an unowned key; an
+    // unowned key needs none from the member itself.
+    assert_eq!(
+        outcome(sm.apply(5, entry(5, &member, &own, Some(&signer)))),
+        Outcome::Done(5)
+    );
+    let admin = Writer::Operator(OperatorId::new("east.local", Role::Admin, "ann").unwrap());
+    let r = refused(outcome(
+        sm.apply(6, entry(6, &admin, &put("load/1", b"1"), None)),
+    ));
+    assert_eq!(r.reason, Reason::BadSignature);
+    assert_eq!(
+        outcome(sm.apply(7, entry(7, &admin, &put("load/1", b"1"), Some(&signer)))),
+        Outcome::Done(7)
+    );
+    assert_eq!(
+        outcome(sm.apply(8, entry(8, &member, &put("load/2", b"2"), None))),
+        Outcome::Done(8)
+    );
+    // Expiring a lease is the leader's duty, whoever leads: no signature needed.
+    let expire = Command::ExpireLease {
+        key: "exports/default/ratings/central".into(),
+        epoch: 1,
+    };
+    assert_eq!(
+        outcome(sm.apply(9, entry(9, &member, &expire, None))),
+        Outcome::Done(9)
+    );
 }
 
 #[test]
@@ -462,6 +565,14 @@ fn expired_join_tokens_are_purged_when_one_is_minted_and_outstanding_ones_are_bo
 impl StateMachine {
     /// Applies `command` as written by the proposing member's own control plane.
     fn apply_member(&mut self, index: u64, id: ProposalId, command: Command) -> Applied {
-        self.apply(index, id, &Writer::Member, command)
+        self.apply(
+            index,
+            EntryContent {
+                id,
+                writer: Writer::Member,
+                command,
+                signature: None,
+            },
+        )
     }
 }

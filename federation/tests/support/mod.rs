@@ -182,3 +182,18 @@ impl DurableFederation {
         shutdown_all(self.stores).await;
     }
 }
+
+/// A control-plane identity of `ca`'s trust domain: what a member bound to that cluster
+/// signs its entries with (`StoreOptions::signer`).
+#[allow(dead_code)]
+pub fn control_identity(
+    ca: &isthmus_core::ca::CertificateAuthority,
+) -> std::sync::Arc<isthmus_core::tls::Identity> {
+    isthmus_core::install_crypto_provider();
+    let id = isthmus_core::identity::SpiffeId::control(ca.trust_domain());
+    let cert = ca
+        .issue(&id, Duration::from_secs(3600))
+        .expect("a control-plane certificate");
+    isthmus_core::tls::Identity::from_pem(id, &cert.cert_chain_pem, &cert.key_pem)
+        .expect("an identity")
+}

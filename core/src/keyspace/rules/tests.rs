@@ -292,3 +292,34 @@ fn grants_name_their_operator_and_the_last_one_stays() {
     // Deleting anything else, existing or not, is not the rules' business.
     admit(&m, "clusters/nobody", Change::Delete).unwrap();
 }
+
+#[test]
+fn a_policy_writer_grant_names_its_cluster() {
+    let m = Map::default();
+    let grant = |key: &str, value: serde_json::Value| {
+        admit(&m, key, Change::Write(&serde_json::to_vec(&value).unwrap()))
+    };
+    assert!(grant("grants/policy-writer/west", json!({"cluster": "west"})).is_ok());
+    assert_eq!(
+        reason(grant(
+            "grants/policy-writer/west",
+            json!({"cluster": "east"})
+        )),
+        Reason::NotItsKey
+    );
+    assert_eq!(
+        reason(grant("grants/policy-writer/west", json!({"name": "west"}))),
+        Reason::Malformed
+    );
+    assert_eq!(
+        reason(grant(
+            "grants/policy-writer/West",
+            json!({"cluster": "West"})
+        )),
+        Reason::BadKey
+    );
+    assert_eq!(
+        reason(grant("grants/policy-writer/a/b", json!({"cluster": "a"}))),
+        Reason::BadKey
+    );
+}
