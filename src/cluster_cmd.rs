@@ -1,5 +1,6 @@
-//! `isthmus status` and `isthmus cluster token|join|remove|grant-policies|revoke-policies`:
-//! the federation store's members and what they may write,
+//! `isthmus status`, `isthmus records` and `isthmus cluster
+//! token|join|remove|grant-policies|revoke-policies`: the federation store's members, its
+//! records and who wrote them, and what members may write,
 //! through the `Kv` API a member serves on its control plane's TLS API port (`--control` or a
 //! context; docs/control-api.md). A member's federation (peer) port serves only the other
 //! members. The status report itself is `isthmus_federation::status`.
@@ -231,5 +232,33 @@ pub async fn policy_writer(control: &ControlClient, name: &str, grant: bool) -> 
             .with_context(|| format!("revoking {name}'s policy writer's right ({key})"))?;
         println!("cluster {name} may no longer write mesh-wide policies (revision {revision}); those it wrote stay until deleted");
     }
+    Ok(())
+}
+
+/// `isthmus records [PREFIX] [--values]`: every record under PREFIX, linearizable, with its
+/// revision and who wrote it.
+pub async fn records(control: &ControlClient, prefix: &str, values: bool) -> anyhow::Result<()> {
+    let (revision, records) = kv(control)
+        .list(prefix, true)
+        .await
+        .with_context(|| format!("listing the records under {prefix:?}"))?;
+    let width = records
+        .iter()
+        .map(|(k, _)| k.len())
+        .max()
+        .unwrap_or(3)
+        .max(3);
+    println!("{:<width$}  {:>8}  WRITTEN BY", "KEY", "REVISION");
+    for (key, record) in &records {
+        let writer = record
+            .writer
+            .as_ref()
+            .map_or("(not recorded)".to_string(), ToString::to_string);
+        println!("{key:<width$}  {:>8}  {writer}", record.revision);
+        if values {
+            println!("    {}", String::from_utf8_lossy(&record.value));
+        }
+    }
+    eprintln!("{} records at revision {revision}", records.len());
     Ok(())
 }

@@ -126,6 +126,17 @@ enum Command {
         #[command(flatten)]
         api: isthmus::policy_cmd::ControlArgs,
     },
+    /// The federation store's records under PREFIX (default: all): key, revision and who
+    /// wrote each (the proposing member and the operator it acted for), as a viewer may read.
+    Records {
+        #[arg(default_value = "")]
+        prefix: String,
+        /// Print the values too (JSON, one line each).
+        #[arg(long)]
+        values: bool,
+        #[command(flatten)]
+        api: isthmus::policy_cmd::ControlArgs,
+    },
     /// Federation membership: join tokens, joining and removing clusters.
     Cluster {
         #[command(subcommand)]
@@ -323,6 +334,11 @@ fn main() -> ExitCode {
             Command::Status { output, api } => {
                 isthmus::cluster_cmd::status(&api.client()?, output).await
             }
+            Command::Records {
+                prefix,
+                values,
+                api,
+            } => isthmus::cluster_cmd::records(&api.client()?, &prefix, values).await,
             Command::Cluster { command } => match command {
                 ClusterCommand::Token { ttl, api } => {
                     isthmus::cluster_cmd::token(&api.client()?, ttl).await

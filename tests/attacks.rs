@@ -664,12 +664,21 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
             "#14 {refused}"
         );
     }
+    // ... and mints a join token for no mesh admin: refused on apply too.
+    let refused = east_member
+        .mint_join_token(Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("minted for a mesh admin"),
+        "#14 {refused}"
+    );
     for (series, what) in [
         ("trust_domain_taken", "#15"),
         ("foreign_identity", "#16"),
         ("not_owner", "#14"),
     ] {
-        let want = if what == "#14" { 3.0 } else { 1.0 };
+        let want = if what == "#14" { 4.0 } else { 1.0 };
 
         let series =
             format!("isthmus_control_federation_entries_refused_total{{reason=\"{series}\"}}");

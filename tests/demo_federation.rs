@@ -275,6 +275,27 @@ async fn the_cli_reads_federation_status_through_the_control_planes_tls_api() {
     let out = succeeded(&run(&["cluster", "grant-policies", "west"], true).await);
     assert!(out.contains("cluster west may now write"), "{out}");
     eventually_ok(write).await;
+    // Who wrote what: the grant by east's mesh admin, west's record by west's own member.
+    let out = succeeded(&run(&["records", "grants/policy-writer/"], true).await);
+    assert!(
+        out.contains("grants/policy-writer/west")
+            && out.contains(&format!(
+                "spiffe://{}/operator/admin/admin (through member",
+                east.trust_domain
+            )),
+        "{out}"
+    );
+    let out = succeeded(&run(&["records", "clusters/", "--values"], true).await);
+    let west_member = demo.cluster("west").unwrap().store().status().id;
+    let west_line = out
+        .lines()
+        .find(|l| l.starts_with("clusters/west"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        west_line.ends_with(&format!("member {west_member}")),
+        "{west_line}"
+    );
+    assert!(out.contains("\"trustDomain\""), "{out}");
     succeeded(&run(&["cluster", "revoke-policies", "west"], true).await);
     eventually_err(write).await;
     let out = run(&["cluster", "grant-policies", "nowhere"], true).await;

@@ -161,6 +161,7 @@ mod keyed_tests {
             value: serde_json::to_vec(&value).unwrap(),
             revision: 1,
             lease: None,
+            writer: None,
         }
     }
 

@@ -159,6 +159,8 @@ pub(crate) fn record_to_pb(key: String, record: Record) -> pb::KvRecord {
             expires_at_unix_ms: l.expires_at_unix_ms,
             expired: l.expired,
         }),
+        writer_member: record.writer.as_ref().map_or(0, |w| w.member),
+        writer: record.writer.map(|w| w.writer.encode()).unwrap_or_default(),
     }
 }
 

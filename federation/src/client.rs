@@ -10,7 +10,7 @@ use tonic::{Code, Status, Streaming};
 use crate::api::{OLDEST_HEADER, REQUESTED_HEADER};
 use crate::proto::v1 as pb;
 use crate::proto::v1::kv_client::KvClient as Grpc;
-use crate::{Conflict, LeaseState, Record, StoreError, WatchEvent};
+use crate::{Conflict, LeaseState, Record, RecordWriter, StoreError, WatchEvent, Writer};
 
 /// How long connecting to a member may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -79,6 +79,13 @@ fn record(r: pb::KvRecord) -> (String, Record) {
                 expires_at_unix_ms: l.expires_at_unix_ms,
                 expired: l.expired,
             }),
+            // A writer this client cannot read is shown as not recorded.
+            writer: match r.writer_member {
+                0 => None,
+                member => Writer::decode(&r.writer)
+                    .ok()
+                    .map(|writer| RecordWriter { member, writer }),
+            },
         },
     )
 }

@@ -97,7 +97,7 @@ pub use isthmus_core::keyspace::writers::Writer;
 pub use isthmus_core::keyspace::ClusterRecord;
 pub use peer_tls::{MemberDirectory, PeerRefusalCounts, PeerTls};
 pub use replica::{MemberStatus, Role, Watch};
-pub use state::{LeaseState, Record, WatchEvent};
+pub use state::{LeaseState, Record, RecordWriter, WatchEvent};
 pub use storage::{lock_data_dir, DataDirLock};
 
 use node::{NodeConfig, NodeInputs, Proposal, ProposeRequest, RaftNode, ReadRequest};

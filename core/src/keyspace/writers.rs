@@ -89,6 +89,40 @@ pub fn signer_of(records: &impl Records, proposer: u64) -> Option<(String, Strin
         .map(|r| (r.trust_domain, r.ca_bundle_pem))
 }
 
+/// Whether `writer`, through member `proposer`, may mint a join token: a bound member mints
+/// only for a mesh admin of its own trust domain (what `Kv.MintJoinToken` on its API is
+/// authorized for); a member no record binds, for anyone (as it writes unbound clusters'
+/// records).
+pub fn may_mint(records: &impl Records, proposer: u64, writer: &Writer) -> Result<(), Refusal> {
+    let all = clusters(records);
+    let Some(bound) = bound(&all, proposer) else {
+        return Ok(());
+    };
+    let refuse = |why: &str| {
+        Err(Refusal {
+            reason: Reason::NotOwner,
+            message: format!(
+                "join token: {writer} (through member {proposer}) may not mint one: {why}"
+            ),
+        })
+    };
+    match writer {
+        Writer::Member => refuse("join tokens are minted for a mesh admin"),
+        Writer::Operator(op) if op.trust_domain() != bound.trust_domain => {
+            refuse("a member vouches only for operators of its own trust domain")
+        }
+        Writer::Operator(op)
+            if op.role() == Role::Admin
+                && records
+                    .value(&super::mesh_admin_grant(op.trust_domain(), op.name()))
+                    .is_some() =>
+        {
+            Ok(())
+        }
+        Writer::Operator(_) => refuse("it needs a mesh-admin grant"),
+    }
+}
+
 /// Whether a key falls under a prefix whose records have owners.
 fn governed(key: &str) -> bool {
     Key::parse(key) != Key::Other || key.starts_with("grants/")

@@ -10,10 +10,12 @@ use std::collections::BTreeMap;
 
 use prost::Message as _;
 
-use super::{Command, Lease, MemberInfo, ProposalId, Record, StateMachine, Stored, Token};
+use super::{
+    Command, Lease, MemberInfo, ProposalId, Record, RecordWriter, StateMachine, Stored, Token,
+};
 use crate::proto::v1 as pb;
 use isthmus_core::entry_signature::{self, EntrySignature};
-use isthmus_core::keyspace::writers::{self, Writer};
+use isthmus_core::keyspace::writers::Writer;
 use isthmus_core::tls::Identity;
 
 /// Why an entry's or snapshot's data could not be read back.
@@ -54,7 +56,7 @@ pub(crate) struct EntryContent {
 }
 
 /// Encodes a command, its proposal id and writer as the data of a raft entry, signed with
-/// `signer` when the write needs an owner (`writers::needs_signature`).
+/// `signer` when the command needs it ([`Command::needs_signature`]).
 pub(crate) fn encode_entry(
     id: ProposalId,
     writer: &Writer,
@@ -62,9 +64,7 @@ pub(crate) fn encode_entry(
     signer: Option<&Identity>,
 ) -> Vec<u8> {
     let mut entry = entry_data(id, writer, command);
-    let Some(signer) = signer
-        .filter(|_| !command.key().is_empty() && writers::needs_signature(writer, command.key()))
-    else {
+    let Some(signer) = signer.filter(|_| command.needs_signature(writer)) else {
         return entry.encode_to_vec();
     };
     let message = entry.encode_to_vec();
@@ -260,6 +260,13 @@ pub(crate) fn encode_snapshot(sm: &StateMachine) -> Vec<u8> {
                     lease_expires_at_unix_ms: lease.expires_at_ms,
                     lease_expired: lease.expired,
                     lease_epoch: lease.epoch,
+                    writer_member: stored.record.writer.as_ref().map_or(0, |w| w.member),
+                    writer: stored
+                        .record
+                        .writer
+                        .as_ref()
+                        .map(|w| w.writer.encode())
+                        .unwrap_or_default(),
                 }
             })
             .collect(),
@@ -299,6 +306,13 @@ pub(crate) fn decode_snapshot(data: &[u8]) -> Result<StateMachine, DecodeError> 
     let snap = pb::StateSnapshot::decode(data)?;
     let mut sm = StateMachine::default();
     for r in snap.records {
+        let writer = match r.writer_member {
+            0 => None,
+            member => Some(RecordWriter {
+                member,
+                writer: Writer::decode(&r.writer).map_err(DecodeError::BadWriter)?,
+            }),
+        };
         let lease = (r.lease_ttl_ms > 0).then_some(Lease {
             ttl_ms: r.lease_ttl_ms,
             expires_at_ms: r.lease_expires_at_unix_ms,
@@ -312,6 +326,7 @@ pub(crate) fn decode_snapshot(data: &[u8]) -> Result<StateMachine, DecodeError> 
                     value: r.value,
                     revision: r.revision,
                     lease: None,
+                    writer,
                 },
                 lease,
             },

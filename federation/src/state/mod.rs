@@ -36,6 +36,26 @@ pub struct Record {
     pub revision: u64,
     /// The record's lease, if it was written with one.
     pub lease: Option<LeaseState>,
+    /// Who wrote this value (None in records written before writers were recorded).
+    pub writer: Option<RecordWriter>,
+}
+
+/// Who wrote a record: the member that proposed the write and the writer it acted for, as
+/// every replica checked them on apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordWriter {
+    /// The proposing member's raft id.
+    pub member: u64,
+    pub writer: Writer,
+}
+
+impl std::fmt::Display for RecordWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.writer {
+            Writer::Member => write!(f, "member {}", self.member),
+            Writer::Operator(op) => write!(f, "{op} (through member {})", self.member),
+        }
+    }
 }
 
 /// A change applied to the map, as seen by [`crate::Store::subscribe`] and
@@ -147,6 +167,18 @@ impl Command {
             Command::ExpireLease { .. }
             | Command::MintToken { .. }
             | Command::ConsumeToken { .. } => None,
+        }
+    }
+
+    /// Whether its entry must carry the signature of its proposer, when bound: writes that
+    /// need an owner (`writers::needs_signature`), and minting a join token (only a mesh
+    /// admin may).
+    pub(crate) fn needs_signature(&self, writer: &Writer) -> bool {
+        match self {
+            Command::MintToken { .. } => true,
+            _ => self
+                .owned_key()
+                .is_some_and(|key| writers::needs_signature(writer, key)),
         }
     }
 
@@ -305,7 +337,11 @@ impl StateMachine {
                 outcome: Outcome::Refused(refusal),
             };
         }
-        let (event, outcome) = self.apply_command(index, command);
+        let by = RecordWriter {
+            member: id.node,
+            writer,
+        };
+        let (event, outcome) = self.apply_command(index, &by, command);
         Applied::Done { event, outcome }
     }
 
@@ -319,12 +355,10 @@ impl StateMachine {
         command: &Command,
         signature: Option<&(EntrySignature, Vec<u8>)>,
     ) -> Result<(), Refusal> {
-        let Some(key) = command
-            .owned_key()
-            .filter(|key| writers::needs_signature(writer, key))
-        else {
+        if !command.needs_signature(writer) {
             return Ok(());
-        };
+        }
+        let key = command.owned_key().unwrap_or("join token");
         let Some((trust_domain, bundle)) = writers::signer_of(self, proposer) else {
             return Ok(());
         };
@@ -354,14 +388,19 @@ impl StateMachine {
                 Some(stored) => (key, Change::Write(&stored.record.value)),
                 None => return Ok(()),
             },
-            Command::ExpireLease { .. }
-            | Command::MintToken { .. }
-            | Command::ConsumeToken { .. } => return Ok(()),
+            Command::MintToken { .. } => return writers::may_mint(self, proposer, writer),
+            Command::ExpireLease { .. } | Command::ConsumeToken { .. } => return Ok(()),
         };
         writers::may_write(self, proposer, writer, key, change)
     }
 
-    fn put(&mut self, index: u64, key: String, value: Vec<u8>, lease: Option<Lease>) -> WatchEvent {
+    fn put(
+        &mut self,
+        (index, writer): (u64, &RecordWriter),
+        key: String,
+        value: Vec<u8>,
+        lease: Option<Lease>,
+    ) -> WatchEvent {
         self.records.insert(
             key.clone(),
             Stored {
@@ -369,6 +408,7 @@ impl StateMachine {
                     value: value.clone(),
                     revision: index,
                     lease: None,
+                    writer: Some(writer.clone()),
                 },
                 lease,
             },
@@ -380,7 +420,12 @@ impl StateMachine {
         }
     }
 
-    fn apply_command(&mut self, index: u64, command: Command) -> (Option<WatchEvent>, Outcome) {
+    fn apply_command(
+        &mut self,
+        index: u64,
+        by: &RecordWriter,
+        command: Command,
+    ) -> (Option<WatchEvent>, Outcome) {
         let done = Outcome::Done(index);
         match command {
             Command::Put {
@@ -398,7 +443,7 @@ impl StateMachine {
                     expired: false,
                     epoch: index,
                 });
-                (Some(self.put(index, key, value, lease)), done)
+                (Some(self.put((index, by), key, value, lease)), done)
             }
             Command::Delete { key } => {
                 if let Err(refusal) = rules::admit(self, &key, Change::Delete) {
@@ -422,7 +467,7 @@ impl StateMachine {
                 if let Err(refusal) = rules::admit(self, &key, Change::Write(&value)) {
                     return (None, Outcome::Refused(refusal));
                 }
-                (Some(self.put(index, key, value, None)), done)
+                (Some(self.put((index, by), key, value, None)), done)
             }
             Command::Renew { key, at_ms } => {
                 let Some(lease) = self.records.get_mut(&key).and_then(|s| s.lease.as_mut()) else {
@@ -512,7 +557,7 @@ impl StateMachine {
                                 return (None, Outcome::Refused(refusal));
                             }
                             self.tokens.remove(&id);
-                            (Some(self.put(index, key, value, None)), done)
+                            (Some(self.put((index, by), key, value, None)), done)
                         }
                         None => {
                             self.tokens.remove(&id);

@@ -105,6 +105,10 @@ fn record_revision_is_the_index_of_the_last_write() {
             value: b"2".to_vec(),
             revision: 9,
             lease: None,
+            writer: Some(RecordWriter {
+                member: 1,
+                writer: Writer::Member,
+            }),
         })
     );
 }
@@ -372,6 +376,27 @@ fn snapshot_round_trips_the_whole_state() {
             expires_at_ms: 10,
             at_ms: 1,
         },
+    );
+    let operator = Writer::Operator(
+        isthmus_core::identity::OperatorId::new(
+            "east.local",
+            isthmus_core::identity::Role::Admin,
+            "ann",
+        )
+        .unwrap(),
+    );
+    sm.apply(
+        5,
+        EntryContent {
+            id: id(4),
+            writer: operator.clone(),
+            command: put("c", b"3"),
+            signature: None,
+        },
+    );
+    assert_eq!(
+        sm.get("c").unwrap().writer.unwrap().to_string(),
+        "spiffe://east.local/operator/admin/ann (through member 1)"
     );
     sm.members.insert(
         4,

@@ -273,3 +273,21 @@ fn writers_travel_as_text_and_unknown_text_is_an_error() {
     assert!(Writer::decode("spiffe://east/ns/a/sa/b").is_err());
     assert!(Writer::decode("root").is_err());
 }
+
+#[test]
+fn a_bound_member_mints_join_tokens_only_for_its_own_mesh_admins() {
+    let m = federation();
+    let minted = |proposer, writer: &Writer| may_mint(&m, proposer, writer);
+    assert!(minted(1, &operator("east.isthmus.local", Role::Admin, "admin")).is_ok());
+    for (proposer, writer) in [
+        (1, Writer::Member),
+        (1, operator("east.isthmus.local", Role::Admin, "bob")),
+        (1, operator("east.isthmus.local", Role::Viewer, "admin")),
+        (2, operator("east.isthmus.local", Role::Admin, "admin")),
+    ] {
+        let refusal = minted(proposer, &writer).expect_err("not a mesh admin of its own");
+        assert_eq!(refusal.reason, Reason::NotOwner, "{refusal}");
+    }
+    // A member no record binds mints as it writes: for anyone.
+    assert!(minted(3, &Writer::Member).is_ok());
+}
