@@ -87,53 +87,8 @@ pub enum JoinThrough {
     /// A control plane's API, trusted through `--ca-file` (or a context).
     Control(ControlClient),
     /// `--via ADDR`: any member's peer port or control plane, verified against the token's
-    /// digest first ([`verified_federation`]).
+    /// digest first (`isthmus_control::join::verified_federation`).
     Via(String),
-}
-
-/// A joiner's discovery (docs/security.md §5): asks `via` for the federation's bundle set
-/// over a connection that trusts nothing yet, checks that the set hashes to the digest the
-/// token carries, and only then returns a client of `via` that accepts nothing but a member
-/// control plane's certificate from that set. A server that fails either check never sees
-/// the token.
-pub async fn verified_federation(via: &str, token: &str) -> anyhow::Result<KvClient> {
-    use isthmus_core::api_tls;
-    let expected = isthmus_federation::federation_digest(token).context(
-        "--token carries no digest of the federation's bundle set (<id>.<secret>.<digest>): \
-         mint one with `isthmus cluster token`, or join through --control with --ca-file",
-    )?;
-    let unverified = api_tls::discovery_client_config().context("a TLS client")?;
-    let channel = api_tls::channel(via, std::sync::Arc::new(unverified))
-        .map_err(|e| anyhow::anyhow!("--via: {e}"))?;
-    let set = KvClient::from_channel(channel)
-        .join_info()
-        .await
-        .with_context(|| format!("asking {via} for the federation's bundle set"))?;
-    let found =
-        isthmus_core::join::digest(&set).with_context(|| format!("the bundle set {via} sent"))?;
-    if found != expected.to_ascii_lowercase() {
-        bail!(
-            "{via} is not the federation this token was minted for: its bundle set (clusters \
-             {}) hashes to {found}, the token expects {expected}. The token was not sent. A \
-             cluster that joined or rotated its CA since the token was minted changes the set: \
-             mint a new token",
-            set.iter()
-                .map(|e| e.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
-    let bundles = isthmus_core::tls::TrustBundles::new();
-    bundles
-        .replace(
-            set.iter()
-                .map(|e| (e.trust_domain.as_str(), e.ca_bundle_pem.as_str())),
-        )
-        .with_context(|| format!("the bundle set {via} sent"))?;
-    let verified = api_tls::client_config_for_bundles(bundles).context("a TLS client")?;
-    let channel = api_tls::channel(via, std::sync::Arc::new(verified))
-        .map_err(|e| anyhow::anyhow!("--via: {e}"))?;
-    Ok(KvClient::from_channel(channel))
 }
 
 /// `isthmus cluster join --token T --id N --peer-addr A --cluster C --trust-domain TD
@@ -158,7 +113,7 @@ pub async fn join(
     };
     let mut client = match through {
         JoinThrough::Control(control) => kv(control),
-        JoinThrough::Via(via) => verified_federation(via, token).await?,
+        JoinThrough::Via(via) => isthmus_control::join::verified_federation(via, token).await?,
     };
     let (revision, voter) = client
         .join(token, &application)

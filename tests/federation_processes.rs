@@ -769,3 +769,66 @@ async fn a_member_whose_disk_fills_exits_loudly_and_restarts_cleanly_once_space_
     // Gone before the disk is unmounted.
     sigkill(&mut restarted).await;
 }
+
+/// A control plane whose config carries `federation.joinWith` joins itself at start (the
+/// token from a file, through a member verified against the token's digest), restarts as the
+/// member it became, and a second control plane given the spent token exits non-zero saying
+/// why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_joins_itself_from_its_config() {
+    let dir = tempfile::tempdir().unwrap();
+    isthmus_testkit::discovery::Discovery::new().write(&dir.path().join("services.yaml"));
+    make_cas(dir.path(), 1..=3);
+    let mut peers: BTreeMap<u64, u16> = BTreeMap::from([(1, free_port())]);
+    let _first = start_member(dir.path(), 1, &peers, false).await;
+    leader(dir.path(), &peers).await;
+    let admin = Admin::issue(dir.path(), &addr(api_port(peers[&1])));
+    let token = admin.ok(&["cluster", "token", "--ttl", "5m"]);
+    std::fs::write(dir.path().join("join-token"), token.trim()).unwrap();
+    let joining = |id: u64, peers: &BTreeMap<u64, u16>| {
+        control_config(id, peers, true).replace(
+            "join: true,",
+            &format!(
+                "join: true, joinWith: {{tokenFile: join-token, via: \"{}\"}},",
+                addr(peers[&1])
+            ),
+        )
+    };
+
+    peers.insert(2, free_port());
+    let config = joining(2, &peers);
+    let (second, ready) = daemon(dir.path(), "control-2", "control", &config).await;
+    assert_eq!(ready["member"], 2);
+    status_until(&admin, "c2 joined by itself and caught up", |s| {
+        s["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == 2 && m["cluster"] == "c2" && m["lag"] == 0)
+    })
+    .await;
+    // Restarted with the same config (the token is spent): it is a member already.
+    support::stop(second, "control-2").await;
+    let (_second, ready) = daemon(dir.path(), "control-2", "control", &config).await;
+    assert_eq!(ready["member"], 2);
+
+    // Another control plane with the spent token: refused, and it says so.
+    peers.insert(3, free_port());
+    let path = dir.path().join("control-3.yaml");
+    std::fs::write(&path, joining(3, &peers)).unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_isthmus"))
+            .args(["control", "--config", path.to_str().unwrap()])
+            .output(),
+    )
+    .await
+    .expect("it gives up at once on a refusal")
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("federation.joinWith") && err.contains("token"),
+        "{err}"
+    );
+}

@@ -29,6 +29,10 @@
 //!   # join: true     # a new member of a running federation: peers lists the existing
 //!   #                # members (and this one); it starts empty and catches up from the
 //!   #                # leader once `isthmus cluster join` has added it
+//!   # joinWith: {tokenFile: /etc/isthmus/join-token, via: 10.0.0.1:15017}
+//!   #                # or it joins itself at start with that token, through any member
+//!   #                # (peers must then hold this member's own address, as the others
+//!   #                # reach it)
 //!   # tick: 100ms    # raft tick; elections after 10-20 ticks, heartbeats every 2
 //! webhook:                             # optional: the sidecar injection webhook (Kubernetes)
 //!   listen: 0.0.0.0:15018
@@ -291,7 +295,17 @@ pub struct RawFederation {
     #[serde(default)]
     pub join: bool,
     #[serde(default)]
+    pub join_with: Option<RawJoinWith>,
+    #[serde(default)]
     pub tick: Option<String>,
+}
+
+/// `federation.joinWith`: a joining member joins itself at start.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawJoinWith {
+    pub token_file: PathBuf,
+    pub via: String,
 }
 /// A `federation.peers` entry: this member's own address alone, or another member's address
 /// with what authenticates it (its trust domain and CA file).
@@ -357,6 +371,8 @@ pub struct ControlConfig {
     pub peer_members: Vec<PeerMemberConfig>,
     /// Joining a running federation (see `isthmus cluster join`).
     pub join: bool,
+    /// Joining itself at start, with a token, through a member (`federation.joinWith`).
+    pub join_with: Option<crate::join::JoinWith>,
     /// The raft tick, when not the default.
     pub tick: Option<Duration>,
     pub webhook: Option<WebhookConfig>,
@@ -472,6 +488,39 @@ impl TryFrom<RawControlConfig> for ControlConfig {
                 "a joining member needs the existing members' addresses",
             ));
         }
+        let join_with = match raw.federation.join_with {
+            None => None,
+            Some(_) if !raw.federation.join => {
+                return Err(FieldError::new(
+                    "federation.joinWith",
+                    "",
+                    "only a joining member joins itself: set federation.join: true",
+                ))
+            }
+            Some(_) if !peers.contains_key(&raw.federation.node_id) => {
+                return Err(FieldError::new(
+                    "federation.peers",
+                    format!("{:?}", raw.federation.peers.keys().collect::<Vec<_>>()),
+                    format!(
+                        "a member that joins itself gives its own address, as the other members                          reach it, under its id {}",
+                        raw.federation.node_id
+                    ),
+                ))
+            }
+            Some(j) => {
+                if j.via.trim().is_empty() {
+                    return Err(FieldError::new(
+                        "federation.joinWith.via",
+                        "",
+                        "a member's federation or control-plane address (host:port) is required",
+                    ));
+                }
+                Some(crate::join::JoinWith {
+                    token_file: j.token_file,
+                    via: j.via,
+                })
+            }
+        };
         let webhook = match raw.webhook {
             None => None,
             Some(w) => {
@@ -557,6 +606,7 @@ impl TryFrom<RawControlConfig> for ControlConfig {
             peers,
             peer_members,
             join: raw.federation.join,
+            join_with,
             tick: raw
                 .federation
                 .tick
@@ -577,6 +627,9 @@ impl ControlConfig {
         config.ca_dir = config.ca_dir.as_ref().map(|d| base.join(d));
         for m in &mut config.peer_members {
             m.ca_file = base.join(&m.ca_file);
+        }
+        if let Some(j) = &mut config.join_with {
+            j.token_file = base.join(&j.token_file);
         }
         match &mut config.discovery {
             DiscoveryConfig::File { path, .. } => *path = base.join(&*path),
@@ -807,6 +860,45 @@ mod tests {
         .unwrap();
         assert!(c.join);
         assert_eq!(c.tick, Some(Duration::from_millis(20)));
+    }
+
+    #[test]
+    fn a_member_joins_itself_only_when_joining_and_naming_its_own_address() {
+        let member =
+            "{addr: 127.0.0.1:15017, trustDomain: east.isthmus.local, caFile: east-ca.pem}";
+        let with = |federation: &str| {
+            load(&GOOD.replace("nodeId: 1\n  peers: {1: 127.0.0.1:15017}", federation))
+        };
+        let c = with(&format!(
+            "nodeId: 4\n  join: true\n  joinWith: {{tokenFile: token, via: 127.0.0.1:15017}}\n  \
+             peers: {{1: {member}, 4: 127.0.0.2:15017}}"
+        ))
+        .unwrap();
+        let j = c.join_with.expect("joinWith");
+        assert_eq!(
+            (j.token_file, j.via),
+            ("token".into(), "127.0.0.1:15017".to_string())
+        );
+        for (federation, field, says) in [
+            (
+                format!("nodeId: 4\n  joinWith: {{tokenFile: t, via: a:1}}\n  peers: {{1: {member}, 4: 127.0.0.2:1}}"),
+                "federation.joinWith",
+                "set federation.join: true",
+            ),
+            (
+                format!("nodeId: 4\n  join: true\n  joinWith: {{tokenFile: t, via: a:1}}\n  peers: {{1: {member}}}"),
+                "federation.peers",
+                "its own address",
+            ),
+            (
+                format!("nodeId: 4\n  join: true\n  joinWith: {{tokenFile: t, via: ' '}}\n  peers: {{1: {member}, 4: 127.0.0.2:1}}"),
+                "federation.joinWith.via",
+                "is required",
+            ),
+        ] {
+            let err = with(&federation).unwrap_err().to_string();
+            assert!(err.contains(field) && err.contains(says), "{err}");
+        }
     }
 
     #[test]

@@ -15,6 +15,9 @@ use crate::config::{load_ca, ControlConfig, DiscoveryConfig};
 
 /// How long the webhook's serving certificate is valid.
 const WEBHOOK_CERT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+/// How long a restarted member with `federation.joinWith` waits for its replica, restored
+/// from disk, to show it is a member already (then it does not join again).
+const JOINED_BEFORE_PATIENCE: Duration = Duration::from_secs(3);
 
 /// A running control-plane daemon.
 pub struct Daemon {
@@ -88,7 +91,45 @@ impl Daemon {
         if let Some(tick) = config.tick {
             options.tick = tick;
         }
+        // A member that ran before restores its membership from <dataDir>/raft/.
+        let ran_before = config.data_dir.join("raft").exists();
         let store = binding.start(options).await?;
+        if let Some(join) = &config.join_with {
+            // Validated with the config: a member that joins itself names its own address.
+            let peer_addr = config.peers[&config.node_id];
+            let claim = isthmus_federation::ClusterClaim {
+                name: config.cluster.clone(),
+                trust_domain: config.trust_domain.clone(),
+                ca_bundle_pem: ca.cert_pem().to_string(),
+            };
+            let joined_before = ran_before && {
+                let deadline = tokio::time::Instant::now() + JOINED_BEFORE_PATIENCE;
+                while !store.members().contains_key(&config.node_id)
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                store.members().contains_key(&config.node_id)
+            };
+            let outcome = if joined_before {
+                crate::join::JoinOutcome::AlreadyMember
+            } else {
+                crate::join::join_self(join, config.node_id, peer_addr, claim).await?
+            };
+            match outcome {
+                crate::join::JoinOutcome::Joined { revision, voter } => tracing::info!(
+                    member = config.node_id,
+                    via = %join.via,
+                    revision,
+                    voter,
+                    "joined the federation"
+                ),
+                crate::join::JoinOutcome::AlreadyMember => tracing::info!(
+                    member = config.node_id,
+                    "already a member of the federation: not joining again"
+                ),
+            }
+        }
         let (stop, stopped) = watch::channel(false);
         let mut publishing = None;
         let discovery = match &config.discovery {

@@ -32,6 +32,7 @@ pub mod catalog;
 pub mod config;
 pub mod daemon;
 pub mod discovery;
+pub mod join;
 pub mod kubernetes;
 pub mod members;
 pub mod records;

@@ -171,11 +171,12 @@ impl Command {
     }
 
     /// Whether its entry must carry the signature of its proposer, when bound: writes that
-    /// need an owner (`writers::needs_signature`), and minting a join token (only a mesh
-    /// admin may).
+    /// need an owner (`writers::needs_signature`), minting a join token (only a mesh admin
+    /// may) and consuming one (its time, which judges the token's expiry, and the record it
+    /// creates are the proposer's, not a leader's to change).
     pub(crate) fn needs_signature(&self, writer: &Writer) -> bool {
         match self {
-            Command::MintToken { .. } => true,
+            Command::MintToken { .. } | Command::ConsumeToken { .. } => true,
             _ => self
                 .owned_key()
                 .is_some_and(|key| writers::needs_signature(writer, key)),
