@@ -491,3 +491,41 @@ async fn a_cluster_cut_off_from_the_federation_is_handled_as_on_partition_says()
     central_load.stop().await;
     demo.shutdown().await;
 }
+
+/// VirtualService `retries.retryRemoteLocalities`: east's reviews pods lose their app (their
+/// sidecars stay, answering 502), so east stays the active priority. Retries stay in east and
+/// the caller sees the 502; with `retryRemoteLocalities: true` the retry goes to the next
+/// priority (central, same region) and the caller gets its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_go_to_other_localities_only_when_the_route_allows_it() {
+    let mut demo = Demo::start(options(216)).await.expect("the demo starts");
+    let route = |remote: bool| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: default}}\n\
+             spec:\n  hosts: [reviews]\n  http:\n  - route: [{{destination: {{host: reviews}}}}]\n    \
+             retries: {{attempts: 1, retryOn: \"5xx\", retryRemoteLocalities: {remote}}}\n"
+        )
+    };
+    apply(&demo, "east", &route(false)).await;
+    let addr = reviews(demo.cluster("east").unwrap());
+    until_served_by(addr, "east", Duration::from_secs(10)).await;
+    let east = demo.clusters.iter_mut().find(|c| c.name == "east").unwrap();
+    assert!(east.stop_apps("reviews") > 0);
+
+    for _ in 0..5 {
+        let got = call(addr).await;
+        assert!(
+            got.as_ref().is_err_and(|e| e.starts_with("HTTP 502")),
+            "retries stay in east's priority: {got:?}"
+        );
+    }
+    apply(&demo, "east", &route(true)).await;
+    for _ in 0..5 {
+        assert_eq!(
+            call(addr).await,
+            Ok("central".to_string()),
+            "the retry goes to the next priority"
+        );
+    }
+    demo.shutdown().await;
+}

@@ -344,6 +344,32 @@ pub struct Table {
 }
 
 impl Table {
+    /// The clusters attempt `attempt` (0 = the first) of a request goes to when its retries
+    /// may leave the active priority (VirtualService `retries.retryRemoteLocalities`, as
+    /// Envoy's `previous_priorities`): the active priority first, then each later priority
+    /// with a healthy endpoint in turn, starting over when they run out.
+    pub fn retry_clusters(&self, attempt: u32) -> Vec<&str> {
+        let Some(active) = self.active else {
+            return Vec::new();
+        };
+        let later: Vec<&Tier> = self
+            .tiers
+            .iter()
+            .skip(active + 1)
+            .filter(|t| t.healthy > 0)
+            .collect();
+        let turn = attempt as usize % (later.len() + 1);
+        if turn == 0 {
+            return self.active_clusters();
+        }
+        later[turn - 1]
+            .clusters
+            .iter()
+            .filter(|c| c.healthy > 0)
+            .map(|c| c.cluster.as_str())
+            .collect()
+    }
+
     /// The clusters to send to: those of the active priority with a healthy endpoint (every
     /// cluster of it in panic mode, when none has).
     pub fn active_clusters(&self) -> Vec<&str> {

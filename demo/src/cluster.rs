@@ -235,6 +235,18 @@ impl DemoCluster {
         stopped
     }
 
+    /// Stops the apps of `service`'s workloads in this cluster, leaving their sidecars up
+    /// (a container that crashed in a running pod): callers still reach the sidecars, which
+    /// answer 502 for want of their app. Returns how many were stopped.
+    pub fn stop_apps(&mut self, service: &str) -> usize {
+        let mut stopped = 0;
+        for w in self.workloads.iter().filter(|w| w.service == service) {
+            w.app.stop();
+            stopped += 1;
+        }
+        stopped
+    }
+
     /// Stops this cluster's east-west gateway: the other gateways see their connections to it
     /// close, and answer their sidecars `Unreachable` for this cluster.
     pub async fn kill_gateway(&mut self) {

@@ -57,6 +57,12 @@ impl SampleHandle {
     pub fn shutdown(self) {
         self.task.abort();
     }
+
+    /// Stops serving (its port closes), leaving the handle: a container that crashed while
+    /// its pod, and its sidecar, stay.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
 }
 
 /// Starts the app on `listen` (port 0 picks one).

@@ -121,6 +121,21 @@ impl Health {
         subset: Option<&str>,
         gateway: bool,
     ) -> (Vec<Upstream>, Table) {
+        self.candidates_for_attempt(config, service, labels, subset, gateway, None)
+    }
+
+    /// Like [`Health::candidates`]; with `Some(attempt)`, the upstreams of the priority that
+    /// attempt goes to when retries may leave the active one
+    /// ([`Table::retry_clusters`]: the active priority, then each later healthy one).
+    pub fn candidates_for_attempt(
+        &self,
+        config: &MeshConfig,
+        service: &MeshService,
+        labels: Option<&BTreeMap<String, String>>,
+        subset: Option<&str>,
+        gateway: bool,
+        attempt: Option<u32>,
+    ) -> (Vec<Upstream>, Table) {
         let now = Instant::now();
         let now_ms = isthmus_core::clock::unix_ms();
         let mut s = self.lock();
@@ -171,12 +186,18 @@ impl Health {
             settings.hysteresis,
             now.into_std(),
         );
+        let clusters = match attempt {
+            Some(n) => table.retry_clusters(n),
+            None => table.active_clusters(),
+        };
+        let in_active = |c: &str| table.active_clusters().contains(&c);
         let panic = table
             .active
             .and_then(|i| table.tiers.get(i))
-            .is_some_and(|t| t.healthy == 0);
+            .is_some_and(|t| t.healthy == 0)
+            && clusters.iter().all(|c| in_active(c));
         let mut upstreams = Vec::new();
-        for cluster in table.active_clusters() {
+        for cluster in clusters {
             if cluster == config.cluster {
                 upstreams.extend(
                     local

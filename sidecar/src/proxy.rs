@@ -518,18 +518,20 @@ impl HttpProxy {
         };
         let health = self.connector.health().clone();
         let gateway = self.connector.has_gateway();
-        let candidates_now = || {
+        let remote_retries = route.retries.as_ref().is_some_and(|r| r.remote_localities);
+        let candidates_now = |attempt: u32| {
             health
-                .candidates(
+                .candidates_for_attempt(
                     config,
                     target,
                     labels.as_ref(),
                     dest.subset.as_deref(),
                     gateway,
+                    remote_retries.then_some(attempt),
                 )
                 .0
         };
-        let candidates = candidates_now();
+        let candidates = candidates_now(0);
         if candidates.is_empty() {
             let resp = text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n");
             report.set(&dest.service, "UH");
@@ -556,11 +558,12 @@ impl HttpProxy {
         let mut last = None;
         for attempt in 0..=retry.attempts {
             let Some(req_body) = body.take() else { break };
-            // Asked again each attempt: a failure may just have moved the traffic on.
+            // Asked again each attempt: a failure may just have moved the traffic on (and
+            // with retryRemoteLocalities, each retry goes to the next priority in turn).
             let candidates = if attempt == 0 {
                 candidates.clone()
             } else {
-                candidates_now()
+                candidates_now(attempt)
             };
             let upstream = {
                 let mut balancers = self.balancers.lock().unwrap_or_else(|e| e.into_inner());

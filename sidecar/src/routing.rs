@@ -219,6 +219,9 @@ pub struct RetryPolicy {
     pub attempts: u32,
     pub per_try_timeout: Option<Duration>,
     pub retry_on: Vec<String>,
+    /// Retries go to the next failover priorities in turn
+    /// ([`isthmus_core::failover::Table::retry_clusters`]).
+    pub remote_localities: bool,
 }
 
 impl RetryPolicy {
@@ -229,6 +232,7 @@ impl RetryPolicy {
             attempts: 2,
             per_try_timeout: None,
             retry_on: vec!["connect-failure".into(), "refused-stream".into()],
+            remote_localities: false,
         }
     }
 
@@ -594,6 +598,7 @@ fn compile_http(r: &net::HttpRoute, ns: &str) -> HttpRoute {
                 .split(',')
                 .map(|s| s.trim().to_string())
                 .collect(),
+            remote_localities: x.retry_remote_localities.unwrap_or(false),
         }),
         fault: r.fault.clone(),
         cors: r.cors_policy.as_ref().map(crate::cors::Cors::compile),

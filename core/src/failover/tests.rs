@@ -276,3 +276,35 @@ fn bad_failover_policies_are_refused_by_field() {
         assert!(err.contains(field), "{spec}: {err}");
     }
 }
+
+#[test]
+fn retries_that_may_leave_the_active_priority_take_each_later_healthy_one_in_turn() {
+    let clusters = [
+        health("east", "us-east/a", 2, 2),
+        health("east-b", "us-east/b", 2, 0),
+        health("central", "us-east/c", 1, 1),
+        health("far", "eu-west/a", 3, 3),
+    ];
+    let mut t = plan(
+        "reviews.default",
+        &Settings::default(),
+        "east",
+        Some("us-east/a"),
+        &clusters,
+        NOW_MS,
+    );
+    Hysteresis::default().decide(&mut t, DEFAULT_HYSTERESIS, Instant::now());
+    assert_eq!(t.active_clusters(), vec!["east"]);
+    // east-b has no healthy endpoint: skipped.
+    let turns: Vec<Vec<&str>> = (0..5).map(|n| t.retry_clusters(n)).collect();
+    assert_eq!(
+        turns,
+        vec![
+            vec!["east"],
+            vec!["central"],
+            vec!["far"],
+            vec!["east"],
+            vec!["central"]
+        ]
+    );
+}

@@ -217,6 +217,10 @@ pub struct HttpRetry {
     /// `refused-stream`, `retriable-4xx`, or HTTP status codes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_on: Option<String>,
+    /// Whether retries may go to the next failover priorities (other localities); by
+    /// default they stay in the active one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_remote_localities: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

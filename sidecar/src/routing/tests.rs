@@ -293,6 +293,7 @@ fn retry_conditions_classify_outcomes() {
         attempts: 2,
         per_try_timeout: None,
         retry_on: vec!["5xx".into()],
+        remote_localities: false,
     };
     assert!(
         p.retriable(Some(503), false) && p.retriable(None, true) && !p.retriable(Some(404), false)
