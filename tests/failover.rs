@@ -529,3 +529,36 @@ async fn retries_go_to_other_localities_only_when_the_route_allows_it() {
     }
     demo.shutdown().await;
 }
+
+/// `localityLbSetting.distribute`: east's callers send half their reviews traffic to their
+/// own zone and half to west, none to central (same region, in no share), every cluster
+/// healthy; a caller in central, which no rule names, keeps to its priorities (itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distribute_splits_traffic_across_localities_by_weight() {
+    let demo = Demo::start(options(222)).await.expect("the demo starts");
+    apply(
+        &demo,
+        "east",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: default}\n\
+         spec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer:\n      localityLbSetting:\n\
+         \x20       distribute: [{from: 'us-east-1/a/*', to: {'us-east-1/a/*': 50, 'us-west-2/*': 50}}]\n",
+    )
+    .await;
+    let addr = reviews(demo.cluster("east").unwrap());
+    until_served_by(addr, "west", Duration::from_secs(10)).await;
+    let mut by_cluster = std::collections::BTreeMap::<String, u32>::new();
+    for _ in 0..200 {
+        let cluster = call(addr).await.expect("every call is answered");
+        *by_cluster.entry(cluster).or_default() += 1;
+    }
+    let (east, west) = (by_cluster.get("east"), by_cluster.get("west"));
+    assert!(
+        !by_cluster.contains_key("central") && east > Some(&60) && west > Some(&60),
+        "about 100 each from east and west, none from central: {by_cluster:?}"
+    );
+    let central = reviews(demo.cluster("central").unwrap());
+    for _ in 0..20 {
+        assert_eq!(call(central).await, Ok("central".to_string()));
+    }
+    demo.shutdown().await;
+}

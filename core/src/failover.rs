@@ -56,6 +56,9 @@ pub struct Settings {
     pub on_partition: OnPartition,
     /// Parts of the source that are accepted but not applied (shown by `isthmus explain`).
     pub ignored: Vec<String>,
+    /// `localityLbSetting.distribute`, for this caller's locality: locality patterns and
+    /// their weights (empty: traffic follows the priorities).
+    pub distribute: Vec<(String, u32)>,
 }
 
 impl Default for Settings {
@@ -67,6 +70,7 @@ impl Default for Settings {
             hysteresis: DEFAULT_HYSTERESIS,
             on_partition: OnPartition::DrainToNext,
             ignored: Vec::new(),
+            distribute: Vec::new(),
         }
     }
 }
@@ -108,6 +112,7 @@ impl Settings {
             on_partition: parse_on_partition(spec.on_partition.as_ref())
                 .unwrap_or(OnPartition::DrainToNext),
             ignored: Vec::new(),
+            distribute: Vec::new(),
         }
     }
 
@@ -177,8 +182,9 @@ impl Settings {
 }
 
 /// Istio's `localityLbSetting` on the same machinery: the caller's region, then the
-/// `failover` target region for that region, then every other cluster by locality.
-/// `distribute` and `failoverPriority` are accepted and reported as not applied.
+/// `failover` target region for that region, then every other cluster by locality; the
+/// `distribute` rule for the caller's locality, if any. `failoverPriority` is accepted and
+/// reported as not applied.
 fn from_locality_lb_setting(
     source: String,
     setting: &serde_json::Value,
@@ -208,14 +214,50 @@ fn from_locality_lb_setting(
     }
     priorities.push(Priority::ByLocality);
     settings.priorities = priorities;
-    for unsupported in ["distribute", "failoverPriority"] {
-        if setting.get(unsupported).is_some() {
-            settings
-                .ignored
-                .push(format!("localityLbSetting.{unsupported} is not applied"));
-        }
+    // The first distribute rule whose `from` matches the caller.
+    settings.distribute = setting
+        .get("distribute")
+        .and_then(|d| d.as_array())
+        .into_iter()
+        .flatten()
+        .find(|rule| {
+            rule.get("from")
+                .and_then(|f| f.as_str())
+                .zip(local_locality)
+                .is_some_and(|(from, local)| locality_matches(from, local))
+        })
+        .and_then(|rule| rule.get("to").and_then(|t| t.as_object()))
+        .map(|to| {
+            to.iter()
+                .map(|(l, w)| {
+                    let w = w.as_u64().and_then(|w| u32::try_from(w).ok()).unwrap_or(0);
+                    (l.clone(), w)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if setting.get("failoverPriority").is_some() {
+        settings
+            .ignored
+            .push("localityLbSetting.failoverPriority is not applied".to_string());
     }
     Some(settings)
+}
+
+/// Whether `locality` (`region/zone[/subzone]`) matches an Istio locality `pattern`: segment
+/// by segment, `*` matching the rest; a shorter pattern matches the localities under it.
+pub fn locality_matches(pattern: &str, locality: &str) -> bool {
+    let mut have = locality.split('/');
+    for want in pattern.split('/') {
+        if want == "*" {
+            return true;
+        }
+        match have.next() {
+            Some(h) if h.eq_ignore_ascii_case(want) => {}
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// What one caller knows about one cluster that serves the service.
@@ -339,11 +381,49 @@ pub struct Table {
     pub active: Option<usize>,
     /// Clusters that export the service but receive none of its traffic, and why.
     pub excluded: Vec<ClusterRow>,
-    /// Accepted settings that are not applied.
+    /// Accepted settings that are not applied, and how `distribute` splits traffic.
     pub notes: Vec<String>,
+    /// `localityLbSetting.distribute` for this caller: the share of each locality pattern
+    /// and its clusters with a healthy endpoint (empty: the priorities decide).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub distribution: Vec<Share>,
+}
+
+/// One `to` entry of a `distribute` rule, as planned for one caller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Share {
+    pub localities: String,
+    pub weight: u32,
+    /// Its clusters with a healthy endpoint.
+    pub clusters: Vec<String>,
 }
 
 impl Table {
+    /// The clusters a request goes to under `distribute`: a share picked by weight (`roll`
+    /// in [0, 1)) among the shares with a healthy cluster, their weights renormalized; `None`
+    /// when no share has one (the priorities decide then).
+    pub fn distributed_clusters(&self, roll: f64) -> Option<Vec<&str>> {
+        let live: Vec<&Share> = self
+            .distribution
+            .iter()
+            .filter(|s| s.weight > 0 && !s.clusters.is_empty())
+            .collect();
+        let total: u32 = live.iter().map(|s| s.weight).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut point = roll.clamp(0.0, 1.0) * f64::from(total);
+        let share = live
+            .iter()
+            .find(|s| {
+                let hit = point < f64::from(s.weight);
+                point -= f64::from(s.weight);
+                hit
+            })
+            .or(live.last())?;
+        Some(share.clusters.iter().map(String::as_str).collect())
+    }
+
     /// The clusters attempt `attempt` (0 = the first) of a request goes to when its retries
     /// may leave the active priority (VirtualService `retries.retryRemoteLocalities`, as
     /// Envoy's `previous_priorities`): the active priority first, then each later priority
@@ -591,11 +671,49 @@ pub fn plan(
         min_healthy_percent: settings.min_healthy_percent,
         hysteresis_ms: crate::clock::millis(settings.hysteresis),
         on_partition: settings.on_partition.describe(),
+        distribution: distribution(&settings.distribute, &tiers),
+        notes: settings
+            .ignored
+            .iter()
+            .cloned()
+            .chain((!settings.distribute.is_empty()).then(|| {
+                format!(
+                    "distribute: {} (while a share has a healthy endpoint; else the priorities)",
+                    settings
+                        .distribute
+                        .iter()
+                        .map(|(l, w)| format!("{l} {w}%"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }))
+            .collect(),
         tiers,
         active: None,
         excluded,
-        notes: settings.ignored.clone(),
     }
+}
+
+/// The shares of `distribute` over the clusters of `tiers` with a healthy endpoint.
+fn distribution(distribute: &[(String, u32)], tiers: &[Tier]) -> Vec<Share> {
+    distribute
+        .iter()
+        .map(|(localities, weight)| Share {
+            localities: localities.clone(),
+            weight: *weight,
+            clusters: tiers
+                .iter()
+                .flat_map(|t| &t.clusters)
+                .filter(|c| c.healthy > 0)
+                .filter(|c| {
+                    c.locality
+                        .as_deref()
+                        .is_some_and(|l| locality_matches(localities, l))
+                })
+                .map(|c| c.cluster.clone())
+                .collect(),
+        })
+        .collect()
 }
 
 /// Per-service memory that makes traffic come home only after a nearer priority has been

@@ -58,6 +58,17 @@ fn matches(labels: Option<&BTreeMap<String, String>>, have: &BTreeMap<String, St
     labels.is_none_or(|l| l.iter().all(|(k, v)| have.get(k) == Some(v)))
 }
 
+/// Which upstreams one attempt of a request may use.
+#[derive(Debug, Clone, Copy)]
+pub struct Pick {
+    /// `Some(n)` when retries may leave the active priority (`retryRemoteLocalities`):
+    /// attempt `n` goes to [`Table::retry_clusters`]`(n)`.
+    pub attempt: Option<u32>,
+    /// In [0, 1): picks the share under `localityLbSetting.distribute`
+    /// ([`Table::distributed_clusters`]).
+    pub roll: f64,
+}
+
 impl Health {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -121,12 +132,20 @@ impl Health {
         subset: Option<&str>,
         gateway: bool,
     ) -> (Vec<Upstream>, Table) {
-        self.candidates_for_attempt(config, service, labels, subset, gateway, None)
+        self.candidates_for_attempt(
+            config,
+            service,
+            labels,
+            subset,
+            gateway,
+            Pick {
+                attempt: None,
+                roll: rand::random(),
+            },
+        )
     }
 
-    /// Like [`Health::candidates`]; with `Some(attempt)`, the upstreams of the priority that
-    /// attempt goes to when retries may leave the active one
-    /// ([`Table::retry_clusters`]: the active priority, then each later healthy one).
+    /// Like [`Health::candidates`], for one attempt of one request ([`Pick`]).
     pub fn candidates_for_attempt(
         &self,
         config: &MeshConfig,
@@ -134,7 +153,7 @@ impl Health {
         labels: Option<&BTreeMap<String, String>>,
         subset: Option<&str>,
         gateway: bool,
-        attempt: Option<u32>,
+        pick: Pick,
     ) -> (Vec<Upstream>, Table) {
         let now = Instant::now();
         let now_ms = isthmus_core::clock::unix_ms();
@@ -186,9 +205,11 @@ impl Health {
             settings.hysteresis,
             now.into_std(),
         );
-        let clusters = match attempt {
-            Some(n) => table.retry_clusters(n),
-            None => table.active_clusters(),
+        let clusters = match pick.attempt {
+            Some(n) if n > 0 => table.retry_clusters(n),
+            _ => table
+                .distributed_clusters(pick.roll)
+                .unwrap_or_else(|| table.active_clusters()),
         };
         let in_active = |c: &str| table.active_clusters().contains(&c);
         let panic = table

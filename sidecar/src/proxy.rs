@@ -527,7 +527,10 @@ impl HttpProxy {
                     labels.as_ref(),
                     dest.subset.as_deref(),
                     gateway,
-                    remote_retries.then_some(attempt),
+                    crate::failover::Pick {
+                        attempt: remote_retries.then_some(attempt),
+                        roll: rand::random(),
+                    },
                 )
                 .0
         };

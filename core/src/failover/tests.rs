@@ -216,13 +216,13 @@ fn istio_locality_lb_setting_maps_onto_the_same_priorities() {
     let docs = policy(
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: default}\n\
          spec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer:\n      localityLbSetting:\n        enabled: true\n\
-         \x20       failover: [{from: us-east, to: eu-west}]\n        distribute: [{from: 'us-east/*', to: {'us-east/*': 100}}]\n",
+         \x20       failover: [{from: us-east, to: eu-west}]\n        failoverPriority: [topology.kubernetes.io/region]\n",
     );
     let s = Settings::resolve(&docs, "default", "reviews", Some("us-east/a"));
     assert!(s.source.contains("localityLbSetting"), "{}", s.source);
     assert_eq!(
         s.ignored,
-        vec!["localityLbSetting.distribute is not applied"]
+        vec!["localityLbSetting.failoverPriority is not applied"]
     );
     let clusters = [
         health("east", "us-east/a", 1, 0),
@@ -307,4 +307,106 @@ fn retries_that_may_leave_the_active_priority_take_each_later_healthy_one_in_tur
             vec!["central"]
         ]
     );
+}
+
+fn distribute(to: &str) -> Vec<Policy> {
+    policy(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: default}}\n\
+         spec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer:\n      localityLbSetting:\n\
+         \x20       distribute: [{{from: 'eu-west/*', to: {{'eu-west/*': 100}}}}, {{from: 'us-east/a/*', to: {to}}}]\n",
+    ))
+}
+
+#[test]
+fn distribute_splits_a_callers_traffic_across_localities_by_weight() {
+    let docs = distribute("{'us-east/a/*': 80, 'us-west': 20}");
+    let s = Settings::resolve(&docs, "default", "reviews", Some("us-east/a"));
+    assert_eq!(
+        s.distribute,
+        vec![("us-east/a/*".to_string(), 80), ("us-west".to_string(), 20)]
+    );
+    let clusters = [
+        health("east", "us-east/a", 2, 2),
+        health("east-b", "us-east/b", 1, 1),
+        health("west", "us-west/a", 1, 1),
+        health("west-2", "us-west/b", 1, 0),
+    ];
+    let mut t = plan(
+        "reviews.default",
+        &s,
+        "east",
+        Some("us-east/a"),
+        &clusters,
+        NOW_MS,
+    );
+    Hysteresis::default().decide(&mut t, s.hysteresis, Instant::now());
+    // Rolls below 0.8 go to us-east/a, the rest to us-west (its healthy cluster only);
+    // east-b is in no share.
+    assert_eq!(t.distributed_clusters(0.0), Some(vec!["east"]));
+    assert_eq!(t.distributed_clusters(0.79), Some(vec!["east"]));
+    assert_eq!(t.distributed_clusters(0.8), Some(vec!["west"]));
+    assert_eq!(t.distributed_clusters(0.999), Some(vec!["west"]));
+    assert!(render(&t, "east").contains("distribute: us-east/a/* 80%, us-west 20%"));
+
+    // A share with no healthy cluster gives its weight to the others; none at all: the
+    // priorities decide.
+    let down = [
+        health("east", "us-east/a", 2, 0),
+        health("west", "us-west/a", 1, 1),
+    ];
+    let t = plan(
+        "reviews.default",
+        &s,
+        "east",
+        Some("us-east/a"),
+        &down,
+        NOW_MS,
+    );
+    assert_eq!(t.distributed_clusters(0.1), Some(vec!["west"]));
+    let none = [
+        health("east", "us-east/a", 2, 0),
+        health("east-b", "us-east/b", 1, 1),
+    ];
+    let t = plan(
+        "reviews.default",
+        &s,
+        "east",
+        Some("us-east/a"),
+        &none,
+        NOW_MS,
+    );
+    assert_eq!(t.distributed_clusters(0.1), None);
+    // A caller no rule's `from` matches follows the priorities.
+    let other = Settings::resolve(&docs, "default", "reviews", Some("ap-south/a"));
+    assert!(other.distribute.is_empty());
+}
+
+#[test]
+fn locality_patterns_match_segment_by_segment() {
+    assert!(locality_matches("us-east/a/*", "us-east/a"));
+    assert!(locality_matches("us-east/*", "us-east/b"));
+    assert!(locality_matches("us-east", "us-east/b"));
+    assert!(locality_matches("*", "anything/at/all"));
+    assert!(!locality_matches("us-east/a/*", "us-east/b"));
+    assert!(!locality_matches("us-east/a/z1", "us-east/a"));
+    assert!(!locality_matches("us-west/*", "us-east/a"));
+}
+
+#[test]
+fn distribute_weights_are_checked_as_istio_does() {
+    let refused = |to: &str| {
+        let yaml = format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: r, namespace: default}}\n\
+             spec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer:\n      localityLbSetting:\n\
+             \x20       distribute: [{{from: 'us-east/*', to: {to}}}]\n"
+        );
+        parse_documents("dr.yaml", &yaml).unwrap_err().to_string()
+    };
+    let err = refused("{'us-east/*': 60, 'us-west/*': 30}");
+    assert!(
+        err.contains("localityLbSetting.distribute[0].to") && err.contains("add up to 90"),
+        "{err}"
+    );
+    let err = refused("{'us-east/*': 'lots'}");
+    assert!(err.contains("distribute[0].to.us-east/*"), "{err}");
 }

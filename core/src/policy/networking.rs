@@ -409,8 +409,8 @@ pub struct LoadBalancerSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistent_hash: Option<ConsistentHashLb>,
     /// Read by the failover planner (`core/src/failover.rs`): `enabled` and `failover`
-    /// order the clusters; `distribute` and `failoverPriority` are kept and reported as not
-    /// applied.
+    /// order the clusters, `distribute` splits a caller's traffic by locality;
+    /// `failoverPriority` is kept and reported as not applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locality_lb_setting: Option<serde_json::Value>,
 }

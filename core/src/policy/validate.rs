@@ -388,6 +388,61 @@ fn load_balancer(at: &str, lb: &LoadBalancerSettings) -> Check {
             duration(&format!("{at}.consistentHash.httpCookie.ttl"), ttl)?;
         }
     }
+    if let Some(setting) = &lb.locality_lb_setting {
+        locality_lb_setting(&format!("{at}.localityLbSetting"), setting)?;
+    }
+    Ok(())
+}
+
+/// `distribute`, as Istio checks it: each rule a `from` locality and `to` weights that add up
+/// to 100; not together with `failover` or `failoverPriority`.
+fn locality_lb_setting(at: &str, setting: &serde_json::Value) -> Check {
+    let Some(rules) = setting.get("distribute") else {
+        return Ok(());
+    };
+    for other in ["failover", "failoverPriority"] {
+        if setting.get(other).is_some() {
+            return fail(at, format!("distribute and {other} cannot both be set"));
+        }
+    }
+    let Some(rules) = rules.as_array() else {
+        return fail(format!("{at}.distribute"), "a list of {from, to} rules");
+    };
+    for (i, rule) in rules.iter().enumerate() {
+        let at = format!("{at}.distribute[{i}]");
+        if rule
+            .get("from")
+            .and_then(|f| f.as_str())
+            .is_none_or(|f| f.trim().is_empty())
+        {
+            return fail(
+                format!("{at}.from"),
+                "a locality (region/zone/subzone, * for any) is required",
+            );
+        }
+        let Some(to) = rule.get("to").and_then(|t| t.as_object()) else {
+            return fail(
+                format!("{at}.to"),
+                "a map of locality to weight is required",
+            );
+        };
+        let mut total = 0u64;
+        for (locality, weight) in to {
+            let Some(w) = weight.as_u64().filter(|w| *w <= 100) else {
+                return fail(
+                    format!("{at}.to.{locality}"),
+                    format!("weight {weight} is not a whole number from 0 to 100"),
+                );
+            };
+            total += w;
+        }
+        if total != 100 {
+            return fail(
+                format!("{at}.to"),
+                format!("the weights add up to {total}; they must add up to 100"),
+            );
+        }
+    }
     Ok(())
 }
 
