@@ -35,6 +35,7 @@ pub mod cors;
 pub mod daemon;
 pub mod failover;
 pub mod inbound;
+mod l4;
 pub mod limits;
 pub mod metrics;
 pub mod observe;
@@ -305,7 +306,6 @@ pub async fn start(
         ));
         let serves = outbound::Outbound {
             config,
-            upstream,
             proxy,
             limits: opts.limits,
             metrics: opts.metrics.clone(),

@@ -17,7 +17,6 @@ use tokio::time::Duration;
 use crate::protocol::{sniff, Sniffed};
 
 use crate::proxy::HttpProxy;
-use crate::upstream::Connector;
 
 /// The VIP listeners currently bound, by address.
 #[derive(Clone, Default)]
@@ -103,7 +102,6 @@ pub const DETECTION_TIMEOUT: Duration = Duration::from_millis(100);
 #[derive(Clone)]
 pub(crate) struct Outbound {
     pub config: watch::Receiver<Arc<MeshConfig>>,
-    pub upstream: Arc<Connector>,
     pub proxy: Arc<HttpProxy>,
     pub limits: crate::limits::Limits,
     pub metrics: crate::metrics::Metrics,
@@ -121,10 +119,9 @@ impl Outbound {
             serve_http(app, vip, client, self.proxy.clone()).await;
         } else if let Err(e) = forward(
             app,
-            vip,
+            (vip, client),
             &self.config,
-            &self.upstream,
-            self.proxy.metrics(),
+            &self.proxy,
             self.limits.tcp_idle_timeout,
         )
         .await
@@ -264,33 +261,35 @@ async fn serve_http(app: TcpStream, vip: SocketAddr, client: SocketAddr, proxy: 
     }
 }
 
-/// Relays one opaque TCP connection to the service, recording Istio's TCP metrics.
+/// Relays one opaque TCP connection to the service, recording Istio's TCP metrics: to the
+/// endpoint a headless VIP names, or to a service VIP's destination as [`crate::l4`] picks it.
 async fn forward(
     mut app: TcpStream,
-    vip: SocketAddr,
+    (vip, client): (SocketAddr, SocketAddr),
     config: &watch::Receiver<Arc<MeshConfig>>,
-    upstream: &Connector,
-    metrics: &crate::metrics::TcpReporter,
+    proxy: &HttpProxy,
     idle: Duration,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let current = config.borrow().clone();
-    let (service, connected) = match current.endpoint_by_vip(vip.ip()) {
-        Some((service, endpoint)) => (
-            service.clone(),
-            upstream
+    let metrics = proxy.metrics();
+    let (service, mut tls, route, picked) = match current.endpoint_by_vip(vip.ip()) {
+        Some((service, endpoint)) => {
+            let (tls, route) = proxy
+                .connector()
                 .connect_endpoint(&current, service, endpoint, vip.port())
-                .await,
-        ),
+                .await?;
+            (service.clone(), tls, route, None)
+        }
         None => {
             let service = current
                 .service_by_vip(vip.ip())
-                .cloned()
                 .ok_or_else(|| format!("no service has VIP {}", vip.ip()))?;
-            let connected = upstream.connect(&current, &service, vip.port()).await;
-            (service, connected)
+            let (tls, route, service, lease) = proxy
+                .connect_tcp(&current, service, vip.port(), client)
+                .await?;
+            (service, tls, route, Some(lease))
         }
     };
-    let (mut tls, route) = connected?;
     tracing::debug!(service = %service.key(), ?route, "outbound connection routed");
     let destination_cluster = match &route {
         crate::upstream::Route::Local(_) => current.cluster.clone(),
@@ -299,6 +298,9 @@ async fn forward(
     let labels = metrics.labels((&service.name, &service.namespace), destination_cluster);
     metrics.opened(&labels);
     let copied = crate::limits::relay(&mut app, &mut tls, idle).await;
+    if let Some(lease) = &picked {
+        proxy.tcp_closed(lease);
+    }
     // Istio counts request bytes (from the app) as received, response bytes as sent.
     let (received, sent) = copied.as_ref().map_or((0, 0), |c| *c);
     metrics.closed(&labels, sent, received);

@@ -42,7 +42,7 @@ use isthmus_core::policy::networking::Percent;
 /// Request and response bodies as the proxy passes them on.
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-type DestKey = (ServiceKey, Option<String>);
+pub(crate) type DestKey = (ServiceKey, Option<String>);
 
 /// What one request's metrics need to know, filled in along the way.
 struct Report {
@@ -173,7 +173,19 @@ impl HttpProxy {
         guard.1.admit(service, route, now)
     }
 
-    fn table(&self, config: &MeshConfig) -> Arc<RouteTable> {
+    /// What dials the upstreams.
+    pub(crate) fn connector(&self) -> &Arc<Connector> {
+        &self.connector
+    }
+
+    /// Runs `f` on the balancing state of destination `key` (shared by HTTP and L4).
+    pub(crate) fn with_balancer<T>(&self, key: &DestKey, f: impl FnOnce(&mut Balancer) -> T) -> T {
+        let mut balancers = self.balancers.lock().unwrap_or_else(|e| e.into_inner());
+        f(balancers.entry(key.clone()).or_default())
+    }
+
+    /// The route table of `config` (built once per config version).
+    pub(crate) fn table(&self, config: &MeshConfig) -> Arc<RouteTable> {
         let mut cached = self.routes.lock().unwrap_or_else(|e| e.into_inner());
         if cached.0 != config.version {
             *cached = (config.version, Arc::new(RouteTable::build(config)));

@@ -213,6 +213,28 @@ pub struct WeightedDestination {
     pub headers: Option<net::Headers>,
 }
 
+/// Picks one of `dests` by weight (HTTP routes and `tcp` routes alike); `roll` is uniform
+/// in [0, 1). All weights zero: the first.
+pub fn pick_weighted(dests: &[WeightedDestination], roll: f64) -> Option<&WeightedDestination> {
+    let total: u32 = dests.iter().map(|d| d.weight).sum();
+    if total == 0 {
+        return dests.first();
+    }
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "the product is clamped to [0, total) before the cast"
+    )]
+    let mut target = (roll.clamp(0.0, 0.999_999_999) * f64::from(total)) as u32;
+    for d in dests {
+        if target < d.weight {
+            return Some(d);
+        }
+        target -= d.weight;
+    }
+    dests.last()
+}
+
 /// Retry policy of a route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {
@@ -314,23 +336,7 @@ impl HttpRoute {
         let RouteAction::Forward(dests) = &self.action else {
             return None;
         };
-        let total: u32 = dests.iter().map(|d| d.weight).sum();
-        if total == 0 {
-            return dests.first();
-        }
-        #[allow(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            reason = "the product is clamped to [0, total) before the cast"
-        )]
-        let mut target = (roll.clamp(0.0, 0.999_999_999) * f64::from(total)) as u32;
-        for d in dests {
-            if target < d.weight {
-                return Some(d);
-            }
-            target -= d.weight;
-        }
-        dests.last()
+        pick_weighted(dests, roll)
     }
 
     /// The route used when no VirtualService applies: the service itself.

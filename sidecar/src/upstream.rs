@@ -10,7 +10,6 @@
 //! [`Connector::connect_endpoint`]: that endpoint or nothing, never a failover.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,7 +47,6 @@ pub struct Connector {
     trust: Arc<TrustBundles>,
     gateway: Option<SocketAddr>,
     timeout: Duration,
-    next: AtomicUsize,
     health: Arc<Health>,
 }
 
@@ -73,7 +71,6 @@ impl Connector {
             trust,
             gateway,
             timeout,
-            next: AtomicUsize::new(0),
             health: Arc::new(Health::default()),
         }
     }
@@ -86,48 +83,6 @@ impl Connector {
     /// Whether a gateway is configured (remote clusters are reachable at all).
     pub fn has_gateway(&self) -> bool {
         self.gateway.is_some()
-    }
-
-    /// Opens an mTLS session to `service` on `port`, following the failover table: the
-    /// active priority's upstreams in turn (local endpoints round robin), asking the table
-    /// again after every failure so that a dead priority is left at once.
-    pub async fn connect(
-        &self,
-        config: &MeshConfig,
-        service: &MeshService,
-        port: u16,
-    ) -> Result<(TlsStream<TcpStream>, Route), UpstreamError> {
-        let mut last_error = None;
-        // Every failure takes an upstream (or a whole cluster) out, so this ends.
-        let bound = service.local_endpoints.len() + service.remote.len() + 1;
-        for _ in 0..bound {
-            let (upstreams, _) =
-                self.health
-                    .candidates(config, service, None, None, self.has_gateway());
-            if upstreams.is_empty() {
-                break;
-            }
-            let start = self.next.fetch_add(1, Ordering::Relaxed);
-            let upstream = &upstreams[start % upstreams.len()];
-            match self.connect_to(service, port, upstream, None, None).await {
-                Ok(tls) => {
-                    let route = match upstream {
-                        Upstream::Local(a) => Route::Local(*a),
-                        Upstream::Remote(c) => Route::Remote(c.clone()),
-                    };
-                    return Ok((tls, route));
-                }
-                Err(e) => {
-                    tracing::debug!(?upstream, error = %e, "upstream failed");
-                    let marked = self.record_failure(service, port, upstream, &e);
-                    last_error = Some(e);
-                    if !marked {
-                        break;
-                    }
-                }
-            }
-        }
-        Err(last_error.unwrap_or_else(|| UpstreamError::NoRoute(service.key())))
     }
 
     /// Opens an mTLS session to one endpoint of a headless service: a local one directly, a

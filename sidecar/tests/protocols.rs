@@ -1,6 +1,7 @@
 //! Protocols through two sidecars and real sockets: HTTP/2 with prior knowledge, gRPC streaming
 //! both ways with trailers (and retries on a trailers-only UNAVAILABLE), WebSocket upgrades,
-//! protocol detection on undeclared ports, and Istio's metrics from both reporters.
+//! protocol detection on undeclared ports, opaque TCP routed and balanced as HTTP is, and
+//! Istio's metrics from both reporters.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -190,6 +191,16 @@ fn identity(ca: &CertificateAuthority, sa: &str) -> Arc<Identity> {
 /// One service per (name, declared protocol, application), each behind its own server
 /// sidecar and reachable at `127.<octet>.0.<i+1>:7070` through one client sidecar.
 async fn mesh(octet: u8, services: Vec<(&str, Protocol, SocketAddr)>, policies: &str) -> Mesh {
+    mesh_with(octet, services, policies, |_| {}).await
+}
+
+/// Like [`mesh`], letting `extra` add to (or change) the services the config holds.
+async fn mesh_with(
+    octet: u8,
+    services: Vec<(&str, Protocol, SocketAddr)>,
+    policies: &str,
+    extra: impl FnOnce(&mut Vec<isthmus_core::mesh::MeshService>),
+) -> Mesh {
     isthmus_core::install_crypto_provider();
     let ca = CertificateAuthority::generate(TD).unwrap();
     let trust = TrustBundles::new();
@@ -243,6 +254,7 @@ async fn mesh(octet: u8, services: Vec<(&str, Protocol, SocketAddr)>, policies: 
     .await
     .unwrap();
     sidecars.push(client);
+    extra(&mut mesh_services);
     tx.send_replace(Arc::new(MeshConfig {
         version: 1,
         cluster: "test".into(),
@@ -525,5 +537,74 @@ async fn undeclared_ports_are_detected_http_at_l7_anything_else_as_tcp() {
             "metrics missing:\n{server}\n---\n{client}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The first byte each of `n` connections to `vip` receives (the banner of the app it
+/// reached).
+async fn banners(vip: IpAddr, n: usize) -> Vec<u8> {
+    let mut seen = Vec::new();
+    for _ in 0..n {
+        let mut tcp = TcpStream::connect((vip, PORT)).await.unwrap();
+        seen.push(read_exactly(&mut tcp, 1).await[0]);
+    }
+    seen
+}
+
+/// Opaque TCP follows the VirtualService `tcp` route and the DestinationRule's load balancer,
+/// as HTTP does: connections to `db` (declared TCP) go to the `pair` service, whose two
+/// endpoints (apps A and B) take turns by default and stay one per source IP with
+/// `consistentHash.useSourceIp`.
+#[tokio::test]
+async fn tcp_connections_follow_tcp_routes_and_the_destination_rules_balancer() {
+    let route = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: db, namespace: default}\n\
+                 spec:\n  hosts: [db]\n  tcp:\n  - match: [{port: 7070}]\n    route: [{destination: {host: pair}}]\n";
+    let by_source_ip = "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: pair, namespace: default}\n\
+                        spec:\n  host: pair\n  trafficPolicy:\n    loadBalancer:\n      consistentHash: {useSourceIp: true}\n";
+    for (octet, policies, sticky) in [
+        (166, route.to_string(), false),
+        (167, format!("{route}{by_source_ip}"), true),
+    ] {
+        let (a, b, db) = (
+            tcp_app(b"A").await,
+            tcp_app(b"B").await,
+            tcp_app(b"D").await,
+        );
+        let pair_vip: IpAddr = format!("127.{octet}.0.9").parse().unwrap();
+        let m = mesh_with(
+            octet,
+            vec![
+                ("a", Protocol::Tcp, a),
+                ("b", Protocol::Tcp, b),
+                ("db", Protocol::Tcp, db),
+            ],
+            &policies,
+            |services| {
+                let mut pair =
+                    mesh::served(TD, "pair", pair_vip, &[("p", PORT, Protocol::Tcp)], &[]);
+                for s in &services[..2] {
+                    pair.local_endpoints
+                        .extend(s.local_endpoints.iter().cloned());
+                    pair.identities.extend(s.identities.iter().cloned());
+                }
+                services.push(pair);
+            },
+        )
+        .await;
+        let seen = banners(m.vips[2], 10).await;
+        assert!(
+            !seen.contains(&b'D'),
+            "the tcp route sends db's traffic to pair: {seen:?}"
+        );
+        let distinct: std::collections::BTreeSet<u8> = seen.iter().copied().collect();
+        if sticky {
+            assert_eq!(distinct.len(), 1, "one endpoint per source IP: {seen:?}");
+        } else {
+            assert_eq!(
+                distinct,
+                [b'A', b'B'].into(),
+                "round robin over both endpoints: {seen:?}"
+            );
+        }
     }
 }
