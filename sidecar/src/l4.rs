@@ -3,7 +3,9 @@
 //! another port), then the failover table's active priority, then the DestinationRule's
 //! load balancer and outlier detection, with the same per-destination state as the HTTP
 //! path ([`HttpProxy`]'s balancers). A failed connect ejects by the outlier rules, tells the
-//! failover table, and moves on to the next candidate.
+//! failover table, and moves on to the next candidate. `connectionPool.tcp.maxConnections`
+//! bounds the open connections per destination: one more is refused at once (closed), as
+//! Envoy's TCP proxy does.
 
 use std::net::SocketAddr;
 
@@ -27,6 +29,8 @@ pub(crate) struct L4Lease {
     upstream: Upstream,
     outlier: Option<OutlierSettings>,
     pool: usize,
+    /// Its place under `connectionPool.tcp.maxConnections`, held while it is open.
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// The destination of a connection to `service` on `port`: its VirtualService `tcp` route's
@@ -100,6 +104,18 @@ impl HttpProxy {
             .as_ref()
             .map(OutlierSettings::from_policy);
         let dkey: DestKey = (dest.service.clone(), dest.subset.clone());
+        let max = policy
+            .connection_pool
+            .as_ref()
+            .and_then(|p| p.tcp.as_ref())
+            .and_then(|t| t.max_connections)
+            .unwrap_or(u32::MAX);
+        let slot = self
+            .admit_tcp(&dkey, max)
+            .map_err(|()| UpstreamError::Overflow {
+                service: target.key(),
+                max,
+            })?;
         let connector = self.connector();
         let mut last_error = None;
         // Every failure ejects an upstream or takes it out of the failover table, so this ends.
@@ -141,6 +157,7 @@ impl HttpProxy {
                         upstream,
                         outlier,
                         pool: candidates.len(),
+                        _slot: slot,
                     };
                     return Ok((tls, route, target, lease));
                 }

@@ -126,6 +126,12 @@ impl Outbound {
         )
         .await
         {
+            if matches!(
+                e.downcast_ref::<crate::upstream::UpstreamError>(),
+                Some(crate::upstream::UpstreamError::Overflow { .. })
+            ) {
+                self.metrics.refused("outbound", "overflow").inc();
+            }
             tracing::warn!(%vip, %client, error = %e, "outbound connection failed");
         }
     }

@@ -87,6 +87,8 @@ pub struct HttpProxy {
     routes: Mutex<(u64, Arc<RouteTable>)>,
     balancers: Mutex<HashMap<DestKey, Balancer>>,
     breakers: Mutex<HashMap<DestKey, Breaker>>,
+    /// Open L4 connections per destination, bounded by `connectionPool.tcp.maxConnections`.
+    tcp_breakers: Mutex<HashMap<DestKey, (u32, Arc<Semaphore>)>>,
     pool: Arc<Pool>,
     source: Source,
     metrics: crate::metrics::Metrics,
@@ -137,6 +139,7 @@ impl HttpProxy {
             routes: Mutex::new((0, Arc::new(RouteTable::default()))),
             balancers: Mutex::new(HashMap::new()),
             breakers: Mutex::new(HashMap::new()),
+            tcp_breakers: Mutex::new(HashMap::new()),
             pool: {
                 let pool = Arc::new(Pool::default());
                 crate::pool::expire_idle(Arc::downgrade(&pool));
@@ -182,6 +185,30 @@ impl HttpProxy {
     pub(crate) fn with_balancer<T>(&self, key: &DestKey, f: impl FnOnce(&mut Balancer) -> T) -> T {
         let mut balancers = self.balancers.lock().unwrap_or_else(|e| e.into_inner());
         f(balancers.entry(key.clone()).or_default())
+    }
+
+    /// A slot for one more L4 connection to destination `key`, of at most `max` open at once
+    /// (`None`: unbounded); `Err` when all are taken (Envoy's TCP proxy overflow: the
+    /// connection is refused, never queued).
+    pub(crate) fn admit_tcp(
+        &self,
+        key: &DestKey,
+        max: u32,
+    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ()> {
+        if max == u32::MAX {
+            return Ok(None);
+        }
+        let permits = {
+            let mut breakers = self.tcp_breakers.lock().unwrap_or_else(|e| e.into_inner());
+            let slot = breakers
+                .entry(key.clone())
+                .or_insert_with(|| (max, Arc::new(Semaphore::new(max as usize))));
+            if slot.0 != max {
+                *slot = (max, Arc::new(Semaphore::new(max as usize)));
+            }
+            slot.1.clone()
+        };
+        permits.try_acquire_owned().map(Some).map_err(|_| ())
     }
 
     /// The route table of `config` (built once per config version).

@@ -32,6 +32,11 @@ pub enum UpstreamError {
     Connect { addr: SocketAddr, reason: String },
     #[error("endpoint {endpoint} of headless service {service} in this cluster is not ready")]
     EndpointNotReady { service: String, endpoint: String },
+    #[error(
+        "{service} already has {max} open connections (its DestinationRule's \
+         connectionPool.tcp.maxConnections): overflow"
+    )]
+    Overflow { service: String, max: u32 },
     #[error("the gateway refused the stream to {cluster}: {code:?} {message}")]
     Refused {
         cluster: String,

@@ -608,3 +608,61 @@ async fn tcp_connections_follow_tcp_routes_and_the_destination_rules_balancer() 
         }
     }
 }
+
+/// `connectionPool.tcp.maxConnections` bounds open TCP connections per destination: one more
+/// is closed at once, unserved, and counted; a freed slot serves again.
+#[tokio::test]
+async fn tcp_connections_beyond_max_connections_are_refused_at_once() {
+    let a = tcp_app(b"A").await;
+    let m = mesh(
+        168,
+        vec![("a", Protocol::Tcp, a)],
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: a, namespace: default}\n\
+         spec:\n  host: a\n  trafficPolicy:\n    connectionPool: {tcp: {maxConnections: 1}}\n",
+    )
+    .await;
+    // (The mesh's own readiness probe holds the slot a moment: the first is served once free.)
+    let first = served(m.vips[0]).await;
+    let refused_before = overflows(&m.client_metrics);
+    let mut second = TcpStream::connect((m.vips[0], PORT)).await.unwrap();
+    let mut buf = [0u8; 1];
+    let got = tokio::time::timeout(Duration::from_secs(5), second.read(&mut buf))
+        .await
+        .expect("closed at once");
+    assert!(
+        matches!(got, Ok(0) | Err(_)),
+        "served beyond the limit: {got:?}"
+    );
+    assert_eq!(overflows(&m.client_metrics), refused_before + 1);
+    drop(first);
+    served(m.vips[0]).await;
+}
+
+/// How many outbound connections were refused for overflow.
+fn overflows(metrics: &Metrics) -> u64 {
+    scrape(metrics)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "isthmus_sidecar_connections_refused_total{listener=\"outbound\",reason=\"overflow\"} ",
+            )
+        })
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// A connection to `vip` that the app's banner `A` reached (retried while refused).
+async fn served(vip: IpAddr) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut tcp = TcpStream::connect((vip, PORT)).await.unwrap();
+        let mut buf = [0u8; 1];
+        if let Ok(Ok(1)) =
+            tokio::time::timeout(Duration::from_millis(500), tcp.read(&mut buf)).await
+        {
+            assert_eq!(&buf, b"A");
+            return tcp;
+        }
+        assert!(Instant::now() < deadline, "no connection was served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
