@@ -128,19 +128,9 @@ impl HttpProxy {
                 dest.subset.as_deref(),
                 connector.has_gateway(),
             );
-            let Some(upstream) = self.with_balancer(&dkey, |b| {
-                let u = b.pick(
-                    &candidates,
-                    &algorithm,
-                    Instant::now(),
-                    rand::random::<f64>(),
-                    hash_key.as_deref(),
-                );
-                if let Some(u) = &u {
-                    b.started(u);
-                }
-                u
-            }) else {
+            let Some(upstream) =
+                self.pick_upstream(&dkey, &candidates, &algorithm, hash_key.as_deref())
+            else {
                 break;
             };
             match connector
