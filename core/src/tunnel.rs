@@ -204,6 +204,15 @@ pub struct OpenRequest {
     pub trace_context: Option<String>,
 }
 
+/// The selector [`OpenRequest::subset`] carries for a subset's labels: `k=v[,k=v]`.
+pub fn subset_selector(labels: &std::collections::BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl OpenRequest {
     /// A request for `service` (`<name>.<namespace>`) port `port` in `target_cluster`, with
     /// no subset, no source cluster and no trace context.

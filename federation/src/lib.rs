@@ -635,11 +635,6 @@ impl Store {
         }
     }
 
-    /// The writer this handle's writes are proposed for.
-    pub fn writer(&self) -> &Writer {
-        &self.writer
-    }
-
     /// Sets `key` to `value` and returns the revision of the write once this member has
     /// applied it. Works on any member; retried internally while there is no leader, until
     /// the proposal timeout.

@@ -22,8 +22,7 @@ use crate::peer_tls::{PeerMember, PeerRefusals};
 use crate::proto::v1::raft_peer_server::{RaftPeer, RaftPeerServer};
 use crate::proto::v1::{RaftBatch, SendAck};
 use crate::replica::Replica;
-use crate::state::codec::decode_conf_context;
-use crate::state::decode_entry;
+use crate::state::codec::{decode_conf_context, proposer_of};
 
 /// Largest batch a member accepts (raft append messages carry log entries).
 const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
@@ -92,9 +91,7 @@ fn check_proposer(message: &Message, from: u64) -> Result<(), String> {
     for entry in message.get_entries() {
         let proposer = match entry.get_entry_type() {
             EntryType::EntryNormal if entry.data.is_empty() => continue,
-            EntryType::EntryNormal => decode_entry(&entry.data)
-                .map(|content| content.id.node)
-                .map_err(|e| e.to_string()),
+            EntryType::EntryNormal => proposer_of(&entry.data).map_err(|e| e.to_string()),
             EntryType::EntryConfChangeV2 => ConfChangeV2::parse_from_bytes(&entry.data)
                 .map_err(|e| e.to_string())
                 .and_then(|cc| decode_conf_context(&cc.context).map_err(|e| e.to_string()))

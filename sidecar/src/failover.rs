@@ -211,12 +211,14 @@ impl Health {
                 .distributed_clusters(pick.roll)
                 .unwrap_or_else(|| table.active_clusters()),
         };
-        let in_active = |c: &str| table.active_clusters().contains(&c);
+        // Panic mode (every endpoint, healthy or not) only when the attempt stays within
+        // an active tier that has no healthy endpoint.
+        let active = table.active_clusters();
         let panic = table
             .active
             .and_then(|i| table.tiers.get(i))
             .is_some_and(|t| t.healthy == 0)
-            && clusters.iter().all(|c| in_active(c));
+            && clusters.iter().all(|c| active.contains(c));
         let mut upstreams = Vec::new();
         for cluster in clusters {
             if cluster == config.cluster {

@@ -85,12 +85,7 @@ impl HttpProxy {
                 )?),
                 None => None,
             };
-        let subset_arg = labels.as_ref().map(|l| {
-            l.iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        });
+        let subset_arg = labels.as_ref().map(isthmus_core::tunnel::subset_selector);
         let policy = table.policy(&dest.service, dest.subset.as_deref(), port);
         let algorithm = Algorithm::from_settings(policy.load_balancer.as_ref());
         let hash_key = policy

@@ -3,7 +3,7 @@
 //!
 //! Every entry names the member that proposed it (its proposal id) and the [`Writer`] it acted
 //! for: the member's own control plane, or an operator whose request that member's API
-//! authenticated. [`may_write`] decides from the replica's state alone, so every replica
+//! authenticated. [`Proposer::may_write`] decides from the replica's state alone, so every replica
 //! decides alike:
 //!
 //! - A member is **bound** to the cluster whose record names its member id. A bound member
@@ -22,6 +22,7 @@
 //!
 //! The ownership check runs before the value rules; a refusal is [`Reason::NotOwner`].
 
+use std::cell::OnceCell;
 use std::fmt;
 
 use super::rules::{Change, Reason, Records, Refusal};
@@ -71,56 +72,11 @@ impl fmt::Display for Writer {
 }
 
 /// Whether an entry writing `key` for `writer` must carry its proposer's signature (when the
-/// proposer is bound, [`signer_of`]): writes that need an owner, i.e. of a governed key or for
-/// an operator. Writes of unowned keys by a member, token and lease-expiry entries need
+/// proposer is bound, [`Proposer::signer`]): writes that need an owner, i.e. of a governed key
+/// or for an operator. Writes of unowned keys by a member, token and lease-expiry entries need
 /// none: anyone may make them, so a forged proposer gains nothing.
 pub fn needs_signature(writer: &Writer, key: &str) -> bool {
     matches!(writer, Writer::Operator(_)) || governed(key)
-}
-
-/// The trust domain and CA bundle of the cluster member `proposer` is bound to: whose
-/// control plane must have signed its entries that need a signature.
-pub fn signer_of(records: &impl Records, proposer: u64) -> Option<(String, String)> {
-    records
-        .values(CLUSTERS_PREFIX)
-        .into_iter()
-        .filter_map(|(_, v)| serde_json::from_slice::<ClusterRecord>(v).ok())
-        .find(|r| r.member_id == Some(proposer))
-        .map(|r| (r.trust_domain, r.ca_bundle_pem))
-}
-
-/// Whether `writer`, through member `proposer`, may mint a join token: a bound member mints
-/// only for a mesh admin of its own trust domain (what `Kv.MintJoinToken` on its API is
-/// authorized for); a member no record binds, for anyone (as it writes unbound clusters'
-/// records).
-pub fn may_mint(records: &impl Records, proposer: u64, writer: &Writer) -> Result<(), Refusal> {
-    let all = clusters(records);
-    let Some(bound) = bound(&all, proposer) else {
-        return Ok(());
-    };
-    let refuse = |why: &str| {
-        Err(Refusal {
-            reason: Reason::NotOwner,
-            message: format!(
-                "join token: {writer} (through member {proposer}) may not mint one: {why}"
-            ),
-        })
-    };
-    match writer {
-        Writer::Member => refuse("join tokens are minted for a mesh admin"),
-        Writer::Operator(op) if op.trust_domain() != bound.trust_domain => {
-            refuse("a member vouches only for operators of its own trust domain")
-        }
-        Writer::Operator(op)
-            if op.role() == Role::Admin
-                && records
-                    .value(&super::mesh_admin_grant(op.trust_domain(), op.name()))
-                    .is_some() =>
-        {
-            Ok(())
-        }
-        Writer::Operator(_) => refuse("it needs a mesh-admin grant"),
-    }
 }
 
 /// Whether a key falls under a prefix whose records have owners.
@@ -129,212 +85,270 @@ fn governed(key: &str) -> bool {
 }
 
 /// A cluster record as far as ownership needs it.
-struct Bound {
+struct Cluster {
     name: String,
+    /// As the record spells it (a signer's identity is built from it).
     trust_domain: String,
+    /// Lowercased, for comparing with an operator's.
+    trust_domain_key: String,
+    member_id: Option<u64>,
+    ca_bundle_pem: String,
 }
 
-/// The clusters' records: (name, trust domain, member id).
-fn clusters(records: &impl Records) -> Vec<(String, String, Option<u64>)> {
-    records
-        .values(CLUSTERS_PREFIX)
-        .into_iter()
-        .filter_map(|(_, v)| serde_json::from_slice::<ClusterRecord>(v).ok())
-        .map(|r| (r.name, r.trust_domain.to_ascii_lowercase(), r.member_id))
-        .collect()
+/// The member that proposed an entry, judged against one replica's state: its cluster
+/// records are read at most once per entry, however many checks the entry needs.
+pub struct Proposer<'r, R: Records> {
+    records: &'r R,
+    id: u64,
+    clusters: OnceCell<Vec<Cluster>>,
 }
 
-/// The cluster member `proposer` is bound to.
-fn bound(all: &[(String, String, Option<u64>)], proposer: u64) -> Option<Bound> {
-    all.iter()
-        .find(|(_, _, id)| *id == Some(proposer))
-        .map(|(name, td, _)| Bound {
-            name: name.clone(),
-            trust_domain: td.clone(),
-        })
-}
-
-/// Whether cluster `name` is bound to a member.
-fn is_bound(all: &[(String, String, Option<u64>)], name: &str) -> bool {
-    all.iter().any(|(n, _, id)| n == name && id.is_some())
-}
-
-fn not_owner(key: &str, writer: &Writer, proposer: u64, why: impl fmt::Display) -> Refusal {
-    Refusal {
-        reason: Reason::NotOwner,
-        message: format!("{key}: {writer} (through member {proposer}) may not write it: {why}"),
-    }
-}
-
-/// Whether `writer`, vouched for by member `proposer`, may make `change` to `key`
-/// (a lease renewal counts as a write).
-pub fn may_write(
-    records: &impl Records,
-    proposer: u64,
-    writer: &Writer,
-    key: &str,
-    change: Change<'_>,
-) -> Result<(), Refusal> {
-    let parsed = Key::parse(key);
-    let governed = governed(key);
-    if !governed && *writer == Writer::Member {
-        return Ok(());
-    }
-    let all = clusters(records);
-    let bound = bound(&all, proposer);
-    match writer {
-        Writer::Member => member_may_write(records, &all, bound, proposer, key, parsed, change),
-        Writer::Operator(op) => operator_may_write(
+impl<'r, R: Records> Proposer<'r, R> {
+    pub fn new(records: &'r R, id: u64) -> Self {
+        Proposer {
             records,
-            &all,
-            bound,
-            proposer,
-            op,
-            key,
-            (parsed, governed),
-            change,
-        ),
+            id,
+            clusters: OnceCell::new(),
+        }
     }
-}
 
-fn member_may_write(
-    records: &impl Records,
-    all: &[(String, String, Option<u64>)],
-    bound: Option<Bound>,
-    proposer: u64,
-    key: &str,
-    parsed: Key<'_>,
-    change: Change<'_>,
-) -> Result<(), Refusal> {
-    let writer = &Writer::Member;
-    let refuse = |why: String| Err(not_owner(key, writer, proposer, why));
-    let cluster_of = |b: &Option<Bound>| {
-        b.as_ref()
-            .map_or("no cluster".to_string(), |b| format!("cluster {}", b.name))
-    };
-    match parsed {
-        Key::Cluster { name } => {
-            let Change::Write(value) = change else {
-                return refuse("a cluster's record is removed by a mesh admin".into());
-            };
-            // A record the value rules will refuse anyway is theirs to name.
-            let member_id = serde_json::from_slice::<ClusterRecord>(value)
-                .ok()
-                .and_then(|r| r.member_id);
-            match &bound {
-                Some(b) if b.name == name && member_id == Some(proposer) => Ok(()),
-                Some(b) if b.name == name => refuse(format!(
-                    "cluster {name}'s record keeps member id {proposer}"
-                )),
-                None if !is_bound(all, name) && member_id.is_none_or(|id| id == proposer) => Ok(()),
-                None if member_id.is_some_and(|id| id != proposer) => refuse(format!(
-                    "a member binds its own id only, not {}",
-                    member_id.unwrap_or_default()
-                )),
+    /// The member's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The state it is judged against.
+    pub fn records(&self) -> &'r R {
+        self.records
+    }
+
+    fn clusters(&self) -> &[Cluster] {
+        self.clusters.get_or_init(|| {
+            self.records
+                .values(CLUSTERS_PREFIX)
+                .into_iter()
+                .filter_map(|(_, v)| serde_json::from_slice::<ClusterRecord>(v).ok())
+                .map(|r| Cluster {
+                    name: r.name,
+                    trust_domain_key: r.trust_domain.to_ascii_lowercase(),
+                    trust_domain: r.trust_domain,
+                    member_id: r.member_id,
+                    ca_bundle_pem: r.ca_bundle_pem,
+                })
+                .collect()
+        })
+    }
+
+    /// The cluster this member is bound to.
+    fn bound(&self) -> Option<&Cluster> {
+        self.clusters()
+            .iter()
+            .find(|c| c.member_id == Some(self.id))
+    }
+
+    /// Whether cluster `name` is bound to a member.
+    fn is_bound(&self, name: &str) -> bool {
+        self.clusters()
+            .iter()
+            .any(|c| c.name == name && c.member_id.is_some())
+    }
+
+    /// Whether this member vouches for identities of trust domain `td` (lowercase): a bound
+    /// member for its own; a member no record binds, for those no bound member holds.
+    fn vouches_for(&self, td: &str) -> bool {
+        match self.bound() {
+            Some(b) => b.trust_domain_key == td,
+            None => !self
+                .clusters()
+                .iter()
+                .any(|c| c.member_id.is_some() && c.trust_domain_key == td),
+        }
+    }
+
+    /// The trust domain and CA bundle of the cluster this member is bound to: whose control
+    /// plane must have signed its entries that need a signature.
+    pub fn signer(&self) -> Option<(&str, &str)> {
+        self.bound()
+            .map(|c| (c.trust_domain.as_str(), c.ca_bundle_pem.as_str()))
+    }
+
+    /// Whether `writer`, through this member, may mint a join token: a bound member mints
+    /// only for a mesh admin of its own trust domain (what `Kv.MintJoinToken` on its API is
+    /// authorized for); a member no record binds, for anyone (as it writes unbound clusters'
+    /// records).
+    pub fn may_mint(&self, writer: &Writer) -> Result<(), Refusal> {
+        if self.bound().is_none() {
+            return Ok(());
+        }
+        let proposer = self.id;
+        let refuse = |why: &str| {
+            Err(Refusal {
+                reason: Reason::NotOwner,
+                message: format!(
+                    "join token: {writer} (through member {proposer}) may not mint one: {why}"
+                ),
+            })
+        };
+        match writer {
+            Writer::Member => refuse("join tokens are minted for a mesh admin"),
+            Writer::Operator(op) if !self.vouches_for(op.trust_domain()) => {
+                refuse("a member vouches only for operators of its own trust domain")
+            }
+            Writer::Operator(op) if is_mesh_admin(self.records, op) => Ok(()),
+            Writer::Operator(_) => refuse("it needs a mesh-admin grant"),
+        }
+    }
+
+    /// Whether `writer`, vouched for by this member, may make `change` to `key`
+    /// (a lease renewal counts as a write).
+    pub fn may_write(&self, writer: &Writer, key: &str, change: Change<'_>) -> Result<(), Refusal> {
+        let parsed = Key::parse(key);
+        let governed = governed(key);
+        match writer {
+            Writer::Member if !governed => Ok(()),
+            Writer::Member => self.member_may_write(key, parsed, change),
+            Writer::Operator(op) => self.operator_may_write(op, key, (parsed, governed), change),
+        }
+    }
+
+    fn not_owner(&self, key: &str, writer: &Writer, why: impl fmt::Display) -> Refusal {
+        Refusal {
+            reason: Reason::NotOwner,
+            message: format!(
+                "{key}: {writer} (through member {}) may not write it: {why}",
+                self.id
+            ),
+        }
+    }
+
+    fn member_may_write(
+        &self,
+        key: &str,
+        parsed: Key<'_>,
+        change: Change<'_>,
+    ) -> Result<(), Refusal> {
+        let proposer = self.id;
+        let refuse = |why: String| Err(self.not_owner(key, &Writer::Member, why));
+        let bound = self.bound();
+        let cluster_of =
+            || bound.map_or("no cluster".to_string(), |b| format!("cluster {}", b.name));
+        match parsed {
+            Key::Cluster { name } => {
+                let Change::Write(value) = change else {
+                    return refuse("a cluster's record is removed by a mesh admin".into());
+                };
+                // A record the value rules will refuse anyway is theirs to name.
+                let member_id = serde_json::from_slice::<ClusterRecord>(value)
+                    .ok()
+                    .and_then(|r| r.member_id);
+                match bound {
+                    Some(b) if b.name == name && member_id == Some(proposer) => Ok(()),
+                    Some(b) if b.name == name => refuse(format!(
+                        "cluster {name}'s record keeps member id {proposer}"
+                    )),
+                    None if !self.is_bound(name) && member_id.is_none_or(|id| id == proposer) => {
+                        Ok(())
+                    }
+                    None if member_id.is_some_and(|id| id != proposer) => refuse(format!(
+                        "a member binds its own id only, not {}",
+                        member_id.unwrap_or_default()
+                    )),
+                    _ => refuse(format!(
+                        "it is bound to {}; cluster {name}'s record is written by its own member",
+                        cluster_of()
+                    )),
+                }
+            }
+            Key::Export { cluster, .. } | Key::KubernetesPolicy { cluster, .. } => match bound {
+                Some(b) if b.name == cluster => Ok(()),
+                None if !self.is_bound(cluster) => Ok(()),
                 _ => refuse(format!(
-                    "it is bound to {}; cluster {name}'s record is written by its own member",
-                    cluster_of(&bound)
+                    "it is bound to {}; cluster {cluster}'s records are written by its own member",
+                    cluster_of()
                 )),
+            },
+            Key::Policy { .. } => match bound {
+                None => Ok(()),
+                Some(b) if self.records.value(&policy_writer_grant(&b.name)).is_some() => Ok(()),
+                Some(b) => refuse(format!(
+                    "mesh-wide policies from cluster {}'s Kubernetes need a mesh admin's grant \
+                     ({})",
+                    b.name,
+                    policy_writer_grant(&b.name)
+                )),
+            },
+            Key::MeshAdminGrant { trust_domain, .. } => {
+                let first = self.records.values(MESH_ADMIN_GRANTS_PREFIX).is_empty();
+                let own = self.vouches_for(&trust_domain.to_ascii_lowercase());
+                if matches!(change, Change::Write(_)) && first && own {
+                    Ok(())
+                } else {
+                    refuse("grants are written by mesh admins (a member writes only the first, of its own trust domain)".into())
+                }
+            }
+            Key::PolicyWriterGrant { .. } | Key::Other => {
+                refuse("grants are written by mesh admins".into())
             }
         }
-        Key::Export { cluster, .. } | Key::KubernetesPolicy { cluster, .. } => match &bound {
-            Some(b) if b.name == cluster => Ok(()),
-            None if !is_bound(all, cluster) => Ok(()),
-            _ => refuse(format!(
-                "it is bound to {}; cluster {cluster}'s records are written by its own member",
-                cluster_of(&bound)
-            )),
-        },
-        Key::Policy { .. } => match &bound {
-            None => Ok(()),
-            Some(b) if records.value(&policy_writer_grant(&b.name)).is_some() => Ok(()),
-            Some(b) => refuse(format!(
-                "mesh-wide policies from cluster {}'s Kubernetes need a mesh admin's grant \
-                 ({})",
-                b.name,
-                policy_writer_grant(&b.name)
-            )),
-        },
-        Key::MeshAdminGrant { trust_domain, .. } => {
-            let first = records.values(MESH_ADMIN_GRANTS_PREFIX).is_empty();
-            let own = match &bound {
-                Some(b) => b.trust_domain.eq_ignore_ascii_case(trust_domain),
-                None => !all
-                    .iter()
-                    .any(|(_, td, id)| id.is_some() && td.eq_ignore_ascii_case(trust_domain)),
-            };
-            if matches!(change, Change::Write(_)) && first && own {
-                Ok(())
-            } else {
-                refuse("grants are written by mesh admins (a member writes only the first, of its own trust domain)".into())
+    }
+
+    fn operator_may_write(
+        &self,
+        op: &OperatorId,
+        key: &str,
+        (parsed, governed): (Key<'_>, bool),
+        change: Change<'_>,
+    ) -> Result<(), Refusal> {
+        let writer = &Writer::Operator(op.clone());
+        let refuse = |why: String| Err(self.not_owner(key, writer, why));
+        let td = op.trust_domain();
+        if !self.vouches_for(td) {
+            return refuse(format!(
+                "a member vouches only for operators of its own trust domain ({})",
+                self.bound()
+                    .map_or("none bound", |b| b.trust_domain_key.as_str())
+            ));
+        }
+        if op.role() == Role::Viewer {
+            return refuse("the viewer role reads only".into());
+        }
+        if !governed || is_mesh_admin(self.records, op) {
+            return Ok(());
+        }
+        let own_cluster = self
+            .clusters()
+            .iter()
+            .find(|c| c.trust_domain_key == td)
+            .map(|c| c.name.as_str());
+        let owner = parsed.owner();
+        let creating_own = match (&parsed, change) {
+            (Key::Cluster { .. }, Change::Write(value)) if own_cluster.is_none() => {
+                serde_json::from_slice::<ClusterRecord>(value)
+                    .is_ok_and(|r| r.trust_domain.eq_ignore_ascii_case(td))
             }
+            _ => false,
+        };
+        let own_key = matches!(parsed, Key::Cluster { .. } | Key::Export { .. })
+            && owner.is_some()
+            && owner == own_cluster;
+        if own_key || creating_own {
+            return Ok(());
         }
-        Key::PolicyWriterGrant { .. } | Key::Other => {
-            refuse("grants are written by mesh admins".into())
-        }
+        refuse(format!(
+            "an admin writes only its own cluster's records ({}); this needs a mesh-admin grant",
+            own_cluster.map_or("none".to_string(), |c| format!(
+                "clusters/{c}, exports/*/*/{c}"
+            ))
+        ))
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn operator_may_write(
-    records: &impl Records,
-    all: &[(String, String, Option<u64>)],
-    bound: Option<Bound>,
-    proposer: u64,
-    op: &OperatorId,
-    key: &str,
-    (parsed, governed): (Key<'_>, bool),
-    change: Change<'_>,
-) -> Result<(), Refusal> {
-    let writer = &Writer::Operator(op.clone());
-    let refuse = |why: String| Err(not_owner(key, writer, proposer, why));
-    let td = op.trust_domain();
-    let vouched = match &bound {
-        Some(b) => b.trust_domain == td,
-        None => !all.iter().any(|(_, t, id)| id.is_some() && t == td),
-    };
-    if !vouched {
-        return refuse(format!(
-            "a member vouches only for operators of its own trust domain ({})",
-            bound.map_or("none bound".into(), |b| b.trust_domain)
-        ));
-    }
-    if op.role() == Role::Viewer {
-        return refuse("the viewer role reads only".into());
-    }
-    if !governed {
-        return Ok(());
-    }
-    if records
-        .value(&super::mesh_admin_grant(td, op.name()))
-        .is_some()
-    {
-        return Ok(());
-    }
-    let own_cluster = all
-        .iter()
-        .find(|(_, t, _)| t == td)
-        .map(|(name, _, _)| name.as_str());
-    let owner = parsed.owner();
-    let creating_own = match (&parsed, change) {
-        (Key::Cluster { .. }, Change::Write(value)) if own_cluster.is_none() => {
-            serde_json::from_slice::<ClusterRecord>(value)
-                .is_ok_and(|r| r.trust_domain.eq_ignore_ascii_case(td))
-        }
-        _ => false,
-    };
-    let own_key = matches!(parsed, Key::Cluster { .. } | Key::Export { .. })
-        && owner.is_some()
-        && owner == own_cluster;
-    if own_key || creating_own {
-        return Ok(());
-    }
-    refuse(format!(
-        "an admin writes only its own cluster's records ({}); this needs a mesh-admin grant",
-        own_cluster.map_or("none".to_string(), |c| format!(
-            "clusters/{c}, exports/*/*/{c}"
-        ))
-    ))
+/// Whether operator `op` is an admin holding a mesh-admin grant.
+fn is_mesh_admin(records: &impl Records, op: &OperatorId) -> bool {
+    op.role() == Role::Admin
+        && records
+            .value(&super::mesh_admin_grant(op.trust_domain(), op.name()))
+            .is_some()
 }
 
 #[cfg(test)]

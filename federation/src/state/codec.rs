@@ -153,6 +153,23 @@ fn entry_data(id: ProposalId, writer: &Writer, command: &Command) -> pb::EntryDa
     }
 }
 
+/// The part of an `EntryData` that names its proposer: decoding it skips the command and
+/// signature unread.
+#[derive(Clone, PartialEq, prost::Message)]
+struct EntryProposer {
+    #[prost(message, optional, tag = "1")]
+    proposal: Option<pb::ProposalId>,
+}
+
+/// The raft id of the member that proposed an entry [`encode_entry`] wrote, read without
+/// decoding the rest.
+pub(crate) fn proposer_of(data: &[u8]) -> Result<u64, DecodeError> {
+    EntryProposer::decode(data)?
+        .proposal
+        .map(|id| id.node)
+        .ok_or(DecodeError::Missing("proposal id"))
+}
+
 /// Reads back what [`encode_entry`] wrote.
 pub(crate) fn decode_entry(data: &[u8]) -> Result<EntryContent, DecodeError> {
     use pb::entry_data::Command as C;

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use isthmus_core::entry_signature::{self, EntrySignature};
 use isthmus_core::identity::SpiffeId;
 use isthmus_core::keyspace::rules::{self, Change, Reason, Refusal};
-use isthmus_core::keyspace::writers::{self, Writer};
+use isthmus_core::keyspace::writers::{self, Proposer, Writer};
 
 pub(crate) use codec::{decode_entry, encode_entry, EntryContent};
 
@@ -329,9 +329,9 @@ impl StateMachine {
         if !self.first_time(id) {
             return Applied::Duplicate;
         }
-        let owned = self
-            .owns(id.node, &writer, &command)
-            .and_then(|()| self.signed(id.node, &writer, &command, signature.as_ref()));
+        let proposer = Proposer::new(&*self, id.node);
+        let owned = Self::owns(&proposer, &writer, &command)
+            .and_then(|()| Self::signed(&proposer, &writer, &command, signature.as_ref()));
         if let Err(refusal) = owned {
             return Applied::Done {
                 event: None,
@@ -350,8 +350,7 @@ impl StateMachine {
     /// owner must be signed by that member's control plane, whose certificate chains to its
     /// cluster's CA bundle as this replica holds it (`isthmus_core::entry_signature`).
     fn signed(
-        &self,
-        proposer: u64,
+        proposer: &Proposer<'_, Self>,
         writer: &Writer,
         command: &Command,
         signature: Option<&(EntrySignature, Vec<u8>)>,
@@ -360,39 +359,46 @@ impl StateMachine {
             return Ok(());
         }
         let key = command.owned_key().unwrap_or("join token");
-        let Some((trust_domain, bundle)) = writers::signer_of(self, proposer) else {
+        let Some((trust_domain, bundle)) = proposer.signer() else {
             return Ok(());
         };
         let refuse = |why: String| Refusal {
             reason: Reason::BadSignature,
-            message: format!("{key}: the entry of member {proposer} ({trust_domain}): {why}"),
+            message: format!(
+                "{key}: the entry of member {} ({trust_domain}): {why}",
+                proposer.id()
+            ),
         };
         let Some((signature, message)) = signature else {
             return Err(refuse(
                 "it is not signed, and a bound member's writes that need an owner are".into(),
             ));
         };
-        let expected = SpiffeId::control(&trust_domain);
-        entry_signature::verify(signature, message, &bundle, &expected).map_err(refuse)
+        let expected = SpiffeId::control(trust_domain);
+        entry_signature::verify(signature, message, bundle, &expected).map_err(refuse)
     }
 
     /// Whether `writer`, through member `proposer`, may make this change
     /// (`isthmus_core::keyspace::writers`). Tokens are authorized by themselves (a join's
     /// record by its token), and expiring a lease is the leader's duty.
-    fn owns(&self, proposer: u64, writer: &Writer, command: &Command) -> Result<(), Refusal> {
+    fn owns(
+        proposer: &Proposer<'_, Self>,
+        writer: &Writer,
+        command: &Command,
+    ) -> Result<(), Refusal> {
         let (key, change) = match command {
             Command::Put { key, value, .. } | Command::CompareAndSet { key, value, .. } => {
                 (key, Change::Write(value))
             }
             Command::Delete { key } => (key, Change::Delete),
-            Command::Renew { key, .. } => match self.records.get(key) {
+            Command::Renew { key, .. } => match proposer.records().records.get(key) {
                 Some(stored) => (key, Change::Write(&stored.record.value)),
                 None => return Ok(()),
             },
-            Command::MintToken { .. } => return writers::may_mint(self, proposer, writer),
+            Command::MintToken { .. } => return proposer.may_mint(writer),
             Command::ExpireLease { .. } | Command::ConsumeToken { .. } => return Ok(()),
         };
-        writers::may_write(self, proposer, writer, key, change)
+        proposer.may_write(writer, key, change)
     }
 
     fn put(

@@ -66,12 +66,7 @@ impl HttpProxy {
             report.set(&dest.service, "UH");
             return resp;
         }
-        let subset_arg = labels.as_ref().map(|l| {
-            l.iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        });
+        let subset_arg = labels.as_ref().map(isthmus_core::tunnel::subset_selector);
         // Circuit breaker: a slot, or a place in the pending queue, or an overflow.
         let Some(_permit) = self.admit(&dkey, limits).await else {
             let mut resp = text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: overflow\n");

@@ -63,7 +63,7 @@ fn write(
     value: &serde_json::Value,
 ) -> Result<(), Refusal> {
     let bytes = serde_json::to_vec(value).unwrap();
-    may_write(m, proposer, writer, key, Change::Write(&bytes))
+    Proposer::new(m, proposer).may_write(writer, key, Change::Write(&bytes))
 }
 
 fn refused(r: Result<(), Refusal>) -> String {
@@ -79,7 +79,9 @@ fn a_member_writes_its_own_cluster_records_only() {
     let mut east = cluster("east", Some(1));
     assert!(write(&m, 1, me, "clusters/east", &east).is_ok());
     assert!(write(&m, 1, me, "exports/default/ratings/east", &export("east")).is_ok());
-    assert!(may_write(&m, 1, me, "exports/default/ratings/east", Change::Delete).is_ok());
+    assert!(Proposer::new(&m, 1)
+        .may_write(me, "exports/default/ratings/east", Change::Delete)
+        .is_ok());
     assert!(write(
         &m,
         1,
@@ -100,13 +102,7 @@ fn a_member_writes_its_own_cluster_records_only() {
         "exports/default/ratings/west",
         &export("west"),
     ));
-    refused(may_write(
-        &m,
-        1,
-        me,
-        "exports/default/ratings/west",
-        Change::Delete,
-    ));
+    refused(Proposer::new(&m, 1).may_write(me, "exports/default/ratings/west", Change::Delete));
     refused(write(
         &m,
         1,
@@ -117,7 +113,7 @@ fn a_member_writes_its_own_cluster_records_only() {
     // Its own record keeps its own member id, and is never deleted by the member.
     east["memberId"] = json!(7);
     refused(write(&m, 1, me, "clusters/east", &east));
-    refused(may_write(&m, 1, me, "clusters/east", Change::Delete));
+    refused(Proposer::new(&m, 1).may_write(me, "clusters/east", Change::Delete));
     // Unowned keys are anyone's.
     assert!(write(&m, 1, me, "load/1", &json!(1)).is_ok());
 }
@@ -135,9 +131,7 @@ fn grants_are_a_mesh_admins_but_the_first_one() {
         &grant,
     ));
     refused(write(&m, 2, me, "grants/policy-writer/west", &json!({})));
-    refused(may_write(
-        &m,
-        1,
+    refused(Proposer::new(&m, 1).may_write(
         me,
         "grants/mesh-admin/east.isthmus.local/admin",
         Change::Delete,
@@ -216,7 +210,9 @@ fn operators_count_only_through_their_own_member_and_by_role() {
         &cluster("west", Some(2))
     )
     .is_ok());
-    assert!(may_write(&m, 1, &mesh_admin, "clusters/west", Change::Delete).is_ok());
+    assert!(Proposer::new(&m, 1)
+        .may_write(&mesh_admin, "clusters/west", Change::Delete)
+        .is_ok());
     assert!(write(&m, 1, &mesh_admin, "grants/policy-writer/west", &json!({})).is_ok());
     // ... but west's member cannot vouch for an east operator.
     let message = refused(write(
@@ -277,7 +273,7 @@ fn writers_travel_as_text_and_unknown_text_is_an_error() {
 #[test]
 fn a_bound_member_mints_join_tokens_only_for_its_own_mesh_admins() {
     let m = federation();
-    let minted = |proposer, writer: &Writer| may_mint(&m, proposer, writer);
+    let minted = |proposer, writer: &Writer| Proposer::new(&m, proposer).may_mint(writer);
     assert!(minted(1, &operator("east.isthmus.local", Role::Admin, "admin")).is_ok());
     for (proposer, writer) in [
         (1, Writer::Member),
