@@ -14,6 +14,7 @@
     clippy::cast_sign_loss
 )]
 
+pub mod ca_cmd;
 pub mod cluster_cmd;
 pub mod context_cmd;
 pub mod credentials_cmd;

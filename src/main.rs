@@ -147,6 +147,11 @@ enum Command {
         #[command(subcommand)]
         command: CredentialsCommand,
     },
+    /// The cluster CA: rotating it without an outage.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// The operator's contexts ($ISTHMUS_CONFIG, default ~/.config/isthmus/config.yaml).
     Context {
         #[command(subcommand)]
@@ -159,6 +164,13 @@ enum CredentialsCommand {
     /// Issue a credential for spiffe://<trust-domain>/operator/<role>/<name> from a control
     /// plane's CA; writes <out>/<name>.pem and <name>-key.pem (mode 0600).
     Issue(isthmus::credentials_cmd::Issue),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Take the next step of a CA rotation in a control plane's CA directory: stage a new
+    /// CA, make it sign, or retire the old one. Restart the control plane after each.
+    Rotate(isthmus::ca_cmd::Rotate),
 }
 
 #[derive(Subcommand)]
@@ -376,6 +388,9 @@ fn main() -> ExitCode {
             Command::Credentials {
                 command: CredentialsCommand::Issue(req),
             } => isthmus::credentials_cmd::run(&req).await,
+            Command::Ca {
+                command: CaCommand::Rotate(req),
+            } => isthmus::ca_cmd::run(&req),
             Command::Context { command } => match command {
                 ContextCommand::List => isthmus::context_cmd::list(),
                 ContextCommand::Use { name } => isthmus::context_cmd::use_context(&name),

@@ -629,6 +629,34 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
         )),
         "#16 {refused:?}"
     );
+    // #24: a stolen mesh-admin credential adds its own CA to central's bundle, keeping
+    // central's (the value rules alone would take it as a rotation's overlap).
+    let central_record = east
+        .store()
+        .get("clusters/central")
+        .expect("central's record");
+    let mut widened: serde_json::Value = serde_json::from_slice(&central_record.value).unwrap();
+    let added = isthmus_core::ca::CertificateAuthority::generate("central.isthmus.local").unwrap();
+    widened["caBundlePem"] = serde_json::json!(format!(
+        "{}{}",
+        widened["caBundlePem"].as_str().unwrap(),
+        added.cert_pem()
+    ));
+    let refused = kv_admin
+        .put(kv::PutRequest {
+            key: "clusters/central".into(),
+            value: serde_json::to_vec(&widened).unwrap(),
+            lease_ttl_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "#24 {refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("cluster central's caBundlePem is changed only by cluster central itself"),
+        "#24 {refused:?}"
+    );
     // #14: east's own member (a compromised control plane, proposing in-process, past every
     // API check) writes west's record, alters central's export and deletes it: every replica
     // refuses each on apply, as not east's to write.
@@ -676,9 +704,10 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
     for (series, what) in [
         ("trust_domain_taken", "#15"),
         ("foreign_identity", "#16"),
-        ("not_owner", "#14"),
+        ("not_owner", "#14 and #24"),
     ] {
-        let want = if what == "#14" { 4.0 } else { 1.0 };
+        // #14 is four refused entries, #24 one.
+        let want = if what == "#14 and #24" { 5.0 } else { 1.0 };
 
         let series =
             format!("isthmus_control_federation_entries_refused_total{{reason=\"{series}\"}}");

@@ -432,7 +432,7 @@ impl CertificateService for CertificateApi {
         {
             trust_bundles.push(TrustBundle {
                 trust_domain: self.ca.trust_domain().to_string(),
-                ca_pem: self.ca.cert_pem().to_string(),
+                ca_pem: self.ca.bundle_pem(),
             });
         }
         tracing::info!(identity = %id, "signed workload certificate");

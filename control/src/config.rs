@@ -662,8 +662,20 @@ pub fn load_ca(config: &ControlConfig) -> Result<Arc<CertificateAuthority>, Cont
         &read("ca.pem")?,
         &read("ca-key.pem")?,
     )
-    .map_err(|e| err(e.to_string()))?;
+    .map_err(|e| err(torn_hint(dir, e)))?;
+    let ca = crate::ca_rotation::overlapping(dir, ca).map_err(err)?;
     Ok(Arc::new(ca))
+}
+
+/// A CA that does not load, with the way out when an interrupted rotation tore it apart.
+fn torn_hint(dir: &Path, e: isthmus_core::ca::CaError) -> String {
+    let interrupted = matches!(e, isthmus_core::ca::CaError::KeyMismatch)
+        && dir.join(crate::ca_rotation::NEXT_CERT).exists();
+    if interrupted {
+        format!("{e}: a `isthmus ca rotate` was interrupted; run it again to finish it")
+    } else {
+        e.to_string()
+    }
 }
 
 /// Loads the cluster CA from `dir` (`ca.pem`, `ca-key.pem`), creating and saving a new one on
@@ -686,7 +698,8 @@ pub fn load_or_create_ca(
         let key = std::fs::read_to_string(&key_path)
             .map_err(|e| err(format!("reading {}: {e}", key_path.display())))?;
         let ca = CertificateAuthority::from_pem(trust_domain, &cert, &key)
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| err(torn_hint(dir, e)))?;
+        let ca = crate::ca_rotation::overlapping(dir, ca).map_err(err)?;
         return Ok(Arc::new(ca));
     }
     std::fs::create_dir_all(dir).map_err(|e| err(format!("creating the directory: {e}")))?;

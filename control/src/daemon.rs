@@ -100,7 +100,7 @@ impl Daemon {
             let claim = isthmus_federation::ClusterClaim {
                 name: config.cluster.clone(),
                 trust_domain: config.trust_domain.clone(),
-                ca_bundle_pem: ca.cert_pem().to_string(),
+                ca_bundle_pem: ca.bundle_pem(),
             };
             let joined_before = ran_before && {
                 let deadline = tokio::time::Instant::now() + JOINED_BEFORE_PATIENCE;
@@ -155,7 +155,7 @@ impl Daemon {
                         .webhook
                         .as_ref()
                         .and_then(|w| w.configuration.clone()),
-                    ca_pem: ca.cert_pem().to_string(),
+                    ca_pem: ca.bundle_pem(),
                 };
                 if publish.ca_root.is_some() || publish.webhook_configuration.is_some() {
                     publishing = Some(tokio::spawn(crate::kubernetes::publish::run(
@@ -235,7 +235,7 @@ impl Daemon {
             webhook_addr = Some(listener.local_addr()?);
             // Injected sidecars are given the CA that the API's certificate chains to.
             let inject = crate::webhook::InjectConfig {
-                ca_pem: ca.cert_pem().to_string(),
+                ca_pem: ca.bundle_pem(),
                 ..w.inject.clone()
             };
             webhook = Some(tokio::spawn(crate::webhook::serve(

@@ -28,6 +28,7 @@
 
 pub mod api;
 pub mod authz;
+pub mod ca_rotation;
 pub mod catalog;
 pub mod config;
 pub mod daemon;
@@ -260,7 +261,7 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
         name: opts.cluster.clone(),
         trust_domain: opts.trust_domain.clone(),
         gateway: opts.gateway_address,
-        ca_bundle_pem: opts.ca.cert_pem().to_string(),
+        ca_bundle_pem: opts.ca.bundle_pem(),
         locality: opts.locality.clone(),
         // The member this control plane runs. Without `members` the store may be one that
         // several in-process control planes share (tests), so none claims its id: the store's
@@ -374,7 +375,7 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
     // (this cluster's trust domain is always its own CA), starting with our own.
     let api_clients = isthmus_core::tls::TrustBundles::new();
     api_clients
-        .replace([(opts.trust_domain.as_str(), opts.ca.cert_pem())])
+        .replace([(opts.trust_domain.as_str(), opts.ca.bundle_pem().as_str())])
         .map_err(|e| ControlError::Tls(e.to_string()))?;
     tasks.push(isthmus_core::client::follow_trust_bundles(
         api_clients.clone(),
@@ -428,7 +429,7 @@ pub async fn start(opts: ControlOptions, store: Store) -> Result<ControlHandle, 
         api_metrics,
         api_clients,
         ca: opts.ca.clone(),
-        ca_pem: opts.ca.cert_pem().to_string(),
+        ca_pem: opts.ca.bundle_pem(),
         config: config_rx,
         gateway: gateway_tx,
         stop,

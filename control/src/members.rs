@@ -151,7 +151,7 @@ impl MemberTrust {
         let mut pinned = vec![InitialMember {
             id: own_id,
             trust_domain: ca.trust_domain().to_string(),
-            ca_pem: ca.cert_pem().to_string(),
+            ca_pem: ca.bundle_pem(),
         }];
         for m in initial {
             if m.id != own_id {

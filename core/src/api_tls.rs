@@ -106,6 +106,17 @@ fn client_config_with(
     api_client_config(control_plane_verifier(trust), credential)
 }
 
+/// Like [`client_config_as`] (or anonymous, without `credential`), trusting `trust` as it
+/// changes: a data-plane daemon's client, whose pinned CA is `trust`'s
+/// [`TrustBundles::any_domain`] anchors and whose own cluster's bundle, as its config stream
+/// carries it, is added beside them, so a rotated cluster CA keeps it connected.
+pub fn client_config_trusting(
+    trust: Arc<TrustBundles>,
+    credential: Option<Arc<dyn ResolvesClientCert>>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    api_client_config(control_plane_verifier(trust), credential)
+}
+
 /// A client configuration of the API's kind (TLS 1.3, ALPN `h2`) verifying the server with
 /// `verifier` and presenting `credential`, if any.
 fn api_client_config(

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::client::{follow_trust_bundles, ClientError, ControlClient, Token};
+use crate::client::{follow_own_bundle, follow_trust_bundles, ClientError, ControlClient, Token};
 use crate::config::FieldError;
 use crate::identity::{default_trust_domain, validate_label, SpiffeId};
 use crate::mesh::MeshConfig;
@@ -110,15 +110,6 @@ impl ControlTarget {
     pub fn client(&self) -> Result<ControlClient, ClientError> {
         ControlClient::new(&self.addr, &self.ca_pem)
     }
-
-    /// A client presenting `identity` (rotations apply to new connections).
-    pub fn client_as(&self, identity: &Arc<Identity>) -> Result<ControlClient, ClientError> {
-        ControlClient::authenticated(
-            &self.addr,
-            &self.ca_pem,
-            crate::tls::identity_resolver(identity.clone()),
-        )
-    }
 }
 
 /// What a component gets from its control plane.
@@ -149,7 +140,14 @@ pub async fn attach(
     node: &str,
     id: Option<(&SpiffeId, Token)>,
 ) -> Result<Attached, AttachError> {
-    let anonymous = control.client()?;
+    // What the control plane's certificate must chain to: the pinned `controlCa`, and the
+    // cluster's bundle as the config stream carries it (a rotated CA is published there
+    // before it signs the control plane's certificate: docs/security.md §5).
+    let control_trust = TrustBundles::any_domain(&control.ca_pem).map_err(|e| ClientError::Ca {
+        addr: control.addr.clone(),
+        reason: e.to_string(),
+    })?;
+    let anonymous = ControlClient::trusting(&control.addr, control_trust.clone(), None)?;
     let trust = TrustBundles::new();
     let mut tasks = Vec::new();
     let identity = match id {
@@ -168,12 +166,17 @@ pub async fn attach(
         None => None,
     };
     let client = match &identity {
-        Some(identity) => control.client_as(identity)?,
+        Some(identity) => ControlClient::trusting(
+            &control.addr,
+            control_trust.clone(),
+            Some(crate::tls::identity_resolver(identity.clone())),
+        )?,
         None => anonymous,
     };
     let (config, stream) = client.watch_config(node, FIRST_CONFIG_WAIT).await?;
     tasks.push(stream);
     tasks.push(follow_trust_bundles(trust.clone(), config.clone()));
+    tasks.push(follow_own_bundle(control_trust, config.clone()));
     Ok(Attached {
         identity,
         client,

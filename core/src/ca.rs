@@ -42,6 +42,10 @@ pub enum CaError {
     },
     #[error("the SPIFFE ID {0} cannot be put in a certificate")]
     BadIdentity(String),
+    #[error("the CA key does not belong to the CA certificate (their public keys differ)")]
+    KeyMismatch,
+    #[error("the CA certificate cannot be read: {0}")]
+    BadCertificate(String),
 }
 
 /// A key and the certificate chain that certifies it, both PEM.
@@ -54,12 +58,16 @@ pub struct IssuedCert {
     pub not_after_unix: i64,
 }
 
-/// A cluster's certificate authority.
+/// A cluster's certificate authority: the CA that signs, and the CAs its trust domain's
+/// bundle also holds while a rotation overlaps them (docs/security.md §5).
 pub struct CertificateAuthority {
     trust_domain: String,
     issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
     key_pem: String,
+    /// CA certificates trusted beside the signing one (PEM each): the next CA before it
+    /// signs, or the previous one until what it signed has expired.
+    also_trusted: Vec<String>,
 }
 
 impl std::fmt::Debug for CertificateAuthority {
@@ -98,15 +106,20 @@ impl CertificateAuthority {
             issuer: Issuer::new(params, key),
             cert_pem: cert.pem(),
             key_pem,
+            also_trusted: Vec::new(),
         })
     }
 
-    /// Loads an existing CA (root or operator-supplied intermediate) from PEM.
+    /// Loads an existing CA (root or operator-supplied intermediate) from PEM. The key must
+    /// be the certificate's: a pair torn apart (an interrupted rotation) is refused.
     pub fn from_pem(trust_domain: &str, cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
         let key = KeyPair::from_pem(key_pem).map_err(|source| CaError::Load {
             what: "key",
             source,
         })?;
+        if public_key_of(cert_pem)? != rcgen::PublicKeyData::subject_public_key_info(&key) {
+            return Err(CaError::KeyMismatch);
+        }
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|source| CaError::Load {
             what: "certificate",
             source,
@@ -116,16 +129,50 @@ impl CertificateAuthority {
             issuer,
             cert_pem: cert_pem.to_string(),
             key_pem: key_pem.to_string(),
+            also_trusted: Vec::new(),
         })
+    }
+
+    /// Also trusts the CA certificates in `pem` (a rotation's other CA): they join
+    /// [`CertificateAuthority::bundle_pem`], and never sign.
+    pub fn also_trusting(mut self, pem: &str) -> Result<Self, CaError> {
+        let certs = |pem: &str| {
+            crate::tls::certs_from_pem("CA bundle", pem)
+                .map_err(|e| CaError::BadCertificate(e.to_string()))
+        };
+        let mut known = certs(&self.cert_pem)?;
+        for other in &self.also_trusted {
+            known.extend(certs(other)?);
+        }
+        for der in certs(pem)? {
+            if !known.contains(&der) {
+                self.also_trusted.push(pem_of(&der));
+                known.push(der);
+            }
+        }
+        Ok(self)
     }
 
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
     }
 
-    /// The CA certificate (the trust bundle other members publish and trust), PEM.
+    /// The signing CA's certificate, PEM: what an operator's client trusts for this cluster's
+    /// API, whose certificate it signs.
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
+    }
+
+    /// The trust domain's bundle, PEM: the signing CA first, then any CA a rotation overlaps
+    /// with it. What the cluster record publishes and every verifier of this domain trusts.
+    pub fn bundle_pem(&self) -> String {
+        let mut bundle = self.cert_pem.trim_end().to_string();
+        bundle.push('\n');
+        for other in &self.also_trusted {
+            bundle.push_str(other.trim_end());
+            bundle.push('\n');
+        }
+        bundle
     }
 
     /// The CA key, PEM (written to the control plane's data directory).
@@ -303,6 +350,32 @@ fn uri_params(uri: &str) -> Result<CertificateParams, CaError> {
     Ok(params)
 }
 
+/// The SubjectPublicKeyInfo (DER) of the first certificate in `cert_pem`.
+fn public_key_of(cert_pem: &str) -> Result<Vec<u8>, CaError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let der = crate::tls::certs_from_pem("CA", cert_pem)
+        .map_err(|e| CaError::BadCertificate(e.to_string()))?;
+    let first = der
+        .first()
+        .ok_or_else(|| CaError::BadCertificate("no certificate in the PEM".into()))?;
+    let (_, cert) = X509Certificate::from_der(first)
+        .map_err(|e| CaError::BadCertificate(format!("not X.509: {e}")))?;
+    Ok(cert.tbs_certificate.subject_pki.raw.to_vec())
+}
+
+/// One certificate as PEM.
+fn pem_of(der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
 /// The trust domain a CA that Isthmus generated names in its common name
 /// (`Isthmus CA <trust-domain>`); `None` for any other certificate.
 pub fn trust_domain_named_by(ca_pem: &str) -> Option<String> {
@@ -407,5 +480,48 @@ mod tests {
         assert!(ca
             .sign_operator_csr("not a csr", &id, Duration::from_secs(60))
             .is_err());
+    }
+
+    #[test]
+    fn a_rotation_bundle_holds_both_cas_once_and_the_signing_one_first() {
+        let old = CertificateAuthority::generate("east.isthmus.local").unwrap();
+        let next = CertificateAuthority::generate("east.isthmus.local").unwrap();
+        let ca =
+            CertificateAuthority::from_pem("east.isthmus.local", old.cert_pem(), old.key_pem())
+                .unwrap()
+                .also_trusting(next.cert_pem())
+                .unwrap()
+                // Its own certificate and a repeat add nothing.
+                .also_trusting(&format!("{}{}", old.cert_pem(), next.cert_pem()))
+                .unwrap();
+        let bundle = crate::tls::certs_from_pem("b", &ca.bundle_pem()).unwrap();
+        let expect = |pem: &str| crate::tls::certs_from_pem("c", pem).unwrap()[0].clone();
+        assert_eq!(
+            bundle,
+            vec![expect(old.cert_pem()), expect(next.cert_pem())]
+        );
+        // Only the signing CA signs.
+        let id = SpiffeId::new("east.isthmus.local", "default", "x");
+        let issued = ca.issue(&id, Duration::from_secs(60)).unwrap();
+        let trust = crate::tls::TrustBundles::new();
+        trust
+            .replace([("east.isthmus.local", next.cert_pem())])
+            .unwrap();
+        let leaf = crate::tls::certs_from_pem("leaf", &issued.cert_chain_pem).unwrap();
+        let now = rustls::pki_types::UnixTime::now();
+        assert!(trust.verify_principal(&leaf[0], &[], now).is_err());
+        trust
+            .replace([("east.isthmus.local", ca.bundle_pem().as_str())])
+            .unwrap();
+        assert!(trust.verify_principal(&leaf[0], &[], now).is_ok());
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_refused() {
+        let a = CertificateAuthority::generate("east.isthmus.local").unwrap();
+        let b = CertificateAuthority::generate("east.isthmus.local").unwrap();
+        let err = CertificateAuthority::from_pem("east.isthmus.local", a.cert_pem(), b.key_pem())
+            .unwrap_err();
+        assert!(matches!(err, CaError::KeyMismatch), "{err}");
     }
 }

@@ -118,6 +118,26 @@ impl ControlClient {
         Ok(client)
     }
 
+    /// A client of the control plane at `addr` verifying it against `trust` as `trust`
+    /// changes (see [`crate::api_tls::client_config_trusting`]), presenting `credential`
+    /// if given.
+    pub fn trusting(
+        addr: &str,
+        trust: Arc<TrustBundles>,
+        credential: Option<Arc<dyn rustls::client::ResolvesClientCert>>,
+    ) -> Result<Self, ClientError> {
+        let config =
+            crate::api_tls::client_config_trusting(trust, credential.clone()).map_err(|e| {
+                ClientError::Ca {
+                    addr: addr.to_string(),
+                    reason: e.to_string(),
+                }
+            })?;
+        let mut client = Self::with_tls(addr, Arc::new(config))?;
+        client.credential = credential;
+        Ok(client)
+    }
+
     /// A client of another control plane (`addr`, trusting `ca_pem`) presenting what this one
     /// presents: `isthmus status` asks every member's control plane as the same operator.
     pub fn elsewhere(&self, addr: &str, ca_pem: &str) -> Result<Self, ClientError> {
@@ -502,6 +522,34 @@ fn half_life(not_after_unix: i64) -> Duration {
     let now = i64::try_from(crate::clock::unix_ms() / 1000).unwrap_or(i64::MAX);
     let remaining = not_after_unix.saturating_sub(now).max(2).unsigned_abs();
     Duration::from_secs(remaining / 2)
+}
+
+/// Keeps the bundle of the snapshot's own cluster (`MeshConfig::cluster`) in `trust`, beside
+/// its pinned [`TrustBundles::any_domain`] anchors: what a daemon's control-plane client
+/// trusts, so the control plane's certificate from a rotated CA (published in the cluster's
+/// bundle before it signs) verifies.
+pub fn follow_own_bundle(
+    trust: Arc<TrustBundles>,
+    mut config: watch::Receiver<Arc<MeshConfig>>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let snapshot = config.borrow_and_update().clone();
+            if let Some(own) = snapshot
+                .clusters
+                .iter()
+                .find(|c| c.name == snapshot.cluster)
+            {
+                let bundle = [(own.trust_domain.as_str(), own.ca_bundle_pem.as_str())];
+                for (trust_domain, e) in trust.replace_each(bundle) {
+                    tracing::warn!(%trust_domain, error = %e, "leaving out this cluster's unusable trust bundle");
+                }
+            }
+            if config.changed().await.is_err() {
+                return;
+            }
+        }
+    })
 }
 
 /// Keeps `trust` equal to the bundles of the member clusters in every new snapshot.

@@ -167,7 +167,8 @@ impl TrustBundles {
     }
 
     /// Replaces every bundle with `bundles` (trust domain, CA certificates PEM). All are
-    /// parsed before any is installed: a bad bundle changes nothing.
+    /// parsed before any is installed: a bad bundle changes nothing. The anchors of
+    /// [`TrustBundles::any_domain`], if any, stay: a per-domain bundle is looked up first.
     pub fn replace<'a>(
         &self,
         bundles: impl IntoIterator<Item = (&'a str, &'a str)>,
@@ -193,7 +194,12 @@ impl TrustBundles {
             }
             next.insert(trust_domain.to_ascii_lowercase(), anchors);
         }
-        *self.anchors.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        let mut current = self.anchors.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(any) = current.get(ANY_DOMAIN) {
+            next.insert(ANY_DOMAIN.to_string(), any.clone());
+        }
+        *current = Arc::new(next);
+        drop(current);
         self.generation.send_modify(|g| *g = g.wrapping_add(1));
         Ok(())
     }

@@ -312,8 +312,16 @@ impl<'r, R: Records> Proposer<'r, R> {
         if op.role() == Role::Viewer {
             return refuse("the viewer role reads only".into());
         }
-        if !governed || is_mesh_admin(self.records, op) {
+        if !governed {
             return Ok(());
+        }
+        if is_mesh_admin(self.records, op) {
+            return match (&parsed, change) {
+                (Key::Cluster { name }, Change::Write(value)) => {
+                    self.keeps_foreign_bundle(name, td, value).or_else(refuse)
+                }
+                _ => Ok(()),
+            };
         }
         let own_cluster = self
             .clusters()
@@ -339,6 +347,42 @@ impl<'r, R: Records> Proposer<'r, R> {
             own_cluster.map_or("none".to_string(), |c| format!(
                 "clusters/{c}, exports/*/*/{c}"
             ))
+        ))
+    }
+}
+
+impl<R: Records> Proposer<'_, R> {
+    /// A mesh admin of trust domain `td` writing `clusters/<name>`: another cluster's CA
+    /// bundle stays as it is (only that cluster rotates its CA: docs/security.md §5), so a
+    /// stolen mesh-admin credential cannot add a CA to another cluster's trust. A record
+    /// that does not parse is the value rules' to refuse.
+    fn keeps_foreign_bundle(&self, name: &str, td: &str, value: &[u8]) -> Result<(), String> {
+        let Some(current) = self.clusters().iter().find(|c| c.name == name) else {
+            return Ok(());
+        };
+        let Ok(next) = serde_json::from_slice::<ClusterRecord>(value) else {
+            return Ok(());
+        };
+        let cas = |pem: &str| {
+            crate::tls::certs_from_pem("caBundlePem", pem)
+                .map(|certs| {
+                    certs
+                        .into_iter()
+                        .map(|c| c.to_vec())
+                        .collect::<std::collections::BTreeSet<_>>()
+                })
+                .ok()
+        };
+        let same = match (cas(&current.ca_bundle_pem), cas(&next.ca_bundle_pem)) {
+            (Some(a), Some(b)) => a == b,
+            _ => current.ca_bundle_pem == next.ca_bundle_pem,
+        };
+        if same || current.trust_domain_key.eq_ignore_ascii_case(td) {
+            return Ok(());
+        }
+        Err(format!(
+            "cluster {name}'s caBundlePem is changed only by cluster {name} itself (its member \
+             or its admins: `isthmus ca rotate` on its control plane)"
         ))
     }
 }

@@ -201,15 +201,12 @@ fn operators_count_only_through_their_own_member_and_by_role() {
     let mesh_admin = operator("east.isthmus.local", Role::Admin, "admin");
     let west_admin = operator("west.isthmus.local", Role::Admin, "ops");
     let viewer = operator("west.isthmus.local", Role::Viewer, "v");
-    // A mesh admin writes any record, through its own member.
-    assert!(write(
-        &m,
-        1,
-        &mesh_admin,
-        "clusters/west",
-        &cluster("west", Some(2))
-    )
-    .is_ok());
+    // A mesh admin writes any record, through its own member (another cluster's CA bundle
+    // staying as it is).
+    let mut west: serde_json::Value =
+        serde_json::from_slice(m.value("clusters/west").unwrap()).unwrap();
+    west["gateway"] = json!("127.0.0.1:15443");
+    assert!(write(&m, 1, &mesh_admin, "clusters/west", &west).is_ok());
     assert!(Proposer::new(&m, 1)
         .may_write(&mesh_admin, "clusters/west", Change::Delete)
         .is_ok());
@@ -286,4 +283,44 @@ fn a_bound_member_mints_join_tokens_only_for_its_own_mesh_admins() {
     }
     // A member no record binds mints as it writes: for anyone.
     assert!(minted(3, &Writer::Member).is_ok());
+}
+
+#[test]
+fn a_mesh_admin_leaves_another_clusters_ca_bundle_as_it_is() {
+    let m = federation();
+    let admin = &operator("east.isthmus.local", Role::Admin, "admin");
+    let stored: serde_json::Value =
+        serde_json::from_slice(m.value("clusters/west").unwrap()).unwrap();
+    let extra = CertificateAuthority::generate("west.isthmus.local").unwrap();
+    let mut added = stored.clone();
+    added["caBundlePem"] = json!(format!(
+        "{}{}",
+        stored["caBundlePem"].as_str().unwrap(),
+        extra.cert_pem()
+    ));
+    let message = refused(write(&m, 1, admin, "clusters/west", &added));
+    assert!(
+        message.contains("cluster west's caBundlePem is changed only by cluster west itself"),
+        "{message}"
+    );
+    // Other fields are the mesh admin's to edit, and the bundle as stored (respelled) too.
+    let mut moved = stored.clone();
+    moved["gateway"] = json!("127.0.0.1:15443");
+    moved["caBundlePem"] = json!(format!("\n{}", stored["caBundlePem"].as_str().unwrap()));
+    assert!(write(&m, 1, admin, "clusters/west", &moved).is_ok());
+    // Its own cluster's bundle, a new cluster's record and a removal are too.
+    let east: serde_json::Value =
+        serde_json::from_slice(m.value("clusters/east").unwrap()).unwrap();
+    let mut rotated = east.clone();
+    let next = CertificateAuthority::generate("east.isthmus.local").unwrap();
+    rotated["caBundlePem"] = json!(format!(
+        "{}{}",
+        east["caBundlePem"].as_str().unwrap(),
+        next.cert_pem()
+    ));
+    assert!(write(&m, 1, admin, "clusters/east", &rotated).is_ok());
+    assert!(write(&m, 1, admin, "clusters/north", &cluster("north", None)).is_ok());
+    assert!(Proposer::new(&m, 1)
+        .may_write(admin, "clusters/west", Change::Delete)
+        .is_ok());
 }
