@@ -1,5 +1,6 @@
 //! Opaque TCP destinations, picked as HTTP requests are: a connection to a service's VIP
-//! follows the VirtualService `tcp` route for its port (weighted destinations, subsets,
+//! follows the VirtualService `tls` route matching the server name of its ClientHello
+//! ([`crate::sni`]), else the `tcp` route for its port (weighted destinations, subsets,
 //! another port), then the failover table's active priority, then the DestinationRule's
 //! load balancer and outlier detection, with the same per-destination state as the HTTP
 //! path ([`HttpProxy`]'s balancers). A failed connect ejects by the outlier rules, tells the
@@ -16,7 +17,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::balance::{Algorithm, Outcome, OutlierSettings, Upstream};
 use crate::proxy::{DestKey, HttpProxy};
-use crate::routing::{ServiceKey, WeightedDestination};
+use crate::routing::{RouteTable, ServiceKey, WeightedDestination};
 use crate::upstream::{Route, UpstreamError};
 
 /// An open L4 connection: the session, where it goes, the destination service (a `tcp`
@@ -33,8 +34,21 @@ pub(crate) struct L4Lease {
     _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-/// The destination of a connection to `service` on `port`: its VirtualService `tcp` route's
-/// pick by weight (`roll` in [0, 1)), else the service itself on that port.
+/// The destinations a connection to `service` on `port` is routed among: the first `tls`
+/// route matching the server name its ClientHello asked for, if any, else its `tcp` route.
+pub(crate) fn routes<'t>(
+    table: &'t RouteTable,
+    service: &ServiceKey,
+    port: u16,
+    server_name: Option<&str>,
+) -> Option<&'t [WeightedDestination]> {
+    server_name
+        .and_then(|name| table.tls_route(service, port, name))
+        .or_else(|| table.tcp_route(service, port))
+}
+
+/// The destination of a connection to `service` on `port`: its route's pick by weight
+/// (`roll` in [0, 1)), else the service itself on that port.
 pub(crate) fn destination(
     routes: Option<&[WeightedDestination]>,
     service: &ServiceKey,
@@ -55,17 +69,19 @@ pub(crate) fn destination(
 
 impl HttpProxy {
     /// Opens an mTLS session for a connection the application made to `service` on `port`
-    /// (from `client`), as the module docs say.
+    /// (from `client`; its ClientHello asked for `server_name`, if it sent one), as the
+    /// module docs say.
     pub(crate) async fn connect_tcp(
         &self,
         config: &MeshConfig,
         service: &MeshService,
-        port: u16,
+        (port, server_name): (u16, Option<&str>),
         client: SocketAddr,
     ) -> Result<L4Connection, UpstreamError> {
         let table = self.table(config);
         let key = (service.name.clone(), service.namespace.clone());
-        let dest = destination(table.tcp_route(&key, port), &key, port, rand::random());
+        let routes = routes(&table, &key, port, server_name);
+        let dest = destination(routes, &key, port, rand::random());
         let port = dest.port.unwrap_or(port);
         let target = config
             .service(&dest.service.1, &dest.service.0)

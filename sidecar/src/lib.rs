@@ -47,6 +47,7 @@ pub mod ratelimit;
 pub mod redirect;
 mod replay;
 pub mod routing;
+pub mod sni;
 pub mod upstream;
 
 use isthmus_core::http_path::PathNormalization;

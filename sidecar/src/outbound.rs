@@ -221,6 +221,43 @@ async fn passthrough(mut app: TcpStream, dst: SocketAddr, idle: Duration) {
     }
 }
 
+/// How long a connection to a service with `tls` routes waits for its ClientHello.
+pub const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Peeks at the application's first bytes for a TLS ClientHello (at most
+/// [`crate::sni::MAX_HELLO`] bytes, for at most [`CLIENT_HELLO_TIMEOUT`]) and returns the
+/// server name it asks for: `None` when it asks for none, is not TLS, or is not whole in time
+/// (the connection then follows the `tcp` routes).
+async fn read_server_name(app: &TcpStream) -> Option<String> {
+    use crate::sni::{server_name, Hello, MAX_HELLO};
+    let deadline = tokio::time::Instant::now() + CLIENT_HELLO_TIMEOUT;
+    let mut buf = vec![0u8; MAX_HELLO];
+    let mut seen = 0;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, app.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return None,
+        };
+        match server_name(&buf[..n]) {
+            Hello::ClientHello { server_name } => return server_name,
+            Hello::NotTls(reason) => {
+                tracing::debug!(reason, "no ClientHello: routed as TCP");
+                return None;
+            }
+            Hello::NeedMore if n == buf.len() => return None,
+            Hello::NeedMore => {
+                if n == seen {
+                    if tokio::time::Instant::now() >= deadline {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                seen = n;
+            }
+        }
+    }
+}
+
 /// Peeks at the application's first bytes until they tell HTTP from anything else, or the
 /// detection timeout passes.
 pub(crate) async fn detect_http(app: &TcpStream) -> bool {
@@ -290,8 +327,19 @@ async fn forward(
             let service = current
                 .service_by_vip(vip.ip())
                 .ok_or_else(|| format!("no service has VIP {}", vip.ip()))?;
+            let key = (service.name.clone(), service.namespace.clone());
+            let server_name = if proxy.table(&current).has_tls_routes(&key) {
+                read_server_name(&app).await
+            } else {
+                None
+            };
             let (tls, route, service, lease) = proxy
-                .connect_tcp(&current, service, vip.port(), client)
+                .connect_tcp(
+                    &current,
+                    service,
+                    (vip.port(), server_name.as_deref()),
+                    client,
+                )
                 .await?;
             (service, tls, route, Some(lease))
         }

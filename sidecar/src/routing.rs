@@ -418,11 +418,20 @@ struct Rules {
 /// A compiled tcp route: the port it applies to (every port when None) and its destinations.
 type TcpRoute = (Option<u16>, Vec<WeightedDestination>);
 
+/// A compiled `tls` route: its matches (port, if any, and server name patterns), and where
+/// it sends a connection.
+#[derive(Debug, Clone)]
+struct TlsRoute {
+    matches: Vec<(Option<u16>, Vec<String>)>,
+    dests: Vec<WeightedDestination>,
+}
+
 /// Every route and destination rule in the mesh, by target service.
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
     http: BTreeMap<ServiceKey, Arc<Vec<HttpRoute>>>,
     tcp: BTreeMap<ServiceKey, Vec<TcpRoute>>,
+    tls: BTreeMap<ServiceKey, Vec<TlsRoute>>,
     rules: BTreeMap<ServiceKey, Rules>,
 }
 
@@ -472,6 +481,27 @@ impl RouteTable {
                             ports.into_iter().map(move |p| (p, dests.clone()))
                         })
                         .collect();
+                    let tls: Vec<TlsRoute> = vs
+                        .tls
+                        .iter()
+                        .map(|r| TlsRoute {
+                            matches: r
+                                .matches
+                                .iter()
+                                .map(|m| {
+                                    (
+                                        m.port.and_then(|p| u16::try_from(p).ok()),
+                                        m.sni_hosts.clone(),
+                                    )
+                                })
+                                .collect(),
+                            dests: r
+                                .route
+                                .iter()
+                                .filter_map(|d| destination(&d.destination, ns, d.weight, None))
+                                .collect(),
+                        })
+                        .collect();
                     let routes = Arc::new(routes);
                     for host in &vs.hosts {
                         let Some(key) = resolve_host(host, ns) else {
@@ -483,6 +513,9 @@ impl RouteTable {
                                 .http
                                 .entry(key.clone())
                                 .or_insert_with(|| routes.clone());
+                        }
+                        if !tls.is_empty() {
+                            table.tls.entry(key.clone()).or_insert_with(|| tls.clone());
                         }
                         if !tcp.is_empty() {
                             table.tcp.entry(key).or_insert_with(|| tcp.clone());
@@ -529,6 +562,32 @@ impl RouteTable {
             .iter()
             .find(|(p, _)| p.is_none() || *p == Some(port))
             .map(|(_, d)| d.as_slice())
+    }
+
+    /// Whether a VirtualService routes `service`'s TLS by server name (so a connection's
+    /// ClientHello is worth reading).
+    pub fn has_tls_routes(&self, service: &ServiceKey) -> bool {
+        self.tls.contains_key(service)
+    }
+
+    /// The destinations of the first `tls` route of `service` with a match for `port` and
+    /// `server_name` (Istio's order: routes, then their matches, as written).
+    pub fn tls_route(
+        &self,
+        service: &ServiceKey,
+        port: u16,
+        server_name: &str,
+    ) -> Option<&[WeightedDestination]> {
+        self.tls
+            .get(service)?
+            .iter()
+            .find(|r| {
+                r.matches.iter().any(|(p, hosts)| {
+                    p.is_none_or(|p| p == port)
+                        && hosts.iter().any(|h| crate::sni::matches(h, server_name))
+                })
+            })
+            .map(|r| r.dests.as_slice())
     }
 
     /// The labels that select `subset` of `service`; None when no rule defines it.

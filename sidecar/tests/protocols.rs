@@ -609,6 +609,95 @@ async fn tcp_connections_follow_tcp_routes_and_the_destination_rules_balancer() 
     }
 }
 
+/// The first bytes a TLS client (rustls) sends to `server_name`.
+fn client_hello(server_name: &str) -> Vec<u8> {
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+/// TLS the application originates itself follows the VirtualService `tls` route matching
+/// the server name of its ClientHello (exact or `*.` suffix), in the routes' order; TLS to
+/// any other name, and bytes that are not TLS, follow the `tcp` route. The destination
+/// receives the ClientHello untouched.
+#[tokio::test]
+async fn tls_connections_follow_the_tls_route_of_their_server_name() {
+    let policies = concat!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\n",
+        "metadata: {name: db, namespace: default}\n",
+        "spec:\n",
+        "  hosts: [db]\n",
+        "  tls:\n",
+        "  - match: [{port: 7070, sniHosts: [a.example.com]}]\n",
+        "    route: [{destination: {host: a}}]\n",
+        "  - match: [{port: 7071, sniHosts: ['*']}, {sniHosts: ['*.b.example.com']}]\n",
+        "    route: [{destination: {host: b}}]\n",
+        "  tcp:\n",
+        "  - route: [{destination: {host: db}}]\n",
+    );
+    let (a, b, db) = (
+        tcp_app(b"A").await,
+        tcp_app(b"B").await,
+        tcp_app(b"D").await,
+    );
+    let m = mesh(
+        168,
+        vec![
+            ("a", Protocol::Tcp, a),
+            ("b", Protocol::Tcp, b),
+            ("db", Protocol::Tcp, db),
+        ],
+        policies,
+    )
+    .await;
+    let db_vip = m.vips[2];
+    let via_db = |first: Vec<u8>| async move {
+        let mut tcp = TcpStream::connect((db_vip, PORT)).await.unwrap();
+        tcp.write_all(&first).await.unwrap();
+        let banner = read_exactly(&mut tcp, 1).await[0];
+        // The destination echoes what it received: the ClientHello, byte for byte.
+        let echoed = read_exactly(&mut tcp, first.len()).await;
+        assert_eq!(echoed, first, "the bytes arrive untouched");
+        banner as char
+    };
+    for (first, want, what) in [
+        (client_hello("a.example.com"), 'A', "an exact server name"),
+        (client_hello("A.Example.COM"), 'A', "in any case"),
+        (
+            client_hello("x.b.example.com"),
+            'B',
+            "a name under a *. suffix",
+        ),
+        (
+            client_hello("b.example.com"),
+            'D',
+            "the suffix itself is not under it",
+        ),
+        (
+            client_hello("other.example.com"),
+            'D',
+            "no tls route names it: the tcp route",
+        ),
+        (
+            client_hello("10.0.0.1"),
+            'D',
+            "no server name: the tcp route",
+        ),
+        (b"plain bytes".to_vec(), 'D', "not TLS: the tcp route"),
+    ] {
+        assert_eq!(via_db(first).await, want, "{what}");
+    }
+}
+
 /// `connectionPool.tcp.maxConnections` bounds open TCP connections per destination: one more
 /// is closed at once, unserved, and counted; a freed slot serves again.
 #[tokio::test]

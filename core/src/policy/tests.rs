@@ -354,3 +354,92 @@ fn istios_deprecated_whole_number_fault_percent_is_accepted() {
     .unwrap_err();
     assert_eq!(err.field, "spec.http[0].fault.abort.percent");
 }
+
+/// A VirtualService routing TLS the application originates by server name, as Istio's
+/// "TLS passthrough" examples write it.
+const TLS_ROUTES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: db
+spec:
+  hosts:
+  - db
+  tls:
+  - match:
+    - port: 5432
+      sniHosts:
+      - primary.db.example.com
+    route:
+    - destination:
+        host: db
+        subset: primary
+  - match:
+    - sniHosts:
+      - "*.db.example.com"
+    route:
+    - destination:
+        host: db
+        subset: replica
+      weight: 80
+    - destination:
+        host: db-standby
+      weight: 20
+"#;
+
+#[test]
+fn tls_routes_parse_and_each_error_names_its_field() {
+    let policies = parse_documents("tls.yaml", TLS_ROUTES).unwrap();
+    let Spec::VirtualService(vs) = &policies[0].spec else {
+        panic!("a VirtualService");
+    };
+    assert_eq!(vs.tls.len(), 2);
+    assert_eq!(vs.tls[0].matches[0].sni_hosts, ["primary.db.example.com"]);
+    assert_eq!(vs.tls[0].matches[0].port, Some(5432));
+    let json = serde_json::to_vec(&policies[0].to_json()).unwrap();
+    assert_eq!(Policy::from_json(&json).unwrap(), policies[0]);
+
+    let cases = [
+        (
+            TLS_ROUTES.replace(
+                "    - port: 5432\n      sniHosts:\n      - primary.db.example.com\n",
+                "    - port: 5432\n      sniHosts: []\n",
+            ),
+            "spec.tls[0].match[0].sniHosts",
+            "at least one server name",
+        ),
+        (
+            TLS_ROUTES.replace("primary.db.example.com", "primary..example.com"),
+            "spec.tls[0].match[0].sniHosts[0]",
+            "not a server name",
+        ),
+        (
+            TLS_ROUTES.replace("\"*.db.example.com\"", "\"db.*.com\""),
+            "spec.tls[1].match[0].sniHosts[0]",
+            "not a server name",
+        ),
+        (
+            TLS_ROUTES.replace("port: 5432", "port: 70000"),
+            "spec.tls[0].match[0].port",
+            "not a port",
+        ),
+        (
+            TLS_ROUTES.replace("weight: 20", "weight: 30"),
+            "spec.tls[1].route",
+            "100",
+        ),
+        (
+            TLS_ROUTES.replace(
+                "    - port: 5432\n",
+                "    - port: 5432\n      destinationSubnets: [10.0.0.0/8]\n",
+            ),
+            "spec.tls[0].match[0].destinationSubnets",
+            "destinationSubnets",
+        ),
+    ];
+    for (text, field, words) in cases {
+        let e = error(&text);
+        assert_eq!(e.field, field, "{e}");
+        assert!(e.to_string().contains(words), "{e}");
+    }
+}

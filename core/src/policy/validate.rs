@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::networking::{
-    Destination, HttpRoute, LoadBalancerSettings, OutlierDetection, Percent, StringMatch,
+    Destination, HttpRoute, LoadBalancerSettings, OutlierDetection, Percent, StringMatch, TlsRoute,
     TrafficPolicy,
 };
 use super::{Policy, Spec};
@@ -502,6 +502,72 @@ fn traffic_policy(at: &str, tp: &TrafficPolicy) -> Check {
     Ok(())
 }
 
+/// A `tls` route: at least one match, each naming server names, and destinations as a `tcp`
+/// route's.
+fn tls_route(at: &str, r: &TlsRoute) -> Check {
+    if r.matches.is_empty() {
+        return fail(
+            format!("{at}.match"),
+            "a tls route needs at least one match with sniHosts",
+        );
+    }
+    for (i, m) in r.matches.iter().enumerate() {
+        let at = format!("{at}.match[{i}]");
+        if m.sni_hosts.is_empty() {
+            return fail(
+                format!("{at}.sniHosts"),
+                "at least one server name is required",
+            );
+        }
+        for (j, host) in m.sni_hosts.iter().enumerate() {
+            sni_host(&format!("{at}.sniHosts[{j}]"), host)?;
+        }
+        if let Some(port) = m.port {
+            if port == 0 || port > u32::from(u16::MAX) {
+                return fail(
+                    format!("{at}.port"),
+                    format!("{port} is not a port (1-65535)"),
+                );
+            }
+        }
+    }
+    if r.route.is_empty() {
+        return fail(
+            format!("{at}.route"),
+            "a tls route needs at least one destination",
+        );
+    }
+    for (j, d) in r.route.iter().enumerate() {
+        destination(&format!("{at}.route[{j}].destination"), &d.destination)?;
+    }
+    weights(
+        &format!("{at}.route"),
+        &r.route.iter().map(|d| d.weight).collect::<Vec<_>>(),
+    )
+}
+
+/// A server name an SNI match may name: `*`, or a DNS name, optionally `*.` followed by one.
+fn sni_host(at: &str, host: &str) -> Check {
+    if host == "*" {
+        return Ok(());
+    }
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if name.len() > 253 || !name.split('.').all(label_ok) {
+        return fail(
+            at,
+            format!("{host:?} is not a server name (a DNS name, `*.` and a DNS name, or `*`)"),
+        );
+    }
+    Ok(())
+}
+
 /// Validates a parsed policy; the error is (field path, message).
 pub(super) fn validate(policy: &Policy) -> Check {
     match &policy.spec {
@@ -517,11 +583,14 @@ pub(super) fn validate(policy: &Policy) -> Check {
                     );
                 }
             }
-            if vs.http.is_empty() && vs.tcp.is_empty() {
-                return fail("spec", "a VirtualService needs http or tcp routes");
+            if vs.http.is_empty() && vs.tcp.is_empty() && vs.tls.is_empty() {
+                return fail("spec", "a VirtualService needs http, tls or tcp routes");
             }
             for (i, r) in vs.http.iter().enumerate() {
                 http_route(&format!("spec.http[{i}]"), r)?;
+            }
+            for (i, r) in vs.tls.iter().enumerate() {
+                tls_route(&format!("spec.tls[{i}]"), r)?;
             }
             for (i, r) in vs.tcp.iter().enumerate() {
                 let at = format!("spec.tcp[{i}]");

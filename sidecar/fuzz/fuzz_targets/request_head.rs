@@ -2,6 +2,9 @@
 //!
 //! - The protocol sniffer never panics, and a verdict it gives on a prefix of the bytes
 //!   stands for all of them (more bytes never change a decided HTTP/1, HTTP/2 or opaque).
+//! - The ClientHello reader (`tls` routes' server name) never panics, and a verdict it gives
+//!   on a prefix stands for all the bytes too; a server name it returns is a lowercase DNS
+//!   name of at most 253 bytes.
 //! - Path normalization never panics, in every mode; what it returns is normal (normalizing
 //!   again changes nothing), still an absolute path, free of `.` and `..` segments, and, in
 //!   the merging modes, of doubled slashes; and it is accepted by `http::Uri` whenever the
@@ -11,6 +14,7 @@
 
 use isthmus_core::http_path::{normalize, normalize_uri, PathNormalization};
 use isthmus_sidecar::protocol::{sniff, Sniffed};
+use isthmus_sidecar::sni::{server_name, Hello};
 use libfuzzer_sys::fuzz_target;
 
 const MODES: [PathNormalization; 4] = [
@@ -29,6 +33,23 @@ fuzz_target!(|data: &[u8]| {
                 early, verdict,
                 "the verdict on {cut} bytes changed with more"
             );
+        }
+    }
+
+    let hello = server_name(data);
+    if let Hello::ClientHello {
+        server_name: Some(name),
+    } = &hello
+    {
+        assert!(name.len() <= 253 && !name.is_empty(), "{name:?}");
+        assert_eq!(name, &name.to_ascii_lowercase());
+    }
+    // Checking every prefix is quadratic: the first few hundred cover the record header and
+    // the ClientHello's fixed fields.
+    for cut in 0..data.len().min(512) {
+        let early = server_name(&data[..cut]);
+        if early != Hello::NeedMore {
+            assert_eq!(early, hello, "the ClientHello verdict on {cut} bytes changed with more");
         }
     }
 

@@ -357,3 +357,28 @@ fn tcp_routes_select_by_port() {
     );
     assert!(t.tcp_route(&key("db"), 5433).is_none());
 }
+
+#[test]
+fn tls_routes_select_by_port_and_server_name_in_order_then_tcp() {
+    let t = table(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: db}\nspec:\n  hosts: [db]\n  tls:\n  - match: [{port: 5432, sniHosts: [primary.example.com]}]\n    route: [{destination: {host: primary}}]\n  - match: [{sniHosts: ['*.example.com']}]\n    route: [{destination: {host: replica}}]\n  tcp:\n  - route: [{destination: {host: fallback}}]\n",
+    );
+    let db = key("db");
+    let to = |port, name: Option<&str>| {
+        crate::l4::routes(&t, &db, port, name).map(|d| d[0].service.0.clone())
+    };
+    assert!(t.has_tls_routes(&db));
+    assert!(!t.has_tls_routes(&key("other")));
+    for (port, name, want) in [
+        (5432, Some("primary.example.com"), "primary"),
+        // The first route names port 5432 only; the second takes any port.
+        (5433, Some("primary.example.com"), "replica"),
+        (5432, Some("PRIMARY.example.com"), "primary"),
+        (5432, Some("r1.example.com"), "replica"),
+        (5432, Some("example.com"), "fallback"),
+        (5432, Some("db.internal"), "fallback"),
+        (5432, None, "fallback"),
+    ] {
+        assert_eq!(to(port, name).as_deref(), Some(want), "{port} {name:?}");
+    }
+}
