@@ -15,15 +15,17 @@
 //! length, for retries. An HTTP/1.1 upgrade (WebSocket) that the upstream accepts with 101
 //! joins the two upgraded connections.
 //!
-//! Here: the request's way to its destination (route, fault, redirect, rewrite, headers,
-//! weighted pick). `attempts.rs`: admission, the attempts and the mirror.
+//! `plan.rs` decides, without I/O, what to do with the request (route, CORS, rate limit,
+//! fault, redirect or direct response, weighted pick, rewrite, headers); here: carrying out
+//! the plan (the fault's delay, the body, the mirror, the route timeout, upgrades, response
+//! headers); `attempts.rs`: admission, the attempts and the mirror's send.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use isthmus_core::mesh::{MeshConfig, MeshService};
@@ -31,18 +33,16 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
 use crate::balance::{Algorithm, Balancer, Limits, Outcome, OutlierSettings, Upstream};
-use crate::cors::Decision;
 use crate::pool::{Conn, Pool};
 use crate::protocol;
 use crate::replay::{Replay, REPLAYABLE_BODY};
 use crate::routing::{
-    apply_header_ops, rewrite_path, HttpRoute, RequestView, RetryPolicy, RouteAction, RouteTable,
-    ServiceKey, WeightedDestination,
+    apply_header_ops, HttpRoute, RetryPolicy, RouteTable, ServiceKey, WeightedDestination,
 };
 use crate::upstream::Connector;
-use isthmus_core::policy::networking::Percent;
 
 mod attempts;
+mod plan;
 
 /// Request and response bodies as the proxy passes them on.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -357,105 +357,46 @@ impl HttpProxy {
         let key: ServiceKey = (service.name.clone(), service.namespace.clone());
         let table = self.table(&config);
         let (mut parts, body) = req.into_parts();
-        // Routes match, and the destination is sent, the normalized path.
-        match isthmus_core::http_path::normalize_uri(&parts.uri, self.paths) {
-            Ok(Some(normal)) => parts.uri = normal,
-            Ok(None) => {}
-            Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
-        }
-        let view = RequestView {
-            method: parts.method.as_str(),
-            path: parts.uri.path(),
-            query: parts.uri.query(),
-            headers: &parts.headers,
+        let inbound = plan::Inbound {
             port: vip.port(),
-            authority: authority_of(&parts),
-            scheme: parts.uri.scheme_str().unwrap_or("http"),
             source: &self.source.selector,
+            paths: self.paths,
         };
-        let Some(route) = table.http_route(&key, &view) else {
-            let resp = text(StatusCode::NOT_FOUND, "no route matched\n");
-            report.set(&key, "NR");
-            return resp;
-        };
-        let prefix = route.matched_prefix(&view);
-        match route
-            .cors
-            .as_ref()
-            .map(|c| c.decide(&parts.method, &parts.headers))
-        {
-            Some(Decision::Preflight(headers)) => {
-                report.set(&key, "-");
-                let mut resp = text(StatusCode::OK, "");
-                resp.headers_mut().extend(headers);
+        let planned = plan::plan(
+            &table,
+            &key,
+            &mut parts,
+            &inbound,
+            plan::Rolls::random(),
+            |route| self.rate_limit(&config, &key, route),
+        );
+        let (route, dest, delay) = match planned {
+            plan::Plan::Answer { answer, delay } => {
+                if let Some(d) = delay {
+                    tokio::time::sleep(d).await;
+                }
+                if let Some(flag) = answer.flag {
+                    report.set(&key, flag);
+                }
+                let mut resp = text(answer.status, "");
+                *resp.headers_mut() = answer.headers;
+                *resp.body_mut() = Full::new(answer.body)
+                    .map_err(|never| match never {})
+                    .boxed();
                 return resp;
             }
-            Some(Decision::RefusePreflight) => {
-                report.set(&key, "-");
-                return text(StatusCode::OK, "");
+            plan::Plan::Forward {
+                route,
+                dest,
+                delay,
+                cors,
+            } => {
+                report.cors = cors;
+                (route, dest, delay)
             }
-            Some(Decision::Decorate(headers)) => report.cors = Some(headers),
-            Some(Decision::Pass) | None => {}
-        }
-        if let Err(policy) = self.rate_limit(&config, &key, route.name.as_deref()) {
-            tracing::debug!(%policy, service = %key.0, "request rate limited");
-            let mut resp = text(StatusCode::TOO_MANY_REQUESTS, "local_rate_limited\n");
-            resp.headers_mut()
-                .insert("x-envoy-ratelimited", HeaderValue::from_static("true"));
-            report.set(&key, "RL");
-            return resp;
-        }
-        if let Some(resp) = inject_fault(&route).await {
-            report.set(&key, "FI");
-            return resp;
-        }
-        if let RouteAction::Redirect {
-            uri,
-            authority,
-            code,
-        } = &route.action
-        {
-            return redirect(&parts, uri.as_deref(), authority.as_deref(), *code);
-        }
-        if let RouteAction::Direct { status, body } = &route.action {
-            report.set(&key, "-");
-            let mut resp = text(StatusCode::OK, "");
-            *resp.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
-            *resp.body_mut() = Full::new(body.clone())
-                .map_err(|never| match never {})
-                .boxed();
-            return resp;
-        }
-        let Some(dest) = route.pick(rand::random::<f64>()).cloned() else {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the route has no destination\n",
-            );
         };
-        if let Some(rw) = &route.rewrite {
-            if let Some(uri) = &rw.uri {
-                let path = rewrite_path(parts.uri.path(), prefix.as_deref(), uri);
-                let pq = match parts.uri.query() {
-                    Some(q) => format!("{path}?{q}"),
-                    None => path,
-                };
-                if let Ok(u) = Uri::builder().path_and_query(pq).build() {
-                    parts.uri = u;
-                }
-            }
-            if let Some(a) = &rw.authority {
-                if let Ok(v) = HeaderValue::from_str(a) {
-                    parts.headers.insert(http::header::HOST, v);
-                }
-            }
-        }
-        for ops in [route.headers.as_ref(), dest.headers.as_ref()]
-            .into_iter()
-            .flatten()
-        {
-            if let Some(r) = &ops.request {
-                apply_header_ops(&mut parts.headers, r);
-            }
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
         }
         let trace = crate::observe::propagate(&mut parts.headers);
         report.trace_id = trace.trace_id;
@@ -580,56 +521,4 @@ fn hash_key(
     ch.use_source_ip
         .filter(|x| *x)
         .map(|_| client.ip().to_string())
-}
-
-async fn inject_fault(route: &HttpRoute) -> Option<Response<Body>> {
-    let fault = route.fault.as_ref()?;
-    if let Some(delay) = &fault.delay {
-        let fraction = Percent::fault_fraction(delay.percentage.as_ref(), delay.percent);
-        if rand::random::<f64>() < fraction {
-            if let Some(d) = isthmus_core::policy::parse_duration_istio(&delay.fixed_delay) {
-                tokio::time::sleep(d).await;
-            }
-        }
-    }
-    if let Some(abort) = &fault.abort {
-        let fraction = Percent::fault_fraction(abort.percentage.as_ref(), abort.percent);
-        if rand::random::<f64>() < fraction {
-            let status = StatusCode::from_u16(u16::try_from(abort.http_status).unwrap_or(500))
-                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            return Some(text(status, "fault filter abort\n"));
-        }
-    }
-    None
-}
-
-/// The request's authority: HTTP/2's `:authority` (in the URI), else HTTP/1.1's `Host`.
-fn authority_of(parts: &http::request::Parts) -> &str {
-    parts
-        .uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| {
-            parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .unwrap_or_default()
-}
-
-fn redirect(
-    parts: &http::request::Parts,
-    uri: Option<&str>,
-    authority: Option<&str>,
-    code: u16,
-) -> Response<Body> {
-    let host = authority.unwrap_or_else(|| authority_of(parts));
-    let path = uri.unwrap_or(parts.uri.path());
-    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
-    let mut resp = text(status, "");
-    if let Ok(v) = HeaderValue::from_str(&format!("http://{host}{path}")) {
-        resp.headers_mut().insert(http::header::LOCATION, v);
-    }
-    resp
 }
