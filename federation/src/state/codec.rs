@@ -336,6 +336,9 @@ pub(crate) fn decode_snapshot(data: &[u8]) -> Result<StateMachine, DecodeError> 
             expired: r.lease_expired,
             epoch: r.lease_epoch,
         });
+        if lease.is_some() {
+            sm.leased.insert(r.key.clone());
+        }
         sm.records.insert(
             r.key,
             Stored {

@@ -298,6 +298,9 @@ pub(crate) struct StateMachine {
     pub(crate) seen: HashMap<(u64, u64), BTreeSet<u64>>,
     pub(crate) members: BTreeMap<u64, MemberInfo>,
     pub(crate) tokens: BTreeMap<String, Token>,
+    /// The keys of `records` that hold a lease: what the leader's lease clock reads every
+    /// tick, without walking every record. Kept by [`StateMachine::put`] and the delete.
+    pub(crate) leased: BTreeSet<String>,
 }
 
 impl StateMachine {
@@ -408,6 +411,11 @@ impl StateMachine {
         value: Vec<u8>,
         lease: Option<Lease>,
     ) -> WatchEvent {
+        if lease.is_some() {
+            self.leased.insert(key.clone());
+        } else {
+            self.leased.remove(&key);
+        }
         self.records.insert(
             key.clone(),
             Stored {
@@ -456,6 +464,7 @@ impl StateMachine {
                 if let Err(refusal) = rules::admit(self, &key, Change::Delete) {
                     return (None, Outcome::Refused(refusal));
                 }
+                self.leased.remove(&key);
                 let event = self.records.remove(&key).map(|_| WatchEvent::Delete {
                     key,
                     revision: index,
@@ -602,10 +611,10 @@ impl StateMachine {
 
     /// Every live (not expired) lease: key, epoch, length.
     pub(crate) fn live_leases(&self) -> Vec<(String, u64, u64)> {
-        self.records
+        self.leased
             .iter()
-            .filter_map(|(key, s)| {
-                let lease = s.lease.as_ref()?;
+            .filter_map(|key| {
+                let lease = self.records.get(key)?.lease.as_ref()?;
                 (!lease.expired).then(|| (key.clone(), lease.epoch, lease.ttl_ms))
             })
             .collect()

@@ -601,3 +601,30 @@ impl StateMachine {
         )
     }
 }
+
+#[test]
+fn the_lease_clock_reads_only_leased_keys_as_puts_deletes_and_snapshots_leave_them() {
+    let mut sm = StateMachine::default();
+    sm.apply_member(2, id(1), leased("e/a", 1000, 500));
+    sm.apply_member(3, id(2), leased("e/b", 2000, 500));
+    sm.apply_member(4, id(3), put("plain", b"v"));
+    assert_eq!(
+        sm.live_leases(),
+        vec![("e/a".to_string(), 2, 1000), ("e/b".to_string(), 3, 2000)]
+    );
+    // Written again without a lease, a key no longer has one; deleted, it is gone.
+    sm.apply_member(5, id(4), put("e/a", b"v"));
+    sm.apply_member(
+        6,
+        id(5),
+        Command::Delete {
+            key: "e/b".to_string(),
+        },
+    );
+    assert!(sm.live_leases().is_empty());
+    assert!(sm.leased.is_empty());
+    sm.apply_member(7, id(6), leased("e/c", 3000, 500));
+    let restored = decode_snapshot(&encode_snapshot(&sm)).expect("decodes");
+    assert_eq!(restored.live_leases(), vec![("e/c".to_string(), 7, 3000)]);
+    assert_eq!(restored, sm);
+}
