@@ -29,26 +29,19 @@
 )]
 
 pub mod authz;
-pub mod balance;
 pub mod config;
-pub mod cors;
 pub mod daemon;
-pub mod failover;
 pub mod inbound;
-mod l4;
 pub mod limits;
 pub mod metrics;
 pub mod observe;
 pub mod outbound;
-mod pool;
 pub mod protocol;
-pub mod proxy;
-pub mod ratelimit;
 pub mod redirect;
-mod replay;
-pub mod routing;
-pub mod sni;
-pub mod upstream;
+
+// The outbound path's rooms, by their short names (they live in `outbound/`).
+pub use outbound::{balance, cors, failover, proxy, ratelimit, routing, sni, upstream};
+pub(crate) use outbound::{pool, replay};
 
 use isthmus_core::http_path::PathNormalization;
 use std::net::SocketAddr;

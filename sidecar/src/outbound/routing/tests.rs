@@ -365,7 +365,7 @@ fn tls_routes_select_by_port_and_server_name_in_order_then_tcp() {
     );
     let db = key("db");
     let to = |port, name: Option<&str>| {
-        crate::l4::routes(&t, &db, port, name).map(|d| d[0].service.0.clone())
+        super::super::l4::routes(&t, &db, port, name).map(|d| d[0].service.0.clone())
     };
     assert!(t.has_tls_routes(&db));
     assert!(!t.has_tls_routes(&key("other")));

@@ -1,8 +1,34 @@
-//! Outbound: listeners on the services' virtual IPs, kept in step with the configuration.
+//! Outbound: what an application's connection to a mesh service goes through, from the
+//! listener on the service's virtual IP to a session with a chosen endpoint.
 //!
-//! Ports declared `http`, `http2` or `grpc` go through the L7 proxy (the application may
-//! speak HTTP/1.1 or HTTP/2 with prior knowledge on any of them); `tcp` ports are relayed as
-//! opaque bytes; undeclared (`auto`) ports are sniffed per connection ([`crate::protocol`]).
+//! Here, the listeners, kept in step with the configuration: ports declared `http`, `http2`
+//! or `grpc` go through the L7 proxy (the application may speak HTTP/1.1 or HTTP/2 with prior
+//! knowledge on any of them); `tcp` ports are relayed as opaque bytes; undeclared (`auto`)
+//! ports are sniffed per connection ([`crate::protocol`]).
+//!
+//! The rooms, in the order a request meets them:
+//! - L7: [`proxy`] carries out what `proxy/plan.rs` (pure) decides from [`routing`]'s
+//!   compiled VirtualServices and DestinationRules (with [`cors`] and [`ratelimit`]), then
+//!   `proxy/attempts.rs` runs the attempts (retries, timeouts, circuit breaker, mirror;
+//!   small bodies kept for retries by `replay.rs`).
+//! - L4: `l4.rs` routes opaque TCP (`tls` routes by the server name [`sni`] reads, else `tcp`
+//!   routes).
+//! - Both then pick alike: [`failover`] (the priority table: which clusters and localities)
+//!   and [`balance`] (the DestinationRule's balancer, outlier detection, circuit breaking).
+//! - And dial alike: [`upstream`] (mTLS to a local endpoint, or through the gateway to a
+//!   remote cluster), with `pool.rs` keeping upstream connections.
+
+pub mod balance;
+pub mod cors;
+pub mod failover;
+pub(crate) mod l4;
+pub(crate) mod pool;
+pub mod proxy;
+pub mod ratelimit;
+pub(crate) mod replay;
+pub mod routing;
+pub mod sni;
+pub mod upstream;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -305,7 +331,7 @@ async fn serve_http(app: TcpStream, vip: SocketAddr, client: SocketAddr, proxy: 
 }
 
 /// Relays one opaque TCP connection to the service, recording Istio's TCP metrics: to the
-/// endpoint a headless VIP names, or to a service VIP's destination as [`crate::l4`] picks it.
+/// endpoint a headless VIP names, or to a service VIP's destination as [`l4`] picks it.
 async fn forward(
     mut app: TcpStream,
     (vip, client): (SocketAddr, SocketAddr),
