@@ -128,6 +128,16 @@ async fn grant_every_admin(dir: &Path, peers: &BTreeMap<u64, u16>) {
 }
 
 async fn start_member(dir: &Path, id: u64, peers: &BTreeMap<u64, u16>, join: bool) -> Child {
+    start_member_with_admin(dir, id, peers, join).await.0
+}
+
+/// Starts member `id` and returns it with its admin address (`/metrics`).
+async fn start_member_with_admin(
+    dir: &Path,
+    id: u64,
+    peers: &BTreeMap<u64, u16>,
+    join: bool,
+) -> (Child, String) {
     let (child, ready) = daemon(
         dir,
         &format!("control-{id}"),
@@ -136,7 +146,23 @@ async fn start_member(dir: &Path, id: u64, peers: &BTreeMap<u64, u16>, join: boo
     )
     .await;
     assert_eq!(ready["member"], id);
-    child
+    let admin = ready["admin"].as_str().expect("admin address").to_string();
+    (child, admin)
+}
+
+/// A counter's value on a daemon's `/metrics` (0 when it has no such sample).
+async fn metric(admin: &str, sample: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body.lines()
+        .find_map(|line| line.strip_prefix(sample))
+        .map_or(0.0, |value| value.trim().parse().unwrap())
 }
 
 async fn sigkill(child: &mut Child) {
@@ -323,12 +349,29 @@ async fn sigkilled_members_restart_from_disk_without_losing_an_acknowledged_writ
     for child in members.values_mut() {
         sigkill(child).await;
     }
+    let mut admins = BTreeMap::new();
     for id in 1..=3 {
-        members.insert(id, start_member(dir.path(), id, &peers, false).await);
+        let (child, admin) = start_member_with_admin(dir.path(), id, &peers, false).await;
+        members.insert(id, child);
+        admins.insert(id, admin);
     }
     leader(dir.path(), &peers).await;
     for (&id, &port) in &peers {
         assert_all_present(dir.path(), id, port, &acked).await;
+    }
+    // Having replayed the whole log, no replica met an entry its rules refuse: in
+    // particular, no restarted first member proposed a second "first" mesh-admin grant
+    // before it had caught up with the committed one.
+    for (id, admin) in &admins {
+        let refused = metric(
+            admin,
+            "isthmus_control_federation_entries_refused_total{reason=\"not_owner\"}",
+        )
+        .await;
+        assert_eq!(
+            refused, 0.0,
+            "member {id} refused {refused} entries on apply"
+        );
     }
     // And it still takes writes.
     api_client(dir.path(), 1, ports[0])

@@ -492,8 +492,23 @@ async fn bootstrap_grant(
         return;
     };
     loop {
-        if !store.list(records::MESH_ADMIN_GRANTS_PREFIX).is_empty() {
-            return;
+        // Read what is committed, not what this replica has applied so far: a restarted
+        // member has not yet replayed its log, and a second "first" grant is refused.
+        let granted = store
+            .list_linearizable(records::MESH_ADMIN_GRANTS_PREFIX)
+            .await
+            .map(|grants| !grants.is_empty());
+        match granted {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the mesh-admin grants; will retry");
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                }
+                continue;
+            }
         }
         match store.compare_and_set(&key, None, value.clone()).await {
             Ok(_) => {

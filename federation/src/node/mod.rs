@@ -108,6 +108,14 @@ impl NodeConfig {
     }
 }
 
+/// Whether a ReadIndex sent now reaches a leader that will answer it: a leader is known and
+/// this replica's commit index lies in the current term. On the leader that is raft's own
+/// condition for serving reads; a follower learns it with the leader's next append or
+/// heartbeat, which carries the commit of the leader's first entry of its term.
+fn read_index_ready<T: raft::Storage>(raft: &raft::Raft<T>) -> bool {
+    raft.leader_id != raft::INVALID_ID && raft.commit_to_current_term()
+}
+
 fn ticks(tick: Duration, n: usize) -> Duration {
     tick.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX))
 }
@@ -268,16 +276,20 @@ impl<S: LogStore> RaftNode<S> {
     }
 
     fn try_read(&mut self, ctx: u64, now: Instant) {
-        let leader_known = self.raw.raft.leader_id != raft::INVALID_ID;
+        let ready = read_index_ready(&self.raw.raft);
         if let Some(read) = self.reads.get_mut(&ctx) {
-            // Without a leader raft drops the request silently: try again next tick.
-            read.next_attempt = if leader_known {
+            // raft drops a ReadIndex silently without a leader, and a leader drops it until
+            // it has committed an entry of its own term: hold it until then, trying each
+            // tick, rather than waiting out an election timeout for an answer that will
+            // never come.
+            read.next_attempt = if ready {
                 now + self.config.election_timeout()
             } else {
                 now
             };
-            if leader_known {
-                self.raw.read_index(ctx.to_be_bytes().to_vec());
+            if ready {
+                let context = self.read_context(ctx);
+                self.raw.read_index(context);
             }
         }
     }
@@ -310,12 +322,29 @@ impl<S: LogStore> RaftNode<S> {
         }
     }
 
+    /// A read's context as raft carries it to the leader: this member's id and
+    /// incarnation, then the read's number. The leader keys pending reads by context and
+    /// ignores one it already holds, so contexts must be unique across the federation:
+    /// with bare counters, a follower's read that met the leader's own read of the same
+    /// number was dropped and answered only an election timeout later.
+    fn read_context(&self, ctx: u64) -> Vec<u8> {
+        let mut context = Vec::with_capacity(24);
+        context.extend_from_slice(&self.config.id.to_be_bytes());
+        context.extend_from_slice(&self.config.incarnation.to_be_bytes());
+        context.extend_from_slice(&ctx.to_be_bytes());
+        context
+    }
+
     fn answer_reads(&mut self, states: Vec<ReadState>) {
         for state in states {
-            let Ok(bytes) = <[u8; 8]>::try_from(state.request_ctx.as_slice()) else {
+            let Some(ctx) = state
+                .request_ctx
+                .strip_prefix(self.read_context(0).get(..16).unwrap_or_default())
+                .and_then(|seq| <[u8; 8]>::try_from(seq).ok())
+            else {
                 continue;
             };
-            if let Some(read) = self.reads.remove(&u64::from_be_bytes(bytes)) {
+            if let Some(read) = self.reads.remove(&u64::from_be_bytes(ctx)) {
                 let _ = read.reply.send(Ok(state.index));
             }
         }

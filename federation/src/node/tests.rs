@@ -18,6 +18,8 @@ struct Net {
     outboxes: BTreeMap<u64, Arc<Outbox>>,
     replicas: BTreeMap<u64, Arc<Replica>>,
     isolated: BTreeSet<u64>,
+    /// Drops every append acknowledgement, so no leader can commit.
+    drop_append_acks: bool,
     now: Instant,
 }
 
@@ -29,6 +31,7 @@ impl Net {
             outboxes: BTreeMap::new(),
             replicas: BTreeMap::new(),
             isolated: BTreeSet::new(),
+            drop_append_acks: false,
             now: Instant::now(),
         };
         for &id in &ids {
@@ -75,6 +78,11 @@ impl Net {
             }
             for message in in_flight {
                 if self.isolated.contains(&message.from) || self.isolated.contains(&message.to) {
+                    continue;
+                }
+                if self.drop_append_acks
+                    && message.get_msg_type() == raft::prelude::MessageType::MsgAppendResponse
+                {
                     continue;
                 }
                 if let Some(node) = self.nodes.get_mut(&message.to) {
@@ -209,4 +217,62 @@ fn write_lost_with_an_isolated_leader_is_retried_and_applied_once() {
         }
     }
     assert_eq!(puts, 1, "the write was applied {puts} times");
+}
+
+#[test]
+fn reads_made_before_a_new_leader_commits_in_its_term_are_answered_as_soon_as_it_does() {
+    // raft drops a ReadIndex that reaches a leader before it has committed an entry of its
+    // term; a read sent then would wait out a whole retry interval (an election timeout).
+    // Both members number their first read 1: the leader must tell them apart.
+    let mut net = Net::new(3);
+    net.drop_append_acks = true;
+    net.tick_until("a leader", |net| net.leader_among(&[1, 2, 3]).is_some());
+    let leader = net.leader_among(&[1, 2, 3]).expect("leader");
+    let follower = [1, 2, 3]
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("follower");
+    let mut reads = Vec::new();
+    for on in [leader, follower] {
+        let (reply, answer) = oneshot::channel();
+        let now = net.now;
+        net.nodes
+            .get_mut(&on)
+            .expect("member")
+            .handle_read(ReadRequest { reply }, now);
+        reads.push((on, answer));
+    }
+    for _ in 0..3 {
+        net.tick();
+    }
+    for (on, answer) in &mut reads {
+        assert!(
+            matches!(answer.try_recv(), Err(TryRecvError::Empty)),
+            "member {on} answered a read before its leader committed in its term"
+        );
+    }
+
+    net.drop_append_acks = false;
+    let healed_at = net.now;
+    for (on, mut answer) in reads {
+        let mut index = None;
+        net.tick_until("the read to be answered", |_| match answer.try_recv() {
+            Ok(result) => {
+                index = Some(result);
+                true
+            }
+            Err(_) => false,
+        });
+        let ticks = (net.now - healed_at).as_millis() / TICK.as_millis();
+        assert!(
+            ticks <= 4,
+            "member {on} answered its read {ticks} ticks after the leader could commit \
+             (election timeout: 10)"
+        );
+        let index = index.expect("answered").expect("read index");
+        assert!(
+            index >= 1,
+            "read index {index} precedes the leader's first entry"
+        );
+    }
 }
