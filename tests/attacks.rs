@@ -549,6 +549,66 @@ async fn attacks_on_a_running_federation_are_refused_and_change_nothing() {
         "#5 counted"
     );
 
+    // #25: west's real control-plane certificate (a compromised member speaking as itself)
+    // offering a follower a raft snapshot whose state gives east's trust domain the
+    // impostor's CA: refused before raft sees it, counted; nothing changes (checked with
+    // every replica at the end).
+    let leader = central.store().status().leader_id;
+    let target = ["central", "east"]
+        .into_iter()
+        .map(|name| demo.cluster(name).unwrap())
+        .find(|c| Some(c.store().status().id) != leader)
+        .unwrap();
+    let east_key = isthmus_core::keyspace::cluster("east");
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&target.store().get(&east_key).unwrap().value).unwrap();
+    record["caBundlePem"] = impostor_ca.cert_pem().into();
+    let data = isthmus_federation::testing::forged_snapshot_data(
+        target.store(),
+        &east_key,
+        &serde_json::to_vec(&record).unwrap(),
+    );
+    let status = target.store().status();
+    let mut message = raft::eraftpb::Message::default();
+    message.set_msg_type(raft::eraftpb::MessageType::MsgSnapshot);
+    message.from = west.store().status().id;
+    message.to = status.id;
+    message.term = status.term;
+    let snapshot = message.mut_snapshot();
+    snapshot.data = data.into();
+    snapshot.mut_metadata().index = status.applied_index + 1_000;
+    snapshot.mut_metadata().term = status.term;
+    snapshot.mut_metadata().mut_conf_state().voters = status.voters.clone();
+    let refused_before = target.store().snapshots_refused();
+    let to_target = ControlClient::authenticated(
+        &target.federation.to_string(),
+        target.control.ca_pem(),
+        isthmus_core::tls::identity_resolver(control_identity(&west_ca)),
+    )
+    .unwrap();
+    RaftPeerClient::new(to_target.channel())
+        .send(kv::RaftBatch {
+            from: west.store().status().id,
+            to: status.id,
+            messages: vec![protobuf::Message::write_to_bytes(&message).unwrap()],
+        })
+        .await
+        .expect("#25 west is a member: its batch is taken");
+    counted("#25 snapshots_refused", || {
+        target.store().snapshots_refused() > refused_before
+    })
+    .await;
+    assert_eq!(
+        scrape_cluster(
+            &demo,
+            &target.name,
+            "isthmus_control_federation_snapshots_refused_total"
+        )
+        .await,
+        1.0,
+        "#25 on /metrics"
+    );
+
     // #23: plaintext on 15012 gets no answer.
     let mut tcp = tokio::net::TcpStream::connect(&east_addr).await.unwrap();
     tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
@@ -801,7 +861,19 @@ fn control_identity(ca: &CertificateAuthority) -> Arc<isthmus_core::tls::Identit
 /// The value of `series` (name and labels, as Prometheus prints them) on east's control-plane
 /// admin port; 0 when absent.
 async fn scrape(demo: &Demo, series: &str) -> f64 {
-    let admin = demo.ports().clusters[0].admin["control"].clone();
+    scrape_cluster(demo, "east", series).await
+}
+
+/// The value of `series` on `cluster`'s control-plane admin port; 0 when absent.
+async fn scrape_cluster(demo: &Demo, cluster: &str, series: &str) -> f64 {
+    let ports = demo.ports();
+    let admin = ports
+        .clusters
+        .iter()
+        .find(|c| c.name == cluster)
+        .unwrap()
+        .admin["control"]
+        .clone();
     let mut tcp = tokio::net::TcpStream::connect(&admin).await.unwrap();
     tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         .await

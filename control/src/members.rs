@@ -267,7 +267,9 @@ fn issue(ca: &CertificateAuthority, lifetime: Duration) -> Result<Arc<Identity>,
 ///   not verify against the members' bundles), `handshake_timeout`, and `anonymous_limit` (a
 ///   connection without a certificate beyond the port's 32);
 /// - `isthmus_control_federation_entries_refused_total{reason}`, the entries this replica's
-///   store rules refused on apply (`isthmus_core::keyspace::rules::Reason`'s labels).
+///   store rules refused on apply (`isthmus_core::keyspace::rules::Reason`'s labels);
+/// - `isthmus_control_federation_snapshots_refused_total`, the leader's snapshots this
+///   replica refused (`isthmus_core::keyspace::rules::snapshot`).
 pub struct FederationMetrics(Store);
 
 impl FederationMetrics {
@@ -316,6 +318,14 @@ impl prometheus_client::collector::Collector for FederationMetrics {
         for (reason, n) in self.0.entries_refused() {
             ConstCounter::new(n).encode(family.encode_family(&[("reason", reason.label())])?)?;
         }
+        let family = encoder.encode_descriptor(
+            "federation_snapshots_refused",
+            "Snapshots from a leader this replica refused: they would have replaced a trust \
+             domain's CA or rebound a member id",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        ConstCounter::new(self.0.snapshots_refused()).encode(family)?;
         Ok(())
     }
 }

@@ -1157,6 +1157,12 @@ impl Store {
         self.inner.replica.refused()
     }
 
+    /// Snapshots from a leader this member refused since start, because they would have
+    /// broken a trust binding it holds (docs/security.md §7, "Snapshots").
+    pub fn snapshots_refused(&self) -> u64 {
+        self.inner.replica.refused_snapshots()
+    }
+
     /// Calls and raft batches the peer port refused since start, by reason (all zero when it
     /// serves plaintext).
     pub fn peer_refusals(&self) -> PeerRefusalCounts {

@@ -111,6 +111,8 @@ pub(crate) struct Replica {
     pub(crate) rejected_peer_batches: AtomicU64,
     /// Entries the store's rules refused on apply, by reason.
     refused: std::sync::Mutex<std::collections::BTreeMap<Reason, u64>>,
+    /// Snapshots from the leader refused because they break a trust binding.
+    refused_snapshots: AtomicU64,
 }
 
 impl Replica {
@@ -129,6 +131,7 @@ impl Replica {
             known_peers: RwLock::new(Default::default()),
             rejected_peer_batches: AtomicU64::new(0),
             refused: Default::default(),
+            refused_snapshots: AtomicU64::new(0),
         }
     }
 
@@ -192,6 +195,15 @@ impl Replica {
             .iter()
             .map(|r| (*r, counts.get(r).copied().unwrap_or(0)))
             .collect()
+    }
+
+    pub(crate) fn count_refused_snapshot(&self) {
+        self.refused_snapshots.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many snapshots from a leader this member refused since start.
+    pub(crate) fn refused_snapshots(&self) -> u64 {
+        self.refused_snapshots.load(Ordering::Relaxed)
     }
 
     /// Runs `f` on the state machine (for membership bookkeeping and snapshots).

@@ -189,3 +189,16 @@ impl<T: crate::transport::Transport> crate::transport::Transport for FilteredTra
         self.inner.set_peers(peers);
     }
 }
+
+/// The data of a raft snapshot holding `store`'s current state with `key` set to `value`:
+/// what a member that lies would send a follower as its leader's snapshot
+/// (`tests/attacks.rs`).
+pub fn forged_snapshot_data(store: &crate::Store, key: &str, value: &[u8]) -> Vec<u8> {
+    store.inner.replica.with_state(|sm| {
+        let mut forged = sm.clone();
+        if let Some(stored) = forged.records.get_mut(key) {
+            stored.record.value = value.to_vec();
+        }
+        crate::state::codec::encode_snapshot(&forged)
+    })
+}

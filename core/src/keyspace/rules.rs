@@ -506,5 +506,7 @@ fn admit_grant_delete(records: &impl Records, key: &str) -> Result<(), Refusal> 
     Ok(())
 }
 
+pub mod snapshot;
+
 #[cfg(test)]
 mod tests;

@@ -21,8 +21,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use isthmus_core::keyspace::rules;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot};
+use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType, Snapshot};
 use raft::{RawNode, ReadState};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -231,6 +232,20 @@ impl<S: LogStore> RaftNode<S> {
     pub(crate) fn handle_message(&mut self, message: Message) {
         let from = message.from;
         let kind = message.get_msg_type();
+        if kind == MessageType::MsgSnapshot {
+            if let Err(why) = self.vet_snapshot(message.get_snapshot()) {
+                // Dropped before raft sees it: this member stays where it was, lagging, and
+                // says why at every attempt (the leader keeps offering it).
+                self.replica.count_refused_snapshot();
+                tracing::error!(
+                    member = self.config.id,
+                    from,
+                    index = message.get_snapshot().get_metadata().index,
+                    "refused the leader's snapshot: {why}"
+                );
+                return;
+            }
+        }
         if let Err(err) = self.raw.step(message) {
             // Stale or unexpected messages are normal in raft; they are dropped.
             tracing::debug!(
@@ -456,6 +471,16 @@ impl<S: LogStore> RaftNode<S> {
         for message in messages {
             self.transport.send(message);
         }
+    }
+
+    /// Whether a snapshot offered by the leader may replace this member's state: it decodes,
+    /// and it keeps every trust binding this member holds
+    /// (`isthmus_core::keyspace::rules::snapshot`).
+    fn vet_snapshot(&self, snapshot: &Snapshot) -> Result<(), String> {
+        let incoming = decode_snapshot(&snapshot.data).map_err(|e| e.to_string())?;
+        self.replica
+            .with_state(|current| rules::snapshot::admit_snapshot(&*current, &incoming))
+            .map_err(|refusal| refusal.to_string())
     }
 
     fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), StoreError> {
