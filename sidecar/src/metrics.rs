@@ -10,6 +10,9 @@
 //!
 //! Registered at the root of the admin registry (no prefix), as Istio's proxies expose them.
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -72,6 +75,16 @@ fn size_buckets() -> Histogram {
     ])
 }
 
+/// One label set's four request series: handles that share their values with the families,
+/// so a finished request looks its labels up once rather than once per family.
+#[derive(Clone)]
+struct RequestSeries {
+    requests: Counter,
+    duration_ms: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
 /// The sidecar's metrics.
 #[derive(Clone)]
 pub struct Metrics {
@@ -85,6 +98,8 @@ pub struct Metrics {
     pub tcp_received: Family<TcpLabels, Counter>,
     /// `isthmus_sidecar_connections_refused_total`.
     pub connections_refused: Family<RefusedLabels, Counter>,
+    /// The request series of every label set seen (as many as the families hold).
+    series: Arc<RwLock<HashMap<RequestLabels, RequestSeries>>>,
 }
 
 impl Default for Metrics {
@@ -99,6 +114,7 @@ impl Default for Metrics {
             tcp_sent: Family::default(),
             tcp_received: Family::default(),
             connections_refused: Family::default(),
+            series: Arc::default(),
         }
     }
 }
@@ -171,14 +187,34 @@ impl Metrics {
         request_bytes: u64,
         response_bytes: u64,
     ) {
-        self.requests.get_or_create(labels).inc();
-        self.duration_ms.get_or_create(labels).observe(millis);
-        self.request_bytes
-            .get_or_create(labels)
-            .observe(request_bytes as f64);
-        self.response_bytes
-            .get_or_create(labels)
-            .observe(response_bytes as f64);
+        let series = self.series_of(labels);
+        series.requests.inc();
+        series.duration_ms.observe(millis);
+        series.request_bytes.observe(request_bytes as f64);
+        series.response_bytes.observe(response_bytes as f64);
+    }
+
+    fn series_of(&self, labels: &RequestLabels) -> RequestSeries {
+        let known = self
+            .series
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(labels)
+            .cloned();
+        if let Some(series) = known {
+            return series;
+        }
+        let series = RequestSeries {
+            requests: self.requests.get_or_create(labels).clone(),
+            duration_ms: self.duration_ms.get_or_create(labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(labels).clone(),
+        };
+        self.series
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(labels.clone(), series.clone());
+        series
     }
 }
 
@@ -248,6 +284,8 @@ mod tests {
             connection_security_policy: "mutual_tls".into(),
         };
         m.request(&labels, 3.0, 0, 120);
+        // A second request with the same labels counts in the same series.
+        m.clone().request(&labels, 7.0, 10, 120);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
         assert!(
@@ -255,6 +293,27 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("destination_cluster=\"central\""), "{out}");
+        let count = |name: &str| {
+            out.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_string)
+        };
+        assert_eq!(
+            count("istio_requests_total{").as_deref(),
+            Some("2"),
+            "{out}"
+        );
+        assert_eq!(
+            count("istio_request_duration_milliseconds_count{").as_deref(),
+            Some("2"),
+            "{out}"
+        );
+        assert_eq!(
+            count("istio_request_bytes_sum{").as_deref(),
+            Some("10.0"),
+            "{out}"
+        );
         assert!(
             out.contains("istio_request_duration_milliseconds_bucket"),
             "{out}"

@@ -18,14 +18,25 @@ use http::{HeaderMap, HeaderValue};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-/// Random hex of `bytes` bytes, never all zeros (an invalid id in both formats).
+/// Random hex of `bytes` bytes (at most 16), never all zeros (an invalid id in both
+/// formats). On every request's path (trace, span and request ids): one RNG fill and one
+/// allocation.
 fn random_hex(bytes: usize) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut raw = [0u8; 16];
+    let raw = &mut raw[..bytes.min(16)];
     loop {
-        let raw: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
+        rand::Rng::fill(&mut rand::rng(), &mut *raw);
         if raw.iter().any(|b| *b != 0) {
-            return raw.iter().map(|b| format!("{b:02x}")).collect();
+            break;
         }
     }
+    let mut hex = String::with_capacity(raw.len() * 2);
+    for b in raw.iter() {
+        hex.push(char::from(DIGITS[usize::from(b >> 4)]));
+        hex.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    hex
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
@@ -250,6 +261,20 @@ mod tests {
         assert_eq!(rfc3339(std::time::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         let leap = std::time::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400);
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn random_ids_are_lowercase_hex_of_their_length_and_differ() {
+        let ids: std::collections::BTreeSet<String> = (0..1000).map(|_| random_hex(16)).collect();
+        assert_eq!(ids.len(), 1000, "random ids repeat");
+        for id in &ids {
+            assert!(is_hex(id, 32), "{id}");
+            assert_eq!(id.to_lowercase(), *id);
+        }
+        assert!(is_hex(&random_hex(8), 16));
+        // Every digit appears somewhere: both nibbles are encoded.
+        let digits: std::collections::BTreeSet<char> = ids.iter().flat_map(|s| s.chars()).collect();
+        assert_eq!(digits.len(), 16, "{digits:?}");
     }
 
     #[test]
