@@ -24,6 +24,8 @@ use isthmus_federation::proto::v1::raft_peer_client::RaftPeerClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
+mod support;
+
 const DENY_ALL: &str = r#"{"apiVersion":"security.istio.io/v1","kind":"AuthorizationPolicy","metadata":{"name":"deny-all","namespace":"isthmus-system"},"spec":{"action":"DENY","rules":[{}]}}"#;
 
 /// Every member's store: (key, value, revision) of every record.
@@ -867,24 +869,13 @@ async fn scrape(demo: &Demo, series: &str) -> f64 {
 /// The value of `series` on `cluster`'s control-plane admin port; 0 when absent.
 async fn scrape_cluster(demo: &Demo, cluster: &str, series: &str) -> f64 {
     let ports = demo.ports();
-    let admin = ports
+    let admin = &ports
         .clusters
         .iter()
         .find(|c| c.name == cluster)
         .unwrap()
-        .admin["control"]
-        .clone();
-    let mut tcp = tokio::net::TcpStream::connect(&admin).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut metrics = String::new();
-    tcp.read_to_string(&mut metrics).await.unwrap();
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+        .admin["control"];
+    support::metric(admin, series).await
 }
 
 /// What one connection flooding a server with streams saw.

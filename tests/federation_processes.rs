@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use isthmus_core::client::ControlClient;
 use isthmus_core::identity::{OperatorId, Role};
 use isthmus_federation::KvClient;
-use support::{addr, daemon, free_port};
+use support::{addr, daemon, free_port, metric};
 use tokio::process::Child;
 
 mod support;
@@ -148,21 +148,6 @@ async fn start_member_with_admin(
     assert_eq!(ready["member"], id);
     let admin = ready["admin"].as_str().expect("admin address").to_string();
     (child, admin)
-}
-
-/// A counter's value on a daemon's `/metrics` (0 when it has no such sample).
-async fn metric(admin: &str, sample: &str) -> f64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    body.lines()
-        .find_map(|line| line.strip_prefix(sample))
-        .map_or(0.0, |value| value.trim().parse().unwrap())
 }
 
 async fn sigkill(child: &mut Child) {

@@ -66,3 +66,20 @@ pub async fn stop(mut child: Child, name: &str) {
         .unwrap();
     assert!(exit.success(), "{name} exited with {exit}");
 }
+
+/// The value of `series` (name and labels, as Prometheus prints them) on the `/metrics` of
+/// the admin port at `admin`; 0 when absent.
+pub async fn metric(admin: &str, series: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut metrics = String::new();
+    tcp.read_to_string(&mut metrics).await.unwrap();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}

@@ -343,18 +343,25 @@ impl<S: LogStore> RaftNode<S> {
     /// with bare counters, a follower's read that met the leader's own read of the same
     /// number was dropped and answered only an election timeout later.
     fn read_context(&self, ctx: u64) -> Vec<u8> {
-        let mut context = Vec::with_capacity(24);
-        context.extend_from_slice(&self.config.id.to_be_bytes());
-        context.extend_from_slice(&self.config.incarnation.to_be_bytes());
+        let mut context = self.read_prefix().to_vec();
         context.extend_from_slice(&ctx.to_be_bytes());
         context
     }
 
+    /// What every read context of this member starts with: its id and incarnation.
+    fn read_prefix(&self) -> [u8; 16] {
+        let mut prefix = [0; 16];
+        prefix[..8].copy_from_slice(&self.config.id.to_be_bytes());
+        prefix[8..].copy_from_slice(&self.config.incarnation.to_be_bytes());
+        prefix
+    }
+
     fn answer_reads(&mut self, states: Vec<ReadState>) {
+        let prefix = self.read_prefix();
         for state in states {
             let Some(ctx) = state
                 .request_ctx
-                .strip_prefix(self.read_context(0).get(..16).unwrap_or_default())
+                .strip_prefix(prefix.as_slice())
                 .and_then(|seq| <[u8; 8]>::try_from(seq).ok())
             else {
                 continue;

@@ -111,6 +111,19 @@ impl Net {
         panic!("{what} did not happen within 500 ticks");
     }
 
+    /// Ticks until `answer` arrives (at most 500 ticks) and returns it.
+    fn answered<T>(&mut self, what: &str, answer: &mut oneshot::Receiver<T>) -> T {
+        let mut got = None;
+        self.tick_until(what, |_| match answer.try_recv() {
+            Ok(result) => {
+                got = Some(result);
+                true
+            }
+            Err(_) => false,
+        });
+        got.expect("tick_until returns once answered")
+    }
+
     fn leader_among(&self, ids: &[u64]) -> Option<u64> {
         ids.iter()
             .copied()
@@ -183,23 +196,14 @@ fn write_lost_with_an_isolated_leader_is_retried_and_applied_once() {
     });
     // The new leader makes the lost attempt due at once, not an election timeout later.
     let elected_at = net.now;
-    let mut answer = None;
-    net.tick_until("the retried write to be answered", |_| {
-        match outcome.try_recv() {
-            Ok(result) => {
-                answer = Some(result);
-                true
-            }
-            Err(_) => false,
-        }
-    });
+    let answer = net.answered("the retried write to be answered", &mut outcome);
     let ticks = (net.now - elected_at).as_millis() / TICK.as_millis();
     assert!(
         ticks <= 3,
         "the retried write took {ticks} ticks after the new leader (election timeout: 10)"
     );
     let revision = match answer {
-        Some(Ok(Outcome::Done(revision))) => revision,
+        Ok(Outcome::Done(revision)) => revision,
         other => panic!("write failed: {other:?}"),
     };
 
@@ -255,21 +259,14 @@ fn reads_made_before_a_new_leader_commits_in_its_term_are_answered_as_soon_as_it
     net.drop_append_acks = false;
     let healed_at = net.now;
     for (on, mut answer) in reads {
-        let mut index = None;
-        net.tick_until("the read to be answered", |_| match answer.try_recv() {
-            Ok(result) => {
-                index = Some(result);
-                true
-            }
-            Err(_) => false,
-        });
+        let index = net.answered("the read to be answered", &mut answer);
         let ticks = (net.now - healed_at).as_millis() / TICK.as_millis();
         assert!(
             ticks <= 4,
             "member {on} answered its read {ticks} ticks after the leader could commit \
              (election timeout: 10)"
         );
-        let index = index.expect("answered").expect("read index");
+        let index = index.expect("read index");
         assert!(
             index >= 1,
             "read index {index} precedes the leader's first entry"

@@ -170,17 +170,8 @@ impl Connector {
             .gateway
             .ok_or_else(|| UpstreamError::NoRoute(service.key()))?;
         let mut tcp = self.tcp(gateway).await?;
-        let answer = self
-            .open_tunnel(&mut tcp, service, port, gateway, cluster, None)
-            .await?;
-        if answer.code != ReasonCode::Ok {
-            return Err(UpstreamError::Refused {
-                cluster: cluster.to_string(),
-                code: answer.code,
-                message: answer.message,
-            });
-        }
-        Ok(())
+        self.open_tunnel(&mut tcp, service, port, gateway, cluster, None)
+            .await
     }
 
     /// Opens an mTLS session to one chosen upstream of `service`: a local endpoint directly,
@@ -241,21 +232,14 @@ impl Connector {
         alpn: Option<&'static [u8]>,
     ) -> Result<TlsStream<TcpStream>, UpstreamError> {
         let mut tcp = self.tcp(gateway).await?;
-        let answer = self
-            .open_tunnel(&mut tcp, service, port, gateway, cluster, subset)
+        self.open_tunnel(&mut tcp, service, port, gateway, cluster, subset)
             .await?;
-        if answer.code != ReasonCode::Ok {
-            return Err(UpstreamError::Refused {
-                cluster: cluster.to_string(),
-                code: answer.code,
-                message: answer.message,
-            });
-        }
         self.health.cluster_ok(cluster);
         self.handshake(service, tcp, gateway, alpn).await
     }
 
-    /// Sends the tunnel header for `service` in `cluster` and reads the gateway's answer.
+    /// Sends the tunnel header for `service` in `cluster` and reads the gateway's answer: Ok
+    /// when the tunnel is open, [`UpstreamError::Refused`] with the gateway's reason when not.
     async fn open_tunnel(
         &self,
         tcp: &mut TcpStream,
@@ -264,7 +248,7 @@ impl Connector {
         gateway: SocketAddr,
         cluster: &str,
         subset: Option<String>,
-    ) -> Result<tunnel::OpenResponse, UpstreamError> {
+    ) -> Result<(), UpstreamError> {
         let request = OpenRequest {
             service: service.key(),
             port,
@@ -277,7 +261,7 @@ impl Connector {
             addr: gateway,
             reason: e.to_string(),
         };
-        tokio::time::timeout(self.timeout, async {
+        let answer = tokio::time::timeout(self.timeout, async {
             tunnel::write_request(tcp, &request).await?;
             tunnel::read_response(tcp).await
         })
@@ -286,7 +270,15 @@ impl Connector {
             addr: gateway,
             reason: "the gateway did not answer in time".into(),
         })?
-        .map_err(failed)
+        .map_err(failed)?;
+        if answer.code != ReasonCode::Ok {
+            return Err(UpstreamError::Refused {
+                cluster: cluster.to_string(),
+                code: answer.code,
+                message: answer.message,
+            });
+        }
+        Ok(())
     }
 
     async fn tcp(&self, addr: SocketAddr) -> Result<TcpStream, UpstreamError> {

@@ -101,35 +101,12 @@ pub fn admit_snapshot(current: &impl Records, incoming: &impl Records) -> Result
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use serde_json::json;
-
     use super::*;
-    use crate::ca::CertificateAuthority;
-
-    #[derive(Default, Clone)]
-    struct Map(BTreeMap<String, Vec<u8>>);
-
-    impl Records for Map {
-        fn value(&self, key: &str) -> Option<&[u8]> {
-            self.0.get(key).map(Vec::as_slice)
-        }
-        fn values<'a>(&'a self, prefix: &str) -> Vec<(&'a str, &'a [u8])> {
-            self.0
-                .iter()
-                .filter(|(k, _)| k.starts_with(prefix))
-                .map(|(k, v)| (k.as_str(), v.as_slice()))
-                .collect()
-        }
-    }
+    use crate::keyspace::rules::tests::{ca, cluster, Map};
 
     impl Map {
         fn cluster(mut self, name: &str, td: &str, member: u64, bundle: &str) -> Map {
-            let record = json!({
-                "name": name, "trustDomain": td, "gateway": null,
-                "caBundlePem": bundle, "memberId": member,
-            });
+            let record = cluster(name, td, bundle, Some(member));
             self.0.insert(
                 format!("clusters/{name}"),
                 serde_json::to_vec(&record).unwrap(),
@@ -140,13 +117,6 @@ mod tests {
             self.0.remove(key);
             self
         }
-    }
-
-    fn ca(td: &str) -> String {
-        CertificateAuthority::generate(td)
-            .unwrap()
-            .cert_pem()
-            .to_string()
     }
 
     fn held() -> (Map, String, String) {

@@ -5,8 +5,9 @@ use serde_json::json;
 use super::*;
 use crate::ca::CertificateAuthority;
 
-#[derive(Default)]
-struct Map(BTreeMap<String, Vec<u8>>);
+/// Records in memory (also the snapshot rules' tests' state).
+#[derive(Default, Clone)]
+pub(super) struct Map(pub(super) BTreeMap<String, Vec<u8>>);
 
 impl Records for Map {
     fn value(&self, key: &str) -> Option<&[u8]> {
@@ -31,14 +32,19 @@ impl Map {
     }
 }
 
-fn ca(td: &str) -> String {
+pub(super) fn ca(td: &str) -> String {
     CertificateAuthority::generate(td)
         .unwrap()
         .cert_pem()
         .to_string()
 }
 
-fn cluster(name: &str, td: &str, bundle: &str, member: Option<u64>) -> serde_json::Value {
+pub(super) fn cluster(
+    name: &str,
+    td: &str,
+    bundle: &str,
+    member: Option<u64>,
+) -> serde_json::Value {
     json!({"name": name, "trustDomain": td, "gateway": null, "caBundlePem": bundle,
            "memberId": member})
 }
