@@ -123,7 +123,8 @@ impl Health {
     }
 
     /// The upstreams to try for `service` (endpoints carrying `labels`, when a subset is
-    /// asked for), in the active priority, and the table that chose them.
+    /// asked for), in the active priority. The table that chose them is kept for
+    /// [`Health::tables`] (`isthmus explain`).
     pub fn candidates(
         &self,
         config: &MeshConfig,
@@ -131,7 +132,7 @@ impl Health {
         labels: Option<&BTreeMap<String, String>>,
         subset: Option<&str>,
         gateway: bool,
-    ) -> (Vec<Upstream>, Table) {
+    ) -> Vec<Upstream> {
         self.candidates_for_attempt(
             config,
             service,
@@ -154,7 +155,7 @@ impl Health {
         subset: Option<&str>,
         gateway: bool,
         pick: Pick,
-    ) -> (Vec<Upstream>, Table) {
+    ) -> Vec<Upstream> {
         let now = Instant::now();
         let now_ms = isthmus_core::clock::unix_ms();
         let mut s = self.lock();
@@ -240,8 +241,8 @@ impl Health {
                 ));
             }
         }
-        s.tables.insert(key, table.clone());
-        (upstreams, table)
+        s.tables.insert(key, table);
+        upstreams
     }
 
     fn down(&self) -> (Vec<SocketAddr>, Vec<(String, ClusterDown)>) {

@@ -132,7 +132,7 @@ impl HttpProxy {
         // Every failure ejects an upstream or takes it out of the failover table, so this ends.
         let bound = target.local_endpoints.len() + target.remote.len() + 1;
         for _ in 0..bound {
-            let (candidates, _) = connector.health().candidates(
+            let candidates = connector.health().candidates(
                 config,
                 &target,
                 labels.as_ref(),

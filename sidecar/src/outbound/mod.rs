@@ -10,7 +10,8 @@
 //! - L7: [`proxy`] carries out what `proxy/plan.rs` (pure) decides from [`routing`]'s
 //!   compiled VirtualServices and DestinationRules (with [`cors`] and [`ratelimit`]), then
 //!   `proxy/attempts.rs` runs the attempts (retries, timeouts, circuit breaker, mirror;
-//!   small bodies kept for retries by `replay.rs`).
+//!   small bodies kept for retries by `replay.rs`), and `proxy/report.rs` records the
+//!   answered request's metrics and access log.
 //! - L4: `l4.rs` routes opaque TCP (`tls` routes by the server name [`sni`] reads, else `tcp`
 //!   routes).
 //! - Both then pick alike: [`failover`] (the priority table: which clusters and localities)

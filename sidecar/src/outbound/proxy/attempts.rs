@@ -46,19 +46,17 @@ impl HttpProxy {
         let gateway = self.connector.has_gateway();
         let remote_retries = route.retries.as_ref().is_some_and(|r| r.remote_localities);
         let candidates_now = |attempt: u32| {
-            health
-                .candidates_for_attempt(
-                    config,
-                    target,
-                    labels.as_ref(),
-                    dest.subset.as_deref(),
-                    gateway,
-                    crate::failover::Pick {
-                        attempt: remote_retries.then_some(attempt),
-                        roll: rand::random(),
-                    },
-                )
-                .0
+            health.candidates_for_attempt(
+                config,
+                target,
+                labels.as_ref(),
+                dest.subset.as_deref(),
+                gateway,
+                crate::failover::Pick {
+                    attempt: remote_retries.then_some(attempt),
+                    roll: rand::random(),
+                },
+            )
         };
         let candidates = candidates_now(0);
         if candidates.is_empty() {
@@ -273,7 +271,7 @@ impl HttpProxy {
         let Some(target) = config.service(&key.1, &key.0).cloned() else {
             return;
         };
-        let (candidates, _) = self.connector.health().candidates(
+        let candidates = self.connector.health().candidates(
             config,
             &target,
             None,
