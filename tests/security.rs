@@ -83,6 +83,25 @@ async fn authorization_sees_the_real_caller_across_clusters() {
     // Other workloads are unaffected by a policy selecting ratings.
     assert_eq!(status(west, "details").await, 200);
 
+    // The same policy as Istio users write it: `cluster.local` is the mesh's trust domain,
+    // so it names default/sleep in every member cluster.
+    apply(
+        &demo,
+        &ONLY_EAST_SLEEP.replace("east.isthmus.local/", "cluster.local/"),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status(west, "ratings").await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "cluster.local never admitted west's sleep"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for c in [east, central] {
+        assert_eq!(status(c, "ratings").await, 200, "{}'s sleep", c.name);
+    }
+
     apply(&demo, "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-east}\nspec:\n  selector: {matchLabels: {app: ratings}}\n  action: DENY\n  rules:\n  - from:\n    - source: {principals: [\"east.isthmus.local/*\"]}\n").await;
     let deadline = Instant::now() + Duration::from_secs(5);
     while status(east, "ratings").await != 403 {

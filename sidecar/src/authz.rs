@@ -7,7 +7,9 @@
 //! namespace, `isthmus-system`) and its selector's labels are all on the workload. A rule
 //! matches when its `from`, `to` and `when` all match (empty means "any"). Principals are
 //! SPIFFE IDs without the scheme (`east.isthmus.local/ns/default/sa/sleep`); `*` may stand
-//! for a prefix or a suffix of principals, paths and header values.
+//! for a prefix or a suffix of principals, paths and header values. A principal written with
+//! Istio's `cluster.local` trust domain names that namespace and service account in every
+//! member cluster ([`principal_matches`]).
 
 use std::collections::BTreeMap;
 
@@ -79,14 +81,53 @@ fn principal(caller: Option<&SpiffeId>) -> Option<String> {
     caller.map(|c| c.to_string().trim_start_matches("spiffe://").to_string())
 }
 
-fn rule_matches(rule: &Rule, req: &Inbound<'_>) -> bool {
+/// Istio's name for the mesh's own trust domain, as nearly every Istio policy writes it.
+pub const MESH_TRUST_DOMAIN: &str = "cluster.local";
+
+/// Whether principal `pattern` names caller `value` (`<trust domain>/ns/<ns>/sa/<sa>`).
+///
+/// Istio reads `cluster.local` in a principal as "the mesh's trust domain". A federation has
+/// one trust domain per member cluster, so here it stands for each of them (`members`):
+/// `cluster.local/ns/X/sa/Y` names service account Y of namespace X in every member cluster,
+/// as Istio multicluster's namespace sameness has it, while `<trust domain>/ns/X/sa/Y` names
+/// one cluster's only. A caller from a trust domain that is not a member's never matches it.
+pub fn principal_matches(pattern: &str, value: &str, members: &[&str]) -> bool {
+    let Some(rest) = pattern
+        .strip_prefix(MESH_TRUST_DOMAIN)
+        .and_then(|r| r.strip_prefix('/'))
+    else {
+        return glob(pattern, value);
+    };
+    value
+        .split_once('/')
+        .is_some_and(|(td, path)| members.contains(&td) && glob(rest, path))
+}
+
+/// [`field`] for principals: `cluster.local` read as [`principal_matches`] does.
+fn principal_field(
+    include: &[String],
+    exclude: &[String],
+    value: Option<&str>,
+    members: &[&str],
+) -> bool {
+    let any = |patterns: &[String]| {
+        value.is_some_and(|v| patterns.iter().any(|p| principal_matches(p, v, members)))
+    };
+    (include.is_empty() || any(include)) && !any(exclude)
+}
+
+fn rule_matches(rule: &Rule, req: &Inbound<'_>, members: &[&str]) -> bool {
     let principal = principal(req.caller);
     let namespace = req.caller.map(|c| c.namespace().to_string());
     let from = rule.from.is_empty()
         || rule.from.iter().any(|f| {
             let s = &f.source;
-            field(&s.principals, &s.not_principals, principal.as_deref())
-                && field(&s.namespaces, &s.not_namespaces, namespace.as_deref())
+            principal_field(
+                &s.principals,
+                &s.not_principals,
+                principal.as_deref(),
+                members,
+            ) && field(&s.namespaces, &s.not_namespaces, namespace.as_deref())
         });
     let port = req.port.to_string();
     let to = rule.to.is_empty()
@@ -98,7 +139,9 @@ fn rule_matches(rule: &Rule, req: &Inbound<'_>) -> bool {
         });
     let when = rule.when.iter().all(|c| {
         let value: Option<String> = match c.key.as_str() {
-            "source.principal" => principal.clone(),
+            "source.principal" => {
+                return principal_field(&c.values, &c.not_values, principal.as_deref(), members)
+            }
             "source.namespace" => namespace.clone(),
             key => key
                 .strip_prefix("request.headers[")
@@ -110,12 +153,18 @@ fn rule_matches(rule: &Rule, req: &Inbound<'_>) -> bool {
     from && to && when
 }
 
-fn policy_matches(p: &AuthorizationPolicySpec, req: &Inbound<'_>) -> bool {
-    p.rules.iter().any(|r| rule_matches(r, req))
+fn policy_matches(p: &AuthorizationPolicySpec, req: &Inbound<'_>, members: &[&str]) -> bool {
+    p.rules.iter().any(|r| rule_matches(r, req, members))
 }
 
 /// Decides one inbound request for workload `w` under the mesh's policies.
 pub fn authorize(config: &MeshConfig, w: &Workload, req: &Inbound<'_>) -> Verdict {
+    let members: Vec<&str> = config
+        .clusters
+        .iter()
+        .map(|c| c.trust_domain.as_str())
+        .collect();
+    let policy_matches = |p: &AuthorizationPolicySpec| policy_matches(p, req, &members);
     let mut allow_policies = Vec::new();
     for policy in &config.policies {
         let Spec::AuthorizationPolicy(spec) = &policy.spec else {
@@ -126,12 +175,12 @@ pub fn authorize(config: &MeshConfig, w: &Workload, req: &Inbound<'_>) -> Verdic
         }
         let name = format!("{}/{}", policy.namespace, policy.name);
         match spec.action.as_deref().unwrap_or("ALLOW") {
-            "DENY" if policy_matches(spec, req) => return Verdict::Deny(name),
+            "DENY" if policy_matches(spec) => return Verdict::Deny(name),
             "ALLOW" => allow_policies.push((name, spec)),
             _ => {}
         }
     }
-    if allow_policies.is_empty() || allow_policies.iter().any(|(_, p)| policy_matches(p, req)) {
+    if allow_policies.is_empty() || allow_policies.iter().any(|(_, p)| policy_matches(p)) {
         Verdict::Allow
     } else {
         Verdict::Deny(format!(

@@ -219,3 +219,146 @@ fn the_most_specific_peer_authentication_wins_and_strict_is_the_default() {
     };
     assert_eq!(mtls_mode(&config(&workload), &details), MtlsMode::Strict);
 }
+
+fn federation(yaml: &str) -> MeshConfig {
+    let member = |name: &str| isthmus_core::mesh::ClusterInfo {
+        name: name.into(),
+        trust_domain: format!("{name}.isthmus.local"),
+        gateway: None,
+        ca_bundle_pem: String::new(),
+        locality: None,
+    };
+    MeshConfig {
+        cluster: "central".into(),
+        clusters: vec![member("central"), member("east"), member("west")],
+        ..config(yaml)
+    }
+}
+
+#[test]
+fn cluster_local_names_the_service_account_in_every_member_cluster() {
+    // As Istio's documentation and nearly every policy in the wild write it.
+    let c = federation(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ratings-from-sleep}
+spec:
+  selector: {matchLabels: {app: ratings}}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {principals: ["cluster.local/ns/default/sa/sleep", "cluster.local/ns/ops/*"]}
+"#,
+    );
+    let h = HeaderMap::new();
+    let verdict =
+        |caller: &SpiffeId| authorize(&c, &ratings(), &http(Some(caller), "GET", "/", &h));
+    for td in ["central", "east", "west"] {
+        let td = format!("{td}.isthmus.local");
+        assert_eq!(
+            verdict(&id(&td, "default", "sleep")),
+            Verdict::Allow,
+            "{td}"
+        );
+        assert_eq!(verdict(&id(&td, "ops", "oncall")), Verdict::Allow, "{td}");
+        assert!(matches!(
+            verdict(&id(&td, "default", "reviews")),
+            Verdict::Deny(_)
+        ));
+        assert!(matches!(
+            verdict(&id(&td, "other", "sleep")),
+            Verdict::Deny(_)
+        ));
+    }
+    // A trust domain that is no member's is not the mesh's.
+    assert!(matches!(
+        verdict(&id("evil.example", "default", "sleep")),
+        Verdict::Deny(_)
+    ));
+    assert!(matches!(
+        authorize(&c, &ratings(), &http(None, "GET", "/", &h)),
+        Verdict::Deny(_)
+    ));
+}
+
+#[test]
+fn an_explicit_trust_domain_names_one_cluster_only_and_cluster_local_works_in_deny_and_when() {
+    let c = federation(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-east}
+spec:
+  selector: {matchLabels: {app: ratings}}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {principals: ["east.isthmus.local/ns/default/sa/sleep"]}
+  - when:
+    - key: source.principal
+      values: ["cluster.local/ns/default/sa/productpage"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-reviews}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source: {notPrincipals: ["cluster.local/ns/default/sa/productpage", "cluster.local/ns/default/sa/sleep"]}
+"#,
+    );
+    let h = HeaderMap::new();
+    let verdict =
+        |caller: &SpiffeId| authorize(&c, &ratings(), &http(Some(caller), "GET", "/", &h));
+    assert_eq!(
+        verdict(&id("east.isthmus.local", "default", "sleep")),
+        Verdict::Allow
+    );
+    assert!(matches!(
+        verdict(&id("west.isthmus.local", "default", "sleep")),
+        Verdict::Deny(p) if p.starts_with("no ALLOW policy matched")
+    ));
+    for td in ["central", "east", "west"] {
+        let td = format!("{td}.isthmus.local");
+        assert_eq!(
+            verdict(&id(&td, "default", "productpage")),
+            Verdict::Allow,
+            "{td}"
+        );
+        assert_eq!(
+            verdict(&id(&td, "default", "reviews")),
+            Verdict::Deny("default/no-reviews".into()),
+            "{td}"
+        );
+    }
+}
+
+#[test]
+fn principal_patterns_read_cluster_local_only_as_a_whole_trust_domain() {
+    let members = ["east.isthmus.local"];
+    let m = |p: &str, v: &str| principal_matches(p, v, &members);
+    assert!(m("cluster.local/ns/a/sa/b", "east.isthmus.local/ns/a/sa/b"));
+    assert!(m("cluster.local/*", "east.isthmus.local/ns/a/sa/b"));
+    assert!(!m(
+        "cluster.local/ns/a/sa/b",
+        "west.isthmus.local/ns/a/sa/b"
+    ));
+    assert!(!m(
+        "cluster.localx/ns/a/sa/b",
+        "east.isthmus.local/ns/a/sa/b"
+    ));
+    assert!(!m(
+        "cluster.local/ns/a/sa/b",
+        "east.isthmus.local/ns/a/sa/bb"
+    ));
+    assert!(m("*/ns/a/sa/b", "west.isthmus.local/ns/a/sa/b"));
+    assert!(m("*", "anything"));
+    // A mesh whose trust domain really is cluster.local keeps its literal meaning.
+    assert!(principal_matches(
+        "cluster.local/ns/a/sa/b",
+        "cluster.local/ns/a/sa/b",
+        &["cluster.local"]
+    ));
+}
