@@ -53,6 +53,7 @@ pub mod failover;
 pub mod http_path;
 pub mod identity;
 pub mod join;
+pub mod jwt;
 pub mod keyspace;
 pub mod mesh;
 pub mod policy;
