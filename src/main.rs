@@ -72,7 +72,7 @@ enum Command {
         kubernetes: bool,
     },
     /// Apply mesh-wide policies (Istio VirtualService, DestinationRule, AuthorizationPolicy,
-    /// PeerAuthentication) from a multi-document YAML file.
+    /// PeerAuthentication, RequestAuthentication) from a multi-document YAML file.
     Apply {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,

@@ -213,7 +213,7 @@ pub async fn delete(
 
 fn parse_kind(kind: &str) -> anyhow::Result<Kind> {
     Kind::parse(kind).with_context(|| {
-        format!("unknown kind {kind:?} (VirtualService, DestinationRule, AuthorizationPolicy, PeerAuthentication, RateLimitPolicy, FailoverPolicy, or all)")
+        format!("unknown kind {kind:?} (VirtualService, DestinationRule, AuthorizationPolicy, PeerAuthentication, RequestAuthentication, RateLimitPolicy, FailoverPolicy, or all)")
     })
 }
 

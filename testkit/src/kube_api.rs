@@ -143,6 +143,11 @@ const CUSTOM: &[(&str, &str, &str)] = &[
         "peerauthentications",
         "PeerAuthentication",
     ),
+    (
+        "security.istio.io",
+        "requestauthentications",
+        "RequestAuthentication",
+    ),
 ];
 
 /// A resource being served.

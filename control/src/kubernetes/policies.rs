@@ -1,7 +1,7 @@
 //! Policies as Kubernetes resources: Isthmus's own kinds (`isthmus.io`: `RateLimitPolicy`,
 //! `FailoverPolicy`) and Istio's `VirtualService`, `DestinationRule`
-//! (`networking.istio.io`), `AuthorizationPolicy` and `PeerAuthentication`
-//! (`security.istio.io`), written to the federation store as the same documents
+//! (`networking.istio.io`), `AuthorizationPolicy`, `PeerAuthentication` and
+//! `RequestAuthentication` (`security.istio.io`), written to the federation store as the same documents
 //! `isthmus apply -f` stores.
 //!
 //! The policy writer (one task, started with the other writers by

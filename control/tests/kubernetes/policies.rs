@@ -169,6 +169,7 @@ async fn istio_kinds_wait_for_their_crds_and_are_picked_up_once_installed() {
         "destinationrules",
         "authorizationpolicies",
         "peerauthentications",
+        "requestauthentications",
     ] {
         assert_eq!(east.api.lists(plural), 0, "{plural} listed");
         assert_eq!(east.api.watches(plural), 0, "{plural} watched");

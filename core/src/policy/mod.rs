@@ -1,7 +1,7 @@
 //! Mesh-wide policies: the documents users apply with `isthmus apply -f`.
 //!
-//! Istio's `VirtualService`, `DestinationRule`, `AuthorizationPolicy` and `PeerAuthentication`
-//! are accepted as Istio's documentation writes them. Parsing is two passes: the structure
+//! Istio's `VirtualService`, `DestinationRule`, `AuthorizationPolicy`, `PeerAuthentication` and
+//! `RequestAuthentication` are accepted as Istio's documentation writes them. Parsing is two passes: the structure
 //! (unknown fields rejected by name), then the meaning ([`validate`]: weights, regexes,
 //! durations, enumerations). Every error names the file, the document (1-based) and the field
 //! path, and a file with any bad document is refused whole.
@@ -16,9 +16,9 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use networking::{DestinationRuleSpec, VirtualServiceSpec};
-use security::{AuthorizationPolicySpec, PeerAuthenticationSpec};
+use security::{AuthorizationPolicySpec, PeerAuthenticationSpec, RequestAuthenticationSpec};
 
-pub use validate::{parse_duration_istio, resolve_host};
+pub use validate::{claim_path, parse_duration_istio, resolve_host};
 
 /// The kinds of policy Isthmus stores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -27,16 +27,18 @@ pub enum Kind {
     DestinationRule,
     AuthorizationPolicy,
     PeerAuthentication,
+    RequestAuthentication,
     RateLimitPolicy,
     FailoverPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::AuthorizationPolicy,
         Kind::PeerAuthentication,
+        Kind::RequestAuthentication,
         Kind::RateLimitPolicy,
         Kind::FailoverPolicy,
     ];
@@ -47,6 +49,7 @@ impl Kind {
             Kind::DestinationRule => "DestinationRule",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::RequestAuthentication => "RequestAuthentication",
             Kind::RateLimitPolicy => "RateLimitPolicy",
             Kind::FailoverPolicy => "FailoverPolicy",
         }
@@ -61,7 +64,7 @@ impl Kind {
                 "networking.istio.io/v1alpha3",
             ],
             Kind::RateLimitPolicy | Kind::FailoverPolicy => &["isthmus.io/v1alpha1"],
-            Kind::AuthorizationPolicy | Kind::PeerAuthentication => {
+            Kind::AuthorizationPolicy | Kind::PeerAuthentication | Kind::RequestAuthentication => {
                 &["security.istio.io/v1", "security.istio.io/v1beta1"]
             }
         }
@@ -94,6 +97,7 @@ pub enum Spec {
     DestinationRule(Box<DestinationRuleSpec>),
     AuthorizationPolicy(AuthorizationPolicySpec),
     PeerAuthentication(PeerAuthenticationSpec),
+    RequestAuthentication(RequestAuthenticationSpec),
     RateLimitPolicy(isthmus::RateLimitPolicySpec),
     FailoverPolicy(isthmus::FailoverPolicySpec),
 }
@@ -114,6 +118,7 @@ impl Policy {
             Spec::DestinationRule(_) => Kind::DestinationRule,
             Spec::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Spec::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Spec::RequestAuthentication(_) => Kind::RequestAuthentication,
             Spec::RateLimitPolicy(_) => Kind::RateLimitPolicy,
             Spec::FailoverPolicy(_) => Kind::FailoverPolicy,
         }
@@ -131,6 +136,7 @@ impl Policy {
             Spec::DestinationRule(s) => serde_json::to_value(s),
             Spec::AuthorizationPolicy(s) => serde_json::to_value(s),
             Spec::PeerAuthentication(s) => serde_json::to_value(s),
+            Spec::RequestAuthentication(s) => serde_json::to_value(s),
             Spec::RateLimitPolicy(s) => serde_json::to_value(s),
             Spec::FailoverPolicy(s) => serde_json::to_value(s),
         }
@@ -277,7 +283,7 @@ fn parse_value(
                 document,
                 "kind",
                 format!(
-                    "unsupported kind {:?} (supported: VirtualService, DestinationRule, AuthorizationPolicy, PeerAuthentication, RateLimitPolicy, FailoverPolicy)",
+                    "unsupported kind {:?} (supported: VirtualService, DestinationRule, AuthorizationPolicy, PeerAuthentication, RequestAuthentication, RateLimitPolicy, FailoverPolicy)",
                     envelope.kind
                 ),
             )
@@ -329,6 +335,7 @@ fn parse_value(
         Kind::DestinationRule => typed(envelope.spec).map(|s| Spec::DestinationRule(Box::new(s))),
         Kind::AuthorizationPolicy => typed(envelope.spec).map(Spec::AuthorizationPolicy),
         Kind::PeerAuthentication => typed(envelope.spec).map(Spec::PeerAuthentication),
+        Kind::RequestAuthentication => typed(envelope.spec).map(Spec::RequestAuthentication),
         Kind::RateLimitPolicy => typed(envelope.spec).map(Spec::RateLimitPolicy),
         Kind::FailoverPolicy => typed(envelope.spec).map(Spec::FailoverPolicy),
     }

@@ -1,5 +1,6 @@
-//! Istio's security resources as Isthmus accepts them: `AuthorizationPolicy` and
-//! `PeerAuthentication` (security.istio.io v1, v1beta1). Unknown fields are rejected by name.
+//! Istio's security resources as Isthmus accepts them: `AuthorizationPolicy`,
+//! `PeerAuthentication` and `RequestAuthentication` (security.istio.io v1, v1beta1). Unknown
+//! fields are rejected by name.
 
 use std::collections::BTreeMap;
 
@@ -52,6 +53,11 @@ pub struct Source {
     pub principals: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_principals: Vec<String>,
+    /// End users, `<iss>/<sub>` of a token a RequestAuthentication verified.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_request_principals: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub namespaces: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -79,7 +85,9 @@ pub struct Operation {
     pub ports: Vec<String>,
 }
 
-/// `key` is `request.headers[<name>]`, `source.principal` or `source.namespace`.
+/// `key` is `request.headers[<name>]`, `source.principal`, `source.namespace`,
+/// `request.auth.principal`, `request.auth.audiences`, `request.auth.presenter` or
+/// `request.auth.claims[<name>]` (nested: `request.auth.claims[<name>][<name>]`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Condition {
@@ -105,4 +113,60 @@ pub struct PeerAuthenticationSpec {
 pub struct MutualTls {
     /// `STRICT` or `PERMISSIVE` (`UNSET` inherits).
     pub mode: String,
+}
+
+/// `RequestAuthentication.spec`: which end-user tokens the selected workloads accept.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestAuthenticationSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jwt_rules: Vec<JwtRule>,
+}
+
+/// One issuer's tokens: where to find them, whose keys sign them, what to pass on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JwtRule {
+    pub issuer: String,
+    /// Accepted `aud` values; empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+    /// The issuer's JSON Web Key Set, inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<String>,
+    /// Headers carrying the token (default: `Authorization` with prefix `Bearer `).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_headers: Vec<JwtHeader>,
+    /// Query parameters carrying the token (default: `access_token`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_params: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_cookies: Vec<String>,
+    /// A header to carry the verified payload (base64url) to the application.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_payload_to_header: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub output_claim_to_headers: Vec<ClaimToHeader>,
+    /// Keep the token in the request passed on (default: removed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forward_original_token: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JwtHeader {
+    pub name: String,
+    /// Text before the token in the header's value (e.g. `Bearer `).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClaimToHeader {
+    pub header: String,
+    /// A top-level claim, or a nested one as `a.b`.
+    pub claim: String,
 }

@@ -279,7 +279,7 @@ spec:
     assert_eq!(parse_documents("authz.yaml", ok).unwrap().len(), 2);
     let e = error(&ok.replace("action: ALLOW", "action: AUDIT"));
     assert_eq!(e.field, "spec.action");
-    let e = error(&ok.replace("request.headers[x-user]", "request.auth.claims[iss]"));
+    let e = error(&ok.replace("request.headers[x-user]", "request.auth.type"));
     assert_eq!(e.field, "spec.rules[0].when[0].key");
     let e = error(&ok.replace("mode: STRICT", "mode: LOOSE"));
     assert_eq!((e.document, e.field.as_str()), (2, "spec.mtls.mode"));
@@ -442,4 +442,117 @@ fn tls_routes_parse_and_each_error_names_its_field() {
         assert_eq!(e.field, field, "{e}");
         assert!(e.to_string().contains(words), "{e}");
     }
+}
+
+/// A fresh Ed25519 public key as a JWKS document.
+fn jwks() -> String {
+    use base64::Engine;
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+    let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+    let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(pair.public_key().as_ref());
+    format!(r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","kid":"k1","x":"{x}"}}]}}"#)
+}
+
+fn request_authentication(rule: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: ratings}}}}\n  jwtRules:\n{rule}"
+    )
+}
+
+#[test]
+fn request_authentication_is_accepted_as_istio_writes_it() {
+    let yaml = request_authentication(&format!(
+        "  - issuer: testing@secure.istio.io\n    audiences: [bookinfo]\n    jwks: '{}'\n    fromHeaders:\n    - name: x-jwt-assertion\n      prefix: 'Bearer '\n    fromParams: [token]\n    fromCookies: [session]\n    outputPayloadToHeader: x-jwt-payload\n    outputClaimToHeaders:\n    - header: x-jwt-group\n      claim: group\n    forwardOriginalToken: true\n",
+        jwks()
+    ));
+    let docs = parse_documents("ra.yaml", &yaml).unwrap();
+    let Spec::RequestAuthentication(ra) = &docs[0].spec else {
+        panic!("{:?}", docs[0].spec)
+    };
+    assert_eq!(docs[0].kind(), Kind::RequestAuthentication);
+    let rule = &ra.jwt_rules[0];
+    assert_eq!(rule.issuer, "testing@secure.istio.io");
+    assert_eq!(rule.from_headers[0].prefix.as_deref(), Some("Bearer "));
+    assert!(rule.forward_original_token);
+    assert_eq!(rule.output_claim_to_headers[0].claim, "group");
+    // Stored as JSON and read back unchanged.
+    let back = Policy::from_json(&serde_json::to_vec(&docs[0].to_json()).unwrap()).unwrap();
+    assert_eq!(back, docs[0]);
+    assert_eq!(
+        Kind::parse("requestauthentications"),
+        Some(Kind::RequestAuthentication)
+    );
+}
+
+#[test]
+fn bad_request_authentications_are_refused_naming_the_field() {
+    let refused =
+        |rule: String| parse_documents("ra.yaml", &request_authentication(&rule)).unwrap_err();
+    let e = refused("  - issuer: a\n    jwksUri: https://idp.example.com/keys\n".into());
+    assert_eq!(e.field, "spec.jwtRules[0].jwksUri");
+    assert!(e.message.contains("unknown field `jwksUri`"), "{e}");
+    let e = refused("  - issuer: a\n".into());
+    assert_eq!(e.field, "spec.jwtRules[0].jwks");
+    let e = refused(
+        "  - issuer: a\n    jwks: '{\"keys\":[{\"kty\":\"oct\",\"k\":\"c2VjcmV0\"}]}'\n".into(),
+    );
+    assert_eq!(e.field, "spec.jwtRules[0].jwks");
+    assert!(
+        e.message.starts_with("keys[0]: a symmetric (oct) key"),
+        "{e}"
+    );
+    let k = jwks();
+    let e = refused(format!(
+        "  - issuer: a\n    jwks: '{k}'\n  - issuer: a\n    jwks: '{k}'\n"
+    ));
+    assert_eq!(e.field, "spec.jwtRules[1].issuer");
+    let e = refused(format!("  - issuer: ''\n    jwks: '{k}'\n"));
+    assert_eq!(e.field, "spec.jwtRules[0].issuer");
+    let e = refused(format!(
+        "  - issuer: a\n    jwks: '{k}'\n    outputPayloadToHeader: 'bad header'\n"
+    ));
+    assert_eq!(e.field, "spec.jwtRules[0].outputPayloadToHeader");
+    let e = refused(format!(
+        "  - issuer: a\n    jwks: '{k}'\n    fromHeaders: [{{name: ''}}]\n"
+    ));
+    assert_eq!(e.field, "spec.jwtRules[0].fromHeaders[0].name");
+}
+
+#[test]
+fn authorization_rules_on_end_users_are_accepted_and_bad_claim_keys_refused() {
+    let policy = |when_key: &str| {
+        format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: users}}\nspec:\n  rules:\n  - from:\n    - source: {{requestPrincipals: ['testing@secure.istio.io/*'], notRequestPrincipals: ['*/bob']}}\n    when:\n    - key: {when_key}\n      values: [group1]\n")
+    };
+    for key in [
+        "request.auth.claims[groups]",
+        "request.auth.claims[org][team]",
+        "request.auth.principal",
+        "request.auth.audiences",
+        "request.auth.presenter",
+    ] {
+        let docs =
+            parse_documents("ap.yaml", &policy(key)).unwrap_or_else(|e| panic!("{key}: {e}"));
+        let Spec::AuthorizationPolicy(ap) = &docs[0].spec else {
+            panic!()
+        };
+        assert_eq!(
+            ap.rules[0].from[0].source.request_principals,
+            vec!["testing@secure.istio.io/*"]
+        );
+    }
+    for key in [
+        "request.auth.claims[]",
+        "request.auth.claims",
+        "request.auth.claims[a",
+        "request.auth.claimsx[a]",
+        "request.auth.type",
+    ] {
+        let e = parse_documents("ap.yaml", &policy(key)).unwrap_err();
+        assert_eq!(e.field, "spec.rules[0].when[0].key", "{key}");
+    }
+    assert_eq!(
+        claim_path("request.auth.claims[a][b]"),
+        Some(vec!["a", "b"])
+    );
 }

@@ -657,12 +657,19 @@ pub(super) fn validate(policy: &Policy) -> Check {
                     let ok = (w.key.starts_with("request.headers[")
                         && w.key.ends_with(']')
                         && w.key.len() > 17)
-                        || w.key == "source.principal"
-                        || w.key == "source.namespace";
+                        || claim_path(&w.key).is_some_and(|p| !p.is_empty())
+                        || [
+                            "source.principal",
+                            "source.namespace",
+                            "request.auth.principal",
+                            "request.auth.audiences",
+                            "request.auth.presenter",
+                        ]
+                        .contains(&w.key.as_str());
                     if !ok {
                         return fail(
                             format!("spec.rules[{i}].when[{j}].key"),
-                            format!("unsupported condition key {:?} (request.headers[<name>], source.principal, source.namespace)", w.key),
+                            format!("unsupported condition key {:?} (request.headers[<name>], source.principal, source.namespace, request.auth.principal, request.auth.audiences, request.auth.presenter, request.auth.claims[<name>])", w.key),
                         );
                     }
                 }
@@ -736,6 +743,65 @@ pub(super) fn validate(policy: &Policy) -> Check {
                 .map(|_| ())
                 .map_err(|e| ("spec.onPartition".to_string(), e))
         }
+        Spec::RequestAuthentication(ra) => {
+            for (i, rule) in ra.jwt_rules.iter().enumerate() {
+                let at = format!("spec.jwtRules[{i}]");
+                if rule.issuer.is_empty() {
+                    return fail(format!("{at}.issuer"), "an issuer is required");
+                }
+                if ra.jwt_rules[..i].iter().any(|o| o.issuer == rule.issuer) {
+                    return fail(
+                        format!("{at}.issuer"),
+                        format!("issuer {:?} has two rules", rule.issuer),
+                    );
+                }
+                let Some(jwks) = &rule.jwks else {
+                    return fail(
+                        format!("{at}.jwks"),
+                        "the issuer's key set is required inline (jwksUri is not supported)",
+                    );
+                };
+                crate::jwt::KeySet::parse(jwks).map_err(|e| (format!("{at}.jwks"), e))?;
+                let header =
+                    |field: String, name: &str| match http::HeaderName::from_bytes(name.as_bytes())
+                    {
+                        Ok(_) => Ok(()),
+                        Err(_) => fail(field, format!("{name:?} is not a header name")),
+                    };
+                for (j, h) in rule.from_headers.iter().enumerate() {
+                    header(format!("{at}.fromHeaders[{j}].name"), &h.name)?;
+                }
+                for (j, p) in rule.from_params.iter().enumerate() {
+                    if p.is_empty() {
+                        return fail(
+                            format!("{at}.fromParams[{j}]"),
+                            "a parameter name is required",
+                        );
+                    }
+                }
+                for (j, c) in rule.from_cookies.iter().enumerate() {
+                    if c.is_empty() {
+                        return fail(
+                            format!("{at}.fromCookies[{j}]"),
+                            "a cookie name is required",
+                        );
+                    }
+                }
+                if let Some(h) = &rule.output_payload_to_header {
+                    header(format!("{at}.outputPayloadToHeader"), h)?;
+                }
+                for (j, c) in rule.output_claim_to_headers.iter().enumerate() {
+                    header(format!("{at}.outputClaimToHeaders[{j}].header"), &c.header)?;
+                    if c.claim.is_empty() {
+                        return fail(
+                            format!("{at}.outputClaimToHeaders[{j}].claim"),
+                            "a claim name is required",
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
         Spec::PeerAuthentication(pa) => {
             if let Some(m) = &pa.mtls {
                 if !["STRICT", "PERMISSIVE", "UNSET"].contains(&m.mode.as_str()) {
@@ -748,4 +814,20 @@ pub(super) fn validate(policy: &Policy) -> Check {
             Ok(())
         }
     }
+}
+
+/// The claim names of a `request.auth.claims[a][b]` condition key (`None`: not such a key;
+/// an empty name makes it invalid).
+pub fn claim_path(key: &str) -> Option<Vec<&str>> {
+    let mut rest = key.strip_prefix("request.auth.claims")?;
+    let mut path = Vec::new();
+    while !rest.is_empty() {
+        let (name, after) = rest.strip_prefix('[')?.split_once(']')?;
+        if name.is_empty() {
+            return None;
+        }
+        path.push(name);
+        rest = after;
+    }
+    Some(path)
 }

@@ -23,7 +23,7 @@ variable "join_tokens" {
 }
 
 variable "policies" {
-  description = "Mesh-wide policy documents (YAML, one document each) by a name of your choice: VirtualService, DestinationRule, AuthorizationPolicy, PeerAuthentication, RateLimitPolicy, FailoverPolicy."
+  description = "Mesh-wide policy documents (YAML, one document each) by a name of your choice: VirtualService, DestinationRule, AuthorizationPolicy, PeerAuthentication, RequestAuthentication, RateLimitPolicy, FailoverPolicy."
   type        = map(string)
   default     = {}
 }

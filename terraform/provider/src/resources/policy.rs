@@ -1,5 +1,5 @@
 //! `isthmus_policy`: any one policy document Isthmus accepts (Istio's VirtualService,
-//! DestinationRule, AuthorizationPolicy, PeerAuthentication, and Isthmus's RateLimitPolicy
+//! DestinationRule, AuthorizationPolicy, PeerAuthentication, RequestAuthentication, and Isthmus's RateLimitPolicy
 //! and FailoverPolicy), written as YAML or JSON in `yaml`.
 //!
 //! The document is validated offline exactly as `isthmus apply` validates it, so a bad field
