@@ -327,5 +327,7 @@ pub fn verify(token: &str, issuers: &[Issuer], now: u64) -> Result<Verified, Ref
     })
 }
 
+#[cfg(feature = "testing")]
+pub mod testing;
 #[cfg(test)]
 mod tests;

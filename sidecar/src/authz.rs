@@ -9,7 +9,10 @@
 //! SPIFFE IDs without the scheme (`east.isthmus.local/ns/default/sa/sleep`); `*` may stand
 //! for a prefix or a suffix of principals, paths and header values. A principal written with
 //! Istio's `cluster.local` trust domain names that namespace and service account in every
-//! member cluster ([`principal_matches`]).
+//! member cluster ([`principal_matches`]). End users (`requestPrincipals`, `request.auth.*`)
+//! are those a RequestAuthentication verified ([`crate::authn`]): `<iss>/<sub>`, claims by
+//! name (`request.auth.claims[groups]`, nested `[a][b]`; a list claim matches when any item
+//! does).
 
 use std::collections::BTreeMap;
 
@@ -34,6 +37,8 @@ pub struct Inbound<'a> {
     pub method: Option<&'a str>,
     pub path: Option<&'a str>,
     pub headers: Option<&'a HeaderMap>,
+    /// The end user, when a RequestAuthentication verified a token ([`crate::authn`]).
+    pub auth: Option<&'a isthmus_core::jwt::Verified>,
 }
 
 /// The verdict, with the policy that decided it (for logs and the 403 body).
@@ -43,7 +48,8 @@ pub enum Verdict {
     Deny(String),
 }
 
-fn applies(selector: Option<&WorkloadSelector>, policy_ns: &str, w: &Workload) -> bool {
+/// Whether a policy in `policy_ns` with `selector` applies to workload `w`.
+pub(crate) fn applies(selector: Option<&WorkloadSelector>, policy_ns: &str, w: &Workload) -> bool {
     (policy_ns == w.namespace || policy_ns == SYSTEM_NAMESPACE)
         && selector.is_none_or(|s| {
             s.match_labels
@@ -118,6 +124,7 @@ fn principal_field(
 
 fn rule_matches(rule: &Rule, req: &Inbound<'_>, members: &[&str]) -> bool {
     let principal = principal(req.caller);
+    let request_principal = req.auth.map(|a| a.principal());
     let namespace = req.caller.map(|c| c.namespace().to_string());
     let from = rule.from.is_empty()
         || rule.from.iter().any(|f| {
@@ -128,6 +135,11 @@ fn rule_matches(rule: &Rule, req: &Inbound<'_>, members: &[&str]) -> bool {
                 principal.as_deref(),
                 members,
             ) && field(&s.namespaces, &s.not_namespaces, namespace.as_deref())
+                && field(
+                    &s.request_principals,
+                    &s.not_request_principals,
+                    request_principal.as_deref(),
+                )
         });
     let port = req.port.to_string();
     let to = rule.to.is_empty()
@@ -143,6 +155,20 @@ fn rule_matches(rule: &Rule, req: &Inbound<'_>, members: &[&str]) -> bool {
                 return principal_field(&c.values, &c.not_values, principal.as_deref(), members)
             }
             "source.namespace" => namespace.clone(),
+            "request.auth.principal" => request_principal.clone(),
+            "request.auth.presenter" => req.auth.and_then(|a| a.presenter.clone()),
+            "request.auth.audiences" => {
+                return any_of(
+                    &c.values,
+                    &c.not_values,
+                    req.auth.map(|a| a.audiences.clone()),
+                )
+            }
+            key if key.starts_with("request.auth.claims") => {
+                let path = isthmus_core::policy::claim_path(key).unwrap_or_default();
+                let values = req.auth.and_then(|a| a.claim(&path)).map(claim_strings);
+                return any_of(&c.values, &c.not_values, values);
+            }
             key => key
                 .strip_prefix("request.headers[")
                 .and_then(|k| k.strip_suffix(']'))
@@ -151,6 +177,25 @@ fn rule_matches(rule: &Rule, req: &Inbound<'_>, members: &[&str]) -> bool {
         field(&c.values, &c.not_values, value.as_deref())
     });
     from && to && when
+}
+
+/// A condition on a list-valued attribute (audiences, a claim that is a list): `values`
+/// must match one of the items, and `notValues` none.
+fn any_of(include: &[String], exclude: &[String], items: Option<Vec<String>>) -> bool {
+    let items = items.unwrap_or_default();
+    let hit = |patterns: &[String]| items.iter().any(|i| any_glob(patterns, Some(i)));
+    (include.is_empty() || hit(include)) && !hit(exclude)
+}
+
+/// A claim's value as the strings a condition compares: a string, each string of a list, or
+/// a number or boolean written out.
+fn claim_strings(v: &serde_json::Value) -> Vec<String> {
+    match v {
+        serde_json::Value::String(s) => vec![s.clone()],
+        serde_json::Value::Array(a) => a.iter().flat_map(claim_strings).collect(),
+        serde_json::Value::Number(_) | serde_json::Value::Bool(_) => vec![v.to_string()],
+        _ => Vec::new(),
+    }
 }
 
 fn policy_matches(p: &AuthorizationPolicySpec, req: &Inbound<'_>, members: &[&str]) -> bool {

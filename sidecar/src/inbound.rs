@@ -43,6 +43,9 @@ const TLS_HANDSHAKE: u8 = 0x16;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
+/// A workload's RequestAuthentication rules and the config version they were compiled from.
+pub(crate) type CompiledAuthn = (u64, Arc<crate::authn::Rules>);
+
 /// The policy view of one workload: who may call it, and whether plaintext is accepted; and
 /// what its destination-side metrics say about it.
 #[derive(Clone)]
@@ -54,11 +57,27 @@ pub(crate) struct Guard {
     /// How request paths are normalized before authorization (and forwarded so).
     pub paths: isthmus_core::http_path::PathNormalization,
     pub limits: crate::limits::Limits,
+    /// The workload's RequestAuthentication rules, compiled for the config version beside.
+    pub authn: Arc<std::sync::Mutex<Option<CompiledAuthn>>>,
 }
 
 impl Guard {
     fn check(&self, req: &Inbound<'_>) -> Verdict {
         authorize(&self.config.borrow(), &self.workload, req)
+    }
+
+    /// The RequestAuthentication rules in force (compiled once per config version).
+    fn authn_rules(&self) -> Arc<crate::authn::Rules> {
+        let config = self.config.borrow().clone();
+        let mut cached = self.authn.lock().unwrap_or_else(|e| e.into_inner());
+        match &*cached {
+            Some((version, rules)) if *version == config.version => rules.clone(),
+            _ => {
+                let rules = Arc::new(crate::authn::Rules::for_workload(&config, &self.workload));
+                *cached = Some((config.version, rules.clone()));
+                rules
+            }
+        }
     }
 
     fn plaintext_allowed(&self) -> bool {
@@ -210,6 +229,7 @@ async fn serve_stream<S>(
         method: None,
         path: None,
         headers: None,
+        auth: None,
     };
     if let Verdict::Deny(why) = guard.check(&req) {
         tracing::info!(caller = ?caller.as_ref().map(|c| c.to_string()), %why, "inbound connection denied");
@@ -323,14 +343,37 @@ async fn serve_http<S>(
             }
             let grpc = protocol::is_grpc(req.headers());
             let request_bytes = protocol::content_length(req.headers());
-            let verdict = guard.check(&Inbound {
-                caller: caller.as_ref().as_ref(),
-                port: port.forward_to.port(),
-                method: Some(req.method().as_str()),
-                path: Some(req.uri().path()),
-                headers: Some(req.headers()),
-            });
-            let (resp, flags) = if let Verdict::Deny(why) = verdict {
+            let now = isthmus_core::clock::unix_ms() / 1000;
+            let uri = req.uri().clone();
+            let auth = match guard
+                .authn_rules()
+                .authenticate(&uri, req.headers_mut(), now)
+            {
+                crate::authn::Outcome::Refused(refusal) => Err(refusal),
+                crate::authn::Outcome::Verified(v) => Ok(Some(v)),
+                crate::authn::Outcome::Anonymous => Ok(None),
+            };
+            let verdict = match &auth {
+                Err(_) => Verdict::Allow,
+                Ok(auth) => guard.check(&Inbound {
+                    caller: caller.as_ref().as_ref(),
+                    port: port.forward_to.port(),
+                    method: Some(req.method().as_str()),
+                    path: Some(req.uri().path()),
+                    headers: Some(req.headers()),
+                    auth: auth.as_deref(),
+                }),
+            };
+            let (resp, flags) = if let Err(refusal) = auth {
+                tracing::debug!(reason = refusal.reason(), %refusal, path = %uri.path(), "token refused");
+                guard.metrics.jwt_refused(refusal.reason()).inc();
+                let mut resp = error_response(StatusCode::UNAUTHORIZED, format!("{refusal}\n"));
+                resp.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    crate::authn::challenge(&uri, req.headers()),
+                );
+                (resp, "-")
+            } else if let Verdict::Deny(why) = verdict {
                 tracing::debug!(%why, path = %req.uri().path(), "request denied");
                 let resp = error_response(StatusCode::FORBIDDEN, "RBAC: access denied\n".into());
                 (resp, "DENY")

@@ -28,6 +28,7 @@
     clippy::cast_sign_loss
 )]
 
+pub mod authn;
 pub mod authz;
 pub mod config;
 pub mod daemon;
@@ -240,6 +241,7 @@ pub async fn start(
         metrics: opts.metrics.clone(),
         paths: opts.path_normalization,
         limits: opts.limits,
+        authn: Arc::default(),
     };
     for port in &opts.inbound {
         let listener = tokio::net::TcpListener::bind(port.listen)

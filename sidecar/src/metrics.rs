@@ -7,6 +7,7 @@
 //! - `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
 //!   `istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total` (counters)
 //! - `isthmus_sidecar_connections_refused_total{listener, reason}` (counter, Isthmus's own)
+//! - `isthmus_sidecar_jwt_refused_total{reason}` (counter: end-user tokens answered 401)
 //!
 //! Registered at the root of the admin registry (no prefix), as Istio's proxies expose them.
 
@@ -38,6 +39,12 @@ pub struct RequestLabels {
     /// `UT` upstream timeout, `FI` fault injected, `DENY` (RBAC).
     pub response_flags: String,
     pub connection_security_policy: String,
+}
+
+/// Why something was refused.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
 }
 
 /// Which listener refused a connection, and why.
@@ -98,6 +105,8 @@ pub struct Metrics {
     pub tcp_received: Family<TcpLabels, Counter>,
     /// `isthmus_sidecar_connections_refused_total`.
     pub connections_refused: Family<RefusedLabels, Counter>,
+    /// `isthmus_sidecar_jwt_refused_total`.
+    pub jwt_refused: Family<ReasonLabels, Counter>,
     /// The request series of every label set seen (as many as the families hold).
     series: Arc<RwLock<HashMap<RequestLabels, RequestSeries>>>,
 }
@@ -114,6 +123,7 @@ impl Default for Metrics {
             tcp_sent: Family::default(),
             tcp_received: Family::default(),
             connections_refused: Family::default(),
+            jwt_refused: Family::default(),
             series: Arc::default(),
         }
     }
@@ -167,6 +177,20 @@ impl Metrics {
             "Connections closed as accepted, by listener and reason",
             self.connections_refused.clone(),
         );
+        registry.register(
+            "isthmus_sidecar_jwt_refused",
+            "End-user tokens refused with 401, by reason",
+            self.jwt_refused.clone(),
+        );
+    }
+
+    /// The counter of tokens refused for `reason` ([`isthmus_core::jwt::Refusal::reason`]).
+    pub(crate) fn jwt_refused(&self, reason: &str) -> Counter {
+        self.jwt_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .clone()
     }
 
     /// The refusal counter of one listener kind and reason.

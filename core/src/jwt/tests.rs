@@ -1,68 +1,16 @@
+use super::testing::{b64, signer, Signer};
 use super::*;
 use jsonwebtoken::{encode, EncodingKey, Header};
-use ring::rand::SystemRandom;
-use ring::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair};
 use serde_json::json;
 
 const NOW: u64 = 1_800_000_000;
 const ISS: &str = "https://idp.example.com";
 
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-/// A freshly generated signing key and its public JWK.
-struct Signer {
-    alg: Algorithm,
-    key: EncodingKey,
-    jwk: Value,
-}
-
-fn signer(alg: Algorithm, kid: &str) -> Signer {
-    let rng = SystemRandom::new();
-    let (key, jwk) = match alg {
-        Algorithm::ES256 | Algorithm::ES384 => {
-            let (ring_alg, crv) = if alg == Algorithm::ES256 {
-                (&signature::ECDSA_P256_SHA256_FIXED_SIGNING, "P-256")
-            } else {
-                (&signature::ECDSA_P384_SHA384_FIXED_SIGNING, "P-384")
-            };
-            let pkcs8 = EcdsaKeyPair::generate_pkcs8(ring_alg, &rng).unwrap();
-            let pair = EcdsaKeyPair::from_pkcs8(ring_alg, pkcs8.as_ref(), &rng).unwrap();
-            let point = pair.public_key().as_ref();
-            let n = (point.len() - 1) / 2;
-            (
-                EncodingKey::from_ec_der(pkcs8.as_ref()),
-                json!({"kty": "EC", "crv": crv, "kid": kid, "x": b64(&point[1..=n]), "y": b64(&point[n + 1..])}),
-            )
-        }
-        Algorithm::EdDSA => {
-            let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
-            let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
-            (
-                EncodingKey::from_ed_der(pkcs8.as_ref()),
-                json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "x": b64(pair.public_key().as_ref())}),
-            )
-        }
-        other => panic!("no test signer for {other:?}"),
-    };
-    Signer { alg, key, jwk }
-}
-
-impl Signer {
-    fn token(&self, claims: &Value) -> String {
-        let mut header = Header::new(self.alg);
-        header.kid = self.jwk["kid"].as_str().map(String::from);
-        encode(&header, claims, &self.key).unwrap()
-    }
-}
-
 fn issuer(signers: &[&Signer], audiences: &[&str]) -> Issuer {
-    let jwks = json!({"keys": signers.iter().map(|s| s.jwk.clone()).collect::<Vec<_>>()});
     Issuer {
         issuer: ISS.into(),
         audiences: audiences.iter().map(|a| a.to_string()).collect(),
-        keys: KeySet::parse(&jwks.to_string()).unwrap(),
+        keys: KeySet::parse(&super::testing::jwks(signers)).unwrap(),
     }
 }
 

@@ -446,12 +446,8 @@ fn tls_routes_parse_and_each_error_names_its_field() {
 
 /// A fresh Ed25519 public key as a JWKS document.
 fn jwks() -> String {
-    use base64::Engine;
-    use ring::signature::{Ed25519KeyPair, KeyPair};
-    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
-    let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
-    let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(pair.public_key().as_ref());
-    format!(r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","kid":"k1","x":"{x}"}}]}}"#)
+    use crate::jwt::testing;
+    testing::jwks(&[&testing::signer(jsonwebtoken::Algorithm::EdDSA, "k1")])
 }
 
 fn request_authentication(rule: &str) -> String {

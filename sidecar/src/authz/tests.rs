@@ -31,6 +31,7 @@ fn http<'a>(
         method: Some(method),
         path: Some(path),
         headers: Some(headers),
+        auth: None,
     }
 }
 
@@ -191,6 +192,7 @@ fn opaque_tcp_never_matches_http_only_rules() {
         method: None,
         path: None,
         headers: None,
+        auth: None,
     };
     assert!(matches!(authorize(&c, &ratings(), &tcp), Verdict::Deny(_)));
 }

@@ -1,0 +1,234 @@
+//! End-user authentication on the inbound side: Istio's `RequestAuthentication`.
+//!
+//! Pure (the clock is passed in). The rules of every RequestAuthentication that applies to the
+//! workload (its namespace or the root namespace, selector labels all on the workload) are
+//! compiled once per config version ([`Rules::for_workload`]). For each request
+//! ([`Rules::authenticate`]), as Envoy's `jwt_authn` filter does for Istio:
+//! - the token is looked for where the rules say (`fromHeaders` with their prefix,
+//!   `fromParams`, `fromCookies`; a rule that names none looks in `Authorization: Bearer` and
+//!   the `access_token` parameter), the first one found is used;
+//! - no token: the request goes on unauthenticated, and authorization decides;
+//! - a token that does not verify ([`isthmus_core::jwt::verify`]): 401 with
+//!   `www-authenticate: Bearer realm=..., error="invalid_token"`;
+//! - a token that verifies: the rule of its issuer removes it from its header unless
+//!   `forwardOriginalToken`, and sets `outputPayloadToHeader` and `outputClaimToHeaders`.
+//!
+//! Every header a rule outputs is removed from every request first, so a caller cannot
+//! hand the application a claim no token made.
+
+use http::{HeaderMap, HeaderName, HeaderValue, Uri};
+use isthmus_core::jwt::{self, Issuer, KeySet, Refusal, Verified};
+use isthmus_core::mesh::MeshConfig;
+use isthmus_core::policy::security::JwtRule;
+use isthmus_core::policy::Spec;
+
+use crate::authz::{applies, Workload};
+
+/// The RequestAuthentication rules of one workload, compiled.
+#[derive(Debug, Default)]
+pub struct Rules {
+    rules: Vec<(JwtRule, Issuer)>,
+}
+
+/// What a request's token made of it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// No token anywhere the rules look.
+    Anonymous,
+    Verified(Box<Verified>),
+    Refused(Refusal),
+}
+
+/// Where a token was found.
+enum Place {
+    Header(HeaderName),
+    Param,
+    Cookie,
+}
+
+impl Rules {
+    /// The rules that apply to workload `w` under `config`. Key sets were checked when the
+    /// policy was applied; one that no longer parses is left out (and logged).
+    pub fn for_workload(config: &MeshConfig, w: &Workload) -> Rules {
+        let mut rules = Vec::new();
+        for policy in &config.policies {
+            let Spec::RequestAuthentication(spec) = &policy.spec else {
+                continue;
+            };
+            if !applies(spec.selector.as_ref(), &policy.namespace, w) {
+                continue;
+            }
+            for rule in &spec.jwt_rules {
+                match KeySet::parse(rule.jwks.as_deref().unwrap_or("")) {
+                    Ok(keys) => rules.push((
+                        rule.clone(),
+                        Issuer {
+                            issuer: rule.issuer.clone(),
+                            audiences: rule.audiences.clone(),
+                            keys,
+                        },
+                    )),
+                    Err(e) => tracing::warn!(
+                        policy = %format!("{}/{}", policy.namespace, policy.name),
+                        issuer = %rule.issuer, error = %e, "a JWT rule's key set is left out"
+                    ),
+                }
+            }
+        }
+        Rules { rules }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Authenticates one request at `now` (seconds since the epoch), taking the token out of
+    /// `headers` and adding the output headers as its rule says.
+    pub fn authenticate(&self, uri: &Uri, headers: &mut HeaderMap, now: u64) -> Outcome {
+        if self.rules.is_empty() {
+            return Outcome::Anonymous;
+        }
+        for (rule, _) in &self.rules {
+            for h in output_headers(rule) {
+                headers.remove(h);
+            }
+        }
+        let Some((token, place)) = self.find_token(uri, headers) else {
+            return Outcome::Anonymous;
+        };
+        let issuers: Vec<Issuer> = self.rules.iter().map(|(_, i)| i.clone()).collect();
+        let verified = match jwt::verify(&token, &issuers, now) {
+            Ok(v) => v,
+            Err(refusal) => return Outcome::Refused(refusal),
+        };
+        if let Some((rule, _)) = self.rules.iter().find(|(_, i)| i.issuer == verified.issuer) {
+            if let (false, Place::Header(name)) = (rule.forward_original_token, &place) {
+                headers.remove(name);
+            }
+            if let Some(h) = &rule.output_payload_to_header {
+                set(headers, h, &verified.payload_b64);
+            }
+            for c in &rule.output_claim_to_headers {
+                let path: Vec<&str> = c.claim.split('.').collect();
+                let value = match verified.claim(&path) {
+                    Some(serde_json::Value::String(s)) => Some(s.clone()),
+                    Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
+                        Some(v.to_string())
+                    }
+                    _ => None,
+                };
+                if let Some(v) = value {
+                    set(headers, &c.header, &v);
+                }
+            }
+        }
+        Outcome::Verified(Box::new(verified))
+    }
+
+    fn find_token(&self, uri: &Uri, headers: &HeaderMap) -> Option<(String, Place)> {
+        for (rule, _) in &self.rules {
+            let defaults = rule.from_headers.is_empty()
+                && rule.from_params.is_empty()
+                && rule.from_cookies.is_empty();
+            let from_headers: Vec<(&str, &str)> = if defaults {
+                vec![("authorization", "Bearer ")]
+            } else {
+                rule.from_headers
+                    .iter()
+                    .map(|h| (h.name.as_str(), h.prefix.as_deref().unwrap_or("")))
+                    .collect()
+            };
+            for (name, prefix) in from_headers {
+                let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+                    continue;
+                };
+                for value in headers.get_all(&name) {
+                    let Ok(value) = value.to_str() else { continue };
+                    if let Some(token) = strip_prefix_ignore_case(value, prefix) {
+                        let token = token.trim();
+                        if !token.is_empty() {
+                            return Some((token.to_string(), Place::Header(name)));
+                        }
+                    }
+                }
+            }
+            let params: Vec<&str> = if defaults {
+                vec!["access_token"]
+            } else {
+                rule.from_params.iter().map(String::as_str).collect()
+            };
+            for p in params {
+                if let Some(token) = query_param(uri, p) {
+                    return Some((token, Place::Param));
+                }
+            }
+            for c in &rule.from_cookies {
+                if let Some(token) = cookie(headers, c) {
+                    return Some((token, Place::Cookie));
+                }
+            }
+        }
+        None
+    }
+}
+
+fn output_headers(rule: &JwtRule) -> impl Iterator<Item = &str> {
+    rule.output_payload_to_header.as_deref().into_iter().chain(
+        rule.output_claim_to_headers
+            .iter()
+            .map(|c| c.header.as_str()),
+    )
+}
+
+fn set(headers: &mut HeaderMap, name: &str, value: &str) {
+    if let (Ok(n), Ok(v)) = (
+        HeaderName::from_bytes(name.as_bytes()),
+        HeaderValue::from_str(value),
+    ) {
+        headers.insert(n, v);
+    }
+}
+
+/// `Bearer ` is matched case-insensitively, as RFC 7235 auth schemes are.
+fn strip_prefix_ignore_case<'a>(value: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = value.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &value[prefix.len()..])
+}
+
+fn query_param(uri: &Uri, name: &str) -> Option<String> {
+    uri.query()?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == name && !v.is_empty()).then(|| v.to_string())
+    })
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name && !v.is_empty()).then(|| v.to_string())
+        })
+}
+
+/// The `www-authenticate` value of a 401, as Envoy writes it.
+pub fn challenge(uri: &Uri, headers: &HeaderMap) -> HeaderValue {
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    let realm = format!("http://{host}{}", uri.path());
+    HeaderValue::from_str(&format!(
+        "Bearer realm=\"{}\", error=\"invalid_token\"",
+        realm.replace(['"', '\\'], "")
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static("Bearer error=\"invalid_token\""))
+}
+
+#[cfg(test)]
+mod tests;
