@@ -1,6 +1,7 @@
-//! Authorization with the caller's real identity across clusters, and mutual TLS modes, in the
-//! demo federation: ratings runs in central; callers in east and west reach it through the
-//! gateways with their own SPIFFE IDs, which central's sidecar checks.
+//! Authorization with the caller's real identity across clusters, end users' tokens, and mutual
+//! TLS modes, in the demo federation: ratings runs in central; callers in east and west reach
+//! it through the gateways with their own SPIFFE IDs (and their users' JWTs), which central's
+//! sidecar checks.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -250,5 +251,123 @@ async fn path_tricks_do_not_get_past_a_deny_rule_and_the_app_sees_the_normalized
         assert_eq!(code, 400, "{base}: {body}");
         assert!(body.contains("percent-encoding"), "{body}");
     }
+    demo.shutdown().await;
+}
+
+/// `curl` with extra arguments: the status, the `www-authenticate` header and the body.
+fn curl_with(url: &str, args: &[&str]) -> (u16, String, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "5", "-D", "-", "-w", "\n%{http_code}"])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (rest, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let challenge = rest
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("www-authenticate")
+                .then(|| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    let body = rest.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (code.trim().parse().unwrap_or(0), challenge, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_user_tokens_are_checked_and_their_claims_authorized_in_another_cluster() {
+    use isthmus_core::jwt::testing::{jwks, signer, Algorithm};
+    let demo = Demo::start(DemoOptions::fast(240))
+        .await
+        .expect("the demo starts");
+    let west = demo.cluster("west").unwrap();
+    let idp = signer(Algorithm::ES256, "2026-12");
+    let stranger = signer(Algorithm::ES256, "2026-12");
+    let iss = "https://idp.example.com";
+    // As Istio's JWT task writes it: ratings (in central) accepts the issuer's tokens and
+    // admits only end users in group1.
+    let policies = format!(
+        r#"apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: ratings-jwt}}
+spec:
+  selector: {{matchLabels: {{app: ratings}}}}
+  jwtRules:
+  - issuer: {iss}
+    jwks: '{}'
+    outputClaimToHeaders: [{{header: x-user-group, claim: group}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: ratings-users}}
+spec:
+  selector: {{matchLabels: {{app: ratings}}}}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {{requestPrincipals: ["{iss}/*"]}}
+    when:
+    - key: request.auth.claims[groups]
+      values: [group1]
+"#,
+        jwks(&[&idp])
+    );
+    apply(&demo, &policies).await;
+    let vip = vip_of(&west.config.borrow(), "ratings").unwrap();
+    let url = format!("http://{vip}:{SAMPLE_PORT}/ratings/1");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = |signer: &isthmus_core::jwt::testing::Signer, groups: &[&str], exp: u64| {
+        signer.token(&serde_json::json!({"iss": iss, "sub": "alice", "exp": exp, "groups": groups}))
+    };
+    let bearer = |t: &str| format!("Authorization: Bearer {t}");
+    let good = token(&idp, &["group1"], now + 600);
+
+    // West's sleep, through both gateways; central's ratings sidecar decides.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while curl_with(&url, &[]).0 != 403 {
+        assert!(Instant::now() < deadline, "no token was never refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, challenge, body) = curl_with(&url, &["-H", &bearer(&good)]);
+    assert_eq!(status, 200, "a group1 token: {body}");
+    let (status, _, body) = curl_with(&url, &["-H", &bearer(&token(&idp, &["group2"], now + 600))]);
+    assert_eq!(status, 403, "a token without group1: {body}");
+    assert!(challenge.is_empty());
+
+    for (what, bad, reason) in [
+        (
+            "expired",
+            token(&idp, &["group1"], now - 600),
+            "Jwt is expired",
+        ),
+        (
+            "another key",
+            token(&stranger, &["group1"], now + 600),
+            "Jwt verification fails",
+        ),
+        (
+            "truncated",
+            good[..good.rfind('.').unwrap()].to_string(),
+            "Header.Payload.Signature",
+        ),
+        ("oversized", "a".repeat(20_000), "more than"),
+    ] {
+        let (status, challenge, body) = curl_with(&url, &["-H", &bearer(&bad)]);
+        assert_eq!(status, 401, "{what}: {body}");
+        assert!(body.contains(reason), "{what}: {body}");
+        assert!(
+            challenge.starts_with("Bearer realm=\"http://")
+                && challenge.ends_with("error=\"invalid_token\""),
+            "{what}: {challenge}"
+        );
+    }
+    // The same token in the access_token parameter works too.
+    let (status, _, _) = curl_with(&format!("{url}?access_token={good}"), &[]);
+    assert_eq!(status, 200);
     demo.shutdown().await;
 }
