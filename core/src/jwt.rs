@@ -156,12 +156,34 @@ pub struct Verified {
     pub claims: Value,
     /// The payload as the token carried it (base64url), for `outputPayloadToHeader`.
     pub payload_b64: String,
+    /// `exp` and `nbf`, seconds since the epoch, when the token has them.
+    pub expires: Option<u64>,
+    pub not_before: Option<u64>,
 }
 
 impl Verified {
     /// Istio's `request.auth.principal`: `<iss>/<sub>`.
     pub fn principal(&self) -> String {
         format!("{}/{}", self.issuer, self.subject)
+    }
+
+    /// Whether the token is within its lifetime at `now` (seconds since the epoch), with
+    /// [`CLOCK_SKEW_SECS`] of slack: [`verify`] checks it, and a cache of verified tokens
+    /// checks it again on every use.
+    pub fn check_time(&self, now: u64) -> Result<(), Refusal> {
+        if self
+            .expires
+            .is_some_and(|exp| now > exp.saturating_add(CLOCK_SKEW_SECS))
+        {
+            return Err(Refusal::Expired);
+        }
+        if self
+            .not_before
+            .is_some_and(|nbf| now.saturating_add(CLOCK_SKEW_SECS) < nbf)
+        {
+            return Err(Refusal::NotYetValid);
+        }
+        Ok(())
     }
 
     /// The claim at `path` (nested objects, `["groups"]` or `["a", "b"]`).
@@ -302,18 +324,9 @@ pub fn verify(token: &str, issuers: &[Issuer], now: u64) -> Result<Verified, Ref
             Refusal::Malformed(format!("\"{name}\" is not a whole number of seconds"))
         }),
     };
-    let (exp, nbf) = (number("exp")?, number("nbf")?);
-    if exp.is_some_and(|exp| now > exp.saturating_add(CLOCK_SKEW_SECS)) {
-        return Err(Refusal::Expired);
-    }
-    if nbf.is_some_and(|nbf| now.saturating_add(CLOCK_SKEW_SECS) < nbf) {
-        return Err(Refusal::NotYetValid);
-    }
+    let (expires, not_before) = (number("exp")?, number("nbf")?);
     let audiences = strings(claims.get("aud"));
-    if !issuer.audiences.is_empty() && !audiences.iter().any(|a| issuer.audiences.contains(a)) {
-        return Err(Refusal::Audience);
-    }
-    Ok(Verified {
+    let verified = Verified {
         issuer: iss.to_string(),
         subject: claims
             .get("sub")
@@ -324,7 +337,19 @@ pub fn verify(token: &str, issuers: &[Issuer], now: u64) -> Result<Verified, Ref
         presenter: claims.get("azp").and_then(Value::as_str).map(String::from),
         payload_b64: payload.to_string(),
         claims,
-    })
+        expires,
+        not_before,
+    };
+    verified.check_time(now)?;
+    if !issuer.audiences.is_empty()
+        && !verified
+            .audiences
+            .iter()
+            .any(|a| issuer.audiences.contains(a))
+    {
+        return Err(Refusal::Audience);
+    }
+    Ok(verified)
 }
 
 #[cfg(feature = "testing")]

@@ -15,6 +15,15 @@
 //!
 //! Every header a rule outputs is removed from every request first, so a caller cannot
 //! hand the application a claim no token made.
+//!
+//! Tokens that verified are kept (at most [`CACHE_ENTRIES`], each at most
+//! [`CACHE_TOKEN_BYTES`], least recently used dropped first), as Envoy's `jwt_cache` does: a
+//! client sending the same token again skips the signature check, while its lifetime is
+//! checked on every request. The cache belongs to one compilation of the rules, so new keys
+//! or rules start it empty. Refused tokens are never kept.
+
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use isthmus_core::jwt::{self, Issuer, KeySet, Refusal, Verified};
@@ -24,10 +33,23 @@ use isthmus_core::policy::Spec;
 
 use crate::authz::{applies, Workload};
 
+/// How many verified tokens a workload's rules keep.
+pub const CACHE_ENTRIES: usize = 256;
+/// The longest token kept.
+pub const CACHE_TOKEN_BYTES: usize = 4096;
+
 /// The RequestAuthentication rules of one workload, compiled.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Rules {
     rules: Vec<(JwtRule, Issuer)>,
+    issuers: Vec<Issuer>,
+    verified: Mutex<lru::LruCache<String, Verified>>,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Rules::new(Vec::new())
+    }
 }
 
 /// What a request's token made of it.
@@ -75,7 +97,43 @@ impl Rules {
                 }
             }
         }
-        Rules { rules }
+        Rules::new(rules)
+    }
+
+    fn new(rules: Vec<(JwtRule, Issuer)>) -> Rules {
+        let issuers = rules.iter().map(|(_, i)| i.clone()).collect();
+        let entries = NonZeroUsize::new(CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN);
+        Rules {
+            rules,
+            issuers,
+            verified: Mutex::new(lru::LruCache::new(entries)),
+        }
+    }
+
+    /// Checks `token` at `now`: from the cache when it verified before (its lifetime checked
+    /// again), else in full, keeping it when it passes.
+    fn check(&self, token: &str, now: u64) -> Result<Verified, Refusal> {
+        let mut cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = cache.get(token) {
+            return v.check_time(now).map(|()| v.clone());
+        }
+        drop(cache);
+        let verified = jwt::verify(token, &self.issuers, now)?;
+        if token.len() <= CACHE_TOKEN_BYTES {
+            self.verified
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .put(token.to_string(), verified.clone());
+        }
+        Ok(verified)
+    }
+
+    /// How many verified tokens are kept.
+    pub fn cached(&self) -> usize {
+        self.verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -96,8 +154,7 @@ impl Rules {
         let Some((token, place)) = self.find_token(uri, headers) else {
             return Outcome::Anonymous;
         };
-        let issuers: Vec<Issuer> = self.rules.iter().map(|(_, i)| i.clone()).collect();
-        let verified = match jwt::verify(&token, &issuers, now) {
+        let verified = match self.check(&token, now) {
             Ok(v) => v,
             Err(refusal) => return Outcome::Refused(refusal),
         };

@@ -217,3 +217,34 @@ fn the_challenge_names_the_request_as_envoy_does() {
         "Bearer realm=\"http://ratings:9080/ratings/1\", error=\"invalid_token\""
     );
 }
+
+#[test]
+fn verified_tokens_are_kept_but_their_lifetime_is_checked_on_every_use() {
+    let s = signer(Algorithm::ES256, "k1");
+    let rules = Rules::for_workload(&config(&request_authentication(&s, "")), &ratings());
+    let token = s.token(&claims());
+    assert!(matches!(
+        rules.authenticate(&uri("/"), &mut bearer(&token), NOW),
+        Outcome::Verified(_)
+    ));
+    assert_eq!(rules.cached(), 1);
+    assert!(matches!(
+        rules.authenticate(&uri("/"), &mut bearer(&token), NOW + 30),
+        Outcome::Verified(_)
+    ));
+    assert_eq!(rules.cached(), 1, "the same token is one entry");
+    // exp is NOW + 60: past the minute of slack, the kept token is refused.
+    assert_eq!(
+        rules.authenticate(&uri("/"), &mut bearer(&token), NOW + 121),
+        Outcome::Refused(Refusal::Expired)
+    );
+    // Refused tokens are not kept; the cache is bounded.
+    let _ = rules.authenticate(&uri("/"), &mut bearer("x.y.z"), NOW);
+    assert_eq!(rules.cached(), 1);
+    for i in 0..CACHE_ENTRIES + 10 {
+        let mut c = claims();
+        c["jti"] = json!(i);
+        let _ = rules.authenticate(&uri("/"), &mut bearer(&s.token(&c)), NOW);
+    }
+    assert_eq!(rules.cached(), CACHE_ENTRIES);
+}
