@@ -9,7 +9,10 @@
 //!   `--inbound`, forwarding to the backend), each on its own runtime thread, from a fresh CA
 //!   and a static `MeshConfig`. Writes the CA and a client and a server certificate and key
 //!   (PEM, SPIFFE URI SANs) into `--pem-dir` for the Envoy pair, then prints one line
-//!   `READY vip=.. inbound=..` and runs until killed.
+//!   `READY vip=.. inbound=..` and runs until killed. With `--jwt-key FILE` (an RSA private
+//!   key, PKCS#1 DER), the server sidecar also has an RS256 `RequestAuthentication` for that
+//!   key and an `AuthorizationPolicy` admitting only end users in group `bench`; a token for
+//!   such a user (valid for a day) is written to `--pem-dir`/`token`.
 //! - `memory --pem-dir DIR --endpoint ADDR [--services N] [--workers N]`: one client-side
 //!   sidecar (the `client` identity from `--pem-dir`, written by `sidecars`) with a
 //!   `MeshConfig` of N services (default 1000), each with a VIP on 127.78.x.y and one HTTP
@@ -24,7 +27,8 @@
 //!   second's requests half a period after the first's), so a proxied path and the direct
 //!   one measured together share the machine's noisy moments. A
 //!   request's latency runs from just before its request is written until its whole
-//!   response body has arrived. Prints one line per target:
+//!   response body has arrived. `--header "Name: value"` adds a header to every request.
+//!   Prints one line per target:
 //!   `LATENCY target=.. n=.. errors=.. rate=.. p50_ms=.. p90_ms=.. p99_ms=.. max_ms=..`.
 //!
 //! `--workers 1` (the default) runs each sidecar on a current-thread runtime: one worker per
@@ -103,13 +107,18 @@ fn main() -> Res<()> {
             current_thread()?.block_on(backend(listen, body))
         }
         "sidecars" => {
-            let f = Flags::parse(args, &["backend", "vip", "inbound", "pem-dir", "workers"])?;
+            let f = Flags::parse(
+                args,
+                &["backend", "vip", "inbound", "pem-dir", "workers", "jwt-key"],
+            )?;
+            let jwt_key = f.0.get("jwt-key").map(PathBuf::from);
             sidecars(
                 f.get("backend", None)?,
                 f.get("vip", None)?,
                 f.get("inbound", None)?,
                 f.get("pem-dir", None)?,
                 f.get("workers", Some(1))?,
+                jwt_key,
             )
         }
         "memory" => {
@@ -125,8 +134,22 @@ fn main() -> Res<()> {
         "load" => {
             let f = Flags::parse(
                 args,
-                &["target", "rate", "seconds", "warmup", "conns", "body"],
+                &[
+                    "target", "rate", "seconds", "warmup", "conns", "body", "header",
+                ],
             )?;
+            let header = match f.0.get("header") {
+                None => None,
+                Some(h) => {
+                    let (name, value) = h
+                        .split_once(':')
+                        .ok_or_else(|| format!("--header {h:?}: expected Name: value"))?;
+                    Some((
+                        http::HeaderName::from_bytes(name.trim().as_bytes())?,
+                        http::HeaderValue::from_str(value.trim())?,
+                    ))
+                }
+            };
             let targets: String = f.get("target", None)?;
             let load = Load {
                 targets: targets
@@ -138,6 +161,7 @@ fn main() -> Res<()> {
                 warmup: f.get("warmup", Some(0.5))?,
                 conns: f.get("conns", Some(4))?,
                 body: f.get("body", Some(1024))?,
+                header,
             };
             if load.rate <= 0.0 || load.seconds <= 0.0 || load.warmup < 0.0 || load.conns == 0 {
                 return Err("--rate, --seconds and --conns must be above zero".into());
@@ -313,6 +337,7 @@ fn sidecars(
     inbound: SocketAddr,
     pem_dir: PathBuf,
     workers: usize,
+    jwt_key: Option<PathBuf>,
 ) -> Res<()> {
     if vip.port() != SERVICE_PORT {
         return Err(format!("--vip must use port {SERVICE_PORT}").into());
@@ -358,7 +383,10 @@ fn sidecars(
         cluster: CLUSTER.into(),
         services: vec![service("backend".into(), vip.ip(), inbound, &server_id)?],
         clusters: vec![cluster_info(ca.cert_pem())],
-        policies: vec![],
+        policies: match &jwt_key {
+            Some(key) => end_user_policies(key, &pem_dir)?,
+            None => vec![],
+        },
     }));
     current_thread()?.block_on(wait_listening(vip))?;
     println!("READY vip={vip} inbound={inbound}");
@@ -366,6 +394,69 @@ fn sidecars(
     loop {
         std::thread::park();
     }
+}
+
+// ---- end users -------------------------------------------------------------------------------
+
+const JWT_ISSUER: &str = "https://idp.bench.example";
+
+/// The next DER element of `der`: (tag, contents, rest).
+fn der_next(der: &[u8]) -> Res<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = der.split_first().ok_or("DER: truncated")?;
+    let (&first, rest) = rest.split_first().ok_or("DER: truncated")?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        let (bytes, rest) = rest.split_at_checked(n).ok_or("DER: truncated length")?;
+        (
+            bytes.iter().fold(0usize, |l, &b| (l << 8) | usize::from(b)),
+            rest,
+        )
+    };
+    let (contents, rest) = rest
+        .split_at_checked(len)
+        .ok_or("DER: truncated contents")?;
+    Ok((tag, contents, rest))
+}
+
+/// The RS256 RequestAuthentication and the claims AuthorizationPolicy for the key in
+/// `key_file` (PKCS#1 DER); writes a token of an end user in group `bench` to `pem_dir`.
+fn end_user_policies(
+    key_file: &std::path::Path,
+    pem_dir: &std::path::Path,
+) -> Res<Vec<isthmus_core::policy::Policy>> {
+    use base64::Engine;
+    let der = std::fs::read(key_file)?;
+    let pair =
+        ring::rsa::KeyPair::from_der(&der).map_err(|e| format!("{}: {e}", key_file.display()))?;
+    // RSAPublicKey ::= SEQUENCE { modulus INTEGER, publicExponent INTEGER }
+    let (_, public, _) = der_next(pair.public().as_ref())?;
+    let (_, n, rest) = der_next(public)?;
+    let (_, e, _) = der_next(rest)?;
+    let b64 = |b: &[u8]| {
+        let b = b.strip_prefix(&[0]).unwrap_or(b);
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    };
+    let jwks = serde_json::json!({"keys": [{"kty": "RSA", "kid": "bench", "alg": "RS256", "n": b64(n), "e": b64(e)}]});
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some("bench".into());
+    let token = jsonwebtoken::encode(
+        &header,
+        &serde_json::json!({"iss": JWT_ISSUER, "sub": "user-1", "exp": now + 24 * 3600, "groups": ["bench", "users"]}),
+        &jsonwebtoken::EncodingKey::from_rsa_der(&der),
+    )?;
+    std::fs::write(pem_dir.join("token"), &token)?;
+    let yaml = format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: bench-jwt}}\nspec:\n  selector: {{matchLabels: {{app: server}}}}\n  jwtRules:\n  - issuer: {JWT_ISSUER}\n    jwks: '{jwks}'\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: bench-users}}\nspec:\n  selector: {{matchLabels: {{app: server}}}}\n  rules:\n  - from:\n    - source: {{requestPrincipals: ['{JWT_ISSUER}/*']}}\n    when:\n    - key: request.auth.claims[groups]\n      values: [bench]\n"
+    );
+    Ok(isthmus_core::policy::parse_documents(
+        "bench-jwt.yaml",
+        &yaml,
+    )?)
 }
 
 // ---- memory ----------------------------------------------------------------------------------
@@ -432,13 +523,13 @@ async fn memory(pem_dir: PathBuf, endpoint: SocketAddr, services: usize) -> Res<
     for vip in vips.iter().take(10) {
         let mut conn = connect(SocketAddr::new(*vip, SERVICE_PORT)).await?;
         for _ in 0..20 {
-            post(&mut conn, body.clone()).await?;
+            post(&mut conn, body.clone(), None).await?;
         }
     }
     let traffic = vm_status("VmRSS")?;
     for vip in &vips {
         let mut conn = connect(SocketAddr::new(*vip, SERVICE_PORT)).await?;
-        post(&mut conn, body.clone()).await?;
+        post(&mut conn, body.clone(), None).await?;
     }
     let all = vm_status("VmRSS")?;
     println!(
@@ -464,11 +555,18 @@ async fn connect(addr: SocketAddr) -> Res<Conn> {
 }
 
 /// One POST on `conn`; the size of the response body, which must be a 200.
-async fn post(conn: &mut Conn, body: Bytes) -> Res<usize> {
+async fn post(
+    conn: &mut Conn,
+    body: Bytes,
+    header: Option<&(http::HeaderName, http::HeaderValue)>,
+) -> Res<usize> {
     conn.ready().await?;
-    let req = http::Request::post("/")
+    let mut req = http::Request::post("/")
         .header(http::header::HOST, "backend")
         .body(Full::new(body))?;
+    if let Some((name, value)) = header {
+        req.headers_mut().insert(name.clone(), value.clone());
+    }
     let resp = conn.send_request(req).await?;
     let status = resp.status();
     let bytes = resp.into_body().collect().await?.to_bytes();
@@ -486,6 +584,7 @@ struct Load {
     warmup: f64,
     conns: usize,
     body: usize,
+    header: Option<(http::HeaderName, http::HeaderValue)>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -518,13 +617,14 @@ async fn workers(
     for _ in 0..a.conns {
         let mut conn = connect(target).await?;
         let (ticks, record, body) = (ticks.clone(), record.clone(), body.clone());
+        let header = a.header.clone();
         set.spawn(async move {
             loop {
                 let Some(n) = ticks.lock().await.recv().await else {
                     break;
                 };
                 let sent = std::time::Instant::now();
-                let outcome = post(&mut conn, body.clone()).await;
+                let outcome = post(&mut conn, body.clone(), header.as_ref()).await;
                 let took = sent.elapsed().as_secs_f64() * 1e3;
                 match outcome {
                     Ok(len) if len == size || size == 0 => {
