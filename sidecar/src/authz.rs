@@ -239,43 +239,46 @@ pub fn authorize(config: &MeshConfig, w: &Workload, req: &Inbound<'_>) -> Verdic
     }
 }
 
-/// The mutual TLS mode in force for workload `w`: the most specific PeerAuthentication wins
-/// (workload selector, then namespace-wide, then mesh-wide in the root namespace); the mesh
-/// default is STRICT (Isthmus never accepts plaintext unless told to).
-pub fn mtls_mode(config: &MeshConfig, w: &Workload) -> MtlsMode {
+/// The mutual TLS mode in force for workload `w` on its port `port`: the most specific
+/// PeerAuthentication wins (a workload-selector policy's `portLevelMtls` entry for the port,
+/// then its `mtls`, then namespace-wide, then mesh-wide in the root namespace); `UNSET` (or no
+/// mode) inherits from the next. The mesh default is STRICT (Isthmus never accepts plaintext
+/// unless told to).
+pub fn mtls_mode(config: &MeshConfig, w: &Workload, port: u16) -> MtlsMode {
+    fn mode(m: Option<&isthmus_core::policy::security::MutualTls>) -> Option<MtlsMode> {
+        match m?.mode.as_str() {
+            "STRICT" => Some(MtlsMode::Strict),
+            "PERMISSIVE" => Some(MtlsMode::Permissive),
+            _ => None,
+        }
+    }
     let mut best: Option<(u8, MtlsMode)> = None;
+    let mut consider = |rank: u8, m: Option<MtlsMode>| {
+        if let Some(m) = m {
+            if best.as_ref().is_none_or(|(r, _)| rank > *r) {
+                best = Some((rank, m));
+            }
+        }
+    };
     for policy in &config.policies {
         let Spec::PeerAuthentication(spec) = &policy.spec else {
             continue;
         };
-        let Some(mode) = spec.mtls.as_ref().and_then(|m| match m.mode.as_str() {
-            "STRICT" => Some(MtlsMode::Strict),
-            "PERMISSIVE" => Some(MtlsMode::Permissive),
-            _ => None,
-        }) else {
-            continue;
-        };
-        let rank = if policy.namespace == w.namespace {
+        if policy.namespace == w.namespace {
             match &spec.selector {
                 Some(s) if !s.match_labels.is_empty() => {
                     if s.match_labels
                         .iter()
                         .all(|(k, v)| w.labels.get(k) == Some(v))
                     {
-                        3
-                    } else {
-                        continue;
+                        consider(4, mode(spec.port_level_mtls.get(port.to_string().as_str())));
+                        consider(3, mode(spec.mtls.as_ref()));
                     }
                 }
-                _ => 2,
+                _ => consider(2, mode(spec.mtls.as_ref())),
             }
         } else if policy.namespace == SYSTEM_NAMESPACE && spec.selector.is_none() {
-            1
-        } else {
-            continue;
-        };
-        if best.as_ref().is_none_or(|(r, _)| rank > *r) {
-            best = Some((rank, mode));
+            consider(1, mode(spec.mtls.as_ref()));
         }
     }
     best.map_or(MtlsMode::Strict, |(_, m)| m)

@@ -80,8 +80,9 @@ impl Guard {
         }
     }
 
-    fn plaintext_allowed(&self) -> bool {
-        mtls_mode(&self.config.borrow(), &self.workload) == MtlsMode::Permissive
+    /// Whether the workload's `port` accepts plaintext (PeerAuthentication PERMISSIVE there).
+    fn plaintext_allowed(&self, port: u16) -> bool {
+        mtls_mode(&self.config.borrow(), &self.workload, port) == MtlsMode::Permissive
     }
 }
 
@@ -163,7 +164,7 @@ pub(crate) async fn serve(
                 _ => return,
             }
             if first[0] != TLS_HANDSHAKE {
-                if guard.plaintext_allowed() {
+                if guard.plaintext_allowed(port.forward_to.port()) {
                     let http = match port.protocol {
                         Protocol::Auto => crate::outbound::detect_http(&tcp).await,
                         p => p.is_http(),

@@ -106,6 +106,37 @@ pub struct PeerAuthenticationSpec {
     pub selector: Option<WorkloadSelector>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MutualTls>,
+    /// Per workload port (the application's port): overrides `mtls` there. Only with a
+    /// `selector`, as Istio requires.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub port_level_mtls: BTreeMap<PortKey, MutualTls>,
+}
+
+/// A map key that is a port: YAML writes it as a number (`8080:`), JSON as a string; either
+/// is kept as its text (validation checks it is a port).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct PortKey(pub String);
+
+impl<'de> Deserialize<'de> for PortKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Number(u64),
+            Text(String),
+        }
+        Ok(PortKey(match Either::deserialize(d)? {
+            Either::Number(n) => n.to_string(),
+            Either::Text(t) => t,
+        }))
+    }
+}
+
+impl std::borrow::Borrow<str> for PortKey {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

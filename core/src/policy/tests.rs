@@ -552,3 +552,31 @@ fn authorization_rules_on_end_users_are_accepted_and_bad_claim_keys_refused() {
         Some(vec!["a", "b"])
     );
 }
+
+#[test]
+fn port_level_mtls_is_accepted_with_a_selector_and_refused_naming_the_port() {
+    let pa = |spec: &str| {
+        parse_documents(
+            "pa.yaml",
+            &format!("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: ratings}}\nspec:\n{spec}"),
+        )
+    };
+    let ok = pa("  selector: {matchLabels: {app: ratings}}\n  mtls: {mode: STRICT}\n  portLevelMtls:\n    8080: {mode: PERMISSIVE}\n").unwrap();
+    let Spec::PeerAuthentication(spec) = &ok[0].spec else {
+        panic!()
+    };
+    assert_eq!(spec.port_level_mtls.get("8080").unwrap().mode, "PERMISSIVE");
+    let back = Policy::from_json(&serde_json::to_vec(&ok[0].to_json()).unwrap()).unwrap();
+    assert_eq!(back, ok[0]);
+    let e = pa("  portLevelMtls: {8080: {mode: PERMISSIVE}}\n").unwrap_err();
+    assert_eq!(e.field, "spec.portLevelMtls");
+    let e = pa(
+        "  selector: {matchLabels: {app: ratings}}\n  portLevelMtls: {70000: {mode: PERMISSIVE}}\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "spec.portLevelMtls[70000]");
+    let e =
+        pa("  selector: {matchLabels: {app: ratings}}\n  portLevelMtls: {8080: {mode: DISABLE}}\n")
+            .unwrap_err();
+    assert_eq!(e.field, "spec.portLevelMtls[8080].mode");
+}

@@ -803,13 +803,41 @@ pub(super) fn validate(policy: &Policy) -> Check {
             Ok(())
         }
         Spec::PeerAuthentication(pa) => {
-            if let Some(m) = &pa.mtls {
-                if !["STRICT", "PERMISSIVE", "UNSET"].contains(&m.mode.as_str()) {
-                    return fail(
-                        "spec.mtls.mode",
-                        format!("unsupported mode {:?} (STRICT or PERMISSIVE)", m.mode),
-                    );
+            let mode = |field: String, m: &super::security::MutualTls| {
+                if ["STRICT", "PERMISSIVE", "UNSET"].contains(&m.mode.as_str()) {
+                    Ok(())
+                } else {
+                    fail(
+                        field,
+                        format!(
+                            "unsupported mode {:?} (STRICT, PERMISSIVE or UNSET)",
+                            m.mode
+                        ),
+                    )
                 }
+            };
+            if let Some(m) = &pa.mtls {
+                mode("spec.mtls.mode".into(), m)?;
+            }
+            if !pa.port_level_mtls.is_empty()
+                && pa
+                    .selector
+                    .as_ref()
+                    .is_none_or(|s| s.match_labels.is_empty())
+            {
+                return fail(
+                    "spec.portLevelMtls",
+                    "port-level mTLS needs a workload selector (as in Istio)",
+                );
+            }
+            for (p, m) in &pa.port_level_mtls {
+                let p = &p.0;
+                let at = format!("spec.portLevelMtls[{p}]");
+                match p.parse::<u32>() {
+                    Ok(n) => port(&at, n)?,
+                    Err(_) => return fail(at, format!("{p:?} is not a port number")),
+                }
+                mode(format!("{at}.mode"), m)?;
             }
             Ok(())
         }

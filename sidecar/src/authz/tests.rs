@@ -200,26 +200,32 @@ fn opaque_tcp_never_matches_http_only_rules() {
 #[test]
 fn the_most_specific_peer_authentication_wins_and_strict_is_the_default() {
     assert_eq!(
-        mtls_mode(&MeshConfig::default(), &ratings()),
+        mtls_mode(&MeshConfig::default(), &ratings(), 9080),
         MtlsMode::Strict
     );
     let mesh_permissive = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: isthmus-system}\nspec: {mtls: {mode: PERMISSIVE}}\n";
     assert_eq!(
-        mtls_mode(&config(mesh_permissive), &ratings()),
+        mtls_mode(&config(mesh_permissive), &ratings(), 9080),
         MtlsMode::Permissive
     );
     let ns_strict = format!("{mesh_permissive}---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: default}}\nspec: {{mtls: {{mode: STRICT}}}}\n");
-    assert_eq!(mtls_mode(&config(&ns_strict), &ratings()), MtlsMode::Strict);
+    assert_eq!(
+        mtls_mode(&config(&ns_strict), &ratings(), 9080),
+        MtlsMode::Strict
+    );
     let workload = format!("{ns_strict}---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: ratings}}\nspec: {{selector: {{matchLabels: {{app: ratings}}}}, mtls: {{mode: PERMISSIVE}}}}\n");
     assert_eq!(
-        mtls_mode(&config(&workload), &ratings()),
+        mtls_mode(&config(&workload), &ratings(), 9080),
         MtlsMode::Permissive
     );
     let details = Workload {
         namespace: "default".into(),
         labels: [("app".to_string(), "details".to_string())].into(),
     };
-    assert_eq!(mtls_mode(&config(&workload), &details), MtlsMode::Strict);
+    assert_eq!(
+        mtls_mode(&config(&workload), &details, 9080),
+        MtlsMode::Strict
+    );
 }
 
 fn federation(yaml: &str) -> MeshConfig {
@@ -363,4 +369,27 @@ fn principal_patterns_read_cluster_local_only_as_a_whole_trust_domain() {
         "cluster.local/ns/a/sa/b",
         &["cluster.local"]
     ));
+}
+
+#[test]
+fn port_level_mtls_overrides_the_workload_mode_on_its_port_only() {
+    // As Istio's documentation writes it: STRICT for the workload, PERMISSIVE on 8080.
+    let c = config(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: ratings}\nspec:\n  selector: {matchLabels: {app: ratings}}\n  mtls: {mode: STRICT}\n  portLevelMtls:\n    8080: {mode: PERMISSIVE}\n    9090: {mode: UNSET}\n",
+    );
+    assert_eq!(mtls_mode(&c, &ratings(), 8080), MtlsMode::Permissive);
+    assert_eq!(mtls_mode(&c, &ratings(), 9080), MtlsMode::Strict);
+    // UNSET inherits the workload's mode.
+    assert_eq!(mtls_mode(&c, &ratings(), 9090), MtlsMode::Strict);
+    let details = Workload {
+        namespace: "default".into(),
+        labels: [("app".to_string(), "details".to_string())].into(),
+    };
+    assert_eq!(mtls_mode(&c, &details, 8080), MtlsMode::Strict);
+    // A workload-level UNSET inherits the namespace's mode, ports still override it.
+    let c = config(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default}\nspec: {mtls: {mode: PERMISSIVE}}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: ratings}\nspec:\n  selector: {matchLabels: {app: ratings}}\n  mtls: {mode: UNSET}\n  portLevelMtls: {8080: {mode: STRICT}}\n",
+    );
+    assert_eq!(mtls_mode(&c, &ratings(), 9080), MtlsMode::Permissive);
+    assert_eq!(mtls_mode(&c, &ratings(), 8080), MtlsMode::Strict);
 }
