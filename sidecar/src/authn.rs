@@ -23,7 +23,7 @@
 //! or rules start it empty. Refused tokens are never kept.
 
 use std::num::NonZeroUsize;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use isthmus_core::jwt::{self, Issuer, KeySet, Refusal, Verified};
@@ -43,7 +43,7 @@ pub const CACHE_TOKEN_BYTES: usize = 4096;
 pub struct Rules {
     rules: Vec<(JwtRule, Issuer)>,
     issuers: Vec<Issuer>,
-    verified: Mutex<lru::LruCache<String, Verified>>,
+    verified: Mutex<lru::LruCache<String, Arc<Verified>>>,
 }
 
 impl Default for Rules {
@@ -57,7 +57,8 @@ impl Default for Rules {
 pub enum Outcome {
     /// No token anywhere the rules look.
     Anonymous,
-    Verified(Box<Verified>),
+    /// Shared with the cache of verified tokens.
+    Verified(Arc<Verified>),
     Refused(Refusal),
 }
 
@@ -112,13 +113,13 @@ impl Rules {
 
     /// Checks `token` at `now`: from the cache when it verified before (its lifetime checked
     /// again), else in full, keeping it when it passes.
-    fn check(&self, token: &str, now: u64) -> Result<Verified, Refusal> {
+    fn check(&self, token: &str, now: u64) -> Result<Arc<Verified>, Refusal> {
         let mut cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(v) = cache.get(token) {
             return v.check_time(now).map(|()| v.clone());
         }
         drop(cache);
-        let verified = jwt::verify(token, &self.issuers, now)?;
+        let verified = Arc::new(jwt::verify(token, &self.issuers, now)?);
         if token.len() <= CACHE_TOKEN_BYTES {
             self.verified
                 .lock()
@@ -179,7 +180,7 @@ impl Rules {
                 }
             }
         }
-        Outcome::Verified(Box::new(verified))
+        Outcome::Verified(verified)
     }
 
     fn find_token(&self, uri: &Uri, headers: &HeaderMap) -> Option<(String, Place)> {

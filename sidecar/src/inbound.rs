@@ -68,11 +68,12 @@ impl Guard {
 
     /// The RequestAuthentication rules in force (compiled once per config version).
     fn authn_rules(&self) -> Arc<crate::authn::Rules> {
-        let config = self.config.borrow().clone();
         let mut cached = self.authn.lock().unwrap_or_else(|e| e.into_inner());
+        let version = self.config.borrow().version;
         match &*cached {
-            Some((version, rules)) if *version == config.version => rules.clone(),
+            Some((v, rules)) if *v == version => rules.clone(),
             _ => {
+                let config = self.config.borrow().clone();
                 let rules = Arc::new(crate::authn::Rules::for_workload(&config, &self.workload));
                 *cached = Some((config.version, rules.clone()));
                 rules
