@@ -38,17 +38,57 @@ pub const CACHE_ENTRIES: usize = 256;
 /// The longest token kept.
 pub const CACHE_TOKEN_BYTES: usize = 4096;
 
-/// The RequestAuthentication rules of one workload, compiled.
+/// The RequestAuthentication rules of one workload, compiled: `rules[i]` is the rule of
+/// `issuers[i]`.
 #[derive(Debug)]
 pub struct Rules {
-    rules: Vec<(JwtRule, Issuer)>,
+    rules: Vec<Rule>,
     issuers: Vec<Issuer>,
     verified: Mutex<lru::LruCache<String, Arc<Verified>>>,
 }
 
+/// One `jwtRules` entry with the places it looks for a token resolved once.
+#[derive(Debug)]
+struct Rule {
+    spec: JwtRule,
+    /// Header name and the text before the token.
+    headers: Vec<(HeaderName, String)>,
+    params: Vec<String>,
+}
+
+impl Rule {
+    fn new(spec: JwtRule) -> Rule {
+        let defaults = spec.from_headers.is_empty()
+            && spec.from_params.is_empty()
+            && spec.from_cookies.is_empty();
+        let (headers, params) = if defaults {
+            (
+                vec![(http::header::AUTHORIZATION, "Bearer ".to_string())],
+                vec!["access_token".to_string()],
+            )
+        } else {
+            (
+                spec.from_headers
+                    .iter()
+                    .filter_map(|h| {
+                        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+                        Some((name, h.prefix.clone().unwrap_or_default()))
+                    })
+                    .collect(),
+                spec.from_params.clone(),
+            )
+        };
+        Rule {
+            spec,
+            headers,
+            params,
+        }
+    }
+}
+
 impl Default for Rules {
     fn default() -> Self {
-        Rules::new(Vec::new())
+        Rules::new(Vec::new(), Vec::new())
     }
 }
 
@@ -73,7 +113,7 @@ impl Rules {
     /// The rules that apply to workload `w` under `config`. Key sets were checked when the
     /// policy was applied; one that no longer parses is left out (and logged).
     pub fn for_workload(config: &MeshConfig, w: &Workload) -> Rules {
-        let mut rules = Vec::new();
+        let (mut rules, mut issuers) = (Vec::new(), Vec::new());
         for policy in &config.policies {
             let Spec::RequestAuthentication(spec) = &policy.spec else {
                 continue;
@@ -83,14 +123,14 @@ impl Rules {
             }
             for rule in &spec.jwt_rules {
                 match KeySet::parse(rule.jwks.as_deref().unwrap_or("")) {
-                    Ok(keys) => rules.push((
-                        rule.clone(),
-                        Issuer {
+                    Ok(keys) => {
+                        issuers.push(Issuer {
                             issuer: rule.issuer.clone(),
                             audiences: rule.audiences.clone(),
                             keys,
-                        },
-                    )),
+                        });
+                        rules.push(Rule::new(rule.clone()));
+                    }
                     Err(e) => tracing::warn!(
                         policy = %format!("{}/{}", policy.namespace, policy.name),
                         issuer = %rule.issuer, error = %e, "a JWT rule's key set is left out"
@@ -98,11 +138,10 @@ impl Rules {
                 }
             }
         }
-        Rules::new(rules)
+        Rules::new(rules, issuers)
     }
 
-    fn new(rules: Vec<(JwtRule, Issuer)>) -> Rules {
-        let issuers = rules.iter().map(|(_, i)| i.clone()).collect();
+    fn new(rules: Vec<Rule>, issuers: Vec<Issuer>) -> Rules {
         let entries = NonZeroUsize::new(CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN);
         Rules {
             rules,
@@ -147,8 +186,8 @@ impl Rules {
         if self.rules.is_empty() {
             return Outcome::Anonymous;
         }
-        for (rule, _) in &self.rules {
-            for h in output_headers(rule) {
+        for rule in &self.rules {
+            for h in output_headers(&rule.spec) {
                 headers.remove(h);
             }
         }
@@ -159,7 +198,12 @@ impl Rules {
             Ok(v) => v,
             Err(refusal) => return Outcome::Refused(refusal),
         };
-        if let Some((rule, _)) = self.rules.iter().find(|(_, i)| i.issuer == verified.issuer) {
+        let rule = self
+            .issuers
+            .iter()
+            .position(|i| i.issuer == verified.issuer)
+            .map(|i| &self.rules[i].spec);
+        if let Some(rule) = rule {
             if let (false, Place::Header(name)) = (rule.forward_original_token, &place) {
                 headers.remove(name);
             }
@@ -184,43 +228,24 @@ impl Rules {
     }
 
     fn find_token(&self, uri: &Uri, headers: &HeaderMap) -> Option<(String, Place)> {
-        for (rule, _) in &self.rules {
-            let defaults = rule.from_headers.is_empty()
-                && rule.from_params.is_empty()
-                && rule.from_cookies.is_empty();
-            let from_headers: Vec<(&str, &str)> = if defaults {
-                vec![("authorization", "Bearer ")]
-            } else {
-                rule.from_headers
-                    .iter()
-                    .map(|h| (h.name.as_str(), h.prefix.as_deref().unwrap_or("")))
-                    .collect()
-            };
-            for (name, prefix) in from_headers {
-                let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
-                    continue;
-                };
-                for value in headers.get_all(&name) {
+        for rule in &self.rules {
+            for (name, prefix) in &rule.headers {
+                for value in headers.get_all(name) {
                     let Ok(value) = value.to_str() else { continue };
                     if let Some(token) = strip_prefix_ignore_case(value, prefix) {
                         let token = token.trim();
                         if !token.is_empty() {
-                            return Some((token.to_string(), Place::Header(name)));
+                            return Some((token.to_string(), Place::Header(name.clone())));
                         }
                     }
                 }
             }
-            let params: Vec<&str> = if defaults {
-                vec!["access_token"]
-            } else {
-                rule.from_params.iter().map(String::as_str).collect()
-            };
-            for p in params {
+            for p in &rule.params {
                 if let Some(token) = query_param(uri, p) {
                     return Some((token, Place::Param));
                 }
             }
-            for c in &rule.from_cookies {
+            for c in &rule.spec.from_cookies {
                 if let Some(token) = cookie(headers, c) {
                     return Some((token, Place::Cookie));
                 }

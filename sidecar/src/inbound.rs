@@ -346,15 +346,16 @@ async fn serve_http<S>(
             let grpc = protocol::is_grpc(req.headers());
             let request_bytes = protocol::content_length(req.headers());
             let now = isthmus_core::clock::unix_ms() / 1000;
-            let uri = req.uri().clone();
+            let (mut parts, body) = req.into_parts();
             let auth = match guard
                 .authn_rules()
-                .authenticate(&uri, req.headers_mut(), now)
+                .authenticate(&parts.uri, &mut parts.headers, now)
             {
                 crate::authn::Outcome::Refused(refusal) => Err(refusal),
                 crate::authn::Outcome::Verified(v) => Ok(Some(v)),
                 crate::authn::Outcome::Anonymous => Ok(None),
             };
+            let mut req = Request::from_parts(parts, body);
             let verdict = match &auth {
                 Err(_) => Verdict::Allow,
                 Ok(auth) => guard.check(&Inbound {
@@ -367,12 +368,12 @@ async fn serve_http<S>(
                 }),
             };
             let (resp, flags) = if let Err(refusal) = auth {
-                tracing::debug!(reason = refusal.reason(), %refusal, path = %uri.path(), "token refused");
+                tracing::debug!(reason = refusal.reason(), %refusal, path = %req.uri().path(), "token refused");
                 guard.metrics.jwt_refused(refusal.reason()).inc();
                 let mut resp = error_response(StatusCode::UNAUTHORIZED, format!("{refusal}\n"));
                 resp.headers_mut().insert(
                     http::header::WWW_AUTHENTICATE,
-                    crate::authn::challenge(&uri, req.headers()),
+                    crate::authn::challenge(req.uri(), req.headers()),
                 );
                 (resp, "-")
             } else if let Verdict::Deny(why) = verdict {
