@@ -169,21 +169,8 @@ spec:
 
 /// `curl --path-as-is` (curl would otherwise clean the path itself): the status and body.
 fn curl_as_is(url: &str) -> (u16, String) {
-    let out = std::process::Command::new("curl")
-        .args([
-            "-sS",
-            "--path-as-is",
-            "--max-time",
-            "5",
-            "-w",
-            "\n%{http_code}",
-            url,
-        ])
-        .output()
-        .expect("curl runs");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.trim().parse().unwrap_or(0), body.to_string())
+    let (status, _, body) = curl_with(url, &["--path-as-is"]);
+    (status, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -272,7 +259,10 @@ fn curl_with(url: &str, args: &[&str]) -> (u16, String, String) {
                 .then(|| v.trim().to_string())
         })
         .unwrap_or_default();
-    let body = rest.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    let body = rest
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, body)| body)
+        .to_string();
     (code.trim().parse().unwrap_or(0), challenge, body)
 }
 

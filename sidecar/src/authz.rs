@@ -72,15 +72,26 @@ fn glob(pattern: &str, value: &str) -> bool {
     pattern == value
 }
 
-fn any_glob(patterns: &[String], value: Option<&str>) -> bool {
-    value.is_some_and(|v| patterns.iter().any(|p| glob(p, v)))
+/// `include` must match one of `values` when non-empty; `exclude` must match none, by
+/// `matches(pattern, value)`. No value matches nothing.
+fn field_with<'v>(
+    include: &[String],
+    exclude: &[String],
+    values: impl IntoIterator<Item = &'v str> + Clone,
+    matches: impl Fn(&str, &str) -> bool,
+) -> bool {
+    let any = |patterns: &[String]| {
+        values
+            .clone()
+            .into_iter()
+            .any(|v| patterns.iter().any(|p| matches(p, v)))
+    };
+    (include.is_empty() || any(include)) && !any(exclude)
 }
 
-/// `include` must match when non-empty; `exclude` must not.
+/// [`field_with`] for one value, by [`glob`].
 fn field(include: &[String], exclude: &[String], value: Option<&str>) -> bool {
-    let included = include.is_empty() || any_glob(include, value);
-    let excluded = any_glob(exclude, value);
-    included && !excluded
+    field_with(include, exclude, value, glob)
 }
 
 fn principal(caller: Option<&SpiffeId>) -> Option<String> {
@@ -109,32 +120,21 @@ pub fn principal_matches(pattern: &str, value: &str, members: &[&str]) -> bool {
         .is_some_and(|(td, path)| members.contains(&td) && glob(rest, path))
 }
 
-/// [`field`] for principals: `cluster.local` read as [`principal_matches`] does.
-fn principal_field(
-    include: &[String],
-    exclude: &[String],
-    value: Option<&str>,
-    members: &[&str],
-) -> bool {
-    let any = |patterns: &[String]| {
-        value.is_some_and(|v| patterns.iter().any(|p| principal_matches(p, v, members)))
-    };
-    (include.is_empty() || any(include)) && !any(exclude)
-}
-
 fn rule_matches(rule: &Rule, req: &Inbound<'_>, members: &[&str]) -> bool {
+    // Principals: `cluster.local` read as [`principal_matches`] does.
+    let principal_field = |include: &[String], exclude: &[String], value: Option<&str>| {
+        field_with(include, exclude, value, |p, v| {
+            principal_matches(p, v, members)
+        })
+    };
     let principal = principal(req.caller);
     let request_principal = req.auth.map(|a| a.principal());
     let namespace = req.caller.map(|c| c.namespace().to_string());
     let from = rule.from.is_empty()
         || rule.from.iter().any(|f| {
             let s = &f.source;
-            principal_field(
-                &s.principals,
-                &s.not_principals,
-                principal.as_deref(),
-                members,
-            ) && field(&s.namespaces, &s.not_namespaces, namespace.as_deref())
+            principal_field(&s.principals, &s.not_principals, principal.as_deref())
+                && field(&s.namespaces, &s.not_namespaces, namespace.as_deref())
                 && field(
                     &s.request_principals,
                     &s.not_request_principals,
@@ -152,7 +152,7 @@ fn rule_matches(rule: &Rule, req: &Inbound<'_>, members: &[&str]) -> bool {
     let when = rule.when.iter().all(|c| {
         let value: Option<String> = match c.key.as_str() {
             "source.principal" => {
-                return principal_field(&c.values, &c.not_values, principal.as_deref(), members)
+                return principal_field(&c.values, &c.not_values, principal.as_deref())
             }
             "source.namespace" => namespace.clone(),
             "request.auth.principal" => request_principal.clone(),
@@ -183,8 +183,7 @@ fn rule_matches(rule: &Rule, req: &Inbound<'_>, members: &[&str]) -> bool {
 /// must match one of the items, and `notValues` none.
 fn any_of(include: &[String], exclude: &[String], items: Option<Vec<String>>) -> bool {
     let items = items.unwrap_or_default();
-    let hit = |patterns: &[String]| items.iter().any(|i| any_glob(patterns, Some(i)));
-    (include.is_empty() || hit(include)) && !hit(exclude)
+    field_with(include, exclude, items.iter().map(String::as_str), glob)
 }
 
 /// A claim's value as the strings a condition compares: a string, each string of a list, or
